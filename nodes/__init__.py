@@ -1,1 +1,23 @@
-"""nodes package."""
+"""LoRA Loom's node classes, one file per family, and the registry the runtime and ComfyUI use.
+
+Importing this package is cheap: node modules import torch only inside ``execute``.
+"""
+
+from __future__ import annotations
+
+from ..graph_runtime.schema import NodeRegistry
+
+_REGISTRY = NodeRegistry()
+
+
+def register_node(cls: type) -> type:
+    """Register a node class (declared with ``@node``) for every new Runtime. Usable as a decorator."""
+    return _REGISTRY.register(cls)
+
+
+def registry() -> NodeRegistry:
+    """The registry of built-in and user-registered nodes."""
+    return _REGISTRY
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _REGISTRY.comfy_mappings()

@@ -1,0 +1,244 @@
+"""The ``loraloom`` command line: run, validate, nodes, convert.
+
+Exit codes: 0 success; 1 validation or execution error (printed); 2 usage error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from .graph_runtime.errors import Interrupted, LoomError, ValidationError, WorkflowError
+from .graph_runtime.jsonio import loads_strict
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _folder_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("folders (else LORALOOM_LORA_DIRS, LORALOOM_MODELS_DIR, "
+                                      "LORALOOM_OUTPUT_DIR, else ./models/loras, ./models, ./output)")
+    group.add_argument("--lora-dir", action="append", metavar="DIR", help="a folder of LoRA files (repeatable)")
+    group.add_argument("--models-dir", metavar="DIR", help="the folder of base models")
+    group.add_argument("--output-dir", metavar="DIR", help="where outputs are written")
+    parser.add_argument("--nodes-module", action="append", metavar="MODULE",
+                        help="import a Python module that registers extra nodes (repeatable; "
+                             "also LORALOOM_NODE_MODULES=a,b)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraloom",
+        description="LoRA Loom: load, blend, merge, fuse, compile and sample LoRAs on diffusion models "
+                    "as a cached node graph. Workflows are ComfyUI JSON (API or UI format).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run a workflow headless",
+                         description="Validate and run a workflow (.json in API or UI format, or a PNG "
+                                     "that carries one). Progress bars go to stderr.")
+    run.add_argument("workflow", help="workflow file (.json or .png)")
+    run.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE",
+                     help="override an input; VALUE is JSON (0.5, true, \"text\") or else a plain string")
+    run.add_argument("--events", choices=["jsonl"], help="print one JSON object per event on stdout")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    run.add_argument("--cache-bytes", type=int, metavar="N", help="byte budget of the result cache")
+    _folder_args(run)
+
+    val = sub.add_parser("validate", help="check a workflow without running it")
+    val.add_argument("workflow")
+    val.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE")
+    val.add_argument("--json", action="store_true", help="print ComfyUI's node_errors JSON")
+    _folder_args(val)
+
+    nodes = sub.add_parser("nodes", help="list the available nodes")
+    nodes.add_argument("--json", action="store_true", help="print the full object_info JSON")
+    _folder_args(nodes)
+
+    conv = sub.add_parser("convert", help="convert a UI-format workflow to the API format")
+    conv.add_argument("workflow", help="UI-format (or API-format) workflow")
+    conv.add_argument("-o", "--output", metavar="API.json", help="write here (atomically); default stdout")
+    _folder_args(conv)
+    return parser
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``["3.weight=0.5", "5.text=a cat"]`` -> ``{"3.weight": 0.5, "5.text": "a cat"}``."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise WorkflowError(f"--set {item!r}: expected ID.INPUT=VALUE, e.g. --set 4.weight=0.8")
+        try:
+            value = loads_strict(raw, source=f"--set {key}")
+        except WorkflowError as exc:
+            if "not finite" in str(exc):
+                raise
+            value = raw
+        out[key] = value
+    return out
+
+
+def _runtime(args, **extra):
+    from .api import Runtime, load_node_modules
+
+    load_node_modules(args.nodes_module)
+    return Runtime(lora_dirs=args.lora_dir, models_dir=args.models_dir, output_dir=args.output_dir, **extra)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file or nothing: a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Progress:
+    """tqdm bars on stderr: one for nodes, one for steps inside the running node."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.nodes = None
+        self.steps = None
+
+    def __call__(self, event: dict) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        kind = event["event"]
+        if kind == "execution_plan":
+            self.nodes = tqdm(total=len(event["nodes"]), desc="nodes", unit="node", file=sys.stderr, position=0)
+        elif kind == "executing" and self.nodes is not None:
+            self.nodes.set_postfix_str(f"{event['node']} {event['class_type']}")
+        elif kind == "progress":
+            if self.steps is None or self.steps.total != event["max"]:
+                self._close_steps()
+                self.steps = tqdm(total=event["max"], desc=f"  {event['class_type']}", unit="step",
+                                  file=sys.stderr, position=1, leave=False)
+            self.steps.n = event["value"]
+            self.steps.refresh()
+        elif kind == "executed":
+            self._close_steps()
+            if self.nodes is not None:
+                self.nodes.update(1)
+        elif kind in ("execution_success", "execution_error", "execution_interrupted"):
+            self._close_steps()
+            if self.nodes is not None:
+                self.nodes.close()
+
+    def _close_steps(self):
+        if self.steps is not None:
+            self.steps.close()
+            self.steps = None
+
+
+def _print_jsonl(event: dict) -> None:
+    sys.stdout.write(json.dumps(event, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_run(args) -> int:
+    overrides = parse_sets(args.set)
+    extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
+    rt = _runtime(args, **extra)
+    listeners = [_Progress(not args.no_progress)]
+    if args.events == "jsonl":
+        listeners.append(_print_jsonl)
+
+    def on_event(event):
+        for listener in listeners:
+            listener(event)
+
+    def on_sigint(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print("\ninterrupting (Ctrl-C again to stop at once)...", file=sys.stderr)
+        rt.interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = rt.run(args.workflow, overrides, on_event=on_event)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if args.events != "jsonl":
+        print(f"done: {len(result.executed)} executed, {len(result.cached)} cached")
+        for node_id, ui in result.outputs.items():
+            print(f"  node {node_id}: {json.dumps(ui, default=str)}")
+    return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    rt = _runtime(args)
+    try:
+        valid = rt.validate(args.workflow, parse_sets(args.set))
+    except ValidationError as exc:
+        if args.json:
+            print(json.dumps(exc.to_json(), indent=2, default=str))
+        else:
+            print(f"{args.workflow}: invalid\n{exc.describe()}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps({"error": None, "node_errors": {}, "outputs": valid.outputs}))
+    else:
+        print(f"{args.workflow}: valid ({len(valid.nodes)} nodes, outputs {', '.join(valid.outputs)})")
+    return EXIT_OK
+
+
+def cmd_nodes(args) -> int:
+    rt = _runtime(args)
+    if args.json:
+        print(json.dumps(rt.registry.object_info(), indent=2, default=str))
+        return EXIT_OK
+    for class_id in rt.registry:
+        schema = rt.registry.get(class_id).SCHEMA
+        summary = schema.description.splitlines()[0] if schema.description else ""
+        print(f"{class_id:<18} {schema.category:<22} {summary}")
+    return EXIT_OK
+
+
+def cmd_convert(args) -> int:
+    rt = _runtime(args)
+    prompt = rt.load(args.workflow).prompt
+    text = json.dumps(prompt, indent=2) + "\n"
+    if args.output:
+        write_atomic(Path(args.output), text.encode())
+        print(f"wrote {args.output} ({len(prompt)} nodes)", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "convert": cmd_convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``loraloom`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ValidationError as exc:
+        if getattr(args, "events", None) == "jsonl":
+            _print_jsonl({"event": "validation_error", **exc.to_json()})
+        print(f"{args.workflow}: invalid\n{exc.describe()}", file=sys.stderr)
+        return EXIT_FAIL
+    except (Interrupted, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except LoomError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The caching executor: runs only the dirty nodes that some output needs.
+
+A node's cache key is a Merkle signature over its class, version, constant inputs, file
+fingerprints and its ancestors' keys. A node is dirty exactly when its key is absent from the store.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import networkx as nx
+
+from .cache import DEFAULT_CACHE_BYTES, CacheStore, node_key
+from .context import ExecutionContext, reset_context, use_context
+from .errors import ExecutionError, Interrupted, LoomError
+from .graph import ValidPrompt, validate_prompt
+from .paths import Folders
+from .schema import NodeRegistry, input_fingerprint
+from .workflow import Workflow, apply_overrides, is_link, load_workflow
+
+Event = dict
+Listener = Callable[[Event], None]
+
+
+@dataclass
+class RunResult:
+    """What a run did. ``outputs`` maps output node ids to their UI output (also when cached);
+    ``values`` holds the output values of every node this run needed."""
+
+    prompt_id: str
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    outputs: dict[str, dict] = field(default_factory=dict)
+    values: dict[str, tuple] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def value(self, node_id: str | int, slot: int = 0):
+        """The value on output ``slot`` of node ``node_id``."""
+        return self.values[str(node_id)][slot]
+
+
+def _summarise(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class Runtime:
+    """Runs workflows, keeping a byte-bounded cache across runs.
+
+    ``rt.run(workflow, overrides=None)`` takes a path, an API dict or a UI dict. Folders are
+    configured by arguments, then environment variables, then defaults (see :mod:`.paths`).
+    """
+
+    def __init__(self, *, registry: NodeRegistry | None = None, nodes=(), cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 lora_dirs=None, models_dir=None, output_dir=None, folders: Folders | None = None):
+        self.registry = registry.copy() if registry is not None else NodeRegistry()
+        for cls in nodes:
+            self.registry.register(cls)
+        self.folders = folders or Folders.configure(lora_dirs, models_dir, output_dir)
+        self.cache = CacheStore(cache_bytes)
+        self.resources: dict[str, Any] = {}
+        self._interrupt = threading.Event()
+        self._run_lock = threading.Lock()
+        self._listeners: list[Listener] = []
+
+    def register(self, cls: type) -> type:
+        """Add a node class of your own (declared with ``@node``) to this runtime."""
+        return self.registry.register(cls)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(event)`` for every event of every run."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
+
+    def interrupt(self) -> None:
+        """Ask the current run to stop at the next node, step or layer boundary."""
+        self._interrupt.set()
+
+    def load(self, workflow, overrides=None) -> Workflow:
+        """Read a workflow (path, API dict, UI dict) and apply overrides."""
+        wf = load_workflow(workflow, self.registry)
+        apply_overrides(wf.prompt, overrides, wf.source)
+        return wf
+
+    def validate(self, workflow, overrides=None) -> ValidPrompt:
+        """Validate without running; raises ValidationError listing every problem."""
+        return validate_prompt(self.load(workflow, overrides).prompt, self.registry, self.folders)
+
+    def run(self, workflow, overrides=None, *, on_event: Listener | None = None,
+            prompt_id: str | None = None, outputs: list | None = None) -> RunResult:
+        """Validate, then execute the dirty nodes that the output nodes (or ``outputs``) need."""
+        with self._run_lock:
+            self._interrupt.clear()
+            wf = self.load(workflow, overrides)
+            valid = validate_prompt(wf.prompt, self.registry, self.folders)
+            result = RunResult(prompt_id or uuid.uuid4().hex)
+            emit = self._emitter(on_event, result.prompt_id)
+            targets = [str(o) for o in outputs] if outputs is not None else valid.outputs
+            unknown = [t for t in targets if t not in valid.nodes]
+            if unknown:
+                raise LoomError(f"outputs {unknown} are not nodes of {wf.source}")
+            emit({"event": "execution_start"})
+            try:
+                self._execute(wf, valid, targets, result, emit)
+            except Interrupted as exc:
+                emit({"event": "execution_interrupted", "node": exc.node_id,
+                      "executed": list(result.executed)})
+                raise
+            except ExecutionError as exc:
+                emit({"event": "execution_error", "node": exc.node_id, "class_type": exc.class_type,
+                      "executed": list(result.executed), **exc.to_json()})
+                raise
+            emit({"event": "execution_success"})
+            return result
+
+    def _emitter(self, on_event: Listener | None, prompt_id: str) -> Callable[[Event], None]:
+        listeners = list(self._listeners) + ([on_event] if on_event else [])
+
+        def emit(event: Event) -> None:
+            event["prompt_id"] = prompt_id
+            for listener in listeners:
+                listener(event)
+
+        return emit
+
+    def _keys(self, valid: ValidPrompt, needed: set[str]) -> dict[str, str]:
+        """Cache keys of the needed nodes, in topological order (no recursion)."""
+        keys: dict[str, str] = {}
+        for nid in nx.topological_sort(valid.graph.subgraph(needed)):
+            node = valid.nodes[nid]
+            schema = self.registry.get(node["class_type"]).SCHEMA
+            constants, links = {}, {}
+            for name, value in node["inputs"].items():
+                if is_link(value):
+                    links[name] = (keys[value[0]], value[1])
+                else:
+                    constants[name] = value
+            fingerprint = input_fingerprint(schema, node["inputs"], self.folders)
+            keys[nid] = node_key(node["class_type"], schema.version, constants, links, fingerprint,
+                                 volatile=schema.not_idempotent)
+        return keys
+
+    def _execute(self, wf: Workflow, valid: ValidPrompt, targets: list[str], result: RunResult, emit) -> None:
+        ancestors: set[str] = set(targets)
+        for t in targets:
+            ancestors |= nx.ancestors(valid.graph, t)
+        keys = self._keys(valid, ancestors)
+
+        # Walk back from the outputs, stopping at cache hits: a cached node's ancestors are not needed.
+        hits: dict[str, Any] = {}
+        dirty: set[str] = set()
+        stack = list(targets)
+        while stack:
+            nid = stack.pop()
+            if nid in hits or nid in dirty:
+                continue
+            entry = self.cache.get(keys[nid])
+            if entry is not None:
+                hits[nid] = entry
+            else:
+                dirty.add(nid)
+                stack.extend(valid.graph.predecessors(nid))
+
+        values: dict[str, tuple] = {}
+        for nid, entry in hits.items():
+            values[nid] = entry.outputs
+            if entry.ui is not None and nid in targets:
+                result.outputs[nid] = entry.ui
+        result.cached = sorted(hits, key=_order_key)
+        if hits:
+            emit({"event": "execution_cached", "nodes": list(result.cached)})
+
+        order = [n for n in nx.topological_sort(valid.graph.subgraph(dirty))]
+        ctx_base = dict(folders=self.folders, prompt=wf.prompt, workflow=wf.ui, resources=self.resources,
+                        interrupt_flag=self._interrupt)
+
+        def on_progress(node_id, value, total):
+            emit({"event": "progress", "node": node_id, "class_type": valid.nodes[node_id]["class_type"],
+                  "value": value, "max": total})
+
+        emit({"event": "execution_plan", "nodes": list(order)})
+        for nid in order:
+            if self._interrupt.is_set():
+                raise Interrupted(nid)
+            node = valid.nodes[nid]
+            class_type = node["class_type"]
+            emit({"event": "executing", "node": nid, "class_type": class_type})
+            kwargs = {name: (values[v[0]][v[1]] if is_link(v) else v) for name, v in node["inputs"].items()}
+            ctx = ExecutionContext(node_id=nid, class_type=class_type, on_progress=on_progress, **ctx_base)
+            start = time.perf_counter()
+            outputs, ui = self._call(nid, class_type, kwargs, ctx)
+            result.timings[nid] = time.perf_counter() - start
+            values[nid] = outputs
+            result.executed.append(nid)
+            if not self.registry.get(class_type).SCHEMA.not_idempotent:
+                self.cache.put(keys[nid], outputs, ui)
+            if ui is not None and nid in targets:
+                result.outputs[nid] = ui
+            emit({"event": "executed", "node": nid, "class_type": class_type, "output": ui,
+                  "seconds": result.timings[nid]})
+        result.values = values
+
+    def _call(self, nid: str, class_type: str, kwargs: dict, ctx: ExecutionContext) -> tuple[tuple, dict | None]:
+        cls = self.registry.get(class_type)
+        schema = cls.SCHEMA
+        token = use_context(ctx)
+        try:
+            ret = cls().execute(**kwargs)
+        except Interrupted:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every node failure becomes one named error
+            raise ExecutionError(nid, class_type, f"{type(exc).__name__}: {exc}",
+                                 exception_type=f"{type(exc).__module__}.{type(exc).__name__}",
+                                 traceback=traceback.format_exception(exc),
+                                 inputs={k: _summarise(v) for k, v in kwargs.items()}) from exc
+        finally:
+            reset_context(token)
+        ui = None
+        if isinstance(ret, dict):
+            ui = ret.get("ui")
+            ret = ret.get("result", ())
+        if ret is None:
+            ret = ()
+        if not isinstance(ret, tuple) or len(ret) != len(schema.outputs):
+            raise ExecutionError(nid, class_type, f"execute() returned {_summarise(ret)}, expected a tuple of "
+                                 f"{len(schema.outputs)} output(s) {[o.type for o in schema.outputs]}")
+        return ret, ui
+
+
+def _order_key(node_id: str):
+    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)

@@ -1,0 +1,230 @@
+"""Build the networkx DiGraph of a prompt and validate it, collecting every problem before anything runs.
+
+Errors come in ComfyUI's ``node_errors`` shape. Nothing here recurses: a 10,000-node chain validates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+
+from .errors import PathError, ValidationError
+from .paths import Folders
+from .schema import Input, NodeRegistry
+from .workflow import is_link
+
+
+@dataclass
+class ValidPrompt:
+    """A prompt that passed validation: nodes (with defaults filled in), the graph, output node ids."""
+
+    nodes: dict[str, dict]
+    graph: nx.DiGraph
+    outputs: list[str]
+
+
+def _err(kind: str, message: str, details: str, input_name: str | None = None, **extra) -> dict:
+    info = dict(extra)
+    if input_name is not None:
+        info["input_name"] = input_name
+    return {"type": kind, "message": message, "details": details, "extra_info": info}
+
+
+def _title(node_id: str, class_type: str, name: str | None = None) -> str:
+    where = f"node {node_id} ({class_type})"
+    return f"{where} input '{name}'" if name else where
+
+
+def _fmt(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_widget(node_id: str, class_type: str, inp: Input, value, options_cache: dict) -> tuple[object, dict | None]:
+    """Check one constant widget value. Returns (value, possibly converted; error dict or None)."""
+    where = _title(node_id, class_type, inp.name)
+    name = inp.name
+    if inp.type in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, _err("invalid_input_type", "Input is not a number",
+                               f"{where}: {_fmt(value)} is not {'an integer' if inp.type == 'INT' else 'a number'}",
+                               name, received_value=_fmt(value))
+        if not math.isfinite(value):
+            return value, _err("value_not_finite", "Value is not finite",
+                               f"{where}: {value} is not a finite number", name, received_value=str(value))
+        if inp.type == "INT":
+            if value != int(value):
+                return value, _err("invalid_input_type", "Input is not an integer",
+                                   f"{where}: {value} is not an integer", name, received_value=value)
+            value = int(value)
+        else:
+            value = float(value)
+        if inp.min is not None and value < inp.min:
+            return value, _err("value_smaller_than_min", f"Value {value} smaller than min of {inp.min}",
+                               f"{where}: {value} is below min {inp.min}", name,
+                               received_value=value, min=inp.min)
+        if inp.max is not None and value > inp.max:
+            return value, _err("value_bigger_than_max", f"Value {value} bigger than max of {inp.max}",
+                               f"{where}: {value} is above max {inp.max}", name,
+                               received_value=value, max=inp.max)
+    elif inp.type == "STRING":
+        if not isinstance(value, str):
+            return value, _err("invalid_input_type", "Input is not a string",
+                               f"{where}: {_fmt(value)} is not a string", name, received_value=_fmt(value))
+    elif inp.type == "BOOLEAN":
+        if not isinstance(value, bool):
+            return value, _err("invalid_input_type", "Input is not a boolean",
+                               f"{where}: {_fmt(value)} is not true or false", name, received_value=_fmt(value))
+    elif inp.type == "COMBO":
+        key = (class_type, name)
+        if key not in options_cache:
+            options_cache[key] = inp.option_list()
+        options = options_cache[key]
+        if value not in options:
+            shown = ", ".join(map(repr, options[:20])) + (" ..." if len(options) > 20 else "")
+            return value, _err("value_not_in_list", "Value not in list",
+                               f"{where}: {_fmt(value)} is not one of [{shown}]" if options
+                               else f"{where}: {_fmt(value)} is not available: there are no choices "
+                                    "(is the folder empty or not configured?)",
+                               name, received_value=_fmt(value), input_config=options[:100])
+    return value, None
+
+
+def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | None = None) -> ValidPrompt:
+    """Validate every node and link; raise :class:`ValidationError` listing all problems."""
+    errors: dict[str, list[dict]] = {}
+    graph = nx.DiGraph()
+    nodes: dict[str, dict] = {}
+    options_cache: dict = {}
+
+    for node_id, entry in prompt.items():
+        class_type = entry["class_type"]
+        graph.add_node(node_id)
+        cls = registry.get(class_type)
+        problems = errors.setdefault(node_id, [])
+        if cls is None:
+            problems.append(_err("missing_node_type", f"Node '{class_type}' not found",
+                                 f"{_title(node_id, class_type)}: no node type '{class_type}' is registered. "
+                                 "Fix: check the spelling, or install the pack that provides it",
+                                 node_id=node_id, class_type=class_type))
+            nodes[node_id] = {"class_type": class_type, "inputs": dict(entry["inputs"])}
+            for name, value in entry["inputs"].items():
+                if is_link(value) and str(value[0]) in prompt:
+                    graph.add_edge(str(value[0]), node_id)
+            continue
+        schema = cls.SCHEMA
+        given = entry["inputs"]
+        inputs = {}
+        for name in given:
+            if schema.input(name) is None:
+                known = ", ".join(i.name for i in schema.inputs) or "none"
+                problems.append(_err("unknown_input", "Unknown input",
+                                     f"{_title(node_id, class_type, name)}: {class_type} has no such input "
+                                     f"(inputs: {known})", name))
+        for inp in schema.inputs:
+            where = _title(node_id, class_type, inp.name)
+            if inp.name not in given:
+                if inp.is_widget and inp.has_default:
+                    inputs[inp.name] = inp.default
+                elif not inp.optional:
+                    problems.append(_err("required_input_missing", "Required input is missing",
+                                         f"{where}: required input is missing"
+                                         + ("" if inp.is_widget else f" (connect a {inp.type} output)"),
+                                         inp.name))
+                continue
+            value = given[inp.name]
+            if not inp.is_widget or is_link(value):
+                if not is_link(value):
+                    if isinstance(value, (list, tuple)):
+                        problems.append(_err("bad_linked_input", "Bad linked input, must be a length-2 list "
+                                             "of [node_id, slot_index]", f"{where}: {_fmt(value)} is not "
+                                             "[node_id, slot_index]", inp.name, received_value=_fmt(value)))
+                    else:
+                        problems.append(_err("invalid_input_type", "Input must be a link",
+                                             f"{where}: {_fmt(value)} given, but this input takes a link from a "
+                                             f"{inp.type} output", inp.name, received_value=_fmt(value)))
+                    continue
+                problem = _check_link(prompt, registry, where, inp, str(value[0]), value[1])
+                if problem is not None:
+                    problems.append(problem)
+                    continue
+                inputs[inp.name] = [str(value[0]), value[1]]
+                graph.add_edge(str(value[0]), node_id)
+                continue
+            value, problem = check_widget(node_id, class_type, inp, value, options_cache)
+            if problem is None and inp.file_kind and inp.type == "STRING" and value and folders is not None:
+                try:
+                    folders.find(inp.file_kind, value)
+                except PathError as exc:
+                    problem = _err("invalid_file", "File not found or not allowed", f"{where}: {exc}", inp.name,
+                                   received_value=_fmt(value))
+            if problem is not None:
+                problems.append(problem)
+            inputs[inp.name] = value
+        nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+
+    _check_cycles(graph, prompt, errors)
+    outputs = [nid for nid, e in prompt.items()
+               if (cls := registry.get(e["class_type"])) is not None and cls.SCHEMA.output_node]
+    node_errors = {nid: errs for nid, errs in errors.items() if errs}
+    if not outputs:
+        raise ValidationError(_err("prompt_no_outputs", "Prompt has no outputs",
+                                   "the workflow has no output node (e.g. SaveImage, SaveLoRA); "
+                                   "add one so there is something to run"), _shape(node_errors, prompt, graph, []))
+    if node_errors:
+        raise ValidationError(_err("prompt_outputs_failed_validation", "Prompt outputs failed validation", ""),
+                              _shape(node_errors, prompt, graph, outputs))
+    return ValidPrompt(nodes, graph, outputs)
+
+
+def _check_link(prompt: dict, registry: NodeRegistry, where: str, inp: Input, src_id: str, slot: int):
+    """The error of a link ``[src_id, slot]`` into ``inp``, or None when it is sound."""
+    src = prompt.get(src_id)
+    if src is None:
+        return _err("bad_linked_input", "Linked node does not exist",
+                    f"{where}: linked to node {src_id}, which is not in the workflow",
+                    inp.name, linked_node=[src_id, slot])
+    src_cls = registry.get(src["class_type"])
+    if src_cls is None:
+        return None  # reported on the source node itself
+    outs = src_cls.SCHEMA.outputs
+    if not 0 <= slot < len(outs):
+        return _err("bad_linked_input", "Output slot out of range",
+                    f"{where}: node {src_id} ({src['class_type']}) has no output slot {slot} "
+                    f"(it has {len(outs)})", inp.name, linked_node=[src_id, slot])
+    if outs[slot].type != inp.type:
+        return _err("return_type_mismatch", "Return type mismatch between linked nodes",
+                    f"{where}: expects {inp.type}, but node {src_id} ({src['class_type']}) "
+                    f"output {slot} is {outs[slot].type}", inp.name,
+                    received_type=outs[slot].type, linked_node=[src_id, slot])
+    return None
+
+
+def _check_cycles(graph: nx.DiGraph, prompt: dict, errors: dict) -> None:
+    for component in nx.strongly_connected_components(graph):
+        if len(component) == 1:
+            (only,) = component
+            if not graph.has_edge(only, only):
+                continue
+        ring = sorted(component, key=lambda n: (len(n), n))
+        names = " -> ".join(f"{n} ({prompt[n]['class_type']})" for n in ring if n in prompt)
+        for nid in ring:
+            if nid in prompt:
+                errors.setdefault(nid, []).append(
+                    _err("dependency_cycle", "Dependency cycle detected",
+                         f"node {nid} ({prompt[nid]['class_type']}) is on a cycle: {names}; "
+                         "a workflow must be acyclic", cycle=ring))
+
+
+def _shape(node_errors: dict, prompt: dict, graph: nx.DiGraph, outputs: list[str]) -> dict:
+    out_set = set(outputs)
+    shaped = {}
+    for nid, errs in node_errors.items():
+        dependents = [nid] if nid in out_set else []
+        if nid in graph:
+            dependents += [d for d in nx.descendants(graph, nid) if d in out_set]
+        shaped[nid] = {"class_type": prompt[nid]["class_type"] if nid in prompt else None,
+                       "errors": errs, "dependent_outputs": sorted(set(dependents))}
+    return shaped

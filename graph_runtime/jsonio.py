@@ -1,0 +1,86 @@
+"""Strict JSON for workflows from strangers: no NaN/Infinity, no duplicate keys, bounded size and depth."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .errors import WorkflowError
+
+MAX_WORKFLOW_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 64
+
+
+def _reject_constant(name: str):
+    raise WorkflowError(f"{name} is not a finite number; JSON workflows may hold only finite numbers")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise WorkflowError(f"number {text} is not finite (it overflows a 64-bit float); "
+                            "workflows may hold only finite numbers")
+    return value
+
+
+def _unique_pairs(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise WorkflowError(f"duplicate key {key!r} in one JSON object; "
+                                "a workflow must name each key once")
+        out[key] = value
+    return out
+
+
+def check_depth(value, limit: int = MAX_DEPTH, source: str = "workflow") -> None:
+    """Raise WorkflowError when containers nest deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise WorkflowError(f"{source}: nesting depth {depth} is above the limit {limit}")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def loads_strict(text: str | bytes, source: str = "workflow", max_bytes: int = MAX_WORKFLOW_BYTES):
+    """Parse JSON text, rejecting non-finite numbers, duplicate keys and absurd size or nesting."""
+    size = len(text)
+    if size > max_bytes:
+        raise WorkflowError(f"{source}: {size} bytes is above the limit of {max_bytes} bytes")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WorkflowError(f"{source}: not UTF-8 text (byte {exc.start}); is this a JSON file?") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                           object_pairs_hook=_unique_pairs)
+    except WorkflowError as exc:
+        raise WorkflowError(f"{source}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise WorkflowError(f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise WorkflowError(f"{source}: nesting is deeper than the limit {MAX_DEPTH}") from None
+    check_depth(value, source=source)
+    return value
+
+
+def load_json_file(path: str | os.PathLike, max_bytes: int = MAX_WORKFLOW_BYTES):
+    """Read and strictly parse a JSON file; the size limit is checked before reading."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise WorkflowError(f"{path}: cannot read: {exc.strerror}") from None
+    if size > max_bytes:
+        raise WorkflowError(f"{path}: {size} bytes is above the limit of {max_bytes} bytes")
+    return loads_strict(path.read_bytes(), source=str(path), max_bytes=max_bytes)

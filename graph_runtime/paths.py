@@ -1,0 +1,124 @@
+"""Where LoRA files, base models and outputs live, and the one helper that resolves a name under a root.
+
+Configured the same way everywhere: ``Runtime(...)`` / CLI flags first, then the environment
+(``LORALOOM_LORA_DIRS`` (os.pathsep-separated), ``LORALOOM_MODELS_DIR``, ``LORALOOM_OUTPUT_DIR``),
+then defaults under the current directory (``models/``, ``models/loras/``, ``output/``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .errors import PathError
+
+ENV_LORA_DIRS = "LORALOOM_LORA_DIRS"
+ENV_MODELS_DIR = "LORALOOM_MODELS_DIR"
+ENV_OUTPUT_DIR = "LORALOOM_OUTPUT_DIR"
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+
+
+def check_relative_name(name: str, what: str = "file") -> PurePosixPath:
+    """Validate a user-given relative name: no NUL, no backslash, not absolute, no '..' part."""
+    if not isinstance(name, str) or not name:
+        raise PathError(f"{what} name {name!r} must be a non-empty string")
+    problem = None
+    if "\x00" in name:
+        problem = "contains a NUL byte"
+    elif "\\" in name:
+        problem = "contains a backslash (Windows separator); use '/'"
+    elif name.startswith("/") or _DRIVE_RE.match(name):
+        problem = "is an absolute path"
+    elif ".." in PurePosixPath(name).parts:
+        problem = "contains a '..' part"
+    if problem:
+        raise PathError(f"{what} name {name!r} {problem}: names must stay inside the configured folder. "
+                        "Fix: give a path relative to the folder, or add the folder with --lora-dir / "
+                        "--models-dir")
+    return PurePosixPath(name)
+
+
+def resolve_under(root: str | os.PathLike, name: str, *, what: str = "file", must_exist: bool = True) -> Path:
+    """Resolve ``name`` under ``root``, refusing '..', absolute paths and symlinks that lead outside."""
+    rel = check_relative_name(name, what)
+    root_real = Path(root).resolve()
+    candidate = (root_real / Path(*rel.parts)).resolve()
+    if not candidate.is_relative_to(root_real):
+        raise PathError(f"{what} {name!r} resolves to {candidate}, outside the folder {root_real} "
+                        "(a symlink out of the root?); refusing to read it")
+    if must_exist and not candidate.exists():
+        raise PathError(f"{what} {name!r} not found in {root_real}")
+    return candidate
+
+
+@dataclass
+class Folders:
+    """The configured roots. ``kind`` is ``"loras"``, ``"models"`` or ``"output"``."""
+
+    lora_dirs: list[Path] = field(default_factory=list)
+    models_dir: Path = Path("models")
+    output_dir: Path = Path("output")
+
+    @classmethod
+    def configure(cls, lora_dirs=None, models_dir=None, output_dir=None, env=None) -> "Folders":
+        """Arguments first, then environment variables, then defaults under the current directory."""
+        env = os.environ if env is None else env
+        models = Path(models_dir or env.get(ENV_MODELS_DIR) or "models")
+        if lora_dirs:
+            loras = [Path(d) for d in lora_dirs]
+        elif env.get(ENV_LORA_DIRS):
+            loras = [Path(d) for d in env[ENV_LORA_DIRS].split(os.pathsep) if d]
+        else:
+            loras = [models / "loras"]
+        output = Path(output_dir or env.get(ENV_OUTPUT_DIR) or "output")
+        return cls([p.absolute() for p in loras], models.absolute(), output.absolute())
+
+    def roots(self, kind: str) -> list[Path]:
+        if kind == "loras":
+            return list(self.lora_dirs)
+        if kind == "models":
+            return [self.models_dir]
+        if kind == "output":
+            return [self.output_dir]
+        raise PathError(f"unknown folder kind {kind!r}; expected one of 'loras', 'models', 'output'")
+
+    def find(self, kind: str, name: str) -> Path:
+        """The first existing ``name`` under the roots of ``kind``; an error lists the roots searched."""
+        check_relative_name(name, kind.rstrip("s"))
+        for root in self.roots(kind):
+            if not root.is_dir():
+                continue
+            path = resolve_under(root, name, what=kind.rstrip("s"), must_exist=False)
+            if path.exists():
+                return path
+        searched = ", ".join(str(r) for r in self.roots(kind))
+        raise PathError(f"{kind.rstrip('s')} {name!r} not found in {searched}. "
+                        f"Fix: put it there or add its folder (--lora-dir / --models-dir)")
+
+    def list(self, kind: str, suffixes: tuple[str, ...] = (), dirs: bool = False) -> list[str]:
+        """Names (relative, '/'-separated) of files (or folders, with ``dirs``) under the roots."""
+        names: set[str] = set()
+        for root in self.roots(kind):
+            if not root.is_dir():
+                continue
+            root_real = root.resolve()
+            for dirpath, dirnames, filenames in os.walk(root_real, followlinks=False):
+                here = Path(dirpath)
+                dirnames.sort()
+                entries = dirnames if dirs else filenames
+                for entry in entries:
+                    full = here / entry
+                    if suffixes and not entry.lower().endswith(suffixes):
+                        continue
+                    if not full.resolve().is_relative_to(root_real):
+                        continue
+                    names.add(full.relative_to(root_real).as_posix())
+        return sorted(names)
+
+    def output_path(self, name: str) -> Path:
+        """Where an output named ``name`` is written (inside the output folder, created on demand)."""
+        path = resolve_under(self.output_dir.absolute(), name, what="output", must_exist=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path

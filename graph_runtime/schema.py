@@ -1,0 +1,394 @@
+"""Declarative node schema: one declaration gives validation, ComfyUI's V1 class attributes and
+ComfyUI's ``/object_info`` JSON.
+
+A node is a class with an ``execute`` method, decorated with :func:`node`::
+
+    @node(category="loraloom/lora", display_name="Load LoRA",
+          inputs=[Combo("lora_name", options=list_loras, file_kind="loras")],
+          outputs=[Output("LORA_WEIGHTS", "lora")])
+    class LoadLoRA:
+        def execute(self, lora_name): ...
+
+The decorator checks the declaration against ``execute`` at import time and fails with a message
+saying what and where.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .errors import SchemaError
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+_SOCKET_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_ID_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+_INPUT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of a node: a widget (INT, FLOAT, STRING, BOOLEAN, COMBO) or a link socket type.
+
+    ``options`` (COMBO) is a sequence or a callable returning one (e.g. the files in a folder).
+    ``file_kind`` marks a value that names a file under a configured root (``"loras"``,
+    ``"models"``): its content fingerprint joins the cache key.
+    """
+
+    name: str
+    type: str
+    default: Any = _MISSING
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    options: Any = None
+    multiline: bool = False
+    tooltip: str = ""
+    optional: bool = False
+    file_kind: str | None = None
+    control_after_generate: bool = False
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in WIDGET_TYPES
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not _MISSING
+
+    def option_list(self) -> list:
+        """The current COMBO options (callables are asked each time: folders change)."""
+        opts = self.options() if callable(self.options) else self.options
+        return list(opts or [])
+
+    def comfy_spec(self) -> tuple:
+        """This input as ComfyUI's V1 ``INPUT_TYPES`` entry."""
+        opts: dict[str, Any] = {}
+        if self.has_default:
+            opts["default"] = self.default
+        for key in ("min", "max", "step"):
+            value = getattr(self, key)
+            if value is not None:
+                opts[key] = value
+        if self.type == "STRING":
+            opts["multiline"] = self.multiline
+        if self.control_after_generate:
+            opts["control_after_generate"] = True
+        if self.tooltip:
+            opts["tooltip"] = self.tooltip
+        if self.type == "COMBO":
+            return (self.option_list(), opts)
+        return (self.type, opts) if opts else (self.type,)
+
+
+def Int(name: str, default: int = 0, *, min: int | None = None, max: int | None = None, step: int = 1,
+        tooltip: str = "", optional: bool = False, control_after_generate: bool | None = None) -> Input:
+    """An INT widget. Inputs named ``seed`` or ``noise_seed`` get the editor's control_after_generate."""
+    if control_after_generate is None:
+        control_after_generate = name in ("seed", "noise_seed")
+    return Input(name, "INT", default, min, max, step, tooltip=tooltip, optional=optional,
+                 control_after_generate=control_after_generate)
+
+
+def Float(name: str, default: float = 0.0, *, min: float | None = None, max: float | None = None,
+          step: float = 0.01, tooltip: str = "", optional: bool = False) -> Input:
+    """A FLOAT widget."""
+    return Input(name, "FLOAT", default, min, max, step, tooltip=tooltip, optional=optional)
+
+
+def String(name: str, default: str = "", *, multiline: bool = False, tooltip: str = "",
+           optional: bool = False, file_kind: str | None = None) -> Input:
+    """A STRING widget."""
+    return Input(name, "STRING", default, multiline=multiline, tooltip=tooltip, optional=optional,
+                 file_kind=file_kind)
+
+
+def Boolean(name: str, default: bool = False, *, tooltip: str = "", optional: bool = False) -> Input:
+    """A BOOLEAN widget."""
+    return Input(name, "BOOLEAN", default, tooltip=tooltip, optional=optional)
+
+
+def Combo(name: str, options: Iterable | Callable[[], Iterable], default: Any = _MISSING, *,
+          tooltip: str = "", optional: bool = False, file_kind: str | None = None) -> Input:
+    """A COMBO widget choosing one of ``options`` (a list, or a callable listing them)."""
+    return Input(name, "COMBO", default, options=options if callable(options) else tuple(options),
+                 tooltip=tooltip, optional=optional, file_kind=file_kind)
+
+
+def Link(name: str, type: str, *, tooltip: str = "", optional: bool = False) -> Input:
+    """An input fed by another node's output of socket type ``type`` (UPPER_SNAKE)."""
+    return Input(name, type, tooltip=tooltip, optional=optional)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output socket: its type and name."""
+
+    type: str
+    name: str = ""
+    tooltip: str = ""
+
+
+@dataclass(frozen=True)
+class NodeSchema:
+    """Everything the runtime, ComfyUI and the editor need to know about a node class."""
+
+    id: str
+    display_name: str
+    category: str
+    description: str
+    inputs: tuple[Input, ...]
+    outputs: tuple[Output, ...]
+    output_node: bool = False
+    not_idempotent: bool = False
+    version: int = 1
+    python_module: str = "custom_nodes.loraloom"
+    fingerprint: Callable[[dict, Any], str | None] | None = field(default=None, compare=False)
+
+    def input(self, name: str) -> Input | None:
+        for inp in self.inputs:
+            if inp.name == name:
+                return inp
+        return None
+
+    @property
+    def widgets(self) -> list[Input]:
+        """Widget inputs in the editor's order (required first, then optional)."""
+        return [i for i in self._ordered() if i.is_widget]
+
+    def _ordered(self) -> list[Input]:
+        return [i for i in self.inputs if not i.optional] + [i for i in self.inputs if i.optional]
+
+    def input_types(self) -> dict:
+        """ComfyUI's ``INPUT_TYPES()`` dict."""
+        out: dict[str, dict] = {"required": {}}
+        for inp in self._ordered():
+            out.setdefault("optional" if inp.optional else "required", {})[inp.name] = inp.comfy_spec()
+        return out
+
+    def object_info(self) -> dict:
+        """This node in the shape of ComfyUI's ``/object_info`` JSON."""
+        ordered = self._ordered()
+        return {
+            "input": self.input_types(),
+            "input_order": {
+                "required": [i.name for i in ordered if not i.optional],
+                **({"optional": [i.name for i in ordered if i.optional]}
+                   if any(i.optional for i in ordered) else {}),
+            },
+            "output": [o.type for o in self.outputs],
+            "output_is_list": [False] * len(self.outputs),
+            "output_name": [o.name or o.type for o in self.outputs],
+            "output_tooltips": [o.tooltip for o in self.outputs],
+            "name": self.id,
+            "display_name": self.display_name,
+            "description": self.description,
+            "python_module": self.python_module,
+            "category": self.category,
+            "output_node": self.output_node,
+        }
+
+
+def _check_schema(schema: NodeSchema, execute: Callable, where: str) -> None:
+    """Raise SchemaError for a declaration that contradicts itself or its execute function."""
+    problems = []
+    if not _ID_RE.match(schema.id):
+        problems.append(f"node id {schema.id!r} is not PascalCase")
+    seen = set()
+    for inp in schema.inputs:
+        if inp.name in seen:
+            problems.append(f"input '{inp.name}' is declared twice")
+        seen.add(inp.name)
+        if not _INPUT_RE.match(inp.name):
+            problems.append(f"input '{inp.name}' is not snake_case")
+        if not inp.is_widget and not _SOCKET_RE.match(inp.type):
+            problems.append(f"input '{inp.name}' type {inp.type!r} is neither a widget type "
+                            f"{WIDGET_TYPES} nor an UPPER_SNAKE socket type")
+        problems.extend(_check_widget(inp))
+    for i, out in enumerate(schema.outputs):
+        if not _SOCKET_RE.match(out.type):
+            problems.append(f"output {i} type {out.type!r} is not an UPPER_SNAKE socket type")
+    if not schema.outputs and not schema.output_node:
+        problems.append("a node with no outputs must be an output node (output_node=True)")
+
+    params = inspect.signature(execute).parameters
+    names = [p for p in params if p != "self"]
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for inp in schema.inputs:
+        if inp.name not in params and not var_kw:
+            problems.append(f"input '{inp.name}' is not a parameter of execute{inspect.signature(execute)}")
+    for name in names:
+        p = params[name]
+        if p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+            continue
+        inp = schema.input(name)
+        if inp is None:
+            if p.default is inspect.Parameter.empty:
+                problems.append(f"execute parameter '{name}' has no declared input")
+        elif inp.optional and p.default is inspect.Parameter.empty:
+            problems.append(f"optional input '{name}' needs a default in execute()")
+    if problems:
+        raise SchemaError(f"node {schema.id} ({where}): " + "; ".join(problems))
+
+
+def _check_widget(inp: Input) -> list[str]:
+    problems = []
+    if inp.type in ("INT", "FLOAT"):
+        for key in ("default", "min", "max", "step"):
+            value = getattr(inp, key)
+            if key == "default" and not inp.has_default:
+                continue
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                problems.append(f"input '{inp.name}' {key} {value!r} is not a finite number")
+                return problems
+        if inp.min is not None and inp.max is not None and inp.min > inp.max:
+            problems.append(f"input '{inp.name}' min {inp.min} is above max {inp.max}")
+        if inp.has_default and inp.min is not None and inp.default < inp.min:
+            problems.append(f"input '{inp.name}' default {inp.default} is below min {inp.min}")
+        if inp.has_default and inp.max is not None and inp.default > inp.max:
+            problems.append(f"input '{inp.name}' default {inp.default} is above max {inp.max}")
+        if inp.type == "INT" and inp.has_default and not isinstance(inp.default, int):
+            problems.append(f"input '{inp.name}' default {inp.default!r} is not an int")
+    elif inp.type == "COMBO":
+        if not callable(inp.options):
+            opts = list(inp.options or ())
+            if not opts:
+                problems.append(f"input '{inp.name}' COMBO has no options")
+            elif inp.has_default and inp.default not in opts:
+                problems.append(f"input '{inp.name}' default {inp.default!r} is not one of {opts}")
+    elif inp.type == "BOOLEAN" and inp.has_default and not isinstance(inp.default, bool):
+        problems.append(f"input '{inp.name}' default {inp.default!r} is not a bool")
+    elif inp.type == "STRING" and inp.has_default and not isinstance(inp.default, str):
+        problems.append(f"input '{inp.name}' default {inp.default!r} is not a str")
+    return problems
+
+
+def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), category: str,
+         display_name: str | None = None, description: str | None = None, id: str | None = None,
+         output_node: bool = False, not_idempotent: bool = False, version: int = 1,
+         fingerprint: Callable[[dict, Any], str | None] | None = None):
+    """Class decorator declaring a node. Checks the declaration and adds ComfyUI's V1 attributes.
+
+    ``version`` joins the cache key: bump it when the node's results change for the same inputs.
+    ``fingerprint(inputs, folders)`` may return a string that joins the cache key (content the
+    inputs refer to); inputs with ``file_kind`` are fingerprinted without it.
+    """
+
+    def wrap(cls):
+        execute = getattr(cls, "execute", None)
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        if not callable(execute):
+            raise SchemaError(f"node class {where} has no execute() method")
+        schema = NodeSchema(
+            id=id or cls.__name__,
+            display_name=display_name or cls.__name__,
+            category=category,
+            description=description if description is not None else inspect.cleandoc(cls.__doc__ or ""),
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
+            output_node=output_node,
+            not_idempotent=not_idempotent,
+            version=version,
+            python_module=_comfy_module(cls.__module__),
+            fingerprint=fingerprint,
+        )
+        _check_schema(schema, execute, where)
+        cls.SCHEMA = schema
+        cls.INPUT_TYPES = classmethod(lambda c: c.SCHEMA.input_types())
+        cls.RETURN_TYPES = tuple(o.type for o in schema.outputs)
+        cls.RETURN_NAMES = tuple(o.name or o.type for o in schema.outputs)
+        cls.OUTPUT_TOOLTIPS = tuple(o.tooltip for o in schema.outputs)
+        cls.FUNCTION = "execute"
+        cls.CATEGORY = schema.category
+        cls.OUTPUT_NODE = schema.output_node
+        cls.DESCRIPTION = schema.description
+        cls.IS_CHANGED = classmethod(_is_changed)
+        return cls
+
+    return wrap
+
+
+def _is_changed(cls, **inputs):
+    """ComfyUI's change check: NaN (always run) for not-idempotent nodes, else the file fingerprints."""
+    if cls.SCHEMA.not_idempotent:
+        return float("nan")
+    from .context import current_context  # late: context imports this module
+
+    folders = current_context().folders
+    return input_fingerprint(cls.SCHEMA, inputs, folders) or ""
+
+
+def input_fingerprint(schema: NodeSchema, inputs: dict, folders) -> str | None:
+    """Content fingerprint of the files a node's inputs name (None when they name none)."""
+    from .fingerprint import file_fingerprint
+
+    parts = []
+    for inp in schema.inputs:
+        value = inputs.get(inp.name)
+        if inp.file_kind and isinstance(value, str) and value:
+            path = folders.find(inp.file_kind, value)
+            parts.append(f"{inp.name}={file_fingerprint(path)}")
+    if schema.fingerprint is not None:
+        extra = schema.fingerprint(inputs, folders)
+        if extra is not None:
+            parts.append(str(extra))
+    return "|".join(parts) if parts else None
+
+
+def _comfy_module(module: str) -> str:
+    """``loraloom.nodes.blend`` -> ``custom_nodes.loraloom`` (what ComfyUI reports for pack nodes)."""
+    top = module.split(".")[0]
+    return f"custom_nodes.{top}"
+
+
+class NodeRegistry:
+    """Node classes by id. The runtime asks it; users add their own classes with :meth:`register`."""
+
+    def __init__(self, classes: Iterable[type] = ()):
+        self._classes: dict[str, type] = {}
+        for cls in classes:
+            self.register(cls)
+
+    def register(self, cls: type, *, replace: bool = False) -> type:
+        """Add a node class declared with :func:`node`. Usable as a decorator."""
+        schema = getattr(cls, "SCHEMA", None)
+        if not isinstance(schema, NodeSchema):
+            raise SchemaError(f"{cls!r} is not a node class: decorate it with @node(...) first")
+        if schema.id in self._classes and self._classes[schema.id] is not cls and not replace:
+            raise SchemaError(f"node id {schema.id!r} is already registered by "
+                              f"{self._classes[schema.id].__module__}; pick another id or pass replace=True")
+        self._classes[schema.id] = cls
+        return cls
+
+    def get(self, class_type: str) -> type | None:
+        return self._classes.get(class_type)
+
+    def __contains__(self, class_type: str) -> bool:
+        return class_type in self._classes
+
+    def __iter__(self):
+        return iter(sorted(self._classes))
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+    def copy(self) -> "NodeRegistry":
+        new = NodeRegistry()
+        new._classes = dict(self._classes)
+        return new
+
+    def object_info(self) -> dict:
+        """All nodes, as ComfyUI's ``GET /object_info`` answers."""
+        return {cid: self._classes[cid].SCHEMA.object_info() for cid in self}
+
+    def comfy_mappings(self) -> tuple[dict, dict]:
+        """``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` for ComfyUI."""
+        classes = {cid: self._classes[cid] for cid in self}
+        names = {cid: cls.SCHEMA.display_name for cid, cls in classes.items()}
+        return classes, names

@@ -1,0 +1,298 @@
+"""Workflow JSON in both formats ComfyUI writes, converted to one API-format prompt.
+
+API format: ``{"<id>": {"class_type": ..., "inputs": {name: value | ["<src id>", slot]}}}``.
+UI format (version 0.4): ``nodes`` and ``links``; widget values are mapped to input names through
+the node schema's widget order. Muted (mode 2) nodes are dropped, bypassed (mode 4) nodes pass
+their matching input through, Reroute and PrimitiveNode are resolved, the ``control_after_generate``
+value after seed-like INT widgets is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import WorkflowError
+from .jsonio import check_depth, load_json_file, loads_strict
+from .schema import CONTROL_VALUES, NodeRegistry
+
+FRONTEND_ONLY = frozenset({"Reroute", "PrimitiveNode", "Note", "MarkdownNote"})
+MODE_MUTED = 2
+MODE_BYPASS = 4
+MAX_NODES = 100_000
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class Workflow:
+    """A workflow ready for validation: the API-format prompt, and the UI graph it came from."""
+
+    prompt: dict
+    ui: dict | None = None
+    source: str = "workflow"
+    extra: dict = field(default_factory=dict)
+
+
+def is_link(value) -> bool:
+    """Whether an input value is a link ``[node_id, slot]`` (ComfyUI's API form)."""
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and isinstance(value[0], (str, int)) and not isinstance(value[0], bool)
+            and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
+def load_workflow(src, registry: NodeRegistry) -> Workflow:
+    """Read a workflow from a path (.json, or a .png with an embedded workflow), an API dict or a UI dict."""
+    if isinstance(src, Workflow):
+        return Workflow(copy.deepcopy(src.prompt), src.ui, src.source, dict(src.extra))
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        source = str(path)
+        if path.suffix.lower() == ".png":
+            data = _png_workflow(path)
+        else:
+            data = load_json_file(path)
+    elif isinstance(src, dict):
+        source = "workflow"
+        check_depth(src, source=source)
+        data = copy.deepcopy(src)
+    else:
+        raise WorkflowError(f"a workflow must be a path, an API-format dict or a UI-format dict, "
+                            f"not {type(src).__name__}")
+    if not isinstance(data, dict):
+        raise WorkflowError(f"{source}: a workflow is a JSON object, not {type(data).__name__}")
+    if "nodes" in data and "links" in data:
+        return Workflow(ui_to_api(data, registry, source), data, source)
+    if isinstance(data.get("prompt"), dict):  # the body ComfyUI's POST /prompt takes
+        ui = (data.get("extra_data") or {}).get("extra_pnginfo", {}).get("workflow") \
+            if isinstance(data.get("extra_data"), dict) else None
+        data = data["prompt"]
+        return Workflow(check_api(data, source), ui if isinstance(ui, dict) else None, source)
+    return Workflow(check_api(data, source), None, source)
+
+
+def check_api(prompt: dict, source: str = "workflow") -> dict:
+    """Check the shape of an API-format prompt and return it with string node ids."""
+    if not isinstance(prompt, dict):
+        raise WorkflowError(f"{source}: an API workflow is an object of nodes, not {type(prompt).__name__}")
+    if len(prompt) > MAX_NODES:
+        raise WorkflowError(f"{source}: {len(prompt)} nodes is above the limit of {MAX_NODES}")
+    out = {}
+    for node_id, entry in prompt.items():
+        where = f"{source}: node {node_id}"
+        if not isinstance(entry, dict):
+            raise WorkflowError(f"{where}: expected an object with 'class_type' and 'inputs', "
+                                f"got {type(entry).__name__}. Is this a workflow file?")
+        class_type = entry.get("class_type")
+        if not isinstance(class_type, str) or not class_type:
+            raise WorkflowError(f"{where}: 'class_type' must be a node id string, got {class_type!r}")
+        inputs = entry.get("inputs", {})
+        if not isinstance(inputs, dict):
+            raise WorkflowError(f"{where} ({class_type}): 'inputs' must be an object, got {type(inputs).__name__}")
+        node = {"class_type": class_type, "inputs": dict(inputs)}
+        if isinstance(entry.get("_meta"), dict):
+            node["_meta"] = entry["_meta"]
+        out[str(node_id)] = node
+    return out
+
+
+def apply_overrides(prompt: dict, overrides, source: str = "workflow") -> dict:
+    """Set inputs: ``{"3.weight": 0.5}`` or ``{"3": {"weight": 0.5}}``. Unknown node ids are errors."""
+    if not overrides:
+        return prompt
+    flat: list[tuple[str, str, object]] = []
+    for key, value in dict(overrides).items():
+        if isinstance(value, dict) and "." not in str(key):
+            flat.extend((str(key), name, v) for name, v in value.items())
+        else:
+            node_id, sep, name = str(key).partition(".")
+            if not sep or not name:
+                raise WorkflowError(f"override {key!r}: expected NODE_ID.INPUT, e.g. '3.weight'")
+            flat.append((node_id, name, value))
+    for node_id, name, value in flat:
+        if node_id not in prompt:
+            ids = ", ".join(sorted(prompt, key=_id_sort)[:20])
+            raise WorkflowError(f"override {node_id}.{name}: {source} has no node {node_id} (nodes: {ids})")
+        prompt[node_id]["inputs"][name] = value
+    return prompt
+
+
+def _id_sort(node_id: str):
+    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+
+
+def ui_to_api(ui: dict, registry: NodeRegistry, source: str = "workflow") -> dict:
+    """Convert the editor's UI-format graph into an API-format prompt."""
+    nodes = ui.get("nodes")
+    links = ui.get("links")
+    if not isinstance(nodes, list) or not isinstance(links, list):
+        raise WorkflowError(f"{source}: UI workflow needs 'nodes' and 'links' lists")
+    if len(nodes) > MAX_NODES:
+        raise WorkflowError(f"{source}: {len(nodes)} nodes is above the limit of {MAX_NODES}")
+    definitions = ui.get("definitions")
+    if isinstance(definitions, dict) and definitions.get("subgraphs"):
+        raise WorkflowError(f"{source}: subgraphs are not supported yet. Fix: in the editor, "
+                            "right-click the subgraph node and choose 'Unpack Subgraph', then save")
+    by_id: dict[str, dict] = {}
+    for i, node in enumerate(nodes):
+        if not isinstance(node, dict) or not isinstance(node.get("type"), str) \
+                or isinstance(node.get("id"), bool) or not isinstance(node.get("id"), (int, str)):
+            raise WorkflowError(f"{source}: nodes[{i}] needs an integer 'id' and a string 'type'")
+        by_id[str(node["id"])] = node
+    link_map = _link_map(links, source)
+
+    api: dict[str, dict] = {}
+    for node_id, node in by_id.items():
+        mode = node.get("mode", 0)
+        if node["type"] in FRONTEND_ONLY or mode in (MODE_MUTED, MODE_BYPASS):
+            continue
+        inputs = _widget_inputs(node, registry, source)
+        for inp in _list(node.get("inputs"), f"{source}: node {node_id} 'inputs'"):
+            if not isinstance(inp, dict) or inp.get("link") is None:
+                continue
+            widget = inp.get("widget")
+            name = widget.get("name") if isinstance(widget, dict) and widget.get("name") else inp.get("name")
+            if not isinstance(name, str):
+                raise WorkflowError(f"{source}: node {node_id} has an input without a name")
+            resolved = _resolve_link(inp["link"], by_id, link_map, source)
+            if resolved is None:
+                inputs.pop(name, None)
+            elif resolved[0] == "value":
+                inputs[name] = resolved[1]
+            else:
+                inputs[name] = [resolved[1], resolved[2]]
+        title = node.get("title")
+        entry = {"class_type": node["type"], "inputs": inputs}
+        if isinstance(title, str):
+            entry["_meta"] = {"title": title}
+        api[node_id] = entry
+    return api
+
+
+def _list(value, where: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise WorkflowError(f"{where} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _link_map(links: list, source: str) -> dict:
+    """link id -> (from node id, from slot, output type); accepts list and object forms."""
+    out = {}
+    for i, link in enumerate(links):
+        if isinstance(link, list) and len(link) >= 5:
+            link_id, from_id, from_slot, _to, _to_slot = link[:5]
+            link_type = link[5] if len(link) > 5 else None
+        elif isinstance(link, dict):
+            link_id, from_id, from_slot = link.get("id"), link.get("origin_id"), link.get("origin_slot")
+            link_type = link.get("type")
+        else:
+            raise WorkflowError(f"{source}: links[{i}] must be [id, from_node, from_slot, to_node, to_slot, type]")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (link_id, from_slot)) \
+                or isinstance(from_id, bool) or not isinstance(from_id, (int, str)):
+            raise WorkflowError(f"{source}: links[{i}] has a malformed id, node or slot: {link!r}")
+        out[link_id] = (str(from_id), from_slot, link_type)
+    return out
+
+
+def _widget_inputs(node: dict, registry: NodeRegistry, source: str) -> dict:
+    cls = registry.get(node["type"])
+    values = node.get("widgets_values")
+    if cls is None or values is None:
+        return {}
+    widgets = cls.SCHEMA.widgets
+    if isinstance(values, dict):
+        return {w.name: values[w.name] for w in widgets if w.name in values}
+    if not isinstance(values, list):
+        raise WorkflowError(f"{source}: node {node['id']} ({node['type']}) widgets_values must be a list")
+    inputs = {}
+    i = 0
+    for widget in widgets:
+        if i >= len(values):
+            break
+        inputs[widget.name] = values[i]
+        i += 1
+        if widget.control_after_generate and i < len(values) and values[i] in CONTROL_VALUES:
+            i += 1
+    return inputs
+
+
+def _resolve_link(link_id, by_id: dict, link_map: dict, source: str):
+    """Follow a link through Reroutes and bypassed nodes to a real output or a PrimitiveNode value.
+    Returns ("link", node_id, slot), ("value", v), or None when the source is muted or dangling."""
+    for _ in range(len(by_id) + 1):
+        if link_id not in link_map:
+            raise WorkflowError(f"{source}: link {link_id} is used by a node but missing from 'links'")
+        from_id, from_slot, link_type = link_map[link_id]
+        src = by_id.get(from_id)
+        if src is None:
+            return ("link", from_id, from_slot)
+        ins = [i for i in (src.get("inputs") or []) if isinstance(i, dict)]
+        if src["type"] == "Reroute":
+            if not ins or ins[0].get("link") is None:
+                return None
+            link_id = ins[0]["link"]
+            continue
+        if src["type"] == "PrimitiveNode":
+            values = src.get("widgets_values")
+            return ("value", values[0]) if isinstance(values, list) and values else None
+        mode = src.get("mode", 0)
+        if mode == MODE_MUTED:
+            return None
+        if mode == MODE_BYPASS:
+            out_type = link_type or _output_type(src, from_slot)
+            same_slot = ins[from_slot] if from_slot < len(ins) else None
+            if same_slot is not None and same_slot.get("type") == out_type and same_slot.get("link") is not None:
+                link_id = same_slot["link"]
+                continue
+            match = [i for i in ins if i.get("type") == out_type and i.get("link") is not None]
+            if not match:
+                return None
+            link_id = match[0]["link"]
+            continue
+        return ("link", from_id, from_slot)
+    raise WorkflowError(f"{source}: link {link_id} loops through Reroute or bypassed nodes")
+
+
+def _output_type(node: dict, slot: int):
+    outs = node.get("outputs") or []
+    if slot < len(outs) and isinstance(outs[slot], dict):
+        return outs[slot].get("type")
+    return None
+
+
+def _png_workflow(path: Path) -> dict:
+    """The workflow embedded in a PNG as ComfyUI writes it (tEXt ``prompt`` and ``workflow``)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise WorkflowError(f"{path}: cannot read: {exc.strerror}") from None
+    if not data.startswith(_PNG_SIG):
+        raise WorkflowError(f"{path}: not a PNG file")
+    texts: dict[str, str] = {}
+    pos = len(_PNG_SIG)
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if ctype == b"tEXt" and b"\0" in body:
+            key, _, value = body.partition(b"\0")
+            texts[key.decode("latin-1")] = value.decode("latin-1")
+        elif ctype == b"iTXt" and b"\0" in body:
+            key, _, rest = body.partition(b"\0")
+            compressed = rest[0] == 1
+            rest = rest[2:].split(b"\0", 2)[-1]
+            texts[key.decode("latin-1")] = (zlib.decompress(rest) if compressed else rest).decode("utf-8")
+        elif ctype == b"IEND":
+            break
+        pos += 12 + length
+    ui = loads_strict(texts["workflow"], source=f"{path} (workflow)") if "workflow" in texts else None
+    if "prompt" in texts:  # exactly what ran; the UI graph travels along for re-embedding
+        prompt = loads_strict(texts["prompt"], source=f"{path} (prompt)")
+        return {"prompt": prompt, "extra_data": {"extra_pnginfo": {"workflow": ui}}}
+    if isinstance(ui, dict):
+        return ui
+    raise WorkflowError(f"{path}: this PNG carries no workflow (no tEXt 'prompt' or 'workflow' chunk)")

@@ -1,0 +1,54 @@
+"""Errors of the LoRA format layer: every one names the file, the key, the value and the limit.
+
+`LoRAFormatError` is raised while a file is read or written (unknown key forms, ranks that
+disagree, unsupported kinds such as DoRA); `LoRAMatchError` when a LoRA is checked against a base
+model and does not fit. Both are ValueErrors, like safefile's `LoRAFileError`, so one
+`except ValueError` catches every "this file is not usable" case.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class LoRAError(ValueError):
+    """A LoRA that cannot be used as given.
+
+    Attributes: ``path`` (file, or None for in-memory values), ``key`` (the offending key or module),
+    ``value`` (what was found), ``limit`` (what was allowed or expected), ``fix`` (advice or None).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        key: str | None = None,
+        value: Any = None,
+        limit: Any = None,
+        fix: str | None = None,
+    ):
+        self.path = path
+        self.key = key
+        self.value = value
+        self.limit = limit
+        self.fix = fix
+        where = f"{path}: " if path else ""
+        text = f"{where}{message}"
+        if fix:
+            text += f" Fix: {fix}"
+        super().__init__(text)
+
+
+class LoRAFormatError(LoRAError):
+    """A file's keys or tensors do not form a LoRA we can read (or a value cannot be written)."""
+
+
+class LoRAMatchError(LoRAError):
+    """A LoRA does not fit a base model: too few modules match, or shapes disagree.
+
+    ``report`` holds the full `MatchReport` so callers can show every unmatched key.
+    """
+
+    def __init__(self, message: str, *, report: Any = None, **kwargs: Any):
+        self.report = report
+        super().__init__(message, **kwargs)

@@ -1,0 +1,124 @@
+"""Tell SD1.5 from SDXL: from a live pipeline, a diffusers folder's configs, or a single-file
+checkpoint's key names (read from the safetensors header, no tensor loaded).
+
+Only the two architectures LoRA Loom supports are named; anything else (SD2, refiner, inpainting,
+non-SD pipelines) raises a ValueError that says what was found.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+ARCHES = ("sd15", "sdxl")
+
+PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+# Key names that only one layout has (the same ones diffusers' single-file loader checks).
+SD15_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
+SDXL_TEXT_KEY = "conditioner.embedders.1.model.positional_embedding"
+UNET_PREFIX = "model.diffusion_model."
+_SD2_TEXT_PREFIX = "cond_stage_model.model."
+_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."
+
+
+def arch_from_unet_config(unet_config: Mapping[str, Any], where: str) -> str:
+    """Architecture implied by a UNet2DConditionModel config; `where` names its source in errors."""
+    if unet_config.get("in_channels", 4) != 4:
+        raise ValueError(
+            f"{where}: UNet has in_channels {unet_config.get('in_channels')} (inpainting or another "
+            "variant); only plain text-to-image SD1.5 and SDXL (in_channels 4) are supported"
+        )
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet_config.get("addition_embed_type") is None and not unet_config.get("use_linear_projection"):
+        return "sd15"
+    raise ValueError(
+        f"{where}: UNet config is neither SD1.5 (conv proj_in, no added embedding) nor SDXL "
+        f"(addition_embed_type 'text_time'): addition_embed_type={unet_config.get('addition_embed_type')!r}, "
+        f"use_linear_projection={unet_config.get('use_linear_projection')!r} (SD2 uses linear "
+        f"projection and is not supported); supported architectures: {', '.join(ARCHES)}"
+    )
+
+
+def _check_class(class_name: str | None, arch: str, where: str, bases: Iterable[str] = ()) -> str:
+    # `bases` lets subclasses of the pipeline classes (img2img variants, community pipelines) pass.
+    if PIPELINE_CLASSES[arch] != class_name and PIPELINE_CLASSES[arch] not in set(bases):
+        raise ValueError(
+            f"{where}: pipeline class {class_name!r} does not match its {arch} UNet; expected "
+            f"{PIPELINE_CLASSES[arch]!r}. Supported: "
+            + ", ".join(f"{a} ({c})" for a, c in PIPELINE_CLASSES.items())
+        )
+    return arch
+
+
+def detect_pipeline_arch(pipe) -> str:
+    """"sd15" or "sdxl" for a live diffusers pipeline (its class and UNet config must agree)."""
+    where = f"pipeline {type(pipe).__name__}"
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise ValueError(f"{where} has no UNet; supported: " + ", ".join(PIPELINE_CLASSES.values()))
+    arch = arch_from_unet_config(dict(unet.config), where)
+    return _check_class(type(pipe).__name__, arch, where, [cls.__name__ for cls in type(pipe).__mro__])
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(
+            f"{path.parent}: no {path.name}; expected a diffusers folder ({what}). Fix: point at the "
+            "folder that save_pretrained wrote (it holds model_index.json and unet/config.json)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def detect_folder_arch(folder: str | Path) -> str:
+    """"sd15" or "sdxl" for a diffusers folder or config skeleton, from model_index.json and
+    unet/config.json only (no weights read)."""
+    folder = Path(folder)
+    index = _read_json(folder / "model_index.json", "model_index.json names the pipeline class")
+    unet_config = _read_json(folder / "unet" / "config.json", "unet/config.json describes the UNet")
+    arch = arch_from_unet_config(unet_config, str(folder))
+    return _check_class(index.get("_class_name"), arch, str(folder))
+
+
+def detect_checkpoint_arch(keys: Iterable[str], where: str) -> str:
+    """"sd15" or "sdxl" from the key names of an original-layout (LDM / SGM) single-file checkpoint."""
+    keys = set(keys)
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        sample = ", ".join(sorted(keys)[:3])
+        raise ValueError(
+            f"{where}: no '{UNET_PREFIX}*' keys, so this is not a full SD/SDXL single-file checkpoint "
+            f"(first keys: {sample}). A LoRA or a diffusers-format weights file? Fix: load a diffusers "
+            "folder by its directory, or a complete original-layout .safetensors checkpoint"
+        )
+    if SDXL_TEXT_KEY in keys:
+        return "sdxl"
+    if SD15_TEXT_KEY in keys:
+        return "sd15"
+    if any(k.startswith(_SD2_TEXT_PREFIX) for k in keys):
+        found = "SD2 (OpenCLIP text encoder under cond_stage_model.model.)"
+    elif any(k.startswith(_REFINER_TEXT_PREFIX) for k in keys):
+        found = "an SDXL refiner (single OpenCLIP encoder)"
+    else:
+        found = "no known text encoder keys"
+    raise ValueError(
+        f"{where}: found {found}; expected SD1.5 ('{SD15_TEXT_KEY}') or SDXL ('{SDXL_TEXT_KEY}'). "
+        f"Supported architectures: {', '.join(ARCHES)}"
+    )
+
+
+def detect_file_arch(path: str | Path) -> str:
+    """"sd15" or "sdxl" for a single-file .safetensors checkpoint, reading only its header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{path}: not a readable .safetensors file ({exc})") from None
+    return detect_checkpoint_arch(keys, str(path))

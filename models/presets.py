@@ -1,0 +1,265 @@
+"""Built-in tiny base models: real diffusers pipelines built offline from small configs.
+
+`tiny-sd15` and `tiny-sdxl` are StableDiffusionPipeline / StableDiffusionXLPipeline instances whose
+UNets mirror the real block structure (block types and counts, layers_per_block 2, attentions where
+the real models have them, transformer layers growing with depth on SDXL) at tiny widths. So every
+module path a real LoRA file names (down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q,
+kohya's input_blocks_4_1 ...) exists here, and block-weight maps see the real layout. Only the
+tensor shapes are tiny (a few MB), which is what lets the tests sample a 64 px image in milliseconds.
+
+Weights come from a seeded build inside `torch.random.fork_rng`, so two builds are bit-identical and
+the caller's global RNG state is neither used nor changed. Bump a preset's `version` whenever
+its config or init changes: the version is part of the cache fingerprint.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from . import devices
+
+# Real CLIP ids are 49406/49407 (vocab 49408); ours follow the tiny byte-level vocab built below.
+_BOS = "<|startoftext|>"
+_EOS = "<|endoftext|>"
+# A few merges so the tokenizer does real BPE work, not only byte fallback; results join the vocab.
+_MERGES = (("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("c", "a"), ("ca", "t</w>"))
+_MAX_TOKENS = 77  # real CLIP context length: prompt handling (truncation, padding) behaves as in SD
+
+SCHEDULER_CONFIG: dict[str, Any] = {
+    # Stable Diffusion's training schedule; Euler is SDXL's shipped default and needs no extra files.
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+
+
+def _vae_config(scaling_factor: float, force_upcast: bool) -> dict[str, Any]:
+    # Four blocks keep the real x8 latent scale; the 2-block VAE of diffusers' tests gives x2 and
+    # makes the UNet run on 4x more positions (3-9x slower).
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [8, 16, 32, 32],
+        "layers_per_block": 2,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+        "scaling_factor": scaling_factor,
+        "force_upcast": force_upcast,
+    }
+
+
+def _clip_text_config(
+    hidden_size: int, num_layers: int, hidden_act: str, projection_dim: int | None = None
+) -> dict[str, Any]:
+    # Layer counts are the real ones, so text-encoder LoRA keys up to layers.11 (CLIP-L) or
+    # layers.31 (OpenCLIP bigG) have a module to land on; only the width is tiny.
+    config = {
+        "vocab_size": len(_tokenizer_vocab()),
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 4,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": _MAX_TOKENS,
+        "hidden_act": hidden_act,
+        "bos_token_id": _tokenizer_vocab()[_BOS],
+        "eos_token_id": _tokenizer_vocab()[_EOS],
+        "pad_token_id": _tokenizer_vocab()[_EOS],
+    }
+    if projection_dim is not None:
+        config["projection_dim"] = projection_dim
+    return config
+
+
+TEXT_HIDDEN_SD15 = 32
+TEXT_HIDDEN_SDXL_1 = 32
+TEXT_HIDDEN_SDXL_2 = 48  # differs from encoder 1 so a LoRA aimed at the wrong encoder fails on shape
+TEXT_PROJECTION_SDXL = 32
+TIME_EMBED_SDXL = 8
+
+UNET_SD15: dict[str, Any] = {
+    # Real SD1.5: 3 CrossAttnDown + 1 Down, cross-attention mid block, 1 Up + 3 CrossAttnUp,
+    # block_out_channels (320, 640, 1280, 1280), 8 heads, conv proj_in/out. Widths here are 1/40:
+    # time is per-module overhead at these sizes, so narrower only saves megabytes.
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [8, 16, 32, 32],
+    "layers_per_block": 2,
+    "norm_num_groups": 8,
+    "cross_attention_dim": TEXT_HIDDEN_SD15,
+    "attention_head_dim": 4,  # diffusers' SD1.5 name for the head count (real: 8)
+    "use_linear_projection": False,
+}
+
+UNET_SDXL: dict[str, Any] = {
+    # Real SDXL: Down + 2 CrossAttnDown, transformer_layers_per_block (1, 2, 10), mid with 10,
+    # block_out_channels (320, 640, 1280), linear proj_in/out, "text_time" added conditioning.
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [8, 16, 32],
+    "layers_per_block": 2,
+    "norm_num_groups": 8,
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": TEXT_HIDDEN_SDXL_1 + TEXT_HIDDEN_SDXL_2,
+    "attention_head_dim": [2, 2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": TIME_EMBED_SDXL,
+    # six micro-conditioning numbers (original size, crop, target size), each time-embedded,
+    # plus the pooled projection of text encoder 2
+    "projection_class_embeddings_input_dim": 6 * TIME_EMBED_SDXL + TEXT_PROJECTION_SDXL,
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One built-in base model: its name, architecture, version and how to build it."""
+
+    name: str
+    arch: str
+    version: int
+    seed: int
+    description: str
+    builder: Callable[[], Any]
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable identity for caches: changes exactly when the preset's weights can change."""
+        return f"preset:{self.name}@{self.version}"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP's reversible byte -> printable character table, used by the ByteLevel pre-tokenizer.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def _tokenizer_vocab() -> dict[str, int]:
+    symbols = sorted(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in symbols + [s + "</w>" for s in symbols] + [a + b for a, b in _MERGES] + [_BOS, _EOS]:
+        vocab.setdefault(token, len(vocab))
+    return vocab
+
+
+def build_tokenizer(pad_token: str = _EOS):
+    """A CLIPTokenizer with a byte-level vocab, built in memory (no files, no hub)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(
+        vocab=_tokenizer_vocab(),
+        merges=list(_MERGES),  # transformers 5 needs (a, b) tuples here; strings raise TypeError
+        bos_token=_BOS,
+        eos_token=_EOS,
+        unk_token=_EOS,
+        pad_token=pad_token,
+        model_max_length=_MAX_TOKENS,
+    )
+
+
+def _build_sd15():
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(**UNET_SD15)
+    vae = AutoencoderKL(**_vae_config(scaling_factor=0.18215, force_upcast=False))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(TEXT_HIDDEN_SD15, 12, "quick_gelu")))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sdxl():
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(**UNET_SDXL)
+    vae = AutoencoderKL(**_vae_config(scaling_factor=0.13025, force_upcast=True))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(TEXT_HIDDEN_SDXL_1, 12, "quick_gelu")))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**_clip_text_config(TEXT_HIDDEN_SDXL_2, 32, "gelu", projection_dim=TEXT_PROJECTION_SDXL))
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(pad_token="!"),  # real SDXL's second tokenizer pads with "!"
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset("tiny-sd15", "sd15", 1, 1500, "StableDiffusionPipeline, real SD1.5 block layout, tiny widths", _build_sd15),
+        Preset("tiny-sdxl", "sdxl", 1, 1000, "StableDiffusionXLPipeline, real SDXL block layout, tiny widths", _build_sdxl),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The Preset called `name`; unknown names raise ValueError listing the valid ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+
+
+def build_pipeline(name: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"):
+    """Build preset `name` ("tiny-sd15" or "tiny-sdxl") as a fresh diffusers pipeline.
+
+    Every call returns new, bit-identical weights: they are drawn in fp32 on the CPU from the
+    preset's seed inside `torch.random.fork_rng`, so neither an earlier `torch.manual_seed` nor the
+    device changes them, and the caller's RNG state is left as it was. The pipeline is then moved
+    to `device` and cast to `dtype` (see models.devices for the accepted values).
+    """
+    preset = get_preset(name)
+    torch_dtype, torch_device = devices.resolve(dtype, device)
+    # devices=[]: only the CPU generator is forked; init runs on the CPU and CUDA state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(preset.seed)
+        pipe = preset.builder()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=torch_device, dtype=torch_dtype)
+
+
+def preset_configs(name: str) -> dict[str, dict[str, Any]]:
+    """A copy of the component configs of preset `name` (unet, vae, scheduler) for inspection."""
+    preset = get_preset(name)
+    unet = UNET_SD15 if preset.arch == "sd15" else UNET_SDXL
+    vae = _vae_config(*((0.18215, False) if preset.arch == "sd15" else (0.13025, True)))
+    return copy.deepcopy({"unet": unet, "vae": vae, "scheduler": SCHEDULER_CONFIG})
