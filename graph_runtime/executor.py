@@ -133,7 +133,9 @@ class Runtime:
     def _keys(self, valid: ValidPrompt, needed: set[str]) -> dict[str, str]:
         """Cache keys of the needed nodes, in topological order (no recursion)."""
         keys: dict[str, str] = {}
-        for nid in nx.topological_sort(valid.graph.subgraph(needed)):
+        for nid in valid.order:
+            if nid not in needed:
+                continue
             node = valid.nodes[nid]
             schema = self.registry.get(node["class_type"]).SCHEMA
             constants, links = {}, {}
@@ -177,7 +179,7 @@ class Runtime:
         if hits:
             emit({"event": "execution_cached", "nodes": list(result.cached)})
 
-        order = [n for n in nx.topological_sort(valid.graph.subgraph(dirty))]
+        order = [n for n in valid.order if n in dirty]
         ctx_base = dict(folders=self.folders, prompt=wf.prompt, workflow=wf.ui, resources=self.resources,
                         interrupt_flag=self._interrupt)
 

@@ -23,6 +23,7 @@ class ValidPrompt:
     nodes: dict[str, dict]
     graph: nx.DiGraph
     outputs: list[str]
+    order: list[str]
 
 
 def _err(kind: str, message: str, details: str, input_name: str | None = None, **extra) -> dict:
@@ -176,7 +177,7 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
     if node_errors:
         raise ValidationError(_err("prompt_outputs_failed_validation", "Prompt outputs failed validation", ""),
                               _shape(node_errors, prompt, graph, outputs))
-    return ValidPrompt(nodes, graph, outputs)
+    return ValidPrompt(nodes, graph, outputs, list(nx.topological_sort(graph)))
 
 
 def _check_link(prompt: dict, registry: NodeRegistry, where: str, inp: Input, src_id: str, slot: int):

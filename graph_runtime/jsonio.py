@@ -37,18 +37,15 @@ def _unique_pairs(pairs: list) -> dict:
 
 def check_depth(value, limit: int = MAX_DEPTH, source: str = "workflow") -> None:
     """Raise WorkflowError when containers nest deeper than ``limit`` (iterative: no recursion)."""
+    if not isinstance(value, (dict, list, tuple)):
+        return
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, (list, tuple)):
-            children = item
-        else:
-            continue
         if depth > limit:
             raise WorkflowError(f"{source}: nesting depth {depth} is above the limit {limit}")
-        stack.extend((child, depth + 1) for child in children)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
 
 
 def loads_strict(text: str | bytes, source: str = "workflow", max_bytes: int = MAX_WORKFLOW_BYTES):

@@ -9,7 +9,6 @@ value after seed-like INT widgets is skipped.
 
 from __future__ import annotations
 
-import copy
 import os
 import struct
 import zlib
@@ -47,7 +46,7 @@ def is_link(value) -> bool:
 def load_workflow(src, registry: NodeRegistry) -> Workflow:
     """Read a workflow from a path (.json, or a .png with an embedded workflow), an API dict or a UI dict."""
     if isinstance(src, Workflow):
-        return Workflow(copy.deepcopy(src.prompt), src.ui, src.source, dict(src.extra))
+        return Workflow(check_api(src.prompt, src.source), src.ui, src.source, dict(src.extra))
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         source = str(path)
@@ -58,7 +57,7 @@ def load_workflow(src, registry: NodeRegistry) -> Workflow:
     elif isinstance(src, dict):
         source = "workflow"
         check_depth(src, source=source)
-        data = copy.deepcopy(src)
+        data = src  # not copied: check_api and ui_to_api build fresh node and input dicts
     else:
         raise WorkflowError(f"a workflow must be a path, an API-format dict or a UI-format dict, "
                             f"not {type(src).__name__}")

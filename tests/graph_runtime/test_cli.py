@@ -1,0 +1,122 @@
+"""The command line, in process and as the installed console script."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from loraloom.cli import main
+
+PLUGIN = textwrap.dedent('''
+    import time
+    from loraloom import register_node
+    from loraloom.graph_runtime import Float, Int, Link, Output, current_context, node
+
+    @node(category="cli-test", inputs=[Float("value", 1.0, min=-10.0, max=10.0)], outputs=[Output("CLI_NUM")])
+    class CliConst:
+        """A constant."""
+        def execute(self, value):
+            return (value,)
+
+    @node(category="cli-test", inputs=[Link("x", "CLI_NUM"), Int("steps", 3, min=1, max=100000)],
+          outputs=[Output("CLI_NUM")])
+    class CliSteps:
+        def execute(self, x, steps):
+            for i in range(steps):
+                time.sleep(0.002)
+                current_context().progress(i + 1, steps)
+            return (x,)
+
+    @node(category="cli-test", inputs=[Link("x", "CLI_NUM")], outputs=[], output_node=True)
+    class CliShow:
+        def execute(self, x):
+            return {"ui": {"value": [x]}}
+
+    for cls in (CliConst, CliSteps, CliShow):
+        register_node(cls)
+''')
+
+WF = {"1": {"class_type": "CliConst", "inputs": {"value": 2.0}},
+      "2": {"class_type": "CliSteps", "inputs": {"x": ["1", 0], "steps": 3}},
+      "3": {"class_type": "CliShow", "inputs": {"x": ["2", 0]}}}
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    (tmp_path / "cli_plugin_nodes.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(WF))
+    return wf
+
+
+def test_run_with_events_jsonl(plugin, tmp_path, capsys):
+    code = main(["run", str(plugin), "--nodes-module", "cli_plugin_nodes", "--events", "jsonl",
+                 "--no-progress", "--set", "1.value=3.5", "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "execution_start" and kinds[-1] == "execution_success"
+    assert [e["value"] for e in events if e["event"] == "progress"] == [1, 2, 3]
+    done = [e for e in events if e["event"] == "executed" and e["node"] == "3"][0]
+    assert done["output"] == {"value": [3.5]} and done["class_type"] == "CliShow"
+
+
+def test_validation_error_exit_1_names_node_and_input(plugin, capsys):
+    code = main(["run", str(plugin), "--nodes-module", "cli_plugin_nodes", "--set", "1.value=99"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "node 1 (CliConst) input 'value': 99.0 is above max 10.0" in err, err
+
+
+def test_validate_json_and_ok(plugin, capsys):
+    assert main(["validate", str(plugin), "--nodes-module", "cli_plugin_nodes"]) == 0
+    assert "valid (3 nodes" in capsys.readouterr().out
+    assert main(["validate", str(plugin), "--nodes-module", "cli_plugin_nodes", "--json",
+                 "--set", "2.steps=0"]) == 1
+    body = json.loads(capsys.readouterr().out)
+    assert body["node_errors"]["2"]["errors"][0]["type"] == "value_smaller_than_min"
+
+
+def test_nodes_lists_and_object_info(plugin, capsys):
+    assert main(["nodes", "--nodes-module", "cli_plugin_nodes"]) == 0
+    assert "CliConst" in capsys.readouterr().out
+    assert main(["nodes", "--json", "--nodes-module", "cli_plugin_nodes"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["CliSteps"]["input_order"]["required"] == ["x", "steps"]
+
+
+def test_convert_writes_api(plugin, tmp_path, capsys):
+    out = tmp_path / "api.json"
+    assert main(["convert", str(plugin), "-o", str(out), "--nodes-module", "cli_plugin_nodes"]) == 0
+    assert json.loads(out.read_text()) == WF
+
+
+def test_bad_file_is_error_1(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"1": {"class_type": "X", "inputs": {"v": NaN}}}')
+    assert main(["run", str(bad)]) == 1
+    assert "NaN is not a finite number" in capsys.readouterr().err
+
+
+def test_console_script_usage_error_and_ctrl_c(plugin, tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "loraloom")
+    usage = subprocess.run([exe, "run"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    proc = subprocess.Popen([exe, "run", str(plugin), "--nodes-module", "cli_plugin_nodes", "--no-progress",
+                             "--events", "jsonl", "--set", "2.steps=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    for line in proc.stdout:
+        if '"progress"' in line:
+            break
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err

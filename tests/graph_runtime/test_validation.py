@@ -1,0 +1,116 @@
+"""Every validation error type, asserted by type, node id and input name; all collected in one pass."""
+
+import math
+
+import pytest
+
+from loraloom.graph_runtime import ValidationError
+from loraloom.graph_runtime.graph import validate_prompt
+
+
+def errors_of(stubs, wf):
+    with pytest.raises(ValidationError) as info:
+        validate_prompt(wf, stubs.registry)
+    return info.value
+
+
+def found(err, node_id, kind, input_name=None):
+    entry = err.node_errors.get(node_id)
+    assert entry is not None, f"node {node_id} should have errors; got {err.node_errors}"
+    hits = [e for e in entry["errors"] if e["type"] == kind
+            and (input_name is None or e["extra_info"].get("input_name") == input_name)]
+    assert hits, f"node {node_id}: expected {kind} on {input_name}; got {entry['errors']}"
+    return hits[0]
+
+
+def base():
+    return {"1": {"class_type": "Const", "inputs": {"value": 3}},
+            "2": {"class_type": "Scale", "inputs": {"x": ["1", 0], "factor": 2.0}},
+            "3": {"class_type": "Show", "inputs": {"x": ["2", 0]}}}
+
+
+@pytest.mark.parametrize("mutate,node_id,kind,input_name,fragment", [
+    (lambda w: w["2"].update(class_type="Nope"), "2", "missing_node_type", None, "Nope"),
+    (lambda w: w["2"]["inputs"].pop("x"), "2", "required_input_missing", "x", "required input is missing"),
+    (lambda w: w["2"]["inputs"].update(x=["9", 0]), "2", "bad_linked_input", "x", "node 9"),
+    (lambda w: w["2"]["inputs"].update(x=["1", 3]), "2", "bad_linked_input", "x", "no output slot 3"),
+    (lambda w: w["2"]["inputs"].update(x=["1"]), "2", "bad_linked_input", "x", "not [node_id, slot_index]"),
+    (lambda w: w["2"]["inputs"].update(x=7), "2", "invalid_input_type", "x", "takes a link"),
+    (lambda w: w["3"]["inputs"].update(x=["2", 1]), "3", "return_type_mismatch", "x", "expects NUMBER"),
+    (lambda w: w["2"]["inputs"].update(factor=11.0), "2", "value_bigger_than_max", "factor", "above max 10.0"),
+    (lambda w: w["2"]["inputs"].update(factor=-11), "2", "value_smaller_than_min", "factor", "below min -10.0"),
+    (lambda w: w["2"]["inputs"].update(factor=math.nan), "2", "value_not_finite", "factor", "not a finite"),
+    (lambda w: w["2"]["inputs"].update(factor=math.inf), "2", "value_not_finite", "factor", "not a finite"),
+    (lambda w: w["2"]["inputs"].update(factor="2"), "2", "invalid_input_type", "factor", "not a number"),
+    (lambda w: w["1"]["inputs"].update(value=2.5), "1", "invalid_input_type", "value", "not an integer"),
+    (lambda w: w["1"]["inputs"].update(value=True), "1", "invalid_input_type", "value", "not an integer"),
+    (lambda w: w["2"]["inputs"].update(facter=1.0), "2", "unknown_input", "facter", "no such input"),
+    (lambda w: w.update({"4": {"class_type": "Seeded", "inputs": {"mode": "pow"}},
+                         "5": {"class_type": "Show", "inputs": {"x": ["4", 0]}}}),
+     "4", "value_not_in_list", "mode", "'pow' is not one of ['add', 'mul']"),
+])
+def test_each_error_type(stubs, mutate, node_id, kind, input_name, fragment):
+    wf = base()
+    mutate(wf)
+    err = errors_of(stubs, wf)
+    hit = found(err, node_id, kind, input_name)
+    assert fragment in hit["details"], f"details should say {fragment!r}: {hit['details']}"
+    assert f"node {node_id} (" in hit["details"], "details name the node id and class"
+    assert err.error["type"] == "prompt_outputs_failed_validation"
+
+
+def test_cycle_names_the_nodes_on_it(stubs):
+    wf = {"1": {"class_type": "Add", "inputs": {"a": ["2", 0]}},
+          "2": {"class_type": "Add", "inputs": {"a": ["1", 0]}},
+          "3": {"class_type": "Show", "inputs": {"x": ["2", 0]}}}
+    err = errors_of(stubs, wf)
+    for nid in ("1", "2"):
+        hit = found(err, nid, "dependency_cycle")
+        assert "1 (Add) -> 2 (Add)" in hit["details"], hit["details"]
+    assert "3" not in err.node_errors
+    assert err.node_errors["1"]["dependent_outputs"] == ["3"]
+
+
+def test_no_output_node(stubs):
+    err = errors_of(stubs, {"1": {"class_type": "Const", "inputs": {"value": 1}}})
+    assert err.error["type"] == "prompt_no_outputs"
+
+
+def test_all_problems_collected_in_one_pass(stubs):
+    wf = base()
+    wf["1"]["inputs"]["value"] = 5000
+    wf["2"]["inputs"]["factor"] = "x"
+    wf["4"] = {"class_type": "Nope", "inputs": {}}
+    err = errors_of(stubs, wf)
+    assert set(err.node_errors) == {"1", "2", "4"}, err.node_errors
+    assert err.node_errors["1"]["dependent_outputs"] == ["3"]
+    text = str(err)
+    assert "node 1 (Const) input 'value': 5000 is above max 1000" in text, text
+
+
+def test_defaults_fill_missing_widgets(stubs):
+    wf = {"1": {"class_type": "Seeded", "inputs": {}}, "2": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}
+    valid = validate_prompt(wf, stubs.registry)
+    assert valid.nodes["1"]["inputs"] == {"mode": "add", "seed": 0, "steps": 4}
+
+
+def test_integral_float_becomes_int(stubs):
+    wf = base()
+    wf["1"]["inputs"]["value"] = 4.0
+    assert validate_prompt(wf, stubs.registry).nodes["1"]["inputs"]["value"] == 4
+
+
+def test_ten_thousand_node_chain_validates(stubs):
+    valid = validate_prompt(stubs.chain(10_000), stubs.registry)
+    assert len(valid.nodes) == 10_000 and valid.outputs == ["9999"]
+
+
+def test_error_json_shape_matches_comfyui(stubs):
+    wf = base()
+    wf["2"]["inputs"]["factor"] = 99.0
+    body = errors_of(stubs, wf).to_json()
+    assert set(body) == {"error", "node_errors"}
+    entry = body["node_errors"]["2"]
+    assert set(entry) == {"class_type", "errors", "dependent_outputs"}
+    assert set(entry["errors"][0]) == {"type", "message", "details", "extra_info"}
+    assert entry["errors"][0]["extra_info"]["input_name"] == "factor"

@@ -1,0 +1,160 @@
+"""Workflow JSON: strict parsing, UI-format conversion as the editor writes it, overrides, PNG round trip."""
+
+import json
+import struct
+import zlib
+
+import pytest
+
+from loraloom.graph_runtime import Runtime, WorkflowError, load_workflow
+from loraloom.graph_runtime.jsonio import loads_strict
+
+
+def editor_node(id, type, *, inputs=(), outputs=(), widgets=None, mode=0, order=0, title=None):
+    """A node the way ComfyUI's editor (frontend 1.x, workflow version 0.4) saves it."""
+    n = {"id": id, "type": type, "pos": [100.0 * id, 200.0], "size": [315, 106], "flags": {}, "order": order,
+         "mode": mode, "inputs": list(inputs), "outputs": list(outputs),
+         "properties": {"Node name for S&R": type}}
+    if widgets is not None:
+        n["widgets_values"] = widgets
+    if title:
+        n["title"] = title
+    return n
+
+
+def editor_ui():
+    """Seeded (seed widget + control value) -> Scale (factor fed by a PrimitiveNode through a Reroute)
+    -> bypassed MaybeFail -> Show; a muted Show hangs off node 2."""
+    nodes = [
+        editor_node(1, "Seeded", widgets=["mul", 7, "randomize", 3],
+                    outputs=[{"name": "NUMBER", "type": "NUMBER", "links": [1], "slot_index": 0}]),
+        editor_node(2, "Scale", widgets=[2.0],
+                    inputs=[{"name": "x", "type": "NUMBER", "link": 1},
+                            {"name": "factor", "type": "FLOAT", "link": 5, "widget": {"name": "factor"}}],
+                    outputs=[{"name": "y", "type": "NUMBER", "links": [2, 6], "slot_index": 0},
+                             {"name": "label", "type": "TEXT", "links": None}]),
+        editor_node(3, "MaybeFail", widgets=[True], mode=4,
+                    inputs=[{"name": "x", "type": "NUMBER", "link": 2}],
+                    outputs=[{"name": "NUMBER", "type": "NUMBER", "links": [3], "slot_index": 0}]),
+        editor_node(4, "Show", inputs=[{"name": "x", "type": "NUMBER", "link": 3}], title="Result"),
+        editor_node(5, "PrimitiveNode", widgets=[-1.5, "fixed"],
+                    outputs=[{"name": "FLOAT", "type": "FLOAT", "links": [4],
+                              "widget": {"name": "factor"}}]),
+        editor_node(6, "Reroute", inputs=[{"name": "", "type": "*", "link": 4}],
+                    outputs=[{"name": "", "type": "FLOAT", "links": [5]}]),
+        editor_node(7, "Show", mode=2, inputs=[{"name": "x", "type": "NUMBER", "link": 6}]),
+        editor_node(8, "Note", widgets=["a note"]),
+    ]
+    links = [[1, 1, 0, 2, 0, "NUMBER"], [2, 2, 0, 3, 0, "NUMBER"], [3, 3, 0, 4, 0, "NUMBER"],
+             [4, 5, 0, 6, 0, "FLOAT"], [5, 6, 0, 2, 1, "FLOAT"], [6, 2, 0, 7, 0, "NUMBER"]]
+    return {"last_node_id": 8, "last_link_id": 6, "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+
+
+def test_ui_conversion_handles_what_the_editor_writes(stubs):
+    api = load_workflow(editor_ui(), stubs.registry).prompt
+    assert set(api) == {"1", "2", "4"}, "muted, bypassed and frontend-only nodes are dropped"
+    assert api["1"]["inputs"] == {"mode": "mul", "seed": 7, "steps": 3}, \
+        "the control_after_generate value after 'seed' must be skipped"
+    assert api["2"]["inputs"] == {"x": ["1", 0], "factor": -1.5}, "PrimitiveNode value through a Reroute"
+    assert api["4"]["inputs"] == {"x": ["2", 0]}, "the bypassed node passes its NUMBER input through"
+    assert api["4"]["_meta"] == {"title": "Result"}
+
+
+def test_ui_workflow_runs(stubs, tmp_path):
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(editor_ui()))
+    result = Runtime(registry=stubs.registry, output_dir=tmp_path).run(path)
+    assert result.outputs == {"4": {"value": [21 * -1.5]}}
+
+
+def test_link_from_muted_node_leaves_input_missing(stubs):
+    ui = editor_ui()
+    ui["nodes"][0]["mode"] = 2  # mute Seeded: Scale.x loses its source
+    with pytest.raises(Exception) as info:
+        Runtime(registry=stubs.registry).validate(ui)
+    assert "node 2 (Scale) input 'x': required input is missing" in str(info.value)
+
+
+def test_dict_widgets_values_and_dangling_link(stubs):
+    ui = editor_ui()
+    ui["nodes"][0]["widgets_values"] = {"mode": "add", "seed": 1, "steps": 2}
+    assert load_workflow(ui, stubs.registry).prompt["1"]["inputs"] == {"mode": "add", "seed": 1, "steps": 2}
+    ui["nodes"][1]["inputs"][0]["link"] = 99
+    with pytest.raises(WorkflowError, match="link 99 is used by a node but missing"):
+        load_workflow(ui, stubs.registry)
+
+
+def test_subgraphs_are_refused_with_a_fix(stubs):
+    ui = editor_ui()
+    ui["definitions"] = {"subgraphs": [{"id": "abc"}]}
+    with pytest.raises(WorkflowError, match="Unpack Subgraph"):
+        load_workflow(ui, stubs.registry)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ('{"a": NaN}', "NaN is not a finite number"),
+    ('{"a": Infinity}', "Infinity is not a finite number"),
+    ('{"a": -Infinity}', "-Infinity is not a finite number"),
+    ('{"a": 1e999}', "1e999 is not finite"),
+    ('{"a": 1, "a": 2}', "duplicate key 'a'"),
+    ('[' * 100 + ']' * 100, "nesting depth"),
+    ('[' * 100000 + ']' * 100000, "nesting"),
+    ('{"a": }', "invalid JSON at line 1 column 7"),
+])
+def test_strict_json_rejects(text, fragment):
+    with pytest.raises(WorkflowError) as info:
+        loads_strict(text, source="wf.json")
+    assert fragment in str(info.value) and "wf.json" in str(info.value), str(info.value)
+
+
+def test_size_limit_checked_before_reading(tmp_path):
+    from loraloom.graph_runtime.jsonio import load_json_file
+
+    path = tmp_path / "big.json"
+    path.write_text("[" + "0," * 600 + "0]")
+    with pytest.raises(WorkflowError, match="1203 bytes is above the limit of 1000 bytes"):
+        load_json_file(path, max_bytes=1000)
+
+
+@pytest.mark.parametrize("bad,fragment", [
+    ([1, 2], "not list"),
+    ({"1": 5}, "expected an object with 'class_type'"),
+    ({"1": {"inputs": {}}}, "'class_type' must be a node id string"),
+    ({"1": {"class_type": "Const", "inputs": []}}, "'inputs' must be an object"),
+])
+def test_api_shape_errors(stubs, bad, fragment):
+    with pytest.raises(WorkflowError, match=fragment):
+        load_workflow(bad, stubs.registry) if isinstance(bad, dict) else load_workflow(bad, stubs.registry)
+
+
+def test_overrides_forms_and_unknown_node(stubs):
+    rt = Runtime(registry=stubs.registry)
+    wf = {"1": {"class_type": "Const", "inputs": {"value": 1}}, "2": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}
+    assert rt.load(wf, {"1.value": 5}).prompt["1"]["inputs"]["value"] == 5
+    assert rt.load(wf, {"1": {"value": 6}}).prompt["1"]["inputs"]["value"] == 6
+    with pytest.raises(WorkflowError, match=r"override 9\.value: workflow has no node 9 \(nodes: 1, 2\)"):
+        rt.load(wf, {"9.value": 1})
+
+
+def _png_with_text(chunks: dict) -> bytes:
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+    for key, value in chunks.items():
+        out += chunk(b"tEXt", key.encode() + b"\0" + value.encode())
+    return out + chunk(b"IDAT", zlib.compress(b"\0\0")) + chunk(b"IEND", b"")
+
+
+def test_png_with_embedded_workflow_runs(stubs, tmp_path):
+    api = {"1": {"class_type": "Const", "inputs": {"value": 9}}, "2": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}
+    png = tmp_path / "out.png"
+    png.write_bytes(_png_with_text({"prompt": json.dumps(api), "workflow": json.dumps(editor_ui())}))
+    wf = load_workflow(png, stubs.registry)
+    assert wf.prompt == api, "the embedded API prompt is exactly what ran"
+    assert wf.ui["version"] == 0.4
+    bare = tmp_path / "bare.png"
+    bare.write_bytes(_png_with_text({}))
+    with pytest.raises(WorkflowError, match="carries no workflow"):
+        load_workflow(bare, stubs.registry)
