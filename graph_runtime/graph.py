@@ -164,6 +164,16 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
             if problem is not None:
                 problems.append(problem)
             inputs[inp.name] = value
+        check = getattr(cls, "check_inputs", None)
+        if check is not None and not problems:
+            constants = {k: v for k, v in inputs.items() if not is_link(v)}
+            try:
+                found = check(constants) or {}
+            except Exception as exc:  # noqa: BLE001 - a broken checker is reported, not raised
+                found = {None: f"check_inputs raised {type(exc).__name__}: {exc}"}
+            for name, message in found.items():
+                problems.append(_err("invalid_input", "Invalid input",
+                                     f"{_title(node_id, class_type, name)}: {message}", name))
         nodes[node_id] = {"class_type": class_type, "inputs": inputs}
 
     _check_cycles(graph, prompt, errors)

@@ -146,6 +146,7 @@ class NodeSchema:
     outputs: tuple[Output, ...]
     output_node: bool = False
     not_idempotent: bool = False
+    comfy_export: bool = True
     version: int = 1
     python_module: str = "custom_nodes.loraloom"
     fingerprint: Callable[[dict, Any], str | None] | None = field(default=None, compare=False)
@@ -272,12 +273,17 @@ def _check_widget(inp: Input) -> list[str]:
 def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), category: str,
          display_name: str | None = None, description: str | None = None, id: str | None = None,
          output_node: bool = False, not_idempotent: bool = False, version: int = 1,
-         fingerprint: Callable[[dict, Any], str | None] | None = None):
+         fingerprint: Callable[[dict, Any], str | None] | None = None, comfy_export: bool = True):
     """Class decorator declaring a node. Checks the declaration and adds ComfyUI's V1 attributes.
 
     ``version`` joins the cache key: bump it when the node's results change for the same inputs.
     ``fingerprint(inputs, folders)`` may return a string that joins the cache key (content the
     inputs refer to); inputs with ``file_kind`` are fingerprinted without it.
+    ``comfy_export=False`` keeps a node out of ComfyUI's mappings (e.g. our stand-ins for ComfyUI's
+    own SaveImage/PreviewImage, which ComfyUI would drop anyway).
+
+    A class may define ``check_inputs(cls, constants) -> {input_name: message}`` (a classmethod) for
+    rules the widget specs cannot say (e.g. "a multiple of 8"); it runs during validation.
     """
 
     def wrap(cls):
@@ -297,6 +303,7 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
             version=version,
             python_module=_comfy_module(cls.__module__),
             fingerprint=fingerprint,
+            comfy_export=comfy_export,
         )
         _check_schema(schema, execute, where)
         cls.SCHEMA = schema
@@ -389,6 +396,6 @@ class NodeRegistry:
 
     def comfy_mappings(self) -> tuple[dict, dict]:
         """``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` for ComfyUI."""
-        classes = {cid: self._classes[cid] for cid in self}
+        classes = {cid: self._classes[cid] for cid in self if self._classes[cid].SCHEMA.comfy_export}
         names = {cid: cls.SCHEMA.display_name for cid, cls in classes.items()}
         return classes, names

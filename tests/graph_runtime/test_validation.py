@@ -114,3 +114,38 @@ def test_error_json_shape_matches_comfyui(stubs):
     assert set(entry) == {"class_type", "errors", "dependent_outputs"}
     assert set(entry["errors"][0]) == {"type", "message", "details", "extra_info"}
     assert entry["errors"][0]["extra_info"]["input_name"] == "factor"
+
+
+def test_check_inputs_hook_reports_named_input(stubs):
+    from loraloom.graph_runtime import Int, Output, node
+
+    @node(category="t", inputs=[Int("width", 64, min=8, max=4096)], outputs=[Output("NUMBER")])
+    class Size:
+        @classmethod
+        def check_inputs(cls, constants):
+            w = constants["width"]
+            return {"width": f"{w} is not a multiple of 8"} if w % 8 else {}
+
+        def execute(self, width):
+            return (width,)
+
+    reg = stubs.registry.copy()
+    reg.register(Size)
+    wf = {"1": {"class_type": "Size", "inputs": {"width": 65}}, "2": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}
+    with pytest.raises(ValidationError) as info:
+        validate_prompt(wf, reg)
+    hit = found(info.value, "1", "invalid_input", "width")
+    assert hit["details"] == "node 1 (Size) input 'width': 65 is not a multiple of 8"
+
+
+def test_comfy_export_flag_keeps_node_out_of_mappings(stubs):
+    from loraloom.graph_runtime import NodeRegistry, Output, node
+
+    @node(category="t", outputs=[], output_node=True, id="SaveImage", comfy_export=False)
+    class StandIn:
+        def execute(self):
+            return ()
+
+    reg = NodeRegistry([StandIn, stubs.classes["Const"]])
+    classes, names = reg.comfy_mappings()
+    assert "SaveImage" not in classes and "Const" in classes and "SaveImage" in reg
