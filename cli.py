@@ -202,7 +202,7 @@ def cmd_nodes(args) -> int:
         return EXIT_OK
     for class_id in rt.registry:
         schema = rt.registry.get(class_id).SCHEMA
-        summary = schema.description.splitlines()[0] if schema.description else ""
+        summary = schema.description.replace("\n", " ").split(". ")[0].rstrip(".")
         print(f"{class_id:<18} {schema.category:<22} {summary}")
     return EXIT_OK
 

@@ -6,8 +6,11 @@ Importing this package is cheap: node modules import torch only inside ``execute
 from __future__ import annotations
 
 from ..graph_runtime.schema import NodeRegistry
+from . import base, blend, fuse, image, lora, pipeline, sample
 
-_REGISTRY = NodeRegistry()
+BUILTIN = (base.LoadBase, lora.LoadLoRA, blend.WeightedBlend, fuse.Fuse, fuse.Compile, sample.Sample,
+           lora.SaveLoRA, pipeline.SavePipeline, image.SaveImage, image.PreviewImage)
+_REGISTRY = NodeRegistry(BUILTIN)
 
 
 def register_node(cls: type) -> type:

@@ -1,0 +1,56 @@
+"""LoadBase: a base model from a built-in preset, a diffusers folder or a single-file checkpoint."""
+
+from __future__ import annotations
+
+from ..graph_runtime.fingerprint import file_fingerprint
+from ..graph_runtime.schema import Combo, Output, node
+from .common import CATEGORY, MODEL, folders, list_bases, list_config_folders, model_pool
+
+
+def _base_fingerprint(inputs: dict, f) -> str | None:
+    """Content fingerprint of a file or folder source (presets are versioned by name)."""
+    from ..models.presets import PRESETS
+
+    parts = []
+    source = inputs.get("source")
+    if isinstance(source, str) and source not in PRESETS:
+        parts.append(file_fingerprint(f.find("models", source)))
+    config = inputs.get("config")
+    if isinstance(config, str) and config != "auto":
+        parts.append(file_fingerprint(f.find("models", config)))
+    return "|".join(parts) or None
+
+
+@node(category=f"{CATEGORY}/model", display_name="Load Base Model",
+      inputs=[Combo("source", list_bases, "tiny-sdxl", tooltip="a built-in preset, a diffusers folder or a "
+                    ".safetensors checkpoint under the models folder"),
+              Combo("config", list_config_folders, "auto", tooltip="single-file checkpoints only: the diffusers "
+                    "folder (or config skeleton) whose configs and tokenizers to use"),
+              Combo("dtype", ["auto", "fp32", "fp16", "bf16"], "auto", tooltip="auto: fp16 on a GPU, fp32 on CPU"),
+              Combo("device", ["auto", "cpu", "cuda"], "auto")],
+      outputs=[Output(MODEL, "model")], fingerprint=_base_fingerprint)
+class LoadBase:
+    """Load a base model (SD1.5 or SDXL). The live pipeline stays in the model pool; the wire
+    carries a recipe of the plain base."""
+
+    @classmethod
+    def check_inputs(cls, constants: dict) -> dict:
+        from ..models.presets import PRESETS
+
+        source, config = constants.get("source"), constants.get("config", "auto")
+        if source in PRESETS and config != "auto":
+            return {"config": f"{config!r} given, but preset {source!r} needs no config; set it to 'auto'"}
+        if isinstance(source, str) and source.endswith(".safetensors") and config == "auto":
+            return {"config": f"single-file checkpoint {source!r} needs a config folder (its model_index.json, "
+                              "configs and tokenizers). Fix: choose the diffusers folder of the same architecture"}
+        return {}
+
+    def execute(self, source, config, dtype, device):
+        from ..models.pool import ModelRecipe
+        from ..models.presets import PRESETS
+
+        f = folders()
+        path = source if source in PRESETS else str(f.find("models", source))
+        config_path = None if config == "auto" else str(f.find("models", config))
+        handle = model_pool().load(path, dtype=dtype, device=device, config=config_path)
+        return (ModelRecipe(handle),)

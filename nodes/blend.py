@@ -1,0 +1,52 @@
+"""WeightedBlend: what diffusers' set_adapters(names, adapter_weights) means, on every layer."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..graph_runtime.schema import Float, Link, Output, String, node
+from .common import CATEGORY, LORA, MAX_WEIGHT, MODEL, model_pool
+
+EXTRA = (2, 3, 4)
+
+
+def _weight(name: str, tooltip: str, optional: bool = False):
+    return Float(name, 1.0, min=-MAX_WEIGHT, max=MAX_WEIGHT, step=0.05, tooltip=tooltip, optional=optional)
+
+
+@node(category=f"{CATEGORY}/lora", display_name="Weighted Blend (set_adapters)",
+      inputs=[Link("model", MODEL), Link("lora", LORA),
+              _weight("weight", "the LoRA's weight on the UNet (negative works)"),
+              _weight("text_encoder_weight", "the LoRA's weight on the text encoder(s)"),
+              String("block_weights", "", tooltip="per-block weights: an A1111 lora-block-weight string "
+                     "(e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1) or preset (e.g. OUTALL), or a diffusers dict as JSON "
+                     "({\"down\": 0, \"up\": 1}); applies to every layer of a block, resnets included"),
+              *[x for i in EXTRA for x in (Link(f"lora_{i}", LORA, optional=True),
+                                           _weight(f"weight_{i}", f"weight of lora_{i} (UNet and text encoders)",
+                                                   optional=True))]],
+      outputs=[Output(MODEL, "model")])
+class WeightedBlend:
+    """Apply LoRAs with weights, unfused: chain the node ComfyUI-style, or give it up to four LoRAs.
+    Each LoRA is checked against the base (every key and shape) before anything touches the model."""
+
+    def execute(self, model, lora, weight, text_encoder_weight, block_weights, lora_2=None, weight_2=1.0,
+                lora_3=None, weight_3=1.0, lora_4=None, weight_4=1.0):
+        from ..lora.blocks import block_scales
+        from ..lora.match import check_lora
+        from ..models.pool import Application
+
+        spec = model_pool().spec(model.base)
+        apps = []
+        entries = [(lora, weight, text_encoder_weight, block_weights), (lora_2, weight_2, weight_2, ""),
+                   (lora_3, weight_3, weight_3, ""), (lora_4, weight_4, weight_4, "")]
+        for value, w, te_w, blocks in entries:
+            if value is None:
+                continue
+            check_lora(value, spec)
+            paths = list(value.components.get("unet", {}))
+            scales = block_scales(blocks, model.base.arch, paths) if blocks.strip() else {}
+            name = Path(value.path).stem if value.path else value.fingerprint[:12]
+            apps.append(Application(value, name, w, te_w, scales))
+        recipe = dataclasses.replace(model, adapters=model.adapters + tuple(apps))
+        return {"ui": {"text": [recipe.describe()]}, "result": (recipe,)}

@@ -1,0 +1,94 @@
+"""Helpers shared by the node families: socket types, the model pool, folder listings, atomic saves."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..graph_runtime.context import current_context
+
+# Our own socket types (never ComfyUI's MODEL, CLIP or LORA: their values are other objects).
+MODEL = "MODEL_RECIPE"
+LORA = "LORA_WEIGHTS"
+IMAGE = "IMAGE"  # ComfyUI's convention on purpose: float32 [B, H, W, C] in 0..1
+CATEGORY = "LoRA Loom"
+LORA_SUFFIXES = (".safetensors",)
+MAX_WEIGHT = 4.0
+
+
+def model_pool():
+    """The model pool of the running Runtime (or the process-wide one outside a Runtime)."""
+    from ..models.pool import pool_from
+
+    return pool_from(current_context().resources)
+
+
+def folders():
+    return current_context().folders
+
+
+def list_loras() -> list[str]:
+    """LoRA files in the configured LoRA folders (what LoadLoRA's COMBO offers)."""
+    return folders().list("loras", LORA_SUFFIXES)
+
+
+def list_bases() -> list[str]:
+    """Built-in presets, then diffusers folders and single-file checkpoints under the models folder."""
+    from ..models.presets import PRESETS
+
+    f = folders()
+    root = f.models_dir
+    lora_roots = [d.resolve() for d in f.lora_dirs]
+    found = []
+    for name in f.list("models", dirs=True):
+        if (root / name / "model_index.json").is_file():
+            found.append(name)
+    for name in f.list("models", (".safetensors",)):
+        path = (root / name).resolve()
+        if any(path.is_relative_to(lr) for lr in lora_roots):
+            continue
+        if not any(name.startswith(d + "/") for d in found):
+            found.append(name)
+    return list(PRESETS) + found
+
+
+def list_config_folders() -> list[str]:
+    """"auto" plus the diffusers folders / config skeletons under the models folder."""
+    f = folders()
+    return ["auto"] + [n for n in f.list("models", dirs=True) if (f.models_dir / n / "model_index.json").is_file()]
+
+
+def unique_output(prefix: str, suffix: str) -> Path:
+    """A new path ``<prefix>_00001_<suffix>`` under the output folder (ComfyUI's numbering): never an
+    existing file, never outside the output root."""
+    f = folders()
+    n = 1
+    while True:
+        path = f.output_path(f"{prefix}_{n:05d}_{suffix}")
+        if not path.exists():
+            return path
+        n += 1
+
+
+def output_ref(path: Path, kind: str = "output") -> dict:
+    """ComfyUI's reference to a saved file: ``{"filename", "subfolder", "type"}``."""
+    rel = Path(path).relative_to(folders().output_dir.resolve())
+    return {"filename": rel.name, "subfolder": "" if rel.parent == Path(".") else rel.parent.as_posix(),
+            "type": kind}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write a whole file or nothing: temp file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,64 @@
+"""LoadLoRA and SaveLoRA: LoRA files in and out of the graph."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..graph_runtime.schema import Combo, Link, Output, String, node
+from .common import CATEGORY, LORA, folders, list_loras, output_ref, unique_output
+
+SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+@node(category=f"{CATEGORY}/lora", display_name="Load LoRA",
+      inputs=[Combo("lora_name", list_loras, tooltip="a .safetensors LoRA in the LoRA folders (kohya, diffusers, "
+                    "peft, LyCORIS LoHa/LoKr)", file_kind="loras")],
+      outputs=[Output(LORA, "lora")])
+class LoadLoRA:
+    """Read a LoRA file (checked before use: header, shapes, dtypes, finite values) into a LoRA value."""
+
+    def execute(self, lora_name):
+        from ..lora.readers import read_lora
+
+        lora = read_lora(folders().find("loras", lora_name))
+        return {"ui": {"text": [f"{lora_name}: {lora.describe()}"]}, "result": (lora,)}
+
+
+def cast_lora(lora, dtype):
+    """A copy of ``lora`` with every tensor in ``dtype`` (the input value is left untouched)."""
+    import torch
+
+    def cast_module(module):
+        changes = {f.name: getattr(module, f.name).to(dtype) for f in dataclasses.fields(module)
+                   if isinstance(getattr(module, f.name), torch.Tensor)}
+        return dataclasses.replace(module, **changes)
+
+    components = {c: {p: cast_module(m) for p, m in mods.items()} for c, mods in lora.components.items()}
+    return lora.replace(components=components)
+
+
+@node(category=f"{CATEGORY}/lora", display_name="Save LoRA", output_node=True,
+      inputs=[Link("lora", LORA), String("filename_prefix", "loras/loraloom"),
+              Combo("format", ["kohya", "diffusers"], "kohya", tooltip="kohya: what A1111 and ComfyUI load; "
+                    "diffusers: what pipe.load_lora_weights loads"),
+              Combo("dtype", list(SAVE_DTYPES), "fp16")],
+      outputs=[])
+class SaveLoRA:
+    """Write a LoRA file atomically under the output folder, with provenance in its metadata."""
+
+    def execute(self, lora, filename_prefix, format, dtype):
+        import torch
+
+        from ..lora.writers import write_diffusers, write_kohya
+
+        path = unique_output(filename_prefix, ".safetensors")
+        out = cast_lora(lora, getattr(torch, SAVE_DTYPES[dtype]))
+        provenance = {"source_fingerprint": lora.fingerprint, "source_format": lora.source_format,
+                      "saved_dtype": dtype}
+        if format == "kohya":
+            write_kohya(out, path, provenance=provenance)
+        else:
+            write_diffusers(out, path, provenance=provenance)
+        ref = output_ref(path)
+        return {"ui": {"loras": [ref], "text": [f"saved {ref['subfolder']}/{ref['filename']} ({format}, {dtype}): "
+                                                f"{out.describe()}"]}}

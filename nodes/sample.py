@@ -1,0 +1,78 @@
+"""Sample: materialise a model recipe in the pool and run the diffusers pipeline."""
+
+from __future__ import annotations
+
+from ..graph_runtime.context import current_context
+from ..graph_runtime.schema import Combo, Float, Int, Link, Output, String, node
+from .common import CATEGORY, IMAGE, MAX_WEIGHT, MODEL, model_pool
+
+SCHEDULERS = {
+    "default": None,
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpm++_sde": ("DPMSolverSinglestepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+
+
+def make_scheduler(name: str, pipe):
+    """The scheduler called ``name`` built from the base's own scheduler config."""
+    import diffusers
+
+    default = getattr(pipe, "_loraloom_default_scheduler", None)
+    if default is None:
+        default = pipe._loraloom_default_scheduler = pipe.scheduler
+    if SCHEDULERS[name] is None:
+        return default
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(default.config, **extra)
+
+
+@node(category=f"{CATEGORY}/sampling", display_name="Sample",
+      inputs=[Link("model", MODEL),
+              String("prompt", "a photo of a cat", multiline=True),
+              String("negative_prompt", "", multiline=True),
+              Int("seed", 0, min=0, max=2**63 - 1),
+              Int("steps", 20, min=1, max=500),
+              Float("guidance", 7.0, min=0.0, max=50.0, step=0.1),
+              Int("width", 512, min=64, max=8192, step=8),
+              Int("height", 512, min=64, max=8192, step=8),
+              Combo("scheduler", list(SCHEDULERS), "default"),
+              Int("batch_size", 1, min=1, max=64),
+              Float("lora_scale", 1.0, min=-MAX_WEIGHT, max=MAX_WEIGHT, step=0.05,
+                    tooltip="multiplies the LoRAs that are not fused (diffusers' cross_attention_kwargs scale)")],
+      outputs=[Output(IMAGE, "image")])
+class Sample:
+    """Generate images. Same inputs, same image; progress per step; interruptible between steps."""
+
+    @classmethod
+    def check_inputs(cls, constants: dict) -> dict:
+        return {name: f"{constants[name]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)"
+                for name in ("width", "height") if isinstance(constants.get(name), int) and constants[name] % 8}
+
+    def execute(self, model, prompt, negative_prompt, seed, steps, guidance, width, height, scheduler,
+                batch_size, lora_scale):
+        import torch
+
+        ctx = current_context()
+        pipe = model_pool().pipeline(model, lora_scale=lora_scale, check_interrupt=ctx.check_interrupt)
+        pipe.scheduler = make_scheduler(scheduler, pipe)
+
+        def on_step(_pipe, i, _t, kwargs):
+            ctx.progress(i + 1, steps)
+            return kwargs
+
+        with torch.inference_mode():
+            out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                       guidance_scale=guidance, width=width, height=height, num_images_per_prompt=batch_size,
+                       generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
+                       callback_on_step_end=on_step)
+        images = out.images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()
+        return (images,)
