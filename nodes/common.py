@@ -34,29 +34,22 @@ def list_loras() -> list[str]:
 
 
 def list_bases() -> list[str]:
-    """Built-in presets, then diffusers folders and single-file checkpoints under the models folder."""
+    """Built-in presets, then diffusers folders (anywhere under the models folder) and single-file
+    checkpoints (under its ``checkpoints/`` subfolder, ComfyUI's layout)."""
     from ..models.presets import PRESETS
 
+    singles = [n for n in folders().list("models", (".safetensors",)) if n.startswith("checkpoints/")]
+    return list(PRESETS) + _diffusers_folders() + singles
+
+
+def _diffusers_folders() -> list[str]:
     f = folders()
-    root = f.models_dir
-    lora_roots = [d.resolve() for d in f.lora_dirs]
-    found = []
-    for name in f.list("models", dirs=True):
-        if (root / name / "model_index.json").is_file():
-            found.append(name)
-    for name in f.list("models", (".safetensors",)):
-        path = (root / name).resolve()
-        if any(path.is_relative_to(lr) for lr in lora_roots):
-            continue
-        if not any(name.startswith(d + "/") for d in found):
-            found.append(name)
-    return list(PRESETS) + found
+    return [n for n in f.list("models", dirs=True) if (f.models_dir / n / "model_index.json").is_file()]
 
 
 def list_config_folders() -> list[str]:
     """"auto" plus the diffusers folders / config skeletons under the models folder."""
-    f = folders()
-    return ["auto"] + [n for n in f.list("models", dirs=True) if (f.models_dir / n / "model_index.json").is_file()]
+    return ["auto"] + _diffusers_folders()
 
 
 def unique_output(prefix: str, suffix: str) -> Path:
