@@ -72,6 +72,10 @@ def sniff(head: bytes, size: int) -> Verdict:
         if head.startswith(magic):
             return Verdict("archive", what, fix)
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if b"\x00" in head[:8]:
+        # A safetensors length prefix (< 2**32) has NUL bytes; text never does. Without this, a
+        # truncated safetensors file whose length's low byte is '{' or '<' would pass for text.
+        return Verdict("unknown", f"an unrecognised file (it starts with {head[:16]!r})")
     if text.startswith(b"<"):
         return _markup_verdict(head, text)
     if text.startswith((b"{", b"[")):

@@ -53,18 +53,17 @@ class BaseModel:
 @dataclass(frozen=True)
 class Application:
     """One LoRA applied to a model: its weight on the UNet, on the text encoders, and optional
-    per-module multipliers (block weights) for UNet modules."""
+    per-module multipliers (block weights) ``{component: {module_path: scale}}``."""
 
     lora: LoRA
     name: str
     weight: float = 1.0
     text_encoder_weight: float = 1.0
-    module_scales: Mapping[str, float] = field(default_factory=dict)
+    module_scales: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def coefficient(self, component: str, path: str) -> float:
-        if component == "unet":
-            return self.weight * self.module_scales.get(path, 1.0)
-        return self.text_encoder_weight
+        scale = self.module_scales.get(component, {}).get(path, 1.0)
+        return (self.weight if component == "unet" else self.text_encoder_weight) * scale
 
     def __loraloom_nbytes__(self) -> int:
         return self.lora.nbytes

@@ -44,8 +44,7 @@ class WeightedBlend:
             if value is None:
                 continue
             check_lora(value, spec)
-            paths = list(value.components.get("unet", {}))
-            scales = block_scales(blocks, model.base.arch, paths) if blocks.strip() else {}
+            scales = block_scales(blocks, model.base.arch, value.components) if blocks.strip() else {}
             name = Path(value.path).stem if value.path else value.fingerprint[:12]
             apps.append(Application(value, name, w, te_w, scales))
         recipe = dataclasses.replace(model, adapters=model.adapters + tuple(apps))

@@ -1,0 +1,624 @@
+"""Per-block LoRA weights: the UNet block of every module a LoRA touches, and the block-weight
+notations users paste, resolved to one multiplier per module.
+
+Blocks are the original (LDM for SD1.5, SGM for SDXL) UNet blocks that A1111's
+lora-block-weight extension and ComfyUI's Inspire Pack number, at one finer grain where a
+notation needs it. Every module of both UNets belongs to exactly one unit:
+
+=========  ================================================  =====================================
+unit       diffusers modules (SD1.5)                         SDXL
+=========  ================================================  =====================================
+TE1, TE2   component text_encoder / text_encoder_2           TE2 on SDXL only
+EMB        time_embedding                                    + add_embedding
+IN00       conv_in                                           same
+IN01-IN11  down_blocks.i resnets/attentions j -> IN{1+3i+j};  IN01-IN08, 3 down blocks
+           down_blocks.i.downsamplers -> IN{3+3i}
+M00.0-2    mid_block.resnets.0 / attentions.0 / resnets.1    same
+OUT00-11   up_blocks.i resnets/attentions j -> OUT{3i+j};    OUT00-OUT08, 3 up blocks
+           up_blocks.i.upsamplers -> OUT{3i+2}
+FINAL      conv_norm_out, conv_out                           same
+=========  ================================================  =====================================
+
+``BASE`` names TE1, TE2, EMB and FINAL together (why EMB and FINAL: see the lbw notes below) and
+``M00`` the three mid units. The mapping is the one diffusers uses to read original checkpoints
+(`lora_conversion_utils._maybe_map_sgm_blocks_to_diffusers`, `single_file_utils`); the tests check
+it against the former.
+
+Why not diffusers' own block dicts: `set_adapters` scales reach attention layers (and, as a side
+effect of its name parsing, resnets.j follow attentions.j and resamplers follow attentions.0), but
+the mid resnets and whole blocks without attention stay at 1.0, and a LoRA with conv_in or
+time_embedding layers makes it raise IndexError. Here every module gets a scale.
+
+Notations (`parse_block_weights`):
+
+- lbw vectors, comma-separated, one value per block of a fixed layout chosen by the count
+  (`LBW_LAYOUTS`): SD1.5 17 / 26 (A1111) and 27 (Inspire Pack LyCORIS), SDXL 12 / 20 (A1111) and
+  21 (Inspire Pack LyCORIS). A leading ``NAME:`` (a preset-file line) or ``lbw=`` is dropped.
+  Blocks a layout leaves out get 0, as A1111 does (its `to26` fills zeros). Modules outside the
+  numbered blocks (EMB, FINAL) get BASE, as Inspire Pack does: A1111 leaves them at full strength
+  and reports them as modules it could not place, which would keep part of a LoRA alive under NONE.
+- Inspire Pack's letters A, a, B, b (A, A/2, B, B/2: pass ``a=`` / ``b=``). Refused: R and U
+  (random), A1111's X (inherits a prompt argument), Inspire's space-separated sub-vectors (they
+  split a block's modules in file order) and its ``%`` spec (numbers the blocks a LoRA happens to
+  have, so it means something else for each LoRA).
+- Preset names (`PRESETS`): A1111's defaults and Inspire Pack's, each for the architecture its
+  layout belongs to.
+- diffusers dicts ``{"unet": {"down": .., "mid": .., "up": {"block_0": [..]}}, "text_encoder": ..,
+  "text_encoder_2": ..}`` with diffusers' meaning, applied to every layer of each block: per-layer
+  lists set resnets.j with attentions.j; a resampler takes the value of the last layer of its
+  block (the original UNet puts the upsampler in that layer's block). Unnamed parts stay 1.0.
+- Unit dicts ``{"BASE": 0, "IN04": 0.5, "M00": 1}`` (aliases first, then single units; the rest
+  1.0), and either dict as JSON text.
+
+Pure Python: no torch, so a workflow's block weights can be checked before any model loads.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterable, Mapping
+
+from .errors import LoRAError
+
+ARCHES = ("sd15", "sdxl")
+MAX_ABS_WEIGHT = 10.0
+"""Largest accepted |weight|; Inspire Pack's widgets stop at the same bound, and larger values
+only blow a LoRA up."""
+
+LAYERS_PER_BLOCK = 2  # resnets per down block (up blocks have one more) in both architectures
+
+
+@dataclass(frozen=True)
+class _Layout:
+    down_attention: tuple[bool, ...]
+    up_attention: tuple[bool, ...]
+    text_encoders: tuple[str, ...]
+    add_embedding: bool
+
+
+_LAYOUTS = {
+    "sd15": _Layout((True, True, True, False), (False, True, True, True), ("text_encoder",), False),
+    "sdxl": _Layout((False, True, True), (True, True, False), ("text_encoder", "text_encoder_2"), True),
+}
+_TE_UNITS = {"text_encoder": "TE1", "text_encoder_2": "TE2"}
+
+
+class BlockWeightError(LoRAError):
+    """Block weights that cannot be used as given (wrong count, value, name or key), or a module
+    that lies in no block of the architecture."""
+
+
+def _ids(prefix: str, start: int, stop: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i:02d}" for i in range(start, stop))
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHES:
+        raise BlockWeightError(f"unknown architecture {arch!r}; block weights exist for: {', '.join(ARCHES)}")
+
+
+@lru_cache(maxsize=None)
+def block_units(arch: str) -> tuple[str, ...]:
+    """Every unit of `arch` in UNet order: TE1, (TE2,) EMB, IN00.., M00.0-2, OUT00.., FINAL."""
+    _check_arch(arch)
+    layout = _LAYOUTS[arch]
+    per = LAYERS_PER_BLOCK + 1
+    # conv_in, then `per` slots per down block, less the downsampler the last one does not have
+    n_in = len(layout.down_attention) * per
+    n_out = len(layout.up_attention) * per
+    tes = tuple(_TE_UNITS[te] for te in layout.text_encoders)
+    return (*tes, "EMB", *_ids("IN", 0, n_in), "M00.0", "M00.1", "M00.2", *_ids("OUT", 0, n_out), "FINAL")
+
+
+@lru_cache(maxsize=None)
+def _aliases(arch: str) -> dict[str, tuple[str, ...]]:
+    tes = tuple(_TE_UNITS[te] for te in _LAYOUTS[arch].text_encoders)
+    return {"BASE": (*tes, "EMB", "FINAL"), "M00": ("M00.0", "M00.1", "M00.2")}
+
+
+@lru_cache(maxsize=None)
+def _side_slots(arch: str, side: str) -> tuple[tuple[tuple[str, ...], str | None, bool], ...]:
+    """Per down or up block: the unit of each layer j, the unit of its resampler (None for the
+    last block, which has none) and whether it has attentions."""
+    layout = _LAYOUTS[arch]
+    per = LAYERS_PER_BLOCK + 1
+    attention = layout.down_attention if side == "down" else layout.up_attention
+    slots = []
+    for i, has_attention in enumerate(attention):
+        if side == "down":
+            layers = tuple(f"IN{1 + per * i + j:02d}" for j in range(LAYERS_PER_BLOCK))
+            resampler = f"IN{per * (i + 1):02d}"
+        else:
+            layers = tuple(f"OUT{per * i + j:02d}" for j in range(per))
+            # the original UNet appends the upsampler to the block of the up block's last layer
+            resampler = layers[-1]
+        slots.append((layers, resampler if i < len(attention) - 1 else None, has_attention))
+    return tuple(slots)
+
+
+@lru_cache(maxsize=None)
+def _prefix_table(arch: str) -> dict[str, str]:
+    table = {"conv_in": "IN00", "time_embedding": "EMB", "conv_norm_out": "FINAL", "conv_out": "FINAL"}
+    if _LAYOUTS[arch].add_embedding:
+        table["add_embedding"] = "EMB"
+    table["mid_block.resnets.0"] = "M00.0"
+    table["mid_block.attentions.0"] = "M00.1"
+    table["mid_block.resnets.1"] = "M00.2"
+    for side, resampler_name in (("down", "downsamplers"), ("up", "upsamplers")):
+        for i, (layers, resampler, has_attention) in enumerate(_side_slots(arch, side)):
+            for j, unit in enumerate(layers):
+                table[f"{side}_blocks.{i}.resnets.{j}"] = unit
+                if has_attention:
+                    table[f"{side}_blocks.{i}.attentions.{j}"] = unit
+            if resampler:
+                table[f"{side}_blocks.{i}.{resampler_name}.0"] = resampler
+    return table
+
+
+def block_table(arch: str) -> dict[str, str]:
+    """diffusers UNet module prefix -> unit for `arch`, e.g. ``"down_blocks.1.attentions.0": "IN04"``
+    (a fresh copy). Every UNet module lies under exactly one of these prefixes."""
+    _check_arch(arch)
+    return dict(_prefix_table(arch))
+
+
+def block_of(component: str, path: str, arch: str) -> str:
+    """The unit of module `path` of `component` ("unet", "text_encoder", "text_encoder_2").
+
+    ``block_of("unet", "down_blocks.0.downsamplers.0.conv", "sd15") == "IN03"``; every
+    text-encoder module is TE1 / TE2. Raises BlockWeightError for a component or path that the
+    architecture does not have (a LoRA made for another base model, most likely).
+    """
+    _check_arch(arch)
+    layout = _LAYOUTS[arch]
+    if component in layout.text_encoders:
+        return _TE_UNITS[component]
+    if component != "unet":
+        valid = ", ".join(("unet", *layout.text_encoders))
+        raise BlockWeightError(
+            f"component {component!r} has no block weights on {arch}; valid components: {valid}",
+            key=path,
+            value=component,
+            limit=valid,
+        )
+    table = _prefix_table(arch)
+    parts = path.split(".")
+    # Block prefixes have 4 parts (down_blocks.1.attentions.0), 3 (mid_block.resnets.0) or 1 (conv_in).
+    for n in (4, 3, 1):
+        unit = table.get(".".join(parts[:n])) if len(parts) >= n else None
+        if unit is not None:
+            return unit
+    tops = "conv_in, time_embedding, " + ("add_embedding, " if layout.add_embedding else "")
+    raise BlockWeightError(
+        f"UNet module {path!r} lies in no block of the {arch} UNet ({tops}down_blocks.0-"
+        f"{len(layout.down_attention) - 1}, mid_block, up_blocks.0-{len(layout.up_attention) - 1}, "
+        "conv_norm_out, conv_out)",
+        key=path,
+        limit=arch,
+        fix=f"check that the LoRA was made for {arch}.",
+    )
+
+
+LBW_LAYOUTS: dict[str, dict[int, tuple[str, tuple[str, ...]]]] = {
+    # Block orders as A1111's extension defines them (BLOCKID17/26/12/20 in
+    # sd-webui-lora-block-weight, scripts/lora_block_weight.py) and as Inspire Pack's LyCORIS presets
+    # count the blocks they cover (resources/lbw-preset.txt: mid split into middle_block.0/1/2).
+    "sd15": {
+        17: ("A1111 / Inspire Pack LoRA layout", ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *_ids("OUT", 3, 12))),
+        26: ("A1111 full layout", ("BASE", *_ids("IN", 0, 12), "M00", *_ids("OUT", 0, 12))),
+        27: ("Inspire Pack LyCORIS layout", ("BASE", *_ids("IN", 1, 12), "M00.0", "M00.1", "M00.2", *_ids("OUT", 0, 12))),
+    },
+    "sdxl": {
+        12: ("A1111 / Inspire Pack LoRA layout", ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *_ids("OUT", 0, 6))),
+        20: ("A1111 full layout", ("BASE", *_ids("IN", 0, 9), "M00", *_ids("OUT", 0, 9))),
+        21: ("Inspire Pack LyCORIS layout", ("BASE", *_ids("IN", 1, 9), "M00.0", "M00.1", "M00.2", *_ids("OUT", 0, 9))),
+    },
+}
+"""arch -> value count -> (name, the block of each position). BASE and M00 are the aliases."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named lbw vector: the architecture its layout is for, the values as written, and the
+    project whose defaults it comes from."""
+
+    name: str
+    arch: str
+    values: str
+    origin: str
+
+
+_A1111 = "A1111 sd-webui-lora-block-weight default"
+_INSPIRE = "ComfyUI Inspire Pack default"
+# Values transcribed from sd-webui-lora-block-weight (hako-mikan), scripts/lora_block_weight.py,
+# DEF_WEIGHT_PRESET (its FLUXALL is for a model we do not support), and from ComfyUI-Inspire-Pack
+# (ltdrdata), resources/lbw-preset.txt (its FLUX-* lines are left out, and its @-lines are XY-plot
+# generators, not weights).
+_PRESET_ROWS = (
+    ("NONE", "sd15", "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0", _A1111),
+    ("ALL", "sd15", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1", _A1111),
+    ("INS", "sd15", "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0", _A1111),
+    ("IND", "sd15", "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0", _A1111),
+    ("INALL", "sd15", "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0", _A1111),
+    ("MIDD", "sd15", "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0", _A1111),
+    ("OUTD", "sd15", "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0", _A1111),
+    ("OUTS", "sd15", "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1", _A1111),
+    ("OUTALL", "sd15", "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1", _A1111),
+    ("ALL0.5", "sd15", "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5", _A1111),
+    ("SD-NONE", "sd15", "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SD-ALL", "sd15", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1", _INSPIRE),
+    ("SD-INS", "sd15", "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SD-IND", "sd15", "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SD-INALL", "sd15", "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SD-MIDD", "sd15", "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0", _INSPIRE),
+    ("SD-MIDD0.2", "sd15", "1,0,0,0,0,0,0.2,0.4,0.4,0.2,0,0,0,0,0,0,0", _INSPIRE),
+    ("SD-MIDD0.8", "sd15", "1,0,0,0,0,0.5,0.8,0.8,0.4,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SD-MOUT", "sd15", "1,0,0,0,0,0,1,1,1,1,1,1,1,1,0.5,0,0", _INSPIRE),
+    ("SD-OUTD", "sd15", "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0", _INSPIRE),
+    ("SD-OUTS", "sd15", "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1", _INSPIRE),
+    ("SD-OUTALL", "sd15", "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1", _INSPIRE),
+    ("SD-ROUT", "sd15", "1,1,1,1,1,1,1,1,R,R,R,R,R,R,R,R,R", _INSPIRE),
+    ("SD-AOUT", "sd15", "A,1,1,1,1,1,1,1,1,1,1,1,A,A,A,A,A", _INSPIRE),
+    ("SD-AB", "sd15", "A,B,B,B,B,B,B,B,B,B,B,B,A,A,A,A,A", _INSPIRE),
+    ("SD-ALL0.5", "sd15", "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5", _INSPIRE),
+    ("SD-LyC-NONE", "sd15", "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SD-LyC-ALL", "sd15", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1", _INSPIRE),
+    ("SD-LyC-INALL", "sd15", "1,1,1,1,1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SD-LyC-MIDALL", "sd15", "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SD-LyC-OUTALL", "sd15", "1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1,1,1,1", _INSPIRE),
+    ("SDXL-NONE", "sdxl", "0,0,0,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SDXL-ALL", "sdxl", "1,1,1,1,1,1,1,1,1,1,1,1", _INSPIRE),
+    ("SDXL-INALL", "sdxl", "1,1,1,1,1,0,0,0,0,0,0,0", _INSPIRE),
+    ("SDXL-MIDALL", "sdxl", "1,0,0,0,0,1,0,0,0,0,0,0", _INSPIRE),
+    ("SDXL-OUTALL", "sdxl", "1,0,0,0,0,0,1,1,1,1,1,1", _INSPIRE),
+    ("SDXL-LyC-NONE", "sdxl", "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SDXL-LyC-ALL", "sdxl", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1", _INSPIRE),
+    ("SDXL-LyC-INALL", "sdxl", "1,1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SDXL-LyC-MIDALL", "sdxl", "1,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0", _INSPIRE),
+    ("SDXL-LyC-OUTALL", "sdxl", "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1", _INSPIRE),
+)
+PRESETS: dict[str, Preset] = {row[0]: Preset(*row) for row in _PRESET_ROWS}
+"""Preset name -> Preset. Names are matched exactly, then ignoring case."""
+
+
+def preset_names(arch: str) -> tuple[str, ...]:
+    """The preset names usable on `arch`."""
+    _check_arch(arch)
+    return tuple(name for name, preset in PRESETS.items() if preset.arch == arch)
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """One weight per unit of `arch` (`block_units(arch)` order): the parsed form of any notation.
+
+    Two spellings of the same table compare equal and hash alike; ``source`` only says how the
+    weights were written, for messages.
+    """
+
+    arch: str
+    values: tuple[float, ...]
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        _check_arch(self.arch)
+        units = block_units(self.arch)
+        if len(self.values) != len(units):
+            raise BlockWeightError(f"{len(self.values)} values for the {len(units)} units of {self.arch}", limit=units)
+        object.__setattr__(self, "values", tuple(_weight(v, unit) for unit, v in zip(units, self.values)))
+
+    @classmethod
+    def identity(cls, arch: str, source: str = "no block weights") -> "BlockWeights":
+        """Weight 1.0 everywhere."""
+        return cls(arch, (1.0,) * len(block_units(arch)), source)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """unit -> weight."""
+        return dict(zip(block_units(self.arch), self.values))
+
+    @property
+    def is_identity(self) -> bool:
+        """True when every weight is 1.0 (the block weights change nothing)."""
+        return all(v == 1.0 for v in self.values)
+
+    def scale(self, component: str, path: str) -> float:
+        """The multiplier of module `path` of `component` (see `block_of`)."""
+        return self.values[_unit_index(self.arch)[block_of(component, path, self.arch)]]
+
+    def describe(self) -> str:
+        """Compact ``unit=weight`` list, runs of equal weights within IN, M00 or OUT joined,
+        e.g. ``TE1=1, EMB=1, IN00-IN02=0, ...``."""
+        runs: list[list[Any]] = []
+        for unit, value in zip(block_units(self.arch), self.values):
+            family = re.match(r"[A-Z]+", unit).group()
+            if runs and runs[-1][2] == family and runs[-1][3] == value:
+                runs[-1][1] = unit
+            else:
+                runs.append([unit, unit, family, value])
+        return ", ".join(f"{a}={v:g}" if a == b else f"{a}-{b}={v:g}" for a, b, _, v in runs)
+
+
+@lru_cache(maxsize=None)
+def _unit_index(arch: str) -> dict[str, int]:
+    return {unit: i for i, unit in enumerate(block_units(arch))}
+
+
+def _weight(value: Any, where: str) -> float:
+    # bool is an int in Python; True as a weight is a typo, not 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BlockWeightError(f"{where}: {value!r} is not a number", key=where, value=value)
+    w = float(value)
+    if not math.isfinite(w):
+        raise BlockWeightError(f"{where}: {value!r} is not finite", key=where, value=value)
+    if abs(w) > MAX_ABS_WEIGHT:
+        raise BlockWeightError(
+            f"{where}: {w:g} is beyond the limit of +-{MAX_ABS_WEIGHT:g}", key=where, value=w, limit=MAX_ABS_WEIGHT
+        )
+    return w
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def _token_weight(token: str, where: str, a: float | None, b: float | None) -> float:
+    if _NUMBER.fullmatch(token):
+        return _weight(float(token), where)
+    if token in ("A", "a", "B", "b"):
+        given = a if token in "Aa" else b
+        if given is None:
+            raise BlockWeightError(
+                f"{where}: {token!r} is Inspire Pack's letter for its {token.upper()} value"
+                + (" halved" if token.islower() else "")
+                + ", and no value was given",
+                key=where,
+                value=token,
+                fix=f"pass {token.lower()}=<number> (Inspire Pack's default A is 4.0, B 1.0) or write numbers.",
+            )
+        return _weight(given / 2 if token.islower() else given, where)
+    if token in ("R", "r", "U", "u"):
+        raise BlockWeightError(
+            f"{where}: {token!r} draws a random weight on every run; LoRA Loom needs reproducible weights",
+            key=where,
+            value=token,
+            fix="replace it with a number.",
+        )
+    if token[:1] == "X":
+        raise BlockWeightError(
+            f"{where}: {token!r} is A1111's X, which takes its value from the prompt's x= argument",
+            key=where,
+            value=token,
+            fix="replace it with a number.",
+        )
+    if not token:
+        raise BlockWeightError(f"{where} is empty", key=where, fix="remove the extra comma or write a number.")
+    if len(token.split()) > 1:
+        raise BlockWeightError(
+            f"{where}: {token!r} is an Inspire Pack sub-vector, which hands values to a block's modules in "
+            "the order the file lists them; not supported",
+            key=where,
+            value=token,
+            fix="give the block one number.",
+        )
+    raise BlockWeightError(f"{where}: {token!r} is not a number", key=where, value=token)
+
+
+def _layouts_text(arch: str) -> str:
+    return "; ".join(
+        f"{count} = {name} ({', '.join(ids)})" for count, (name, ids) in LBW_LAYOUTS[arch].items()
+    )
+
+
+def _from_vector(text: str, arch: str, source: str, a: float | None, b: float | None) -> BlockWeights:
+    tokens = [t.strip() for t in text.split(",")]
+    layouts = LBW_LAYOUTS[arch]
+    if len(tokens) not in layouts:
+        other = [x for x in ARCHES if x != arch and len(tokens) in LBW_LAYOUTS[x]]
+        hint = f" {len(tokens)} values is a {other[0]} layout: is the base model {other[0]}?" if other else ""
+        raise BlockWeightError(
+            f"block weights {source}: {len(tokens)} values; {arch} accepts {_layouts_text(arch)}.{hint}",
+            value=len(tokens),
+            limit=tuple(layouts),
+        )
+    _, ids = layouts[len(tokens)]
+    weights = [_token_weight(t, f"value {i + 1} ({block})", a, b) for i, (t, block) in enumerate(zip(tokens, ids))]
+    # Units a layout does not list get 0, as in A1111 (to26 starts from zeros).
+    table = dict.fromkeys(block_units(arch), 0.0)
+    aliases = _aliases(arch)
+    for block, w in zip(ids, weights):
+        for unit in aliases.get(block, (block,)):
+            table[unit] = w
+    return BlockWeights(arch, tuple(table.values()), source)
+
+
+def _from_preset(name: str, arch: str, a: float | None, b: float | None) -> BlockWeights:
+    preset = PRESETS.get(name)
+    if preset is None:
+        folded = [p for key, p in PRESETS.items() if key.lower() == name.lower()]
+        preset = folded[0] if len(folded) == 1 else None
+    if preset is None:
+        raise BlockWeightError(
+            f"unknown block-weight preset {name!r}; valid presets for {arch}: {', '.join(preset_names(arch))}",
+            value=name,
+            limit=preset_names(arch),
+            fix="or write the comma-separated values.",
+        )
+    if preset.arch != arch:
+        raise BlockWeightError(
+            f"preset {preset.name!r} ({preset.origin}) is for {preset.arch}, not {arch}; "
+            f"valid presets for {arch}: {', '.join(preset_names(arch))}",
+            value=preset.name,
+            limit=preset_names(arch),
+        )
+    return _from_vector(preset.values, arch, f"preset {preset.name} ({preset.origin})", a, b)
+
+
+def _unet_units(arch: str) -> tuple[str, ...]:
+    tes = set(_TE_UNITS.values())
+    return tuple(u for u in block_units(arch) if u not in tes)
+
+
+def _layer_list(value: Any, n: int, where: str) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            value = list(value) * n
+        if len(value) != n:
+            raise BlockWeightError(
+                f"{where}: {len(value)} scales; expected {n} (one per layer) or 1", key=where, value=list(value), limit=n
+            )
+        return [_weight(v, f"{where}[{j}]") for j, v in enumerate(value)]
+    return [_weight(value, where)] * n
+
+
+def _apply_unet_dict(spec: Mapping[str, Any], arch: str, table: dict[str, float]) -> None:
+    unknown = sorted(set(spec) - {"down", "mid", "up"})
+    if unknown:
+        raise BlockWeightError(
+            f"unet block weights: unknown key(s) {unknown}; valid keys: down, mid, up", key=unknown[0], limit=("down", "mid", "up")
+        )
+    if "mid" in spec:
+        w = _layer_list(spec["mid"], 1, "unet.mid")[0]
+        for unit in _aliases(arch)["M00"]:
+            table[unit] = w
+    for side in ("down", "up"):
+        if side not in spec:
+            continue
+        slots = _side_slots(arch, side)
+        names = [f"block_{i}" for i in range(len(slots))]
+        blocks = spec[side]
+        if not isinstance(blocks, Mapping):
+            blocks = dict.fromkeys(names, blocks)
+        unknown = [k for k in blocks if k not in names]
+        if unknown:
+            raise BlockWeightError(
+                f"unet.{side}: unknown key(s) {unknown}; valid keys on {arch}: {', '.join(names)}",
+                key=str(unknown[0]),
+                limit=tuple(names),
+            )
+        for name, value in blocks.items():
+            layers, resampler, _ = slots[names.index(name)]
+            weights = _layer_list(value, len(layers), f"unet.{side}.{name}")
+            table.update(zip(layers, weights))
+            if resampler:
+                table[resampler] = weights[-1]  # a resampler follows the last layer of its block
+
+
+def _from_dict(spec: Mapping[str, Any], arch: str, source: str) -> BlockWeights:
+    if not spec:
+        return BlockWeights.identity(arch, source)
+    layout = _LAYOUTS[arch]
+    components = ("unet", *layout.text_encoders)
+    names = (*_aliases(arch), *block_units(arch))
+    keys = list(spec)
+    table = dict.fromkeys(block_units(arch), 1.0)
+    if all(k in components for k in keys):
+        for component, value in spec.items():
+            if component != "unet":
+                table[_TE_UNITS[component]] = _weight(value, component)
+            elif isinstance(value, Mapping):
+                _apply_unet_dict(value, arch, table)
+            else:
+                w = _weight(value, "unet")
+                table.update(dict.fromkeys(_unet_units(arch), w))
+        return BlockWeights(arch, tuple(table.values()), source)
+    if all(k in names for k in keys):
+        aliases = _aliases(arch)
+        # aliases first, so {"BASE": 0, "EMB": 1} keeps EMB at 1 whatever the key order
+        for key in sorted(keys, key=lambda k: k not in aliases):
+            w = _weight(spec[key], key)
+            for unit in aliases.get(key, (key,)):
+                table[unit] = w
+        return BlockWeights(arch, tuple(table.values()), source)
+    unknown = [k for k in keys if k not in components and k not in names]
+    detail = f"unknown key(s) {unknown}" if unknown else "diffusers component keys mixed with block names"
+    raise BlockWeightError(
+        f"block-weight dict: {detail}; use either diffusers components ({', '.join(components)}) "
+        f"or block names ({', '.join(names)})",
+        key=str((unknown or keys)[0]),
+        limit=(*components, *names),
+    )
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise BlockWeightError(f"block-weight JSON names {key!r} twice", key=key)
+        seen[key] = value
+    return seen
+
+
+def _from_text(text: str, arch: str, a: float | None, b: float | None) -> BlockWeights:
+    text = text.strip()
+    if not text:
+        return BlockWeights.identity(arch)
+    if text.startswith("{"):
+        try:
+            spec = json.loads(text, object_pairs_hook=_json_object)
+        except json.JSONDecodeError as e:
+            raise BlockWeightError(f"block-weight JSON does not parse: {e}", value=text) from None
+        return _from_dict(spec, arch, "JSON")
+    if text.startswith("%"):
+        raise BlockWeightError(
+            "Inspire Pack's % block spec numbers only the blocks a LoRA happens to have, so it means "
+            "different blocks for different LoRAs; not supported",
+            value=text,
+            fix='write the comma-separated values, or a JSON dict of blocks such as {"BASE": 1, "IN04": 0.5}.',
+        )
+    if text[:4].lower() == "lbw=":
+        text = text[4:].strip()
+    source = "lbw vector"
+    name, colon, rest = text.partition(":")
+    if colon:
+        # a preset-file line "NAME:v1,v2,...": both tools read only the values
+        text, source = rest.strip(), f"lbw line {name.strip()!r}"
+    if "," not in text and not _NUMBER.fullmatch(text):
+        return _from_preset(text, arch, a, b)
+    return _from_vector(text, arch, source, a, b)
+
+
+def parse_block_weights(
+    spec: str | Mapping[str, Any] | BlockWeights | None,
+    arch: str,
+    *,
+    a: float | None = None,
+    b: float | None = None,
+) -> BlockWeights:
+    """Read block weights in any supported notation (see the module docstring) for `arch`.
+
+    `spec`: an lbw vector or preset name, JSON text, a diffusers or unit dict, a BlockWeights
+    (returned as is), or None / "" (weight 1.0 everywhere). `a`, `b`: the values of Inspire Pack's
+    letters A and B. Raises BlockWeightError naming the position or key, the value and what is
+    accepted (for a wrong count: the counts `arch` accepts and the blocks of each).
+    """
+    _check_arch(arch)
+    if spec is None:
+        return BlockWeights.identity(arch)
+    if isinstance(spec, BlockWeights):
+        if spec.arch != arch:
+            raise BlockWeightError(f"block weights for {spec.arch} used on {arch}", value=spec.arch, limit=arch)
+        return spec
+    if isinstance(spec, Mapping):
+        return _from_dict(spec, arch, "dict")
+    if isinstance(spec, str):
+        return _from_text(spec, arch, a, b)
+    raise BlockWeightError(
+        f"block weights must be text or a dict, not {type(spec).__name__}", value=spec, limit=("str", "dict")
+    )
+
+
+def block_scales(
+    spec: str | Mapping[str, Any] | BlockWeights | None,
+    arch: str,
+    modules: Mapping[str, Iterable[str]],
+    *,
+    a: float | None = None,
+    b: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """The multiplier of every module: ``{component: {module_path: scale}}`` for `modules`
+    (``{component: module paths}``, e.g. `LoRA.components`). 1.0 wherever the spec says nothing;
+    see `parse_block_weights` for `spec`, `a` and `b`."""
+    weights = parse_block_weights(spec, arch, a=a, b=b)
+    return {component: {path: weights.scale(component, path) for path in paths} for component, paths in modules.items()}

@@ -1,0 +1,906 @@
+"""The strict reader for LoRA files from strangers.
+
+Every LoRA file enters LoRA Loom through ``read_lora_file`` (tensors) or ``inspect_header`` (keys,
+dtypes and shapes only). Both treat the file as hostile: the header is size-checked before it is
+read, counted before it is parsed, and validated field by field before a byte of tensor data is
+read; tensor data is read once, hashed as it streams in, and checked for NaN/Inf before anything is
+returned. Every failure is a ``LoRAFileError`` naming the file, the key, the offending value and the
+limit it broke, with a ``Fix:`` where there is one.
+
+safetensors layout (https://github.com/huggingface/safetensors#format): an 8-byte little-endian
+header length N, N bytes of UTF-8 JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
+"__metadata__": {str: str}}``, then the data section; offsets are relative to the data section,
+and the tensors must tile it exactly, without overlaps, gaps or trailing bytes.
+
+Pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are refused unless the caller passes
+``allow_pickle=True``, and are then read with ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import stat
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .sniff import PICKLE_KINDS, SNIFF_BYTES, sniff
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "SUPPORTED_DTYPES",
+    "Header",
+    "LoRAFileError",
+    "Limits",
+    "SafeFile",
+    "TensorInfo",
+    "inspect_header",
+    "read_lora_file",
+]
+
+METADATA_KEY = "__metadata__"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+# Read and hash in slices this big: large enough for few syscalls, small enough to stay in cache
+# between the read and the hash.
+_READ_CHUNK = 8 * 2**20
+# Bounds the float32 copies the NaN/Inf scan makes of float8 tensors.
+_FINITE_CHUNK_ELEMENTS = 2**24
+
+
+def _optional_dtypes(**names: str) -> dict[str, torch.dtype]:
+    return {code: getattr(torch, attr) for code, attr in names.items() if hasattr(torch, attr)}
+
+
+SUPPORTED_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+    # Present since torch 2.1 / 2.3; pyproject allows torch>=2.4, but a missing one must not break import.
+    **_optional_dtypes(
+        F8_E4M3="float8_e4m3fn",
+        F8_E4M3FNUZ="float8_e4m3fnuz",
+        F8_E5M2="float8_e5m2",
+        F8_E5M2FNUZ="float8_e5m2fnuz",
+        U16="uint16",
+        U32="uint32",
+        U64="uint64",
+    ),
+}
+"""safetensors dtype codes this reader accepts, mapped to torch dtypes (the set safetensors.torch
+itself maps, where this torch has the dtype)."""
+
+_DTYPE_CODES = {dtype: code for code, dtype in SUPPORTED_DTYPES.items()}
+# torch has no aminmax/isfinite kernels for these on the CPU; their NaN scan upcasts slices to float32.
+_UPCAST_FOR_FINITE = frozenset(
+    SUPPORTED_DTYPES[c] for c in ("F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ") if c in SUPPORTED_DTYPES
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds a file must stay within; each refusal names the field to raise.
+
+    Defaults are far above real LoRAs (an SDXL LoRA: 100-900 MB, ~2,300 tensors of at most 4 dims,
+    a header under 1 MB) and far below what would exhaust a workstation.
+    """
+
+    max_file_bytes: int = 8 * 2**30
+    max_header_bytes: int = 100_000_000  # safetensors' own limit
+    max_tensors: int = 50_000
+    max_metadata_entries: int = 4_096
+    max_metadata_value_bytes: int = 16 * 2**20  # kohya's ss_tag_frequency can reach megabytes
+    max_metadata_total_bytes: int = 64 * 2**20
+    max_dims: int = 8
+    max_dim_size: int = 2**24
+    max_tensor_elements: int = 2**30
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Limits.{f.name} must be a positive int, got {value!r}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class LoRAFileError(ValueError):
+    """A LoRA file was refused. The message names the file, the key (if any), the value and the limit.
+
+    Attributes: ``path`` (the file), ``key`` (tensor or metadata key, or None when the problem is the
+    file as a whole), ``value`` (what was found), ``limit`` (the bound it broke, or None), ``fix``
+    (advice, also in the message after ``Fix:``, or None).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        problem: str,
+        *,
+        key: str | None = None,
+        value: Any = None,
+        limit: Any = None,
+        fix: str | None = None,
+        what: str = "tensor",
+    ) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.value = value
+        self.limit = limit
+        self.fix = fix
+        self.problem = problem
+        self.what = what
+        where = f"{what} {_show(key)}: " if key is not None else ""
+        text = f"{self.path}: {where}{problem}"
+        if fix:
+            text += f" Fix: {fix.removeprefix('Fix: ')}"
+        super().__init__(text)
+
+    def __reduce__(self):
+        # Keyword-only arguments would be lost by ValueError's default pickling (multiprocessing).
+        kwargs = dict(key=self.key, value=self.value, limit=self.limit, fix=self.fix, what=self.what)
+        return (_rebuild_error, (self.path, self.problem, kwargs))
+
+
+def _rebuild_error(path, problem, kwargs) -> LoRAFileError:
+    return LoRAFileError(path, problem, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor as the header declares it; offsets are relative to the data section, as in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of ``dtype``."""
+        return SUPPORTED_DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        """Element count (1 for a scalar)."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Byte length of the tensor's data."""
+        return self.data_offsets[1] - self.data_offsets[0]
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header: what ``inspect_header`` returns without reading tensor data.
+
+    ``tensors`` maps key to ``TensorInfo``, sorted by key; ``data_start`` is the file offset of the
+    data section (8 + header length).
+    """
+
+    path: Path
+    size: int
+    data_start: int
+    tensors: dict[str, TensorInfo] = field(repr=False)
+    metadata: dict[str, str] = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Header({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.metadata)} metadata keys)"
+
+
+@dataclass(frozen=True)
+class SafeFile:
+    """A LoRA file that passed every check: CPU tensors in their original dtypes, sorted by key.
+
+    ``fingerprint`` is the hex blake2b (16-byte digest) of the whole file: the same value as
+    ``graph_runtime.fingerprint.file_fingerprint(path)``, so a LoRA value and its file input agree;
+    ``format`` is ``"safetensors"`` or ``"pickle"`` (only with ``allow_pickle=True``).
+    """
+
+    path: Path
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    metadata: dict[str, str] = field(repr=False)
+    fingerprint: str
+    size: int
+    format: str = "safetensors"
+
+    def __repr__(self) -> str:
+        return (
+            f"SafeFile({str(self.path)!r}, {len(self.tensors)} tensors, {self.size} bytes, "
+            f"{self.format}, fingerprint {self.fingerprint[:16]}...)"
+        )
+
+
+def read_lora_file(
+    path: str | os.PathLike, *, allow_pickle: bool = False, limits: Limits = DEFAULT_LIMITS
+) -> SafeFile:
+    """Read a LoRA file, refusing anything malformed, oversized, non-finite or unsafe.
+
+    The content decides the format, not the name: safetensors bytes load under any name; web
+    pages, Git LFS pointers, archives and pickles are named as what they are. Pickle checkpoints
+    load only with ``allow_pickle=True``, through ``torch.load(weights_only=True)``. The file is
+    read once (hashed as it streams) and nothing is returned unless the whole file passed.
+
+    Raises ``LoRAFileError`` (a ValueError) for every problem with the file's content;
+    ``FileNotFoundError``/``PermissionError`` pass through unchanged.
+    """
+    path = Path(path)
+    with _open_checked(path, limits) as (f, size):
+        verdict = _sniff_file(f, path, size)
+        if verdict.kind in PICKLE_KINDS:
+            if not allow_pickle:
+                raise _pickle_refused(path, verdict.what)
+            return _read_pickle(f, path, size, limits)
+        hasher = _new_hasher()
+        header = _read_header(f, path, size, limits, hasher)
+        tensors = _read_data(f, header, hasher)
+    return SafeFile(path, tensors, header.metadata, hasher.hexdigest(), size, "safetensors")
+
+
+def inspect_header(path: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> Header:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Applies every check ``read_lora_file`` applies before its data read (sizes, counts, dtypes,
+    shapes, offsets tiling the data section exactly, metadata), so a key list from here is
+    trustworthy for matching. Pickle checkpoints are refused: they have no header to inspect
+    without unpickling them.
+    """
+    path = Path(path)
+    with _open_checked(path, limits) as (f, size):
+        verdict = _sniff_file(f, path, size)
+        if verdict.kind in PICKLE_KINDS:
+            raise _pickle_refused(path, verdict.what)
+        return _read_header(f, path, size, limits, _new_hasher())
+
+
+@contextmanager
+def _open_checked(path: Path, limits: Limits):
+    """Open a regular file unbuffered, check its size against the limit, yield (file, size)."""
+    # stat before open: opening a FIFO blocks, and a device such as /dev/zero never ends.
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise LoRAFileError(path, f"this is {kind}; a LoRA must be a regular file.")
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limits.max_file_bytes:
+            raise LoRAFileError(
+                path,
+                f"the file is {_bytes(size)}, above the limit of {_bytes(limits.max_file_bytes)} "
+                "(max_file_bytes); LoRA files are usually 10 MB to 2 GB.",
+                value=size,
+                limit=limits.max_file_bytes,
+                fix="if this really is a LoRA, pass limits=Limits(max_file_bytes=...) with a larger value.",
+            )
+        yield f, size
+
+
+def _sniff_file(f, path: Path, size: int):
+    head = f.read(SNIFF_BYTES)
+    f.seek(0)
+    if size == 0:
+        raise LoRAFileError(
+            path,
+            "the file is empty: 0 bytes, less than the 8 bytes every safetensors file starts with "
+            "(an interrupted download or copy).",
+            value=0,
+            limit=8,
+            fix="download or copy the file again.",
+        )
+    verdict = sniff(head, size)
+    if verdict.kind in ("safetensors", "unknown") or verdict.kind in PICKLE_KINDS:
+        return verdict
+    named = f"despite its {path.suffix} name, " if path.suffix else ""
+    raise LoRAFileError(path, f"{named}this is {verdict.what}.", value=verdict.kind, fix=verdict.fix)
+
+
+def _pickle_refused(path: Path, what: str) -> LoRAFileError:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        named = f"this {path.suffix} file is {what}"
+    else:
+        named = f"despite its {path.suffix or 'missing'} suffix, this is {what}"
+    target = path.with_suffix(".safetensors")
+    one_liner = (
+        "python -c \"import torch, safetensors.torch as st; "
+        f"sd = torch.load({str(path)!r}, map_location='cpu', weights_only=True); "
+        f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, {str(target)!r})\""
+    )
+    return LoRAFileError(
+        path,
+        f"{named}. Loading a pickle can run any code its author put in the file, so "
+        "only safetensors files are read by default.",
+        value=what,
+        fix=(
+            f"convert it once to safetensors: {one_liner} (weights_only=True refuses code), "
+            "or pass allow_pickle=True to load it with torch.load(weights_only=True)."
+        ),
+    )
+
+
+def _read_exact(f, n: int, path: Path, hasher) -> bytearray:
+    # Into one preallocated buffer: joining chunks would hold the header twice.
+    buffer = bytearray(n)
+    _read_into(f, memoryview(buffer), path, hasher)
+    return buffer
+
+
+def _changed_while_reading(path: Path) -> LoRAFileError:
+    return LoRAFileError(
+        path,
+        "the file changed size while it was being read (another program is writing it).",
+        fix="wait until the download or copy has finished, then load it again.",
+    )
+
+
+# ---------------------------------------------------------------------------------------- header
+
+
+def _read_header(f, path: Path, size: int, limits: Limits, hasher) -> Header:
+    if size < 8:
+        raise LoRAFileError(
+            path,
+            f"the file is only {size} bytes, less than the 8-byte header length every safetensors "
+            f"file starts with (it holds {_head(f)!r}).",
+            value=size,
+            limit=8,
+            fix="download or copy the file again.",
+        )
+    length = int.from_bytes(_read_exact(f, 8, path, hasher), "little")
+    if length == 0:
+        raise LoRAFileError(
+            path,
+            "the header length is 0; a safetensors header is a JSON object of at least 2 bytes.",
+            value=0,
+            limit=2,
+        )
+    if length > size - 8:
+        raise LoRAFileError(
+            path,
+            f"the first 8 bytes declare a {length}-byte header, but only {size - 8} bytes follow "
+            f"(limit {size - 8}): the file is truncated or not a safetensors file (it starts with "
+            f"{_head(f)!r}).",
+            value=length,
+            limit=size - 8,
+            fix="download the file again; if it is not safetensors, convert it to safetensors.",
+        )
+    if length > limits.max_header_bytes:
+        raise LoRAFileError(
+            path,
+            f"the header is {_bytes(length)}, above the limit of {_bytes(limits.max_header_bytes)} "
+            "(max_header_bytes); real LoRA headers are well under 10 MB.",
+            value=length,
+            limit=limits.max_header_bytes,
+            fix="if the file is trusted, pass limits=Limits(max_header_bytes=...).",
+        )
+    raw = _read_exact(f, length, path, hasher)
+    if raw[:1] != b"{":
+        start = bytes(raw[:40])
+        raise LoRAFileError(
+            path,
+            f"the header must be a JSON object starting with '{{', but it starts with {start!r}.",
+            value=start,
+        )
+    _check_header_counts(path, raw, limits)
+    entries = _parse_header_json(path, raw)
+    metadata = _check_metadata(path, entries.pop(METADATA_KEY, None), limits)
+    if len(entries) > limits.max_tensors:
+        raise _too_many_tensors(path, len(entries), limits)
+    data_size = size - 8 - length
+    tensors = {key: _check_entry(path, key, entries[key], data_size, limits) for key in sorted(entries)}
+    _check_layout(path, tensors, data_size)
+    return Header(path, size, 8 + length, tensors, metadata)
+
+
+def _check_header_counts(path: Path, raw: bytearray, limits: Limits) -> None:
+    """Bound what ``json.loads`` will build, before it builds anything.
+
+    Python objects cost 10-60x the JSON bytes they come from (``[[],[],...]``: 3 bytes per 64-byte
+    list), so a 100 MB header could take gigabytes. Counting on the raw bytes is C-speed: drop
+    escaped backslashes and quotes, and the remaining quotes are exactly the string delimiters
+    (for the valid prefix that ``json.loads`` would get through); outside the strings, braces,
+    brackets and commas bound the objects, lists and values.
+    """
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in raw else raw
+    declared = unescaped.count(b'"data_offsets"')
+    if declared > limits.max_tensors:
+        raise _too_many_tensors(path, declared, limits)
+    strings = unescaped.count(b'"') // 2
+    # Per tensor: its key, three field names and the dtype; per metadata entry: key and value.
+    max_strings = 5 * limits.max_tensors + 2 * limits.max_metadata_entries + 4
+    if strings > max_strings:
+        raise _header_bomb(path, f"{strings} strings", strings, max_strings, limits)
+    # Even parts lie outside strings; counting them one by one avoids joining another copy.
+    outside = unescaped.split(b'"')[0::2]
+    objects = sum(part.count(b"{") for part in outside)
+    max_objects = limits.max_tensors + 2
+    if objects > max_objects:
+        raise _header_bomb(path, f"{objects} JSON objects", objects, max_objects, limits)
+    items = sum(part.count(b",") + part.count(b"[") for part in outside) + objects
+    # Per tensor: a top-level comma, its object and two commas, a shape list with max_dims - 1
+    # commas, an offsets list with one comma.
+    max_items = limits.max_tensors * (limits.max_dims + 6) + limits.max_metadata_entries + 16
+    if items > max_items:
+        raise _header_bomb(path, f"{items} JSON values", items, max_items, limits)
+
+
+def _too_many_tensors(path: Path, count: int, limits: Limits) -> LoRAFileError:
+    return LoRAFileError(
+        path,
+        f"the header declares {count} tensors, above the limit of {limits.max_tensors} (max_tensors); "
+        "an SDXL LoRA has about 2,300.",
+        value=count,
+        limit=limits.max_tensors,
+        fix="if the file is trusted, pass limits=Limits(max_tensors=...).",
+    )
+
+
+def _header_bomb(path: Path, found: str, value: int, limit: int, limits: Limits) -> LoRAFileError:
+    return LoRAFileError(
+        path,
+        f"the header holds {found}, more than {limit}, the most that {limits.max_tensors} tensors of "
+        f"at most {limits.max_dims} dims and {limits.max_metadata_entries} metadata entries need "
+        "(max_tensors, max_dims, max_metadata_entries); refused before parsing.",
+        value=value,
+        limit=limit,
+    )
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, count: int) -> None:
+        super().__init__(key)
+        self.key = key
+        self.count = count
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key, sum(1 for k, _ in pairs if k == key))
+            seen.add(key)
+    return obj
+
+
+def _parse_header_json(path: Path, raw: bytearray) -> dict[str, Any]:
+    try:
+        # Decoded here, strictly: json.loads(bytes) would also accept UTF-16 and UTF-32.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = bytes(raw[e.start : e.end])
+        raise LoRAFileError(
+            path, f"the header is not valid UTF-8: byte {e.start} is {bad!r}.", value=bad
+        ) from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_object)
+    except _DuplicateKey as e:
+        raise LoRAFileError(
+            path,
+            f"this key appears {e.count} times in the header JSON (limit 1); readers would silently "
+            "keep only one of them.",
+            key=e.key,
+            value=e.count,
+            limit=1,
+            what="key",
+        ) from None
+    except json.JSONDecodeError as e:
+        near = text[max(0, e.pos - 30) : e.pos + 30]
+        raise LoRAFileError(
+            path, f"the header is not valid JSON: {e.msg} at character {e.pos}, near {near!r}.", value=near
+        ) from None
+    except RecursionError:
+        raise LoRAFileError(
+            path,
+            "the header nests JSON deeper than the parser allows; a safetensors header nests 3 levels.",
+        ) from None
+    except ValueError as e:  # e.g. an integer literal of thousands of digits
+        raise LoRAFileError(path, f"the header is not valid JSON: {e}.") from None
+    if not isinstance(obj, dict):
+        raise LoRAFileError(path, f"the header is a JSON {type(obj).__name__}, not an object.", value=obj)
+    return obj
+
+
+def _check_metadata(path: Path, metadata: Any, limits: Limits) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise LoRAFileError(
+            path,
+            f"must be an object of string to string, not a {_json_type(metadata)} ({_show(metadata)}).",
+            key=METADATA_KEY,
+            value=metadata,
+            what="key",
+        )
+    if len(metadata) > limits.max_metadata_entries:
+        raise LoRAFileError(
+            path,
+            f"holds {len(metadata)} entries, above the limit of {limits.max_metadata_entries} "
+            "(max_metadata_entries).",
+            key=METADATA_KEY,
+            value=len(metadata),
+            limit=limits.max_metadata_entries,
+            what="key",
+        )
+    total = 0
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise LoRAFileError(
+                path,
+                f"has a {_json_type(value)} value ({_show(value)}); safetensors metadata values must be "
+                "strings.",
+                key=key,
+                value=value,
+                what="metadata key",
+            )
+        size = len(_utf8(path, value, key, "metadata key"))
+        if size > limits.max_metadata_value_bytes:
+            raise LoRAFileError(
+                path,
+                f"has a value of {_bytes(size)}, above the limit of {_bytes(limits.max_metadata_value_bytes)} "
+                "(max_metadata_value_bytes).",
+                key=key,
+                value=size,
+                limit=limits.max_metadata_value_bytes,
+                what="metadata key",
+            )
+        total += size + len(_utf8(path, key, key, "metadata key"))
+    if total > limits.max_metadata_total_bytes:
+        raise LoRAFileError(
+            path,
+            f"keys and values total {_bytes(total)}, above the limit of "
+            f"{_bytes(limits.max_metadata_total_bytes)} (max_metadata_total_bytes).",
+            key=METADATA_KEY,
+            value=total,
+            limit=limits.max_metadata_total_bytes,
+            what="key",
+        )
+    return metadata
+
+
+def _check_entry(path: Path, key: str, entry: Any, data_size: int, limits: Limits) -> TensorInfo:
+    _utf8(path, key, key, "tensor")
+    if not isinstance(entry, dict):
+        raise LoRAFileError(
+            path,
+            f"the header entry is a {_json_type(entry)} ({_show(entry)}), not an object with "
+            f"{', '.join(_ENTRY_FIELDS)}.",
+            key=key,
+            value=entry,
+        )
+    missing = [name for name in _ENTRY_FIELDS if name not in entry]
+    extra = sorted(set(entry) - set(_ENTRY_FIELDS))
+    if missing or extra:
+        raise LoRAFileError(
+            path,
+            f"the header entry has fields {sorted(entry)}; it needs exactly {list(_ENTRY_FIELDS)} "
+            f"(missing {missing}, unknown {extra}).",
+            key=key,
+            value=sorted(entry),
+            limit=list(_ENTRY_FIELDS),
+        )
+    dtype = entry["dtype"]
+    if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
+        raise LoRAFileError(
+            path,
+            f"dtype {_show(dtype)} is not supported; supported dtypes: {', '.join(SUPPORTED_DTYPES)}.",
+            key=key,
+            value=dtype,
+            limit=list(SUPPORTED_DTYPES),
+        )
+    shape = _check_shape(path, key, entry["shape"], limits)
+    begin, end = _check_offsets(path, key, entry["data_offsets"])
+    numel = math.prod(shape)
+    expected = numel * SUPPORTED_DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise LoRAFileError(
+            path,
+            f"data_offsets [{begin}, {end}] span {end - begin} bytes, but dtype {dtype} with shape "
+            f"{list(shape)} needs {expected} bytes.",
+            key=key,
+            value=end - begin,
+            limit=expected,
+        )
+    if end > data_size:
+        raise LoRAFileError(
+            path,
+            f"data_offsets end at byte {end} of the data section, beyond its end: the file holds only "
+            f"{data_size} bytes of tensor data after the header (limit {data_size}). The file is "
+            "truncated (an interrupted download?) or its header is wrong.",
+            key=key,
+            value=end,
+            limit=data_size,
+            fix="download the file again.",
+        )
+    return TensorInfo(dtype, shape, (begin, end))
+
+
+def _check_shape(path: Path, key: str, shape: Any, limits: Limits) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise LoRAFileError(
+            path, f"shape {_show(shape)} is not a list of non-negative integers.", key=key, value=shape
+        )
+    if len(shape) > limits.max_dims:
+        raise LoRAFileError(
+            path,
+            f"shape has {len(shape)} dimensions, above the limit of {limits.max_dims} (max_dims).",
+            key=key,
+            value=len(shape),
+            limit=limits.max_dims,
+        )
+    # Per dimension, so an empty tensor cannot smuggle in a dimension like 2**40 (shape [0, 2**40]).
+    for dim in shape:
+        if dim > limits.max_dim_size:
+            raise LoRAFileError(
+                path,
+                f"shape {shape} has a dimension of {dim}, above the limit of {limits.max_dim_size} "
+                "(max_dim_size).",
+                key=key,
+                value=dim,
+                limit=limits.max_dim_size,
+            )
+    numel = math.prod(shape)  # Python ints: no overflow, whatever torch's int64 would do
+    if numel > limits.max_tensor_elements:
+        raise LoRAFileError(
+            path,
+            f"shape {shape} has {numel} elements, above the limit of {limits.max_tensor_elements} "
+            "(max_tensor_elements).",
+            key=key,
+            value=numel,
+            limit=limits.max_tensor_elements,
+        )
+    return tuple(shape)
+
+
+def _check_offsets(path: Path, key: str, offsets: Any) -> tuple[int, int]:
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+        raise LoRAFileError(
+            path,
+            f"data_offsets {_show(offsets)} are not two non-negative integers [begin, end].",
+            key=key,
+            value=offsets,
+        )
+    begin, end = offsets
+    if begin > end:
+        raise LoRAFileError(
+            path,
+            f"data_offsets [{begin}, {end}] begin after they end.",
+            key=key,
+            value=offsets,
+            limit=end,
+        )
+    return begin, end
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
+    """The tensors must tile the data section exactly: hidden bytes can carry anything."""
+    position, previous = 0, None
+    for key, info in sorted(tensors.items(), key=lambda item: (item[1].data_offsets, item[0])):
+        begin, end = info.data_offsets
+        if begin < position:
+            raise LoRAFileError(
+                path,
+                f"data_offsets [{begin}, {end}] overlap tensor {previous!r}, which ends at {position}.",
+                key=key,
+                value=begin,
+                limit=position,
+            )
+        if begin > position:
+            raise LoRAFileError(
+                path,
+                f"data_offsets [{begin}, {end}] leave a gap of {begin - position} unused bytes after "
+                f"{'tensor ' + repr(previous) if previous else 'the header'}, which ends at {position} "
+                f"(limit {position}).",
+                key=key,
+                value=begin,
+                limit=position,
+            )
+        position, previous = end, key
+    if position != data_size:
+        raise LoRAFileError(
+            path,
+            f"{data_size - position} unused bytes follow the last tensor ({previous!r}, ends at {position} "
+            f"of {data_size} data bytes; limit 0 unused bytes).",
+            value=data_size - position,
+            limit=0,
+        )
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _read_data(f, header: Header, hasher) -> dict[str, torch.Tensor]:
+    """Read each tensor straight into its own storage: one copy in memory, each tensor freeable alone."""
+    path = header.path
+    loaded = {}
+    for key, info in sorted(header.tensors.items(), key=lambda item: item[1].data_offsets):
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            _read_into(f, memoryview(raw.numpy()), path, hasher)
+        tensor = raw.view(info.torch_dtype).reshape(info.shape)
+        _check_values(path, key, tensor, raw)
+        loaded[key] = tensor
+    if f.read(1):
+        raise _changed_while_reading(path)
+    return {key: loaded[key] for key in header.tensors}
+
+
+def _read_into(f, view: memoryview, path: Path, hasher) -> None:
+    position, size = 0, len(view)
+    while position < size:
+        part = view[position : min(size, position + _READ_CHUNK)]
+        n = f.readinto(part)
+        if not n:
+            raise _changed_while_reading(path)
+        hasher.update(part[:n])
+        position += n
+
+
+def _check_values(path: Path, key: str, tensor: torch.Tensor, raw: torch.Tensor | None = None) -> None:
+    """Finite floats only; booleans stored as 0/1 only (other bytes are undefined behaviour in torch)."""
+    if tensor.dtype == torch.bool:
+        raw = tensor.reshape(-1).view(torch.uint8) if raw is None else raw
+        bad = int((raw > 1).sum())
+        if bad:
+            raise LoRAFileError(
+                path,
+                f"BOOL tensor holds {bad} bytes other than 0 or 1 out of {raw.numel()} (limit 0).",
+                key=key,
+                value=bad,
+                limit=0,
+            )
+        return
+    if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex) or tensor.numel() == 0:
+        return
+    nans = infs = 0
+    for part in tensor.reshape(-1).split(_FINITE_CHUNK_ELEMENTS):
+        if part.is_complex():
+            part = torch.view_as_real(part)
+        elif part.dtype in _UPCAST_FOR_FINITE:
+            part = part.float()
+        # aminmax propagates NaN and surfaces +-Inf, and runs 5-70x faster than isfinite().all()
+        # on this CPU; counting happens only for a file that is about to be refused.
+        low, high = torch.aminmax(part)
+        if math.isfinite(low.item()) and math.isfinite(high.item()):
+            continue
+        nans += int(torch.isnan(part).sum())
+        infs += int(torch.isinf(part).sum())
+    if nans or infs:
+        raise LoRAFileError(
+            path,
+            f"{_DTYPE_CODES[tensor.dtype]} tensor of shape {list(tensor.shape)} holds {nans + infs} "
+            f"non-finite values ({nans} NaN, {infs} infinite) out of {tensor.numel()} (limit 0).",
+            key=key,
+            value=nans + infs,
+            limit=0,
+            fix="the LoRA was saved from a diverged training run or overflowed in fp16: use another "
+            "epoch's file, or re-export it in bf16 or fp32.",
+        )
+
+
+# ---------------------------------------------------------------------------------------- pickle
+
+
+def _read_pickle(f, path: Path, size: int, limits: Limits) -> SafeFile:
+    hasher = _new_hasher()
+    buffer = io.BytesIO()
+    remaining = size
+    while remaining:
+        chunk = f.read(min(remaining, _READ_CHUNK))
+        if not chunk:
+            raise _changed_while_reading(path)
+        hasher.update(chunk)
+        buffer.write(chunk)
+        remaining -= len(chunk)
+    if f.read(1):
+        raise _changed_while_reading(path)
+    buffer.seek(0)
+    try:
+        loaded = torch.load(buffer, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refusals are UnpicklingError; corrupt zips raise others
+        raise LoRAFileError(
+            path,
+            f"torch.load(weights_only=True) refused the checkpoint: {type(e).__name__}: {_show(str(e))}",
+            value=type(e).__name__,
+            fix="if it refused a global, the file holds code or objects other than tensors: get a "
+            "safetensors version of the LoRA instead.",
+        ) from None
+    del buffer
+    tensors = _check_pickled(path, loaded, limits)
+    return SafeFile(path, tensors, {}, hasher.hexdigest(), size, "pickle")
+
+
+def _check_pickled(path: Path, loaded: Any, limits: Limits) -> dict[str, torch.Tensor]:
+    if not isinstance(loaded, dict):
+        raise LoRAFileError(
+            path,
+            f"the checkpoint holds a {type(loaded).__name__}, not a dict of tensors.",
+            value=type(loaded).__name__,
+        )
+    if len(loaded) > limits.max_tensors:
+        raise _too_many_tensors(path, len(loaded), limits)
+    for key, tensor in loaded.items():
+        if not isinstance(key, str):
+            raise LoRAFileError(
+                path,
+                f"the checkpoint has a {type(key).__name__} key {_show(key)}; keys must be strings.",
+                value=key,
+            )
+        if not isinstance(tensor, torch.Tensor):
+            raise LoRAFileError(
+                path,
+                f"the value is a {type(tensor).__name__}, not a tensor; a LoRA checkpoint is a flat dict of "
+                "tensors (a nested 'state_dict' is not unpacked).",
+                key=key,
+                value=type(tensor).__name__,
+            )
+        if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.dtype not in _DTYPE_CODES:
+            raise LoRAFileError(
+                path,
+                f"the tensor is {tensor.layout} {tensor.dtype} on {tensor.device}; supported: dense CPU "
+                f"tensors of {', '.join(str(d) for d in _DTYPE_CODES)}.",
+                key=key,
+                value=str(tensor.dtype),
+                limit=list(SUPPORTED_DTYPES),
+            )
+        _check_shape(path, key, list(tensor.shape), limits)
+        _check_values(path, key, tensor)
+    # detach: a pickled nn.Parameter would otherwise carry requires_grad into every merge.
+    return {key: loaded[key].detach() for key in sorted(loaded)}
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _new_hasher():
+    # digest_size 16 matches graph_runtime.fingerprint (lora/ must not import graph_runtime).
+    return hashlib.blake2b(digest_size=16)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _utf8(path: Path, text: str, key: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # json accepts lone surrogate escapes ("\ud800"); safetensors' Rust parser does not.
+        raise LoRAFileError(
+            path, "contains a lone UTF-16 surrogate escape, which is not valid Unicode.", key=key, what=what
+        ) from None
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _show(value: Any, length: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= length else text[: length - 3] + "..."
+
+
+def _bytes(n: int) -> str:
+    return f"{n} bytes ({n / 2**20:.1f} MiB)"
+
+
+def _head(f) -> bytes:
+    f.seek(0)
+    return f.read(16)
