@@ -70,7 +70,8 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     (resolve_device("auto") when None).
     """
     if isinstance(dtype, torch.dtype):
-        dtype_name(dtype)  # raises for dtypes we do not support
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; valid choices: {', '.join(DTYPE_CHOICES)}")
         return dtype
     if not isinstance(dtype, str):
         raise ValueError(f"dtype {dtype!r} is not a string; valid choices: {', '.join(DTYPE_CHOICES)}")

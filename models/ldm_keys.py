@@ -107,6 +107,13 @@ def _unet_map(config: Mapping[str, Any]) -> _PrefixMap:
     return m
 
 
+def original_unet_key(key: str, config: Mapping[str, Any]) -> str:
+    """The original name (no "model.diffusion_model." prefix) of one diffusers UNet key or module
+    path, e.g. on SDXL "down_blocks.1.attentions.0.proj_in" -> "input_blocks.4.1.proj_in" and
+    "down_blocks.0.resnets.1.conv1" -> "input_blocks.2.0.in_layers.2"."""
+    return _unet_map(config).rename(key + ".")[:-1]
+
+
 def unet_to_original(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """A diffusers UNet2DConditionModel state dict under original names ("model.diffusion_model.*")."""
     m = _unet_map(config)

@@ -5,7 +5,7 @@ UNets mirror the real block structure (block types and counts, layers_per_block 
 the real models have them, transformer layers growing with depth on SDXL) at tiny widths. So every
 module path a real LoRA file names (down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q,
 kohya's input_blocks_4_1 ...) exists here, and block-weight maps see the real layout. Only the
-tensor shapes are tiny (a few MB), which is what lets the tests sample a 64 px image in milliseconds.
+tensor shapes are tiny (a few MB), which is what lets the tests sample a 64 px image in a fraction of a second.
 
 Weights come from a seeded build inside `torch.random.fork_rng`, so two builds are bit-identical and
 the caller's global RNG state is neither used nor changed. Bump a preset's `version` whenever
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -40,111 +40,6 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def _vae_config(scaling_factor: float, force_upcast: bool) -> dict[str, Any]:
-    # Four blocks keep the real x8 latent scale; the 2-block VAE of diffusers' tests gives x2 and
-    # makes the UNet run on 4x more positions (3-9x slower).
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": 4,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [8, 16, 32, 32],
-        "layers_per_block": 2,
-        "norm_num_groups": 8,
-        "sample_size": 64,
-        "scaling_factor": scaling_factor,
-        "force_upcast": force_upcast,
-    }
-
-
-def _clip_text_config(
-    hidden_size: int, num_layers: int, hidden_act: str, projection_dim: int | None = None
-) -> dict[str, Any]:
-    # Layer counts are the real ones, so text-encoder LoRA keys up to layers.11 (CLIP-L) or
-    # layers.31 (OpenCLIP bigG) have a module to land on; only the width is tiny.
-    config = {
-        "vocab_size": len(_tokenizer_vocab()),
-        "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * 4,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "max_position_embeddings": _MAX_TOKENS,
-        "hidden_act": hidden_act,
-        "bos_token_id": _tokenizer_vocab()[_BOS],
-        "eos_token_id": _tokenizer_vocab()[_EOS],
-        "pad_token_id": _tokenizer_vocab()[_EOS],
-    }
-    if projection_dim is not None:
-        config["projection_dim"] = projection_dim
-    return config
-
-
-TEXT_HIDDEN_SD15 = 32
-TEXT_HIDDEN_SDXL_1 = 32
-TEXT_HIDDEN_SDXL_2 = 48  # differs from encoder 1 so a LoRA aimed at the wrong encoder fails on shape
-TEXT_PROJECTION_SDXL = 32
-TIME_EMBED_SDXL = 8
-
-UNET_SD15: dict[str, Any] = {
-    # Real SD1.5: 3 CrossAttnDown + 1 Down, cross-attention mid block, 1 Up + 3 CrossAttnUp,
-    # block_out_channels (320, 640, 1280, 1280), 8 heads, conv proj_in/out. Widths here are 1/40:
-    # time is per-module overhead at these sizes, so narrower only saves megabytes.
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [8, 16, 32, 32],
-    "layers_per_block": 2,
-    "norm_num_groups": 8,
-    "cross_attention_dim": TEXT_HIDDEN_SD15,
-    "attention_head_dim": 4,  # diffusers' SD1.5 name for the head count (real: 8)
-    "use_linear_projection": False,
-}
-
-UNET_SDXL: dict[str, Any] = {
-    # Real SDXL: Down + 2 CrossAttnDown, transformer_layers_per_block (1, 2, 10), mid with 10,
-    # block_out_channels (320, 640, 1280), linear proj_in/out, "text_time" added conditioning.
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [8, 16, 32],
-    "layers_per_block": 2,
-    "norm_num_groups": 8,
-    "transformer_layers_per_block": [1, 2, 10],
-    "cross_attention_dim": TEXT_HIDDEN_SDXL_1 + TEXT_HIDDEN_SDXL_2,
-    "attention_head_dim": [2, 2, 4],
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": TIME_EMBED_SDXL,
-    # six micro-conditioning numbers (original size, crop, target size), each time-embedded,
-    # plus the pooled projection of text encoder 2
-    "projection_class_embeddings_input_dim": 6 * TIME_EMBED_SDXL + TEXT_PROJECTION_SDXL,
-}
-
-
-@dataclass(frozen=True)
-class Preset:
-    """One built-in base model: its name, architecture, version and how to build it."""
-
-    name: str
-    arch: str
-    version: int
-    seed: int
-    description: str
-    builder: Callable[[], Any]
-
-    @property
-    def fingerprint(self) -> str:
-        """Stable identity for caches: changes exactly when the preset's weights can change."""
-        return f"preset:{self.name}@{self.version}"
-
-
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP's reversible byte -> printable character table, used by the ByteLevel pre-tokenizer.
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -166,12 +61,15 @@ def _tokenizer_vocab() -> dict[str, int]:
     return vocab
 
 
+_VOCAB = _tokenizer_vocab()
+
+
 def build_tokenizer(pad_token: str = _EOS):
     """A CLIPTokenizer with a byte-level vocab, built in memory (no files, no hub)."""
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(
-        vocab=_tokenizer_vocab(),
+        vocab=dict(_VOCAB),
         merges=list(_MERGES),  # transformers 5 needs (a, b) tuples here; strings raise TypeError
         bos_token=_BOS,
         eos_token=_EOS,
@@ -181,35 +79,148 @@ def build_tokenizer(pad_token: str = _EOS):
     )
 
 
-def _build_sd15():
+def _vae_config(scaling_factor: float, force_upcast: bool) -> dict[str, Any]:
+    # Four blocks keep the real x8 latent scale; the 2-block VAE of diffusers' tests gives x2 and
+    # makes the UNet run on 4x more positions (3-9x slower).
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [8, 16, 32, 32],
+        "layers_per_block": 2,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+        "scaling_factor": scaling_factor,  # the real models' values
+        "force_upcast": force_upcast,
+    }
+
+
+def _clip_text_config(
+    hidden_size: int, num_layers: int, hidden_act: str, projection_dim: int | None = None
+) -> dict[str, Any]:
+    # Layer counts are the real ones, so text-encoder LoRA keys up to layers.11 (CLIP-L) or
+    # layers.31 (OpenCLIP bigG) have a module to land on; only the width is tiny.
+    config = {
+        "vocab_size": len(_VOCAB),
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 4,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": _MAX_TOKENS,
+        "hidden_act": hidden_act,
+        # CLIP pools the hidden state at the first end token, found by this id
+        "bos_token_id": _VOCAB[_BOS],
+        "eos_token_id": _VOCAB[_EOS],
+        "pad_token_id": _VOCAB[_EOS],
+    }
+    if projection_dim is not None:
+        config["projection_dim"] = projection_dim
+    return config
+
+
+TEXT_PROJECTION_SDXL = 32
+TIME_EMBED_SDXL = 8
+TEXT_SD15 = _clip_text_config(32, 12, "quick_gelu")  # real: CLIP ViT-L, 768 wide, 12 layers
+TEXT_SDXL_1 = _clip_text_config(32, 12, "quick_gelu")  # real: CLIP ViT-L, 768 wide, 12 layers
+# real: OpenCLIP bigG, 1280 wide, 32 layers. It must be wider than encoder 1: diffusers' single-file
+# loader tells the two SDXL encoders apart by width, and a LoRA aimed at the wrong one fails on shape.
+TEXT_SDXL_2 = _clip_text_config(48, 32, "gelu", projection_dim=TEXT_PROJECTION_SDXL)
+
+UNET_SD15: dict[str, Any] = {
+    # Real SD1.5: 3 CrossAttnDown + 1 Down, cross-attention mid block, 1 Up + 3 CrossAttnUp,
+    # block_out_channels (320, 640, 1280, 1280), 8 heads, conv proj_in/out. Widths here are 1/40:
+    # time is per-module overhead at these sizes, so narrower only saves megabytes.
+    "sample_size": 8,  # latent size: the pipelines' default image is 8 * 8 = 64 px
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [8, 16, 32, 32],
+    "layers_per_block": 2,
+    "norm_num_groups": 8,
+    "cross_attention_dim": TEXT_SD15["hidden_size"],
+    "attention_head_dim": 4,  # diffusers' SD1.5 name for the head count (real: 8)
+    "use_linear_projection": False,
+}
+
+UNET_SDXL: dict[str, Any] = {
+    # Real SDXL: Down + 2 CrossAttnDown, transformer_layers_per_block (1, 2, 10), mid with 10,
+    # block_out_channels (320, 640, 1280), linear proj_in/out, "text_time" added conditioning.
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [8, 16, 32],
+    "layers_per_block": 2,
+    "norm_num_groups": 8,
+    "transformer_layers_per_block": [1, 2, 10],
+    # both encoders' hidden states, concatenated per token
+    "cross_attention_dim": TEXT_SDXL_1["hidden_size"] + TEXT_SDXL_2["hidden_size"],
+    "attention_head_dim": [2, 2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": TIME_EMBED_SDXL,
+    # six micro-conditioning numbers (original size, crop, target size), each time-embedded,
+    # plus the pooled projection of text encoder 2
+    "projection_class_embeddings_input_dim": 6 * TIME_EMBED_SDXL + TEXT_PROJECTION_SDXL,
+}
+
+VAE_SD15 = _vae_config(0.18215, force_upcast=False)
+VAE_SDXL = _vae_config(0.13025, force_upcast=True)  # the real SDXL VAE overflows in fp16
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One built-in base model: its name, architecture, version, seed and component configs
+    ("unet", "vae", "text_encoder", optionally "text_encoder_2", "scheduler")."""
+
+    name: str
+    arch: str
+    version: int
+    seed: int
+    description: str
+    configs: dict[str, dict[str, Any]]
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable identity for caches: changes exactly when the preset's weights can change."""
+        return f"preset:{self.name}@{self.version}"
+
+
+def _build_sd15(configs: dict[str, dict[str, Any]]):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel(**UNET_SD15)
-    vae = AutoencoderKL(**_vae_config(scaling_factor=0.18215, force_upcast=False))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(TEXT_HIDDEN_SD15, 12, "quick_gelu")))
+    # Construction order draws the weights from the seeded RNG: changing it changes every weight
+    # (bump the preset version then).
+    unet = UNet2DConditionModel(**configs["unet"])
+    vae = AutoencoderKL(**configs["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=build_tokenizer(),
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        scheduler=EulerDiscreteScheduler(**configs["scheduler"]),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
-def _build_sdxl():
+def _build_sdxl(configs: dict[str, dict[str, Any]]):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = UNet2DConditionModel(**UNET_SDXL)
-    vae = AutoencoderKL(**_vae_config(scaling_factor=0.13025, force_upcast=True))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(TEXT_HIDDEN_SDXL_1, 12, "quick_gelu")))
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(**_clip_text_config(TEXT_HIDDEN_SDXL_2, 32, "gelu", projection_dim=TEXT_PROJECTION_SDXL))
-    )
+    unet = UNet2DConditionModel(**configs["unet"])  # same order rule as _build_sd15
+    vae = AutoencoderKL(**configs["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -217,16 +228,30 @@ def _build_sdxl():
         tokenizer=build_tokenizer(),
         tokenizer_2=build_tokenizer(pad_token="!"),  # real SDXL's second tokenizer pads with "!"
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        scheduler=EulerDiscreteScheduler(**configs["scheduler"]),
         force_zeros_for_empty_prompt=True,
     )
 
 
+_BUILDERS = {"sd15": _build_sd15, "sdxl": _build_sdxl}
+
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
-        Preset("tiny-sd15", "sd15", 1, 1500, "StableDiffusionPipeline, real SD1.5 block layout, tiny widths", _build_sd15),
-        Preset("tiny-sdxl", "sdxl", 1, 1000, "StableDiffusionXLPipeline, real SDXL block layout, tiny widths", _build_sdxl),
+        Preset(
+            "tiny-sd15", "sd15", 1, 1500, "StableDiffusionPipeline, real SD1.5 block layout, tiny widths",
+            {"unet": UNET_SD15, "vae": VAE_SD15, "text_encoder": TEXT_SD15, "scheduler": SCHEDULER_CONFIG},
+        ),
+        Preset(
+            "tiny-sdxl", "sdxl", 1, 1000, "StableDiffusionXLPipeline, real SDXL block layout, tiny widths",
+            {
+                "unet": UNET_SDXL,
+                "vae": VAE_SDXL,
+                "text_encoder": TEXT_SDXL_1,
+                "text_encoder_2": TEXT_SDXL_2,
+                "scheduler": SCHEDULER_CONFIG,
+            },
+        ),
     )
 }
 
@@ -252,14 +277,22 @@ def build_pipeline(name: str, dtype: str | torch.dtype = "auto", device: str | t
     # devices=[]: only the CPU generator is forked; init runs on the CPU and CUDA state is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
-        pipe = preset.builder()
+        # deep copies: diffusers and transformers keep (and may edit) the dicts they are given
+        pipe = _BUILDERS[preset.arch](copy.deepcopy(preset.configs))
+    # Constructors leave modules in training mode; from_pretrained returns them in eval mode, and
+    # so must we, or a peft LoRA with lora_dropout > 0 would drop activations while sampling.
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     pipe.set_progress_bar_config(disable=True)
+    if torch_dtype == torch.float32:
+        # already fp32; passing dtype anyway makes diffusers 0.42 warn about "modules that should
+        # be kept in float32: []" on every build
+        return pipe.to(device=torch_device)
     return pipe.to(device=torch_device, dtype=torch_dtype)
 
 
 def preset_configs(name: str) -> dict[str, dict[str, Any]]:
-    """A copy of the component configs of preset `name` (unet, vae, scheduler) for inspection."""
-    preset = get_preset(name)
-    unet = UNET_SD15 if preset.arch == "sd15" else UNET_SDXL
-    vae = _vae_config(*((0.18215, False) if preset.arch == "sd15" else (0.13025, True)))
-    return copy.deepcopy({"unet": unet, "vae": vae, "scheduler": SCHEDULER_CONFIG})
+    """A copy of the component configs of preset `name` ("unet", "vae", "text_encoder",
+    "text_encoder_2" on SDXL, "scheduler"), e.g. to build one component alone."""
+    return copy.deepcopy(get_preset(name).configs)

@@ -7,8 +7,13 @@ fixtures below hand out files only: treat those folders as read-only.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from loraloom.models import presets
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP workers
+# spinning against other processes made a 64 px sample 10-100x slower (0.2 s -> 2-28 s).
+torch.set_num_threads(1)
 
 PRESET_NAMES = tuple(presets.PRESETS)
 
@@ -40,3 +45,42 @@ def tiny_sdxl(tiny_pipeline):
 def tiny_any(request, tiny_pipeline):
     """A fresh tiny pipeline of each preset in turn; `request.param` is the preset name."""
     return tiny_pipeline(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_files(tmp_path_factory):
+    """Factory: `tiny_model_files("tiny-sd15" | "tiny-sdxl")` -> dict of paths to that preset
+    written as a diffusers folder ("folder"), a single-file checkpoint in the original SD/SGM layout
+    ("single_file") and its config skeleton ("config"). Written once per session; read-only."""
+    from loraloom.models import export
+
+    written: dict[str, dict[str, object]] = {}
+
+    def files(name: str = "tiny-sd15") -> dict[str, object]:
+        if name not in written:
+            root = tmp_path_factory.mktemp(name)
+            pipe = presets.build_pipeline(name, dtype="fp32", device="cpu")
+            single_file, config = export.save_single_file_with_config(
+                pipe, root / f"{name}.safetensors", root / f"{name}-config"
+            )
+            written[name] = {
+                "folder": export.save_diffusers_folder(pipe, root / f"{name}-diffusers"),
+                "single_file": single_file,
+                "config": config,
+            }
+        return dict(written[name])
+
+    return files
+
+
+@pytest.fixture
+def tiny_sample():
+    """Function: `tiny_sample(pipe, prompt="a cat", steps=4, size=64, seed=0)` -> image tensor
+    [1, 3, size, size] in 0..1, sampled with a local generator (the global RNG is not used)."""
+    def sample(pipe, prompt: str = "a cat", steps: int = 4, size: int = 64, seed: int = 0):
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return pipe(
+            prompt, num_inference_steps=steps, height=size, width=size, generator=generator, output_type="pt"
+        ).images
+
+    return sample

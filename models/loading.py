@@ -1,0 +1,160 @@
+"""Load a base model from a built-in preset, a diffusers folder, or a single-file checkpoint with a
+local config folder, always offline.
+
+`load_base` returns a LoadedBase: the live pipeline plus what the rest of LoRA Loom keys on
+(architecture, dtype, device, fingerprint). The model pool owns the pipeline; wires carry only the
+description.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..graph_runtime.fingerprint import file_fingerprint
+from . import arch as arch_mod
+from . import devices, presets
+
+
+@dataclass(frozen=True)
+class LoadedBase:
+    """A loaded base model.
+
+    pipeline: the diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline).
+    arch: "sd15" or "sdxl". dtype / device: where its weights live.
+    fingerprint: "preset:<name>@<version>" for presets; "folder:blake2b:<hex>" or
+        "single-file:blake2b:<hex>+config:blake2b:<hex>" (content hashes, memoised on path, size
+        and mtime by graph_runtime.fingerprint) for files, so it changes exactly when the weights
+        or configs can.
+    source: what was asked for (preset name or path), for messages.
+    """
+
+    pipeline: Any
+    arch: str
+    dtype: torch.dtype
+    device: torch.device
+    fingerprint: str
+    source: str
+
+    @property
+    def dtype_name(self) -> str:
+        """"fp32", "fp16" or "bf16"."""
+        return devices.dtype_name(self.dtype)
+
+
+def _pipeline_class(arch: str):
+    import diffusers
+
+    return getattr(diffusers, arch_mod.PIPELINE_CLASSES[arch])
+
+
+def _extra_kwargs(arch: str) -> dict[str, Any]:
+    # Real SD1.5 folders list a safety checker: skip loading it (hundreds of MB, and ComfyUI-style
+    # workflows never run it). The SDXL pipeline has no such component.
+    return {"safety_checker": None, "requires_safety_checker": False} if arch == "sd15" else {}
+
+
+def _own_memory(pipe) -> None:
+    """Copy every weight into memory the process owns.
+
+    safetensors loads can leave CPU tensors as views into the memory-mapped file: a later rewrite
+    of that file would change a live model under the pool, and unaligned views even change float
+    results (a different BLAS path: 2e-7 on the SDXL text projection). On other devices `.to()`
+    already copied them.
+    """
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in itertools.chain(component.parameters(), component.buffers()):
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+
+
+def _load_folder(folder: Path, torch_dtype: torch.dtype):
+    arch = arch_mod.detect_folder_arch(folder)
+    pipe = _pipeline_class(arch).from_pretrained(
+        str(folder), dtype=torch_dtype, local_files_only=True, **_extra_kwargs(arch)
+    )
+    return pipe, arch, f"folder:blake2b:{file_fingerprint(folder)}"
+
+
+def _load_single_file(path: Path, config: str | Path | None, torch_dtype: torch.dtype):
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(
+            f"{path}: only .safetensors checkpoints are loaded ({path.suffix or 'no suffix'} files may "
+            "be pickles, which can run code). Fix: convert it to .safetensors first"
+        )
+    arch = arch_mod.detect_file_arch(path)
+    if config is None:
+        raise ValueError(
+            f"single-file checkpoint {path} needs a config folder: its configs and tokenizers would "
+            f"otherwise come from the Hugging Face hub, and loading is offline. Fix: pass config=<folder> "
+            f"holding model_index.json, the component configs and tokenizers of an {arch} pipeline — a "
+            "diffusers folder of the same architecture, or a skeleton written by "
+            "models.export.save_config_skeleton"
+        )
+    config = Path(config)
+    if not config.is_dir():
+        raise ValueError(f"config folder {config} for {path}: no such folder. Fix: pass the folder that holds model_index.json")
+    config_arch = arch_mod.detect_folder_arch(config)
+    if config_arch != arch:
+        raise ValueError(
+            f"single-file checkpoint {path} is {arch}, but config folder {config} describes {config_arch}. "
+            f"Fix: pass a config folder of an {arch} pipeline"
+        )
+    pipe = _pipeline_class(arch).from_single_file(
+        str(path), config=str(config), dtype=torch_dtype, local_files_only=True, **_extra_kwargs(arch)
+    )
+    digest = f"single-file:blake2b:{file_fingerprint(path)}+config:blake2b:{file_fingerprint(config)}"
+    return pipe, arch, digest
+
+
+def load_base(
+    source: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    config: str | Path | None = None,
+) -> LoadedBase:
+    """Load a base model, offline.
+
+    source: a preset name (see presets.PRESETS), a diffusers folder (model_index.json inside), or a
+        single-file .safetensors checkpoint in the original SD1.5 / SDXL layout.
+    config: for a single file only, the local folder with model_index.json, component configs and
+        tokenizers (a diffusers folder of the same architecture, or a config skeleton).
+    dtype: "auto" | "fp32" | "fp16" | "bf16"; device: "auto" | "cpu" | "cuda" | "cuda:N".
+        "auto" means cuda + fp16 when CUDA is available, else cpu + fp32.
+    """
+    torch_dtype, torch_device = devices.resolve(dtype, device)
+    name = str(source)
+    if isinstance(source, str) and source in presets.PRESETS:
+        if config is not None:
+            raise ValueError(f"preset {source!r} takes no config folder (config={config!r}). Fix: drop config")
+        preset = presets.get_preset(source)
+        pipe = presets.build_pipeline(source, dtype=torch_dtype, device=torch_device)
+        return LoadedBase(pipe, preset.arch, torch_dtype, torch_device, preset.fingerprint, name)
+    path = Path(source)
+    if path.is_dir():
+        if config is not None:
+            raise ValueError(
+                f"{path} is a diffusers folder and carries its own configs; config={config!r} is only for "
+                "single-file checkpoints. Fix: drop config"
+            )
+        pipe, arch, digest = _load_folder(path, torch_dtype)
+    elif path.is_file():
+        pipe, arch, digest = _load_single_file(path, config, torch_dtype)
+    else:
+        raise ValueError(
+            f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder. "
+            "Fix: give a preset name, a diffusers folder or a .safetensors checkpoint path"
+        )
+    # Loaders may return a subclass or a variant; the pipeline must agree with what the files said.
+    loaded_arch = arch_mod.detect_pipeline_arch(pipe)
+    if loaded_arch != arch:
+        raise ValueError(f"{path}: files describe {arch} but diffusers built a {loaded_arch} pipeline")
+    pipe = pipe.to(torch_device)
+    _own_memory(pipe)
+    pipe.set_progress_bar_config(disable=True)  # progress goes through the runtime's events
+    return LoadedBase(pipe, arch, torch_dtype, torch_device, digest, name)
