@@ -198,7 +198,7 @@ def cmd_validate(args) -> int:
 def cmd_nodes(args) -> int:
     rt = _runtime(args)
     if args.json:
-        print(json.dumps(rt.registry.object_info(), indent=2, default=str))
+        print(json.dumps(rt.object_info(), indent=2, default=str))
         return EXIT_OK
     for class_id in rt.registry:
         schema = rt.registry.get(class_id).SCHEMA

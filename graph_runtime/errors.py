@@ -33,14 +33,12 @@ class ValidationError(LoomError):
 
     def describe(self) -> str:
         """All problems, one line each, as the CLI prints them."""
-        lines = [self.error["message"]]
+        lines = [self.error["message"] + (f": {self.error['details']}" if self.error.get("details") else "")]
         for node_id, entry in self.node_errors.items():
             for err in entry["errors"]:
                 name = err.get("extra_info", {}).get("input_name")
-                where = f"node {node_id} ({entry['class_type']})"
-                if name:
-                    where += f" input '{name}'"
-                lines.append(f"  {where}: {err['details'] or err['message']}")
+                where = f"node {node_id} ({entry['class_type']})" + (f" input '{name}'" if name else "")
+                lines.append(f"  {err['details'] or where + ': ' + err['message']}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:

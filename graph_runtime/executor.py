@@ -6,6 +6,7 @@ fingerprints and its ancestors' keys. A node is dirty exactly when its key is ab
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import traceback
@@ -89,9 +90,25 @@ class Runtime:
         apply_overrides(wf.prompt, overrides, wf.source)
         return wf
 
+    @contextlib.contextmanager
+    def context(self):
+        """This runtime's folders and resources as the current context (COMBO lists, validation)."""
+        token = use_context(ExecutionContext(folders=self.folders, resources=self.resources,
+                                             interrupt_flag=self._interrupt))
+        try:
+            yield
+        finally:
+            reset_context(token)
+
     def validate(self, workflow, overrides=None) -> ValidPrompt:
         """Validate without running; raises ValidationError listing every problem."""
-        return validate_prompt(self.load(workflow, overrides).prompt, self.registry, self.folders)
+        with self.context():
+            return validate_prompt(self.load(workflow, overrides).prompt, self.registry, self.folders)
+
+    def object_info(self) -> dict:
+        """Every node in ComfyUI's ``/object_info`` shape, with COMBO lists from this runtime's folders."""
+        with self.context():
+            return self.registry.object_info()
 
     def run(self, workflow, overrides=None, *, on_event: Listener | None = None,
             prompt_id: str | None = None, outputs: list | None = None) -> RunResult:
@@ -99,7 +116,8 @@ class Runtime:
         with self._run_lock:
             self._interrupt.clear()
             wf = self.load(workflow, overrides)
-            valid = validate_prompt(wf.prompt, self.registry, self.folders)
+            with self.context():
+                valid = validate_prompt(wf.prompt, self.registry, self.folders)
             result = RunResult(prompt_id or uuid.uuid4().hex)
             emit = self._emitter(on_event, result.prompt_id)
             targets = [str(o) for o in outputs] if outputs is not None else valid.outputs
