@@ -205,7 +205,7 @@ class ModelPool:
                 backup = weight.detach().to("cpu", copy=True)
                 live.backups[key] = backup
             with torch.no_grad():
-                new = backup.to(weight.device, torch.float32)
+                new = backup.to(weight.device, torch.float32, copy=True)  # never add into the backup
                 for _fp, coeff, module in target[key]:
                     new.add_(delta(module, weight.shape).to(weight.device), alpha=coeff)
                 weight.copy_(new.to(weight.dtype))
