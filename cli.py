@@ -58,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--json", action="store_true", help="print the full object_info JSON")
     _folder_args(nodes)
 
-    conv = sub.add_parser("convert", help="convert a UI-format workflow to the API format")
-    conv.add_argument("workflow", help="UI-format (or API-format) workflow")
-    conv.add_argument("-o", "--output", metavar="API.json", help="write here (atomically); default stdout")
+    conv = sub.add_parser("convert", help="convert a workflow between the UI (editor) and API formats")
+    conv.add_argument("workflow", help="UI-format or API-format workflow (or a PNG that carries one)")
+    conv.add_argument("-o", "--output", metavar="OUT.json", help="write here (atomically); default stdout")
+    conv.add_argument("--to", choices=["api", "ui"], default="api",
+                      help="api (default): what `run` and ComfyUI's /prompt take; ui: opens in the editor")
     _folder_args(conv)
     return parser
 
@@ -208,9 +210,12 @@ def cmd_nodes(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from .graph_runtime.workflow import api_to_ui
+
     rt = _runtime(args)
     prompt = rt.load(args.workflow).prompt
-    text = json.dumps(prompt, indent=2) + "\n"
+    data = api_to_ui(prompt, rt.registry) if args.to == "ui" else prompt
+    text = json.dumps(data, indent=2) + "\n"
     if args.output:
         write_atomic(Path(args.output), text.encode())
         print(f"wrote {args.output} ({len(prompt)} nodes)", file=sys.stderr)

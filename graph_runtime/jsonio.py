@@ -78,6 +78,8 @@ def load_json_file(path: str | os.PathLike, max_bytes: int = MAX_WORKFLOW_BYTES)
         size = path.stat().st_size
     except OSError as exc:
         raise WorkflowError(f"{path}: cannot read: {exc.strerror}") from None
+    if not path.is_file():
+        raise WorkflowError(f"{path}: not a file (a workflow is a .json file, or a .png that carries one)")
     if size > max_bytes:
         raise WorkflowError(f"{path}: {size} bytes is above the limit of {max_bytes} bytes")
     return loads_strict(path.read_bytes(), source=str(path), max_bytes=max_bytes)

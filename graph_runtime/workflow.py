@@ -295,3 +295,64 @@ def _png_workflow(path: Path) -> dict:
     if isinstance(ui, dict):
         return ui
     raise WorkflowError(f"{path}: this PNG carries no workflow (no tEXt 'prompt' or 'workflow' chunk)")
+
+
+def api_to_ui(prompt: dict, registry: NodeRegistry) -> dict:
+    """An editor (UI-format, version 0.4) graph for an API-format prompt, laid out in columns by depth,
+    so API workflows open in ComfyUI's editor. ``ui_to_api`` of the result gives the prompt back."""
+    prompt = check_api(prompt)
+    ids = {nid: (int(nid) if nid.isdigit() else None) for nid in prompt}
+    next_id = max([i for i in ids.values() if i is not None] + [0]) + 1
+    for nid in sorted(n for n, i in ids.items() if i is None):
+        ids[nid], next_id = next_id, next_id + 1
+    depth: dict[str, int] = {}
+    pending = sorted(prompt, key=_id_sort)
+    for _ in range(len(prompt) + 1):  # longest-path depth without recursion
+        changed = False
+        for nid in pending:
+            ups = [str(v[0]) for v in prompt[nid]["inputs"].values() if is_link(v) and str(v[0]) in prompt]
+            d = 1 + max((depth.get(u, 0) for u in ups), default=-1)
+            if depth.get(nid) != d:
+                depth[nid], changed = d, True
+        if not changed:
+            break
+    rows: dict[int, int] = {}
+    nodes, links = [], []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    for order, nid in enumerate(sorted(prompt, key=lambda n: (depth[n], _id_sort(n)))):
+        entry = prompt[nid]
+        cls = registry.get(entry["class_type"])
+        inputs, widgets = [], []
+        schema_inputs = cls.SCHEMA.inputs if cls else []
+        for inp in schema_inputs:
+            value = entry["inputs"].get(inp.name, inp.default if inp.has_default else None)
+            if is_link(value):
+                link_id = len(links) + 1
+                src = str(value[0])
+                links.append([link_id, ids.get(src, src), value[1], ids[nid], len(inputs), inp.type])
+                out_links.setdefault((src, value[1]), []).append(link_id)
+                socket = {"name": inp.name, "type": inp.type, "link": link_id}
+                if inp.is_widget:
+                    socket["widget"] = {"name": inp.name}
+                inputs.append(socket)
+                value = inp.default if inp.has_default else None
+            if inp.is_widget:
+                widgets.append(value)
+                if inp.control_after_generate:
+                    widgets.append("fixed")
+        row = rows.get(depth[nid], 0)
+        rows[depth[nid]] = row + 1
+        node = {"id": ids[nid], "type": entry["class_type"], "pos": [50 + 420 * depth[nid], 50 + 300 * row],
+                "size": [380, 60 + 26 * (len(widgets) + len(inputs))], "flags": {}, "order": order, "mode": 0,
+                "inputs": inputs, "outputs": [], "properties": {"Node name for S&R": entry["class_type"]},
+                "widgets_values": widgets}
+        if isinstance(entry.get("_meta"), dict) and isinstance(entry["_meta"].get("title"), str):
+            node["title"] = entry["_meta"]["title"]
+        nodes.append((nid, node, cls))
+    for nid, node, cls in nodes:
+        outs = cls.SCHEMA.outputs if cls else []
+        node["outputs"] = [{"name": o.name or o.type, "type": o.type, "links": out_links.get((nid, i)) or None,
+                            "slot_index": i} for i, o in enumerate(outs)]
+    return {"last_node_id": max(ids.values(), default=0), "last_link_id": len(links),
+            "nodes": [n for _, n, _ in nodes], "links": links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}

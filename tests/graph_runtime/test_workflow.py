@@ -158,3 +158,20 @@ def test_png_with_embedded_workflow_runs(stubs, tmp_path):
     bare.write_bytes(_png_with_text({}))
     with pytest.raises(WorkflowError, match="carries no workflow"):
         load_workflow(bare, stubs.registry)
+
+
+def test_api_to_ui_round_trip(stubs):
+    from loraloom.graph_runtime.workflow import api_to_ui, ui_to_api
+
+    api = {"1": {"class_type": "Seeded", "inputs": {"mode": "mul", "seed": 7, "steps": 3}},
+           "2": {"class_type": "Scale", "inputs": {"x": ["1", 0], "factor": -1.5}},
+           "3": {"class_type": "Const", "inputs": {"value": 4}},
+           "4": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["3", 0]}},
+           "5": {"class_type": "Show", "inputs": {"x": ["4", 0]}, "_meta": {"title": "Out"}}}
+    ui = api_to_ui(api, stubs.registry)
+    assert ui["version"] == 0.4 and len(ui["links"]) == 4
+    seeded = [n for n in ui["nodes"] if n["type"] == "Seeded"][0]
+    assert seeded["widgets_values"] == ["mul", 7, "fixed", 3], "seed widgets carry the editor's control value"
+    xs = {n["id"]: n["pos"][0] for n in ui["nodes"]}
+    assert xs[1] < xs[2] < xs[4] < xs[5], "columns follow the data flow"
+    assert ui_to_api(ui, stubs.registry) == api
