@@ -1,0 +1,189 @@
+"""LoRA loading at real SDXL shapes: our reader + validation vs diffusers' `lora_state_dict`, and
+loading into a real-size UNet through our path vs diffusers' (full mode).
+
+The LoRA is random, rank 32, on every attention (to_q/k/v/out), feed-forward, proj_in/out and resnet
+conv / time_emb_proj layer of the real SDXL UNet and on q/k/v/out/fc1/fc2 of both text encoders,
+written as a kohya SGM file (what kohya-ss writes for SDXL). Shapes come from the real SDXL configs
+written out below, models built on the meta device: nothing is downloaded.
+
+Each measurement runs in a fresh subprocess, so its peak RSS (ru_maxrss minus the RSS after imports)
+and bytes read (/proc/self/io rchar) are its own. Run: ``python bench/bench_lora_loading.py
+[--quick] [--rank 32]``. ``--quick`` (CI): UNet attention + text encoder 1 only, no model load, < 60 s.
+No assertions on timings: it prints numbers and ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+UNET_SDXL = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280], "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32,
+}  # fmt: skip
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+CLIP_BIG_G = {
+    "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+    "projection_dim": 1280, "hidden_act": "gelu",
+}  # fmt: skip
+
+
+def _meta_models(quick: bool):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel(**UNET_SDXL), "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L))}
+        if not quick:
+            models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIG_G))
+    return models
+
+
+def _targets(spec, quick: bool):
+    import re
+
+    unet = r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out)$"
+    if not quick:
+        unet = unet[:-2] + r"|resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|samplers\.0\.conv)$"
+    te = r"(q_proj|k_proj|v_proj|out_proj|fc1|fc2)$"
+    for component, modules in spec.components.items():
+        pattern = re.compile(unet if component == "unet" else te)
+        for path, module in modules.items():
+            if pattern.search(path):
+                yield component, path, module.shape
+
+
+def make_file(path: Path, rank: int, quick: bool) -> dict:
+    """Write the random rank-`rank` SDXL LoRA (bf16, alpha = rank / 2) as kohya SGM; return stats."""
+    import torch
+
+    from loraloom.lora.canonical import LoRA, LoRAModule
+    from loraloom.lora.match import base_spec
+    from loraloom.lora.writers import write_kohya
+
+    spec = base_spec(_meta_models(quick))
+    gen = torch.Generator().manual_seed(0)
+    components: dict = {}
+    for component, module_path, shape in _targets(spec, quick):
+        flat_in = 1
+        for d in shape[1:]:
+            flat_in *= d
+        down = (torch.randn(rank, flat_in, generator=gen) / flat_in**0.5).to(torch.bfloat16)
+        up = (torch.randn(shape[0], rank, generator=gen) * 0.01).to(torch.bfloat16)
+        if len(shape) == 4:
+            down, up = down.reshape(rank, *shape[1:]), up.reshape(shape[0], rank, 1, 1)
+        components.setdefault(component, {})[module_path] = LoRAModule(down, up, rank / 2)
+    lora = LoRA(components, source_format="derived", fingerprint="bench")
+    start = time.perf_counter()
+    write_kohya(lora, path, arch="sdxl")
+    return {"modules": lora.n_modules, "write_s": time.perf_counter() - start, "file_bytes": path.stat().st_size}
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _rchar() -> int:
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+    except OSError:
+        return -1
+
+
+def measure(task: str, path: str, quick: bool) -> dict:
+    """Run one task in this process (called in a fresh subprocess) and report time, RSS and bytes read."""
+    import torch  # noqa: F401  (imports before the baseline, so only the task's memory counts)
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from loraloom.lora.apply import peft_inputs
+    from loraloom.lora.match import base_spec, check_lora
+    from loraloom.lora.readers import read_lora
+
+    import diffusers.loaders.lora_conversion_utils  # noqa: F401  (lazy imports of both paths, outside the timing)
+    import peft.utils.other  # noqa: F401
+
+    models = _meta_models(quick)
+    spec = base_spec(models)
+    if task.endswith("load"):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**UNET_SDXL)
+        unet = unet.to_empty(device="cpu").to(torch.bfloat16)  # real size, no init cost
+    base_rss, base_read = _rss_kb(), _rchar()
+    start = time.perf_counter()
+    if task == "ours-parse":
+        check_lora(read_lora(path), spec)
+    elif task == "diffusers-parse":
+        StableDiffusionXLPipeline.lora_state_dict(path, unet_config=models["unet"].config)
+    elif task == "ours-load":
+        lora = read_lora(path)
+        unet_only = lora.replace(components={"unet": lora.components["unet"]})
+        tensors, metadata = peft_inputs(unet_only, check_lora(unet_only, {"unet": unet}) and {"unet": unet})
+        StableDiffusionXLPipeline.load_lora_into_unet(tensors, None, unet, adapter_name="loom", metadata=metadata, low_cpu_mem_usage=True)
+    elif task == "diffusers-load":
+        sd, alphas = StableDiffusionXLPipeline.lora_state_dict(path, unet_config=unet.config)
+        StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, unet, adapter_name="ref", low_cpu_mem_usage=True)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"task": task, "seconds": seconds, "peak_rss_mb": max(0, peak - base_rss) / 1024, "bytes_read": _rchar() - base_read}
+
+
+def _run(task: str, path: Path, quick: bool) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure", task, str(path)] + (["--quick"] if quick else []),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI mode: smaller LoRA, no model load")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--measure", nargs=2, metavar=("TASK", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], args.measure[1], args.quick)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sdxl-rank.safetensors"
+        stats = make_file(path, args.rank, args.quick)
+        mb = stats["file_bytes"] / 2**20
+        print(f"LoRA: {stats['modules']} modules, rank {args.rank}, bf16, kohya SGM, {mb:.1f} MiB (written in {stats['write_s']:.2f} s)")
+        pairs = [("ours-parse", "diffusers-parse")] + ([] if args.quick else [("ours-load", "diffusers-load")])
+        for ours_task, their_task in pairs:
+            ours, theirs = _run(ours_task, path, args.quick), _run(their_task, path, args.quick)
+            for r in (ours, theirs):
+                print(
+                    f"  {r['task']:<16} {r['seconds']:7.2f} s  peak RSS +{r['peak_rss_mb']:7.1f} MiB  "
+                    f"read {r['bytes_read'] / 2**20:7.1f} MiB ({r['bytes_read'] / stats['file_bytes']:.2f}x file)"
+                )
+            print(
+                f"  ratio ours/diffusers: time {ours['seconds'] / theirs['seconds']:.2f}, "
+                f"peak RSS {ours['peak_rss_mb'] / max(theirs['peak_rss_mb'], 1e-9):.2f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""Tiny LoRA files for the built-in presets, in every format the readers support.
+
+`write_fixtures(out_dir)` writes, for each preset (``tiny-sd15``, ``tiny-sdxl``), one file per
+format (keys ``"<preset>/<format>"`` of the returned dict):
+
+- ``diffusers``: written by diffusers' own ``save_lora_weights`` with ``lora_adapter_metadata`` as
+  trainers pass it (LoraConfig fields: r, lora_alpha, rank_pattern, alpha_pattern);
+- ``diffusers-nometa``: the same tensors, no metadata (alpha = rank for every reader);
+- ``peft``: a peft ``save_pretrained``-style folder (``adapter_model.safetensors`` with
+  ``base_model.model.`` keys + ``adapter_config.json``), UNet only;
+- ``kohya`` / ``kohya-sgm`` / ``kohya-noalpha``: kohya names, diffusers-style or SGM UNet names,
+  with and without ``.alpha``;
+- ``locon``: kohya LoRA on attention and conv layers (3x3 and 1x1 kernels);
+- ``loha`` / ``lokr``: LyCORIS modules, plain and Tucker forms, full and decomposed LoKr factors.
+
+Modules cover attention (to_q/k/v/out, on SDXL also transformer_blocks.1), feed-forward, proj_in/out,
+resnet convs, time_emb_proj and both text encoders; ranks 4 and 8; alphas differ from ranks and
+between modules. Weights are random at a scale that visibly changes a sampled image. Everything is
+seeded: the same call writes byte-identical files. `main(argv)` is the ``loraloom fixtures`` command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .canonical import LoHaModule, LoKrModule, LoRA, LoRAModule, Module, derived_fingerprint
+from .match import BaseSpec, base_spec
+from .writers import atomic_save, write_kohya
+
+PRESETS = ("tiny-sd15", "tiny-sdxl")
+FORMATS = ("diffusers", "diffusers-nometa", "peft", "kohya", "kohya-sgm", "kohya-noalpha", "locon", "loha", "lokr")
+RANKS = (4, 8)
+ALPHAS = (2.0, 3.0, 6.0)  # never equal to a rank: scale != 1 everywhere
+
+# Enough to cover every naming case (SGM blocks 10/11, transformer_blocks.1, two-digit TE layers,
+# 1x1 and 3x3 convs) while keeping the SDXL files small enough for fast tests.
+_ATTN = re.compile(r"attentions\.[01]\.transformer_blocks\.[01]\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$")
+_PROJ = re.compile(r"attentions\.[01]\.proj_(in|out)$")
+_CONV = re.compile(r"(resnets\.[01]\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)$")
+_TE = re.compile(r"encoder\.layers\.(0|1|10|11)\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+
+
+def _select(spec: BaseSpec, unet: Sequence[re.Pattern], te: bool) -> list[tuple[str, str]]:
+    chosen = [("unet", p) for p in spec.components["unet"] if any(r.search(p) for r in unet)]
+    if te:
+        for component in ("text_encoder", "text_encoder_2"):
+            chosen += [(component, p) for p in spec.components.get(component, {}) if _TE.search(p)]
+    return chosen
+
+
+def _lora_module(gen: torch.Generator, shape: tuple[int, ...], index: int) -> LoRAModule:
+    rank = RANKS[index % 2]
+    out, flat_in = shape[0], math.prod(shape[1:])
+    down = torch.randn(rank, flat_in, generator=gen) / math.sqrt(flat_in)
+    up = torch.randn(out, rank, generator=gen) * (0.6 / math.sqrt(rank))
+    if len(shape) == 4:
+        down, up = down.reshape(rank, *shape[1:]), up.reshape(out, rank, 1, 1)
+    return LoRAModule(down=down, up=up, alpha=ALPHAS[index % 3])
+
+
+def _loha_module(gen: torch.Generator, shape: tuple[int, ...], index: int) -> LoHaModule:
+    rank = RANKS[index % 2]
+    out, flat_in = shape[0], math.prod(shape[1:])
+
+    def rand(*dims: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*dims, generator=gen) * scale
+
+    small = 0.6 / math.sqrt(flat_in)
+    if len(shape) == 4 and shape[2:] != (1, 1):  # Tucker form, as LyCORIS writes 3x3 convs
+        return LoHaModule(
+            w1a=rand(rank, out, scale=rank**-0.5), w1b=rand(rank, shape[1], scale=rank**-0.5),
+            w2a=rand(rank, out, scale=rank**-0.5), w2b=rand(rank, shape[1], scale=small * rank**-0.5),
+            t1=rand(rank, rank, *shape[2:], scale=rank**-0.5), t2=rand(rank, rank, *shape[2:], scale=rank**-0.5),
+            alpha=ALPHAS[index % 3], shape_hint=shape,
+        )  # fmt: skip
+    return LoHaModule(
+        w1a=rand(out, rank, scale=rank**-0.5), w1b=rand(rank, flat_in),
+        w2a=rand(out, rank, scale=rank**-0.5), w2b=rand(rank, flat_in, scale=small),
+        alpha=ALPHAS[index % 3], shape_hint=shape if len(shape) == 4 else None,
+    )  # fmt: skip
+
+
+def _lokr_module(gen: torch.Generator, shape: tuple[int, ...], index: int) -> LoKrModule:
+    from peft.tuners.lokr.layer import factorization
+
+    rank = RANKS[index % 2]
+    out_l, out_k = factorization(shape[0], -1)
+    in_m, in_n = factorization(shape[1], -1)
+    kernel = tuple(shape[2:])
+    small = 0.6 / math.sqrt(math.prod(shape[1:]))
+
+    def rand(*dims: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*dims, generator=gen) * scale
+
+    variant = index % 3
+    alpha = ALPHAS[index % 3]
+    if kernel and kernel != (1, 1):  # conv: w1 full, w2 in Tucker form
+        return LoKrModule(
+            alpha=alpha, w1=rand(out_l, in_m),
+            w2a=rand(rank, out_k, scale=rank**-0.5), w2b=rand(rank, in_n, scale=small * rank**-0.5),
+            t2=rand(rank, rank, *kernel, scale=rank**-0.5), shape_hint=shape,
+        )  # fmt: skip
+    hint = shape if kernel else None
+    w2_shape = (out_k, in_n, *kernel)
+    if variant == 0:  # w1 full, w2 decomposed (LyCORIS' default)
+        return LoKrModule(
+            alpha=alpha, w1=rand(out_l, in_m), w2a=rand(out_k, rank, scale=rank**-0.5),
+            w2b=rand(rank, in_n * math.prod(kernel), scale=small), shape_hint=hint,
+        )  # fmt: skip
+    if variant == 1:  # w1 decomposed, w2 full
+        return LoKrModule(
+            alpha=alpha, w1a=rand(out_l, rank, scale=rank**-0.5), w1b=rand(rank, in_m),
+            w2=rand(*w2_shape, scale=small), shape_hint=hint,
+        )  # fmt: skip
+    return LoKrModule(alpha=alpha, w1=rand(out_l, in_m), w2=rand(*w2_shape, scale=small), shape_hint=hint)
+
+
+def _make(spec: BaseSpec, chosen: Iterable[tuple[str, str]], seed: int, maker: Callable[..., Module], fmt: str) -> LoRA:
+    gen = torch.Generator().manual_seed(seed)
+    components: dict[str, dict[str, Module]] = {}
+    for index, (component, path) in enumerate(chosen):
+        components.setdefault(component, {})[path] = maker(gen, spec.components[component][path].shape, index)
+    return LoRA(components, source_format="derived", fingerprint=derived_fingerprint("fixture", [], {"format": fmt, "seed": seed}))
+
+
+def _peft_config(lora: LoRA, component: str, spec: BaseSpec) -> dict[str, Any]:
+    """LoraConfig fields as a trainer writes them, with the live models' module names."""
+    from peft import LoraConfig
+
+    from .writers import adapter_config
+
+    fields = adapter_config(lora, component)
+    config = LoraConfig(
+        r=fields["r"],
+        lora_alpha=fields["lora_alpha"],
+        target_modules=[spec.model_name(component, p) for p in fields["target_modules"]],
+        rank_pattern={spec.model_name(component, p): v for p, v in fields["rank_pattern"].items()},
+        alpha_pattern={spec.model_name(component, p): v for p, v in fields["alpha_pattern"].items()},
+    ).to_dict()
+    # sets and enums in to_dict(): make them JSON-stable so the file bytes do not depend on hash seeds
+    return json.loads(json.dumps(config, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+def _peft_layers(lora: LoRA, component: str, spec: BaseSpec) -> dict[str, torch.Tensor]:
+    out = {}
+    for path, module in lora.components[component].items():
+        name = spec.model_name(component, path)
+        out[f"{name}.lora_A.weight"] = module.down
+        out[f"{name}.lora_B.weight"] = module.up
+    return out
+
+
+def _write_diffusers_own(pipe: Any, lora: LoRA, spec: BaseSpec, out_dir: Path, name: str, with_metadata: bool) -> Path:
+    kwargs: dict[str, Any] = {}
+    arg_names = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+    for component in lora.components:
+        kwargs[f"{arg_names[component]}_lora_layers"] = _peft_layers(lora, component, spec)
+        if with_metadata:
+            kwargs[f"{arg_names[component]}_lora_adapter_metadata"] = _peft_config(lora, component, spec)
+    type(pipe).save_lora_weights(save_directory=str(out_dir), weight_name=name, safe_serialization=True, **kwargs)
+    # Same tensors and metadata, re-serialised in sorted order: safetensors' own header order varies
+    # between processes, and fixtures must be byte-identical from run to run.
+    from safetensors import safe_open
+
+    with safe_open(str(out_dir / name), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    return atomic_save(tensors, out_dir / name, metadata)
+
+
+def _write_peft_folder(lora: LoRA, spec: BaseSpec, folder: Path) -> Path:
+    tensors = {f"base_model.model.{k}": v for k, v in _peft_layers(lora, "unet", spec).items()}
+    atomic_save(tensors, folder / "adapter_model.safetensors", {"format": "pt"})
+    config = _peft_config(lora, "unet", spec)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
+
+
+def write_fixtures(out_dir: str | Path, presets: Sequence[str] = PRESETS, seed: int = 0) -> dict[str, Path]:
+    """Write the fixture LoRAs for `presets` into `out_dir`; return ``{"<preset>/<format>": path}``
+    (the ``peft`` entry is a folder). Deterministic for a given `seed`."""
+    from ..models.presets import build_pipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for p_index, preset in enumerate(presets):
+        pipe = build_pipeline(preset, dtype="fp32", device="cpu")
+        spec = base_spec(pipe)
+        base_seed = seed * 1000 + p_index * 100
+        attn = _select(spec, [_ATTN, _PROJ], te=True)
+        attn_conv = _select(spec, [_ATTN, _CONV, _PROJ], te=False)
+        some_conv = attn + [("unet", p) for p in spec.components["unet"] if p.endswith(("resnets.0.conv1", "resnets.0.conv_shortcut"))]
+
+        def target(fmt: str) -> Path:
+            return out_dir / f"{preset}-{fmt}.safetensors"
+
+        diffusers_lora = _make(spec, some_conv, base_seed + 1, _lora_module, "diffusers")
+        written[f"{preset}/diffusers"] = _write_diffusers_own(pipe, diffusers_lora, spec, out_dir, target("diffusers").name, True)
+        written[f"{preset}/diffusers-nometa"] = _write_diffusers_own(
+            pipe, diffusers_lora, spec, out_dir, target("diffusers-nometa").name, False
+        )
+        unet_only = _make(spec, [c for c in attn if c[0] == "unet"], base_seed + 2, _lora_module, "peft")
+        written[f"{preset}/peft"] = _write_peft_folder(unet_only, spec, out_dir / f"{preset}-peft")
+        kohya = _make(spec, attn, base_seed + 3, _lora_module, "kohya")
+        written[f"{preset}/kohya"] = write_kohya(kohya, target("kohya"), unet_names="diffusers")
+        written[f"{preset}/kohya-sgm"] = write_kohya(kohya, target("kohya-sgm"), unet_names="sgm")
+        noalpha = {k: v for k, v in _kohya_dict(kohya).items() if not k.endswith(".alpha")}
+        written[f"{preset}/kohya-noalpha"] = atomic_save(noalpha, target("kohya-noalpha"), {"format": "pt"})
+        written[f"{preset}/locon"] = write_kohya(_make(spec, attn_conv, base_seed + 4, _lora_module, "locon"), target("locon"))
+        written[f"{preset}/loha"] = write_kohya(_make(spec, attn_conv + [c for c in attn if c[0] != "unet"], base_seed + 5, _loha_module, "loha"), target("loha"))
+        written[f"{preset}/lokr"] = write_kohya(_make(spec, attn_conv + [c for c in attn if c[0] != "unet"], base_seed + 6, _lokr_module, "lokr"), target("lokr"))
+    return written
+
+
+def _kohya_dict(lora: LoRA) -> dict[str, torch.Tensor]:
+    from .writers import to_kohya_state_dict
+
+    return to_kohya_state_dict(lora, unet_names="diffusers")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``loraloom fixtures OUT_DIR [--preset P ...] [--seed N]``: write the fixture LoRAs, print their paths."""
+    parser = argparse.ArgumentParser(prog="loraloom fixtures", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="folder to write into (created if missing)")
+    parser.add_argument("--preset", action="append", choices=PRESETS, help="preset(s) to cover (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    args = parser.parse_args(argv)
+    written = write_fixtures(args.out_dir, presets=tuple(args.preset or PRESETS), seed=args.seed)
+    for name, path in written.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

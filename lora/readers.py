@@ -1,0 +1,460 @@
+"""Read any supported LoRA file into the canonical `LoRA` value, detecting its format.
+
+Formats (`FORMATS`), all detected from the key names alone:
+
+- ``diffusers``: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (or the older
+  ``.lora.down.weight`` / ``attn1.processor.to_q_lora.down.weight`` forms), ``text_encoder.`` and
+  ``text_encoder_2.`` likewise, with or without diffusers' ``lora_adapter_metadata``. With it, each
+  module's alpha comes from ``lora_alpha`` / ``alpha_pattern`` exactly as peft resolves them;
+  without it alpha = rank (scale 1), which is what diffusers does.
+- ``peft``: a peft state dict, ``base_model.model.<module>.lora_A.weight`` (adapter names inside
+  the keys are accepted). An ``adapter_config.json`` beside the file (peft's ``save_pretrained``
+  folder) supplies alpha; without one alpha = rank.
+- ``kohya``: kohya-ss / A1111 names with diffusers-style module paths,
+  ``lora_unet_down_blocks_0_attentions_0_..._to_q.lora_down.weight``, ``lora_te_`` (SD1.x) or
+  ``lora_te1_`` / ``lora_te2_`` (SDXL), per-module ``.alpha``; without ``.alpha`` alpha = rank,
+  as ComfyUI, A1111 and diffusers do.
+- ``kohya-sgm``: the same with SGM/LDM UNet names (``lora_unet_input_blocks_4_1_...``,
+  ``middle_block``, ``output_blocks``, resnet ``in_layers_2`` / ``out_layers_3`` /
+  ``emb_layers_1`` / ``skip_connection``), as kohya writes SDXL LoRAs.
+
+In every naming a module may be a LoRA pair (LoCon conv layers: 4-D down, 1x1 up), a LyCORIS
+LoHa (``hada_w1_a`` ...) or LoKr (``lokr_w1`` ...). DoRA (``dora_scale`` /
+``lora_magnitude_vector``), LoCon Tucker (``lora_mid``) and bias LoRAs are refused with a clear
+error rather than silently dropped (diffusers drops DoRA with a warning).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .canonical import LoHaModule, LoKrModule, LoRA, LoRAModule, Module, state_dict_fingerprint
+from .errors import LoRAError, LoRAFormatError
+from .keymap import KOHYA_PREFIXES, is_sgm_name, kohya_names_to_paths, normalize_te_path, rename_with_diffusers
+
+FORMATS = {
+    "diffusers": "unet.<module>.lora_A.weight / text_encoder(_2).<module>..., optional lora_adapter_metadata",
+    "peft": "base_model.model.<module>.lora_A.weight, optional adapter_config.json beside the file",
+    "kohya": "lora_unet_down_blocks_..., lora_te_ / lora_te1_ / lora_te2_, .alpha, lora_down / lora_up",
+    "kohya-sgm": "kohya with SGM/LDM UNet names: lora_unet_input_blocks_4_1_..., middle_block, output_blocks",
+}
+"""Format name -> what its keys look like."""
+
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+PEFT_PREFIX = "base_model.model."
+_DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_CONFIG_MAX_BYTES = 4 * 2**20
+
+_LYCORIS_ROLES = (
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+)  # fmt: skip
+_KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", **{r: r for r in _LYCORIS_ROLES}}
+_UNSUPPORTED = {
+    "dora_scale": "DoRA (dora_scale)",
+    "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
+    "lora_mid.weight": "LoCon Tucker (lora_mid)",
+    "lora_up.bias": "a LoRA bias",
+    "lora_B.bias": "a LoRA bias",
+    "diff": "a full weight difference (diff)",
+    "diff_b": "a full bias difference (diff_b)",
+    "w_norm": "a norm-layer patch (w_norm)",
+    "b_norm": "a norm-layer patch (b_norm)",
+    "oft_blocks": "OFT",
+    "oft_diag": "OFT",
+}
+_UNSUPPORTED_FIX = "re-export it as a plain LoRA, LoCon, LoHa or LoKr (e.g. with kohya's or LyCORIS' tools)."
+# peft-style keys: lora_A / lora_B with an optional adapter name, or diffusers' older spellings.
+_PEFT_SUFFIX = re.compile(
+    r"^(?P<module>.+?)\.(?:"
+    r"(?P<ab>lora_[AB])(?:\.[A-Za-z0-9_-]+)?\.weight"
+    r"|lora\.(?P<ud>down|up)\.weight"
+    r"|(?P<role>alpha|" + "|".join(_LYCORIS_ROLES) + r")"
+    r"|(?P<bad>" + "|".join(re.escape(k) for k in _UNSUPPORTED) + r")(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?"
+    r")$"
+)
+_FOREIGN = (
+    (("double_blocks", "single_blocks", "single_transformer_blocks"), "Flux"),
+    (("joint_blocks", "context_embedder"), "SD3"),
+    (("transformer_blocks.0.attn.add_q_proj",), "a DiT model (Flux/SD3)"),
+)
+
+
+def read_lora(path: str | os.PathLike, *, component: str | None = None, layers_per_block: int = 2) -> LoRA:
+    """Read a LoRA file (safetensors, through safefile's strict reader) into a canonical `LoRA`.
+
+    `path` may also be a peft ``save_pretrained`` folder (``adapter_model.safetensors`` +
+    ``adapter_config.json``). `component` names the component of a peft file (guessed from the
+    module paths otherwise). `layers_per_block` sets SGM block numbering (2 for SD1.x and SDXL).
+    Raises LoRAFileError (bad file) or LoRAFormatError (keys that are no LoRA we can read).
+    """
+    from .safefile import read_lora_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "adapter_model.safetensors"
+    safe = read_lora_file(path)
+    return lora_from_state_dict(
+        safe.tensors,
+        safe.metadata,
+        path=str(path),
+        fingerprint=safe.fingerprint,
+        peft_config=_adapter_config_beside(path),
+        component=component,
+        layers_per_block=layers_per_block,
+    )
+
+
+def _adapter_config_beside(path: Path) -> dict[str, Any] | None:
+    config = path.with_name("adapter_config.json")
+    if not config.is_file():
+        return None
+    size = config.stat().st_size
+    if size > _CONFIG_MAX_BYTES:
+        raise LoRAFormatError(
+            f"adapter_config.json is {size} bytes, above the {_CONFIG_MAX_BYTES}-byte limit",
+            path=str(config),
+            value=size,
+            limit=_CONFIG_MAX_BYTES,
+        )
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoRAFormatError(f"adapter_config.json is not valid JSON: {exc}", path=str(config)) from None
+    if not isinstance(data, dict):
+        raise LoRAFormatError("adapter_config.json is not a JSON object", path=str(config), value=type(data).__name__)
+    return data
+
+
+def detect_format(keys: list[str] | Any, *, path: str | None = None) -> str:
+    """Name the format (a key of `FORMATS`) of a LoRA state dict from its keys.
+
+    Raises LoRAFormatError for mixed or unknown key forms, listing the first keys found and, when
+    the names give it away, the architecture they were made for.
+    """
+    keys = list(keys)
+    if not keys:
+        raise LoRAFormatError("the file holds no tensors", path=path, value=0, limit=">= 1 tensor")
+    kohya = [k for k in keys if k.startswith(tuple(KOHYA_PREFIXES))]
+    if kohya:
+        kohya_set = set(kohya)
+        others = [k for k in keys if k not in kohya_set]
+        if others:
+            raise LoRAFormatError(
+                f"kohya keys ({kohya[0]!r}) mixed with {len(others)} non-kohya key(s), first {others[:3]}",
+                path=path,
+                key=others[0],
+            )
+        return "kohya-sgm" if any(is_sgm_name(k.split(".", 1)[0]) for k in kohya) else "kohya"
+    if all(k.startswith(PEFT_PREFIX) for k in keys):
+        return "peft"
+    if all(k.split(".", 1)[0] in _DIFFUSERS_COMPONENTS for k in keys):
+        return "diffusers"
+    foreign = _foreign_arch(keys)
+    if foreign is None and all(_PEFT_SUFFIX.match(k) for k in keys):
+        prefixes = {k.split(".", 1)[0] for k in keys}
+        if not prefixes & {"transformer", "diffusion_model", "model"}:
+            return "peft"
+    made_for = f" They look made for {foreign}, not SD1.5/SDXL." if foreign else ""
+    raise LoRAFormatError(
+        f"unknown LoRA key format: first keys {keys[:4]}.{made_for} Known formats: "
+        + "; ".join(f"{name}: {what}" for name, what in FORMATS.items()),
+        path=path,
+        key=keys[0],
+        limit=tuple(FORMATS),
+    )
+
+
+def _foreign_arch(keys: list[str]) -> str | None:
+    for markers, arch in _FOREIGN:
+        if any(m in k for k in keys for m in markers):
+            return arch
+    return None
+
+
+def lora_from_state_dict(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    path: str | None = None,
+    fingerprint: str | None = None,
+    peft_config: Mapping[str, Any] | None = None,
+    component: str | None = None,
+    layers_per_block: int = 2,
+) -> LoRA:
+    """Build a canonical `LoRA` from a state dict in any supported format (see `FORMATS`).
+
+    Tensors are kept as given (no copies, same dtype). `fingerprint` defaults to a content hash of
+    the dict (`state_dict_fingerprint`); `peft_config` is a peft ``adapter_config.json`` dict for
+    peft-format dicts.
+    """
+    metadata = dict(metadata or {})
+    fmt = detect_format(tensors.keys(), path=path)
+    notes: list[str] = [f"format {fmt}"]
+    try:
+        if fmt.startswith("kohya"):
+            grouped = _group_kohya(tensors, path)
+            names = kohya_names_to_paths(grouped, layers_per_block=layers_per_block, path=path)
+            located = {names[name]: (name, roles) for name, roles in grouped.items()}
+            configs: dict[str, Mapping[str, Any]] = {}
+        else:
+            located, configs = _group_peft_style(tensors, metadata, fmt, peft_config, component, path, notes)
+        components: dict[str, dict[str, Module]] = {}
+        alpha_sources: set[str] = set()
+        for (comp, module_path), (key, roles) in located.items():
+            module, source = _build_module(key, roles, configs.get(comp), comp, module_path, path)
+            components.setdefault(comp, {})[module_path] = module
+            alpha_sources.add(source)
+    except LoRAError as exc:
+        if exc.path is None and path is not None:
+            raise type(exc)(str(exc), path=path, key=exc.key, value=exc.value, limit=exc.limit) from None
+        raise
+    for source in sorted(alpha_sources):
+        notes.append(f"alpha from {source}")
+    return LoRA(
+        components=components,
+        source_format=fmt,
+        metadata=metadata,
+        fingerprint=fingerprint or state_dict_fingerprint(tensors, metadata),
+        path=path,
+        notes=tuple(notes),
+    )
+
+
+def _unsupported(key: str, what: str, path: str | None) -> LoRAFormatError:
+    return LoRAFormatError(
+        f"key {key!r} is {what}, which LoRA Loom does not apply", path=path, key=key, fix=_UNSUPPORTED_FIX
+    )
+
+
+def _group_kohya(tensors: Mapping[str, torch.Tensor], path: str | None) -> dict[str, dict[str, torch.Tensor]]:
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, suffix = key.partition(".")
+        if suffix in _UNSUPPORTED:
+            raise _unsupported(key, _UNSUPPORTED[suffix], path)
+        role = _KOHYA_ROLES.get(suffix)
+        if role is None:
+            raise LoRAFormatError(
+                f"key {key!r}: unknown kohya suffix {suffix!r}; known: {', '.join(_KOHYA_ROLES)}",
+                path=path,
+                key=key,
+                value=suffix,
+                limit=tuple(_KOHYA_ROLES),
+            )
+        grouped.setdefault(name, {})[role] = tensor
+    return grouped
+
+
+def _group_peft_style(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    fmt: str,
+    peft_config: Mapping[str, Any] | None,
+    component: str | None,
+    path: str | None,
+    notes: list[str],
+) -> tuple[dict[tuple[str, str], tuple[str, dict[str, torch.Tensor]]], dict[str, Mapping[str, Any]]]:
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if fmt == "diffusers":
+            comp, _, rest = key.partition(".")
+        else:
+            rest = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+            comp = component or _guess_component(rest)
+            if comp not in _DIFFUSERS_COMPONENTS:
+                raise LoRAFormatError(
+                    f"component {comp!r} is not one of {', '.join(_DIFFUSERS_COMPONENTS)}",
+                    path=path,
+                    key=key,
+                    value=comp,
+                    limit=_DIFFUSERS_COMPONENTS,
+                )
+        by_component.setdefault(comp, {})[rest] = tensor
+    configs: dict[str, Mapping[str, Any]] = {}
+    if fmt == "diffusers":
+        configs = _diffusers_adapter_configs(metadata, path)
+        notes.append("lora_adapter_metadata present" if configs else "no lora_adapter_metadata")
+    elif peft_config is not None:
+        configs = {comp: peft_config for comp in by_component}
+        notes.append("adapter_config.json beside the file")
+    located: dict[tuple[str, str], tuple[str, dict[str, torch.Tensor]]] = {}
+    for comp, part in by_component.items():
+        renamed = rename_with_diffusers(part, comp)
+        for old_key, tensor in part.items():
+            new_key = renamed.get(old_key, old_key)
+            m = _PEFT_SUFFIX.match(new_key)
+            full_key = f"{comp}.{old_key}" if fmt == "diffusers" else old_key
+            if m is None:
+                raise LoRAFormatError(
+                    f"key {full_key!r}: not a LoRA weight (expected <module>.lora_A.weight, "
+                    "<module>.lora_B.weight, <module>.alpha or a LyCORIS hada_/lokr_ suffix)",
+                    path=path,
+                    key=full_key,
+                )
+            if m.group("bad"):
+                raise _unsupported(full_key, _UNSUPPORTED[m.group("bad")], path)
+            role = (
+                {"lora_A": "down", "lora_B": "up"}.get(m.group("ab") or "")
+                or m.group("ud")
+                or m.group("role")
+            )
+            module_path = m.group("module")
+            if comp != "unet":
+                module_path = normalize_te_path(module_path)
+            prefix = f"{comp}." if fmt == "diffusers" else ""
+            entry = located.setdefault((comp, module_path), (prefix + module_path, {}))
+            entry[1][role] = tensor
+    return located, configs
+
+
+def _guess_component(module_path: str) -> str:
+    if module_path.startswith(("text_model.", "encoder.layers.", "text_projection")):
+        return "text_encoder"
+    return "unet"
+
+
+def _diffusers_adapter_configs(metadata: Mapping[str, str], path: str | None) -> dict[str, Mapping[str, Any]]:
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LoRAFormatError(
+            f"metadata {ADAPTER_METADATA_KEY!r} is not valid JSON: {exc}", path=path, key=ADAPTER_METADATA_KEY
+        ) from None
+    if not isinstance(flat, dict):
+        raise LoRAFormatError(
+            f"metadata {ADAPTER_METADATA_KEY!r} is not a JSON object", path=path, key=ADAPTER_METADATA_KEY
+        )
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        comp, _, field_name = key.partition(".")
+        if comp in _DIFFUSERS_COMPONENTS and field_name:
+            configs.setdefault(comp, {})[field_name] = value
+    return configs
+
+
+def _config_alpha(config: Mapping[str, Any], component: str, module_path: str, rank: int, key: str, path: str | None) -> float:
+    """Alpha for one module exactly as peft resolves it from a LoraConfig dict."""
+    from peft.utils.other import get_pattern_key
+
+    if config.get("use_dora"):
+        raise _unsupported(key, "DoRA (use_dora in the adapter config)", path)
+    names = [module_path] if component == "unet" else [module_path, "text_model." + module_path]
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = config.get("lora_alpha", 8)
+    for name in names:
+        pattern = get_pattern_key(list(alpha_pattern), name)
+        if pattern in alpha_pattern:
+            alpha = alpha_pattern[pattern]
+            break
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise LoRAFormatError(
+            f"module {key!r}: adapter config alpha {alpha!r} is not a number", path=path, key=key, value=alpha
+        )
+    if config.get("use_rslora"):
+        # rsLoRA scales by alpha / sqrt(r); canonical alpha is what gives that scale as alpha / r.
+        return float(alpha) * math.sqrt(rank)
+    return float(alpha)
+
+
+def _alpha_tensor(key: str, t: torch.Tensor, path: str | None) -> float:
+    if t.numel() != 1:
+        raise LoRAFormatError(
+            f"key {key + '.alpha'!r}: alpha must be a scalar, got shape {tuple(t.shape)}",
+            path=path,
+            key=key + ".alpha",
+            value=tuple(t.shape),
+            limit="1 element",
+        )
+    return float(t.reshape(()).item())
+
+
+def _build_module(
+    key: str,
+    roles: dict[str, torch.Tensor],
+    config: Mapping[str, Any] | None,
+    component: str,
+    module_path: str,
+    path: str | None,
+) -> tuple[Module, str]:
+    for role, t in roles.items():
+        if not t.is_floating_point():
+            raise LoRAFormatError(
+                f"key {key}.{role}: dtype {t.dtype} is not a floating-point type",
+                path=path,
+                key=f"{key}.{role}",
+                value=str(t.dtype),
+            )
+    names = set(roles) - {"alpha"}
+    explicit_alpha = _alpha_tensor(key, roles["alpha"], path) if "alpha" in roles else None
+    if names <= {"down", "up"}:
+        missing = {"down", "up"} - names
+        if missing:
+            have = ", ".join(sorted(roles))
+            raise LoRAFormatError(
+                f"module {key!r} has {have} but no {missing.pop()} weight", path=path, key=key, value=sorted(roles)
+            )
+        down, up = roles["down"], roles["up"]
+        if up.ndim >= 2 and down.ndim >= 1 and up.shape[1] != down.shape[0]:
+            raise LoRAFormatError(
+                f"module {key!r}: up/down ranks disagree: down (lora_A / lora_down) has rank {down.shape[0]} "
+                f"{tuple(down.shape)}, up (lora_B / lora_up) has rank {up.shape[1]} {tuple(up.shape)}",
+                path=path,
+                key=key,
+                value=int(up.shape[1]),
+                limit=int(down.shape[0]),
+            )
+        rank = int(down.shape[0])
+        if explicit_alpha is not None:
+            alpha, source = explicit_alpha, ".alpha keys"
+        elif config:
+            alpha, source = _config_alpha(config, component, module_path, rank, key, path), "adapter config"
+        else:
+            alpha, source = float(rank), "default alpha = rank (scale 1)"
+        return LoRAModule(down=down, up=up, alpha=alpha, key=key), source
+    if names and all(n.startswith("hada_") for n in names):
+        need = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
+        _require(key, names, need, path)
+        rank = int(roles["hada_w1_b"].shape[0])
+        alpha, source = (explicit_alpha, ".alpha keys") if explicit_alpha is not None else (float(rank), "default alpha = rank (scale 1)")
+        return (
+            LoHaModule(
+                w1a=roles["hada_w1_a"], w1b=roles["hada_w1_b"], w2a=roles["hada_w2_a"], w2b=roles["hada_w2_b"],
+                t1=roles.get("hada_t1"), t2=roles.get("hada_t2"), alpha=alpha, key=key,
+            ),
+            source,
+        )  # fmt: skip
+    if names and all(n.startswith("lokr_") for n in names):
+        module = LoKrModule(
+            alpha=0.0, w1=roles.get("lokr_w1"), w1a=roles.get("lokr_w1_a"), w1b=roles.get("lokr_w1_b"),
+            w2=roles.get("lokr_w2"), w2a=roles.get("lokr_w2_a"), w2b=roles.get("lokr_w2_b"),
+            t2=roles.get("lokr_t2"), key=key,
+        )  # fmt: skip
+        if explicit_alpha is not None:
+            return dataclasses.replace(module, alpha=explicit_alpha), ".alpha keys"
+        return dataclasses.replace(module, alpha=float(module.rank or 1)), "default alpha = rank (scale 1)"
+    raise LoRAFormatError(
+        f"module {key!r} mixes tensors of different kinds: {sorted(roles)}", path=path, key=key, value=sorted(roles)
+    )
+
+
+def _require(key: str, names: set[str], need: set[str], path: str | None) -> None:
+    missing = need - names
+    if missing:
+        raise LoRAFormatError(
+            f"module {key!r} lacks {', '.join(sorted(missing))} (has {', '.join(sorted(names))})",
+            path=path,
+            key=key,
+            value=sorted(names),
+            limit=sorted(need),
+        )

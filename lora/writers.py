@@ -1,0 +1,248 @@
+"""Write a canonical `LoRA` as a kohya file (A1111, ComfyUI) or a diffusers file
+(``pipe.load_lora_weights``), atomically, with provenance in ``loraloom.*`` metadata.
+
+- kohya: ``lora_unet_...`` (diffusers-style module names for SD1.x, SGM/LDM block names for SDXL,
+  as kohya-ss itself writes them; `unet_names` overrides), ``lora_te_`` (SD1.x) or ``lora_te1_`` /
+  ``lora_te2_`` (SDXL) with ``text_model_``, ``.lora_down.weight`` / ``.lora_up.weight`` and a
+  float32 ``.alpha`` per module. LoHa and LoKr modules keep their ``hada_`` / ``lokr_`` keys.
+- diffusers: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``, ``text_encoder(_2).text_model.``
+  paths (diffusers strips ``text_model.`` for models without it), and diffusers'
+  ``lora_adapter_metadata`` (r, lora_alpha, rank_pattern, alpha_pattern, target_modules per
+  component) so every module's alpha and rank survive. LoHa/LoKr cannot be expressed there: convert
+  them with `apply.as_lora` first.
+
+Round trips are exact: writing and reading back gives the same tensors (same dtype, same bytes),
+the same alphas and the same module paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .canonical import LoRA, LoRAModule, Module
+from .errors import LoRAFormatError
+from .keymap import LAYOUTS, UNetLayout, kohya_module_name, te_model_path
+from .match import guess_architecture
+from .readers import ADAPTER_METADATA_KEY
+
+PROVENANCE_PREFIX = "loraloom."
+_OWNED_KEYS = ("format", ADAPTER_METADATA_KEY)  # rewritten by every writer
+
+
+def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+    """Save a safetensors file atomically and deterministically.
+
+    The file is written to a temp file in the same folder, fsynced, then os.replace'd over `path`:
+    a crash leaves the old file or the new one, never half of one. Unlike safetensors' own writer
+    (whose metadata order follows a randomly seeded hash map), the header lists metadata and tensors
+    in sorted order, so the same input always gives the same bytes; tensors are streamed one at a
+    time instead of being assembled into one buffer first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header, ordered = _header(tensors, metadata)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for t in ordered:
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; a saved LoRA should look like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[torch.Tensor]]:
+    from .safefile import SUPPORTED_DTYPES
+
+    codes = {dtype: code for code, dtype in SUPPORTED_DTYPES.items()}
+    entries: dict[str, Any] = {}
+    if metadata:
+        bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise LoRAFormatError(f"metadata values must be strings, got {bad}", key=next(iter(bad)), value=bad)
+        entries["__metadata__"] = dict(sorted(metadata.items()))
+    ordered, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in codes:
+            raise LoRAFormatError(
+                f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors", key=name, value=str(t.dtype)
+            )
+        size = t.numel() * t.element_size()
+        entries[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        ordered.append(t)
+        offset += size
+    header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    return header, ordered
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
+    finally:
+        os.close(dir_fd)
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _metadata(lora: LoRA, fmt: str, provenance: Mapping[str, Any] | None) -> dict[str, str]:
+    meta = {
+        k: v for k, v in lora.metadata.items() if k not in _OWNED_KEYS and not k.startswith(PROVENANCE_PREFIX)
+    }
+    meta["format"] = "pt"
+    entries: dict[str, Any] = {
+        "format": fmt,
+        "source_format": lora.source_format,
+        "fingerprint": lora.fingerprint,
+        **dict(provenance or {}),
+    }
+    for key, value in entries.items():
+        meta[PROVENANCE_PREFIX + key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return meta
+
+
+def _arch(lora: LoRA, arch: str | None) -> str:
+    if arch is not None:
+        if arch not in LAYOUTS:
+            raise LoRAFormatError(f"arch {arch!r} is not one of {', '.join(LAYOUTS)}", value=arch, limit=tuple(LAYOUTS))
+        return arch
+    guessed, _ = guess_architecture(lora)
+    return guessed or "sd15"
+
+
+def to_kohya_state_dict(
+    lora: LoRA, *, arch: str | None = None, unet_names: str = "auto", layout: UNetLayout | None = None
+) -> dict[str, torch.Tensor]:
+    """The kohya state dict of `lora` (tensors shared, not copied).
+
+    `arch` ("sd15" | "sdxl", guessed from the module paths by default) picks the text-encoder prefix
+    (``lora_te_`` vs ``lora_te1_``) and, with ``unet_names="auto"``, the UNet naming: diffusers-style
+    for SD1.5, SGM for SDXL. `unet_names` "diffusers" or "sgm" forces one; `layout` overrides the
+    SGM block layout (default: the architecture's).
+    """
+    if unet_names not in ("auto", "diffusers", "sgm"):
+        raise LoRAFormatError(
+            f"unet_names {unet_names!r} is not one of auto, diffusers, sgm", value=unet_names, limit=("auto", "diffusers", "sgm")
+        )
+    arch = _arch(lora, arch)
+    use_sgm = unet_names == "sgm" or (unet_names == "auto" and arch == "sdxl")
+    sgm_layout = (layout or LAYOUTS[arch]) if use_sgm else None
+    te_prefix = "lora_te1_" if arch == "sdxl" else "lora_te_"
+    out: dict[str, torch.Tensor] = {}
+    for component, path, module in lora.modules():
+        name = kohya_module_name(component, path, te_prefix=te_prefix, sgm_layout=sgm_layout)
+        if isinstance(module, LoRAModule):
+            out[f"{name}.lora_down.weight"] = module.down
+            out[f"{name}.lora_up.weight"] = module.up
+        else:
+            for suffix, tensor in module.tensors().items():
+                out[f"{name}.{suffix}"] = tensor
+        out[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+    return out
+
+
+def write_kohya(
+    lora: LoRA,
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    unet_names: str = "auto",
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `lora` as a kohya file (see `to_kohya_state_dict`), atomically. `provenance` entries
+    become ``loraloom.<key>`` metadata (strings as is, anything else as JSON); the source file's
+    other metadata (kohya's ``ss_*`` keys, ...) is kept."""
+    tensors = to_kohya_state_dict(lora, arch=arch, unet_names=unet_names)
+    return atomic_save(tensors, path, _metadata(lora, "kohya", provenance))
+
+
+def _most_common(values: list[Any]) -> Any:
+    # Ties go to the smallest value so the choice does not depend on module order.
+    counts = Counter(values)
+    best = max(counts.values())
+    return min(v for v, n in counts.items() if n == best)
+
+
+def adapter_config(lora: LoRA, component: str) -> dict[str, Any]:
+    """diffusers/peft LoraConfig fields for one component: r and lora_alpha (the most common
+    values), rank_pattern and alpha_pattern (every module that differs, by full canonical path,
+    which peft matches as a suffix of the live module name), target_modules (sorted)."""
+    modules = lora.components[component]
+    ranks = {p: m.rank for p, m in modules.items()}
+    alphas = {p: m.alpha for p, m in modules.items()}
+    r = _most_common(list(ranks.values()))
+    alpha = _most_common(list(alphas.values()))
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {p: v for p, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {p: v for p, v in sorted(alphas.items()) if v != alpha},
+        "target_modules": sorted(modules),
+        "use_dora": False,
+        "use_rslora": False,
+        "lora_bias": False,
+    }
+
+
+def require_lora_module(component: str, path: str, module: Module, why: str, alternative: str = "") -> LoRAModule:
+    """`module` if it is a LoRA pair; else LoRAFormatError naming it, `why`, and the `as_lora` fix."""
+    if isinstance(module, LoRAModule):
+        return module
+    raise LoRAFormatError(
+        f"module {component}.{path} ({module.key}) is {module.kind}: {why}",
+        key=module.key,
+        value=module.kind,
+        limit="lora",
+        fix=f"convert it with loraloom.lora.apply.as_lora(lora) (exact, or rank=N by SVD) {alternative}".strip(),
+    )
+
+
+def to_diffusers_state_dict(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, flat adapter metadata) in diffusers' format; tensors are shared, not copied.
+    Raises LoRAFormatError for LoHa/LoKr modules (Fix: `apply.as_lora`)."""
+    tensors: dict[str, torch.Tensor] = {}
+    adapter_meta: dict[str, Any] = {}
+    for component, path, module in lora.modules():
+        require_lora_module(component, path, module, "diffusers' LoRA format cannot hold it", "or write kohya format.")
+        name = path if component == "unet" else te_model_path(path, True)
+        tensors[f"{component}.{name}.lora_A.weight"] = module.down
+        tensors[f"{component}.{name}.lora_B.weight"] = module.up
+    for component in lora.components:
+        for key, value in adapter_config(lora, component).items():
+            adapter_meta[f"{component}.{key}"] = value
+    return tensors, adapter_meta
+
+
+def write_diffusers(lora: LoRA, path: str | os.PathLike, *, provenance: Mapping[str, Any] | None = None) -> Path:
+    """Write `lora` in diffusers' format with its ``lora_adapter_metadata`` (the same JSON layout
+    diffusers' `save_lora_weights` writes), atomically; `provenance` as in `write_kohya`."""
+    tensors, adapter_meta = to_diffusers_state_dict(lora)
+    meta = _metadata(lora, "diffusers", provenance)
+    meta[ADAPTER_METADATA_KEY] = json.dumps(adapter_meta, indent=2, sort_keys=True)
+    return atomic_save(tensors, path, meta)

@@ -1,0 +1,88 @@
+"""The model pool: exact restore in every dtype, least work, a known state after failures."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from loraloom.lora.canonical import LoRA, LoRAModule
+from loraloom.models.pool import Application, ModelPool, ModelRecipe
+
+
+def random_lora(pipe, seed, rank=4, every=3):
+    """A LoRA on every ``every``-th linear layer of the UNet and text encoder."""
+    gen = torch.Generator().manual_seed(seed)
+    comps = {}
+    for component in ("unet", "text_encoder"):
+        mods = {}
+        linears = [(n, m) for n, m in getattr(pipe, component).named_modules() if isinstance(m, torch.nn.Linear)]
+        for name, layer in linears[::every]:
+            out_f, in_f = layer.weight.shape
+            mods[name] = LoRAModule(torch.randn(rank, in_f, generator=gen) * 0.3,
+                                    torch.randn(out_f, rank, generator=gen) * 0.3, alpha=2.0, key=name)
+        comps[component] = mods
+    return LoRA(comps, "derived", fingerprint=f"random-{seed}")
+
+
+def snapshot(pipe):
+    return {f"{c}.{n}": p.detach().clone() for c in ("unet", "text_encoder", "text_encoder_2")
+            if getattr(pipe, c, None) is not None for n, p in getattr(pipe, c).named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_restore_is_bit_exact_after_many_fuse_cycles(dtype):
+    pool = ModelPool()
+    base = pool.load("tiny-sdxl", dtype=dtype, device="cpu")
+    pipe = pool.plain(ModelRecipe(base).base)
+    original = snapshot(pipe)
+    a, b = random_lora(pipe, 1), random_lora(pipe, 2, every=2)
+    for i in range(10):
+        apps = (Application(a, "a", 0.7 + i / 10, 0.5), Application(b, "b", -0.8, 1.0))
+        pool.pipeline(ModelRecipe(base, fused=apps[:1], adapters=apps[1:]), lora_scale=0.5 + i / 20)
+        pool.pipeline(ModelRecipe(base, fused=apps))
+    assert any(not torch.equal(v, snapshot(pipe)[k]) for k, v in original.items()), "LoRAs must change weights"
+    pool.plain(base)
+    after = snapshot(pipe)
+    changed = [k for k in original if not torch.equal(original[k], after[k])]
+    assert not changed, f"{dtype}: {len(changed)} parameters differ after restore, e.g. {changed[:3]}"
+
+
+def test_only_changed_layers_are_rewritten():
+    pool = ModelPool()
+    base = pool.load("tiny-sd15", dtype="fp32", device="cpu")
+    pipe = pool.plain(base)
+    a, b = random_lora(pipe, 1), random_lora(pipe, 2, every=5)
+    pool.pipeline(ModelRecipe(base, adapters=(Application(a, "a"),)))
+    before = dict(pool.stats)
+    pool.pipeline(ModelRecipe(base, adapters=(Application(a, "a"),)))
+    assert pool.stats == before, "the same recipe again must write nothing"
+    pool.pipeline(ModelRecipe(base, adapters=(Application(a, "a", text_encoder_weight=0.5),)))
+    patched = pool.stats["patched_layers"] - before["patched_layers"]
+    assert patched == a.n_modules - len(a.components["unet"]), \
+        f"changing the text-encoder weight must rewrite only text-encoder layers, rewrote {patched}"
+
+
+def test_failure_midway_leaves_plain_base_and_pool_usable():
+    pool = ModelPool()
+    base = pool.load("tiny-sd15", dtype="fp32", device="cpu")
+    pipe = pool.plain(base)
+    original = snapshot(pipe)
+    good = random_lora(pipe, 1)
+    bad_mods = dict(good.components["unet"])
+    name = sorted(bad_mods)[-1]
+    bad_mods[name] = dataclasses.replace(bad_mods[name], down=torch.randn(4, 7))  # wrong input width
+    bad = LoRA({"unet": bad_mods}, "derived", fingerprint="bad")
+    with pytest.raises(Exception):
+        pool.pipeline(ModelRecipe(base, adapters=(Application(good, "good"), Application(bad, "bad"))))
+    after = snapshot(pipe)
+    assert all(torch.equal(original[k], after[k]) for k in original), "a failed patch must restore the plain base"
+    pool.pipeline(ModelRecipe(base, adapters=(Application(good, "good"),)))
+    assert any(not torch.equal(original[k], v) for k, v in snapshot(pipe).items()), "the next recipe still applies"
+
+
+def test_evicted_base_is_reloaded_from_its_handle():
+    pool = ModelPool(max_bases=1)
+    sd15 = pool.load("tiny-sd15", dtype="fp32", device="cpu")
+    pool.load("tiny-sdxl", dtype="fp32", device="cpu")
+    pipe = pool.plain(sd15)
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and pool.stats["loads"] == 3
