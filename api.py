@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 from . import graph_runtime
 from .nodes import register_node, registry
 
 ENV_NODE_MODULES = "LORALOOM_NODE_MODULES"
+DEMO_LORA_DIR = Path(__file__).resolve().parent / "workflows" / "loras"
 
 
 def load_node_modules(names=None) -> list[str]:
@@ -35,6 +37,9 @@ class Runtime(graph_runtime.Runtime):
     def __init__(self, **kwargs):
         kwargs.setdefault("registry", registry())
         super().__init__(**kwargs)
+        # The shipped workflows' demo LoRAs are found after the user's own folders.
+        if DEMO_LORA_DIR.is_dir() and DEMO_LORA_DIR not in self.folders.lora_dirs:
+            self.folders.lora_dirs.append(DEMO_LORA_DIR)
 
 
 __all__ = ["Runtime", "load_node_modules", "register_node"]

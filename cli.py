@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--json", action="store_true", help="print the full object_info JSON")
     _folder_args(nodes)
 
+    sub.add_parser("fixtures", help="write tiny test LoRAs for the built-in presets in every format "
+                                    "(loraloom fixtures OUT_DIR [--preset P] [--seed N] [--demo])", add_help=False)
+
     conv = sub.add_parser("convert", help="convert a workflow between the UI (editor) and API formats")
     conv.add_argument("workflow", help="UI-format or API-format workflow (or a PNG that carries one)")
     conv.add_argument("-o", "--output", metavar="OUT.json", help="write here (atomically); default stdout")
@@ -229,6 +232,11 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "conve
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loraloom`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fixtures"]:  # its own parser: the fixture generator lives in lora/
+        from .lora.fixtures import main as fixtures_main
+
+        return fixtures_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -54,8 +54,8 @@ def _select(spec: BaseSpec, unet: Sequence[re.Pattern], te: bool) -> list[tuple[
     return chosen
 
 
-def _lora_module(gen: torch.Generator, shape: tuple[int, ...], index: int) -> LoRAModule:
-    rank = RANKS[index % 2]
+def _lora_module(gen: torch.Generator, shape: tuple[int, ...], index: int, rank: int | None = None) -> LoRAModule:
+    rank = rank or RANKS[index % 2]
     out, flat_in = shape[0], math.prod(shape[1:])
     down = torch.randn(rank, flat_in, generator=gen) / math.sqrt(flat_in)
     up = torch.randn(out, rank, generator=gen) * (0.6 / math.sqrt(rank))
@@ -219,6 +219,27 @@ def write_fixtures(out_dir: str | Path, presets: Sequence[str] = PRESETS, seed: 
     return written
 
 
+DEMO_LORAS = ("demo-a", "demo-b")
+DEMO_RANK = 8
+
+
+def write_demo_loras(out_dir: str | Path, preset: str = "tiny-sdxl") -> dict[str, Path]:
+    """The demo LoRAs the shipped workflows use: kohya files for `preset`, rank 8 on every module
+    (so every merge method applies, dare_linear included), attention, feed-forward and both text
+    encoders. Deterministic."""
+    from ..models.presets import build_pipeline
+
+    spec = base_spec(build_pipeline(preset, dtype="fp32", device="cpu"))
+    chosen = _select(spec, [_ATTN, _PROJ], te=True)
+    written = {}
+    for i, name in enumerate(DEMO_LORAS):
+        lora = _make(spec, chosen, 7000 + i, lambda gen, shape, index: _lora_module(gen, shape, index, DEMO_RANK),
+                     name)
+        written[name] = write_kohya(lora, Path(out_dir) / f"{name}.safetensors",
+                                    provenance={"demo": f"{name} for {preset}, written by lora.fixtures"})
+    return written
+
+
 def _kohya_dict(lora: LoRA) -> dict[str, torch.Tensor]:
     from .writers import to_kohya_state_dict
 
@@ -231,8 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder to write into (created if missing)")
     parser.add_argument("--preset", action="append", choices=PRESETS, help="preset(s) to cover (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--demo", action="store_true", help="write the demo LoRAs of the shipped workflows instead")
     args = parser.parse_args(argv)
-    written = write_fixtures(args.out_dir, presets=tuple(args.preset or PRESETS), seed=args.seed)
+    if args.demo:
+        written = write_demo_loras(args.out_dir)
+    else:
+        written = write_fixtures(args.out_dir, presets=tuple(args.preset or PRESETS), seed=args.seed)
     for name, path in written.items():
         print(f"{name}\t{path}")
     return 0

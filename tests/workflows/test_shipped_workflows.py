@@ -1,0 +1,41 @@
+"""The shipped workflows: both formats agree, each validates, and they run as shipped."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraloom import Runtime
+from loraloom.cli import main
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("_api"))
+
+
+def test_every_workflow_ships_in_both_formats():
+    assert {"blend", "merge_dare", "fuse_compile"} <= set(NAMES), NAMES
+    for name in NAMES:
+        assert (WORKFLOWS / f"{name}_api.json").is_file(), f"{name}: API format missing"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_and_api_formats_agree_and_validate(name, tmp_path):
+    rt = Runtime(lora_dirs=[tmp_path], output_dir=tmp_path / "out")
+    ui = rt.validate(WORKFLOWS / f"{name}.json")
+    api = rt.validate(WORKFLOWS / f"{name}_api.json")
+    assert ui.nodes == api.nodes, f"{name}: the UI file must mean exactly what the API file means"
+    assert ui.outputs, f"{name}: must have an output node"
+
+
+def test_blend_runs_headless_and_embeds_the_workflow(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", str(WORKFLOWS / "blend.json"), "--no-progress", "--set", "5.steps=3", "--set", "5.width=64",
+                 "--set", "5.height=64"])
+    assert code == 0, capsys.readouterr().err
+    png = tmp_path / "output" / "blend_00001_.png"
+    assert png.is_file(), "the default output folder is ./output"
+    text = Image.open(png).text
+    assert json.loads(text["prompt"])["4"]["class_type"] == "WeightedBlend"
+    assert json.loads(text["workflow"])["version"] == 0.4, "a UI workflow is embedded as ComfyUI does"
