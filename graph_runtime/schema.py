@@ -160,21 +160,22 @@ class NodeSchema:
     @property
     def widgets(self) -> list[Input]:
         """Widget inputs in the editor's order (required first, then optional)."""
-        return [i for i in self._ordered() if i.is_widget]
+        return [i for i in self.ordered_inputs() if i.is_widget]
 
-    def _ordered(self) -> list[Input]:
+    def ordered_inputs(self) -> list[Input]:
+        """Inputs in ComfyUI's order: required first, then optional (the editor's widget order)."""
         return [i for i in self.inputs if not i.optional] + [i for i in self.inputs if i.optional]
 
     def input_types(self) -> dict:
         """ComfyUI's ``INPUT_TYPES()`` dict."""
         out: dict[str, dict] = {"required": {}}
-        for inp in self._ordered():
+        for inp in self.ordered_inputs():
             out.setdefault("optional" if inp.optional else "required", {})[inp.name] = inp.comfy_spec()
         return out
 
     def object_info(self) -> dict:
         """This node in the shape of ComfyUI's ``/object_info`` JSON."""
-        ordered = self._ordered()
+        ordered = self.ordered_inputs()
         return {
             "input": self.input_types(),
             "input_order": {

@@ -323,7 +323,7 @@ def api_to_ui(prompt: dict, registry: NodeRegistry) -> dict:
         entry = prompt[nid]
         cls = registry.get(entry["class_type"])
         inputs, widgets = [], []
-        schema_inputs = cls.SCHEMA.inputs if cls else []
+        schema_inputs = cls.SCHEMA.ordered_inputs() if cls else []
         for inp in schema_inputs:
             value = entry["inputs"].get(inp.name, inp.default if inp.has_default else None)
             if is_link(value):
