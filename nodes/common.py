@@ -64,9 +64,14 @@ def unique_output(prefix: str, suffix: str) -> Path:
         n += 1
 
 
+TEMP_SUBFOLDER = "temp"  # previews live in <output>/temp/, ComfyUI's type "temp"
+
+
 def output_ref(path: Path, kind: str = "output") -> dict:
-    """ComfyUI's reference to a saved file: ``{"filename", "subfolder", "type"}``."""
-    rel = Path(path).relative_to(folders().output_dir.resolve())
+    """ComfyUI's reference to a saved file: ``{"filename", "subfolder", "type"}``; a ``temp`` file's
+    subfolder is relative to the temp folder, as ComfyUI's ``/view?type=temp`` expects."""
+    root = folders().output_dir.resolve()
+    rel = Path(path).relative_to(root / TEMP_SUBFOLDER if kind == "temp" else root)
     return {"filename": rel.name, "subfolder": "" if rel.parent == Path(".") else rel.parent.as_posix(),
             "type": kind}
 

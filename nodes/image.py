@@ -8,7 +8,7 @@ import json
 
 from ..graph_runtime.context import current_context
 from ..graph_runtime.schema import Link, String, node
-from .common import CATEGORY, IMAGE, atomic_write_bytes, output_ref, unique_output
+from .common import CATEGORY, IMAGE, TEMP_SUBFOLDER, atomic_write_bytes, output_ref, unique_output
 
 
 def png_bytes(image, prompt: dict | None, workflow: dict | None) -> bytes:
@@ -55,4 +55,4 @@ class PreviewImage:
     """Write images to the output folder's temp/ subfolder for viewing."""
 
     def execute(self, images):
-        return {"ui": {"images": save_images(images, "temp/preview", "temp")}}
+        return {"ui": {"images": save_images(images, f"{TEMP_SUBFOLDER}/preview", "temp")}}
