@@ -55,6 +55,9 @@ class SaveLoRA:
         out = cast_lora(lora, getattr(torch, SAVE_DTYPES[dtype]))
         provenance = {"source_fingerprint": lora.fingerprint, "source_format": lora.source_format,
                       "saved_dtype": dtype}
+        if lora.source_format == "derived":  # a merge made in this graph: keep how it was made
+            provenance.update({k.removeprefix("loraloom."): v for k, v in lora.metadata.items()
+                               if k.startswith("loraloom.")})
         if format == "kohya":
             write_kohya(out, path, provenance=provenance)
         else:

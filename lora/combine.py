@@ -1,0 +1,70 @@
+"""Merge LoRA values into one new LoRA value (the PeftMerge node's work), with provenance.
+
+`merge_lora_values` turns each LoRA's modules into `merge.Factors`, runs `merge.merge_loras` (peft's
+``add_weighted_adapter`` maths, every combination type) and wraps the result as a portable `LoRA`:
+float32 factors, alpha = rank, a derived fingerprint, and ``loraloom.*`` metadata saying how it was
+made and how far it is from the exact weighted sum.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence
+
+from .apply import as_lora
+from .canonical import COMPONENTS, LoRA, LoRAModule, derived_fingerprint
+from .merge import DENSITY_METHODS, SIGN_ELECTION_METHODS, SVD_METHODS, Factors, MergeReport, merge_loras
+
+
+def merge_lora_values(loras: Sequence[LoRA], method: str, weights: Sequence[float], *, density: float = 0.5,
+                      majority_sign_method: str = "total", svd_rank: int | None = None,
+                      svd_clamp: float | None = None, seed: int | None = 0,
+                      names: Sequence[str] | None = None,
+                      check_interrupt: Callable[[], None] | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> tuple[LoRA, MergeReport]:
+    """Merge ``loras`` with ``method``; returns the new LoRA and the merge report. LoHa/LoKr modules
+    are converted to exact LoRA factors first. Parameters a method does not use are ignored."""
+    sources = [as_lora(lora) for lora in loras]
+    keys = []
+    for lora in sources:
+        for component, path, _ in lora.modules():
+            if (component, path) not in keys:
+                keys.append((component, path))
+    modules = {}
+    for component, path in sorted(keys, key=lambda k: (COMPONENTS.index(k[0]), k[1])):
+        factors = []
+        for lora in sources:
+            m = lora.components.get(component, {}).get(path)
+            factors.append(None if m is None else Factors(m.down, m.up, m.scale))
+        modules[f"{component}.{path}"] = factors
+    params = {
+        "density": density if method in DENSITY_METHODS else None,
+        "majority_sign_method": majority_sign_method if method in SIGN_ELECTION_METHODS else "total",
+        "svd_rank": svd_rank if method in SVD_METHODS else None,
+        "svd_clamp": svd_clamp if method in SVD_METHODS else None,
+        "seed": seed,
+    }
+    result = merge_loras(method, modules, list(weights), check_interrupt=check_interrupt, progress=progress,
+                         **params)
+    components: dict[str, dict[str, LoRAModule]] = {}
+    for key, merged in result.modules.items():
+        component, path = key.split(".", 1)
+        components.setdefault(component, {})[path] = LoRAModule(merged.down, merged.up, merged.alpha, key=key)
+    report = result.report
+    names = list(names) if names is not None else [lora.path or lora.fingerprint[:12] for lora in loras]
+    metadata = {
+        "loraloom.merge_method": method,
+        "loraloom.merge_parameters": json.dumps({"weights": list(report.weights), **dict(report.parameters)},
+                                                sort_keys=True),
+        "loraloom.merge_sources": json.dumps([{"name": n, "fingerprint": lora.fingerprint}
+                                              for n, lora in zip(names, loras)]),
+        "loraloom.merge_report": json.dumps({c: {"modules": r.modules, "rel_error": r.rel_error,
+                                                 "median_rel_error": r.median_rel_error,
+                                                 "max_rel_error": r.max_rel_error, "energy_kept": r.energy_kept}
+                                             for c, r in report.components.items()}, sort_keys=True),
+    }
+    fingerprint = derived_fingerprint(f"merge:{method}", [lora.fingerprint for lora in loras],
+                                      {"weights": list(weights), **params})
+    merged_lora = LoRA(components, source_format="derived", metadata=metadata, fingerprint=fingerprint,
+                       notes=(report.summary(),))
+    return merged_lora, report

@@ -1,0 +1,177 @@
+"""Element-wise task-tensor maths shared by every merge family: pruning, sign election, disjoint merge.
+
+These are the operations of ``peft.utils.merge_utils`` (task arithmetic, magnitude and random
+pruning, TIES sign election and disjoint merge), written so that they give the same numbers as
+peft, in the same order of floating-point operations, with two differences that matter here:
+
+- random pruning (DARE) takes a ``torch.Generator``; ``None`` draws from torch's global RNG exactly
+  as peft does (one ``torch.bernoulli`` per tensor, in the order the tensors are given);
+- magnitude pruning finds the k-th largest magnitude with ``torch.kthvalue`` instead of
+  ``torch.topk(k)``: it keeps the same k entries (ties at the threshold are the only freedom, see
+  `magnitude_prune`) and is 6x faster on a 10240x1280 delta (0.47 s vs 3.1 s).
+
+A "task tensor" is one source's tensor (a LoRA factor, or a full delta); the lists given here hold
+one per source, all of one shape, float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+SIGN_METHODS = ("total", "frequency")
+"""Valid ``majority_sign_method`` values (as peft)."""
+
+
+def weight_vector(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """`weights` as a float32 vector shaped to broadcast over a stack of tensors like `like`.
+
+    peft builds ``torch.tensor(list_of_floats)`` (float32) and multiplies the stacked tensors by it;
+    doing the same keeps the results bit-identical.
+    """
+    w = torch.tensor(list(weights), dtype=torch.float32, device=like.device)
+    return w.view(w.shape + (1,) * like.dim())
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Task arithmetic: ``sum_i weights[i] * tensors[i]``."""
+    stacked = torch.stack(list(tensors), dim=0)
+    return (stacked * weight_vector(weights, tensors[0])).sum(dim=0)
+
+
+def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``int(density * numel)`` entries of largest magnitude, zero the rest.
+
+    Same entries as peft's ``torch.topk`` mask. When several entries share the threshold magnitude
+    and only some of them fit, the first ones in row-major order are kept (topk's own choice is
+    unspecified); for zeros this changes nothing, for equal non-zero magnitudes it is the only
+    possible difference from peft.
+    """
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    k = int(density * n)
+    if k <= 0:
+        return tensor * torch.zeros_like(tensor)
+    mag = tensor.abs().reshape(-1)
+    threshold = kth_largest(mag, k)
+    keep = mag >= threshold
+    if int(keep.sum()) > k:  # several entries share the threshold magnitude: keep the first ones
+        keep = mag > threshold
+        ties = torch.nonzero(mag == threshold).flatten()[: k - int(keep.sum())]
+        keep[ties] = True
+    # where() rather than peft's multiply by a 0/1 mask: one full-size pass less, same values (a
+    # dropped negative entry is +0.0 instead of -0.0, which no later sum or sign election can tell).
+    return torch.where(keep.reshape(tensor.shape), tensor, 0.0)
+
+
+_SAMPLE = 1 << 16
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of the 1-D tensor `values` (exactly ``torch.kthvalue(values, n - k + 1)``).
+
+    Large inputs: a strided sample brackets the answer, one pass counts the entries above the
+    bracket and gathers those inside it, and the selection runs on that small band (about 10x less
+    work at 13M entries). The counts prove the answer lies in the band; when an unlucky sample
+    misses it, the plain kthvalue runs.
+    """
+    n = values.numel()
+    if n <= 16 * _SAMPLE:
+        return torch.kthvalue(values, n - k + 1).values
+    sample = values[:: n // _SAMPLE]
+    s = sample.numel()
+    below = (n - k) / n * s  # expected rank of the answer inside the sample
+    margin = 6 * math.sqrt(max(below * (s - below) / s, 1.0)) + 8
+    lo = torch.kthvalue(sample, max(1, math.floor(below - margin))).values
+    hi = torch.kthvalue(sample, min(s, math.ceil(below + margin) + 1)).values
+    above = int((values > hi).sum())
+    band = values[(values >= lo) & (values <= hi)]
+    if above < k <= above + band.numel():
+        return torch.kthvalue(band, band.numel() - (k - above) + 1).values
+    return torch.kthvalue(values, n - k + 1).values
+
+
+def random_prune(
+    tensor: torch.Tensor,
+    density: float,
+    generator: torch.Generator | None,
+    *,
+    mask_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`, rescale the kept ones by ``1 / density``.
+
+    The Bernoulli probabilities are built in `mask_dtype` (default: the tensor's dtype). peft builds
+    them with ``full_like`` on the adapter's own dtype, so reproducing a bf16 adapter's draws needs
+    ``mask_dtype=torch.bfloat16`` (0.7 rounds to 0.69921875 there).
+    """
+    if density >= 1:
+        return tensor
+    p = torch.full(tensor.shape, density, dtype=mask_dtype or tensor.dtype, device=tensor.device)
+    mask = torch.bernoulli(p, generator=generator).to(tensor.dtype)
+    return tensor * mask / density
+
+
+def elect_positive(tensors: Sequence[torch.Tensor], method: str) -> torch.Tensor:
+    """TIES sign election: True where the elected sign is + (a tie or zero elects +, as in peft).
+
+    ``"total"`` elects the sign of the sum of the values, ``"frequency"`` the sign most sources hold.
+    Sums run source by source in order: the same additions as peft's ``stack(...).sum(dim=0)``.
+    """
+    if method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method {method!r} is not one of {SIGN_METHODS}")
+    pick = (lambda t: t) if method == "total" else torch.sign
+    acc = pick(tensors[0]).clone()
+    for t in tensors[1:]:
+        acc += pick(t)
+    return acc >= 0
+
+
+def disjoint_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], positive: torch.Tensor) -> torch.Tensor:
+    """TIES disjoint merge: mean of ``weights[i] * tensors[i]`` over the sources whose sign agrees
+    with the elected one (`positive`); 0 where none does. Zero entries never agree (sign 0).
+
+    Same values as peft's stack / mask / sum / divide, one source at a time: no stacked copies, so
+    a 10240x1280 delta pair needs a third of peft's temporaries. (A dropped entry contributes +0.0
+    where peft's multiply-by-mask gives -0.0; no sum or division can tell them apart.)
+    """
+    mixed = count = None
+    for t, w in zip(tensors, weight_vector(weights, tensors[0]).flatten()):
+        agree = torch.where(positive, t > 0, t < 0)
+        term = torch.where(agree, t * w, 0.0)
+        mixed = term if mixed is None else mixed.add_(term)
+        count = agree.to(t.dtype) if count is None else count.add_(agree)
+    return mixed / torch.clamp(count, min=1.0)
+
+
+def combine(
+    kind: str,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    density: float | None,
+    majority_sign_method: str,
+    generator: torch.Generator | None,
+    mask_dtypes: Sequence[torch.dtype] | None = None,
+) -> torch.Tensor:
+    """One task-tensor combination, as peft's merge_utils names them.
+
+    `kind` is one of ``linear`` (task arithmetic), ``ties``, ``dare_linear``, ``dare_ties``,
+    ``magnitude_prune``. Pruning happens per source before weighting; TIES elects signs on the
+    pruned, unweighted tensors (peft's order). Random draws go one tensor at a time, in order, each
+    with its Bernoulli probabilities in ``mask_dtypes[i]`` (default: the tensor's dtype).
+    """
+    if kind == "linear":
+        return weighted_sum(tensors, weights)
+    assert density is not None, "density is validated by the caller"
+    if kind in ("ties", "magnitude_prune"):
+        pruned = [magnitude_prune(t, density) for t in tensors]
+    elif kind in ("dare_linear", "dare_ties"):
+        dtypes = mask_dtypes or [None] * len(tensors)
+        pruned = [random_prune(t, density, generator, mask_dtype=d) for t, d in zip(tensors, dtypes)]
+    else:
+        raise ValueError(f"unknown task-tensor combination {kind!r}")
+    if kind in ("magnitude_prune", "dare_linear"):
+        return weighted_sum(pruned, weights)
+    return disjoint_merge(pruned, weights, elect_positive(pruned, majority_sign_method))

@@ -1,0 +1,136 @@
+"""PeftMerge against peft's own add_weighted_adapter on the tiny base, and the save nodes."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from loraloom.graph_runtime import ExecutionError
+
+DEMO = ("demo-a.safetensors", "demo-b.safetensors")
+
+
+def merge_workflow(method, weights=(1.0, 0.6), density=0.5, names=DEMO, extra=None):
+    wf = {
+        "1": {"class_type": "LoadLoRA", "inputs": {"lora_name": names[0]}},
+        "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": names[1]}},
+        "3": {"class_type": "PeftMerge", "inputs": {"lora_a": ["1", 0], "weight_a": weights[0], "lora_b": ["2", 0],
+                                                    "weight_b": weights[1], "method": method, "density": density,
+                                                    "seed": 5}},
+        "4": {"class_type": "SaveLoRA", "inputs": {"lora": ["3", 0], "filename_prefix": "merged", "format": "kohya",
+                                                   "dtype": "fp32"}},
+    }
+    wf.update(extra or {})
+    return wf
+
+
+def peft_reference(loras, weights, method, density=0.5):
+    """The guide's flow: the tiny UNet as a PeftModel with both LoRAs as adapters, then peft's own
+    add_weighted_adapter. Returns {module path: merged delta}."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraloom.models.presets import build_pipeline
+
+    unet = copy.deepcopy(build_pipeline("tiny-sdxl", dtype="fp32", device="cpu").unet)
+    model = None
+    for name, lora in zip("ab", loras):
+        mods = lora.components["unet"]
+        config = LoraConfig(r=8, lora_alpha=8, target_modules=sorted(mods),
+                            alpha_pattern={p: m.alpha for p, m in mods.items()})
+        if model is None:
+            model = get_peft_model(unet, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        for path, m in mods.items():
+            layer = model.base_model.model.get_submodule(path)
+            layer.lora_A[name].weight.data.copy_(m.down)
+            layer.lora_B[name].weight.data.copy_(m.up)
+    model.add_weighted_adapter(["a", "b"], list(weights), "m", combination_type=method, density=density)
+    out = {}
+    for path in loras[0].components["unet"]:
+        layer = model.base_model.model.get_submodule(path)
+        out[path] = (layer.lora_B["m"].weight @ layer.lora_A["m"].weight) * layer.scaling["m"]
+    return out
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear", "ties", "magnitude_prune", "ties_svd"])
+def test_merge_node_matches_peft_add_weighted_adapter(runtime, method):
+    result = runtime.run(merge_workflow(method))
+    merged = result.value("3")
+    ref = peft_reference([result.value("1"), result.value("2")], (1.0, 0.6), method)
+    worst = 0.0
+    for path, expected in ref.items():
+        m = merged.components["unet"][path]
+        ours = m.up @ m.down * (m.alpha / m.rank)
+        worst = max(worst, ((ours - expected).norm() / expected.norm().clamp_min(1e-12)).item())
+    assert worst < 1e-3, f"{method}: worst relative difference from peft per module {worst:.2e}"
+    assert all(m.down.dtype == torch.float32 for _, _, m in merged.modules()), "merged factors stay fp32"
+
+
+def test_dare_is_reproducible_whatever_ran_before(runtime):
+    first = runtime.run(merge_workflow("dare_linear")).value("3")
+    runtime.cache.clear()
+    torch.manual_seed(1234)
+    torch.rand(1000)
+    second = runtime.run(merge_workflow("dare_linear")).value("3")
+    for c, p, m in first.modules():
+        assert torch.equal(m.up, second.components[c][p].up), f"{c}.{p}: DARE must not depend on the global RNG"
+    other = runtime.run(merge_workflow("dare_linear"), overrides={"3.seed": 6}).value("3")
+    assert any(not torch.equal(m.up, other.components[c][p].up) for c, p, m in first.modules()), \
+        "another seed prunes differently"
+
+
+def test_rank_mismatch_refused_naming_ranks_and_methods(runtime):
+    names = (runtime.names["tiny-sdxl/kohya"], DEMO[0])
+    with pytest.raises(ExecutionError) as info:
+        runtime.run(merge_workflow("dare_linear", names=names))
+    text = str(info.value)
+    assert "node 3 (PeftMerge)" in text and "rank" in text and "cat" in text and "svd" in text, text
+    cat = runtime.run(merge_workflow("cat", names=names)).value("3")
+    assert cat.n_modules > 0, "cat accepts different ranks"
+
+
+def test_report_in_ui_and_saved_file(runtime, tmp_path):
+    from loraloom.lora.readers import read_lora
+
+    result = runtime.run(merge_workflow("svd"))
+    summary = result.value("3").notes[0]
+    assert "relative error" in summary and "energy kept" in summary, summary
+    ref = result.outputs["4"]["loras"][0]
+    saved = read_lora(tmp_path / "out" / ref["subfolder"] / ref["filename"])
+    report = json.loads(saved.metadata["loraloom.merge_report"])
+    assert set(report) == {"unet", "text_encoder", "text_encoder_2"}
+    assert 0.0 <= report["unet"]["rel_error"] < 1.0 and 0.0 < report["unet"]["energy_kept"] <= 1.0
+    assert saved.metadata["loraloom.merge_method"] == "svd"
+    for c, p, m in result.value("3").modules():
+        assert torch.equal(saved.components[c][p].up, m.up), "an fp32 kohya save round-trips exactly"
+
+
+def test_save_lora_never_overwrites(runtime, tmp_path):
+    first = runtime.run(merge_workflow("cat")).outputs["4"]["loras"][0]["filename"]
+    second = runtime.run(merge_workflow("cat"), overrides={"4.dtype": "fp16"}).outputs["4"]["loras"][0]["filename"]
+    assert (first, second) == ("merged_00001_.safetensors", "merged_00002_.safetensors")
+    leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+
+
+def test_save_pipeline_writes_the_fused_model(runtime, tmp_path):
+    from loraloom.models.loading import load_base
+
+    wf = {
+        "1": {"class_type": "LoadBase", "inputs": {"source": "tiny-sd15", "dtype": "fp32", "device": "cpu"}},
+        "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": runtime.names["tiny-sd15/kohya"]}},
+        "3": {"class_type": "WeightedBlend", "inputs": {"model": ["1", 0], "lora": ["2", 0], "weight": 0.8}},
+        "4": {"class_type": "Fuse", "inputs": {"model": ["3", 0]}},
+        "5": {"class_type": "SavePipeline", "inputs": {"model": ["4", 0], "filename_prefix": "pipes/fused"}},
+        "6": {"class_type": "Sample", "inputs": {"model": ["4", 0], "steps": 2, "width": 64, "height": 64}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+    result = runtime.run(wf)
+    ref = result.outputs["5"]["pipelines"][0]
+    folder = tmp_path / "out" / ref["subfolder"] / ref["filename"]
+    pipe = load_base(folder, dtype="fp32", device="cpu").pipeline
+    image = pipe(prompt="a photo of a cat", num_inference_steps=2, width=64, height=64, guidance_scale=7.0,
+                 generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images.permute(0, 2, 3, 1)
+    assert torch.allclose(image, result.value("6"), atol=1e-5), "the saved pipeline samples what the recipe samples"
