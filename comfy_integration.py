@@ -3,7 +3,6 @@ ComfyUI's interrupt button. Outside ComfyUI this module does nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from .graph_runtime.context import ExecutionContext, set_default_context
@@ -38,7 +37,11 @@ def comfy_folders() -> Folders:
 
 def install_if_in_comfyui() -> bool:
     """Use ComfyUI's folders, progress and interrupt when running inside ComfyUI."""
-    if importlib.util.find_spec("folder_paths") is None or importlib.util.find_spec("comfy") is None:
+    try:  # only ComfyUI has folder_paths; it is imported before any custom node loads
+        import comfy.model_management  # noqa: F401
+        import comfy.utils  # noqa: F401
+        import folder_paths  # noqa: F401
+    except ImportError:
         return False
     set_default_context(ComfyContext(folders=comfy_folders()))
     return True

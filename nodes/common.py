@@ -52,6 +52,18 @@ def list_config_folders() -> list[str]:
     return ["auto"] + _diffusers_folders()
 
 
+def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
+    """Validation-time check that an output name stays inside the output folder."""
+    from ..graph_runtime.errors import PathError
+    from ..graph_runtime.paths import check_relative_name
+
+    try:
+        check_relative_name(constants.get(name, ""), "output")
+    except PathError as exc:
+        return {name: str(exc)}
+    return {}
+
+
 def unique_output(prefix: str, suffix: str) -> Path:
     """A new path ``<prefix>_00001_<suffix>`` under the output folder (ComfyUI's numbering): never an
     existing file, never outside the output root."""

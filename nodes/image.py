@@ -8,7 +8,7 @@ import json
 
 from ..graph_runtime.context import current_context
 from ..graph_runtime.schema import Link, String, node
-from .common import CATEGORY, IMAGE, TEMP_SUBFOLDER, atomic_write_bytes, output_ref, unique_output
+from .common import CATEGORY, check_prefix, IMAGE, TEMP_SUBFOLDER, atomic_write_bytes, output_ref, unique_output
 
 
 def png_bytes(image, prompt: dict | None, workflow: dict | None) -> bytes:
@@ -44,6 +44,10 @@ def save_images(images, prefix: str, kind: str) -> list[dict]:
       inputs=[Link("images", IMAGE), String("filename_prefix", "ComfyUI")], outputs=[], comfy_export=False)
 class SaveImage:
     """Save images as PNG files in the output folder, with the workflow embedded."""
+
+    @classmethod
+    def check_inputs(cls, constants: dict) -> dict:
+        return check_prefix(constants)
 
     def execute(self, images, filename_prefix):
         return {"ui": {"images": save_images(images, filename_prefix, "output")}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..graph_runtime.schema import Combo, Link, Output, String, node
-from .common import CATEGORY, LORA, folders, list_loras, output_ref, unique_output
+from .common import CATEGORY, check_prefix, LORA, folders, list_loras, output_ref, unique_output
 
 SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -45,6 +45,10 @@ def cast_lora(lora, dtype):
       outputs=[])
 class SaveLoRA:
     """Write a LoRA file atomically under the output folder, with provenance in its metadata."""
+
+    @classmethod
+    def check_inputs(cls, constants: dict) -> dict:
+        return check_prefix(constants)
 
     def execute(self, lora, filename_prefix, format, dtype):
         import torch

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..graph_runtime.context import current_context
 from ..graph_runtime.schema import Link, String, node
-from .common import CATEGORY, MODEL, folders, model_pool, output_ref
+from .common import CATEGORY, check_prefix, MODEL, folders, model_pool, output_ref
 
 
 @node(category=f"{CATEGORY}/model", display_name="Save Pipeline", output_node=True,
@@ -17,6 +17,10 @@ from .common import CATEGORY, MODEL, folders, model_pool, output_ref
 class SavePipeline:
     """save_pretrained of the model with every LoRA of the recipe fused in, as a new folder under the
     output folder (written to a temp folder first, then renamed: never half a folder)."""
+
+    @classmethod
+    def check_inputs(cls, constants: dict) -> dict:
+        return check_prefix(constants)
 
     def execute(self, model, filename_prefix):
         f = folders()

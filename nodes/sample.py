@@ -16,7 +16,6 @@ SCHEDULERS = {
     "dpm++_sde": ("DPMSolverSinglestepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
 }
@@ -54,8 +53,11 @@ class Sample:
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:
-        return {name: f"{constants[name]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)"
-                for name in ("width", "height") if isinstance(constants.get(name), int) and constants[name] % 8}
+        problems = {name: f"{constants[name]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)"
+                    for name in ("width", "height") if isinstance(constants.get(name), int) and constants[name] % 8}
+        if constants.get("scheduler") == "pndm" and isinstance(constants.get("steps"), int) and constants["steps"] < 4:
+            problems["steps"] = f"{constants['steps']} is below 4, the fewest steps the pndm scheduler can take"
+        return problems
 
     def execute(self, model, prompt, negative_prompt, seed, steps, guidance, width, height, scheduler,
                 batch_size, lora_scale):
