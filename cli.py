@@ -10,9 +10,9 @@ import json
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_write_bytes
 from .graph_runtime.errors import Interrupted, LoomError, ValidationError, WorkflowError
 from .graph_runtime.jsonio import loads_strict
 
@@ -67,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", choices=["api", "ui"], default="api",
                       help="api (default): what `run` and ComfyUI's /prompt take; ui: opens in the editor")
     _folder_args(conv)
+
+    serve = sub.add_parser("serve", help="the visual editor and a ComfyUI-compatible API on this machine",
+                           description="Serve ComfyUI's web frontend and the part of ComfyUI's HTTP + websocket "
+                                       "API it and API clients use, running workflows on this runtime. Needs "
+                                       "pip install 'loraloom[editor]'.")
+    serve.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
+                       help="address to bind (default 127.0.0.1; any other needs a token)")
+    serve.add_argument("--port", type=int, default=8188, metavar="N", help="port (default 8188, ComfyUI's)")
+    serve.add_argument("--token", metavar="T", help="require this token on every request (else "
+                                                    "LORALOOM_SERVE_TOKEN); open http://HOST:PORT/?token=T")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="H",
+                       help="also accept this host name in requests' Host header (repeatable)")
+    serve.add_argument("--user-dir", metavar="DIR", help="settings, saved workflows, queue and history (else "
+                                                         "LORALOOM_USER_DIR, else ~/.local/share/loraloom)")
+    serve.add_argument("--cache-bytes", type=int, metavar="N", help="byte budget of the result cache")
+    _folder_args(serve)
     return parser
 
 
@@ -92,21 +108,6 @@ def _runtime(args, **extra):
 
     load_node_modules(args.nodes_module)
     return Runtime(lora_dirs=args.lora_dir, models_dir=args.models_dir, output_dir=args.output_dir, **extra)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a whole file or nothing: a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _Progress:
@@ -220,14 +221,36 @@ def cmd_convert(args) -> int:
     data = api_to_ui(prompt, rt.registry) if args.to == "ui" else prompt
     text = json.dumps(data, indent=2) + "\n"
     if args.output:
-        write_atomic(Path(args.output), text.encode())
+        atomic_write_bytes(args.output, text.encode())
         print(f"wrote {args.output} ({len(prompt)} nodes)", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "convert": cmd_convert}
+def cmd_serve(args) -> int:
+    try:
+        from .server import ServerConfig, ServerConfigError, check_listen, serve
+        from .server.app import ENV_TOKEN
+    except ImportError as exc:
+        print(f"error: `loraloom serve` needs the editor extra ({exc.name} is missing). "
+              "Fix: pip install 'loraloom[editor]'", file=sys.stderr)
+        return EXIT_FAIL
+    config = ServerConfig(listen=args.listen, port=args.port, token=args.token or os.environ.get(ENV_TOKEN) or None,
+                          allow_hosts=tuple(args.allow_host),
+                          user_dir=Path(args.user_dir) if args.user_dir else None)
+    try:
+        check_listen(config.listen, config.token)
+    except ServerConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
+    serve(_runtime(args, **extra), config)
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "convert": cmd_convert,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from ..atomic import atomic_file
 from .canonical import LoRA, LoRAModule, Module
 from .errors import LoRAFormatError
 from .keymap import LAYOUTS, UNetLayout, kohya_module_name, te_model_path
@@ -45,24 +45,13 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, me
     time instead of being assembled into one buffer first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header, ordered = _header(tensors, metadata)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(header).to_bytes(8, "little"))
-            f.write(header)
-            for t in ordered:
-                if t.numel():
-                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; a saved LoRA should look like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for t in ordered:
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return path
 
 
@@ -90,25 +79,6 @@ def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
     return header, ordered
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
-    finally:
-        os.close(dir_fd)
-
-
-def _new_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _metadata(lora: LoRA, fmt: str, provenance: Mapping[str, Any] | None) -> dict[str, str]:

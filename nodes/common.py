@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from ..graph_runtime.context import current_context
@@ -86,19 +84,3 @@ def output_ref(path: Path, kind: str = "output") -> dict:
     rel = Path(path).relative_to(root / TEMP_SUBFOLDER if kind == "temp" else root)
     return {"filename": rel.name, "subfolder": "" if rel.parent == Path(".") else rel.parent.as_posix(),
             "type": kind}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write a whole file or nothing: temp file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -8,7 +8,8 @@ import json
 
 from ..graph_runtime.context import current_context
 from ..graph_runtime.schema import Link, String, node
-from .common import CATEGORY, check_prefix, IMAGE, TEMP_SUBFOLDER, atomic_write_bytes, output_ref, unique_output
+from ..atomic import atomic_write_bytes
+from .common import CATEGORY, IMAGE, TEMP_SUBFOLDER, check_prefix, output_ref, unique_output
 
 
 def png_bytes(image, prompt: dict | None, workflow: dict | None) -> bytes:

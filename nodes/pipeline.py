@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..graph_runtime.context import current_context
 from ..graph_runtime.schema import Link, String, node
-from .common import CATEGORY, check_prefix, MODEL, folders, model_pool, output_ref
+from .common import CATEGORY, MODEL, check_prefix, folders, model_pool, output_ref
 
 
 @node(category=f"{CATEGORY}/model", display_name="Save Pipeline", output_node=True,
