@@ -283,6 +283,10 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "conve
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loraloom`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    # The libraries' own chatter (e.g. "requires torchvision" notices) is noise on a command line;
+    # a user can still ask for it through these variables.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     if argv[:1] == ["fixtures"]:  # its own parser: the fixture generator lives in lora/
         from .lora.fixtures import main as fixtures_main
 
