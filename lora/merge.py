@@ -541,7 +541,7 @@ def merge_loras(
     n_loras = len(weights)
     applied = check_parameters(method, n_loras, weights, density=density, majority_sign_method=majority_sign_method,
                                svd_rank=svd_rank, svd_clamp=svd_clamp)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise MergeError(f"merge {method}: seed {seed!r} must be an integer or None", method=method, key="seed",
                          value=seed)
     rank_offenders: list[tuple[str, dict[int, int]]] = []
@@ -567,8 +567,9 @@ def merge_loras(
     for i, (path, factors) in enumerate(work):
         if check_interrupt is not None:
             check_interrupt()
-        device = next(f.down.device for f in factors if f is not None)
-        generator = None if seed is None else module_generator(seed, path, device)
+        generator = None
+        if seed is not None and applied.startswith("dare"):
+            generator = module_generator(int(seed), path, next(f.down.device for f in factors if f is not None))
         merged[path] = _merge_checked(path, _component(path, component), applied, factors, weights,
                                       density=density, majority_sign_method=majority_sign_method, svd_rank=rank,
                                       svd_clamp=svd_clamp, generator=generator)

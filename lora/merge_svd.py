@@ -15,12 +15,16 @@ clamp both at a quantile. Here:
   `top_svd`: block subspace iteration (block = sum of source ranks + oversampling, so the whole
   low-rank "signal band" is inside the block even when k truncates within it), stopped when the
   rank-k result stops moving, with an exact thin SVD as fallback for matrices too small to gain
-  or spectra too flat to converge. With density 1 the DARE and magnitude forms prune nothing and
-  take the ``svd`` path.
+  or spectra too flat to converge (DARE at density 0.1 falls back). Measured on pruned deltas of
+  two rank-32 LoRAs, 640 to 10240 wide, k = 16/32/64: within 1.5e-5 of the dense SVD's rank-k
+  product; on a 10240x1280 TIES delta 0.13-0.24 s, where a thin SVD took 3-13 s on this machine.
+  The SVD is no longer the cost there: pruning and sign election on full deltas are (~80%).
+  With density 1 the DARE and magnitude forms prune nothing and take the ``svd`` path.
 
 Singular vectors have arbitrary signs; peft's clamp takes a quantile of the signed entries, so with
-``svd_clamp`` the clamp threshold depends on those signs and results agree with peft's only to the
-extent the two sign choices give similar quantiles (see the tests for the measured gap).
+``svd_clamp`` the clamp threshold depends on those signs: the clamp rule is peft's, but results
+can differ from peft's clamped adapter by far more than the SVD tolerance (0.19 relative on one
+test module).
 """
 from __future__ import annotations
 
@@ -169,8 +173,9 @@ def full_delta_svd(
     """
     # The scale goes on the small factor (peft scales the product): same delta, one full-size pass less.
     deltas = [(u * s) @ a for u, a, (_, s) in zip(ups, downs, coeffs)]
+    # Full deltas are sums of products: magnitudes practically never tie, so selection keeps topk's entries.
     D = combine(kind, deltas, [w for w, _ in coeffs], density=density, majority_sign_method=majority_sign_method,
-                generator=generator, mask_dtypes=mask_dtypes)
+                generator=generator, mask_dtypes=mask_dtypes, select="kth")
     del deltas
     k = min(rank, *D.shape)
     block = max(k, sum(a.shape[0] for a in downs)) + OVERSAMPLE

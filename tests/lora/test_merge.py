@@ -67,20 +67,25 @@ class Net(nn.Module):
 
 
 TARGETS = ["to_q", "to_k", "ff", "ff_out", "conv3", "conv1", "partial"]
-MISSING = {"b": "conv1", "c": "partial"}  # adapter -> module it does not target
-ALPHAS = {"a": 16, "b": 4, "c": 8}
+MISSING = {"two": "conv1", "three": "partial"}  # adapter -> module it does not target
+# Not "a"/"b": peft warns about adapter names that are substrings of its "lora_" prefix.
+ALPHAS = {"one": 16, "two": 4, "three": 8}
 WEIGHTS = [1.0, -0.6, 0.8]
 
 
-def _build(ranks: tuple[int, int, int]):
-    """A PeftModel with adapters a, b, c of `ranks`, random factors; and our view of it."""
+def _build(ranks: tuple[int, int, int], bf16_values: bool = False):
+    """A PeftModel with adapters one, two, three of `ranks`, random factors; and our view of it.
+
+    `bf16_values` rounds the factors to bf16 values (kept in peft's fp32 adapters, as when a bf16
+    file is loaded): many magnitudes then tie, which is where pruning rules can part ways.
+    """
     torch.manual_seed(0)
     names = list(ALPHAS)
     configs = {
         n: LoraConfig(r=r, lora_alpha=ALPHAS[n], target_modules=[t for t in TARGETS if t != MISSING.get(n)])
         for n, r in zip(names, ranks)
     }
-    model = get_peft_model(Net(), configs["a"], adapter_name="a")
+    model = get_peft_model(Net(), configs["one"], adapter_name="one")
     for n in names[1:]:
         model.add_adapter(n, configs[n])
     gen = torch.Generator().manual_seed(1234)
@@ -89,7 +94,8 @@ def _build(ranks: tuple[int, int, int]):
         for layer in layers.values():
             for n in layer.lora_A:
                 for w in (layer.lora_A[n].weight, layer.lora_B[n].weight):
-                    w.copy_(torch.randn(w.shape, generator=gen) / math.sqrt(w[0].numel()))
+                    value = torch.randn(w.shape, generator=gen) / math.sqrt(w[0].numel())
+                    w.copy_(value.bfloat16() if bf16_values else value)
     modules = {
         path: [
             Factors(layer.lora_A[n].weight.detach().clone(), layer.lora_B[n].weight.detach().clone(), layer.scaling[n])
@@ -105,13 +111,14 @@ _MODELS: dict = {}
 
 
 def peft_world(ranks=(8, 8, 8)):
-    """Built once per rank triple; each test adds its merged adapter under a fresh name."""
+    """Built once per rank triple (a string suffix "bf16" for bf16 values); each test adds its
+    merged adapter under a fresh name."""
     if ranks not in _MODELS:
-        _MODELS[ranks] = _build(ranks)
+        _MODELS[ranks] = _build(tuple(r for r in ranks if r != "bf16"), bf16_values="bf16" in ranks)
     return _MODELS[ranks]
 
 
-def peft_merge(monkeypatch, ranks, method, name, weights=WEIGHTS, adapters=("a", "b", "c"), **kwargs):
+def peft_merge(monkeypatch, ranks, method, name, weights=WEIGHTS, adapters=tuple(ALPHAS), **kwargs):
     """Run peft's add_weighted_adapter; return ({path: (down, up)}, rng state at its first DARE draw)."""
     model, layers, _ = peft_world(ranks)
     captured = []
@@ -133,9 +140,9 @@ def peft_merge(monkeypatch, ranks, method, name, weights=WEIGHTS, adapters=("a",
     return out, (captured[0] if captured else None)
 
 
-def ours(ranks, method, rng_state, weights=WEIGHTS, adapters=("a", "b", "c"), **kwargs):
+def ours(ranks, method, rng_state, weights=WEIGHTS, adapters=tuple(ALPHAS), **kwargs):
     _, _, modules = peft_world(ranks)
-    index = ["a", "b", "c"]
+    index = list(ALPHAS)
     picked = {p: [fs[index.index(a)] for a in adapters] for p, fs in modules.items()}
     picked = {p: fs for p, fs in picked.items() if any(f is not None for f in fs)}
     if rng_state is not None:
@@ -248,9 +255,19 @@ def test_svd_clamp_matches_peft(method, monkeypatch):
     assert unclamped_gap > 1e-3, "clamping should change something here"
 
 
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "ties_svd", "magnitude_prune_svd"])
+def test_bf16_valued_factors_match_peft(method, monkeypatch):
+    # bf16 values tie at the pruning threshold: the factor-wise forms must break ties as topk does.
+    world = (8, 8, 8, "bf16")
+    kwargs = _kwargs(method)
+    theirs, state = peft_merge(monkeypatch, world, method, f"bf16_{method}", **kwargs)
+    compare(method, theirs, ours(world, method, state, **kwargs), bitwise=method in BITWISE,
+            tolerance=TOLERANCE.get(method, 0.0))
+
+
 def test_single_lora_is_linear_as_in_peft(monkeypatch):
-    theirs, _ = peft_merge(monkeypatch, (8, 8, 8), "svd", "single_svd", weights=[0.7], adapters=("a",))
-    result = ours((8, 8, 8), "svd", None, weights=[0.7], adapters=("a",))
+    theirs, _ = peft_merge(monkeypatch, (8, 8, 8), "svd", "single_svd", weights=[0.7], adapters=("one",))
+    result = ours((8, 8, 8), "svd", None, weights=[0.7], adapters=("one",))
     assert result.report.method_applied == "linear", "one LoRA: peft always merges with linear"
     compare("svd", theirs, result, bitwise=True)
 
@@ -306,9 +323,28 @@ def test_sign_election_rules(rule, expected):
 
 def test_magnitude_prune_keeps_exactly_k_with_ties():
     t = torch.tensor([1.0, -2.0, 2.0, 2.0, 0.5])
-    out = merge_ops.magnitude_prune(t, 0.4)  # k = 2 of three tied magnitudes 2: the first two are kept
+    out = merge_ops.magnitude_prune(t, 0.4, select="kth")  # k = 2 of three tied magnitudes 2: the first two
     assert out.tolist() == [0.0, -2.0, 2.0, 0.0, 0.0], f"got {out.tolist()}"
-    assert merge_ops.magnitude_prune(t, 0.1).abs().sum() == 0, "k = int(0.1 * 5) = 0 keeps nothing"
+    assert (merge_ops.magnitude_prune(t, 0.4) != 0).sum() == 2, "topk also keeps exactly k = 2"
+    for select in ("topk", "kth"):
+        assert merge_ops.magnitude_prune(t, 0.1, select=select).abs().sum() == 0, "k = int(0.1 * 5) = 0 keeps nothing"
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "sparse", "unlucky sample"])
+def test_kth_largest_equals_kthvalue(case):
+    # Above 2^20 entries kth_largest selects within a band bracketed by a strided sample.
+    n = 1_500_000
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(n, generator=g).abs()
+    if case == "ties":
+        values = values.mul(4).round()
+    elif case == "sparse":
+        values[torch.rand(n, generator=g) < 0.7] = 0
+    elif case == "unlucky sample":
+        values[:: n // merge_ops._SAMPLE] = 0  # the sample sees only zeros: the plain kthvalue must run
+    for k in (1, 1000, n // 2, n - 5, n):
+        got, want = merge_ops.kth_largest(values, k), torch.kthvalue(values, n - k + 1).values
+        assert got.item() == want.item(), f"{case}, k={k}: {got.item()} != {want.item()}"
 
 
 def test_dare_rescales_kept_entries():
@@ -464,7 +500,7 @@ def test_conv_merge_keeps_kernel_shape():
 def test_top_svd_agrees_with_dense_svd():
     g = torch.Generator().manual_seed(0)
     low = torch.randn(600, 64, generator=g) @ torch.randn(64, 500, generator=g)
-    D = merge_ops.magnitude_prune(low, 0.5)
+    D = merge_ops.magnitude_prune(low, 0.5, select="kth")
     U, S, Vh, solver = top_svd(D, 32, 80)
     Ue, Se, Vhe = torch.linalg.svd(D, full_matrices=False)
     want = (Ue[:, :32] * Se[:32]) @ Vhe[:32]
