@@ -1,0 +1,538 @@
+"""The HTTP routes: the part of ComfyUI's API that its web frontend and API clients use.
+
+Every API route answers both with and without the ``/api`` prefix, as ComfyUI's do. Request bodies
+are parsed with the runtime's strict JSON reader; nothing a request sends is evaluated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import sys
+import time
+import uuid
+
+from aiohttp import web
+
+from ..graph_runtime.errors import LoomError, PathError, ValidationError, WorkflowError
+from ..graph_runtime.jsonio import loads_strict
+from ..graph_runtime.paths import resolve_under
+from ..nodes.common import TEMP_SUBFOLDER
+from .security import error_body
+from .store import ERROR, INTERRUPTED, PENDING, RUNNING, SUCCESS, DuplicateId, QueueItem
+from .userdata import Conflict
+from .worker import DELETED, INTERRUPTING, UNKNOWN
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TEMPLATE_INDEX_RE = re.compile(r"^index(\.[A-Za-z_-]{1,16})?\.json$")
+# Served inline; anything else under /view is a download (``attachment``). No SVG: it can hold script.
+INLINE_IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+                 ".gif": "image/gif"}
+JOB_STATUS = {PENDING: "pending", RUNNING: "in_progress", SUCCESS: "completed", ERROR: "failed",
+              INTERRUPTED: "cancelled"}
+MAX_JOBS_PAGE = 1000
+# What ComfyUI's system_stats reports in argv; "--disable-api-nodes" tells the page there is no
+# cloud service to ask (it then makes no request beyond this server). The real argv may hold a token.
+REPORTED_ARGV = ["loraloom", "serve", "--disable-api-nodes"]
+
+
+def _error(status: int, kind: str, message: str, details: str = "", node_errors: dict | None = None):
+    body = error_body(kind, message, details)
+    if node_errors is not None:  # the prompt routes' shape
+        body["node_errors"] = node_errors
+    return web.json_response(body, status=status)
+
+
+def _bad_request(kind: str, message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps(error_body(kind, message)), content_type="application/json")
+
+
+async def _read_json(request: web.Request, *, empty=None):
+    """The request body as strict JSON (``empty`` when there is none); 400 when it is not."""
+    data = await request.read()
+    if not data.strip():
+        return empty
+    try:
+        return loads_strict(data, source="request body")
+    except WorkflowError as exc:
+        raise _bad_request("invalid_json", str(exc)) from None
+
+
+def _file_errors(handler):
+    """A name refused by the path rules is 400, an existing destination 409, bad JSON content 400."""
+
+    @functools.wraps(handler)
+    async def wrapped(self, request):
+        try:
+            return await handler(self, request)
+        except Conflict as exc:
+            return _error(409, "exists", str(exc))
+        except (PathError, WorkflowError) as exc:
+            return _error(400, "bad_path", str(exc))
+
+    return wrapped
+
+
+def _flag(request: web.Request, name: str, default: bool = False) -> bool:
+    value = request.query.get(name)
+    return default if value is None else value.lower() in ("1", "true", "yes")
+
+
+def _int_query(request: web.Request, name: str, default: int | None, low: int = 0, high: int | None = None):
+    value = request.query.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise _bad_request("bad_query", f"{name}={value!r} is not an integer") from None
+    if number < low or (high is not None and number > high):
+        raise _bad_request("bad_query", f"{name}={number} is outside {low}..{'' if high is None else high}")
+    return number
+
+
+def _ids(value, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _bad_request("invalid_request", f"'{what}' must be a list of prompt id strings")
+    return value
+
+
+def _prompt_body_problems(body: dict) -> list[str]:
+    """What is wrong with the fields of a ``POST /prompt`` body beside the prompt itself."""
+    problems = []
+    if not isinstance(body.get("extra_data", {}), dict):
+        problems.append("'extra_data' must be an object")
+    for key in ("client_id", "prompt_id"):
+        value = body.get(key)
+        if value is not None and not (isinstance(value, str) and _ID_RE.match(value)):
+            problems.append(f"'{key}' must be a string of at most 64 letters, digits, '-' or '_'")
+    targets = body.get("partial_execution_targets")
+    if targets is not None and not (isinstance(targets, list) and all(
+            isinstance(t, (str, int)) and not isinstance(t, bool) for t in targets)):
+        problems.append("'partial_execution_targets' must be a list of node ids")
+    return problems
+
+
+def _history_entry(item: QueueItem) -> dict:
+    outputs = item.result or {}
+    return {
+        "prompt": item.as_tuple(),
+        "outputs": outputs,
+        "status": {"status_str": "success" if item.status == SUCCESS else "error",
+                   "completed": item.status == SUCCESS, "messages": item.messages or []},
+        "meta": {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
+                 for nid in outputs},
+    }
+
+
+def _job(item: QueueItem, detail: bool = False) -> dict:
+    """One prompt as the frontend's jobs API lists it."""
+    job = {"id": item.prompt_id, "status": JOB_STATUS[item.status], "priority": item.number,
+           "create_time": item.extra_data.get("create_time", 0), "outputs_count": 0}
+    workflow = (item.extra_data.get("extra_pnginfo") or {}).get("workflow")
+    if isinstance(workflow, dict) and isinstance(workflow.get("id"), str):
+        job["workflow_id"] = workflow["id"]
+    for name, data in item.messages or []:
+        if name == "execution_start":
+            job["execution_start_time"] = data.get("timestamp")
+        elif name in ("execution_success", "execution_error", "execution_interrupted"):
+            job["execution_end_time"] = data.get("timestamp")
+            if name == "execution_error":
+                job["execution_error"] = data
+    outputs = item.result or {}
+    preview = None
+    for node_id, ui in outputs.items():
+        for media, entries in (ui or {}).items():
+            if not isinstance(entries, list):
+                continue
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    continue
+                job["outputs_count"] += 1
+                if media == "images" and (preview is None or (entry.get("type") == "output"
+                                                              and preview.get("type") != "output")):
+                    preview = {**entry, "nodeId": node_id, "mediaType": media}
+    if preview is not None:
+        job["preview_output"] = preview
+    if detail:
+        job["outputs"] = outputs
+        job["execution_status"] = _history_entry(item)["status"] if item.messages else None
+        job["workflow"] = {"prompt": item.prompt, "extra_data": item.extra_data}
+    return job
+
+
+class Api:
+    """The route handlers over one server's runtime, store, worker, hub and user data."""
+
+    def __init__(self, state):
+        self.state = state
+        self.rt = state.runtime
+
+    def add_routes(self, app: web.Application) -> None:
+        api = [
+            ("GET", "/ws", self.state.hub.handle),
+            ("GET", "/users", self.users), ("POST", "/users", self.create_user),
+            ("GET", "/settings", self.settings), ("POST", "/settings", self.store_settings),
+            ("GET", "/settings/{id}", self.setting), ("POST", "/settings/{id}", self.store_setting),
+            ("GET", "/userdata", self.list_userdata),
+            ("GET", "/userdata/{file}", self.get_userdata), ("POST", "/userdata/{file}", self.post_userdata),
+            ("DELETE", "/userdata/{file}", self.delete_userdata),
+            ("POST", "/userdata/{file}/move/{dest}", self.move_userdata),
+            ("GET", "/extensions", self.empty_list), ("GET", "/embeddings", self.empty_list),
+            ("GET", "/i18n", self.empty_dict), ("GET", "/workflow_templates", self.empty_dict),
+            ("GET", "/global_subgraphs", self.empty_dict),
+            ("GET", "/experiment/models", self.empty_list), ("GET", "/experiment/models/{folder}", self.empty_list),
+            ("GET", "/models", self.model_folders), ("GET", "/models/{folder}", self.model_files),
+            ("GET", "/features", self.features),
+            ("GET", "/object_info", self.object_info), ("GET", "/object_info/{node_class}", self.object_info_node),
+            ("GET", "/system_stats", self.system_stats),
+            ("GET", "/prompt", self.queue_status), ("POST", "/prompt", self.post_prompt),
+            ("GET", "/queue", self.get_queue), ("POST", "/queue", self.post_queue),
+            ("GET", "/history", self.get_history), ("POST", "/history", self.post_history),
+            ("GET", "/history/{prompt_id}", self.get_history_item),
+            ("GET", "/jobs", self.get_jobs), ("POST", "/jobs/cancel", self.cancel_jobs),
+            ("GET", "/jobs/{prompt_id}", self.get_job), ("POST", "/jobs/{prompt_id}/cancel", self.cancel_job),
+            ("POST", "/interrupt", self.interrupt), ("POST", "/free", self.free),
+            ("GET", "/view", self.view),
+        ]
+        for method, path, handler in api:
+            app.router.add_route(method, "/api" + path, handler)
+            app.router.add_route(method, path, handler)
+        app.router.add_get("/", self.index)
+        app.router.add_get("/user.css", self.user_css)
+        app.router.add_get("/templates/{name}", self.templates)
+        if self.state.frontend_dir is not None:
+            app.router.add_static("/", self.state.frontend_dir, follow_symlinks=False)
+
+    # the page
+
+    async def index(self, request):
+        if self.state.frontend_dir is None:
+            return web.Response(status=503, text="The visual editor is not installed. Fix: pip install "
+                                                 "'loraloom[editor]' (the API works without it).")
+        response = web.FileResponse(self.state.frontend_dir / "index.html")
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    async def user_css(self, request):
+        return web.Response(body=b"", content_type="text/css")
+
+    async def templates(self, request):
+        """The template indexes the page asks for at start: none ship with this server."""
+        name = request.match_info["name"]
+        if name == "index_logo.json":
+            return web.json_response({})
+        if _TEMPLATE_INDEX_RE.match(name):
+            return web.json_response([])
+        return _error(404, "not_found", f"no template {name!r}")
+
+    async def empty_list(self, request):
+        return web.json_response([])
+
+    async def empty_dict(self, request):
+        return web.json_response({})
+
+    async def features(self, request):
+        return web.json_response(self.state.features)
+
+    async def users(self, request):
+        return web.json_response({"storage": "server", "migrated": True})  # single-user mode
+
+    async def create_user(self, request):
+        return _error(400, "single_user", "this server has a single user; there are no accounts to create")
+
+    # settings and user files
+
+    async def settings(self, request):
+        return web.json_response(self.state.userdata.settings())
+
+    async def setting(self, request):
+        return web.json_response(self.state.userdata.settings().get(request.match_info["id"]))
+
+    async def store_settings(self, request):
+        values = await _read_json(request)
+        if not isinstance(values, dict):
+            return _error(400, "invalid_settings", "POST /settings takes an object of setting id -> value")
+        self.state.userdata.update_settings(values)
+        return web.json_response({})
+
+    async def store_setting(self, request):
+        value = await _read_json(request)
+        self.state.userdata.update_settings({request.match_info["id"]: value})
+        return web.json_response({})
+
+    @_file_errors
+    async def list_userdata(self, request):
+        folder = request.query.get("dir", "")
+        listing = self.state.userdata.listing(folder, recurse=_flag(request, "recurse"),
+                                              full_info=_flag(request, "full_info"), split=_flag(request, "split"))
+        if listing is None:
+            return _error(404, "not_found", f"user folder {folder!r} does not exist")
+        return web.json_response(listing)
+
+    @_file_errors
+    async def get_userdata(self, request):
+        name = request.match_info["file"]
+        found = self.state.userdata.read(name)
+        if found is None:
+            return _error(404, "not_found", f"user file {name!r} does not exist")
+        return web.Response(body=found[0], content_type=found[1])
+
+    @_file_errors
+    async def post_userdata(self, request):
+        data = await request.read()
+        path = self.state.userdata.write(request.match_info["file"], data,
+                                         overwrite=_flag(request, "overwrite", True))
+        info = self.state.userdata.info(path)
+        return web.json_response(info if _flag(request, "full_info") else info["path"])
+
+    @_file_errors
+    async def delete_userdata(self, request):
+        name = request.match_info["file"]
+        if not self.state.userdata.delete(name):
+            return _error(404, "not_found", f"user file {name!r} does not exist")
+        return web.Response(status=204)
+
+    @_file_errors
+    async def move_userdata(self, request):
+        source, dest = request.match_info["file"], request.match_info["dest"]
+        path = self.state.userdata.move(source, dest, overwrite=_flag(request, "overwrite"))
+        if path is None:
+            return _error(404, "not_found", f"user file {source!r} does not exist")
+        info = self.state.userdata.info(path)
+        return web.json_response(info if _flag(request, "full_info") else info["path"])
+
+    # nodes and models
+
+    async def object_info(self, request):
+        return web.json_response(await asyncio.to_thread(self.rt.object_info))
+
+    async def object_info_node(self, request):
+        name = request.match_info["node_class"]
+        info = await asyncio.to_thread(self.rt.object_info)
+        if name not in info:
+            return _error(404, "unknown_node", f"no node {name!r}")
+        return web.json_response({name: info[name]})
+
+    async def model_folders(self, request):
+        return web.json_response(["loras"])
+
+    async def model_files(self, request):
+        if request.match_info["folder"] != "loras":
+            return _error(404, "unknown_folder", f"no model folder {request.match_info['folder']!r}; "
+                                                 "this server lists 'loras'")
+        names = await asyncio.to_thread(self.rt.folders.list, "loras", (".safetensors",))
+        return web.json_response(names)
+
+    async def system_stats(self, request):
+        return web.json_response(_system_stats())
+
+    # queue, history, jobs
+
+    async def queue_status(self, request):
+        return web.json_response({"exec_info": {"queue_remaining": self.state.store.remaining()}})
+
+    async def post_prompt(self, request):
+        body = await _read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
+            return _error(400, "no_prompt", "No prompt provided",
+                          "the body must be an object with 'prompt': an API-format workflow", node_errors={})
+        problems = _prompt_body_problems(body)
+        if problems:
+            return _error(400, "invalid_prompt", "Invalid prompt", "; ".join(problems), node_errors={})
+        extra = body.get("extra_data", {})
+        pnginfo = extra.get("extra_pnginfo") if isinstance(extra.get("extra_pnginfo"), dict) else None
+
+        def check():  # in a thread: COMBO options list folders
+            extra_data = {"extra_pnginfo": pnginfo} if pnginfo else {}
+            workflow = self.rt.load({"prompt": body["prompt"], "extra_data": extra_data})
+            return workflow, self.rt.validate(workflow)
+
+        try:
+            workflow, valid = await asyncio.to_thread(check)
+        except ValidationError as exc:
+            return web.json_response(exc.to_json(), status=400)
+        except LoomError as exc:
+            return _error(400, "invalid_prompt", "Invalid prompt", str(exc), node_errors={})
+        outputs = valid.outputs
+        if body.get("partial_execution_targets"):
+            outputs = [str(t) for t in body["partial_execution_targets"]]
+            unknown = [t for t in outputs if t not in valid.nodes]
+            if unknown:
+                return _error(400, "invalid_prompt", "Invalid prompt",
+                              f"partial_execution_targets {unknown} are not nodes of the prompt", node_errors={})
+        # Only what a run needs is kept: other extra_data (e.g. cloud API keys) never reaches the disk.
+        extra_data = {"client_id": body.get("client_id"), "create_time": int(time.time() * 1000)}
+        if pnginfo:
+            extra_data["extra_pnginfo"] = pnginfo
+        prompt_id = body.get("prompt_id") or str(uuid.uuid4())
+        try:
+            number = self.state.store.add(prompt_id, workflow.prompt, extra_data, outputs,
+                                          front=bool(body.get("front")))
+        except DuplicateId as exc:
+            return _error(400, "duplicate_prompt_id", "Invalid prompt", str(exc), node_errors={})
+        self.state.worker.notify()
+        self.state.hub.publish_status()
+        return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
+
+    async def get_queue(self, request):
+        running, pending = self.state.store.queue()
+        return web.json_response({"queue_running": [i.as_tuple() for i in running],
+                                  "queue_pending": [i.as_tuple() for i in pending]})
+
+    async def post_queue(self, request):
+        body = await _read_json(request, empty={})
+        if not isinstance(body, dict):
+            return _error(400, "invalid_request", "POST /queue takes {'clear': true} or {'delete': [ids]}")
+        result = {"deleted": [], "interrupted": []}
+        if body.get("clear"):
+            result["deleted"] += self.state.store.delete_pending()
+        for prompt_id in _ids(body.get("delete", []), "delete"):
+            outcome = self.state.worker.cancel(prompt_id)
+            if outcome == INTERRUPTING:
+                result["interrupted"].append(prompt_id)
+            elif outcome == DELETED:
+                result["deleted"].append(prompt_id)
+        self.state.hub.publish_status()
+        return web.json_response(result)
+
+    async def get_history(self, request):
+        max_items = _int_query(request, "max_items", None, 0)
+        offset = _int_query(request, "offset", 0, 0)
+        items = self.state.store.history(max_items, offset)
+        return web.json_response({i.prompt_id: _history_entry(i) for i in items})
+
+    async def get_history_item(self, request):
+        prompt_id = request.match_info["prompt_id"]
+        item = self.state.store.get(prompt_id)
+        if item is None:
+            return _error(404, "unknown_prompt", f"no prompt {prompt_id!r} (never queued, cancelled or deleted)")
+        if item.status in (PENDING, RUNNING):
+            return web.json_response({})  # ComfyUI's answer until it is done: clients poll
+        return web.json_response({prompt_id: _history_entry(item)})
+
+    async def post_history(self, request):
+        body = await _read_json(request, empty={})
+        if not isinstance(body, dict):
+            return _error(400, "invalid_request", "POST /history takes {'clear': true} or {'delete': [ids]}")
+        deleted = []
+        if body.get("clear"):
+            deleted += self.state.store.delete_history()
+        if "delete" in body:
+            deleted += self.state.store.delete_history(_ids(body["delete"], "delete"))
+        return web.json_response({"deleted": deleted})
+
+    async def get_jobs(self, request):
+        wanted = {s for s in request.query.get("status", "").split(",") if s} or set(JOB_STATUS.values())
+        limit = _int_query(request, "limit", MAX_JOBS_PAGE, 1, MAX_JOBS_PAGE)
+        offset = _int_query(request, "offset", 0, 0)
+        workflow_id = request.query.get("workflow_id")
+        running, pending = self.state.store.queue()
+        items = running + pending + self.state.store.history()
+        jobs = [_job(i) for i in items if JOB_STATUS[i.status] in wanted]
+        if workflow_id:
+            jobs = [j for j in jobs if j.get("workflow_id") == workflow_id]
+        jobs.sort(key=lambda j: j["create_time"], reverse=request.query.get("sort_order", "desc") != "asc")
+        page = jobs[offset:offset + limit]
+        return web.json_response({"jobs": page, "pagination": {"offset": offset, "limit": limit, "total": len(jobs),
+                                                               "has_more": offset + len(page) < len(jobs)}})
+
+    async def get_job(self, request):
+        item = self.state.store.get(request.match_info["prompt_id"])
+        if item is None:
+            return _error(404, "unknown_prompt", f"no job {request.match_info['prompt_id']!r}")
+        return web.json_response(_job(item, detail=True))
+
+    async def cancel_job(self, request):
+        prompt_id = request.match_info["prompt_id"]
+        outcome = self.state.worker.cancel(prompt_id)
+        if outcome == UNKNOWN:
+            return _error(404, "unknown_prompt", f"no job {prompt_id!r}")
+        return web.json_response({"id": prompt_id, "result": outcome})
+
+    async def cancel_jobs(self, request):
+        body = await _read_json(request, empty={})
+        ids = _ids(body.get("job_ids") if isinstance(body, dict) else None, "job_ids")
+        return web.json_response({i: self.state.worker.cancel(i) for i in ids})
+
+    async def interrupt(self, request):
+        body = await _read_json(request, empty={})
+        prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+        if prompt_id is not None and not isinstance(prompt_id, str):
+            return _error(400, "invalid_request", "'prompt_id' must be a string")
+        return web.json_response({"interrupted": self.state.worker.interrupt(prompt_id)})
+
+    async def free(self, request):
+        body = await _read_json(request, empty={})
+        if not isinstance(body, dict):
+            return _error(400, "invalid_request", "POST /free takes {'unload_models': bool, 'free_memory': bool}")
+        self.state.worker.request_free(bool(body.get("unload_models")), bool(body.get("free_memory")))
+        return web.json_response({})
+
+    # files
+
+    @_file_errors
+    async def view(self, request):
+        filename = request.query.get("filename")
+        if not filename:
+            return _error(400, "bad_request", "/view needs ?filename=")
+        kind = request.query.get("type", "output")
+        output = self.rt.folders.output_dir
+        roots = {"output": output, "temp": output / TEMP_SUBFOLDER}
+        if kind not in roots:
+            return _error(400, "bad_request", f"type {kind!r}: this server serves 'output' and 'temp' files")
+        subfolder = request.query.get("subfolder", "")
+        name = f"{subfolder.rstrip('/')}/{filename}" if subfolder else filename
+        path = resolve_under(roots[kind], name, what="output file", must_exist=False)
+        if not path.is_file():
+            return _error(404, "not_found", f"no {kind} file {name!r}")
+        content_type = INLINE_IMAGES.get(path.suffix.lower())
+        disposition = "inline" if content_type else "attachment"
+        response = web.FileResponse(path, headers={
+            "Content-Type": content_type or "application/octet-stream",
+            "Content-Disposition": f'{disposition}; filename="{_header_safe(path.name)}"',
+            "Cache-Control": "no-cache"})
+        return response
+
+
+def _header_safe(name: str) -> str:
+    return "".join(c if c.isprintable() and c not in '"\\' else "_" for c in name)
+
+
+def _memory() -> tuple[int, int]:
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+    except (ValueError, OSError, AttributeError):
+        return 0, 0
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _system_stats() -> dict:
+    ram_total, ram_free = _memory()
+    devices = [{"name": f"cpu ({platform.processor() or platform.machine()})", "type": "cpu", "index": None,
+                "vram_total": ram_total, "vram_free": ram_free, "torch_vram_total": 0, "torch_vram_free": 0}]
+    torch = sys.modules.get("torch")  # reported if the runtime loaded it; never imported just for this
+    if torch is not None and torch.cuda.is_available():
+        devices = []
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            devices.append({"name": torch.cuda.get_device_name(index), "type": "cuda", "index": index,
+                            "vram_total": total, "vram_free": free, "torch_vram_total": total,
+                            "torch_vram_free": free})
+    return {"system": {"os": os.name, "ram_total": ram_total, "ram_free": ram_free,
+                       "comfyui_version": f"loraloom {_version('loraloom')}", "python_version": sys.version,
+                       "pytorch_version": _version("torch"), "embedded_python": False, "argv": REPORTED_ARGV},
+            "devices": devices}
+

@@ -1,0 +1,200 @@
+"""Safe by default: the listen-address rule and the middleware every request passes through.
+
+Rules, in order (each rejection names the rule in a JSON error body):
+
+1. ``Host`` must be an IP address, ``localhost`` or a name given with ``--allow-host``: a page on a
+   stranger's domain that re-resolves to this machine (DNS rebinding) is refused (403).
+2. A token, when configured, is required on every request and on the websocket: ``Authorization:
+   Bearer T``, the ``loraloom_token`` cookie, or ``?token=T`` (which sets the cookie; 401 otherwise).
+3. ``Sec-Fetch-Site: cross-site`` (and ``same-site``: another port or subdomain is another origin) is
+   refused (403).
+4. An ``Origin`` header must be this server's own origin as the browser sees it (``Origin: null``
+   too is refused; 403). This covers the websocket upgrade.
+5. A state-changing request (POST, PUT, PATCH, DELETE) needs ``Content-Type: application/json``, unless
+   it provably comes from the page's own origin (its ``Origin`` matched, or ``Sec-Fetch-Site:
+   same-origin``): the editor saves settings and workflows as ``text/plain`` (415 otherwise).
+6. A body above the size limit is refused before it is read (413); JSON bodies are parsed strictly
+   (depth, duplicate keys, non-finite numbers; 400). Nothing a request sends is ever evaluated.
+
+Every response carries ``X-Content-Type-Options: nosniff`` and refuses to be framed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from yarl import URL
+
+from ..graph_runtime.errors import LoomError
+
+log = logging.getLogger("loraloom.server")
+
+TOKEN_COOKIE = "loraloom_token"
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+class ServerConfigError(LoomError):
+    """The server was asked to start in an unsafe or impossible way."""
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (an IP address or ``localhost``) only reaches this machine."""
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(address: str, token: str | None) -> None:
+    """Refuse to listen beyond this machine without a token."""
+    if not is_loopback(address) and not token:
+        raise ServerConfigError(
+            f"refusing to listen on {address}: it is reachable from other machines and no token is set, "
+            "so anyone on the network could run workflows and read outputs. Fix: keep the default "
+            "--listen 127.0.0.1, or set a token with --token T (or LORALOOM_SERVE_TOKEN) and open "
+            "http://HOST:PORT/?token=T")
+
+
+@dataclass
+class SecurityPolicy:
+    """What the middleware enforces. ``allow_hosts``: extra host names accepted in ``Host``."""
+
+    token: str | None = None
+    allow_hosts: frozenset[str] = field(default_factory=frozenset)
+    max_body_bytes: int = 32 * 1024 * 1024
+
+    def host_allowed(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        if host == "localhost" or host in self.allow_hosts:
+            return True
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            return True  # rebinding needs a domain name: an address literal is never a stranger's page
+        except ValueError:
+            return False
+
+
+def error_body(kind: str, message: str, details: str = "") -> dict:
+    """A JSON error in the shape of ComfyUI's prompt errors (every error this server answers)."""
+    return {"error": {"type": kind, "message": message, "details": details, "extra_info": {}}}
+
+
+def reject(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response(error_body(kind, message), status=status)
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    try:
+        url = URL(f"http://{value}")
+    except ValueError:
+        return None
+    if not url.host or url.path not in ("", "/") or url.user or url.query_string:
+        return None
+    return url.host, url.explicit_port
+
+
+def _origin_matches(origin: str, host: str, port: int | None, scheme: str) -> bool:
+    try:
+        url = URL(origin)
+    except ValueError:
+        return False
+    if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/"):
+        return False
+    default = _DEFAULT_PORTS.get(scheme, 80)
+    return (url.scheme == scheme and url.host.lower() == host.lower()
+            and (url.explicit_port or _DEFAULT_PORTS[url.scheme]) == (port or default))
+
+
+def _token_of(request: web.Request) -> tuple[str | None, bool]:
+    """The token the request presents, and whether it came in the query string (asked for explicitly,
+    it wins over a cookie that a previous token may have left)."""
+    if "token" in request.query:
+        return request.query["token"], True
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip(), False
+    if TOKEN_COOKIE in request.cookies:
+        return request.cookies[TOKEN_COOKIE], False
+    return None, False
+
+
+def security_middleware(policy: SecurityPolicy):
+    """The aiohttp middleware enforcing ``policy`` (see the module docstring for the rules)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        refusal, from_query = _check(request, policy)
+        if refusal is not None:
+            log.warning("refused %s %s: %s", request.method, request.path, refusal.text)
+            response = refusal
+        elif from_query and request.method == "GET" and request.path == "/" \
+                and not request.headers.get("Upgrade"):
+            # Keep the token out of the address bar and history: set the cookie, drop the query.
+            response = web.Response(status=302, headers={"Location": "/"})
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                _harden(exc.headers)
+                raise
+        if from_query and refusal is None and not response.prepared:
+            response.set_cookie(TOKEN_COOKIE, policy.token, httponly=True, samesite="Strict", path="/")
+        if not response.prepared:
+            _harden(response.headers)
+        return response
+
+    return middleware
+
+
+def _harden(headers) -> None:
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["X-Frame-Options"] = "DENY"
+    headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+    headers.setdefault("Referrer-Policy", "same-origin")
+
+
+def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response | None, bool]:
+    host_header = request.headers.get("Host", "")
+    parsed = _split_host(host_header)
+    if parsed is None or not policy.host_allowed(parsed[0]):
+        return reject(403, "host_not_allowed",
+                      f"Host {host_header!r} is not allowed (a page on another domain resolving to this "
+                      "server?). Fix: open the editor by its address, e.g. http://127.0.0.1:PORT/, or start "
+                      "the server with --allow-host NAME"), False
+    host, port = parsed
+
+    from_query = False
+    if policy.token:
+        presented, from_query = _token_of(request)
+        if presented is None or not hmac.compare_digest(presented.encode(), policy.token.encode()):
+            return reject(401, "unauthorized",
+                          "this server requires its token: open http://HOST:PORT/?token=T once, or send "
+                          "'Authorization: Bearer T'"), False
+
+    fetch_site = request.headers.get("Sec-Fetch-Site", "").lower()
+    if fetch_site in ("cross-site", "same-site"):
+        return reject(403, "cross_site", f"requests from other sites are refused (Sec-Fetch-Site: {fetch_site}); "
+                                         "open the editor by typing its address"), False
+
+    origin = request.headers.get("Origin")
+    if origin is not None and not _origin_matches(origin, host, port, request.scheme):
+        return reject(403, "cross_origin", f"Origin {origin!r} is not this server's own origin"), False
+
+    if request.method in STATE_CHANGING:
+        same_origin = origin is not None or fetch_site == "same-origin"
+        if request.content_type != "application/json" and not same_origin:
+            return reject(415, "content_type",
+                          f"{request.method} {request.path} needs 'Content-Type: application/json' "
+                          f"(got {request.content_type!r})"), False
+    length = request.content_length
+    if length is not None and length > policy.max_body_bytes:
+        return reject(413, "too_large", f"a body of {length} bytes is above the limit of "
+                                        f"{policy.max_body_bytes} bytes"), False
+    return None, from_query

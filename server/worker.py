@@ -1,0 +1,238 @@
+"""The worker: one thread that runs queued prompts in order over the shared Runtime.
+
+It turns the runtime's events into ComfyUI's websocket messages and records each run in the store.
+Cancelling is atomic with respect to the worker taking the next prompt: both happen under one lock,
+so a late cancel of a finished prompt never reaches the one after it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+import traceback
+
+from ..graph_runtime import ExecutionError, Interrupted, ValidationError, Workflow
+from .hub import Hub
+from .store import ERROR, INTERRUPTED, SUCCESS, PromptStore, QueueItem
+
+log = logging.getLogger("loraloom.server")
+
+DELETED, INTERRUPTING, FINISHED, UNKNOWN = "deleted", "interrupting", "finished", "unknown"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Run:
+    """One prompt's run: forwards events to its client and keeps what the history records."""
+
+    def __init__(self, item: QueueItem, hub: Hub):
+        self.item = item
+        self.hub = hub
+        self.sid = item.extra_data.get("client_id")
+        self.outputs: dict[str, dict] = {}
+        self.messages: list[list] = []
+        self.started = False
+        self.terminal: tuple[str, dict] | None = None
+
+    def send(self, type_: str, data: dict, record: bool = False) -> None:
+        data = {**data, "prompt_id": self.item.prompt_id}
+        if record:
+            data["timestamp"] = _now_ms()
+            self.messages.append([type_, data])
+        self.hub.publish(type_, data, self.sid)
+
+    def class_of(self, node_id) -> str:
+        node = self.item.prompt.get(str(node_id)) if node_id is not None else None
+        return node.get("class_type", "") if isinstance(node, dict) else ""
+
+    def on_event(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "execution_start":
+            self.started = True
+            self.send("execution_start", {}, record=True)
+        elif kind == "execution_cached":
+            self.send("execution_cached", {"nodes": list(event["nodes"])}, record=True)
+        elif kind == "executing":
+            self.send("executing", {"node": event["node"], "display_node": event["node"]})
+        elif kind == "progress":
+            self.send("progress", {"value": event["value"], "max": event["max"], "node": event["node"]})
+        elif kind == "executed" and event.get("output") is not None:
+            self.outputs[event["node"]] = event["output"]
+            self.send("executed", {"node": event["node"], "display_node": event["node"], "output": event["output"]})
+        elif kind == "execution_error":
+            self.terminal = ("execution_error", {
+                "node_id": event["node_id"], "node_type": event["node_type"], "executed": event["executed"],
+                "exception_message": event["exception_message"], "exception_type": event["exception_type"],
+                "traceback": event["traceback"], "current_inputs": event["current_inputs"], "current_outputs": {}})
+        elif kind == "execution_interrupted":
+            node = event.get("node")
+            self.terminal = ("execution_interrupted", {"node_id": node or "", "node_type": self.class_of(node),
+                                                       "executed": event["executed"]})
+        elif kind == "execution_success":
+            self.terminal = ("execution_success", {})
+
+    def fail(self, exc: BaseException, node_id: str = "", node_type: str = "") -> None:
+        """A failure outside any node (the prompt no longer validates, or the runtime itself raised)."""
+        if not self.started:
+            self.send("execution_start", {}, record=True)
+        lines = traceback.format_exception(exc) if not isinstance(exc, ValidationError) else []
+        message = exc.describe() if isinstance(exc, ValidationError) else f"{type(exc).__name__}: {exc}"
+        self.terminal = ("execution_error", {
+            "node_id": node_id, "node_type": node_type, "executed": [], "exception_message": message,
+            "exception_type": f"{type(exc).__module__}.{type(exc).__name__}", "traceback": lines,
+            "current_inputs": {}, "current_outputs": {}})
+
+
+class Worker:
+    """Runs prompts from ``store`` one at a time on ``runtime``, in its own thread."""
+
+    def __init__(self, runtime, store: PromptStore, hub: Hub):
+        self.runtime = runtime
+        self.store = store
+        self.hub = hub
+        self._lock = threading.Lock()  # the running id and its cancel flag; claiming; cancelling
+        self._current: str | None = None
+        self._cancel = False
+        self._free = {"unload_models": False, "free_memory": False}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running_id(self) -> str | None:
+        return self._current
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loraloom-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Interrupt the running prompt and end the thread (a prompt that does not reach an interrupt
+        point in time stays ``running`` in the store and is marked interrupted at the next start)."""
+        self._stop.set()
+        self.interrupt()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def notify(self) -> None:
+        """Something was queued (or memory should be freed): wake the worker."""
+        self._wake.set()
+
+    def cancel(self, prompt_id: str) -> str:
+        """Cancel one prompt: a pending one is removed, the running one interrupted. Returns
+        ``"deleted"``, ``"interrupting"``, ``"finished"`` (nothing to do) or ``"unknown"``."""
+        with self._lock:
+            if self._current == prompt_id:
+                self._request_interrupt()
+                return INTERRUPTING
+            deleted = self.store.delete_pending([prompt_id])
+        if deleted:
+            self.hub.publish_status()
+            return DELETED
+        return FINISHED if self.store.get(prompt_id) is not None else UNKNOWN
+
+    def interrupt(self, prompt_id: str | None = None) -> str | None:
+        """Interrupt the running prompt (only if it is ``prompt_id``, when given); returns its id or None."""
+        with self._lock:
+            if self._current is None or (prompt_id is not None and prompt_id != self._current):
+                return None
+            self._request_interrupt()
+            return self._current
+
+    def _request_interrupt(self) -> None:
+        self._cancel = True
+        self.runtime.interrupt()
+
+    def request_free(self, unload_models: bool, free_memory: bool) -> None:
+        """Drop cached results and/or live models between prompts (ComfyUI's ``POST /free``)."""
+        with self._lock:
+            self._free["unload_models"] |= bool(unload_models)
+            self._free["free_memory"] |= bool(free_memory)
+        self.notify()
+
+    def _apply_free(self) -> None:
+        with self._lock:
+            unload, free = self._free["unload_models"], self._free["free_memory"]
+            self._free = {"unload_models": False, "free_memory": False}
+        if free:
+            self.runtime.cache.clear()
+        if unload or free:
+            for resource in list(self.runtime.resources.values()):
+                clear = getattr(resource, "clear", None)
+                if callable(clear):
+                    clear()
+            gc.collect()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            self._apply_free()
+            with self._lock:
+                item = self.store.claim_next()
+                self._current = item.prompt_id if item else None
+                self._cancel = False
+            if item is None:
+                self._wake.wait(timeout=5.0)
+                continue
+            self.hub.publish_status()
+            try:
+                self._run(item)
+            except Exception:  # noqa: BLE001 - the worker must outlive any prompt
+                log.exception("prompt %s: the worker failed to record its run", item.prompt_id)
+                with self._lock:
+                    self._current = None
+
+    def _run(self, item: QueueItem) -> None:
+        run = _Run(item, self.hub)
+
+        def on_event(event: dict) -> None:
+            if event["event"] == "execution_start":
+                # A cancel that came after this prompt was claimed but before the runtime cleared its
+                # interrupt flag (at the start of run) must still stop it.
+                with self._lock:
+                    if self._cancel:
+                        self.runtime.interrupt()
+            run.on_event(event)
+
+        pnginfo = item.extra_data.get("extra_pnginfo")
+        ui = pnginfo.get("workflow") if isinstance(pnginfo, dict) else None
+        workflow = Workflow(item.prompt, ui if isinstance(ui, dict) else None, f"prompt {item.prompt_id}")
+        status = ERROR
+        try:
+            result = self.runtime.run(workflow, prompt_id=item.prompt_id, outputs=item.outputs or None,
+                                      on_event=on_event)
+        except Interrupted:
+            status = INTERRUPTED
+            if run.terminal is None:
+                run.terminal = ("execution_interrupted", {"node_id": "", "node_type": "", "executed": []})
+        except ExecutionError as exc:
+            if run.terminal is None:
+                run.fail(exc, exc.node_id, exc.class_type)
+        except ValidationError as exc:
+            first = next(iter(exc.node_errors.items()), None)
+            run.fail(exc, first[0] if first else "", first[1]["class_type"] if first else "")
+        except Exception as exc:  # noqa: BLE001 - one failing prompt must not stop the worker
+            log.exception("prompt %s failed outside its nodes", item.prompt_id)
+            run.fail(exc)
+        else:
+            status = SUCCESS
+            # Cached output nodes did not run: send their outputs so the page shows them again.
+            for node_id in result.cached:
+                if node_id in result.outputs and node_id not in run.outputs:
+                    run.on_event({"event": "executed", "node": node_id, "output": result.outputs[node_id]})
+            run.outputs = dict(result.outputs)
+        terminal_type, terminal_data = run.terminal or ("execution_success", {})
+        terminal_data = {**terminal_data, "prompt_id": item.prompt_id, "timestamp": _now_ms()}
+        with self._lock:
+            self.store.finish(item.prompt_id, status, run.outputs, run.messages + [[terminal_type, terminal_data]])
+            self._current = None
+            self._cancel = False
+        # Sent after the history holds the run, so a page that reloads its queue on them sees it finished.
+        self.hub.publish(terminal_type, terminal_data, run.sid)
+        self.hub.publish("executing", {"node": None, "display_node": None, "prompt_id": item.prompt_id}, run.sid)
+        self.hub.publish_status()

@@ -1,0 +1,268 @@
+"""The queue: order, persistence across a restart, parallel submissions, cancelling (atomic, never the
+next prompt), and a failing prompt leaving the worker and the cache healthy."""
+
+import asyncio
+import random
+import threading
+import time
+
+from loraloom.graph_runtime import Runtime
+from loraloom.server.store import PromptStore
+
+
+async def queue_ids(server) -> tuple[list[str], list[str]]:
+    data = await (await server.client.get("/api/queue")).json()
+    return [i[1] for i in data["queue_running"]], [i[1] for i in data["queue_pending"]]
+
+
+async def test_prompts_run_in_order_and_front_jumps_the_queue(serve, helpers, gates):
+    async with serve() as server:
+        first = (await server.submit(helpers.chain(1, gate="first")))["prompt_id"]
+        await server.wait_running(first)
+        b = (await server.submit(helpers.chain(2)))
+        c = (await server.submit(helpers.chain(3)))
+        d = (await server.submit(helpers.chain(4), front=True))
+        assert d["number"] < 0 < b["number"] < c["number"], "front gets ComfyUI's negative number"
+        running, pending = await queue_ids(server)
+        assert running == [first] and pending == [d["prompt_id"], b["prompt_id"], c["prompt_id"]]
+        queue = await (await server.client.get("/api/queue")).json()
+        number, prompt_id, prompt, extra, outputs = queue["queue_pending"][1]
+        assert (prompt_id, prompt["1"]["inputs"]["value"], outputs) == (b["prompt_id"], 2, ["5"])
+        assert (await (await server.client.get("/prompt")).json()) == {"exec_info": {"queue_remaining": 4}}
+        gates("first").set()
+        for prompt_id in (c["prompt_id"], first):
+            await server.wait_done(prompt_id)
+        assert server.started == [first, d["prompt_id"], b["prompt_id"], c["prompt_id"]]
+
+
+async def test_parallel_submissions_get_unique_ids_and_run_exactly_once(serve, helpers):
+    async with serve() as server:
+        answers = await asyncio.gather(*(server.submit(helpers.chain(i)) for i in range(24)))
+        ids = [a["prompt_id"] for a in answers]
+        numbers = [a["number"] for a in answers]
+        assert len(set(ids)) == 24 and len(set(numbers)) == 24, "every submission gets its own id and number"
+        for prompt_id in ids:
+            entry = await server.wait_done(prompt_id)
+            assert entry["status"]["status_str"] == "success"
+        assert sorted(server.started) == sorted(ids), "each prompt ran exactly once"
+
+
+async def test_a_failing_prompt_leaves_the_worker_and_cache_healthy(serve, helpers):
+    async with serve() as server:
+        ws = await server.client.ws_connect("/ws?clientId=c1")
+        good = (await server.submit(helpers.chain(7), client_id="c1"))["prompt_id"]
+        await server.wait_done(good)
+        bad = (await server.submit(helpers.chain(7, fail=True), client_id="c1"))["prompt_id"]
+        entry = await server.wait_done(bad)
+        assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
+        error = [data for name, data in entry["status"]["messages"] if name == "execution_error"][0]
+        assert (error["node_id"], error["node_type"]) == ("4", "MaybeFail")
+        assert error["exception_message"] == "RuntimeError: asked to fail" and error["traceback"]
+        seen = []
+        while not seen or seen[-1] != ("executing", None, bad):
+            msg = await asyncio.wait_for(ws.receive_json(), timeout=10)
+            if msg["type"] != "status":
+                data = msg["data"]
+                seen.append((msg["type"], data.get("node", data.get("node_id")), data["prompt_id"]))
+        assert ("execution_error", "4", bad) in seen, "the page is told which node failed"
+
+        again = (await server.submit(helpers.chain(7), client_id="c1"))["prompt_id"]
+        entry = await server.wait_done(again)
+        assert entry["status"]["status_str"] == "success", "the worker runs the next prompt"
+        cached = [data for name, data in entry["status"]["messages"] if name == "execution_cached"]
+        assert cached and cached[0]["nodes"] == ["5"], "the cache still holds the good prompt's results"
+        await ws.close()
+
+
+async def test_cancel_a_pending_prompt_and_interrupt_the_running_one(serve, helpers, gates):
+    async with serve() as server:
+        ws = await server.client.ws_connect("/ws?clientId=c2")
+        running = (await server.submit(helpers.chain(1, gate="a"), client_id="c2"))["prompt_id"]
+        await server.wait_running(running)
+        pending = (await server.submit(helpers.chain(2)))["prompt_id"]
+        resp = await server.client.post("/api/queue", json={"delete": [pending]})
+        assert (await resp.json())["deleted"] == [pending]
+        assert (await server.client.get(f"/api/history/{pending}")).status == 404, "a cancelled prompt is gone"
+
+        assert (await (await server.client.post("/api/interrupt", json={"prompt_id": "other"})).json()) == \
+            {"interrupted": None}, "an interrupt naming another prompt does nothing"
+        resp = await server.client.post("/api/interrupt", json={"prompt_id": running})
+        assert (await resp.json()) == {"interrupted": running}
+        entry = await server.wait_done(running)
+        assert entry["status"]["status_str"] == "error"
+        assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+        kinds = []
+        while kinds[-1:] != [("executing", None)]:
+            msg = await asyncio.wait_for(ws.receive_json(), timeout=10)
+            kinds.append((msg["type"], msg["data"].get("node")))
+        assert kinds[-2:] == [("execution_interrupted", None), ("executing", None)], kinds
+        jobs = await (await server.client.get("/api/jobs?status=cancelled")).json()
+        assert [j["id"] for j in jobs["jobs"]] == [running]
+        await ws.close()
+
+
+async def test_interrupt_without_an_id_and_clear(serve, helpers, gates):
+    async with serve() as server:
+        running = (await server.submit(helpers.chain(1, gate="b")))["prompt_id"]
+        await server.wait_running(running)
+        for i in range(3):
+            await server.submit(helpers.chain(10 + i))
+        resp = await server.client.post("/queue", json={"clear": True})
+        assert len((await resp.json())["deleted"]) == 3
+        assert (await queue_ids(server)) == ([running], [])
+        resp = await server.client.post("/interrupt", headers={"Content-Type": "application/json"})
+        assert (await resp.json()) == {"interrupted": running}
+        assert (await server.wait_done(running))["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_a_late_cancel_never_kills_the_next_prompt(serve, helpers, gates):
+    async with serve() as server:
+        first = (await server.submit(helpers.chain(1)))["prompt_id"]
+        second = (await server.submit(helpers.chain(2, gate="second")))["prompt_id"]
+        await server.wait_done(first)
+        await server.wait_running(second)
+        for body in ({"prompt_id": first},):
+            assert (await (await server.client.post("/api/interrupt", json=body)).json()) == {"interrupted": None}
+        resp = await server.client.post("/api/queue", json={"delete": [first]})
+        assert (await resp.json()) == {"deleted": [], "interrupted": []}
+        resp = await server.client.post(f"/api/jobs/{first}/cancel", json={})
+        assert (await resp.json())["result"] == "finished"
+        await asyncio.sleep(0.05)
+        assert server.state.worker.running_id == second
+        gates("second").set()
+        assert (await server.wait_done(second))["status"]["status_str"] == "success"
+
+
+async def test_cancels_racing_the_worker_never_reach_the_next_prompt(serve, helpers):
+    """Cancel each prompt over and over while the worker finishes it and takes the next: every
+    prompt still succeeds (none was running when its own cancel was accepted, or it is interrupted)."""
+    async with serve() as server:
+        ids = [(await server.submit(helpers.chain(i, steps=15)))["prompt_id"] for i in range(12)]
+        finished = set()
+        stop = threading.Event()
+
+        def hammer():  # cancels prompts that already finished, from another thread, as fast as it can
+            while not stop.is_set():
+                for prompt_id in list(finished):
+                    server.state.worker.cancel(prompt_id)
+                    server.state.worker.interrupt(prompt_id)
+
+        thread = threading.Thread(target=hammer)
+        thread.start()
+        try:
+            for prompt_id in ids:
+                entry = await server.wait_done(prompt_id)
+                finished.add(prompt_id)
+                assert entry["status"]["status_str"] == "success", f"{prompt_id} was hit by another's cancel"
+        finally:
+            stop.set()
+            thread.join()
+
+
+async def test_every_cancel_answer_is_true_at_the_moment_it_is_given(serve, helpers):
+    """Cancel the head of the queue at random moments, racing the worker that claims it. 'deleted'
+    means it never runs; 'interrupting' that it was running; 'finished' that the history held it."""
+    from loraloom.server.store import FINISHED
+
+    async with serve() as server:
+        ids = [(await server.submit(helpers.chain(i, steps=2)))["prompt_id"] for i in range(60)]
+        answers, lies = {}, []
+        worker, store = server.state.worker, server.state.store
+
+        def canceller():
+            rng = random.Random(0)
+            while True:
+                running, pending = store.queue()
+                if not pending:
+                    return
+                head = pending[0].prompt_id
+                time.sleep(rng.random() * 0.003)
+                answer = worker.cancel(head)
+                status = store.get(head).status if store.get(head) else None
+                if answer == "finished" and status not in FINISHED:
+                    lies.append((head, answer, status))
+                answers[head] = answer
+
+        await asyncio.to_thread(canceller)
+        assert not lies, f"cancel answered 'finished' for prompts that were not: {lies}"
+        for prompt_id in ids:
+            if answers.get(prompt_id) == "deleted":
+                assert prompt_id not in server.started, f"{prompt_id} was deleted yet ran"
+                assert (await server.client.get(f"/api/history/{prompt_id}")).status == 404
+            else:
+                await server.wait_done(prompt_id)
+        assert len(set(answers.values())) >= 2, f"the race was not exercised: {answers}"
+
+
+class _SlowStart(Runtime):
+    """A runtime that pauses between the worker claiming a prompt and the run clearing its interrupt
+    flag: the window where a cancel used to be lost."""
+
+    entered = threading.Event()
+    proceed = threading.Event()
+
+    def run(self, *args, **kwargs):
+        if kwargs.get("prompt_id", "").startswith("slow"):
+            self.entered.set()
+            self.proceed.wait(10)
+        return super().run(*args, **kwargs)
+
+
+async def test_a_cancel_between_claim_and_run_start_is_kept(serve, helpers, make_runtime):
+    _SlowStart.entered.clear(), _SlowStart.proceed.clear()
+    async with serve(runtime=make_runtime(_SlowStart)) as server:
+        await server.submit(helpers.chain(1), prompt_id="slow-1")
+        after = (await server.submit(helpers.chain(2)))["prompt_id"]
+        assert await asyncio.to_thread(_SlowStart.entered.wait, 10)
+        resp = await server.client.post("/api/jobs/slow-1/cancel", json={})
+        assert (await resp.json())["result"] == "interrupting"
+        _SlowStart.proceed.set()
+        entry = await server.wait_done("slow-1")
+        assert entry["status"]["messages"][-1][0] == "execution_interrupted", "the early cancel was lost"
+        assert (await server.wait_done(after))["status"]["status_str"] == "success"
+
+
+async def test_a_restart_keeps_pending_prompts_and_marks_the_running_one_interrupted(serve, helpers, gates, tmp_path):
+    async with serve() as server:
+        running = (await server.submit(helpers.chain(1, gate="never")))["prompt_id"]
+        await server.wait_running(running)
+        pending = [(await server.submit(helpers.chain(i)))["prompt_id"] for i in (2, 3)]
+    async with serve() as server:  # same user folder
+        for prompt_id in pending:
+            assert (await server.wait_done(prompt_id))["status"]["status_str"] == "success"
+        entry = await server.wait_done(running)
+        assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+        assert server.started == pending
+
+
+async def test_a_crash_while_running_is_recovered_at_start(serve, helpers, tmp_path):
+    store = PromptStore(tmp_path / "user" / "queue.sqlite3")
+    store.add("crashed", helpers.chain(1), {"client_id": None, "create_time": 1}, ["5"])
+    store.add("waiting", helpers.chain(2), {"client_id": None, "create_time": 2}, ["5"])
+    assert store.claim_next().prompt_id == "crashed"
+    store.close()  # the process died here: 'crashed' is still marked running
+    async with serve() as server:
+        entry = await server.wait_done("crashed")
+        assert entry["status"] == {"status_str": "error", "completed": False,
+                                   "messages": entry["status"]["messages"]}
+        assert entry["status"]["messages"][0][0] == "execution_interrupted"
+        assert (await server.wait_done("waiting"))["status"]["status_str"] == "success"
+        assert server.started == ["waiting"], "the interrupted prompt is not run again"
+        assert (await server.client.get("/api/history/never-queued")).status == 404
+        numbers = [(await server.submit(helpers.chain(5)))["number"] for _ in range(2)]
+        assert min(numbers) > 1, "numbers keep counting after a restart"
+
+
+def test_store_history_is_bounded_and_ordered(tmp_path, monkeypatch):
+    import loraloom.server.store as store_module
+
+    monkeypatch.setattr(store_module, "MAX_HISTORY", 3)
+    store = PromptStore(tmp_path / "q.sqlite3")
+    for i in range(5):
+        store.add(f"p{i}", {}, {}, [])
+        item = store.claim_next()
+        store.finish(item.prompt_id, store_module.SUCCESS, {}, [])
+    assert [i.prompt_id for i in store.history()] == ["p2", "p3", "p4"]
+    assert [i.prompt_id for i in store.history(max_items=2)] == ["p3", "p4"]
+    assert store.get("p0") is None
+    store.close()

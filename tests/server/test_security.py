@@ -1,0 +1,298 @@
+"""Safe by default: every rule, each rejected request asserted next to the same request from the
+page's own origin, accepted."""
+
+import os
+
+import pytest
+from aiohttp import WSServerHandshakeError
+from yarl import URL
+
+from loraloom.cli import main
+from loraloom.server import ServerConfig, ServerConfigError, check_listen, create_app
+
+SIMPLE_PROMPT = {"1": {"class_type": "Const", "inputs": {"value": 1}},
+                 "2": {"class_type": "Show", "inputs": {"x": ["1", 0], "text": ""}}}
+
+
+def page(server, **extra) -> dict:
+    """The headers a browser sends for the editor's own requests."""
+    return {"Origin": server.origin, "Sec-Fetch-Site": "same-origin", **extra}
+
+
+async def attempt(server, kind: str, headers: dict) -> int:
+    """The status of one kind of request with ``headers``: a page load, an API read, a prompt, the websocket."""
+    client = server.client
+    if kind == "page":
+        return (await client.get("/", headers=headers)).status
+    if kind == "read":
+        return (await client.get("/api/queue", headers=headers)).status
+    if kind == "prompt":
+        return (await client.post("/api/prompt", json={"prompt": SIMPLE_PROMPT}, headers=headers)).status
+    try:
+        ws = await client.ws_connect("/ws", headers=headers)
+    except WSServerHandshakeError as exc:
+        return exc.status
+    await ws.close()
+    return 101
+
+
+KINDS = ["page", "read", "prompt", "ws"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8188", "127.0.0.1.nip.io", "a b", ""])
+async def test_foreign_host_headers_are_refused(serve, kind, host):
+    async with serve() as server:
+        assert await attempt(server, kind, {"Host": host}) == 403, f"Host {host!r} (DNS rebinding)"
+        assert await attempt(server, kind, page(server)) in (200, 101), "the page's own request"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "10.1.2.3", "mybox", "MyBox.lan."])
+async def test_loopback_addresses_and_allowed_hosts_are_accepted(serve, host):
+    async with serve(allow_hosts=("mybox", "mybox.lan")) as server:
+        port = server.client.port
+        origin = f"http://{host.lower()}:{port}"
+        headers = {"Host": f"{host}:{port}", "Origin": origin, "Sec-Fetch-Site": "same-origin"}
+        assert await attempt(server, "prompt", headers) == 200, f"Host {host}"
+        assert await attempt(server, "ws", headers) == 101
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+async def test_requests_from_other_sites_are_refused(serve, kind, site):
+    async with serve() as server:
+        assert await attempt(server, kind, {"Sec-Fetch-Site": site}) == 403, f"Sec-Fetch-Site: {site}"
+        assert await attempt(server, kind, {"Sec-Fetch-Site": "same-origin"}) in (200, 101)
+        assert await attempt(server, kind, {"Sec-Fetch-Site": "none"}) in (200, 101), "a typed address"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:1", "https://127.0.0.1:{port}",
+                                    "http://localhost:{port}", "http://127.0.0.1:{port}/path", "file://"])
+async def test_foreign_origins_are_refused(serve, kind, origin):
+    async with serve() as server:
+        origin = origin.format(port=server.client.port)
+        assert await attempt(server, kind, {"Origin": origin}) == 403, f"Origin {origin}"
+        assert await attempt(server, kind, {"Origin": server.origin}) in (200, 101), "the server's own origin"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None])
+async def test_state_changes_need_json_unless_from_the_page(serve, content_type):
+    async with serve() as server:
+        body = '{"prompt": {"1": {"class_type": "Const", "inputs": {}}, ' \
+               '"2": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}}'
+        headers = {"Content-Type": content_type} if content_type else {}
+        resp = await server.client.post("/api/prompt", data=body.encode(), headers=headers,
+                                        skip_auto_headers=["Content-Type"])
+        assert resp.status == 415, f"a {content_type} POST from nowhere in particular (CSRF-able)"
+        assert (await resp.json())["error"]["type"] == "content_type"
+        resp = await server.client.post("/api/prompt", data=body.encode(), headers={"Content-Type": "application/json"})
+        assert resp.status == 200, "an API client's JSON request"
+        if content_type == "text/plain":  # what the editor sends for settings and saved workflows
+            for proof in ({"Origin": server.origin}, {"Sec-Fetch-Site": "same-origin"}):
+                resp = await server.client.post("/api/settings/Comfy.A", data=b"1", headers={**headers, **proof})
+                assert resp.status == 200, f"the page's own text/plain save with {proof}"
+        for method in ("DELETE", "PUT", "PATCH"):
+            resp = await server.client.request(method, "/api/userdata/workflows%2Fa.json", headers=headers,
+                                               skip_auto_headers=["Content-Type"])
+            assert resp.status == 415, f"{method} without JSON and without the page's origin"
+
+
+async def test_body_size_limit(serve):
+    async with serve(max_body_bytes=2048) as server:
+        big = {"prompt": SIMPLE_PROMPT, "extra_data": {"pad": "x" * 4096}}
+        resp = await server.client.post("/api/prompt", json=big, headers=page(server))
+        assert resp.status == 413, "a body above the limit is refused before it is read"
+
+        async def chunks():
+            for _ in range(8):
+                yield b" " * 1024
+        resp = await server.client.post("/api/prompt", data=chunks(), headers=page(server, **{
+            "Content-Type": "application/json"}))
+        assert resp.status == 413, "a chunked body is cut off at the limit"
+        resp = await server.client.post("/api/prompt", json={"prompt": SIMPLE_PROMPT}, headers=page(server))
+        assert resp.status == 200
+
+
+async def test_nesting_limit(serve):
+    async with serve() as server:
+        deep = "[" * 200 + "]" * 200
+        resp = await server.client.post("/api/settings/Comfy.Deep", data=deep, headers=page(server))
+        assert resp.status == 400 and "nesting" in (await resp.json())["error"]["message"]
+        resp = await server.client.post("/api/settings/Comfy.Deep", data="[[1]]", headers=page(server))
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "192.168.1.5", "example.com"])
+def test_a_non_loopback_address_needs_a_token(address):
+    with pytest.raises(ServerConfigError, match="no token"):
+        check_listen(address, None)
+    check_listen(address, "a-token")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+def test_loopback_needs_no_token(address):
+    check_listen(address, None)
+
+
+def test_the_cli_refuses_a_public_address_without_a_token(capsys, monkeypatch):
+    monkeypatch.delenv("LORALOOM_SERVE_TOKEN", raising=False)
+    assert main(["serve", "--listen", "0.0.0.0", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to listen on 0.0.0.0" in err and "--token" in err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_configured_token_is_required_everywhere(serve, kind):
+    async with serve(token="t0k3n") as server:
+        assert await attempt(server, kind, page(server)) == 401, "no token"
+        assert await attempt(server, kind, page(server, Authorization="Bearer wrong")) == 401, "a wrong token"
+        assert await attempt(server, kind, page(server, Cookie="loraloom_token=wrong")) == 401
+        assert await attempt(server, kind, page(server, Authorization="Bearer t0k3n")) in (200, 101)
+        assert await attempt(server, kind, page(server, Cookie="loraloom_token=t0k3n")) in (200, 101)
+
+
+async def test_opening_the_page_with_the_token_sets_a_cookie_and_drops_it_from_the_address(serve):
+    async with serve(token="t0k3n") as server:
+        resp = await server.client.get("/?token=t0k3n", allow_redirects=False)
+        assert resp.status == 302 and resp.headers["Location"] == "/"
+        cookie = resp.headers["Set-Cookie"]
+        assert "loraloom_token=t0k3n" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert (await server.client.get("/api/queue")).status == 200, "the cookie is the token from now on"
+        server.client.session.cookie_jar.clear()
+        assert (await server.client.get("/?token=nope", allow_redirects=False)).status == 401
+        resp = await server.client.get("/?token=t0k3n", allow_redirects=False,
+                                       headers={"Cookie": "loraloom_token=an-old-token"})
+        assert resp.status == 302, "an explicit token replaces a stale cookie"
+        server.client.session.cookie_jar.clear()
+        ws = await server.client.ws_connect("/ws?token=t0k3n")
+        await ws.close()
+
+
+async def test_every_response_refuses_sniffing_and_framing(serve):
+    async with serve() as server:
+        for path in ("/", "/api/queue", "/api/history/nope", "/assets/index.js"):
+            resp = await server.client.get(path)
+            assert resp.headers["X-Content-Type-Options"] == "nosniff", path
+            assert resp.headers["X-Frame-Options"] == "DENY", path
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    """An output folder with an image, a temp preview, files that are not images, and a secret beside it."""
+    out = tmp_path / "output"
+    (out / "temp").mkdir(parents=True)
+    (out / "sub").mkdir()
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+    (out / "a.png").write_bytes(png)
+    (out / "sub" / "b.png").write_bytes(png)
+    (out / "temp" / "p.png").write_bytes(png)
+    (out / "x.svg").write_text("<svg onload='alert(1)'/>")
+    (out / "page.html").write_text("<script>alert(1)</script>")
+    (tmp_path / "secret.png").write_bytes(b"SECRET")
+    os.symlink(tmp_path / "secret.png", out / "link.png")
+    return out
+
+
+@pytest.mark.parametrize("query", [
+    "filename=../secret.png",
+    "filename=secret.png&subfolder=..",
+    "filename=secret.png&subfolder=sub/../..",
+    "filename=%2e%2e%2fsecret.png",
+    "filename=%2E%2E/secret.png",
+    "filename=secret.png&subfolder=%2e%2e",
+    "filename=..%5csecret.png",
+    "filename=a.png%00.txt",
+    "filename=/etc/passwd",
+    "filename=C:/secret.png",
+    "filename=link.png",
+    "filename=a.png&type=input",
+    "filename=../output/a.png&type=temp",
+])
+async def test_view_refuses_paths_out_of_the_output_folder(serve, outputs, query):
+    async with serve() as server:
+        resp = await server.client.get(URL(f"/api/view?{query}", encoded=True), headers=page(server))
+        body = await resp.read()
+        assert resp.status in (400, 404), f"/view?{query} answered {resp.status}"
+        assert b"SECRET" not in body and b"root:" not in body
+
+
+async def test_view_serves_images_inline_and_nothing_else(serve, outputs):
+    async with serve() as server:
+        for query in ("filename=a.png", "filename=b.png&subfolder=sub", "filename=p.png&type=temp",
+                      "filename=%2561.png"):
+            resp = await server.client.get(URL(f"/view?{query}", encoded=True))
+            if "%25" in query:  # double-encoded: the literal name '%61.png', which does not exist
+                assert resp.status == 404
+                continue
+            assert (resp.status, resp.content_type) == (200, "image/png"), query
+            assert resp.headers["Content-Disposition"].startswith("inline")
+        for name in ("x.svg", "page.html"):
+            resp = await server.client.get("/api/view", params={"filename": name})
+            assert resp.status == 200 and resp.content_type == "application/octet-stream", name
+            assert resp.headers["Content-Disposition"].startswith("attachment"), f"{name} is not shown inline"
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize("name", ["..%2Fqueue.sqlite3", "%2E%2E%2Fx.json", "%2Fetc%2Fpasswd", "..%5Cx.json",
+                                  "a%00.json", "workflows%2F..%2F..%2Fx.json", "evil.py", "out.json"])
+async def test_user_files_stay_in_the_user_folder(serve, tmp_path, name):
+    (tmp_path / "x.json").write_text('{"secret": 1}')
+    async with serve() as server:
+        user = server.state.userdata.root
+        os.symlink(tmp_path / "x.json", user / "out.json")
+        url = URL(f"/api/userdata/{name}", encoded=True)
+        read = await server.client.get(url, headers=page(server))
+        assert read.status in (400, 404) and b"secret" not in await read.read(), f"GET {name}"
+        write = await server.client.post(url, data=b"{}", headers=page(server))
+        assert write.status == 400, f"POST {name}"
+        moved = await server.client.post(URL(f"/api/userdata/workflows%2Fa.json/move/{name}", encoded=True),
+                                         headers=page(server))
+        assert moved.status in (400, 404), f"move to {name}"
+    assert (tmp_path / "x.json").read_text() == '{"secret": 1}'
+
+
+async def test_settings_and_saved_workflows_live_in_the_user_folder(serve, tmp_path):
+    async with serve() as server:
+        headers = page(server)
+        assert (await server.client.post("/api/settings/Comfy.TutorialCompleted", data="true",
+                                         headers=headers)).status == 200
+        assert (await server.client.post("/api/settings", data='{"Comfy.A": [1, 2]}', headers=headers)).status == 200
+        assert await (await server.client.get("/api/settings")).json() == {"Comfy.TutorialCompleted": True,
+                                                                           "Comfy.A": [1, 2]}
+        assert (tmp_path / "user" / "default" / "comfy.settings.json").is_file()
+
+        url = "/api/userdata/workflows%2Fmine.json"
+        resp = await server.client.post(url + "?overwrite=false&full_info=true", data='{"nodes": []}', headers=headers)
+        info = await resp.json()
+        assert resp.status == 200 and info["path"] == "workflows/mine.json" and info["size"] == 13
+        assert (await server.client.post(url + "?overwrite=false", data="{}", headers=headers)).status == 409
+        assert (await server.client.post(url, data="not json", headers=headers)).status == 400
+        listing = await (await server.client.get("/api/userdata?dir=workflows&recurse=true&full_info=true")).json()
+        assert [f["path"] for f in listing] == ["mine.json"]
+        assert await (await server.client.get("/api/userdata?dir=workflows&split=true")).json() == \
+            [["mine.json", "mine.json"]]
+        assert await (await server.client.get(url)).json() == {"nodes": []}
+        resp = await server.client.post("/api/userdata/workflows%2Fmine.json/move/workflows%2Fyours.json",
+                                        headers=headers)
+        assert (await resp.json()) == "workflows/yours.json"
+        assert (await server.client.delete("/api/userdata/workflows%2Fyours.json", headers=headers)).status == 204
+        assert (await server.client.get("/api/userdata/workflows%2Fyours.json")).status == 404
+        assert (await server.client.get("/api/userdata?dir=nope")).status == 404
+
+
+def test_the_user_folder_is_never_the_package(make_runtime, tmp_path):
+    import loraloom
+
+    package = os.path.dirname(loraloom.__file__)
+    with pytest.raises(ServerConfigError, match="inside the installed package"):
+        create_app(make_runtime(), ServerConfig(user_dir=os.path.join(package, "user")))
+
+
+def test_default_user_folder(monkeypatch, tmp_path):
+    from loraloom.server import default_user_dir
+
+    assert default_user_dir({"LORALOOM_USER_DIR": str(tmp_path)}) == tmp_path
+    assert default_user_dir({"XDG_DATA_HOME": str(tmp_path)}) == tmp_path / "loraloom"
+    assert default_user_dir({}).parts[-3:] == (".local", "share", "loraloom")
