@@ -20,6 +20,25 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def _key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def known_fingerprint(path: str | os.PathLike) -> str | None:
+    """The memoised fingerprint of a file that has not changed since it was hashed, else None."""
+    key = _key(Path(path))
+    with _lock:
+        return _memo.get(key)
+
+
+def remember_fingerprint(path: str | os.PathLike, digest: str) -> None:
+    """Record a file's fingerprint computed elsewhere (a reader that hashed while reading)."""
+    key = _key(Path(path))
+    with _lock:
+        _memo[key] = digest
+
+
 def file_fingerprint(path: str | os.PathLike) -> str:
     """blake2b of the file's bytes (of every file, for a folder); recomputed only when a file's
     size or mtime changes."""
@@ -33,8 +52,7 @@ def file_fingerprint(path: str | os.PathLike) -> str:
                 h.update(full.relative_to(path).as_posix().encode() + b"\0")
                 h.update(file_fingerprint(full).encode())
         return h.hexdigest()
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = _key(path)
     with _lock:
         hit = _memo.get(key)
     if hit is None:

@@ -228,7 +228,8 @@ class SafeFile:
 
 
 def read_lora_file(
-    path: str | os.PathLike, *, allow_pickle: bool = False, limits: Limits = DEFAULT_LIMITS
+    path: str | os.PathLike, *, allow_pickle: bool = False, limits: Limits = DEFAULT_LIMITS,
+    known_fingerprint: str | None = None,
 ) -> SafeFile:
     """Read a LoRA file, refusing anything malformed, oversized, non-finite or unsafe.
 
@@ -236,6 +237,9 @@ def read_lora_file(
     pages, Git LFS pointers, archives and pickles are named as what they are. Pickle checkpoints
     load only with ``allow_pickle=True``, through ``torch.load(weights_only=True)``. The file is
     read once (hashed as it streams) and nothing is returned unless the whole file passed.
+
+    ``known_fingerprint``: the caller already hashed this file (e.g. memoised on size and mtime) and
+    vouches for it; the read then skips hashing and reports that fingerprint.
 
     Raises ``LoRAFileError`` (a ValueError) for every problem with the file's content;
     ``FileNotFoundError``/``PermissionError`` pass through unchanged.
@@ -247,7 +251,7 @@ def read_lora_file(
             if not allow_pickle:
                 raise _pickle_refused(path, verdict.what)
             return _read_pickle(f, path, size, limits)
-        hasher = _new_hasher()
+        hasher = _new_hasher() if known_fingerprint is None else _KnownDigest(known_fingerprint)
         header = _read_header(f, path, size, limits, hasher)
         tensors = _read_data(f, header, hasher)
     return SafeFile(path, tensors, header.metadata, hasher.hexdigest(), size, "safetensors")
@@ -866,6 +870,19 @@ def _check_pickled(path: Path, loaded: Any, limits: Limits) -> dict[str, torch.T
 
 
 # --------------------------------------------------------------------------------------- helpers
+
+
+class _KnownDigest:
+    """Stands in for the hasher when the caller already knows the file's digest."""
+
+    def __init__(self, digest: str):
+        self._digest = digest
+
+    def update(self, _data) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return self._digest
 
 
 def _new_hasher():

@@ -18,9 +18,16 @@ class LoadLoRA:
     """Read a LoRA file (checked before use: header, shapes, dtypes, finite values) into a LoRA value."""
 
     def execute(self, lora_name):
+        from ..graph_runtime.fingerprint import known_fingerprint, remember_fingerprint
         from ..lora.readers import read_lora
 
-        lora = read_lora(folders().find("loras", lora_name))
+        path = folders().find("loras", lora_name)
+        if not path.is_file():  # a peft folder: its files are hashed by the reader
+            lora = read_lora(path)
+        else:
+            # The runtime hashed this file for its cache key a moment ago: don't read it twice for that.
+            lora = read_lora(path, known_fingerprint=known_fingerprint(path))
+            remember_fingerprint(path, lora.fingerprint)
         return {"ui": {"text": [f"{lora_name}: {lora.describe()}"]}, "result": (lora,)}
 
 

@@ -675,3 +675,18 @@ def test_non_finite_found_at_every_position(tmp_path, dtype, position, bad):
     path = tmp_path / "lora.safetensors"
     safetensors.torch.save_file({"w": values}, path)
     assert_names(refused(path), path, key="w", value=1, limit=0)
+
+
+def test_known_fingerprint_is_reported_without_rehashing(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from loraloom.graph_runtime.fingerprint import file_fingerprint
+    from loraloom.lora.safefile import read_lora_file
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(4)}, str(path))
+    digest = file_fingerprint(path)
+    assert read_lora_file(path).fingerprint == digest, "the reader's own hash equals the runtime's"
+    vouched = read_lora_file(path, known_fingerprint="f" * 32)
+    assert vouched.fingerprint == "f" * 32 and torch.equal(vouched.tensors["a"], torch.ones(4))
