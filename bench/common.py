@@ -1,0 +1,250 @@
+"""Helpers shared by the benchmark rows: threads, device, timing, bytes read, a real-shape SDXL UNet
+with random weights, random LoRAs on it, and loading a LoRA value through diffusers' own loader.
+
+Nothing here downloads anything: the SDXL UNet config is the one written out in
+``bench_lora_loading.py`` (from stabilityai/stable-diffusion-xl-base-1.0), built on the meta device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+DEMO_LORAS = REPO / "workflows" / "loras"
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet() -> None:
+    """Silence library chatter that would bury the figures (diffusers' dtype-cast notice, peft's
+    "multiple adapters" warning, transformers' load reports)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
+# LoRA targets on the UNet: attention, feed-forward, transformer in/out projections and resnet convs.
+UNET_TARGETS = re.compile(
+    r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out"
+    r"|resnets\.\d+\.(conv1|conv2|conv_shortcut))$"
+)
+
+
+def add_common_args(parser, quick_help: str) -> None:
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default: %(default)s; 0: torch's own choice). On a shared 2-core "
+                             "machine 1 thread gives the steadier ratios")
+    parser.add_argument("--json", help="also write the figures here")
+
+
+def setup_threads(threads: int) -> int:
+    """Set torch's intra-op threads (0 keeps torch's choice); return the number in use."""
+    import torch
+
+    quiet()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def machine(threads: int) -> dict:
+    """What the figures were measured on."""
+    import platform
+
+    import torch
+
+    info = {"cpu_cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "torch_threads": threads, "load_average": round(os.getloadavg()[0], 2)}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def sdxl_device_dtype():
+    """The device and dtype for the real-shape SDXL rows: fp16 on CUDA; bf16 on a CPU (fp16
+    matmuls and convolutions have no fast CPU kernels: a 640-channel 3x3 conv took 33 s in fp16
+    against 0.14 s in bf16 here)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.bfloat16
+
+
+def sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device=None):
+    """(seconds, result) of one call."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def median(values) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (/proc/self/io rchar; -1 off Linux).
+    Memory-mapped reads are not counted."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+    except OSError:
+        return -1
+
+
+def write_json(path: str | None, figures: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(figures, indent=1, default=str))
+
+
+# ------------------------------------------------------------------------- real-shape SDXL UNet
+
+_POOL_SIZE = (1 << 24) + 4099  # one block of random numbers, reused at a different offset per tensor
+
+
+def sdxl_unet(dtype, device, config: dict | None = None, seed: int = 0):
+    """The real SDXL UNet (or ``config``) with random weights, built in seconds.
+
+    Built on the meta device and allocated uninitialised; each weight is then filled from one block
+    of 16M normal samples at its own offset, scaled by 1/sqrt(fan_in) (norm weights 1, biases
+    0). Drawing 2.6B fresh samples would take ~25 s on this CPU; the values only need to be
+    random-looking and deterministic.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from bench_lora_loading import UNET_SDXL
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**(config or UNET_SDXL))
+    unet = unet.to(dtype).to_empty(device=device)
+    pool = torch.randn(_POOL_SIZE, generator=torch.Generator().manual_seed(seed)).to(device)
+    offset = 0
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            flat = p.view(-1)
+            if p.ndim >= 2:
+                done = 0
+                scale = p[0].numel() ** -0.5
+                while done < flat.numel():
+                    n = min(flat.numel() - done, _POOL_SIZE - offset)
+                    flat[done:done + n].copy_(pool[offset:offset + n] * scale)
+                    done += n
+                    offset = (offset + n) % _POOL_SIZE
+                offset = (offset + 7919) % _POOL_SIZE
+            elif name.endswith("weight") and "norm" in name:
+                flat.fill_(1.0)
+            else:
+                flat.zero_()
+        for b in unet.buffers():
+            if not torch.isfinite(b).all():
+                b.zero_()
+    return unet.eval()
+
+
+def unet_inputs(unet, latent: int, batch: int, dtype, device):
+    """Random UNet inputs for one denoising step: latents, timestep, text states, SDXL's added
+    conditions (when the UNet has them)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    cfg = unet.config
+    x = torch.randn(batch, cfg.in_channels, latent, latent, generator=gen).to(device, dtype)
+    enc = torch.randn(batch, 77, cfg.cross_attention_dim, generator=gen).to(device, dtype)
+    kwargs = {}
+    if cfg.addition_embed_type == "text_time":
+        text_embeds = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, text_embeds, generator=gen).to(device, dtype),
+            "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * batch).to(device, dtype),
+        }
+    t = torch.tensor(500, device=device)
+    return lambda: unet(x, t, enc, **kwargs).sample
+
+
+def lora_targets(unet) -> dict:
+    """{module path: ModuleSpec} of every `UNET_TARGETS` layer of `unet`."""
+    from loraloom.lora.match import base_spec
+
+    return {p: m for p, m in base_spec({"unet": unet}).components["unet"].items() if UNET_TARGETS.search(p)}
+
+
+def random_lora(unet, rank: int, alpha: float, seed: int, dtype, paths=None):
+    """A random rank-`rank` LoRA (canonical value, UNet only) on every `UNET_TARGETS` layer of
+    `unet` (or on those of `paths`). Its delta is a few percent of the weight, like a trained LoRA's."""
+    import torch
+
+    from loraloom.lora.canonical import LoRA, LoRAModule, derived_fingerprint
+
+    gen = torch.Generator().manual_seed(seed)
+    modules = {}
+    for path, module in lora_targets(unet).items():
+        if paths is not None and path not in paths:
+            continue
+        out, flat_in = module.shape[0], math.prod(module.shape[1:])
+        down = (torch.randn(rank, flat_in, generator=gen) / flat_in**0.5).to(dtype)
+        up = (torch.randn(out, rank, generator=gen) * 0.05 / rank**0.5).to(dtype)
+        if module.kind == "conv2d":
+            down, up = down.reshape(rank, *module.shape[1:]), up.reshape(out, rank, 1, 1)
+        modules[path] = LoRAModule(down, up, alpha)
+    return LoRA({"unet": modules}, source_format="derived",
+                fingerprint=derived_fingerprint("bench-random", [], {"seed": seed, "rank": rank, "n": len(modules)}))
+
+
+def load_into_diffusers(unet, lora, name: str) -> None:
+    """Load a LoRA value into `unet` as peft adapter `name` through diffusers' own
+    ``load_lora_into_unet`` (what ``load_lora_weights`` calls), alpha carried in the metadata."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from loraloom.lora.apply import peft_inputs
+
+    tensors, metadata = peft_inputs(lora, {"unet": unet})
+    device = next(unet.parameters()).device
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    StableDiffusionXLPipeline.load_lora_into_unet(tensors, None, unet, adapter_name=name, metadata=metadata,
+                                                  low_cpu_mem_usage=True)
+
+
+class UNetOnly:
+    """A pipeline stand-in holding only a UNet, for the model pool (which patches ``pipe.unet``)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+
+def pool_for(unet, label: str):
+    """A ModelPool whose only base is `unet` (no loading); returns (pool, base handle)."""
+    from loraloom.models.loading import LoadedBase
+    from loraloom.models.pool import ModelPool
+
+    param = next(unet.parameters())
+
+    def loader(source, dtype=None, device=None, config=None):
+        return LoadedBase(UNetOnly(unet), "sdxl", param.dtype, param.device, f"bench:{label}", label)
+
+    pool = ModelPool(loader=loader)
+    return pool, pool.load(label)

@@ -1,0 +1,322 @@
+"""Run the benchmark suite: every row of BENCHMARKS.md, each in its own process (its own peak RSS;
+a crash in one row does not stop the others), then a table of ratios and counts with each row's
+reference, target and PASS / MISS.
+
+    python bench/run.py [--quick] [--only ROW,...] [--threads 1] [--json OUT]
+
+Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime. ``--quick`` (CI,
+about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods svd and cat
+only, and skips row 4 (cold torch.compile takes minutes on a CPU). It exists to keep the suite
+working; nothing asserts on timings. Without ``--quick`` the suite takes about 17 minutes here
+(2 cores) with a warm inductor cache (see bench_compile.py).
+
+Torch threads are set deliberately (``--threads``, default 1: on a shared 2-core machine one thread
+gave the steadiest ratios), through each row's ``--threads`` flag and OMP_NUM_THREADS for rows
+without one. The device is picked by each row: CUDA (fp16) when available, else the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+
+
+@dataclass
+class Row:
+    number: int
+    name: str
+    title: str
+    script: str
+    full_args: list[str] = field(default_factory=list)
+    quick_args: list[str] | None = field(default_factory=lambda: ["--quick"])  # None: skipped in --quick
+    threads_flag: bool = True
+    json_flag: bool = True
+
+
+ROWS = [
+    Row(1, "edit", "Edit loop", "bench_edit_loop.py"),
+    Row(2, "merge", "Merging", "bench_merge.py", quick_args=["--quick", "--methods", "svd,cat"]),
+    Row(3, "fuse", "Fusing", "bench_fuse.py"),
+    Row(4, "compile", "Compile", "bench_compile.py", quick_args=None),
+    Row(5, "loading", "Loading", "bench_lora_loading.py", threads_flag=False, json_flag=False),
+    Row(6, "runtime", "Runtime overhead", "bench_runtime.py", threads_flag=False),
+]
+
+PASS, MISS, INFO = "PASS", "MISS", "-"
+
+
+def pick_rows(only: str | None) -> list[Row]:
+    if not only:
+        return ROWS
+    chosen = []
+    for item in (x.strip() for x in only.split(",") if x.strip()):
+        match = [r for r in ROWS if item in (str(r.number), r.name)]
+        if not match:
+            raise SystemExit(f"--only: unknown row {item!r}; valid: " + ", ".join(f"{r.number} {r.name}" for r in ROWS))
+        chosen += [m for m in match if m not in chosen]
+    return sorted(chosen, key=lambda r: r.number)
+
+
+def run_row(row: Row, quick: bool, threads: int, workdir: Path, timeout: float) -> dict:
+    """Run one row's script in a fresh process; stream its stdout; return its figures."""
+    out_json = workdir / f"row{row.number}.json"
+    cmd = [sys.executable, str(BENCH / row.script)] + (row.quick_args if quick else row.full_args)
+    if row.threads_flag:
+        cmd += ["--threads", str(threads)]
+    if row.json_flag:
+        cmd += ["--json", str(out_json)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads > 0:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    print(f"\n=== row {row.number}: {row.title} ({' '.join(Path(c).name if c.endswith('.py') else c for c in cmd[1:])})",
+          flush=True)
+    stderr_file = workdir / f"row{row.number}.stderr"
+    start = time.perf_counter()
+    stdout_lines: list[str] = []
+    with open(stderr_file, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=BENCH.parent)
+        try:
+            for line in proc.stdout:
+                stdout_lines.append(line)
+                print("  " + line, end="", flush=True)
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            returncode = "timeout"
+    seconds = time.perf_counter() - start
+    result = {"seconds": seconds, "returncode": returncode, "command": cmd[1:]}
+    if returncode != 0:
+        result["error"] = stderr_file.read_text()[-3000:]
+        print(f"  row {row.number} FAILED ({returncode}):\n{result['error']}", flush=True)
+        return result
+    try:
+        result["figures"] = json.loads(out_json.read_text()) if row.json_flag else parse_loading("".join(stdout_lines))
+    except (OSError, ValueError, KeyError) as exc:
+        result["error"] = f"could not read the row's figures: {exc}"
+    return result
+
+
+def parse_loading(text: str) -> dict:
+    """bench_lora_loading.py prints its figures (it has no --json): read them back."""
+    head = re.search(r"LoRA: (\d+) modules, rank (\d+), (\w+), (.+?), ([\d.]+) MiB", text)
+    figures = {"modules": int(head[1]), "rank": int(head[2]), "dtype": head[3], "format": head[4],
+               "file_mib": float(head[5]), "tasks": {}}
+    for m in re.finditer(r"^\s+(\S+)\s+([\d.]+) s\s+peak RSS \+\s*([\d.]+) MiB\s+read\s+([\d.]+) MiB", text, re.M):
+        figures["tasks"][m[1]] = {"seconds": float(m[2]), "peak_rss_mib": float(m[3]), "read_mib": float(m[4])}
+    if not figures["tasks"]:
+        raise ValueError("no task lines in its output")
+    return figures
+
+
+# ------------------------------------------------------------------------------ targets per row
+# Each returns table lines: (what, ours, reference, figure, target, verdict).
+
+
+def _fmt(x: float, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if unit == "s":
+        return f"{x:.3g} s"
+    if unit == "x":
+        return f"{x:.3f}x" if x < 10 else f"{x:.3g}x"
+    return f"{x:.3g}"
+
+
+def lines_edit(f: dict) -> list:
+    counts = (f["weight_edit_files_opened"], f["weight_edit_loaders_executed"], f["weight_edit_pool_loads"])
+    return [
+        ("prompt edit: re-run / the sampling itself", _fmt(f["prompt_edit_s"], "s"), f"pipe() alone {_fmt(f['sampling_s'], 's')}",
+         _fmt(f["prompt_edit_vs_sampling"], "x"), "<= 1.05x", PASS if f["prompt_edit_vs_sampling"] <= 1.05 else MISS),
+        ("weight edit: files read, loader nodes run, pipelines built", "%d, %d, %d" % counts, "guide: set_adapters",
+         f"{f['weight_edit_bytes_read']} B read", "0, 0, 0", PASS if counts == (0, 0, 0) else MISS),
+        ("prompt edit vs the guide's script re-run", _fmt(f["prompt_edit_s"], "s"), _fmt(f["guide_script_s"], "s"),
+         _fmt(f["prompt_edit_vs_guide_script"], "x"), INFO, INFO),
+        ("weight edit vs guide set_adapters + sample + save", _fmt(f["weight_edit_s"], "s"), _fmt(f["guide_weight_edit_s"], "s"),
+         _fmt(f["weight_edit_vs_guide"], "x"), INFO, INFO),
+    ]
+
+
+def lines_merge(f: dict) -> list:
+    out = []
+    measured_peaks = [r["guide"]["peak_mb"] for r in f["rows"] if not r["extrapolated"]]
+    for r in f["rows"]:
+        o, g, d, method = r["ours"], r["guide"], r["diff"], r["method"]
+        guide_s = g.get("merge_est_s", g["merge_s"]) + g["prep_s"]
+        speed = guide_s / o["merge_s"] if o["merge_s"] else math.inf
+        est = "est. " if r["extrapolated"] else ""
+        if r["extrapolated"]:  # the guide's peak on the full UNet was not measured in this mode
+            guide_peak = 18000.0 if method == "svd" else (max(measured_peaks) if measured_peaks else math.nan)
+            peak_note = "18.0 GB anchor" if method == "svd" else "its prep peak (lower bound)"
+        else:
+            guide_peak, peak_note = g["peak_mb"], "measured"
+        mem = o["peak_mb"] / guide_peak
+        mem_target = 0.2 if method == "svd" else 0.5
+        speed_ok = speed >= 100 if method == "svd" else True
+        out.append((f"{method}: time guide (prep + merge) / ours", _fmt(o["merge_s"], "s"), f"{est}{_fmt(guide_s, 's')}",
+                    f"{est}{speed:.3g}x faster", ">= 100x" if method == "svd" else INFO,
+                    (PASS if speed_ok else MISS) if method == "svd" else INFO))
+        out.append((f"{method}: peak RSS ours / guide", f"{o['peak_mb'] / 1024:.2f} GB",
+                    f"{guide_peak / 1024:.1f} GB ({peak_note})", _fmt(mem, "x"), f"<= {mem_target}x",
+                    PASS if mem <= mem_target else MISS))
+        if method == "cat":
+            comp = next(iter(o["components"].values()))
+            out.append(("cat: ours vs the exact weighted sum (max rel.)", f"{comp['max']:.2g}",
+                        f"guide {d['guide_rel_error_max']:.2g} ({g['merged_dtype']})", f"{comp['max']:.2g}", "exact (<= 1e-6)",
+                        PASS if comp["max"] <= 1e-6 else MISS))
+        ok = d["max_diff"] <= 1e-3 and d["median_diff"] < 1e-5
+        out.append((f"{method}: ours vs guide per module, max / median rel.", f"{d['max_diff']:.2g} / {d['median_diff']:.2g}",
+                    f"{d['compared']} modules", f"{d['max_diff']:.2g}", "<= 1e-3 / < 1e-5", PASS if ok else MISS))
+    return out
+
+
+def lines_fuse(f: dict) -> list:
+    out = []
+    for scale, part in f["scales"].items():
+        s, tag = part["step"], f"{scale}: "
+        out += [
+            (tag + "step time, ours fused / plain base", _fmt(statistics.median(s["ours_fused_s"]), "s"),
+             _fmt(statistics.median(s["plain_s"]), "s"), _fmt(s["fused_vs_plain"], "x"), "<= 1.02x",
+             PASS if s["fused_vs_plain"] <= 1.02 else MISS),
+            (tag + "step time, diffusers unfused adapters / plain", _fmt(statistics.median(s["diffusers_unfused_s"]), "s"),
+             _fmt(statistics.median(s["plain_behind_peft_s"]), "s"), _fmt(s["unfused_vs_plain"], "x"), INFO, INFO),
+            (tag + "weight edit: our re-patch vs set_adapters", _fmt(s["ours_repatch_s"], "s"),
+             _fmt(s["diffusers_set_adapters_s"], "s"), "", INFO, INFO),
+        ]
+        for dtype, r in part["restore"].items():
+            ours = (r["ours_after_1"], r["ours_after_n"])
+            out.append((tag + f"restore {dtype}, max abs diff after 1 / {r['cycles']} cycles", f"{ours[0]:.3g} / {ours[1]:.3g}",
+                        f"unfuse_lora {r['diffusers_after_1']:.3g} / {r['diffusers_after_n']:.3g}", "", "ours 0",
+                        PASS if max(ours) == 0 else MISS))
+    return out
+
+
+def lines_compile(f: dict) -> list:
+    out = []
+    paths = {name: p for name, p in f["paths"].items() if "events" in p}
+    events = ("weight change", "LoRA swap", "re-fuse")
+    ours = paths.get("ours")
+    for event in events:
+        def pick(path):
+            return next((e for e in paths[path]["events"] if e["event"] == event), None) if path in paths else None
+
+        o = pick("ours")
+        refs = [f"{name} {e['graphs']} ({e['seconds']:.3g} s)" for name in ("diffusers", "diffusers-fused")
+                if (e := pick(name))]
+        out.append((f"{event}: graphs recompiled (next sample's wall time)",
+                    f"{o['graphs']} ({o['seconds']:.3g} s)" if o else "n/a", "; ".join(refs) or "n/a",
+                    str(o["graphs"]) if o else "n/a", "0", (PASS if o["graphs"] == 0 else MISS) if o else MISS))
+    if ours is None:
+        out.append(("ours", "failed", "", "", "0", MISS))
+    return out
+
+
+def lines_loading(f: dict) -> list:
+    out = []
+    t = f["tasks"]
+    for what in ("parse", "load"):
+        o, d = t.get(f"ours-{what}"), t.get(f"diffusers-{what}")
+        if not (o and d):
+            continue
+        out.append((f"{what}: time, peak RSS, MiB read (ours vs diffusers)",
+                    f"{o['seconds']:.3g} s, {o['peak_rss_mib']:.0f} MiB, {o['read_mib']:.0f}",
+                    f"{d['seconds']:.3g} s, {d['peak_rss_mib']:.0f} MiB, {d['read_mib']:.0f}",
+                    f"time {o['seconds'] / d['seconds']:.3g}x, RSS {o['peak_rss_mib'] / max(d['peak_rss_mib'], 1e-9):.3g}x",
+                    INFO, INFO))
+    return out
+
+
+def lines_runtime(f: dict) -> list:
+    return [
+        ("1,000-node graph: cached re-run", _fmt(f["cached_rerun_s"], "s"), f"cold run {_fmt(f['cold_run_s'], 's')}",
+         _fmt(f["cached_vs_cold"], "x"), INFO, INFO),
+        ("per-node overhead vs direct calls", f"{f['per_node_overhead_us']:.3g} us", f"plain loop {_fmt(f['plain_loop_s'], 's')}",
+         f"{f['cold_vs_plain']:.3g}x the loop", INFO, INFO),
+    ]
+
+
+SUMMARIES = {"edit": lines_edit, "merge": lines_merge, "fuse": lines_fuse, "compile": lines_compile,
+             "loading": lines_loading, "runtime": lines_runtime}
+
+
+def table(results: dict) -> str:
+    rows = [("#", "what", "ours", "reference", "figure", "target", "result")]
+    for row in ROWS:
+        r = results.get(row.name)
+        if r is None:
+            continue
+        if "skipped" in r:
+            rows.append((str(row.number), f"{row.title}: skipped ({r['skipped']})", "", "", "", "", INFO))
+            continue
+        if "figures" not in r:
+            rows.append((str(row.number), f"{row.title}: failed ({r.get('error', '')[:60].strip()})", "", "", "", "", MISS))
+            continue
+        try:
+            lines = SUMMARIES[row.name](r["figures"])
+        except (KeyError, TypeError, ValueError, StopIteration) as exc:
+            lines = [(f"figures unreadable: {type(exc).__name__} {exc}", "", "", "", "", MISS)]
+        r["summary"] = [dict(zip(("what", "ours", "reference", "figure", "target", "result"), line)) for line in lines]
+        rows += [(str(row.number), *line) for line in lines]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    text = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    text.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small versions of every row, row 4 skipped (CI, ~2 min)")
+    parser.add_argument("--only", help="comma-separated rows (numbers or names: edit, merge, fuse, compile, loading, runtime)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every row (default: %(default)s; "
+                        "0: torch's own choice)")
+    parser.add_argument("--json", help="write every figure, the table and the machine here")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before a row is stopped (default: %(default)s)")
+    args = parser.parse_args(argv)
+    rows = pick_rows(args.only)
+    start = time.perf_counter()
+    started = datetime.datetime.now().astimezone()
+    load = os.getloadavg()[0]
+    print(f"LoRA Loom benchmarks ({'quick' if args.quick else 'full'}), {started:%Y-%m-%d %H:%M %Z}; {os.cpu_count()} "
+          f"CPU cores, load average {load:.1f}; torch threads {args.threads or 'default'}", flush=True)
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="loraloom_bench_") as tmp:
+        for row in rows:
+            if args.quick and row.quick_args is None:
+                results[row.name] = {"skipped": "--quick: a cold torch.compile takes minutes on a CPU"}
+                print(f"\n=== row {row.number}: {row.title}: skipped in --quick (cold torch.compile takes minutes)")
+                continue
+            results[row.name] = run_row(row, args.quick, args.threads, Path(tmp), args.timeout)
+    total = time.perf_counter() - start
+    summary = table(results)
+    print(f"\n{summary}\n\nrow times: " + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in results.items() if "seconds" in r)
+          + f"; total {total:.0f} s ({total / 60:.1f} min)")
+    if args.json:
+        try:
+            import torch
+
+            torch_version, gpu = torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except ImportError:
+            torch_version, gpu = None, None
+        Path(args.json).write_text(json.dumps({
+            "date": started.isoformat(timespec="seconds"), "command": " ".join(["python", "bench/run.py", *(argv or sys.argv[1:])]),
+            "mode": "quick" if args.quick else "full", "threads": args.threads, "total_s": total,
+            "machine": {"cpu_cores": os.cpu_count(), "load_average_at_start": load, "torch": torch_version, "gpu": gpu},
+            "table": summary, "rows": results}, indent=1, default=str))
+    failed = [n for n, r in results.items() if "figures" not in r and "skipped" not in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
