@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import sys
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def step_times(scale: str, latent: int, rounds: int, device, dtype) -> dict:
         out["diffusers_unfuse_s"] = timed(lambda: unet.unfuse_lora(), device)[0]
     out.update(plain_behind_peft_s=disabled, diffusers_unfused_s=unfused)
     out["unfused_vs_plain"] = median(unfused) / median(disabled)
+    # Steps after which a re-patch (our weight edit) has cost less than diffusers' adapter overhead.
+    overhead = median(unfused) - median(disabled)
+    out["repatch_break_even_steps"] = out["ours_repatch_s"] / overhead if overhead > 0 else math.inf
     out["peft_wrappers_vs_plain"] = median(disabled) / median(plain)
     return out
 
@@ -183,7 +187,8 @@ def report(scale: str, args, threads: int, device, dtype) -> dict:
     print(f"  ours: first patch {s['ours_first_patch_s']:.2f} s, re-patch (= a weight edit) {s['ours_repatch_s']:.2f} s, "
           f"restore {s['ours_restore_s']:.2f} s; diffusers: set_adapters {s['diffusers_set_adapters_s']:.3f} s, "
           f"fuse_lora {s['diffusers_fuse_s']:.2f} s, unfuse_lora {s['diffusers_unfuse_s']:.2f} s, fused step "
-          f"{s['diffusers_fused_step_s']:.3f} s; adapters in {s['diffusers_adapter_dtype']}", flush=True)
+          f"{s['diffusers_fused_step_s']:.3f} s; adapters in {s['diffusers_adapter_dtype']}; a re-patch costs what the "
+          f"unfused adapters add to {s['repatch_break_even_steps']:.3g} steps", flush=True)
     result = {"scale": SCALES[scale], "step": s, "restore": {}}
     if args.skip_restore:
         return result

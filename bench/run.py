@@ -7,8 +7,9 @@ reference, target and PASS / MISS.
 Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime. ``--quick`` (CI,
 about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods svd and cat
 only, and skips row 4 (cold torch.compile takes minutes on a CPU). It exists to keep the suite
-working; nothing asserts on timings. Without ``--quick`` the suite takes about 17 minutes here
-(2 cores) with a warm inductor cache (see bench_compile.py).
+working; nothing asserts on timings. Without ``--quick`` the suite takes about 13 minutes on a
+2-core CPU with a warm inductor cache, about 6 minutes more the first time (row 4 compiles its
+graphs into ~/.cache/loraloom/bench-inductor; see bench_compile.py).
 
 Torch threads are set deliberately (``--threads``, default 1: on a shared 2-core machine one thread
 gave the steadiest ratios), through each row's ``--threads`` flag and OMP_NUM_THREADS for rows
@@ -157,8 +158,10 @@ def lines_merge(f: dict) -> list:
         speed = guide_s / o["merge_s"] if o["merge_s"] else math.inf
         est = "est. " if r["extrapolated"] else ""
         if r["extrapolated"]:  # the guide's peak on the full UNet was not measured in this mode
-            guide_peak = 18000.0 if method == "svd" else (max(measured_peaks) if measured_peaks else math.nan)
-            peak_note = "18.0 GB anchor" if method == "svd" else "its prep peak (lower bound)"
+            # svd: the anchor, measured on the full UNet (18.0 GiB); other SVD forms: at least the
+            # deep-copy preparation every method shares, measured in this run.
+            guide_peak = 18.0 * 1024 if method == "svd" else (max(measured_peaks) if measured_peaks else math.nan)
+            peak_note = "anchor, full UNet" if method == "svd" else "its prep peak, a lower bound"
         else:
             guide_peak, peak_note = g["peak_mb"], "measured"
         mem = o["peak_mb"] / guide_peak
@@ -167,8 +170,8 @@ def lines_merge(f: dict) -> list:
         out.append((f"{method}: time guide (prep + merge) / ours", _fmt(o["merge_s"], "s"), f"{est}{_fmt(guide_s, 's')}",
                     f"{est}{speed:.3g}x faster", ">= 100x" if method == "svd" else INFO,
                     (PASS if speed_ok else MISS) if method == "svd" else INFO))
-        out.append((f"{method}: peak RSS ours / guide", f"{o['peak_mb'] / 1024:.2f} GB",
-                    f"{guide_peak / 1024:.1f} GB ({peak_note})", _fmt(mem, "x"), f"<= {mem_target}x",
+        out.append((f"{method}: peak RSS ours / guide", f"{o['peak_mb'] / 1024:.2f} GiB",
+                    f"{guide_peak / 1024:.1f} GiB ({peak_note})", _fmt(mem, "x"), f"<= {mem_target}x",
                     PASS if mem <= mem_target else MISS))
         if method == "cat":
             comp = next(iter(o["components"].values()))
@@ -192,7 +195,7 @@ def lines_fuse(f: dict) -> list:
             (tag + "step time, diffusers unfused adapters / plain", _fmt(statistics.median(s["diffusers_unfused_s"]), "s"),
              _fmt(statistics.median(s["plain_behind_peft_s"]), "s"), _fmt(s["unfused_vs_plain"], "x"), INFO, INFO),
             (tag + "weight edit: our re-patch vs set_adapters", _fmt(s["ours_repatch_s"], "s"),
-             _fmt(s["diffusers_set_adapters_s"], "s"), "", INFO, INFO),
+             _fmt(s["diffusers_set_adapters_s"], "s"), f"repaid after {s['repatch_break_even_steps']:.3g} steps", INFO, INFO),
         ]
         for dtype, r in part["restore"].items():
             ours = (r["ours_after_1"], r["ours_after_n"])
