@@ -46,25 +46,9 @@ from pathlib import Path
 
 import torch
 
-# Written out from stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (no download).
-SDXL_UNET = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "cross_attention_dim": 2048,
-    "attention_head_dim": [5, 10, 20],
-    "use_linear_projection": True,
-    "norm_num_groups": 32,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
+# The real SDXL UNet config, written out once in bench_lora_loading (no download).
+from bench_lora_loading import UNET_SDXL as SDXL_UNET  # noqa: E402
+
 QUICK_UNET = SDXL_UNET | {
     "sample_size": 32,
     "block_out_channels": [64, 128, 256],
