@@ -30,6 +30,15 @@ def blend_workflow(names, preset="tiny-sdxl", w=(0.7, 0.8), te=None, blocks=""):
     }
 
 
+def with_fused_branch(wf, fuse_scale=1.0, adapter_names="", **sample):
+    """Add Fuse (7) on the blend, Sample (8, ``sample`` overrides its inputs) and PreviewImage (9)."""
+    wf["7"] = {"class_type": "Fuse", "inputs": {"model": ["4", 0], "lora_scale": fuse_scale,
+                                                "adapter_names": adapter_names}}
+    wf["8"] = {"class_type": "Sample", "inputs": sample_inputs(["7", 0], **sample)}
+    wf["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    return wf
+
+
 def reference_image(runtime, preset, files, weights, fuse=False):
     """The same LoRAs through diffusers' own load_lora_weights + set_adapters (+ fuse_lora)."""
     from loraloom.models.presets import build_pipeline
@@ -59,10 +68,7 @@ def test_blend_matches_set_adapters(runtime, preset):
 
 def test_fuse_matches_fuse_lora_and_blend(runtime):
     names = runtime.names
-    wf = blend_workflow(names)
-    wf["7"] = {"class_type": "Fuse", "inputs": {"model": ["4", 0], "lora_scale": 1.0, "adapter_names": ""}}
-    wf["8"] = {"class_type": "Sample", "inputs": sample_inputs(["7", 0])}
-    wf["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    wf = with_fused_branch(blend_workflow(names))
     result = runtime.run(wf)
     ref = reference_image(runtime, "tiny-sdxl", [names["tiny-sdxl/diffusers"], names["tiny-sdxl/diffusers-nometa"]],
                           (0.7, 0.8), fuse=True)
@@ -73,11 +79,8 @@ def test_fuse_matches_fuse_lora_and_blend(runtime):
 
 def test_sample_time_lora_scale_leaves_fused_loras_alone(runtime):
     names = runtime.names
-    wf = blend_workflow(names)
-    wf["7"] = {"class_type": "Fuse", "inputs": {"model": ["4", 0], "lora_scale": 1.0,
-                                                "adapter_names": names["tiny-sdxl/diffusers"].rsplit(".", 1)[0]}}
-    wf["8"] = {"class_type": "Sample", "inputs": sample_inputs(["7", 0], lora_scale=0.0)}
-    wf["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    wf = with_fused_branch(blend_workflow(names), adapter_names=names["tiny-sdxl/diffusers"].rsplit(".", 1)[0],
+                           lora_scale=0.0)
     only_a = blend_workflow(names, w=(0.7, 0.0))
     result = runtime.run(wf)
     ref = runtime.run(only_a).value("5")
@@ -102,10 +105,7 @@ def test_second_branch_from_same_base_samples_plain_base(runtime):
 
 def test_inputs_are_not_mutated(runtime):
     names = runtime.names
-    wf = blend_workflow(names)
-    wf["7"] = {"class_type": "Fuse", "inputs": {"model": ["4", 0], "lora_scale": 0.5, "adapter_names": ""}}
-    wf["8"] = {"class_type": "Sample", "inputs": sample_inputs(["7", 0])}
-    wf["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    wf = with_fused_branch(blend_workflow(names), fuse_scale=0.5)
     result = runtime.run(wf)
     base, lora, blended = result.value("1"), result.value("2"), result.value("4")
     assert base.fused == () and base.adapters == (), "LoadBase's recipe must stay the plain base"
