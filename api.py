@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from pathlib import Path
@@ -39,7 +40,8 @@ class Runtime(graph_runtime.Runtime):
         super().__init__(**kwargs)
         # The shipped workflows' demo LoRAs are found after the user's own folders.
         if DEMO_LORA_DIR.is_dir() and DEMO_LORA_DIR not in self.folders.lora_dirs:
-            self.folders.lora_dirs.append(DEMO_LORA_DIR)
+            # a new Folders: one the caller passed in is theirs, not ours to change
+            self.folders = dataclasses.replace(self.folders, lora_dirs=[*self.folders.lora_dirs, DEMO_LORA_DIR])
 
 
 __all__ = ["Runtime", "load_node_modules", "register_node"]
