@@ -99,7 +99,7 @@ def run_ours(tmp: Path) -> list:
 def run_diffusers(tmp: Path, fused: bool) -> list:
     import torch
 
-    from loraloom.models.presets import build_pipeline
+    from loraloom.bases.presets import build_pipeline
 
     pipe = build_pipeline("tiny-sdxl", dtype="auto", device="auto")
     pipe.load_lora_weights(str(DEMO_LORAS / "demo-a.safetensors"), adapter_name="demo_a")

@@ -98,7 +98,7 @@ class GuideScript:
         """The whole script: load, LoRAs, set_adapters, sample, save. Returns seconds per stage."""
         from diffusers import StableDiffusionXLPipeline
 
-        from loraloom.models.devices import resolve
+        from loraloom.bases.devices import resolve
 
         dtype, device = resolve("auto", "auto")
         stages = {}
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     opens = FileOpens()
 
     from loraloom import Runtime
-    from loraloom.models.presets import build_pipeline
+    from loraloom.bases.presets import build_pipeline
 
     wf = json.loads(WORKFLOW.read_text())
     if args.quick:

@@ -48,13 +48,13 @@ SCALES = {"tiny": "tiny-sdxl UNet", "sdxl": "real SDXL UNet, random weights"}
 def _config(scale: str):
     if scale == "sdxl":
         return None  # the real SDXL UNet (common.sdxl_unet's default)
-    from loraloom.models.presets import preset_configs
+    from loraloom.bases.presets import preset_configs
 
     return preset_configs("tiny-sdxl")["unet"]
 
 
 def _recipe(handle, loras, weights):
-    from loraloom.models.pool import Application, ModelRecipe
+    from loraloom.bases.pool import Application, ModelRecipe
 
     apps = tuple(Application(lora, f"lora{i}", w, w) for i, (lora, w) in enumerate(zip(loras, weights)))
     return ModelRecipe(handle, fused=apps)

@@ -238,8 +238,8 @@ class UNetOnly:
 
 def pool_for(unet, label: str):
     """A ModelPool whose only base is `unet` (no loading); returns (pool, base handle)."""
-    from loraloom.models.loading import LoadedBase
-    from loraloom.models.pool import ModelPool
+    from loraloom.bases.loading import LoadedBase
+    from loraloom.bases.pool import ModelPool
 
     param = next(unet.parameters())
 

@@ -185,7 +185,7 @@ def _write_peft_folder(lora: LoRA, spec: BaseSpec, folder: Path) -> Path:
 def write_fixtures(out_dir: str | Path, presets: Sequence[str] = PRESETS, seed: int = 0) -> dict[str, Path]:
     """Write the fixture LoRAs for `presets` into `out_dir`; return ``{"<preset>/<format>": path}``
     (the ``peft`` entry is a folder). Deterministic for a given `seed`."""
-    from ..models.presets import build_pipeline
+    from ..bases.presets import build_pipeline
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ def write_demo_loras(out_dir: str | Path, preset: str = "tiny-sdxl") -> dict[str
     """The demo LoRAs the shipped workflows use: kohya files for `preset`, rank 8 on every module
     (so every merge method applies, dare_linear included), attention, feed-forward and both text
     encoders. Deterministic."""
-    from ..models.presets import build_pipeline
+    from ..bases.presets import build_pipeline
 
     spec = base_spec(build_pipeline(preset, dtype="fp32", device="cpu"))
     chosen = _select(spec, [_ATTN, _PROJ], te=True)

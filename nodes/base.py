@@ -9,7 +9,7 @@ from .common import CATEGORY, MODEL, folders, list_bases, list_config_folders, m
 
 def _base_fingerprint(inputs: dict, f) -> str | None:
     """Content fingerprint of a file or folder source (presets are versioned by name)."""
-    from ..models.presets import PRESETS
+    from ..bases.presets import PRESETS
 
     parts = []
     source = inputs.get("source")
@@ -35,7 +35,7 @@ class LoadBase:
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:
-        from ..models.presets import PRESETS
+        from ..bases.presets import PRESETS
 
         source, config = constants.get("source"), constants.get("config", "auto")
         if source in PRESETS and config != "auto":
@@ -46,8 +46,8 @@ class LoadBase:
         return {}
 
     def execute(self, source, config, dtype, device):
-        from ..models.pool import ModelRecipe
-        from ..models.presets import PRESETS
+        from ..bases.pool import ModelRecipe
+        from ..bases.presets import PRESETS
 
         f = folders()
         path = source if source in PRESETS else str(f.find("models", source))

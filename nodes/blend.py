@@ -34,7 +34,7 @@ class WeightedBlend:
                 lora_3=None, weight_3=1.0, lora_4=None, weight_4=1.0):
         from ..lora.blocks import block_scales
         from ..lora.match import check_lora
-        from ..models.pool import Application
+        from ..bases.pool import Application
 
         spec = model_pool().spec(model.base)
         apps = []

@@ -17,7 +17,7 @@ MAX_WEIGHT = 4.0
 
 def model_pool():
     """The model pool of the running Runtime (or the process-wide one outside a Runtime)."""
-    from ..models.pool import pool_from
+    from ..bases.pool import pool_from
 
     return pool_from(current_context().resources)
 
@@ -34,7 +34,7 @@ def list_loras() -> list[str]:
 def list_bases() -> list[str]:
     """Built-in presets, then diffusers folders (anywhere under the models folder) and single-file
     checkpoints (under its ``checkpoints/`` subfolder, ComfyUI's layout)."""
-    from ..models.presets import PRESETS
+    from ..bases.presets import PRESETS
 
     singles = [n for n in folders().list("models", (".safetensors",)) if n.startswith("checkpoints/")]
     return list(PRESETS) + _diffusers_folders() + singles

@@ -46,6 +46,6 @@ class Compile:
     write the weights in place and do not recompile."""
 
     def execute(self, model, mode, fullgraph, dynamic, channels_last):
-        from ..models.pool import CompileOptions
+        from ..bases.pool import CompileOptions
 
         return (dataclasses.replace(model, compile=CompileOptions(mode, fullgraph, dynamic, channels_last)),)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraloom.models import presets
+from loraloom.bases import presets
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP workers
 # spinning against other processes made a 64 px sample 10-100x slower (0.2 s -> 2-28 s).
@@ -52,7 +52,7 @@ def tiny_model_files(tmp_path_factory):
     """Factory: `tiny_model_files("tiny-sd15" | "tiny-sdxl")` -> dict of paths to that preset
     written as a diffusers folder ("folder"), a single-file checkpoint in the original SD/SGM layout
     ("single_file") and its config skeleton ("config"). Written once per session; read-only."""
-    from loraloom.models import export
+    from loraloom.bases import export
 
     written: dict[str, dict[str, object]] = {}
 

@@ -67,7 +67,7 @@ def hand_merge():
 @pytest.fixture(scope="session")
 def base_sample(sample):
     """base_sample(preset) -> sample() of the untouched preset, computed once per session."""
-    from loraloom.models.presets import build_pipeline
+    from loraloom.bases.presets import build_pipeline
 
     cache: dict[str, torch.Tensor] = {}
 

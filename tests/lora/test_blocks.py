@@ -217,7 +217,7 @@ def test_blocks_agree_with_diffusers_sgm_converter(arch):
 def _build_unet(arch: str):
     from diffusers import UNet2DConditionModel
 
-    from loraloom.models.presets import preset_configs
+    from loraloom.bases.presets import preset_configs
 
     return UNet2DConditionModel(**preset_configs(f"tiny-{arch}")["unet"])
 

@@ -31,7 +31,7 @@ EXPECTED_FORMAT = {
 
 @pytest.fixture(scope="module")
 def specs():
-    from loraloom.models.presets import build_pipeline
+    from loraloom.bases.presets import build_pipeline
 
     return {p: base_spec(build_pipeline(p, dtype="fp32", device="cpu")) for p in PRESETS}
 
@@ -198,7 +198,7 @@ def test_every_module_survives_kohya_naming(preset, sgm, specs):
 
 def test_layout_from_config_matches_presets(specs):
     from loraloom.lora.keymap import LAYOUTS
-    from loraloom.models.presets import preset_configs
+    from loraloom.bases.presets import preset_configs
 
     for preset, arch in (("tiny-sd15", "sd15"), ("tiny-sdxl", "sdxl")):
         assert UNetLayout.from_config(preset_configs(preset)["unet"]) == LAYOUTS[arch]

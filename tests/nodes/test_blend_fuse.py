@@ -41,7 +41,7 @@ def with_fused_branch(wf, fuse_scale=1.0, adapter_names="", **sample):
 
 def reference_image(runtime, preset, files, weights, fuse=False):
     """The same LoRAs through diffusers' own load_lora_weights + set_adapters (+ fuse_lora)."""
-    from loraloom.models.presets import build_pipeline
+    from loraloom.bases.presets import build_pipeline
 
     pipe = build_pipeline(preset, dtype="fp32", device="cpu")
     root = runtime.folders.lora_dirs[0]
@@ -89,7 +89,7 @@ def test_sample_time_lora_scale_leaves_fused_loras_alone(runtime):
 
 
 def test_second_branch_from_same_base_samples_plain_base(runtime):
-    from loraloom.models.presets import build_pipeline
+    from loraloom.bases.presets import build_pipeline
 
     wf = blend_workflow(runtime.names)
     wf["10"] = {"class_type": "Sample", "inputs": sample_inputs(["1", 0])}

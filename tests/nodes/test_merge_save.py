@@ -30,7 +30,7 @@ def peft_reference(loras, weights, method, density=0.5):
     add_weighted_adapter. Returns {module path: merged delta}."""
     from peft import LoraConfig, get_peft_model
 
-    from loraloom.models.presets import build_pipeline
+    from loraloom.bases.presets import build_pipeline
 
     unet = copy.deepcopy(build_pipeline("tiny-sdxl", dtype="fp32", device="cpu").unet)
     model = None
@@ -116,7 +116,7 @@ def test_save_lora_never_overwrites(runtime, tmp_path):
 
 
 def test_save_pipeline_writes_the_fused_model(runtime, tmp_path):
-    from loraloom.models.loading import load_base
+    from loraloom.bases.loading import load_base
 
     wf = {
         "1": {"class_type": "LoadBase", "inputs": {"source": "tiny-sd15", "dtype": "fp32", "device": "cpu"}},

@@ -94,7 +94,7 @@ def _load_single_file(path: Path, config: str | Path | None, torch_dtype: torch.
             f"otherwise come from the Hugging Face hub, and loading is offline. Fix: pass config=<folder> "
             f"holding model_index.json, the component configs and tokenizers of an {arch} pipeline — a "
             "diffusers folder of the same architecture, or a skeleton written by "
-            "models.export.save_config_skeleton"
+            "bases.export.save_config_skeleton"
         )
     config = Path(config)
     if not config.is_dir():

@@ -4,8 +4,8 @@ import re
 import pytest
 import torch
 
-from loraloom.models import presets
-from loraloom.models.ldm_keys import original_unet_key
+from loraloom.bases import presets
+from loraloom.bases.ldm_keys import original_unet_key
 
 # Module paths real LoRA files target (kohya / LyCORIS / diffusers-PEFT files, in diffusers names),
 # with the layer type the real tensors imply: 4-D LoRA weights for Conv2d, 2-D for Linear.

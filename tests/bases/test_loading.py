@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loraloom.models import arch, export, ldm_keys, load_base, presets
-from loraloom.models.loading import LoadedBase
+from loraloom.bases import arch, export, ldm_keys, load_base, presets
+from loraloom.bases.loading import LoadedBase
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

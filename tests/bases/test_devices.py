@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loraloom.models import devices, load_base
+from loraloom.bases import devices, load_base
 
 
 @pytest.mark.parametrize("text, expected", [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16), (" BF16 ", torch.bfloat16), (torch.float16, torch.float16)])

@@ -270,7 +270,7 @@ def build_pipeline(name: str, dtype: str | torch.dtype = "auto", device: str | t
     Every call returns new, bit-identical weights: they are drawn in fp32 on the CPU from the
     preset's seed inside `torch.random.fork_rng`, so neither an earlier `torch.manual_seed` nor the
     device changes them, and the caller's RNG state is left as it was. The pipeline is then moved
-    to `device` and cast to `dtype` (see models.devices for the accepted values).
+    to `device` and cast to `dtype` (see bases.devices for the accepted values).
     """
     preset = get_preset(name)
     torch_dtype, torch_device = devices.resolve(dtype, device)

@@ -2,7 +2,7 @@
 
 import torch
 
-from loraloom.models.pool import Application, CompileOptions, ModelPool, ModelRecipe
+from loraloom.bases.pool import Application, CompileOptions, ModelPool, ModelRecipe
 
 
 def _lora(pipe, seed):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loraloom.lora.canonical import LoRA, LoRAModule
-from loraloom.models.pool import Application, ModelPool, ModelRecipe
+from loraloom.bases.pool import Application, ModelPool, ModelRecipe
 
 
 def random_lora(pipe, seed, rank=4, every=3):
