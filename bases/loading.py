@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..graph_runtime.fingerprint import file_fingerprint
+from ..graph_runtime import file_fingerprint
 from . import arch as arch_mod
 from . import devices, presets
 
@@ -27,7 +27,7 @@ class LoadedBase:
     arch: "sd15" or "sdxl". dtype / device: where its weights live.
     fingerprint: "preset:<name>@<version>" for presets; "folder:blake2b:<hex>" or
         "single-file:blake2b:<hex>+config:blake2b:<hex>" (content hashes, memoised on path, size
-        and mtime by graph_runtime.fingerprint) for files, so it changes exactly when the weights
+        and mtime by graph_runtime's file_fingerprint) for files, so it changes exactly when the weights
         or configs can.
     source: what was asked for (preset name or path), for messages.
     """

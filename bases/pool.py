@@ -18,6 +18,8 @@ what ``set_adapters`` + ``fuse_lora`` mean (tests compare against them).
 
 from __future__ import annotations
 
+import itertools
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -32,6 +34,7 @@ from ..lora.match import base_spec
 from .loading import LoadedBase, load_base
 
 DEFAULT_MAX_BASES = 2
+_lora_of = operator.attrgetter("lora")
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,9 @@ class Application:
         scale = self.module_scales.get(component, {}).get(path, 1.0)
         return (self.weight if component == "unet" else self.text_encoder_weight) * scale
 
-    def __loraloom_nbytes__(self) -> int:
-        return self.lora.nbytes
+    def __loraloom_parts__(self) -> tuple:
+        """What the runtime's cache counts: the LoRA (its tensors are shared, not copied)."""
+        return (self.lora,)
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,12 @@ class ModelRecipe:
             parts.append("compiled")
         return " + ".join(parts)
 
-    def __loraloom_nbytes__(self) -> int:
-        return sum(a.lora.nbytes for a in (*self.fused, *self.adapters))
+    def __loraloom_parts__(self) -> list[LoRA]:
+        """What the runtime's cache counts: the distinct applied LoRAs, whose tensors are shared with
+        the LoadLoRA outputs and every other recipe holding them, so the cache counts them once.
+        Distinct by identity here: a chain of blends applies one LoRA many times, and each recipe in
+        it is sized once, so this keeps sizing a long chain cheap."""
+        return list(dict.fromkeys(map(_lora_of, itertools.chain(self.fused, self.adapters))))
 
 
 @dataclass

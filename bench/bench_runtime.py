@@ -1,5 +1,7 @@
 """Runtime overhead: a 1,000-node stub graph run cold, re-run cached, and the same functions called
-in a plain Python loop; validation of a 10,000-node chain. Prints ratios measured side by side.
+in a plain Python loop; validation of a 10,000-node chain; the cache's sizing of a WeightedBlend chain
+(each recipe holds every earlier LoRA application) at 250 and 1,000 steps, with the work counted.
+Prints ratios measured side by side.
 
     python bench/bench_runtime.py [--quick] [--json OUT]
 """
@@ -7,11 +9,13 @@ in a plain Python loop; validation of a 10,000-node chain. Prints ratios measure
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 
-from loraloom.graph_runtime import Int, Link, NodeRegistry, Output, Runtime, node
+from loraloom.graph_runtime import CacheStore, Int, Link, NodeRegistry, Output, Runtime, node
+from loraloom.graph_runtime.cache import size_stats
 from loraloom.graph_runtime.graph import validate_prompt
 
 
@@ -51,6 +55,36 @@ def plain_loop(n: int) -> int:
     for i in range(1, n - 1):
         values.append(BAdd().execute(values[i - 1], values[max(0, i - 7)], i)[0])
     return BShow().execute(values[-1])["ui"]["value"][0]
+
+
+def demo_lora(modules: int = 200, rank: int = 8, width: int = 320):
+    """A LoRA value of ``modules`` linear modules (``2 * modules`` tensors), built in memory."""
+    import torch
+
+    from loraloom.lora.canonical import LoRA, LoRAModule
+
+    gen = torch.Generator().manual_seed(0)
+    mods = {f"block.{i}.proj": LoRAModule(torch.randn(rank, width, generator=gen),
+                                          torch.randn(width, rank, generator=gen), float(rank))
+            for i in range(modules)}
+    return LoRA({"unet": mods}, "derived", fingerprint="bench")
+
+
+def blend_chain(lora, n: int) -> tuple[float, int, int, int]:
+    """Cache n recipes built as a chain of WeightedBlend nodes builds them (the same LoRA applied again
+    at each step). Returns seconds, tensors and values sized, and the store's bytes."""
+    from loraloom.bases.pool import Application, BaseModel, ModelRecipe
+
+    lora = dataclasses.replace(lora)  # a fresh value over the same tensors: nothing remembered yet
+    store = CacheStore()
+    recipe = ModelRecipe(BaseModel("tiny-sdxl", "sdxl", "fp32", "cpu", "preset:bench"))
+    tensors, values = size_stats.tensors, size_stats.values
+    start = time.perf_counter()
+    for i in range(n):
+        recipe = dataclasses.replace(recipe, adapters=recipe.adapters + (Application(lora, f"l{i}", 0.5),))
+        store.put(str(i), (recipe,), None)
+    seconds = time.perf_counter() - start
+    return seconds, size_stats.tensors - tensors, size_stats.values - values, store.nbytes
 
 
 def median_time(fn, repeats: int) -> float:
@@ -95,6 +129,10 @@ def main(argv=None) -> dict:
     chain["9999"] = {"class_type": "BShow", "inputs": {"x": ["9998", 0]}}
     t_validate = median_time(lambda: validate_prompt(chain, REGISTRY), max(1, repeats // 3))
 
+    lora = demo_lora()
+    short = min((blend_chain(lora, 250) for _ in range(repeats)), key=lambda r: r[0])  # min: steadiest here
+    long = min((blend_chain(lora, 1000) for _ in range(repeats)), key=lambda r: r[0])
+
     figures = {
         "nodes": n,
         "cold_run_s": t_cold,
@@ -104,6 +142,13 @@ def main(argv=None) -> dict:
         "cold_vs_plain": t_cold / t_plain,
         "cached_vs_cold": t_warm / t_cold,
         "validate_10k_chain_s": t_validate,
+        "blend_chain_250_s": short[0],
+        "blend_chain_1000_s": long[0],
+        "blend_chain_growth": long[0] / short[0],
+        "blend_chain_1000_tensors_sized": long[1],
+        "blend_chain_1000_values_sized": long[2],
+        "blend_chain_1000_cache_bytes": long[3],
+        "lora_bytes": lora.nbytes,
     }
     print(f"runtime overhead, {n}-node graph (median of {repeats}):")
     print(f"  cold run        {t_cold * 1e3:8.1f} ms  ({figures['cold_vs_plain']:.0f}x the plain loop, "
@@ -111,6 +156,12 @@ def main(argv=None) -> dict:
     print(f"  cached re-run   {t_warm * 1e3:8.1f} ms  ({figures['cached_vs_cold']:.2f}x the cold run)")
     print(f"  plain loop      {t_plain * 1e3:8.3f} ms")
     print(f"  validate a 10,000-node chain: {t_validate * 1e3:.0f} ms")
+    print(f"cache sizing of a WeightedBlend chain (a LoRA of {len(lora.__loraloom_parts__())} tensors, "
+          f"{lora.nbytes / 2**20:.1f} MiB, applied at every step):")
+    print(f"  250 steps {short[0] * 1e3:7.1f} ms, 1,000 steps {long[0] * 1e3:7.1f} ms "
+          f"({figures['blend_chain_growth']:.1f}x for 4x the steps; 4 is linear, 16 quadratic)")
+    print(f"  work at 1,000 steps: {long[1]} tensors and {long[2]} values sized; cache holds "
+          f"{long[3] / 2**20:.2f} MiB (the LoRA counted once)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

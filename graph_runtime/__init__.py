@@ -3,7 +3,8 @@
 torch-free, and imports nothing of LoRA Loom beyond itself.
 """
 
-from .cache import CacheStore, estimate_nbytes
+from .cache import (HASH_CHUNK_BYTES, CacheStore, Footprint, estimate_nbytes, file_fingerprint, file_hasher,
+                    footprint, known_fingerprint, remember_fingerprint)
 from .context import ExecutionContext, current_context
 from .errors import (ExecutionError, Interrupted, LoomError, PathError, SchemaError, ValidationError,
                      WorkflowError)
@@ -13,8 +14,9 @@ from .schema import Boolean, Combo, Float, Input, Int, Link, NodeRegistry, NodeS
 from .workflow import Workflow, load_workflow
 
 __all__ = [
-    "Boolean", "CacheStore", "Combo", "ExecutionContext", "ExecutionError", "Float", "Folders", "Input", "Int",
-    "Interrupted", "Link", "LoomError", "NodeRegistry", "NodeSchema", "Output", "PathError", "RunResult",
-    "Runtime", "SchemaError", "String", "ValidationError", "Workflow", "WorkflowError", "current_context",
-    "estimate_nbytes", "load_workflow", "node", "resolve_under",
+    "HASH_CHUNK_BYTES", "Boolean", "CacheStore", "Combo", "ExecutionContext", "ExecutionError", "Float", "Folders",
+    "Footprint", "Input", "Int", "Interrupted", "Link", "LoomError", "NodeRegistry", "NodeSchema", "Output",
+    "PathError", "RunResult", "Runtime", "SchemaError", "String", "ValidationError", "Workflow", "WorkflowError",
+    "current_context", "estimate_nbytes", "file_fingerprint", "file_hasher", "footprint", "known_fingerprint",
+    "load_workflow", "node", "remember_fingerprint", "resolve_under",
 ]

@@ -164,7 +164,7 @@ class Runtime:
                     constants[name] = value
             fingerprint = input_fingerprint(schema, node["inputs"], self.folders)
             keys[nid] = node_key(node["class_type"], schema.version, constants, links, fingerprint,
-                                 volatile=schema.not_idempotent)
+                                 volatile=schema.not_idempotent, node_id=nid)
         return keys
 
     def _execute(self, wf: Workflow, valid: ValidPrompt, targets: list[str], result: RunResult, emit) -> None:

@@ -334,7 +334,7 @@ def _is_changed(cls, **inputs):
 
 def input_fingerprint(schema: NodeSchema, inputs: dict, folders) -> str | None:
     """Content fingerprint of the files a node's inputs name (None when they name none)."""
-    from .fingerprint import file_fingerprint
+    from .cache import file_fingerprint
 
     parts = []
     for inp in schema.inputs:

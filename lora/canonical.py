@@ -436,6 +436,11 @@ class LoRA:
         """Bytes held by all tensors."""
         return sum(m.nbytes for _, _, m in self.modules())
 
+    def __loraloom_parts__(self) -> list[torch.Tensor]:
+        """The tensors this LoRA holds, for the runtime's cache: it counts each storage once, however
+        many cached values (recipes, blends) hold this LoRA, and sizes a LoRA once (it is immutable)."""
+        return [t for _, _, m in self.modules() for t in m.tensors().values()]
+
     def ranks(self) -> Counter:
         """How many modules have each rank (None for LoKr with two full factors)."""
         return Counter(m.rank for _, _, m in self.modules())

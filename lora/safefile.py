@@ -18,7 +18,6 @@ Pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are refused unless t
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..graph_runtime import HASH_CHUNK_BYTES, file_hasher
 from .sniff import PICKLE_KINDS, SNIFF_BYTES, sniff
 
 __all__ = [
@@ -48,9 +48,6 @@ __all__ = [
 METADATA_KEY = "__metadata__"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
-# Read and hash in slices this big: large enough for few syscalls, small enough to stay in cache
-# between the read and the hash.
-_READ_CHUNK = 8 * 2**20
 # Bounds the float32 copies the NaN/Inf scan makes of float8 tensors.
 _FINITE_CHUNK_ELEMENTS = 2**24
 
@@ -208,8 +205,8 @@ class Header:
 class SafeFile:
     """A LoRA file that passed every check: CPU tensors in their original dtypes, sorted by key.
 
-    ``fingerprint`` is the hex blake2b (16-byte digest) of the whole file: the same value as
-    ``graph_runtime.fingerprint.file_fingerprint(path)``, so a LoRA value and its file input agree;
+    ``fingerprint`` is the file's digest under graph_runtime's one hashing contract (``file_hasher``):
+    the same value as ``graph_runtime.file_fingerprint(path)``, so a LoRA value and its file input agree;
     ``format`` is ``"safetensors"`` or ``"pickle"`` (only with ``allow_pickle=True``).
     """
 
@@ -251,7 +248,7 @@ def read_lora_file(
             if not allow_pickle:
                 raise _pickle_refused(path, verdict.what)
             return _read_pickle(f, path, size, limits)
-        hasher = _new_hasher() if known_fingerprint is None else _KnownDigest(known_fingerprint)
+        hasher = file_hasher() if known_fingerprint is None else _KnownDigest(known_fingerprint)
         header = _read_header(f, path, size, limits, hasher)
         tensors = _read_data(f, header, hasher)
     return SafeFile(path, tensors, header.metadata, hasher.hexdigest(), size, "safetensors")
@@ -270,7 +267,7 @@ def inspect_header(path: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> 
         verdict = _sniff_file(f, path, size)
         if verdict.kind in PICKLE_KINDS:
             raise _pickle_refused(path, verdict.what)
-        return _read_header(f, path, size, limits, _new_hasher())
+        return _read_header(f, path, size, limits, file_hasher())
 
 
 @contextmanager
@@ -748,7 +745,7 @@ def _read_data(f, header: Header, hasher) -> dict[str, torch.Tensor]:
 def _read_into(f, view: memoryview, path: Path, hasher) -> None:
     position, size = 0, len(view)
     while position < size:
-        part = view[position : min(size, position + _READ_CHUNK)]
+        part = view[position : min(size, position + HASH_CHUNK_BYTES)]
         n = f.readinto(part)
         if not n:
             raise _changed_while_reading(path)
@@ -802,11 +799,11 @@ def _check_values(path: Path, key: str, tensor: torch.Tensor, raw: torch.Tensor 
 
 
 def _read_pickle(f, path: Path, size: int, limits: Limits) -> SafeFile:
-    hasher = _new_hasher()
+    hasher = file_hasher()
     buffer = io.BytesIO()
     remaining = size
     while remaining:
-        chunk = f.read(min(remaining, _READ_CHUNK))
+        chunk = f.read(min(remaining, HASH_CHUNK_BYTES))
         if not chunk:
             raise _changed_while_reading(path)
         hasher.update(chunk)
@@ -883,11 +880,6 @@ class _KnownDigest:
 
     def hexdigest(self) -> str:
         return self._digest
-
-
-def _new_hasher():
-    # digest_size 16 matches graph_runtime.fingerprint (lora/ must not import graph_runtime).
-    return hashlib.blake2b(digest_size=16)
 
 
 def _is_int(value: Any) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..graph_runtime.fingerprint import file_fingerprint
+from ..graph_runtime import file_fingerprint
 from ..graph_runtime.schema import Combo, Output, node
 from .common import CATEGORY, MODEL, folders, list_bases, list_config_folders, model_pool
 

@@ -18,7 +18,7 @@ class LoadLoRA:
     """Read a LoRA file (checked before use: header, shapes, dtypes, finite values) into a LoRA value."""
 
     def execute(self, lora_name):
-        from ..graph_runtime.fingerprint import known_fingerprint, remember_fingerprint
+        from ..graph_runtime import known_fingerprint, remember_fingerprint
         from ..lora.readers import read_lora
 
         path = folders().find("loras", lora_name)

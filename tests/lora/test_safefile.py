@@ -20,7 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from loraloom.graph_runtime.fingerprint import file_fingerprint
+from loraloom.graph_runtime import file_fingerprint
 from loraloom.lora.safefile import (
     DEFAULT_LIMITS,
     SUPPORTED_DTYPES,
@@ -681,7 +681,7 @@ def test_known_fingerprint_is_reported_without_rehashing(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from loraloom.graph_runtime.fingerprint import file_fingerprint
+    from loraloom.graph_runtime import file_fingerprint
     from loraloom.lora.safefile import read_lora_file
 
     path = tmp_path / "x.safetensors"
