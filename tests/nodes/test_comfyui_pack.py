@@ -57,12 +57,3 @@ def test_nodes_run_as_comfyui_calls_them():
                     width=64, height=64, scheduler="euler", batch_size=2, lora_scale=1.0)
     assert image.dtype == torch.float32 and tuple(image.shape) == (2, 64, 64, 3), "ComfyUI's IMAGE: [B, H, W, C]"
     assert 0.0 <= image.min() and image.max() <= 1.0
-
-
-def test_node_reference_doc_is_current():
-    from loraloom.cli import nodes_markdown
-    from loraloom.graph_runtime import NodeRegistry
-    from loraloom.nodes import BUILTIN
-
-    doc = (ROOT / "docs" / "nodes.md").read_text()
-    assert doc == nodes_markdown(NodeRegistry(BUILTIN)), "docs/nodes.md is stale: run `loraloom nodes --markdown > docs/nodes.md`"
