@@ -159,18 +159,3 @@ async def test_a_crash_while_running_is_recovered_at_start(serve, helpers, tmp_p
         assert (await server.client.get("/api/history/never-queued")).status == 404
         numbers = [(await server.submit(helpers.chain(5)))["number"] for _ in range(2)]
         assert min(numbers) > 1, "numbers keep counting after a restart"
-
-
-def test_store_history_is_bounded_and_ordered(tmp_path, monkeypatch):
-    import loraloom.server.store as store_module
-
-    monkeypatch.setattr(store_module, "MAX_HISTORY", 3)
-    store = PromptStore(tmp_path / "q.sqlite3")
-    for i in range(5):
-        store.add(f"p{i}", {}, {}, [])
-        item = store.claim_next()
-        store.finish(item.prompt_id, store_module.SUCCESS, {}, [])
-    assert [i.prompt_id for i in store.history()] == ["p2", "p3", "p4"]
-    assert [i.prompt_id for i in store.history(max_items=2)] == ["p3", "p4"]
-    assert store.get("p0") is None
-    store.close()
