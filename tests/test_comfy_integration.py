@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_as_comfyui_does(name="ComfyUI-LoRA-Loom"):
@@ -61,13 +61,15 @@ def test_nodes_run_as_comfyui_calls_them():
     assert 0.0 <= image.min() and image.max() <= 1.0
 
 
-def test_comfyui_hooks(tmp_path, monkeypatch, lora_files):
+def test_comfyui_hooks(tmp_path, monkeypatch):
     """Inside ComfyUI (its folder_paths and comfy modules importable), LoadLoRA lists ComfyUI's loras
     folders and progress goes to ComfyUI's ProgressBar; its interrupt stops us."""
     from loraloom.comfy_integration import install_if_in_comfyui
     from loraloom.graph_runtime import context
 
-    root, names = lora_files
+    root, names = tmp_path / "comfy-loras", {"tiny-sdxl/kohya": "sdxl/style.safetensors"}
+    (root / "sdxl").mkdir(parents=True)
+    (root / "sdxl" / "style.safetensors").write_bytes(b"")  # only listed, never read
     calls = []
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.get_folder_paths = lambda kind: [str(root)] if kind == "loras" else []
