@@ -53,7 +53,11 @@ class UserData:
         except WorkflowError as exc:
             log.error("settings file unreadable, using defaults: %s", exc)
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            log.error("settings file unreadable, using defaults: %s holds a JSON %s, not an object",
+                      path, type(data).__name__)
+            return {}
+        return data
 
     def update_settings(self, values: dict) -> None:
         with self._lock:

@@ -4,11 +4,13 @@ another package name, cheaply, and its nodes called the way ComfyUI's executor c
 import importlib.util
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_as_comfyui_does(name="ComfyUI-LoRA-Loom"):
@@ -59,10 +61,55 @@ def test_nodes_run_as_comfyui_calls_them():
     assert 0.0 <= image.min() and image.max() <= 1.0
 
 
-def test_node_reference_doc_is_current():
-    from loraloom.cli import nodes_markdown
-    from loraloom.graph_runtime import NodeRegistry
-    from loraloom.nodes import BUILTIN
+def test_comfyui_hooks(tmp_path, monkeypatch):
+    """Inside ComfyUI (its folder_paths and comfy modules importable), LoadLoRA lists ComfyUI's loras
+    folders and progress goes to ComfyUI's ProgressBar; its interrupt stops us."""
+    from loraloom.comfy_integration import install_if_in_comfyui
+    from loraloom.graph_runtime import context
 
-    doc = (ROOT / "docs" / "nodes.md").read_text()
-    assert doc == nodes_markdown(NodeRegistry(BUILTIN)), "docs/nodes.md is stale: run `loraloom nodes --markdown > docs/nodes.md`"
+    root, names = tmp_path / "comfy-loras", {"tiny-sdxl/kohya": "sdxl/style.safetensors"}
+    (root / "sdxl").mkdir(parents=True)
+    (root / "sdxl" / "style.safetensors").write_bytes(b"")  # only listed, never read
+    calls = []
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_folder_paths = lambda kind: [str(root)] if kind == "loras" else []
+    folder_paths.models_dir = str(tmp_path / "models")
+    folder_paths.get_output_directory = lambda: str(tmp_path / "output")
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None):
+            calls.append((value, total))
+
+    utils.ProgressBar = ProgressBar
+    mm = types.ModuleType("comfy.model_management")
+    mm.interrupted = False
+
+    def throw():
+        if mm.interrupted:
+            raise RuntimeError("Processing interrupted")
+
+    mm.throw_exception_if_processing_interrupted = throw
+    comfy.utils, comfy.model_management = utils, mm
+    for name, mod in {"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils,
+                      "comfy.model_management": mm}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    previous = context.current_context()
+    try:
+        assert install_if_in_comfyui()
+        from loraloom.nodes.lora import LoadLoRA
+
+        assert names["tiny-sdxl/kohya"] in LoadLoRA.INPUT_TYPES()["required"]["lora_name"][0]
+        ctx = context.current_context()
+        ctx.progress(1, 4)
+        assert calls == [(1, 4)]
+        mm.interrupted = True
+        with pytest.raises(RuntimeError, match="interrupted"):
+            ctx.progress(2, 4)
+    finally:
+        context.set_default_context(previous)

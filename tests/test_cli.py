@@ -1,16 +1,25 @@
-"""The command line, in process and as the installed console script."""
+"""The command line, in process and as the installed console script; `loraloom serve` as a user runs it;
+docs/nodes.md as `loraloom nodes --markdown` writes it."""
 
+import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
 from loraloom.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_server = pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None,
+                                  reason="the server needs the editor extra: pip install 'loraloom[editor]'")
 
 PLUGIN = textwrap.dedent('''
     import time
@@ -120,3 +129,52 @@ def test_console_script_usage_error_and_ctrl_c(plugin, tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "interrupted" in err
+
+
+@needs_server
+def test_the_cli_refuses_a_public_address_without_a_token(capsys, monkeypatch):
+    monkeypatch.delenv("LORALOOM_SERVE_TOKEN", raising=False)
+    assert main(["serve", "--listen", "0.0.0.0", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to listen on 0.0.0.0" in err and "--token" in err
+
+
+def test_node_reference_doc_is_current():
+    from loraloom.cli import nodes_markdown
+    from loraloom.graph_runtime import NodeRegistry
+    from loraloom.nodes import BUILTIN
+
+    doc = (ROOT / "docs" / "nodes.md").read_text()
+    assert doc == nodes_markdown(NodeRegistry(BUILTIN)), "docs/nodes.md is stale: run `loraloom nodes --markdown > docs/nodes.md`"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@needs_server
+def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "LORALOOM_USER_DIR": str(tmp_path / "user")}
+    proc = subprocess.Popen([sys.executable, "-m", "loraloom.cli", "serve", "--port", str(port),
+                             "--output-dir", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        assert f"http://127.0.0.1:{port}/" in proc.stdout.readline(), "the address is printed first"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/object_info", timeout=5) as resp:
+                    info = json.load(resp)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not answer"
+                time.sleep(0.2)
+        assert "WeightedBlend" in info and "SaveImage" in info, "the server runs our nodes"
+        assert (tmp_path / "user" / "queue.sqlite3").is_file(), "the queue lives in the user folder"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out

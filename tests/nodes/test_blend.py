@@ -1,0 +1,94 @@
+"""WeightedBlend through real graphs, against diffusers' own set_adapters; block weights; what a
+weight or prompt edit re-runs; the errors that name the node."""
+
+import pytest
+import torch
+
+from loraloom.graph_runtime import ExecutionError, ValidationError
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
+def test_blend_matches_set_adapters(runtime, preset, blend_workflow, reference_image):
+    names = runtime.names
+    result = runtime.run(blend_workflow(names, preset))
+    ours = result.value("5")
+    ref = reference_image(runtime, preset, [names[f"{preset}/diffusers"], names[f"{preset}/diffusers-nometa"]], (0.7, 0.8))
+    plain = runtime.run(blend_workflow(names, preset, w=(0.0, 0.0))).value("5")
+    assert (ours - plain).abs().max() > 0.05, "the LoRAs must visibly change the image"
+    assert torch.allclose(ours, ref, atol=2e-4), f"blend differs from set_adapters by {(ours - ref).abs().max():.2e}"
+
+
+def test_second_branch_from_same_base_samples_plain_base(runtime, blend_workflow, sample_inputs):
+    from loraloom.bases.presets import build_pipeline
+
+    wf = blend_workflow(runtime.names)
+    wf["10"] = {"class_type": "Sample", "inputs": sample_inputs(["1", 0])}
+    wf["11"] = {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}}
+    first = runtime.run(wf)
+    again = runtime.run(wf, overrides={"10.seed": 4, "5.seed": 4})  # both re-run, in either order
+    pipe = build_pipeline("tiny-sdxl", dtype="fp32", device="cpu")
+    sample = wf["10"]["inputs"]
+    for result, seed in ((first, 3), (again, 4)):
+        out = pipe(prompt="a cat", num_inference_steps=sample["steps"], width=sample["width"], height=sample["height"],
+                   guidance_scale=5.0,
+                   generator=torch.Generator("cpu").manual_seed(seed), output_type="pt").images.permute(0, 2, 3, 1)
+        assert torch.equal(result.value("10"), out), "the plain branch must sample the untouched base exactly"
+
+
+def test_caching_through_real_nodes(runtime, loras_dir, blend_workflow):
+    import os
+
+    wf = blend_workflow(runtime.names)
+    runtime.run(wf)
+    prompt = runtime.run(wf, overrides={"5.prompt": "a dog"})
+    assert sorted(prompt.executed) == ["5", "6"], "a prompt edit re-runs only Sample and the save node"
+    weight = runtime.run(wf, overrides={"4.weight": 0.2})
+    assert sorted(weight.executed) == ["4", "5", "6"], "a weight edit reads no LoRA file and loads no base"
+    root, names = loras_dir
+    path = root / names["tiny-sdxl/diffusers-nometa"]
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000))
+    same = runtime.run(wf, overrides={"4.weight": 0.2})
+    assert same.executed == [], "same bytes, new mtime: the content fingerprint is unchanged"
+
+
+def test_lora_for_wrong_base_is_refused_by_name(runtime, blend_workflow):
+    wf = blend_workflow(runtime.names, preset="tiny-sd15")
+    wf["2"]["inputs"]["lora_name"] = runtime.names["tiny-sdxl/diffusers"]
+    with pytest.raises(ExecutionError) as info:
+        runtime.run(wf)
+    err = info.value
+    assert (err.node_id, err.class_type) == ("4", "WeightedBlend")
+    assert "SDXL" in str(err) and "tiny-sdxl-diffusers" in str(err), str(err)
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ({"2.lora_name": "missing.safetensors"}, "node 2 (LoadLoRA) input 'lora_name': 'missing.safetensors' is not one of"),
+    ({"2.lora_name": "../escape.safetensors"}, "node 2 (LoadLoRA) input 'lora_name': '../escape.safetensors' is not"),
+    ({"4.weight": 9.0}, "node 4 (WeightedBlend) input 'weight': 9.0 is above max 4.0"),
+    ({"5.width": 100}, "node 5 (Sample) input 'width': 100 is not a multiple of 8"),
+])
+def test_bad_input_is_named(runtime, override, fragment, blend_workflow):
+    with pytest.raises(ValidationError) as info:
+        runtime.run(blend_workflow(runtime.names), overrides=override)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_block_weights_reach_resnets_and_convs(runtime, blend):
+    locon = runtime.names["tiny-sdxl/locon"]
+    result = runtime.run(blend(locon, blocks='{"unet": {"down": 0, "mid": 0, "up": 0}}'))
+    recipe = result.value("4")
+    scales = recipe.adapters[0].module_scales["unet"]
+    resnets = [p for p in scales if ".resnets." in p]
+    assert resnets and all(scales[p] == 0.0 for p in resnets), "resnet (LoCon) layers follow their block's weight"
+    unet_off = runtime.run(blend(locon, weight=0.0)).value("5")
+    assert torch.allclose(result.value("5"), unet_off, atol=1e-6), \
+        "zero on every block must equal a zero UNet weight (diffusers' own dict leaves resnets at 1.0)"
+
+
+def test_block_weight_errors_name_the_node(runtime, blend):
+    with pytest.raises(ExecutionError) as info:
+        runtime.run(blend(runtime.names["tiny-sdxl/kohya"], blocks="1,0,1"))
+    assert "node 4 (WeightedBlend)" in str(info.value) and "3" in str(info.value), str(info.value)
