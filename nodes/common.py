@@ -62,13 +62,14 @@ def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
     return {}
 
 
-def unique_output(prefix: str, suffix: str) -> Path:
-    """A new path ``<prefix>_00001_<suffix>`` under the output folder (ComfyUI's numbering): never an
-    existing file, never outside the output root."""
+def unique_output(prefix: str, suffix: str = "") -> Path:
+    """A new path ``<prefix>_00001_<suffix>`` (a file) or ``<prefix>_00001`` (a folder: no `suffix`)
+    under the output folder, ComfyUI's numbering: never an existing name, never outside the output
+    root. Every node that writes an output names it here."""
     f = folders()
     n = 1
     while True:
-        path = f.output_path(f"{prefix}_{n:05d}_{suffix}")
+        path = f.output_path(f"{prefix}_{n:05d}" + (f"_{suffix}" if suffix else ""))
         if not path.exists():
             return path
         n += 1
