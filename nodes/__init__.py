@@ -5,7 +5,7 @@ Importing this package is cheap: node modules import torch only inside ``execute
 
 from __future__ import annotations
 
-from ..graph_runtime.schema import NodeRegistry
+from ..graph_runtime import NodeRegistry
 from . import base, blend, checkpoint, fuse, image, lora, merge, pipeline, sample
 
 BUILTIN = (base.LoadBase, lora.LoadLoRA, blend.WeightedBlend, merge.PeftMerge, fuse.Fuse, fuse.Compile, sample.Sample,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..graph_runtime.schema import Float, Link, Output, String, node
+from ..graph_runtime import Float, Link, Output, String, node
 from .common import CATEGORY, LORA, MAX_WEIGHT, MODEL, model_pool
 
 EXTRA = (2, 3, 4)

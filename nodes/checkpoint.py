@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..graph_runtime.context import current_context
-from ..graph_runtime.schema import Link, String, node
+from ..graph_runtime import Link, String, current_context, node
 from .common import CATEGORY, MODEL, check_prefix, model_pool, output_ref, unique_output
 
 

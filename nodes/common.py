@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..graph_runtime.context import current_context
+from ..graph_runtime import TEMP_SUBFOLDER, PathError, check_relative_name, current_context
 
 # Our own socket types (never ComfyUI's MODEL, CLIP or LORA: their values are other objects).
 MODEL = "MODEL_RECIPE"
@@ -52,9 +52,6 @@ def list_config_folders() -> list[str]:
 
 def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
     """Validation-time check that an output name stays inside the output folder."""
-    from ..graph_runtime.errors import PathError
-    from ..graph_runtime.paths import check_relative_name
-
     try:
         check_relative_name(constants.get(name, ""), "output")
     except PathError as exc:
@@ -73,9 +70,6 @@ def unique_output(prefix: str, suffix: str = "") -> Path:
         if not path.exists():
             return path
         n += 1
-
-
-TEMP_SUBFOLDER = "temp"  # previews live in <output>/temp/, ComfyUI's type "temp"
 
 
 def output_ref(path: Path, kind: str = "output") -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..graph_runtime.schema import Boolean, Combo, Float, Link, Output, String, node
+from ..graph_runtime import Boolean, Combo, Float, Link, Output, String, node
 from .common import CATEGORY, MAX_WEIGHT, MODEL
 
 

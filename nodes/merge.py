@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..graph_runtime.context import current_context
-from ..graph_runtime.schema import Combo, Float, Int, Link, Output, node
+from ..graph_runtime import Combo, Float, Int, Link, Output, current_context, node
 from .common import CATEGORY, LORA
 
 LETTERS = ("a", "b", "c", "d")

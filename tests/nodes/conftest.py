@@ -10,7 +10,7 @@ from loraloom import Runtime
 @pytest.fixture(scope="session")
 def lora_files(tmp_path_factory):
     """LoRA fixture files for both presets, in every format (read-only: copy before editing)."""
-    from loraloom.lora.fixtures import write_fixtures
+    from loraloom.fixtures import write_fixtures
 
     root = tmp_path_factory.mktemp("loras")
     paths = write_fixtures(root)
