@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..graph_runtime import TEMP_SUBFOLDER, PathError, check_relative_name, current_context
+from ..graph_runtime import TEMP_SUBFOLDER, Float, PathError, check_relative_name, current_context
 
 # Our own socket types (never ComfyUI's MODEL, CLIP or LORA: their values are other objects).
 MODEL = "MODEL_RECIPE"
@@ -12,7 +12,17 @@ LORA = "LORA_WEIGHTS"
 IMAGE = "IMAGE"  # ComfyUI's convention on purpose: float32 [B, H, W, C] in 0..1
 CATEGORY = "LoRA Loom"
 LORA_SUFFIXES = (".safetensors",)
+# The one bound on every LoRA weight and scale a node takes (WeightedBlend and PeftMerge weights,
+# Fuse's and Sample's lora_scale), both signs. Beyond 4x a LoRA's delta dwarfs the base weights it
+# was trained against and the image breaks down, so a larger value is a typo far more often than intent.
+# (Per-block multipliers inside a block_weights string are another quantity, bounded by
+# lora.blocks.MAX_ABS_WEIGHT, Inspire Pack's own bound.)
 MAX_WEIGHT = 4.0
+
+
+def weight_input(name: str, tooltip: str = "", optional: bool = False):
+    """A LoRA weight or scale widget: default 1.0, within +-MAX_WEIGHT, negative allowed."""
+    return Float(name, 1.0, min=-MAX_WEIGHT, max=MAX_WEIGHT, step=0.05, tooltip=tooltip, optional=optional)
 
 
 def model_pool():

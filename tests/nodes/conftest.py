@@ -29,6 +29,7 @@ def loras_dir(lora_files, tmp_path):
 @pytest.fixture
 def runtime(loras_dir, tmp_path):
     root, names = loras_dir
-    rt = Runtime(lora_dirs=[root], models_dir=tmp_path / "models", output_dir=tmp_path / "out")
+    # demo_loras: the merge tests use the shipped demo LoRAs (rank 8 everywhere) besides the fixtures
+    rt = Runtime(lora_dirs=[root], models_dir=tmp_path / "models", output_dir=tmp_path / "out", demo_loras=True)
     rt.names = names
     return rt
