@@ -17,11 +17,15 @@ DEMO_LORA_DIR = SHIPPED_WORKFLOWS / "loras"
 
 def is_shipped_workflow(workflow) -> bool:
     """Whether ``workflow`` is a path to one of the example workflows shipped in ``workflows/``
-    (the ones whose demo LoRAs live in ``workflows/loras/``)."""
+    (the ones whose demo LoRAs live in ``workflows/loras/``): the file itself, or a byte-identical
+    copy of the same name (a clone's ``workflows/`` while the package is installed elsewhere)."""
     if not isinstance(workflow, (str, os.PathLike)):
         return False
-    path = Path(workflow).resolve()
-    return path.parent == SHIPPED_WORKFLOWS and path.is_file()
+    path = Path(workflow)
+    shipped = SHIPPED_WORKFLOWS / path.name
+    if not (path.is_file() and shipped.is_file()):
+        return False
+    return path.resolve() == shipped or path.read_bytes() == shipped.read_bytes()
 
 
 def load_node_modules(names=None) -> list[str]:

@@ -56,9 +56,22 @@ def test_demo_loras_stay_out_of_a_users_lora_list(tmp_path):
     assert own.folders.lora_dirs == [tmp_path], "turning demo LoRAs on elsewhere must not change this runtime"
 
 
+def test_demo_loras_never_change_the_callers_folders(tmp_path):
+    from loraloom.api import DEMO_LORA_DIR
+    from loraloom.graph_runtime import Folders
+
+    mine = Folders([tmp_path], tmp_path / "models", tmp_path / "out")
+    rt = Runtime(folders=mine, demo_loras=True)
+    assert mine.lora_dirs == [tmp_path], "the caller's Folders is theirs"
+    assert rt.folders.lora_dirs == [tmp_path, DEMO_LORA_DIR], "the demo folder comes after the user's own"
+
+
 def test_cli_finds_demo_loras_for_shipped_workflows_only(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["validate", str(WORKFLOWS / "blend_api.json")]) == 0, capsys.readouterr().err
+    same = tmp_path / "blend_api.json"
+    same.write_bytes((WORKFLOWS / "blend_api.json").read_bytes())
+    assert main(["validate", str(same)]) == 0, "an unchanged copy (a clone beside an installed package) is shipped"
     copy = tmp_path / "my_blend.json"
     copy.write_text((WORKFLOWS / "blend_api.json").read_text())
     assert main(["validate", str(copy)]) == 1, "a user's own workflow sees only the user's LoRA folders"
