@@ -11,7 +11,21 @@ from . import graph_runtime
 from .nodes import register_node, registry
 
 ENV_NODE_MODULES = "LORALOOM_NODE_MODULES"
-DEMO_LORA_DIR = Path(__file__).resolve().parent / "workflows" / "loras"
+SHIPPED_WORKFLOWS = Path(__file__).resolve().parent / "workflows"
+DEMO_LORA_DIR = SHIPPED_WORKFLOWS / "loras"
+
+
+def is_shipped_workflow(workflow) -> bool:
+    """Whether ``workflow`` is a path to one of the example workflows shipped in ``workflows/``
+    (the ones whose demo LoRAs live in ``workflows/loras/``): the file itself, or a byte-identical
+    copy of the same name (a clone's ``workflows/`` while the package is installed elsewhere)."""
+    if not isinstance(workflow, (str, os.PathLike)):
+        return False
+    path = Path(workflow)
+    shipped = SHIPPED_WORKFLOWS / path.name
+    if not (path.is_file() and shipped.is_file()):
+        return False
+    return path.resolve() == shipped or path.read_bytes() == shipped.read_bytes()
 
 
 def load_node_modules(names=None) -> list[str]:
@@ -31,17 +45,20 @@ def load_node_modules(names=None) -> list[str]:
 class Runtime(graph_runtime.Runtime):
     """A :class:`graph_runtime.Runtime` whose registry holds LoRA Loom's nodes plus registered ones.
 
-    >>> rt = Runtime(lora_dirs=["loras"], output_dir="out")
+    ``demo_loras=True`` adds the shipped workflows' demo LoRAs (``workflows/loras/``) after the
+    LoRA folders, for running those workflows; otherwise LoadLoRA sees only the configured folders
+    (the CLI turns it on for a shipped workflow file, nothing else does).
+
+    >>> rt = Runtime(lora_dirs=["loras"], output_dir="out", demo_loras=True)
     >>> result = rt.run("workflows/blend.json", overrides={"4.weight": 0.8})
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, demo_loras: bool = False, **kwargs):
         kwargs.setdefault("registry", registry())
         super().__init__(**kwargs)
-        # The shipped workflows' demo LoRAs are found after the user's own folders.
-        if DEMO_LORA_DIR.is_dir() and DEMO_LORA_DIR not in self.folders.lora_dirs:
+        if demo_loras and DEMO_LORA_DIR.is_dir() and DEMO_LORA_DIR not in self.folders.lora_dirs:
             # a new Folders: one the caller passed in is theirs, not ours to change
             self.folders = dataclasses.replace(self.folders, lora_dirs=[*self.folders.lora_dirs, DEMO_LORA_DIR])
 
 
-__all__ = ["Runtime", "load_node_modules", "register_node"]
+__all__ = ["Runtime", "is_shipped_workflow", "load_node_modules", "register_node"]

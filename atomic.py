@@ -1,23 +1,29 @@
-"""Whole files or nothing: every file LoRA Loom writes goes through here.
+"""Whole files or nothing: every file and folder LoRA Loom writes goes through here.
 
 The data goes to a temp file in the target's folder, is fsynced, gets the permissions a new file
 would get, and is renamed over the target; the folder is fsynced too. A crash leaves the old file or
-the new one, never half of one.
+the new one, never half of one. A folder (`atomic_dir`) is built as a hidden sibling and renamed
+into place the same way, so a half-written model folder is never taken for a whole one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
-def _new_file_mode() -> int:
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _new_file_mode() -> int:
+    return 0o666 & ~_umask()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -57,3 +63,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_file(path) as f:
         f.write(data)
     return Path(path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_dir(path) as stage: write files into stage``: the folder ``path`` appears with
+    everything written into ``stage``, or not at all.
+
+    ``stage`` is an empty hidden folder beside ``path``; on success its files are fsynced and it is
+    renamed to ``path``, on any error (or interrupt) it is removed. ``path`` must not exist yet, or be
+    an empty folder: a folder rename cannot replace a full one atomically, and merging into an
+    existing model folder would mix two models.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists and is not an empty folder. "
+                              "Fix: choose a new name or remove it first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield stage
+        for dirpath, _, filenames in os.walk(stage):
+            for name in filenames:
+                _fsync_file(Path(dirpath) / name)
+            _fsync_dir(Path(dirpath))
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved folder should look like any other
+        if path.exists():
+            path.rmdir()  # empty, checked above; rmdir refuses if something appeared since
+        os.replace(stage, path)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)

@@ -105,10 +105,12 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def _runtime(args, **extra):
-    from .api import Runtime, load_node_modules
+    from .api import Runtime, is_shipped_workflow, load_node_modules
 
     load_node_modules(args.nodes_module)
-    return Runtime(lora_dirs=args.lora_dir, models_dir=args.models_dir, output_dir=args.output_dir, **extra)
+    # The demo LoRAs are there for the shipped workflows only: never in the LoRA list otherwise.
+    return Runtime(lora_dirs=args.lora_dir, models_dir=args.models_dir, output_dir=args.output_dir,
+                   demo_loras=is_shipped_workflow(getattr(args, "workflow", None)), **extra)
 
 
 class _Progress:
@@ -287,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     # a user can still ask for it through these variables.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    if argv[:1] == ["fixtures"]:  # its own parser: the fixture generator lives in lora/
-        from .lora.fixtures import main as fixtures_main
+    if argv[:1] == ["fixtures"]:  # its own parser, in the fixture generator's module
+        from .fixtures import main as fixtures_main
 
         return fixtures_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -10,14 +10,22 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-ARCHES = ("sd15", "sdxl")
+from ..lora.arches import ARCH_NAMES as ARCHES
+from ..lora.arches import ARCHES as _DESCRIPTIONS
 
-PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINE_CLASSES = {name: arch.pipeline_class for name, arch in _DESCRIPTIONS.items()}
 
-# Key names that only one layout has (the same ones diffusers' single-file loader checks).
-SD15_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
-SDXL_TEXT_KEY = "conditioner.embedders.1.model.positional_embedding"
+# Where the original single-file layouts keep each part (read by detection here, written by ldm_keys).
 UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIXES = {
+    # HF CLIP layout kept as is under these prefixes (convert_ldm_clip_checkpoint strips them)
+    ("sd15", "text_encoder"): "cond_stage_model.transformer.text_model.",
+    ("sdxl", "text_encoder"): "conditioner.embedders.0.transformer.text_model.",
+}
+OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's second encoder, OpenCLIP layout
+# Key names that only one layout has (the same ones diffusers' single-file loader checks).
+SD15_TEXT_KEY = TEXT_PREFIXES[("sd15", "text_encoder")] + "embeddings.position_embedding.weight"
+SDXL_TEXT_KEY = OPEN_CLIP_PREFIX + "positional_embedding"
 _SD2_TEXT_PREFIX = "cond_stage_model.model."
 _REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."
 

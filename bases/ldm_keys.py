@@ -14,23 +14,12 @@ from typing import Any, Mapping
 
 import torch
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIXES = {
-    # HF CLIP layout kept as is under these prefixes (convert_ldm_clip_checkpoint strips them)
-    ("sd15", "text_encoder"): "cond_stage_model.transformer.text_model.",
-    ("sdxl", "text_encoder"): "conditioner.embedders.0.transformer.text_model.",
-}
-OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's second encoder, OpenCLIP layout
+from ..lora.errors import LoRAFormatError
+from ..lora.keymap import UNetLayout, diffusers_to_sgm
+from .arch import OPEN_CLIP_PREFIX, TEXT_PREFIXES, UNET_PREFIX
 
-_UNET_RESNET = (
-    ("norm1.", "in_layers.0."),
-    ("conv1.", "in_layers.2."),
-    ("norm2.", "out_layers.0."),
-    ("conv2.", "out_layers.3."),
-    ("time_emb_proj.", "emb_layers.1."),
-    ("conv_shortcut.", "skip_connection."),
-)
+VAE_PREFIX = "first_stage_model."
+
 _VAE_RESNET = (("conv_shortcut.", "nin_shortcut."),)
 _VAE_ATTENTION = (
     ("group_norm.", "norm."),
@@ -74,50 +63,29 @@ class _PrefixMap:
         )
 
 
-def _unet_map(config: Mapping[str, Any]) -> _PrefixMap:
-    layers = config["layers_per_block"]
-    if not isinstance(layers, int):
-        raise ValueError(f"UNet layers_per_block {layers!r}: only one int for all blocks is supported (SD1.5, SDXL)")
-    per_block = layers + 1  # original input/output block slots per level: the layers + a resampler
-    m = _PrefixMap("UNet")
-    m.add("conv_in", "input_blocks.0.0")
-    m.add("time_embedding.linear_1", "time_embed.0")
-    m.add("time_embedding.linear_2", "time_embed.2")
-    m.add("add_embedding.linear_1", "label_emb.0.0")
-    m.add("add_embedding.linear_2", "label_emb.0.2")
-    m.add("conv_norm_out", "out.0")
-    m.add("conv_out", "out.2")
-    for b in range(len(config["down_block_types"])):
-        for j in range(layers):
-            slot = 1 + b * per_block + j
-            m.add(f"down_blocks.{b}.resnets.{j}", f"input_blocks.{slot}.0", _UNET_RESNET)
-            m.add(f"down_blocks.{b}.attentions.{j}", f"input_blocks.{slot}.1")
-        m.add(f"down_blocks.{b}.downsamplers.0.conv", f"input_blocks.{1 + b * per_block + layers}.0.op")
-    m.add("mid_block.resnets.0", "middle_block.0", _UNET_RESNET)
-    m.add("mid_block.attentions.0", "middle_block.1")
-    m.add("mid_block.resnets.1", "middle_block.2", _UNET_RESNET)
-    for b, block_type in enumerate(config["up_block_types"]):
-        for j in range(per_block):
-            slot = b * per_block + j
-            m.add(f"up_blocks.{b}.resnets.{j}", f"output_blocks.{slot}.0", _UNET_RESNET)
-            m.add(f"up_blocks.{b}.attentions.{j}", f"output_blocks.{slot}.1")
-        # the upsampler follows the resnet (.0) and, in cross-attention blocks, the attention (.1)
-        index = 2 if "CrossAttn" in block_type else 1
-        m.add(f"up_blocks.{b}.upsamplers.0.conv", f"output_blocks.{b * per_block + layers}.{index}.conv")
-    return m
-
-
 def original_unet_key(key: str, config: Mapping[str, Any]) -> str:
     """The original name (no "model.diffusion_model." prefix) of one diffusers UNet key or module
     path, e.g. on SDXL "down_blocks.1.attentions.0.proj_in" -> "input_blocks.4.1.proj_in" and
-    "down_blocks.0.resnets.1.conv1" -> "input_blocks.2.0.in_layers.2"."""
-    return _unet_map(config).rename(key + ".")[:-1]
+    "down_blocks.0.resnets.1.conv1" -> "input_blocks.2.0.in_layers.2". The block numbering is
+    `lora.keymap.diffusers_to_sgm`'s, the one kohya LoRA names use too."""
+    layout = UNetLayout.from_config(config)
+    try:
+        return diffusers_to_sgm(key, layout)
+    except LoRAFormatError:
+        pass
+    module, _, param = key.rpartition(".")  # a parameter key: map its module, keep the leaf
+    try:
+        return f"{diffusers_to_sgm(module, layout)}.{param}" if module else diffusers_to_sgm(key, layout)
+    except LoRAFormatError:
+        raise ValueError(
+            f"UNet key {key!r} has no original single-file name; this converter knows SD1.5 and SDXL "
+            "layouts only. Fix: save this pipeline as a diffusers folder instead"
+        ) from None
 
 
 def unet_to_original(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """A diffusers UNet2DConditionModel state dict under original names ("model.diffusion_model.*")."""
-    m = _unet_map(config)
-    return {UNET_PREFIX + m.rename(key): value for key, value in state_dict.items()}
+    return {UNET_PREFIX + original_unet_key(key, config): value for key, value in state_dict.items()}
 
 
 def _vae_map(config: Mapping[str, Any]) -> _PrefixMap:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..lora.arches import ARCHES
 from . import devices
 
 # Real CLIP ids are 49406/49407 (vocab 49408); ours follow the tiny byte-level vocab built below.
@@ -128,6 +129,17 @@ TEXT_SDXL_1 = _clip_text_config(32, 12, "quick_gelu")  # real: CLIP ViT-L, 768 w
 # loader tells the two SDXL encoders apart by width, and a LoRA aimed at the wrong one fails on shape.
 TEXT_SDXL_2 = _clip_text_config(48, 32, "gelu", projection_dim=TEXT_PROJECTION_SDXL)
 
+def _block_layout(arch: str) -> dict[str, Any]:
+    """The UNet config fields that the architecture's block layout (`lora.arches`) fixes."""
+    layout = ARCHES[arch]
+    return {
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in layout.down_attention],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in layout.up_attention],
+        "layers_per_block": layout.layers_per_block,
+    }
+
+
 UNET_SD15: dict[str, Any] = {
     # Real SD1.5: 3 CrossAttnDown + 1 Down, cross-attention mid block, 1 Up + 3 CrossAttnUp,
     # block_out_channels (320, 640, 1280, 1280), 8 heads, conv proj_in/out. Widths here are 1/40:
@@ -135,11 +147,8 @@ UNET_SD15: dict[str, Any] = {
     "sample_size": 8,  # latent size: the pipelines' default image is 8 * 8 = 64 px
     "in_channels": 4,
     "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    **_block_layout("sd15"),
     "block_out_channels": [8, 16, 32, 32],
-    "layers_per_block": 2,
     "norm_num_groups": 8,
     "cross_attention_dim": TEXT_SD15["hidden_size"],
     "attention_head_dim": 4,  # diffusers' SD1.5 name for the head count (real: 8)
@@ -152,11 +161,8 @@ UNET_SDXL: dict[str, Any] = {
     "sample_size": 8,
     "in_channels": 4,
     "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    **_block_layout("sdxl"),
     "block_out_channels": [8, 16, 32],
-    "layers_per_block": 2,
     "norm_num_groups": 8,
     "transformer_layers_per_block": [1, 2, 10],
     # both encoders' hidden states, concatenated per token

@@ -79,7 +79,7 @@ def run_ours(tmp: Path) -> list:
 
     wf = json.loads(WORKFLOW.read_text())
     wf["5"]["inputs"].update(SAMPLE)
-    rt = Runtime(lora_dirs=[str(tmp)], output_dir=str(tmp / "out"))
+    rt = Runtime(lora_dirs=[str(tmp)], output_dir=str(tmp / "out"), demo_loras=True)
     events: list = []
 
     def run(**edits):

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         wf["5"]["inputs"].update(steps=4, width=64, height=64)
     base_prompt, base_weight = wf["5"]["inputs"]["prompt"], wf["4"]["inputs"]["weight"]
     tmp = Path(tempfile.mkdtemp(prefix="bench_edit_"))
-    rt = Runtime(output_dir=tmp / "out")
+    rt = Runtime(output_dir=tmp / "out", demo_loras=True)
 
     cold, _, _ = opens.measure(lambda: timed(lambda: rt.run(wf)))
     cold_s, cold_result = cold

@@ -113,7 +113,7 @@ def measure(task: str, path: str, quick: bool) -> dict:
     import torch  # noqa: F401  (imports before the baseline, so only the task's memory counts)
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from loraloom.lora.apply import peft_inputs
+    from loraloom.bases.adapters import peft_inputs
     from loraloom.lora.match import base_spec, check_lora
     from loraloom.lora.readers import read_lora
 

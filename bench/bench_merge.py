@@ -64,7 +64,7 @@ WEIGHTS = (1.0, 0.8)
 ALPHAS = (16.0, 32.0)
 DENSITY = 0.5
 SEED = 0
-GUIDE_FULL_SVD_GB = 18.0  # the guide's svd peak at SDXL size (FACTS); its other SVD forms keep the same Vh views
+GUIDE_FULL_SVD_GB = 18.0  # the guide's svd peak at SDXL size, measured once with --full; its other SVD forms keep the same Vh views
 GUIDE_FULL_GB = 11.5  # cat and dare_linear, measured here
 
 

@@ -220,7 +220,7 @@ def load_into_diffusers(unet, lora, name: str) -> None:
     ``load_lora_into_unet`` (what ``load_lora_weights`` calls), alpha carried in the metadata."""
     from diffusers import StableDiffusionXLPipeline
 
-    from loraloom.lora.apply import peft_inputs
+    from loraloom.bases.adapters import peft_inputs
 
     tensors, metadata = peft_inputs(lora, {"unet": unet})
     device = next(unet.parameters()).device

@@ -17,6 +17,9 @@ from .errors import PathError
 ENV_LORA_DIRS = "LORALOOM_LORA_DIRS"
 ENV_MODELS_DIR = "LORALOOM_MODELS_DIR"
 ENV_OUTPUT_DIR = "LORALOOM_OUTPUT_DIR"
+# Previews live in <output>/temp/: ComfyUI's file type "temp" (``/view?type=temp``), which the
+# preview nodes write and the server serves.
+TEMP_SUBFOLDER = "temp"
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 

@@ -1,5 +1,6 @@
 """The LoRA domain: read any supported file into one canonical LoRA value, check it against a
-base, write it back out (kohya / diffusers), apply it to a pipeline; plus merge maths and block maps.
+base, write it back out (kohya / diffusers), convert LyCORIS modules to LoRA; plus merge maths and block
+maps. No diffusers pipelines here: `bases.apply_lora` loads a LoRA into one.
 
 Importing this package is cheap: names below are loaded on first use.
 """
@@ -37,8 +38,7 @@ _LAZY = {
     "match_lora": "match",
     "check_lora": "match",
     "guess_architecture": "match",
-    "apply_lora": "apply",
-    "as_lora": "apply",
+    "as_lora": "convert",
 }
 
 

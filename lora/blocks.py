@@ -61,28 +61,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
+from .arches import ARCH_NAMES as ARCHES
+from .arches import ARCHES as _LAYOUTS
 from .errors import LoRAError
 
-ARCHES = ("sd15", "sdxl")
 MAX_ABS_WEIGHT = 10.0
 """Largest accepted |weight|; Inspire Pack's widgets stop at the same bound, and larger values
 only blow a LoRA up."""
 
-LAYERS_PER_BLOCK = 2  # resnets per down block (up blocks have one more) in both architectures
-
-
-@dataclass(frozen=True)
-class _Layout:
-    down_attention: tuple[bool, ...]
-    up_attention: tuple[bool, ...]
-    text_encoders: tuple[str, ...]
-    add_embedding: bool
-
-
-_LAYOUTS = {
-    "sd15": _Layout((True, True, True, False), (False, True, True, True), ("text_encoder",), False),
-    "sdxl": _Layout((False, True, True), (True, True, False), ("text_encoder", "text_encoder_2"), True),
-}
 _TE_UNITS = {"text_encoder": "TE1", "text_encoder_2": "TE2"}
 
 
@@ -105,7 +91,7 @@ def block_units(arch: str) -> tuple[str, ...]:
     """Every unit of `arch` in UNet order: TE1, (TE2,) EMB, IN00.., M00.0-2, OUT00.., FINAL."""
     _check_arch(arch)
     layout = _LAYOUTS[arch]
-    per = LAYERS_PER_BLOCK + 1
+    per = layout.slots_per_level
     # conv_in, then `per` slots per down block, less the downsampler the last one does not have
     n_in = len(layout.down_attention) * per
     n_out = len(layout.up_attention) * per
@@ -124,12 +110,12 @@ def _side_slots(arch: str, side: str) -> tuple[tuple[tuple[str, ...], str | None
     """Per down or up block: the unit of each layer j, the unit of its resampler (None for the
     last block, which has none) and whether it has attentions."""
     layout = _LAYOUTS[arch]
-    per = LAYERS_PER_BLOCK + 1
+    per = layout.slots_per_level
     attention = layout.down_attention if side == "down" else layout.up_attention
     slots = []
     for i, has_attention in enumerate(attention):
         if side == "down":
-            layers = tuple(f"IN{1 + per * i + j:02d}" for j in range(LAYERS_PER_BLOCK))
+            layers = tuple(f"IN{1 + per * i + j:02d}" for j in range(layout.layers_per_block))
             resampler = f"IN{per * (i + 1):02d}"
         else:
             layers = tuple(f"OUT{per * i + j:02d}" for j in range(per))

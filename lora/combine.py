@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Sequence
 
-from .apply import as_lora
+from .convert import as_lora
 from .canonical import COMPONENTS, LoRA, LoRAModule, derived_fingerprint
 from .merge import DENSITY_METHODS, SIGN_ELECTION_METHODS, SVD_METHODS, Factors, MergeReport, merge_loras
 

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from .arches import ARCHES
 from .errors import LoRAFormatError
 
 KOHYA_PREFIXES = {
@@ -64,9 +65,7 @@ class UNetLayout:
         return cls(int(get("layers_per_block", 2)), tuple("CrossAttn" in t for t in get("up_block_types")))
 
 
-SD15_LAYOUT = UNetLayout(2, (False, True, True, True))
-SDXL_LAYOUT = UNetLayout(2, (True, True, False))
-LAYOUTS = {"sd15": SD15_LAYOUT, "sdxl": SDXL_LAYOUT}
+LAYOUTS = {name: UNetLayout(arch.layers_per_block, arch.up_attention) for name, arch in ARCHES.items()}
 
 
 def normalize_te_path(path: str) -> str:
@@ -112,23 +111,23 @@ def diffusers_to_sgm(path: str, layout: UNetLayout) -> str:
         if parts[0] == "mid_block":
             kind, j, rest = parts[1], int(parts[2]), parts[3:]
             if kind == "resnets":
-                return f"middle_block.{2 * j}." + _resnet_rest(rest)
+                return _under(f"middle_block.{2 * j}", _resnet_rest(rest))
             if kind == "attentions" and j == 0:
-                return "middle_block.1." + ".".join(rest)
+                return _under("middle_block.1", rest)
         elif parts[0] in ("down_blocks", "up_blocks"):
             block, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
             if parts[0] == "down_blocks":
                 if kind == "resnets":
-                    return f"input_blocks.{1 + block * per + j}.0." + _resnet_rest(rest)
+                    return _under(f"input_blocks.{1 + block * per + j}.0", _resnet_rest(rest))
                 if kind == "attentions":
-                    return f"input_blocks.{1 + block * per + j}.1." + ".".join(rest)
+                    return _under(f"input_blocks.{1 + block * per + j}.1", rest)
                 if kind == "downsamplers" and rest == ["conv"]:
                     return f"input_blocks.{(block + 1) * per}.0.op"
             else:
                 if kind == "resnets":
-                    return f"output_blocks.{block * per + j}.0." + _resnet_rest(rest)
+                    return _under(f"output_blocks.{block * per + j}.0", _resnet_rest(rest))
                 if kind == "attentions":
-                    return f"output_blocks.{block * per + j}.1." + ".".join(rest)
+                    return _under(f"output_blocks.{block * per + j}.1", rest)
                 if kind == "upsamplers" and rest == ["conv"]:
                     inner = 2 if layout.up_has_attention[block] else 1
                     return f"output_blocks.{block * per + layout.layers_per_block}.{inner}.conv"
@@ -141,8 +140,13 @@ def diffusers_to_sgm(path: str, layout: UNetLayout) -> str:
     )
 
 
-def _resnet_rest(rest: list[str]) -> str:
-    return ".".join([_RESNET_TO_SGM.get(rest[0], rest[0]), *rest[1:]])
+def _under(block: str, rest: list[str]) -> str:
+    # `rest` is empty for the block module itself (e.g. "down_blocks.0.attentions.0")
+    return ".".join([block, *rest])
+
+
+def _resnet_rest(rest: list[str]) -> list[str]:
+    return [_RESNET_TO_SGM.get(rest[0], rest[0]), *rest[1:]] if rest else []
 
 
 def kohya_module_name(component: str, path: str, *, te_prefix: str = "lora_te_", sgm_layout: UNetLayout | None = None) -> str:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from .arches import ARCHES
 from .canonical import COMPONENTS, LoRA, LoRAModule, Module
 from .errors import LoRAMatchError
 from .keymap import TEXT_MODEL, UNetLayout, normalize_te_path, te_model_path
 
-ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 _TRANSFORMER_INDEX = re.compile(r"\.transformer_blocks\.(\d+)\.")
 
 
@@ -229,11 +229,11 @@ def check_lora(lora: LoRA, base: Any, *, min_fraction: float = 1.0) -> MatchRepo
     made_for = ""
     if report.lora_arch and report.base_arch and report.lora_arch != report.base_arch:
         made_for = (
-            f" This LoRA looks made for {ARCH_NAMES[report.lora_arch]}, the base is "
-            f"{ARCH_NAMES[report.base_arch]}: " + "; ".join(report.hints) + "."
+            f" This LoRA looks made for {ARCHES[report.lora_arch].label}, the base is "
+            f"{ARCHES[report.base_arch].label}: " + "; ".join(report.hints) + "."
         )
     fix = (
-        f"load it on an {ARCH_NAMES[report.lora_arch]} base."
+        f"load it on an {ARCHES[report.lora_arch].label} base."
         if made_for
         else "check that the LoRA was trained for this base model."
     )

@@ -9,7 +9,7 @@
   paths (diffusers strips ``text_model.`` for models without it), and diffusers'
   ``lora_adapter_metadata`` (r, lora_alpha, rank_pattern, alpha_pattern, target_modules per
   component) so every module's alpha and rank survive. LoHa/LoKr cannot be expressed there: convert
-  them with `apply.as_lora` first.
+  them with `convert.as_lora` first.
 
 Round trips are exact: writing and reading back gives the same tensors (same dtype, same bytes),
 the same alphas and the same module paths.
@@ -189,13 +189,13 @@ def require_lora_module(component: str, path: str, module: Module, why: str, alt
         key=module.key,
         value=module.kind,
         limit="lora",
-        fix=f"convert it with loraloom.lora.apply.as_lora(lora) (exact, or rank=N by SVD) {alternative}".strip(),
+        fix=f"convert it with loraloom.lora.convert.as_lora(lora) (exact, or rank=N by SVD) {alternative}".strip(),
     )
 
 
 def to_diffusers_state_dict(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, flat adapter metadata) in diffusers' format; tensors are shared, not copied.
-    Raises LoRAFormatError for LoHa/LoKr modules (Fix: `apply.as_lora`)."""
+    Raises LoRAFormatError for LoHa/LoKr modules (Fix: `convert.as_lora`)."""
     tensors: dict[str, torch.Tensor] = {}
     adapter_meta: dict[str, Any] = {}
     for component, path, module in lora.modules():

@@ -5,11 +5,11 @@ Importing this package is cheap: node modules import torch only inside ``execute
 
 from __future__ import annotations
 
-from ..graph_runtime.schema import NodeRegistry
-from . import base, blend, fuse, image, lora, merge, pipeline, sample
+from ..graph_runtime import NodeRegistry
+from . import base, blend, checkpoint, fuse, image, lora, merge, pipeline, sample
 
 BUILTIN = (base.LoadBase, lora.LoadLoRA, blend.WeightedBlend, merge.PeftMerge, fuse.Fuse, fuse.Compile, sample.Sample,
-           lora.SaveLoRA, pipeline.SavePipeline, image.SaveImage, image.PreviewImage)
+           lora.SaveLoRA, pipeline.SavePipeline, checkpoint.SaveCheckpoint, image.SaveImage, image.PreviewImage)
 _REGISTRY = NodeRegistry(BUILTIN)
 
 

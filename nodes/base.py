@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..graph_runtime import file_fingerprint
-from ..graph_runtime.schema import Combo, Output, node
+from ..graph_runtime import Combo, Output, file_fingerprint, node
 from .common import CATEGORY, MODEL, folders, list_bases, list_config_folders, model_pool
 
 

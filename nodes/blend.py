@@ -5,25 +5,21 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..graph_runtime.schema import Float, Link, Output, String, node
-from .common import CATEGORY, LORA, MAX_WEIGHT, MODEL, model_pool
+from ..graph_runtime import Link, Output, String, node
+from .common import CATEGORY, LORA, MODEL, model_pool, weight_input
 
 EXTRA = (2, 3, 4)
 
 
-def _weight(name: str, tooltip: str, optional: bool = False):
-    return Float(name, 1.0, min=-MAX_WEIGHT, max=MAX_WEIGHT, step=0.05, tooltip=tooltip, optional=optional)
-
-
 @node(category=f"{CATEGORY}/lora", display_name="Weighted Blend (set_adapters)",
       inputs=[Link("model", MODEL), Link("lora", LORA),
-              _weight("weight", "the LoRA's weight on the UNet (negative works)"),
-              _weight("text_encoder_weight", "the LoRA's weight on the text encoder(s)"),
+              weight_input("weight", "the LoRA's weight on the UNet (negative works)"),
+              weight_input("text_encoder_weight", "the LoRA's weight on the text encoder(s)"),
               String("block_weights", "", tooltip="per-block weights: an A1111 lora-block-weight string "
                      "(e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1) or preset (e.g. OUTALL), or a diffusers dict as JSON "
                      "({\"down\": 0, \"up\": 1}); applies to every layer of a block, resnets included"),
               *[x for i in EXTRA for x in (Link(f"lora_{i}", LORA, optional=True),
-                                           _weight(f"weight_{i}", f"weight of lora_{i} (UNet and text encoders)",
+                                           weight_input(f"weight_{i}", f"weight of lora_{i} (UNet and text encoders)",
                                                    optional=True))]],
       outputs=[Output(MODEL, "model")])
 class WeightedBlend:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..graph_runtime.context import current_context
+from ..graph_runtime import TEMP_SUBFOLDER, Float, PathError, check_relative_name, current_context
 
 # Our own socket types (never ComfyUI's MODEL, CLIP or LORA: their values are other objects).
 MODEL = "MODEL_RECIPE"
@@ -12,7 +12,18 @@ LORA = "LORA_WEIGHTS"
 IMAGE = "IMAGE"  # ComfyUI's convention on purpose: float32 [B, H, W, C] in 0..1
 CATEGORY = "LoRA Loom"
 LORA_SUFFIXES = (".safetensors",)
-MAX_WEIGHT = 4.0
+# The one bound on every LoRA weight and scale a node takes (WeightedBlend and PeftMerge weights,
+# Fuse's and Sample's lora_scale), both signs. 10 was PeftMerge's bound and is wider than the blend
+# nodes' old 4, so no saved workflow falls outside it; far beyond a few x a LoRA's delta dwarfs the
+# base weights it was trained against, so a larger value is a typo far more often than intent.
+# (Per-block multipliers inside a block_weights string are another quantity, bounded by
+# lora.blocks.MAX_ABS_WEIGHT, Inspire Pack's own bound.)
+MAX_WEIGHT = 10.0
+
+
+def weight_input(name: str, tooltip: str = "", optional: bool = False):
+    """A LoRA weight or scale widget: default 1.0, within +-MAX_WEIGHT, negative allowed."""
+    return Float(name, 1.0, min=-MAX_WEIGHT, max=MAX_WEIGHT, step=0.05, tooltip=tooltip, optional=optional)
 
 
 def model_pool():
@@ -52,9 +63,6 @@ def list_config_folders() -> list[str]:
 
 def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
     """Validation-time check that an output name stays inside the output folder."""
-    from ..graph_runtime.errors import PathError
-    from ..graph_runtime.paths import check_relative_name
-
     try:
         check_relative_name(constants.get(name, ""), "output")
     except PathError as exc:
@@ -62,19 +70,17 @@ def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
     return {}
 
 
-def unique_output(prefix: str, suffix: str) -> Path:
-    """A new path ``<prefix>_00001_<suffix>`` under the output folder (ComfyUI's numbering): never an
-    existing file, never outside the output root."""
+def unique_output(prefix: str, suffix: str = "") -> Path:
+    """A new path ``<prefix>_00001_<suffix>`` (a file) or ``<prefix>_00001`` (a folder: no `suffix`)
+    under the output folder, ComfyUI's numbering: never an existing name, never outside the output
+    root. Every node that writes an output names it here."""
     f = folders()
     n = 1
     while True:
-        path = f.output_path(f"{prefix}_{n:05d}_{suffix}")
+        path = f.output_path(f"{prefix}_{n:05d}" + (f"_{suffix}" if suffix else ""))
         if not path.exists():
             return path
         n += 1
-
-
-TEMP_SUBFOLDER = "temp"  # previews live in <output>/temp/, ComfyUI's type "temp"
 
 
 def output_ref(path: Path, kind: str = "output") -> dict:

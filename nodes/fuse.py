@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..graph_runtime.schema import Boolean, Combo, Float, Link, Output, String, node
-from .common import CATEGORY, MAX_WEIGHT, MODEL
+from ..graph_runtime import Boolean, Combo, Link, Output, String, node
+from .common import CATEGORY, MODEL, weight_input
 
 
 @node(category=f"{CATEGORY}/model", display_name="Fuse LoRAs",
       inputs=[Link("model", MODEL),
-              Float("lora_scale", 1.0, min=-MAX_WEIGHT, max=MAX_WEIGHT, step=0.05,
-                    tooltip="multiplies the LoRAs being fused (only those: unlike diffusers, the others keep "
-                            "their scale)"),
+              weight_input("lora_scale",
+                           tooltip="multiplies the LoRAs being fused (only those: unlike diffusers, the others keep "
+                                   "their scale)"),
               String("adapter_names", "", tooltip="comma-separated LoRA names to fuse; empty: all active LoRAs")],
       outputs=[Output(MODEL, "model")])
 class Fuse:

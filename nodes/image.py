@@ -6,10 +6,9 @@ from __future__ import annotations
 import io
 import json
 
-from ..graph_runtime.context import current_context
-from ..graph_runtime.schema import Link, String, node
 from ..atomic import atomic_write_bytes
-from .common import CATEGORY, IMAGE, TEMP_SUBFOLDER, check_prefix, output_ref, unique_output
+from ..graph_runtime import TEMP_SUBFOLDER, Link, String, current_context, node
+from .common import CATEGORY, IMAGE, check_prefix, output_ref, unique_output
 
 
 def png_bytes(image, prompt: dict | None, workflow: dict | None) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..graph_runtime.schema import Combo, Link, Output, String, node
+from ..graph_runtime import Combo, Link, Output, String, node
 from .common import CATEGORY, LORA, check_prefix, folders, list_loras, output_ref, unique_output
 
 SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..graph_runtime.context import current_context
-from ..graph_runtime.schema import Combo, Float, Int, Link, Output, node
-from .common import CATEGORY, LORA
+from ..graph_runtime import Combo, Float, Int, Link, Output, current_context, node
+from .common import CATEGORY, LORA, weight_input
 
 LETTERS = ("a", "b", "c", "d")
 METHOD_NAMES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
@@ -16,7 +15,7 @@ def _inputs():
     for i, letter in enumerate(LETTERS):
         optional = i >= 2
         inputs.append(Link(f"lora_{letter}", LORA, optional=optional))
-        inputs.append(Float(f"weight_{letter}", 1.0, min=-10.0, max=10.0, step=0.05, optional=optional))
+        inputs.append(weight_input(f"weight_{letter}", optional=optional))
     return inputs + [
         Combo("method", METHOD_NAMES, "svd", tooltip="peft's combination_type: cat is exact; svd the best rank-k; "
               "the others combine A's and B's (or prune full deltas, for _svd) as peft does"),

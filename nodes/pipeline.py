@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
-from ..graph_runtime.context import current_context
-from ..graph_runtime.schema import Link, String, node
-from .common import CATEGORY, MODEL, check_prefix, folders, model_pool, output_ref
+from ..graph_runtime import Link, String, current_context, node
+from .common import CATEGORY, MODEL, check_prefix, model_pool, output_ref, unique_output
 
 
 @node(category=f"{CATEGORY}/model", display_name="Save Pipeline", output_node=True,
@@ -23,16 +17,9 @@ class SavePipeline:
         return check_prefix(constants)
 
     def execute(self, model, filename_prefix):
-        f = folders()
-        n = 1
-        while (target := f.output_path(f"{filename_prefix}_{n:05d}")).exists():
-            n += 1
+        from ..bases.export import save_diffusers_folder
+
+        target = unique_output(filename_prefix)
         pipe = model_pool().pipeline(model, lora_scale=1.0, check_interrupt=current_context().check_interrupt)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-        try:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        save_diffusers_folder(pipe, target)
         return {"ui": {"pipelines": [output_ref(target)], "text": [f"saved {model.describe()} to {target.name}"]}}

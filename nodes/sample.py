@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..graph_runtime.context import current_context
-from ..graph_runtime.schema import Combo, Float, Int, Link, Output, String, node
-from .common import CATEGORY, IMAGE, MAX_WEIGHT, MODEL, model_pool
+from ..graph_runtime import Combo, Float, Int, Link, Output, String, current_context, node
+from .common import CATEGORY, IMAGE, MODEL, model_pool, weight_input
 
 SCHEDULERS = {
     "default": None,
@@ -45,8 +44,8 @@ def make_scheduler(name: str, pipe):
               Int("height", 512, min=64, max=8192, step=8),
               Combo("scheduler", list(SCHEDULERS), "default"),
               Int("batch_size", 1, min=1, max=64),
-              Float("lora_scale", 1.0, min=-MAX_WEIGHT, max=MAX_WEIGHT, step=0.05,
-                    tooltip="multiplies the LoRAs that are not fused (diffusers' cross_attention_kwargs scale)")],
+              weight_input("lora_scale",
+                           tooltip="multiplies the LoRAs that are not fused (diffusers' cross_attention_kwargs scale)")],
       outputs=[Output(IMAGE, "image")])
 class Sample:
     """Generate images. Same inputs, same image; progress per step; interruptible between steps."""

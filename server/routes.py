@@ -21,8 +21,7 @@ from aiohttp import web
 
 from ..graph_runtime.errors import LoomError, PathError, ValidationError, WorkflowError
 from ..graph_runtime.jsonio import loads_strict
-from ..graph_runtime.paths import resolve_under
-from ..nodes.common import TEMP_SUBFOLDER
+from ..graph_runtime.paths import TEMP_SUBFOLDER, resolve_under
 from .security import error_body
 from .store import ERROR, INTERRUPTED, PENDING, RUNNING, SUCCESS, DuplicateId, QueueItem
 from .userdata import Conflict

@@ -152,12 +152,13 @@ def test_interrupt_stops_the_run_and_the_next_run_works(user_runtime):
     assert result.executed == ["2", "3"], "node 1 finished before the interrupt and stays cached"
 
 
-def test_the_demo_loras_come_after_the_users_folders(tmp_path):
+def test_the_demo_loras_come_after_the_users_folders_only_when_asked(tmp_path):
     folders = Folders.configure([tmp_path / "mine"], tmp_path / "models", tmp_path / "out")
-    rt = api.Runtime(folders=folders)
+    assert api.Runtime(folders=folders).folders.lora_dirs == folders.lora_dirs, "not by default"
+    rt = api.Runtime(folders=folders, demo_loras=True)
     assert rt.folders.lora_dirs == [*folders.lora_dirs, api.DEMO_LORA_DIR], "searched last"
     assert api.DEMO_LORA_DIR not in folders.lora_dirs, "the caller's Folders is not changed"
-    again = api.Runtime(folders=dataclasses.replace(folders, lora_dirs=[api.DEMO_LORA_DIR]))
+    again = api.Runtime(folders=dataclasses.replace(folders, lora_dirs=[api.DEMO_LORA_DIR]), demo_loras=True)
     assert again.folders.lora_dirs == [api.DEMO_LORA_DIR], "never listed twice"
 
 

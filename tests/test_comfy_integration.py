@@ -32,7 +32,7 @@ def test_mappings_under_another_package_name():
     pack = load_as_comfyui_does()
     mappings = pack.NODE_CLASS_MAPPINGS
     for node_id in ("LoadBase", "LoadLoRA", "WeightedBlend", "PeftMerge", "Fuse", "Compile", "Sample", "SaveLoRA",
-                    "SavePipeline"):
+                    "SavePipeline", "SaveCheckpoint"):
         assert node_id in mappings, f"{node_id} missing from NODE_CLASS_MAPPINGS"
         cls = mappings[node_id]
         assert cls.CATEGORY.startswith("LoRA Loom"), cls.CATEGORY

@@ -207,9 +207,9 @@ def test_pipeline_class_must_agree_with_its_unet(tiny_model_files, tmp_path):
 
 
 def test_writers_refuse_to_overwrite(tiny_model_files, tiny_sd15):
-    with pytest.raises(ValueError, match="already exists and is not empty"):
+    with pytest.raises(FileExistsError, match="already exists and is not an empty folder.*Fix:"):
         export.save_diffusers_folder(tiny_sd15, tiny_model_files("tiny-sd15")["folder"])
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists.*Fix:"):
         export.save_single_file(tiny_sd15, tiny_model_files("tiny-sd15")["single_file"])
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loraloom.lora.canonical import delta
-from loraloom.lora.fixtures import write_fixtures
+from loraloom.fixtures import write_fixtures
 from loraloom.lora.match import base_spec
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraloom.lora.apply import apply_lora, as_lora
+from loraloom.bases.adapters import apply_lora
+from loraloom.lora.convert import as_lora
 from loraloom.lora.canonical import delta
 from loraloom.lora.readers import lora_from_state_dict, read_lora
 from loraloom.lora.writers import write_kohya
@@ -69,7 +70,7 @@ def test_diffusers_loses_per_module_kohya_alphas(lora_files, tiny_pipeline, samp
     theirs = tiny_pipeline("tiny-sd15")
     theirs.load_lora_weights(str(path), adapter_name="ref")
     want = sample(hand_merge(tiny_pipeline("tiny-sd15"), read_lora(path)))
-    assert (sample(theirs) - want).abs().max() > 0.05, "diffusers now keeps per-module alphas: update FACTS and the tests"
+    assert (sample(theirs) - want).abs().max() > 0.05, "diffusers now keeps per-module alphas: update this test and bases.adapters' docstring"
 
 
 def test_diffusers_misreads_sgm_names_on_sd15(lora_files, tiny_pipeline, sample, hand_merge):

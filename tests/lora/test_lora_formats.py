@@ -9,7 +9,7 @@ import torch
 from loraloom.lora import keymap, writers
 from loraloom.lora.canonical import LoHaModule, LoKrModule, LoRA, LoRAModule, delta
 from loraloom.lora.errors import LoRAFormatError, LoRAMatchError
-from loraloom.lora.fixtures import write_fixtures
+from loraloom.fixtures import write_fixtures
 from loraloom.lora.keymap import UNetLayout, kohya_module_name, kohya_names_to_paths
 from loraloom.lora.match import base_spec, check_lora, match_lora
 from loraloom.lora.readers import lora_from_state_dict, read_lora
@@ -266,7 +266,7 @@ def test_diffusers_round_trip_is_exact_and_loads_in_diffusers(preset, lora_files
     back = read_lora(path)
     _assert_same(lora, back)
     assert json.loads(back.metadata["loraloom.sources"]) == [lora.fingerprint]
-    from loraloom.lora.apply import apply_lora
+    from loraloom.bases.adapters import apply_lora
 
     ours, theirs = tiny_pipeline(preset), tiny_pipeline(preset)
     apply_lora(ours, lora, "loom")

@@ -10,7 +10,7 @@ from loraloom import Runtime
 @pytest.fixture(scope="session")
 def lora_files(tmp_path_factory):
     """LoRA fixture files for both presets, in every format (read-only: copy before editing)."""
-    from loraloom.lora.fixtures import write_fixtures
+    from loraloom.fixtures import write_fixtures
 
     root = tmp_path_factory.mktemp("loras")
     paths = write_fixtures(root)
@@ -29,7 +29,8 @@ def loras_dir(lora_files, tmp_path):
 @pytest.fixture
 def runtime(loras_dir, tmp_path):
     root, names = loras_dir
-    rt = Runtime(lora_dirs=[root], models_dir=tmp_path / "models", output_dir=tmp_path / "out")
+    # demo_loras: the merge tests use the shipped demo LoRAs (rank 8 everywhere) besides the fixtures
+    rt = Runtime(lora_dirs=[root], models_dir=tmp_path / "models", output_dir=tmp_path / "out", demo_loras=True)
     rt.names = names
     return rt
 

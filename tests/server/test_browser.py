@@ -139,7 +139,8 @@ def open_editor(browser, root: Path, token: str | None = None):
     """Serve the real nodes from ``root`` and open the page in a fresh browser context: an :class:`Editor`."""
     from loraloom import Runtime
 
-    runtime = Runtime(lora_dirs=[root / "loras"], models_dir=root / "models", output_dir=root / "output")
+    runtime = Runtime(lora_dirs=[root / "loras"], models_dir=root / "models", output_dir=root / "output",
+                      demo_loras=True)  # the shipped workflows are loaded and run
     server = LiveServer(create_app(runtime, ServerConfig(user_dir=root / "user", token=token)))
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     try:

@@ -20,7 +20,7 @@ def test_every_workflow_ships_in_both_formats():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_and_api_formats_agree_and_validate(name, tmp_path):
-    rt = Runtime(lora_dirs=[tmp_path], output_dir=tmp_path / "out")
+    rt = Runtime(lora_dirs=[tmp_path], output_dir=tmp_path / "out", demo_loras=True)
     ui = rt.validate(WORKFLOWS / f"{name}.json")
     api = rt.validate(WORKFLOWS / f"{name}_api.json")
     assert ui.nodes == api.nodes, f"{name}: the UI file must mean exactly what the API file means"
@@ -39,3 +39,41 @@ def test_blend_runs_headless_and_embeds_the_workflow(tmp_path, monkeypatch, caps
     text = Image.open(png).text
     assert json.loads(text["prompt"])["4"]["class_type"] == "WeightedBlend"
     assert json.loads(text["workflow"])["version"] == 0.4, "a UI workflow is embedded as ComfyUI does"
+
+
+def test_demo_loras_stay_out_of_a_users_lora_list(tmp_path):
+    from loraloom.nodes.common import list_loras
+
+    (tmp_path / "mine.safetensors").write_bytes(b"")
+    own = Runtime(lora_dirs=[tmp_path], output_dir=tmp_path / "out")
+    with own.context():
+        assert list_loras() == ["mine.safetensors"], "the demo LoRAs must not show in a user's own list"
+    options = own.object_info()["LoadLoRA"]["input"]["required"]["lora_name"][0]
+    assert options == ["mine.safetensors"], options
+    demo = Runtime(lora_dirs=[tmp_path], output_dir=tmp_path / "out", demo_loras=True)
+    with demo.context():
+        assert list_loras() == ["demo-a.safetensors", "demo-b.safetensors", "mine.safetensors"]
+    assert own.folders.lora_dirs == [tmp_path], "turning demo LoRAs on elsewhere must not change this runtime"
+
+
+def test_demo_loras_never_change_the_callers_folders(tmp_path):
+    from loraloom.api import DEMO_LORA_DIR
+    from loraloom.graph_runtime import Folders
+
+    mine = Folders([tmp_path], tmp_path / "models", tmp_path / "out")
+    rt = Runtime(folders=mine, demo_loras=True)
+    assert mine.lora_dirs == [tmp_path], "the caller's Folders is theirs"
+    assert rt.folders.lora_dirs == [tmp_path, DEMO_LORA_DIR], "the demo folder comes after the user's own"
+
+
+def test_cli_finds_demo_loras_for_shipped_workflows_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(WORKFLOWS / "blend_api.json")]) == 0, capsys.readouterr().err
+    same = tmp_path / "blend_api.json"
+    same.write_bytes((WORKFLOWS / "blend_api.json").read_bytes())
+    assert main(["validate", str(same)]) == 0, "an unchanged copy (a clone beside an installed package) is shipped"
+    copy = tmp_path / "my_blend.json"
+    copy.write_text((WORKFLOWS / "blend_api.json").read_text())
+    assert main(["validate", str(copy)]) == 1, "a user's own workflow sees only the user's LoRA folders"
+    assert "demo-a.safetensors" in capsys.readouterr().err
+    assert main(["validate", str(copy), "--lora-dir", str(WORKFLOWS / "loras")]) == 0, capsys.readouterr().err

@@ -1,5 +1,8 @@
 """Tiny LoRA files for the built-in presets, in every format the readers support.
 
+This module sits above `lora` and `bases`: it builds the preset pipelines (`bases.presets`) to learn
+their layer shapes and to have diffusers write its own format, and makes LoRA values (`lora`) to fit.
+
 `write_fixtures(out_dir)` writes, for each preset (``tiny-sd15``, ``tiny-sdxl``), one file per
 format (keys ``"<preset>/<format>"`` of the returned dict):
 
@@ -24,14 +27,16 @@ import argparse
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .canonical import LoHaModule, LoKrModule, LoRA, LoRAModule, Module, derived_fingerprint
-from .match import BaseSpec, base_spec
-from .writers import atomic_save, write_kohya
+from .atomic import atomic_write_bytes
+from .lora.canonical import LoHaModule, LoKrModule, LoRA, LoRAModule, Module, derived_fingerprint
+from .lora.match import BaseSpec, base_spec
+from .lora.writers import adapter_config, atomic_save, to_kohya_state_dict, write_kohya
 
 PRESETS = ("tiny-sd15", "tiny-sdxl")
 FORMATS = ("diffusers", "diffusers-nometa", "peft", "kohya", "kohya-sgm", "kohya-noalpha", "locon", "loha", "lokr")
@@ -133,8 +138,6 @@ def _peft_config(lora: LoRA, component: str, spec: BaseSpec) -> dict[str, Any]:
     """LoraConfig fields as a trainer writes them, with the live models' module names."""
     from peft import LoraConfig
 
-    from .writers import adapter_config
-
     fields = adapter_config(lora, component)
     config = LoraConfig(
         r=fields["r"],
@@ -163,14 +166,16 @@ def _write_diffusers_own(pipe: Any, lora: LoRA, spec: BaseSpec, out_dir: Path, n
         kwargs[f"{arg_names[component]}_lora_layers"] = _peft_layers(lora, component, spec)
         if with_metadata:
             kwargs[f"{arg_names[component]}_lora_adapter_metadata"] = _peft_config(lora, component, spec)
-    type(pipe).save_lora_weights(save_directory=str(out_dir), weight_name=name, safe_serialization=True, **kwargs)
-    # Same tensors and metadata, re-serialised in sorted order: safetensors' own header order varies
-    # between processes, and fixtures must be byte-identical from run to run.
     from safetensors import safe_open
 
-    with safe_open(str(out_dir / name), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        metadata = f.metadata()
+    # diffusers writes in place, non-atomically: let it write into a scratch folder, then re-serialise
+    # the same tensors and metadata in sorted order (safetensors' own header order varies between
+    # processes, and fixtures must be byte-identical from run to run) through the atomic writer.
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}.") as scratch:
+        type(pipe).save_lora_weights(save_directory=scratch, weight_name=name, safe_serialization=True, **kwargs)
+        with safe_open(str(Path(scratch) / name), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
     return atomic_save(tensors, out_dir / name, metadata)
 
 
@@ -178,14 +183,14 @@ def _write_peft_folder(lora: LoRA, spec: BaseSpec, folder: Path) -> Path:
     tensors = {f"base_model.model.{k}": v for k, v in _peft_layers(lora, "unet", spec).items()}
     atomic_save(tensors, folder / "adapter_model.safetensors", {"format": "pt"})
     config = _peft_config(lora, "unet", spec)
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_bytes(folder / "adapter_config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder
 
 
 def write_fixtures(out_dir: str | Path, presets: Sequence[str] = PRESETS, seed: int = 0) -> dict[str, Path]:
     """Write the fixture LoRAs for `presets` into `out_dir`; return ``{"<preset>/<format>": path}``
     (the ``peft`` entry is a folder). Deterministic for a given `seed`."""
-    from ..bases.presets import build_pipeline
+    from .bases.presets import build_pipeline
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +232,7 @@ def write_demo_loras(out_dir: str | Path, preset: str = "tiny-sdxl") -> dict[str
     """The demo LoRAs the shipped workflows use: kohya files for `preset`, rank 8 on every module
     (so every merge method applies, dare_linear included), attention, feed-forward and both text
     encoders. Deterministic."""
-    from ..bases.presets import build_pipeline
+    from .bases.presets import build_pipeline
 
     spec = base_spec(build_pipeline(preset, dtype="fp32", device="cpu"))
     chosen = _select(spec, [_ATTN, _PROJ], te=True)
@@ -235,14 +240,14 @@ def write_demo_loras(out_dir: str | Path, preset: str = "tiny-sdxl") -> dict[str
     for i, name in enumerate(DEMO_LORAS):
         lora = _make(spec, chosen, 7000 + i, lambda gen, shape, index: _lora_module(gen, shape, index, DEMO_RANK),
                      name)
+        # "lora.fixtures" was this module's name when the shipped files were written; keeping the text
+        # keeps `loraloom fixtures --demo` byte-identical to workflows/loras.
         written[name] = write_kohya(lora, Path(out_dir) / f"{name}.safetensors",
                                     provenance={"demo": f"{name} for {preset}, written by lora.fixtures"})
     return written
 
 
 def _kohya_dict(lora: LoRA) -> dict[str, torch.Tensor]:
-    from .writers import to_kohya_state_dict
-
     return to_kohya_state_dict(lora, unet_names="diffusers")
 
 

@@ -1,81 +1,28 @@
 """Put a canonical `LoRA` into a live diffusers pipeline as a named peft adapter, with exact alpha.
 
-`apply_lora` checks the LoRA against the pipeline first (`match.check_lora`: names and shapes,
-before anything is touched), then hands diffusers the same thing a diffusers file with its own
-adapter metadata would give it: a peft-named state dict plus per-component LoraConfig fields
-(r, lora_alpha, rank_pattern, alpha_pattern) through the pipeline's own ``load_lora_into_unet`` /
-``load_lora_into_text_encoder``. So alpha is never lost (diffusers' in-memory path drops it) and
-``set_adapters`` / ``fuse_lora`` / ``delete_adapters`` work on the result as on any adapter.
-
-LoHa and LoKr cannot go through peft's LoRA layers. `as_lora` converts them to LoRA modules:
-
-- exactly (``rank=None``): the delta D, of shape [out, in(, kh, kw)], becomes ``up = I_out``,
-  ``down = D`` (rank out) when out <= in*kh*kw, else ``down`` = the identity (im2col) kernel and
-  ``up = D`` (rank in*kh*kw). ``up @ down`` is D bit for bit; the cost is a full-size factor;
-- approximately (``rank=N``): a truncated SVD of D, ``up = U_N * S_N``, ``down = Vh_N`` (the
-  best rank-N approximation; fused or merged results then differ from the LyCORIS maths).
+This is how a LoRA read by LoRA Loom (any format `lora.readers` reads: kohya, LyCORIS, diffusers,
+peft) goes into a diffusers pipeline of your own; the tests and benchmarks use it to compare our
+maths with diffusers' own. `apply_lora` checks the LoRA against the pipeline first
+(`lora.match.check_lora`: names and shapes, before anything is touched), then hands diffusers the
+same thing a diffusers file with its own adapter metadata would give it: a peft-named state dict plus
+per-component LoraConfig fields (r, lora_alpha, rank_pattern, alpha_pattern) through the pipeline's
+own ``load_lora_into_unet`` / ``load_lora_into_text_encoder``. So alpha is never lost (diffusers'
+in-memory path, a state dict without metadata, assumes alpha = rank) and ``set_adapters`` /
+``fuse_lora`` / ``delete_adapters`` work on the result as on any adapter. LoHa and LoKr modules are
+converted first (`lora.convert.as_lora`): peft's LoRA layers cannot hold them.
 
 Nothing here builds a pipeline; it only uses the one it is given.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from .canonical import LoRA, LoRAModule, Module, delta, derived_fingerprint
-from .match import BaseSpec, MatchReport, base_spec, check_lora
-from .writers import adapter_config, require_lora_module
-
-
-def _lowrank(module: Module, shape: tuple[int, ...], rank: int | None) -> LoRAModule:
-    source = next(iter(module.tensors().values()))
-    dtype = source.dtype if source.dtype in (torch.float32, torch.float64) else torch.float32
-    full = delta(module, shape, dtype=dtype)
-    out, flat_in = full.shape[0], math.prod(full.shape[1:])
-    conv = full.ndim == 4
-    if rank is None:
-        if out <= flat_in:
-            down = full
-            up = torch.eye(out, dtype=dtype)
-        else:
-            down = torch.eye(flat_in, dtype=dtype).reshape(flat_in, *full.shape[1:])
-            up = full.reshape(out, flat_in)
-        r = up.shape[1]
-    else:
-        u, s, vh = torch.linalg.svd(full.reshape(out, flat_in), full_matrices=False)
-        r = max(1, min(rank, s.shape[0]))
-        # clone: keep only the kept slices alive, not the whole U / Vh (FACTS: views held 12 GB in peft)
-        up = (u[:, :r] * s[:r]).clone()
-        down = vh[:r].reshape(r, *full.shape[1:]).clone()
-    if conv:
-        up = up.reshape(out, r, 1, 1)
-    return LoRAModule(down=down, up=up, alpha=float(r), key=module.key)
-
-
-def as_lora(lora: LoRA, *, rank: int | None = None, base: Any = None) -> LoRA:
-    """`lora` with every LoHa/LoKr module turned into a LoRA module (exact with ``rank=None``, a
-    rank-`rank` SVD approximation otherwise); LoRA modules are kept as they are. `base` (anything
-    `match.base_spec` takes) supplies conv kernel shapes that plain-form LoHa/LoKr cannot carry.
-    Returns `lora` itself when there is nothing to convert."""
-    if all(m.kind == "lora" for _, _, m in lora.modules()):
-        return lora
-    spec = base_spec(base) if base is not None else None
-    components: dict[str, dict[str, Module]] = {}
-    for component, path, module in lora.modules():
-        if module.kind != "lora":
-            shape = module.shape
-            if spec is not None and path in spec.components.get(component, {}):
-                shape = spec.components[component][path].shape
-            module = _lowrank(module, tuple(shape), rank)
-        components.setdefault(component, {})[path] = module
-    return lora.replace(
-        components=components,
-        source_format="derived",
-        fingerprint=derived_fingerprint("as_lora", [lora.fingerprint], {"rank": rank}),
-        notes=lora.notes + (f"LyCORIS modules converted to LoRA ({'exact' if rank is None else f'SVD rank {rank}'})",),
-    )
+from ..lora.canonical import LoRA, LoRAModule, Module
+from ..lora.convert import as_lora
+from ..lora.match import BaseSpec, MatchReport, base_spec, check_lora
+from ..lora.writers import adapter_config, require_lora_module
 
 
 def _fit_to(module: LoRAModule, kind: str) -> LoRAModule:
