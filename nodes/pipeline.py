@@ -27,7 +27,8 @@ class SavePipeline:
         n = 1
         while (target := f.output_path(f"{filename_prefix}_{n:05d}")).exists():
             n += 1
-        pipe = model_pool().pipeline(model, lora_scale=1.0, check_interrupt=current_context().check_interrupt)
+        # the base as it should be saved, whatever ran on the pool before (schedulers, tokenizers)
+        pipe = model_pool().pipeline_to_save(model, check_interrupt=current_context().check_interrupt)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
         try:
             pipe.save_pretrained(tmp, safe_serialization=True)
