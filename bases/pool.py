@@ -10,9 +10,10 @@ one live pipeline per base and *materialises* a recipe on it with the least work
 - only layers whose patch changed are rewritten; in-place writes keep a compiled UNet's graph valid
   (parameters are graph inputs), so weight changes, LoRA swaps and re-fusing do not recompile;
 - everything else a recipe or a caller sets up belongs to one use, never to the base: each call
-  returns a new view of the pipeline (its own scheduler; the compiled UNet where the recipe asks for
-  it), and the UNet's memory format follows the recipe. The base keeps its own scheduler and eager
-  UNet, so what one node ran before never shows in what another samples or saves.
+  returns a new view of the pipeline (its own scheduler; working tokenizers; the compiled UNet where
+  the recipe asks for it), and the UNet's memory format follows the recipe. The base keeps its own
+  scheduler, tokenizers and eager UNet, so what one node ran before never shows in what another
+  samples or saves.
 
 Why patch instead of diffusers' adapters: patched sampling runs at the plain base's speed, covers
 every layer kind (LoCon, LoHa, LoKr, per-block weights on resnets too), and makes restore exact;
