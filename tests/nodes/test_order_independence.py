@@ -21,6 +21,10 @@ def step_nodes(step: str, i: int) -> dict:
     """Node 10 does `step`; its output goes where `i` says (outputs never overwrite each other)."""
     if step == "save_pipeline":
         return {"10": {"class_type": "SavePipeline", "inputs": {"model": ["3", 0], "filename_prefix": f"p{i}/pipe"}}}
+    if step == "save_pipeline_compiled":  # compile options, channels_last: nothing compiles for a save
+        return {"9": {"class_type": "Compile", "inputs": {"model": ["3", 0], "mode": "default", "fullgraph": False,
+                                                          "dynamic": False, "channels_last": True}},
+                "10": {"class_type": "SavePipeline", "inputs": {"model": ["9", 0], "filename_prefix": f"p{i}/pipe"}}}
     if step == "save_lora":
         return {"10": {"class_type": "SaveLoRA", "inputs": {"lora": ["2", 0], "filename_prefix": f"l{i}/lora",
                                                             "format": "kohya", "dtype": "fp32"}}}
@@ -44,7 +48,7 @@ def run_in_order(runtime, out, order) -> list:
         if step.startswith("sample_"):
             outputs.append(result.value("10"))
         else:
-            kind = "pipelines" if step == "save_pipeline" else "loras"
+            kind = "loras" if step == "save_lora" else "pipelines"
             ref = result.outputs["10"][kind][0]
             written = out / ref["subfolder"] / ref["filename"]
             outputs.append(files(written) if written.is_dir() else {written.name: written.read_bytes()})
@@ -53,8 +57,10 @@ def run_in_order(runtime, out, order) -> list:
 
 ORDERS = [
     ("save_pipeline", "sample_ddim", "save_pipeline", "sample_default", "save_lora", "sample_ddim"),
-    ("save_lora", "sample_ddim", "sample_dpm++_2m_karras", "save_pipeline", "sample_default"),
-    ("sample_dpm++_2m_karras", "sample_default", "save_pipeline", "save_lora", "sample_ddim"),
+    ("save_lora", "save_pipeline_compiled", "sample_ddim", "sample_dpm++_2m_karras", "save_pipeline",
+     "sample_default"),
+    ("sample_dpm++_2m_karras", "sample_default", "save_pipeline", "save_lora", "save_pipeline_compiled",
+     "sample_ddim"),
 ]
 
 
@@ -78,6 +84,7 @@ def test_every_output_is_the_same_whatever_ran_before(loras_dir, tmp_path):
                     same = sorted(k for k in first.keys() | output.keys() if first.get(k) != output.get(k))
             assert same is True, f"{step} differs between orders {first_order} and {order}: {same}"
     assert not torch.equal(seen["sample_ddim"][0][1], seen["sample_default"][0][1]), "the schedulers really differ"
+    assert seen["save_pipeline_compiled"][0][1] == seen["save_pipeline"][0][1], "compile options never reach a save"
 
 
 @pytest.mark.parametrize("before", ["sample_ddim", "sample_euler_a"])
