@@ -73,15 +73,32 @@ def _own_memory(pipe) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def _load_folder(folder: Path, torch_dtype: torch.dtype):
-    arch = arch_mod.detect_folder_arch(folder)
-    pipe = _pipeline_class(arch).from_pretrained(
-        str(folder), dtype=torch_dtype, local_files_only=True, **_extra_kwargs(arch)
-    )
-    return pipe, arch, f"folder:blake2b:{file_fingerprint(folder)}"
+@dataclass(frozen=True)
+class BaseIdentity:
+    """What a base model is, known before any weight is read: what the model pool keys on, so a
+    base already in the pool is never built a second time.
+
+    source: what was asked for (preset name or path), for messages. kind: "preset", "folder" or
+    "single-file". config: the config folder of a single file. arch, dtype, device and
+    fingerprint: as in LoadedBase ("auto" already resolved).
+    """
+
+    source: str
+    kind: str
+    arch: str
+    dtype: torch.dtype
+    device: torch.device
+    fingerprint: str
+    config: Path | None = None
+
+    @property
+    def dtype_name(self) -> str:
+        """"fp32", "fp16" or "bf16"."""
+        return devices.dtype_name(self.dtype)
 
 
-def _load_single_file(path: Path, config: str | Path | None, torch_dtype: torch.dtype):
+def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path]:
+    """The architecture of a single-file checkpoint and its checked config folder."""
     if path.suffix.lower() != ".safetensors":
         raise ValueError(
             f"{path}: only .safetensors checkpoints are loaded ({path.suffix or 'no suffix'} files may "
@@ -105,11 +122,42 @@ def _load_single_file(path: Path, config: str | Path | None, torch_dtype: torch.
             f"single-file checkpoint {path} is {arch}, but config folder {config} describes {config_arch}. "
             f"Fix: pass a config folder of an {arch} pipeline"
         )
-    pipe = _pipeline_class(arch).from_single_file(
-        str(path), config=str(config), dtype=torch_dtype, local_files_only=True, **_extra_kwargs(arch)
+    return arch, config
+
+
+def identify_base(
+    source: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    config: str | Path | None = None,
+) -> BaseIdentity:
+    """Check a base's arguments and say what it is, reading configs and hashing files (memoised)
+    but building nothing. Arguments as for load_base; it raises the same errors."""
+    torch_dtype, torch_device = devices.resolve(dtype, device)
+    name = str(source)
+    if isinstance(source, str) and source in presets.PRESETS:
+        if config is not None:
+            raise ValueError(f"preset {source!r} takes no config folder (config={config!r}). Fix: drop config")
+        preset = presets.get_preset(source)
+        return BaseIdentity(name, "preset", preset.arch, torch_dtype, torch_device, preset.fingerprint)
+    path = Path(source)
+    if path.is_dir():
+        if config is not None:
+            raise ValueError(
+                f"{path} is a diffusers folder and carries its own configs; config={config!r} is only for "
+                "single-file checkpoints. Fix: drop config"
+            )
+        arch = arch_mod.detect_folder_arch(path)
+        return BaseIdentity(name, "folder", arch, torch_dtype, torch_device,
+                            f"folder:blake2b:{file_fingerprint(path)}")
+    if path.is_file():
+        arch, config = _check_single_file(path, config)
+        digest = f"single-file:blake2b:{file_fingerprint(path)}+config:blake2b:{file_fingerprint(config)}"
+        return BaseIdentity(name, "single-file", arch, torch_dtype, torch_device, digest, config)
+    raise ValueError(
+        f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder. "
+        "Fix: give a preset name, a diffusers folder or a .safetensors checkpoint path"
     )
-    digest = f"single-file:blake2b:{file_fingerprint(path)}+config:blake2b:{file_fingerprint(config)}"
-    return pipe, arch, digest
 
 
 def load_base(
@@ -127,34 +175,21 @@ def load_base(
     dtype: "auto" | "fp32" | "fp16" | "bf16"; device: "auto" | "cpu" | "cuda" | "cuda:N".
         "auto" means cuda + fp16 when CUDA is available, else cpu + fp32.
     """
-    torch_dtype, torch_device = devices.resolve(dtype, device)
-    name = str(source)
-    if isinstance(source, str) and source in presets.PRESETS:
-        if config is not None:
-            raise ValueError(f"preset {source!r} takes no config folder (config={config!r}). Fix: drop config")
-        preset = presets.get_preset(source)
-        pipe = presets.build_pipeline(source, dtype=torch_dtype, device=torch_device)
-        return LoadedBase(pipe, preset.arch, torch_dtype, torch_device, preset.fingerprint, name)
-    path = Path(source)
-    if path.is_dir():
-        if config is not None:
-            raise ValueError(
-                f"{path} is a diffusers folder and carries its own configs; config={config!r} is only for "
-                "single-file checkpoints. Fix: drop config"
-            )
-        pipe, arch, digest = _load_folder(path, torch_dtype)
-    elif path.is_file():
-        pipe, arch, digest = _load_single_file(path, config, torch_dtype)
+    identity = identify_base(source, dtype, device, config)
+    if identity.kind == "preset":
+        pipe = presets.build_pipeline(identity.source, dtype=identity.dtype, device=identity.device)
+        return LoadedBase(pipe, identity.arch, identity.dtype, identity.device, identity.fingerprint, identity.source)
+    cls = _pipeline_class(identity.arch)
+    common = {"dtype": identity.dtype, "local_files_only": True, **_extra_kwargs(identity.arch)}
+    if identity.kind == "folder":
+        pipe = cls.from_pretrained(identity.source, **common)
     else:
-        raise ValueError(
-            f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder. "
-            "Fix: give a preset name, a diffusers folder or a .safetensors checkpoint path"
-        )
+        pipe = cls.from_single_file(identity.source, config=str(identity.config), **common)
     # Loaders may return a subclass or a variant; the pipeline must agree with what the files said.
     loaded_arch = arch_mod.detect_pipeline_arch(pipe)
-    if loaded_arch != arch:
-        raise ValueError(f"{path}: files describe {arch} but diffusers built a {loaded_arch} pipeline")
-    pipe = pipe.to(torch_device)
+    if loaded_arch != identity.arch:
+        raise ValueError(f"{identity.source}: files describe {identity.arch} but diffusers built a {loaded_arch} pipeline")
+    pipe = pipe.to(identity.device)
     _own_memory(pipe)
     pipe.set_progress_bar_config(disable=True)  # progress goes through the runtime's events
-    return LoadedBase(pipe, arch, torch_dtype, torch_device, digest, name)
+    return LoadedBase(pipe, identity.arch, identity.dtype, identity.device, identity.fingerprint, identity.source)

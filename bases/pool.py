@@ -8,7 +8,12 @@ one live pipeline per base and *materialises* a recipe on it with the least work
 - the backup of a layer is taken the first time a layer is touched; restoring is a copy of it, so
   unfusing is bit-for-bit exact in every dtype, after any number of fuses of any number of LoRAs;
 - only layers whose patch changed are rewritten; in-place writes keep a compiled UNet's graph valid
-  (parameters are graph inputs), so weight changes, LoRA swaps and re-fusing do not recompile.
+  (parameters are graph inputs), so weight changes, LoRA swaps and re-fusing do not recompile;
+- everything else a recipe or a caller sets up belongs to one use, never to the base: each call
+  returns a new view of the pipeline (its own scheduler; working tokenizers; the compiled UNet where
+  the recipe asks for it), and the UNet's memory format follows the recipe. The base keeps its own
+  scheduler, tokenizers and eager UNet, so what one node ran before never shows in what another
+  samples or saves.
 
 Why patch instead of diffusers' adapters: patched sampling runs at the plain base's speed, covers
 every layer kind (LoCon, LoHa, LoKr, per-block weights on resnets too), and makes restore exact;
@@ -18,20 +23,19 @@ what ``set_adapters`` + ``fuse_lora`` mean (tests compare against them).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import operator
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ..lora.canonical import LoRA, delta
 from ..lora.match import base_spec
-from .loading import LoadedBase, load_base
+from .loading import BaseIdentity, LoadedBase, identify_base, load_base
 
 DEFAULT_MAX_BASES = 2
 _lora_of = operator.attrgetter("lora")
@@ -113,47 +117,53 @@ class ModelRecipe:
 class _Live:
     loaded: LoadedBase
     spec: Any
+    working: dict[str, Any]  # components a run changes, copied once so the base's own stay as loaded
     backups: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     applied: dict[tuple[str, str], tuple] = field(default_factory=dict)
-    compiled: CompileOptions | None = None
+    compiled: dict[CompileOptions, torch.nn.Module] = field(default_factory=dict)
+    channels_last: bool = False
 
 
 class ModelPool:
-    """Live pipelines by base (fingerprint, dtype, device), least recently used first out."""
+    """Live pipelines by base (fingerprint, dtype, device), least recently used first out.
+
+    loader builds a base (load_base's signature); identify says what a base is without building it
+    (identify_base's), so a base already held is never built again."""
 
     def __init__(self, max_bases: int = DEFAULT_MAX_BASES,
-                 loader: Callable[..., LoadedBase] = load_base):
+                 loader: Callable[..., LoadedBase] = load_base,
+                 identify: Callable[..., BaseIdentity] = identify_base):
         self.max_bases = max_bases
         self._loader = loader
+        self._identify = identify
         self._live: OrderedDict[tuple, _Live] = OrderedDict()
         self._lock = threading.RLock()
         self.stats = {"loads": 0, "patched_layers": 0, "restored_layers": 0, "compiles": 0}
 
     def load(self, source: str, dtype: str = "auto", device: str = "auto", config: str | None = None) -> BaseModel:
-        """Load a base (preset name, diffusers folder or single file) and return its handle."""
+        """Load a base (preset name, diffusers folder or single file) and return its handle. The key
+        (fingerprint, resolved dtype and device) comes first: a base the pool holds is not built again."""
         with self._lock:
-            loaded = self._loader(source, dtype=dtype, device=device, config=config)
-            handle = BaseModel(source=str(source), arch=loaded.arch, dtype=loaded.dtype_name,
-                               device=str(loaded.device), fingerprint=loaded.fingerprint,
+            identity = self._identify(source, dtype=dtype, device=device, config=config)
+            handle = BaseModel(source=str(source), arch=identity.arch, dtype=identity.dtype_name,
+                               device=str(identity.device), fingerprint=identity.fingerprint,
                                config=str(config) if config else None)
-            if handle.key not in self._live:
-                self._admit(handle, loaded)
-            self._live.move_to_end(handle.key)
+            self._get(handle)
             return handle
-
-    def _admit(self, handle: BaseModel, loaded: LoadedBase) -> _Live:
-        while len(self._live) >= self.max_bases:
-            self._live.popitem(last=False)
-        live = _Live(loaded, base_spec(loaded.pipeline))
-        self._live[handle.key] = live
-        self.stats["loads"] += 1
-        return live
 
     def _get(self, base: BaseModel) -> _Live:
         live = self._live.get(base.key)
-        if live is None:  # evicted, or a cached handle from an earlier pool: load it again
+        if live is None:  # new, evicted, or a cached handle from an earlier pool: build it
+            # make room first, so the pool never holds more than max_bases pipelines at once
+            while len(self._live) >= self.max_bases:
+                self._live.popitem(last=False)
             loaded = self._loader(base.source, dtype=base.dtype, device=base.device, config=base.config)
-            live = self._admit(base, loaded)
+            if loaded.fingerprint != base.fingerprint:
+                raise ValueError(
+                    f"base {base.source}: its files changed since it was identified (fingerprint "
+                    f"{base.fingerprint}, now {loaded.fingerprint}). Fix: run again, so LoadBase reads it anew")
+            live = self._live[base.key] = _Live(loaded, base_spec(loaded.pipeline), _working_copies(loaded.pipeline))
+            self.stats["loads"] += 1
         self._live.move_to_end(base.key)
         return live
 
@@ -163,23 +173,42 @@ class ModelPool:
             return self._get(base).spec
 
     def pipeline(self, recipe: ModelRecipe, lora_scale: float = 1.0, check_interrupt: Callable[[], None] | None = None):
-        """The live pipeline, in the state ``recipe`` describes (``lora_scale`` multiplies the
-        unfused LoRAs). Only layers whose patch changed are written. If anything fails midway the
-        base is restored to its plain weights, so the pool stays in a known state."""
+        """A pipeline to run in the state ``recipe`` describes (``lora_scale`` multiplies the unfused
+        LoRAs), for one use.
+
+        Each call returns a new view of the base's pipeline: it shares the base's modules, whose
+        weights the pool patches in place (only layers whose patch changed are written), and has its
+        own fresh scheduler, the pool's working copies of the tokenizers and, under compile options,
+        the compiled UNet. Whatever a caller sets on the view (a scheduler for one sample) never
+        reaches the base or another caller. If anything fails midway the base is restored to its
+        plain weights, so the pool stays in a known state."""
         with self._lock:
             live = self._get(recipe.base)
-            target = self._target(recipe, lora_scale)
-            try:
-                self._apply(live, target, check_interrupt)
-                self._compile(live, recipe.compile)
-            except BaseException:
-                self._restore_all(live)
-                raise
-            return live.loaded.pipeline
+            unet = self._materialise(live, recipe, lora_scale, check_interrupt)
+            return _view(live.loaded.pipeline, unet=unet, **live.working)
+
+    def pipeline_to_save(self, recipe: ModelRecipe, check_interrupt: Callable[[], None] | None = None):
+        """A view of the base with every LoRA of ``recipe`` at its full weight, as ``save_pretrained``
+        should write it: the base's own tokenizers (never run), scheduler config and eager UNet,
+        whatever ran on the pool before."""
+        with self._lock:
+            live = self._get(recipe.base)
+            self._materialise(live, recipe, 1.0, check_interrupt)
+            return _view(live.loaded.pipeline, unet=live.loaded.pipeline.unet)
 
     def plain(self, base: BaseModel):
-        """The live pipeline with every touched layer restored to its original weights."""
+        """A view of the base with every touched layer restored to its original weights."""
         return self.pipeline(ModelRecipe(base))
+
+    def _materialise(self, live: _Live, recipe: ModelRecipe, lora_scale: float, check_interrupt) -> torch.nn.Module:
+        """Bring the base's weights and memory format to ``recipe``; returns the UNet to run."""
+        target = self._target(recipe, lora_scale)
+        try:
+            self._apply(live, target, check_interrupt)
+            return self._unet(live, recipe.compile)
+        except BaseException:
+            self._restore_all(live)
+            raise
 
     @staticmethod
     def _target(recipe: ModelRecipe, lora_scale: float) -> dict[tuple[str, str], tuple]:
@@ -227,26 +256,65 @@ class ModelPool:
                 _weight(pipe, live.spec, component, path).copy_(backup)
         live.applied.clear()
 
-    def _compile(self, live: _Live, options: CompileOptions | None) -> None:
-        if options == live.compiled:
-            return
+    def _unet(self, live: _Live, options: CompileOptions | None) -> torch.nn.Module:
+        """The UNet to run under ``options``, its parameters in the memory format they ask for.
+
+        ``torch.compile(module)`` returns a wrapper that shares the module's parameters and leaves
+        the module itself eager, so the base keeps its eager UNet and each options value gets its
+        own wrapper, made once (compiling happens at its first call). The memory format belongs to
+        the shared parameters, so it follows every recipe: channels_last only while one asks for it.
+        """
         unet = live.loaded.pipeline.unet
+        channels_last = options is not None and options.channels_last
+        if channels_last != live.channels_last:
+            # Module.to rewrites each 4-D parameter's .data in place: the weights stay the same
+            # Parameter objects, and the pool's backups hold values, not layouts.
+            unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            live.channels_last = channels_last
         if options is None:
-            unet._compiled_call_impl = None  # back to eager; the parameters are untouched
-        else:
-            # A persistent inductor cache makes the next process's compile take seconds, not minutes.
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "loraloom" / "inductor"))
-            if options.channels_last:
-                unet.to(memory_format=torch.channels_last)
-            unet.compile(mode=None if options.mode == "default" else options.mode,
-                         fullgraph=options.fullgraph, dynamic=options.dynamic)
+            return unet
+        compiled = live.compiled.get(options)
+        if compiled is None:
+            compiled = live.compiled[options] = torch.compile(
+                unet, mode=None if options.mode == "default" else options.mode,
+                fullgraph=options.fullgraph, dynamic=options.dynamic)
             self.stats["compiles"] += 1
-        live.compiled = options
+        return compiled
 
     def clear(self) -> None:
         """Drop every live pipeline (their memory is freed when nothing else holds them)."""
         with self._lock:
             self._live.clear()
+
+
+# Calling a transformers tokenizer records the padding and truncation it was asked for in its
+# backend, and save_pretrained writes that into tokenizer.json: a base's tokenizers that sampled once
+# would save differently from ones that never ran. Runs use copies; the base's own are only saved.
+_TOKENIZERS = ("tokenizer", "tokenizer_2")
+
+
+def _working_copies(pipe) -> dict[str, Any]:
+    """Copies of the components a run changes (the tokenizers), made once per base."""
+    return {name: copy.deepcopy(getattr(pipe, name)) for name in _TOKENIZERS if getattr(pipe, name, None) is not None}
+
+
+def _view(pipe, unet: torch.nn.Module, **parts):
+    """A shallow copy of ``pipe`` that shares its modules, with ``unet``, a fresh scheduler and
+    ``parts`` (components by name) in place of the base's.
+
+    The copy has its own attribute table, and diffusers replaces (never edits) a pipeline's config
+    dict when a component is assigned, so setting the view's scheduler or UNet leaves ``pipe`` as
+    it was. A fresh scheduler from the base's config: schedulers keep per-run state (step index,
+    multistep history) that must not carry from one sample to the next.
+    """
+    view = copy.copy(pipe)
+    view.unet = unet
+    for name, part in parts.items():
+        setattr(view, name, part)
+    scheduler = getattr(pipe, "scheduler", None)  # a stand-in holding only a UNet has none
+    if scheduler is not None:
+        view.scheduler = type(scheduler).from_config(scheduler.config)
+    return view
 
 
 def _signature(entries) -> tuple | None:

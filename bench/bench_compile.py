@@ -18,9 +18,9 @@ Paths, each in its own process (clean dynamo caches and counters):
 A "prompt edit" sample before the edits gives each path's steady sample time. Graphs compiled =
 the rise of torch._dynamo's ``unique_graphs`` counter.
 
-The inductor cache is kept in ~/.cache/loraloom/bench-inductor between runs (like the pool's own
-cache, so a user's second session is warm); its hits and misses are reported. ``--cold`` uses an
-empty cache (each graph then takes about a minute here).
+The inductor cache is kept in ~/.cache/loraloom/bench-inductor between runs (as torch's default
+cache in the temp folder is for a user, so a user's second session is warm); its hits and misses
+are reported. ``--cold`` uses an empty cache (each graph then takes about a minute here).
 
     python bench/bench_compile.py [--quick] [--threads 1] [--cold] [--paths ours,diffusers,diffusers-fused] [--json OUT]
 """

@@ -238,13 +238,16 @@ class UNetOnly:
 
 def pool_for(unet, label: str):
     """A ModelPool whose only base is `unet` (no loading); returns (pool, base handle)."""
-    from loraloom.bases.loading import LoadedBase
+    from loraloom.bases.loading import BaseIdentity, LoadedBase
     from loraloom.bases.pool import ModelPool
 
     param = next(unet.parameters())
 
+    def identify(source, dtype=None, device=None, config=None):
+        return BaseIdentity(label, "bench", "sdxl", param.dtype, param.device, f"bench:{label}")
+
     def loader(source, dtype=None, device=None, config=None):
         return LoadedBase(UNetOnly(unet), "sdxl", param.dtype, param.device, f"bench:{label}", label)
 
-    pool = ModelPool(loader=loader)
+    pool = ModelPool(loader=loader, identify=identify)
     return pool, pool.load(label)

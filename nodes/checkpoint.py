@@ -24,7 +24,7 @@ class SaveCheckpoint:
         from ..bases.export import save_single_file
 
         target = unique_output(filename_prefix, ".safetensors")
-        pipe = model_pool().pipeline(model, lora_scale=1.0, check_interrupt=current_context().check_interrupt)
+        pipe = model_pool().pipeline_to_save(model, check_interrupt=current_context().check_interrupt)
         save_single_file(pipe, target)
         return {"ui": {"checkpoints": [output_ref(target)],
                        "text": [f"saved {model.describe()} to {target.name}"]}}

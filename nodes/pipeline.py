@@ -20,6 +20,7 @@ class SavePipeline:
         from ..bases.export import save_diffusers_folder
 
         target = unique_output(filename_prefix)
-        pipe = model_pool().pipeline(model, lora_scale=1.0, check_interrupt=current_context().check_interrupt)
+        # the base as it should be saved, whatever ran on the pool before (schedulers, tokenizers)
+        pipe = model_pool().pipeline_to_save(model, check_interrupt=current_context().check_interrupt)
         save_diffusers_folder(pipe, target)
         return {"ui": {"pipelines": [output_ref(target)], "text": [f"saved {model.describe()} to {target.name}"]}}

@@ -20,17 +20,14 @@ SCHEDULERS = {
 }
 
 
-def make_scheduler(name: str, pipe):
-    """The scheduler called ``name`` built from the base's own scheduler config."""
+def make_scheduler(name: str, base_scheduler):
+    """The scheduler called ``name``, built from ``base_scheduler``'s config ("default": that one)."""
     import diffusers
 
-    default = getattr(pipe, "_loraloom_default_scheduler", None)
-    if default is None:
-        default = pipe._loraloom_default_scheduler = pipe.scheduler
     if SCHEDULERS[name] is None:
-        return default
+        return base_scheduler
     cls_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(default.config, **extra)
+    return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
 
 
 @node(category=f"{CATEGORY}/sampling", display_name="Sample",
@@ -63,8 +60,9 @@ class Sample:
         import torch
 
         ctx = current_context()
+        # a view of the base for this sample alone: its scheduler is set here and nowhere else
         pipe = model_pool().pipeline(model, lora_scale=lora_scale, check_interrupt=ctx.check_interrupt)
-        pipe.scheduler = make_scheduler(scheduler, pipe)
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler)
 
         def on_step(_pipe, i, _t, kwargs):
             ctx.progress(i + 1, steps)

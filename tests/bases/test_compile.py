@@ -1,4 +1,11 @@
-"""Compile: torch.compile once; weight changes, LoRA swaps and re-fusing do not recompile."""
+"""Compile: torch.compile once; weight changes, LoRA swaps and re-fusing do not recompile; the
+base's own UNet stays eager; the inductor cache is torch's own, where README says."""
+
+import getpass
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -51,4 +58,25 @@ def test_compiled_matches_eager_and_never_recompiles(tmp_path, monkeypatch):
         assert torch.allclose(compiled[name], eager[name], atol=1e-4), \
             f"'{name}': compiled output differs from eager by {(compiled[name] - eager[name]).abs().max():.2e}"
     assert pool.stats["compiles"] == 1
+    assert torch.equal(_sample(pool.pipeline(recipes["swap"])), eager["swap"]), \
+        "without compile options the base's own UNet runs, eager as it was"
     assert not torch.allclose(compiled["blend"], compiled["swap"]), "the swap must change the output"
+
+
+def test_the_inductor_cache_is_where_readme_says(tmp_path):
+    """README: LoRA Loom leaves the cache to torch: $TORCHINDUCTOR_CACHE_DIR, else torchinductor_<user>
+    in the temp folder. A compile in a fresh process that went through the pool writes there."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)  # tempfile.gettempdir() follows it
+    code = (
+        "import torch\n"
+        "from loraloom.bases.pool import CompileOptions, ModelPool, ModelRecipe\n"
+        "pool = ModelPool()\n"
+        "base = pool.load('tiny-sd15', dtype='fp32', device='cpu')\n"
+        "pool.pipeline(ModelRecipe(base, compile=CompileOptions(channels_last=True)))\n"
+        "torch.compile(lambda x: x.sin() + 1)(torch.ones(4))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=600)
+    cache = Path(tmp_path) / f"torchinductor_{getpass.getuser()}"
+    assert cache.is_dir() and any(p.is_file() for p in cache.rglob("*")), \
+        f"no compile artifacts in {cache}: {sorted(p.name for p in Path(tmp_path).iterdir())}"

@@ -86,3 +86,98 @@ def test_evicted_base_is_reloaded_from_its_handle():
     pool.load("tiny-sdxl", dtype="fp32", device="cpu")
     pipe = pool.plain(sd15)
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pool.stats["loads"] == 3
+
+
+def counting(loader):
+    """The real loader, wrapped to record each build it does."""
+    calls = []
+
+    def load(source, **kwargs):
+        calls.append((str(source), kwargs))
+        return loader(source, **kwargs)
+
+    return load, calls
+
+
+def test_a_base_the_pool_holds_is_not_built_again(tiny_model_files):
+    from loraloom.bases.loading import load_base
+
+    loader, calls = counting(load_base)
+    pool = ModelPool(loader=loader)
+    auto = pool.load("tiny-sd15", dtype="auto", device="cpu")
+    fp32 = pool.load("tiny-sd15", dtype="fp32", device="cpu")
+    assert auto.key == fp32.key and len(calls) == 1, f"'auto' on the CPU is fp32: one build, got {len(calls)}"
+    folder = tiny_model_files("tiny-sd15")["folder"]
+    pool.load(folder, dtype="fp32", device="cpu")
+    pool.load(str(folder), dtype="fp32", device="cpu")
+    assert len(calls) == 2 and pool.stats["loads"] == 2, f"the same folder twice must build once: {calls}"
+    pool.load("tiny-sd15", dtype="bf16", device="cpu")
+    assert len(calls) == 3, "another dtype is another base"
+
+
+def test_a_full_pool_lets_go_of_its_oldest_base_before_building_the_next():
+    import gc
+    import weakref
+
+    from loraloom.bases.loading import load_base
+
+    watched, alive_during_build = [], []
+
+    def loader(source, **kwargs):
+        if watched:
+            gc.collect()
+            alive_during_build.append(watched[0]() is not None)
+        return load_base(source, **kwargs)
+
+    pool = ModelPool(max_bases=1, loader=loader)
+    sd15 = pool.load("tiny-sd15", dtype="fp32", device="cpu")
+    watched.append(weakref.ref(pool.plain(sd15).unet))
+    pool.load("tiny-sdxl", dtype="fp32", device="cpu")
+    assert alive_during_build == [False], "peak memory must be one pipeline: evict, then build"
+
+
+def test_bad_arguments_fail_before_anything_is_built():
+    loader, calls = counting(lambda *a, **k: pytest.fail("built"))
+    pool = ModelPool(loader=loader)
+    with pytest.raises(ValueError, match="dtype 'fp64' is not valid"):
+        pool.load("tiny-sd15", dtype="fp64")
+    with pytest.raises(ValueError, match="takes no config folder"):
+        pool.load("tiny-sd15", config="somewhere")
+    assert calls == []
+
+
+def test_each_call_gets_its_own_view_and_the_base_keeps_its_scheduler():
+    from diffusers import DDIMScheduler
+
+    pool = ModelPool()
+    base = pool.load("tiny-sd15", dtype="fp32", device="cpu")
+    first = pool.plain(base)
+    original = dict(first.scheduler.config)
+    first.scheduler = DDIMScheduler.from_config(first.scheduler.config)
+    second = pool.plain(base)
+    assert type(second.scheduler).__name__ == "EulerDiscreteScheduler", "a scheduler set on one view leaks"
+    assert dict(second.scheduler.config) == original and second.config["scheduler"][1] == "EulerDiscreteScheduler"
+    assert second.scheduler is not pool.plain(base).scheduler, "every view gets a fresh scheduler (per-run state)"
+    assert second.unet is first.unet, "views share the base's modules: no copy of the weights"
+
+
+def test_channels_last_lasts_only_while_a_recipe_asks_for_it():
+    from loraloom.bases.pool import CompileOptions
+
+    pool = ModelPool()
+    base = pool.load("tiny-sd15", dtype="fp32", device="cpu")
+    plain = pool.plain(base)
+    convs = [p for p in plain.unet.parameters() if p.dim() == 4]
+    values = [p.detach().clone() for p in convs]
+    compiled = pool.pipeline(ModelRecipe(base, compile=CompileOptions(channels_last=True)))
+    assert compiled.unet is not plain.unet, "a compile recipe runs a compiled wrapper, not the base's UNet"
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert all(not p.is_contiguous() for p in convs if p.shape[2:] != (1, 1)), "3x3 kernels change layout"
+    pool.pipeline(ModelRecipe(base, compile=CompileOptions(channels_last=False)))
+    assert all(p.is_contiguous() for p in plain.unet.parameters()), "dropping channels_last restores the layout"
+    pool.pipeline(ModelRecipe(base, compile=CompileOptions(channels_last=True)))
+    again = pool.plain(base)
+    assert again.unet is plain.unet, "without compile options the eager UNet runs"
+    assert all(p.is_contiguous() for p in plain.unet.parameters()), "dropping compile options restores the layout"
+    assert all(torch.equal(p, v) for p, v in zip(convs, values)), "layout changes never change values"
+    assert pool.stats["compiles"] == 2, "one wrapper per compile options, made once"
