@@ -16,6 +16,7 @@ import torch
 
 from ..graph_runtime.fingerprint import file_fingerprint
 from . import arch as arch_mod
+from .arch import BaseModelError
 from . import devices, presets
 
 
@@ -83,13 +84,13 @@ def _load_folder(folder: Path, torch_dtype: torch.dtype):
 
 def _load_single_file(path: Path, config: str | Path | None, torch_dtype: torch.dtype):
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(
+        raise BaseModelError(
             f"{path}: only .safetensors checkpoints are loaded ({path.suffix or 'no suffix'} files may "
             "be pickles, which can run code). Fix: convert it to .safetensors first"
         )
     arch = arch_mod.detect_file_arch(path)
     if config is None:
-        raise ValueError(
+        raise BaseModelError(
             f"single-file checkpoint {path} needs a config folder: its configs and tokenizers would "
             f"otherwise come from the Hugging Face hub, and loading is offline. Fix: pass config=<folder> "
             f"holding model_index.json, the component configs and tokenizers of an {arch} pipeline — a "
@@ -98,10 +99,10 @@ def _load_single_file(path: Path, config: str | Path | None, torch_dtype: torch.
         )
     config = Path(config)
     if not config.is_dir():
-        raise ValueError(f"config folder {config} for {path}: no such folder. Fix: pass the folder that holds model_index.json")
+        raise BaseModelError(f"config folder {config} for {path}: no such folder. Fix: pass the folder that holds model_index.json")
     config_arch = arch_mod.detect_folder_arch(config)
     if config_arch != arch:
-        raise ValueError(
+        raise BaseModelError(
             f"single-file checkpoint {path} is {arch}, but config folder {config} describes {config_arch}. "
             f"Fix: pass a config folder of an {arch} pipeline"
         )
@@ -131,14 +132,14 @@ def load_base(
     name = str(source)
     if isinstance(source, str) and source in presets.PRESETS:
         if config is not None:
-            raise ValueError(f"preset {source!r} takes no config folder (config={config!r}). Fix: drop config")
+            raise BaseModelError(f"preset {source!r} takes no config folder (config={config!r}). Fix: drop config")
         preset = presets.get_preset(source)
         pipe = presets.build_pipeline(source, dtype=torch_dtype, device=torch_device)
         return LoadedBase(pipe, preset.arch, torch_dtype, torch_device, preset.fingerprint, name)
     path = Path(source)
     if path.is_dir():
         if config is not None:
-            raise ValueError(
+            raise BaseModelError(
                 f"{path} is a diffusers folder and carries its own configs; config={config!r} is only for "
                 "single-file checkpoints. Fix: drop config"
             )
@@ -146,14 +147,14 @@ def load_base(
     elif path.is_file():
         pipe, arch, digest = _load_single_file(path, config, torch_dtype)
     else:
-        raise ValueError(
+        raise BaseModelError(
             f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder. "
             "Fix: give a preset name, a diffusers folder or a .safetensors checkpoint path"
         )
     # Loaders may return a subclass or a variant; the pipeline must agree with what the files said.
     loaded_arch = arch_mod.detect_pipeline_arch(pipe)
     if loaded_arch != arch:
-        raise ValueError(f"{path}: files describe {arch} but diffusers built a {loaded_arch} pipeline")
+        raise BaseModelError(f"{path}: files describe {arch} but diffusers built a {loaded_arch} pipeline")
     pipe = pipe.to(torch_device)
     _own_memory(pipe)
     pipe.set_progress_bar_config(disable=True)  # progress goes through the runtime's events

@@ -56,7 +56,7 @@ def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
     from ..graph_runtime.paths import check_relative_name
 
     try:
-        check_relative_name(constants.get(name, ""), "output")
+        check_relative_name(constants.get(name, ""), "output", folders().advice)
     except PathError as exc:
         return {name: str(exc)}
     return {}
