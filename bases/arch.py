@@ -74,8 +74,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BaseModelError(
-            f"{path.parent}: no {path.name}; expected a diffusers folder ({what}). Fix: point at the "
-            "folder that save_pretrained wrote (it holds model_index.json and unet/config.json)"
+            f"{path.parent}: no {path.name}; expected a diffusers folder ({what}).", value=str(path),
+            kind="not_found", fix="point at the folder that save_pretrained wrote (it holds model_index.json and "
+                                  "unet/config.json)"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BaseModelError(f"{path}: not valid JSON ({exc})") from None
@@ -98,8 +99,8 @@ def detect_checkpoint_arch(keys: Iterable[str], where: str) -> str:
         sample = ", ".join(sorted(keys)[:3])
         raise BaseModelError(
             f"{where}: no '{UNET_PREFIX}*' keys, so this is not a full SD/SDXL single-file checkpoint "
-            f"(first keys: {sample}). A LoRA or a diffusers-format weights file? Fix: load a diffusers "
-            "folder by its directory, or a complete original-layout .safetensors checkpoint"
+            f"(first keys: {sample}). A LoRA or a diffusers-format weights file?", value=sample,
+            fix="load a diffusers folder by its directory, or a complete original-layout .safetensors checkpoint"
         )
     if SDXL_TEXT_KEY in keys:
         return "sdxl"

@@ -52,12 +52,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise BaseModelError(
                 f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False on this "
-                "machine. Fix: use device 'cpu' or 'auto'."
+                "machine.", value=device, fix="use device 'cpu' or 'auto'."
             )
         if match and int(match.group(1)) >= torch.cuda.device_count():
             raise BaseModelError(
                 f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                f"(cuda:0..cuda:{torch.cuda.device_count() - 1}). Fix: pick one of those or 'auto'."
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1}).", value=device,
+                limit=torch.cuda.device_count() - 1, fix="pick one of those or 'auto'."
             )
         return torch.device(value)
     raise BaseModelError(

@@ -86,25 +86,27 @@ def _load_single_file(path: Path, config: str | Path | None, torch_dtype: torch.
     if path.suffix.lower() != ".safetensors":
         raise BaseModelError(
             f"{path}: only .safetensors checkpoints are loaded ({path.suffix or 'no suffix'} files may "
-            "be pickles, which can run code). Fix: convert it to .safetensors first"
+            "be pickles, which can run code).", value=path.suffix, limit=".safetensors",
+            fix="convert it to .safetensors first"
         )
     arch = arch_mod.detect_file_arch(path)
     if config is None:
         raise BaseModelError(
             f"single-file checkpoint {path} needs a config folder: its configs and tokenizers would "
-            f"otherwise come from the Hugging Face hub, and loading is offline. Fix: pass config=<folder> "
-            f"holding model_index.json, the component configs and tokenizers of an {arch} pipeline — a "
-            "diffusers folder of the same architecture, or a skeleton written by "
-            "bases.export.save_config_skeleton"
+            f"otherwise come from the Hugging Face hub, and loading is offline.",
+            fix=f"pass config=<folder> holding model_index.json, the component configs and tokenizers of an "
+                f"{arch} pipeline — a diffusers folder of the same architecture, or a skeleton written by "
+                "bases.export.save_config_skeleton"
         )
     config = Path(config)
     if not config.is_dir():
-        raise BaseModelError(f"config folder {config} for {path}: no such folder. Fix: pass the folder that holds model_index.json")
+        raise BaseModelError(f"config folder {config} for {path}: no such folder.", value=str(config), kind="not_found",
+                             fix="pass the folder that holds model_index.json")
     config_arch = arch_mod.detect_folder_arch(config)
     if config_arch != arch:
         raise BaseModelError(
-            f"single-file checkpoint {path} is {arch}, but config folder {config} describes {config_arch}. "
-            f"Fix: pass a config folder of an {arch} pipeline"
+            f"single-file checkpoint {path} is {arch}, but config folder {config} describes {config_arch}.",
+            value=config_arch, limit=arch, fix=f"pass a config folder of an {arch} pipeline"
         )
     pipe = _pipeline_class(arch).from_single_file(
         str(path), config=str(config), dtype=torch_dtype, local_files_only=True, **_extra_kwargs(arch)
@@ -132,7 +134,8 @@ def load_base(
     name = str(source)
     if isinstance(source, str) and source in presets.PRESETS:
         if config is not None:
-            raise BaseModelError(f"preset {source!r} takes no config folder (config={config!r}). Fix: drop config")
+            raise BaseModelError(f"preset {source!r} takes no config folder (config={config!r}).", value=config,
+                                 fix="drop config")
         preset = presets.get_preset(source)
         pipe = presets.build_pipeline(source, dtype=torch_dtype, device=torch_device)
         return LoadedBase(pipe, preset.arch, torch_dtype, torch_device, preset.fingerprint, name)
@@ -141,15 +144,16 @@ def load_base(
         if config is not None:
             raise BaseModelError(
                 f"{path} is a diffusers folder and carries its own configs; config={config!r} is only for "
-                "single-file checkpoints. Fix: drop config"
+                "single-file checkpoints.", value=config, fix="drop config"
             )
         pipe, arch, digest = _load_folder(path, torch_dtype)
     elif path.is_file():
         pipe, arch, digest = _load_single_file(path, config, torch_dtype)
     else:
         raise BaseModelError(
-            f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder. "
-            "Fix: give a preset name, a diffusers folder or a .safetensors checkpoint path"
+            f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder.",
+            value=name, limit=list(presets.PRESETS), kind="not_found",
+            fix="give a preset name, a diffusers folder or a .safetensors checkpoint path"
         )
     # Loaders may return a subclass or a variant; the pipeline must agree with what the files said.
     loaded_arch = arch_mod.detect_pipeline_arch(pipe)
