@@ -13,7 +13,7 @@ no caller needs to read the message to decide what happened:
 Fix: <fix>``, rendered from the fields at the time it is shown, so a caller that adds the file or
 node on the way up (:meth:`LoomError.at`) keeps the fix and every other field.
 
-The classes report their module as ``loraloom`` (each is importable as ``loraloom.<Name>``), so
+The package's classes report their module as ``loraloom`` (each is importable as ``loraloom.<Name>``), so
 ComfyUI, which prints ``type.__module__ + "." + type.__qualname__`` and imports a custom node pack
 under its folder path, shows ``loraloom.PathError`` rather than a filesystem path.
 """
@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 PUBLIC_MODULE = "loraloom"
+# The name this package was imported under: "loraloom", or inside ComfyUI the pack's folder path.
+_PACKAGE = __name__.rpartition(".graph_runtime.errors")[0]
 WHERE_FIELDS = ("file", "node", "class_type", "input", "key")
 FIELDS = (*WHERE_FIELDS, "value", "limit", "fix", "kind")
 
@@ -77,7 +79,8 @@ class LoomError(Exception):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.__module__ = PUBLIC_MODULE
+        if _PACKAGE and (cls.__module__ == _PACKAGE or cls.__module__.startswith(_PACKAGE + ".")):
+            cls.__module__ = PUBLIC_MODULE  # ours only; a subclass in someone's node pack keeps its module
 
     def where(self) -> str:
         """The location prefix: ``file: node 7 (Class) input 'x': tensor 'k': `` (only the parts set)."""

@@ -189,6 +189,13 @@ def test_every_error_class_is_a_loom_error_and_shows_as_ours():
         assert getattr(loraloom, name) is cls, f"loraloom.{name} must be importable (pickling, the shown type)"
 
 
+def test_a_subclass_outside_the_package_keeps_its_module():
+    class PackError(LoomError):
+        pass
+
+    assert PackError.__module__ == __name__ and PathError.__module__ == "loraloom"
+
+
 _TEXT_BRANCH = re.compile(
     r"""(["'][^"']*["']\s+(not\s+)?in\s+(str|repr)\(\s*(e|ex|exc|err|error)\s*\))"""  # "x" in str(exc)
     r"""|((str|repr)\(\s*(e|ex|exc|err|error)\s*\)\s*(==|!=|\.startswith|\.endswith|\.find|\.index))"""
@@ -251,6 +258,28 @@ def test_inside_comfyui_the_fix_names_comfyuis_folders(in_comfyui):
     with pytest.raises(PathError) as info:
         context_mod.current_context().folders.find("loras", "../escape.safetensors")
     assert "extra_model_paths.yaml" in str(info.value) and "--lora-dir" not in str(info.value)
+
+
+def test_pack_imported_under_its_folder_path_shows_our_type(tmp_path):
+    """ComfyUI imports a custom node folder under its path as module name (dots replaced), so without
+    care the type it shows would read '/.../custom_nodes/loraloom.graph_runtime.errors.PathError'."""
+    import importlib.util
+
+    name = "/opt/ComfyUI/custom_nodes/loraloom"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pack
+    try:
+        spec.loader.exec_module(pack)
+        errors = sys.modules[f"{name}.graph_runtime.errors"]
+        assert errors.PathError is not PathError, "a second copy of the package, as inside ComfyUI"
+        paths = sys.modules[f"{name}.graph_runtime.paths"]
+        with pytest.raises(errors.PathError) as info:
+            paths.Folders([tmp_path], tmp_path, tmp_path).find("loras", "missing.safetensors")
+        assert comfyui_type_name(type(info.value)) == "loraloom.PathError"
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
 
 
 def test_outside_comfyui_the_fix_names_the_flags(tmp_path):
