@@ -10,8 +10,17 @@ from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_nod
 install_if_in_comfyui()
 
 __version__ = "0.1.0"
-_LAZY = {"Runtime": "api", "load_node_modules": "api", "RunResult": "graph_runtime",
-         "ValidationError": "graph_runtime", "ExecutionError": "graph_runtime", "node": "graph_runtime"}
+_LAZY = {"Runtime": "api", "load_node_modules": "api", "RunResult": "graph_runtime", "node": "graph_runtime"}
+# The error family: each class reports its module as ``loraloom`` (what ComfyUI shows as the type),
+# so each must be importable from here, also for pickling.
+_ERRORS = {"graph_runtime.errors": ("LoomError", "SchemaError", "WorkflowError", "PathError", "ValidationError",
+                                    "ExecutionError", "Interrupted"),
+           "lora.errors": ("LoRAError", "LoRAFormatError", "LoRAMatchError"),
+           "lora.safefile": ("LoRAFileError",), "lora.merge": ("MergeError",), "lora.blocks": ("BlockWeightError",),
+           "bases.arch": ("BaseModelError",),
+           "server.security": ("ServerConfigError",), "server.userdata": ("Conflict",),
+           "server.store": ("DuplicateId",)}
+_LAZY.update({name: module for module, names in _ERRORS.items() for name in names})
 
 
 def __getattr__(name):
@@ -22,4 +31,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "Runtime", "register_node", *_LAZY]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "Runtime", "register_node", "load_node_modules",
+           "RunResult", "node", "ValidationError", "ExecutionError"]

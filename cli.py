@@ -97,9 +97,9 @@ def parse_sets(items: list[str]) -> dict:
         try:
             value = loads_strict(raw, source=f"--set {key}")
         except WorkflowError as exc:
-            if "not finite" in str(exc):
+            if exc.kind == "overflow":  # a number too large for a float was meant as a number: refuse it
                 raise
-            value = raw
+            value = raw  # anything else that is not JSON is text, e.g. --set 5.text=a cat
         out[key] = value
     return out
 

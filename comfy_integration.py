@@ -6,7 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from .graph_runtime.context import ExecutionContext, set_default_context
-from .graph_runtime.paths import Folders
+from .graph_runtime.paths import FolderAdvice, Folders
+
+# Inside ComfyUI there are no --lora-dir / --models-dir flags: files go into ComfyUI's own folders,
+# and extra LoRA folders are added in its extra_model_paths.yaml (read by folder_paths at start).
+COMFY_ADVICE = FolderAdvice(
+    outside="give a path relative to the folder, or add the folder to ComfyUI's extra_model_paths.yaml",
+    missing={
+        "loras": "put it in ComfyUI/models/loras, or add its folder under 'loras:' in ComfyUI's "
+                 "extra_model_paths.yaml and restart ComfyUI",
+        "models": "put it under ComfyUI/models (single-file checkpoints in ComfyUI/models/checkpoints, "
+                  "diffusers folders anywhere below ComfyUI/models)",
+        "output": "give a name inside ComfyUI/output",
+    },
+)
 
 
 class ComfyContext(ExecutionContext):
@@ -32,7 +45,7 @@ def comfy_folders() -> Folders:
     import folder_paths
 
     return Folders([Path(p) for p in folder_paths.get_folder_paths("loras")], Path(folder_paths.models_dir),
-                   Path(folder_paths.get_output_directory()))
+                   Path(folder_paths.get_output_directory()), advice=COMFY_ADVICE)
 
 
 def install_if_in_comfyui() -> bool:

@@ -10,8 +10,15 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..graph_runtime.errors import LoomError
 from ..lora.arches import ARCH_NAMES as ARCHES
 from ..lora.arches import ARCHES as _DESCRIPTIONS
+
+
+class BaseModelError(LoomError, ValueError):
+    """A base model (preset, diffusers folder, single-file checkpoint, dtype or device) that cannot be
+    used as given. Also a ValueError, as these were before the error family existed."""
+
 
 PIPELINE_CLASSES = {name: arch.pipeline_class for name, arch in _DESCRIPTIONS.items()}
 
@@ -33,7 +40,7 @@ _REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."
 def arch_from_unet_config(unet_config: Mapping[str, Any], where: str) -> str:
     """Architecture implied by a UNet2DConditionModel config; `where` names its source in errors."""
     if unet_config.get("in_channels", 4) != 4:
-        raise ValueError(
+        raise BaseModelError(
             f"{where}: UNet has in_channels {unet_config.get('in_channels')} (inpainting or another "
             "variant); only plain text-to-image SD1.5 and SDXL (in_channels 4) are supported"
         )
@@ -41,7 +48,7 @@ def arch_from_unet_config(unet_config: Mapping[str, Any], where: str) -> str:
         return "sdxl"
     if unet_config.get("addition_embed_type") is None and not unet_config.get("use_linear_projection"):
         return "sd15"
-    raise ValueError(
+    raise BaseModelError(
         f"{where}: UNet config is neither SD1.5 (conv proj_in, no added embedding) nor SDXL "
         f"(addition_embed_type 'text_time'): addition_embed_type={unet_config.get('addition_embed_type')!r}, "
         f"use_linear_projection={unet_config.get('use_linear_projection')!r} (SD2 uses linear "
@@ -52,7 +59,7 @@ def arch_from_unet_config(unet_config: Mapping[str, Any], where: str) -> str:
 def _check_class(class_name: str | None, arch: str, where: str, bases: Iterable[str] = ()) -> str:
     # `bases` lets subclasses of the pipeline classes (img2img variants, community pipelines) pass.
     if PIPELINE_CLASSES[arch] != class_name and PIPELINE_CLASSES[arch] not in set(bases):
-        raise ValueError(
+        raise BaseModelError(
             f"{where}: pipeline class {class_name!r} does not match its {arch} UNet; expected "
             f"{PIPELINE_CLASSES[arch]!r}. Supported: "
             + ", ".join(f"{a} ({c})" for a, c in PIPELINE_CLASSES.items())
@@ -65,7 +72,7 @@ def detect_pipeline_arch(pipe) -> str:
     where = f"pipeline {type(pipe).__name__}"
     unet = getattr(pipe, "unet", None)
     if unet is None:
-        raise ValueError(f"{where} has no UNet; supported: " + ", ".join(PIPELINE_CLASSES.values()))
+        raise BaseModelError(f"{where} has no UNet; supported: " + ", ".join(PIPELINE_CLASSES.values()))
     arch = arch_from_unet_config(dict(unet.config), where)
     return _check_class(type(pipe).__name__, arch, where, [cls.__name__ for cls in type(pipe).__mro__])
 
@@ -74,12 +81,13 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(
-            f"{path.parent}: no {path.name}; expected a diffusers folder ({what}). Fix: point at the "
-            "folder that save_pretrained wrote (it holds model_index.json and unet/config.json)"
+        raise BaseModelError(
+            f"{path.parent}: no {path.name}; expected a diffusers folder ({what}).", value=str(path),
+            kind="not_found", fix="point at the folder that save_pretrained wrote (it holds model_index.json and "
+                                  "unet/config.json)"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise BaseModelError(f"{path}: not valid JSON ({exc})") from None
 
 
 def detect_folder_arch(folder: str | Path) -> str:
@@ -97,10 +105,10 @@ def detect_checkpoint_arch(keys: Iterable[str], where: str) -> str:
     keys = set(keys)
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         sample = ", ".join(sorted(keys)[:3])
-        raise ValueError(
+        raise BaseModelError(
             f"{where}: no '{UNET_PREFIX}*' keys, so this is not a full SD/SDXL single-file checkpoint "
-            f"(first keys: {sample}). A LoRA or a diffusers-format weights file? Fix: load a diffusers "
-            "folder by its directory, or a complete original-layout .safetensors checkpoint"
+            f"(first keys: {sample}). A LoRA or a diffusers-format weights file?", value=sample,
+            fix="load a diffusers folder by its directory, or a complete original-layout .safetensors checkpoint"
         )
     if SDXL_TEXT_KEY in keys:
         return "sdxl"
@@ -112,7 +120,7 @@ def detect_checkpoint_arch(keys: Iterable[str], where: str) -> str:
         found = "an SDXL refiner (single OpenCLIP encoder)"
     else:
         found = "no known text encoder keys"
-    raise ValueError(
+    raise BaseModelError(
         f"{where}: found {found}; expected SD1.5 ('{SD15_TEXT_KEY}') or SDXL ('{SDXL_TEXT_KEY}'). "
         f"Supported architectures: {', '.join(ARCHES)}"
     )
@@ -126,7 +134,7 @@ def detect_file_arch(path: str | Path) -> str:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
+        raise BaseModelError(f"{path}: no such file") from None
     except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise ValueError(f"{path}: not a readable .safetensors file ({exc})") from None
+        raise BaseModelError(f"{path}: not a readable .safetensors file ({exc})") from None
     return detect_checkpoint_arch(keys, str(path))

@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from .arch import BaseModelError
+
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,
@@ -25,7 +27,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     for name, value in DTYPES.items():
         if value == dtype:
             return name
-    raise ValueError(f"dtype {dtype} is not supported; valid choices: {', '.join(DTYPES)}")
+    raise BaseModelError(f"dtype {dtype} is not supported; valid choices: {', '.join(DTYPES)}")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -37,7 +39,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         device = str(device)
     if not isinstance(device, str):
-        raise ValueError(
+        raise BaseModelError(
             f"device {device!r} is not a string; valid choices: {', '.join(DEVICE_CHOICES)}"
         )
     value = device.strip().lower()
@@ -48,17 +50,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     match = _CUDA_INDEX.fullmatch(value)
     if value == "cuda" or match:
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise BaseModelError(
                 f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False on this "
-                "machine. Fix: use device 'cpu' or 'auto'."
+                "machine.", value=device, fix="use device 'cpu' or 'auto'."
             )
         if match and int(match.group(1)) >= torch.cuda.device_count():
-            raise ValueError(
+            raise BaseModelError(
                 f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                f"(cuda:0..cuda:{torch.cuda.device_count() - 1}). Fix: pick one of those or 'auto'."
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1}).", value=device,
+                limit=torch.cuda.device_count() - 1, fix="pick one of those or 'auto'."
             )
         return torch.device(value)
-    raise ValueError(
+    raise BaseModelError(
         f"device {device!r} is not valid; valid choices: {', '.join(DEVICE_CHOICES)}"
     )
 
@@ -71,17 +74,17 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     """
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported; valid choices: {', '.join(DTYPE_CHOICES)}")
+            raise BaseModelError(f"dtype {dtype} is not supported; valid choices: {', '.join(DTYPE_CHOICES)}")
         return dtype
     if not isinstance(dtype, str):
-        raise ValueError(f"dtype {dtype!r} is not a string; valid choices: {', '.join(DTYPE_CHOICES)}")
+        raise BaseModelError(f"dtype {dtype!r} is not a string; valid choices: {', '.join(DTYPE_CHOICES)}")
     value = dtype.strip().lower()
     if value == "auto":
         device = resolve_device("auto") if device is None else device
         return torch.float16 if device.type == "cuda" else torch.float32
     if value in DTYPES:
         return DTYPES[value]
-    raise ValueError(f"dtype {dtype!r} is not valid; valid choices: {', '.join(DTYPE_CHOICES)}")
+    raise BaseModelError(f"dtype {dtype!r} is not valid; valid choices: {', '.join(DTYPE_CHOICES)}")
 
 
 def resolve(dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> tuple[torch.dtype, torch.device]:

@@ -16,6 +16,7 @@ import torch
 
 from ..graph_runtime import file_fingerprint
 from . import arch as arch_mod
+from .arch import BaseModelError
 from . import devices, presets
 
 
@@ -100,27 +101,29 @@ class BaseIdentity:
 def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path]:
     """The architecture of a single-file checkpoint and its checked config folder."""
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(
+        raise BaseModelError(
             f"{path}: only .safetensors checkpoints are loaded ({path.suffix or 'no suffix'} files may "
-            "be pickles, which can run code). Fix: convert it to .safetensors first"
+            "be pickles, which can run code).", value=path.suffix, limit=".safetensors",
+            fix="convert it to .safetensors first"
         )
     arch = arch_mod.detect_file_arch(path)
     if config is None:
-        raise ValueError(
+        raise BaseModelError(
             f"single-file checkpoint {path} needs a config folder: its configs and tokenizers would "
-            f"otherwise come from the Hugging Face hub, and loading is offline. Fix: pass config=<folder> "
-            f"holding model_index.json, the component configs and tokenizers of an {arch} pipeline — a "
-            "diffusers folder of the same architecture, or a skeleton written by "
-            "bases.export.save_config_skeleton"
+            f"otherwise come from the Hugging Face hub, and loading is offline.",
+            fix=f"pass config=<folder> holding model_index.json, the component configs and tokenizers of an "
+                f"{arch} pipeline — a diffusers folder of the same architecture, or a skeleton written by "
+                "bases.export.save_config_skeleton"
         )
     config = Path(config)
     if not config.is_dir():
-        raise ValueError(f"config folder {config} for {path}: no such folder. Fix: pass the folder that holds model_index.json")
+        raise BaseModelError(f"config folder {config} for {path}: no such folder.", value=str(config), kind="not_found",
+                             fix="pass the folder that holds model_index.json")
     config_arch = arch_mod.detect_folder_arch(config)
     if config_arch != arch:
-        raise ValueError(
-            f"single-file checkpoint {path} is {arch}, but config folder {config} describes {config_arch}. "
-            f"Fix: pass a config folder of an {arch} pipeline"
+        raise BaseModelError(
+            f"single-file checkpoint {path} is {arch}, but config folder {config} describes {config_arch}.",
+            value=config_arch, limit=arch, fix=f"pass a config folder of an {arch} pipeline"
         )
     return arch, config
 
@@ -137,15 +140,16 @@ def identify_base(
     name = str(source)
     if isinstance(source, str) and source in presets.PRESETS:
         if config is not None:
-            raise ValueError(f"preset {source!r} takes no config folder (config={config!r}). Fix: drop config")
+            raise BaseModelError(f"preset {source!r} takes no config folder (config={config!r}).", value=config,
+                                 fix="drop config")
         preset = presets.get_preset(source)
         return BaseIdentity(name, "preset", preset.arch, torch_dtype, torch_device, preset.fingerprint)
     path = Path(source)
     if path.is_dir():
         if config is not None:
-            raise ValueError(
+            raise BaseModelError(
                 f"{path} is a diffusers folder and carries its own configs; config={config!r} is only for "
-                "single-file checkpoints. Fix: drop config"
+                "single-file checkpoints.", value=config, fix="drop config"
             )
         arch = arch_mod.detect_folder_arch(path)
         return BaseIdentity(name, "folder", arch, torch_dtype, torch_device,
@@ -154,9 +158,10 @@ def identify_base(
         arch, config = _check_single_file(path, config)
         digest = f"single-file:blake2b:{file_fingerprint(path)}+config:blake2b:{file_fingerprint(config)}"
         return BaseIdentity(name, "single-file", arch, torch_dtype, torch_device, digest, config)
-    raise ValueError(
-        f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder. "
-        "Fix: give a preset name, a diffusers folder or a .safetensors checkpoint path"
+    raise BaseModelError(
+        f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder.",
+        value=name, limit=list(presets.PRESETS), kind="not_found",
+        fix="give a preset name, a diffusers folder or a .safetensors checkpoint path"
     )
 
 
@@ -188,7 +193,8 @@ def load_base(
     # Loaders may return a subclass or a variant; the pipeline must agree with what the files said.
     loaded_arch = arch_mod.detect_pipeline_arch(pipe)
     if loaded_arch != identity.arch:
-        raise ValueError(f"{identity.source}: files describe {identity.arch} but diffusers built a {loaded_arch} pipeline")
+        raise BaseModelError(f"{identity.source}: files describe {identity.arch} but diffusers built a {loaded_arch} "
+                             "pipeline", value=loaded_arch, limit=identity.arch)
     pipe = pipe.to(identity.device)
     _own_memory(pipe)
     pipe.set_progress_bar_config(disable=True)  # progress goes through the runtime's events

@@ -35,6 +35,7 @@ import torch
 
 from ..lora.canonical import LoRA, delta
 from ..lora.match import base_spec
+from .arch import BaseModelError
 from .loading import BaseIdentity, LoadedBase, identify_base, load_base
 
 DEFAULT_MAX_BASES = 2
@@ -159,9 +160,9 @@ class ModelPool:
                 self._live.popitem(last=False)
             loaded = self._loader(base.source, dtype=base.dtype, device=base.device, config=base.config)
             if loaded.fingerprint != base.fingerprint:
-                raise ValueError(
-                    f"base {base.source}: its files changed since it was identified (fingerprint "
-                    f"{base.fingerprint}, now {loaded.fingerprint}). Fix: run again, so LoadBase reads it anew")
+                raise BaseModelError(
+                    f"base {base.source}: its files changed since it was identified", file=base.source,
+                    value=loaded.fingerprint, limit=base.fingerprint, fix="run again, so LoadBase reads it anew")
             live = self._live[base.key] = _Live(loaded, base_spec(loaded.pipeline), _working_copies(loaded.pipeline))
             self.stats["loads"] += 1
         self._live.move_to_end(base.key)

@@ -21,6 +21,7 @@ import torch
 
 from ..lora.arches import ARCHES
 from . import devices
+from .arch import BaseModelError
 
 # Real CLIP ids are 49406/49407 (vocab 49408); ours follow the tiny byte-level vocab built below.
 _BOS = "<|startoftext|>"
@@ -267,7 +268,7 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+        raise BaseModelError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
 
 
 def build_pipeline(name: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"):

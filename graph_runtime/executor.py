@@ -239,7 +239,7 @@ class Runtime:
             raise ExecutionError(nid, class_type, f"{type(exc).__name__}: {exc}",
                                  exception_type=f"{type(exc).__module__}.{type(exc).__name__}",
                                  traceback=traceback.format_exception(exc),
-                                 inputs={k: _summarise(v) for k, v in kwargs.items()}) from exc
+                                 inputs={k: _summarise(v) for k, v in kwargs.items()}, cause=exc) from exc
         finally:
             reset_context(token)
         ui = None

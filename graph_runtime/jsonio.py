@@ -14,14 +14,15 @@ MAX_DEPTH = 64
 
 
 def _reject_constant(name: str):
-    raise WorkflowError(f"{name} is not a finite number; JSON workflows may hold only finite numbers")
+    raise WorkflowError(f"{name} is not a finite number; JSON workflows may hold only finite numbers",
+                        value=name, kind="not_finite")
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise WorkflowError(f"number {text} is not finite (it overflows a 64-bit float); "
-                            "workflows may hold only finite numbers")
+                            "workflows may hold only finite numbers", value=text, kind="overflow")
     return value
 
 
@@ -62,7 +63,7 @@ def loads_strict(text: str | bytes, source: str = "workflow", max_bytes: int = M
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                            object_pairs_hook=_unique_pairs)
     except WorkflowError as exc:
-        raise WorkflowError(f"{source}: {exc}") from None
+        raise exc.at(file=source) from None
     except json.JSONDecodeError as exc:
         raise WorkflowError(f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:

@@ -23,10 +23,29 @@ TEMP_SUBFOLDER = "temp"
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 
-def check_relative_name(name: str, what: str = "file") -> PurePosixPath:
+@dataclass(frozen=True)
+class FolderAdvice:
+    """The ``Fix:`` of path errors: how a user puts a file where this runtime looks. The command line
+    names its flags; inside ComfyUI (see ``comfy_integration``) the advice names ComfyUI's folders.
+
+    ``outside``: for a name that leaves its folder; ``missing``: per folder kind, for a name not found.
+    """
+
+    outside: str
+    missing: dict[str, str]
+
+
+_ADD_WITH_FLAGS = "put it there or add its folder (--lora-dir / --models-dir)"
+CLI_ADVICE = FolderAdvice(
+    outside="give a path relative to the folder, or add the folder with --lora-dir / --models-dir",
+    missing={"loras": _ADD_WITH_FLAGS, "models": _ADD_WITH_FLAGS, "output": _ADD_WITH_FLAGS},
+)
+
+
+def check_relative_name(name: str, what: str = "file", advice: FolderAdvice = CLI_ADVICE) -> PurePosixPath:
     """Validate a user-given relative name: no NUL, no backslash, not absolute, no '..' part."""
     if not isinstance(name, str) or not name:
-        raise PathError(f"{what} name {name!r} must be a non-empty string")
+        raise PathError(f"{what} name {name!r} must be a non-empty string", value=name, kind="bad_name")
     problem = None
     if "\x00" in name:
         problem = "contains a NUL byte"
@@ -37,32 +56,36 @@ def check_relative_name(name: str, what: str = "file") -> PurePosixPath:
     elif ".." in PurePosixPath(name).parts:
         problem = "contains a '..' part"
     if problem:
-        raise PathError(f"{what} name {name!r} {problem}: names must stay inside the configured folder. "
-                        "Fix: give a path relative to the folder, or add the folder with --lora-dir / "
-                        "--models-dir")
+        raise PathError(f"{what} name {name!r} {problem}: names must stay inside the configured folder.",
+                        value=name, fix=advice.outside, kind="bad_name")
     return PurePosixPath(name)
 
 
-def resolve_under(root: str | os.PathLike, name: str, *, what: str = "file", must_exist: bool = True) -> Path:
+def resolve_under(root: str | os.PathLike, name: str, *, what: str = "file", must_exist: bool = True,
+                  advice: FolderAdvice = CLI_ADVICE) -> Path:
     """Resolve ``name`` under ``root``, refusing '..', absolute paths and symlinks that lead outside."""
-    rel = check_relative_name(name, what)
+    rel = check_relative_name(name, what, advice)
     root_real = Path(root).resolve()
     candidate = (root_real / Path(*rel.parts)).resolve()
     if not candidate.is_relative_to(root_real):
         raise PathError(f"{what} {name!r} resolves to {candidate}, outside the folder {root_real} "
-                        "(a symlink out of the root?); refusing to read it")
+                        "(a symlink out of the root?); refusing to read it",
+                        value=name, limit=str(root_real), kind="outside_root")
     if must_exist and not candidate.exists():
-        raise PathError(f"{what} {name!r} not found in {root_real}")
+        raise PathError(f"{what} {name!r} not found in {root_real}", value=name, limit=str(root_real),
+                        kind="not_found")
     return candidate
 
 
 @dataclass
 class Folders:
-    """The configured roots. ``kind`` is ``"loras"``, ``"models"`` or ``"output"``."""
+    """The configured roots. ``kind`` is ``"loras"``, ``"models"`` or ``"output"``. ``advice`` is the
+    ``Fix:`` its path errors give (how to add a file or folder where this runtime runs)."""
 
     lora_dirs: list[Path] = field(default_factory=list)
     models_dir: Path = Path("models")
     output_dir: Path = Path("output")
+    advice: FolderAdvice = CLI_ADVICE
 
     @classmethod
     def configure(cls, lora_dirs=None, models_dir=None, output_dir=None, env=None) -> "Folders":
@@ -85,20 +108,21 @@ class Folders:
             return [self.models_dir]
         if kind == "output":
             return [self.output_dir]
-        raise PathError(f"unknown folder kind {kind!r}; expected one of 'loras', 'models', 'output'")
+        raise PathError(f"unknown folder kind {kind!r}; expected one of 'loras', 'models', 'output'",
+                        value=kind, limit=["loras", "models", "output"], kind="unknown_kind")
 
     def find(self, kind: str, name: str) -> Path:
         """The first existing ``name`` under the roots of ``kind``; an error lists the roots searched."""
-        check_relative_name(name, kind.rstrip("s"))
+        check_relative_name(name, kind.rstrip("s"), self.advice)
         for root in self.roots(kind):
             if not root.is_dir():
                 continue
-            path = resolve_under(root, name, what=kind.rstrip("s"), must_exist=False)
+            path = resolve_under(root, name, what=kind.rstrip("s"), must_exist=False, advice=self.advice)
             if path.exists():
                 return path
         searched = ", ".join(str(r) for r in self.roots(kind))
-        raise PathError(f"{kind.rstrip('s')} {name!r} not found in {searched}. "
-                        f"Fix: put it there or add its folder (--lora-dir / --models-dir)")
+        raise PathError(f"{kind.rstrip('s')} {name!r} not found in {searched}.", value=name, limit=searched,
+                        fix=self.advice.missing[kind], kind="not_found")
 
     def list(self, kind: str, suffixes: tuple[str, ...] = (), dirs: bool = False) -> list[str]:
         """Names (relative, '/'-separated) of files (or folders, with ``dirs``) under the roots."""
@@ -122,6 +146,7 @@ class Folders:
 
     def output_path(self, name: str) -> Path:
         """Where an output named ``name`` is written (inside the output folder, created on demand)."""
-        path = resolve_under(self.output_dir.absolute(), name, what="output", must_exist=False)
+        path = resolve_under(self.output_dir.absolute(), name, what="output", must_exist=False,
+                             advice=self.advice)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path

@@ -2,19 +2,23 @@
 
 `LoRAFormatError` is raised while a file is read or written (unknown key forms, ranks that
 disagree, unsupported kinds such as DoRA); `LoRAMatchError` when a LoRA is checked against a base
-model and does not fit. Both are ValueErrors, like safefile's `LoRAFileError`, so one
-`except ValueError` catches every "this file is not usable" case.
+model and does not fit. Both belong to the project's one error family (`LoomError`) and are also
+ValueErrors, like safefile's `LoRAFileError`, so one `except ValueError` catches every "this file is
+not usable" case.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from ..graph_runtime.errors import LoomError
 
-class LoRAError(ValueError):
+
+class LoRAError(LoomError, ValueError):
     """A LoRA that cannot be used as given.
 
-    Attributes: ``path`` (file, or None for in-memory values), ``key`` (the offending key or module),
-    ``value`` (what was found), ``limit`` (what was allowed or expected), ``fix`` (advice or None).
+    Fields as every `LoomError`: ``file`` (also ``path``; None for in-memory values), ``key`` (the
+    offending key or module, named in the message), ``value`` (what was found), ``limit`` (what was
+    allowed or expected), ``fix`` (advice or None).
     """
 
     def __init__(
@@ -26,17 +30,14 @@ class LoRAError(ValueError):
         value: Any = None,
         limit: Any = None,
         fix: str | None = None,
+        **where: Any,
     ):
-        self.path = path
-        self.key = key
-        self.value = value
-        self.limit = limit
-        self.fix = fix
-        where = f"{path}: " if path else ""
-        text = f"{where}{message}"
-        if fix:
-            text += f" Fix: {fix}"
-        super().__init__(text)
+        super().__init__(message, file=path, key=key, value=value, limit=limit, fix=fix, **where)
+
+    @property
+    def path(self) -> str | None:
+        """The file the LoRA came from (the ``file`` field), or None."""
+        return self.file
 
 
 class LoRAFormatError(LoRAError):

@@ -215,9 +215,7 @@ def lora_from_state_dict(
             components.setdefault(comp, {})[module_path] = module
             alpha_sources.add(source)
     except LoRAError as exc:
-        if exc.path is None and path is not None:
-            raise type(exc)(str(exc), path=path, key=exc.key, value=exc.value, limit=exc.limit) from None
-        raise
+        raise exc.at(file=path)
     for source in sorted(alpha_sources):
         notes.append(f"alpha from {source}")
     return LoRA(

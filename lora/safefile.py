@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from ..graph_runtime import HASH_CHUNK_BYTES, file_hasher
+from ..graph_runtime.errors import LoomError
+from ..graph_runtime.errors import show as _show
 from .sniff import PICKLE_KINDS, SNIFF_BYTES, sniff
 
 __all__ = [
@@ -117,12 +119,12 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-class LoRAFileError(ValueError):
+class LoRAFileError(LoomError, ValueError):
     """A LoRA file was refused. The message names the file, the key (if any), the value and the limit.
 
-    Attributes: ``path`` (the file), ``key`` (tensor or metadata key, or None when the problem is the
-    file as a whole), ``value`` (what was found), ``limit`` (the bound it broke, or None), ``fix``
-    (advice, also in the message after ``Fix:``, or None).
+    Fields as every `LoomError`: ``file`` (also ``path``, a Path), ``key`` (tensor or metadata key,
+    or None when the problem is the file as a whole), ``value`` (what was found), ``limit`` (the bound
+    it broke, or None), ``fix`` (advice, also in the message after ``Fix:``, or None).
     """
 
     def __init__(
@@ -137,26 +139,9 @@ class LoRAFileError(ValueError):
         what: str = "tensor",
     ) -> None:
         self.path = Path(path)
-        self.key = key
-        self.value = value
-        self.limit = limit
-        self.fix = fix
         self.problem = problem
         self.what = what
-        where = f"{what} {_show(key)}: " if key is not None else ""
-        text = f"{self.path}: {where}{problem}"
-        if fix:
-            text += f" Fix: {fix.removeprefix('Fix: ')}"
-        super().__init__(text)
-
-    def __reduce__(self):
-        # Keyword-only arguments would be lost by ValueError's default pickling (multiprocessing).
-        kwargs = dict(key=self.key, value=self.value, limit=self.limit, fix=self.fix, what=self.what)
-        return (_rebuild_error, (self.path, self.problem, kwargs))
-
-
-def _rebuild_error(path, problem, kwargs) -> LoRAFileError:
-    return LoRAFileError(path, problem, **kwargs)
+        super().__init__(problem, file=self.path, key=key, key_label=what, value=value, limit=limit, fix=fix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -899,11 +884,6 @@ def _utf8(path: Path, text: str, key: str, what: str) -> bytes:
 def _json_type(value: Any) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
-
-
-def _show(value: Any, length: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= length else text[: length - 3] + "..."
 
 
 def _bytes(n: int) -> str:

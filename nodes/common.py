@@ -64,7 +64,7 @@ def list_config_folders() -> list[str]:
 def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
     """Validation-time check that an output name stays inside the output folder."""
     try:
-        check_relative_name(constants.get(name, ""), "output")
+        check_relative_name(constants.get(name, ""), "output", folders().advice)
     except PathError as exc:
         return {name: str(exc)}
     return {}

@@ -40,15 +40,17 @@ MAX_JOBS_PAGE = 1000
 REPORTED_ARGV = ["loraloom", "serve", "--disable-api-nodes"]
 
 
-def _error(status: int, kind: str, message: str, details: str = "", node_errors: dict | None = None):
-    body = error_body(kind, message, details)
+def _error(status: int, kind: str, message: str, details: str = "", node_errors: dict | None = None,
+           cause: LoomError | None = None):
+    body = error_body(kind, message, details, cause)
     if node_errors is not None:  # the prompt routes' shape
         body["node_errors"] = node_errors
     return web.json_response(body, status=status)
 
 
-def _bad_request(kind: str, message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=json.dumps(error_body(kind, message)), content_type="application/json")
+def _bad_request(kind: str, message: str, cause: LoomError | None = None) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps(error_body(kind, message, cause=cause)),
+                              content_type="application/json")
 
 
 async def _read_json(request: web.Request, *, empty=None):
@@ -59,7 +61,7 @@ async def _read_json(request: web.Request, *, empty=None):
     try:
         return loads_strict(data, source="request body")
     except WorkflowError as exc:
-        raise _bad_request("invalid_json", str(exc)) from None
+        raise _bad_request("invalid_json", str(exc), exc) from None
 
 
 def _file_errors(handler):
@@ -70,9 +72,9 @@ def _file_errors(handler):
         try:
             return await handler(self, request)
         except Conflict as exc:
-            return _error(409, "exists", str(exc))
+            return _error(409, "exists", str(exc), cause=exc)
         except (PathError, WorkflowError) as exc:
-            return _error(400, "bad_path", str(exc))
+            return _error(400, "bad_path", str(exc), cause=exc)
 
     return wrapped
 
@@ -357,7 +359,7 @@ class Api:
         except ValidationError as exc:
             return web.json_response(exc.to_json(), status=400)
         except LoomError as exc:
-            return _error(400, "invalid_prompt", "Invalid prompt", str(exc), node_errors={})
+            return _error(400, "invalid_prompt", "Invalid prompt", str(exc), node_errors={}, cause=exc)
         outputs = valid.outputs
         if body.get("partial_execution_targets"):
             outputs = [str(t) for t in body["partial_execution_targets"]]
@@ -374,7 +376,7 @@ class Api:
             number = self.state.store.add(prompt_id, workflow.prompt, extra_data, outputs,
                                           front=bool(body.get("front")))
         except DuplicateId as exc:
-            return _error(400, "duplicate_prompt_id", "Invalid prompt", str(exc), node_errors={})
+            return _error(400, "duplicate_prompt_id", "Invalid prompt", str(exc), node_errors={}, cause=exc)
         self.state.worker.notify()
         self.state.hub.publish_status()
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})

@@ -57,9 +57,9 @@ def check_listen(address: str, token: str | None) -> None:
     if not is_loopback(address) and not token:
         raise ServerConfigError(
             f"refusing to listen on {address}: it is reachable from other machines and no token is set, "
-            "so anyone on the network could run workflows and read outputs. Fix: keep the default "
-            "--listen 127.0.0.1, or set a token with --token T (or LORALOOM_SERVE_TOKEN) and open "
-            "http://HOST:PORT/?token=T")
+            "so anyone on the network could run workflows and read outputs.", value=address, kind="no_token",
+            fix="keep the default --listen 127.0.0.1, or set a token with --token T (or LORALOOM_SERVE_TOKEN) "
+                "and open http://HOST:PORT/?token=T")
 
 
 @dataclass
@@ -81,9 +81,13 @@ class SecurityPolicy:
             return False
 
 
-def error_body(kind: str, message: str, details: str = "") -> dict:
-    """A JSON error in the shape of ComfyUI's prompt errors (every error this server answers)."""
-    return {"error": {"type": kind, "message": message, "details": details, "extra_info": {}}}
+def error_body(kind: str, message: str, details: str = "", cause: LoomError | None = None) -> dict:
+    """A JSON error in the shape of ComfyUI's prompt errors (every error this server answers).
+
+    When one of our errors is the ``cause``, its fields (file, node, input, key, value, limit, fix,
+    kind, type) go into ``extra_info``, the free-form part of ComfyUI's shape."""
+    extra = cause.fields() if cause is not None else {}
+    return {"error": {"type": kind, "message": message, "details": details, "extra_info": extra}}
 
 
 def reject(status: int, kind: str, message: str) -> web.Response:

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..graph_runtime.errors import LoomError
+
 PENDING, RUNNING = "pending", "running"
 SUCCESS, ERROR, INTERRUPTED = "success", "error", "interrupted"
 FINISHED = (SUCCESS, ERROR, INTERRUPTED)
@@ -59,7 +61,7 @@ class QueueItem:
         return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
 
 
-class DuplicateId(ValueError):
+class DuplicateId(LoomError, ValueError):
     """A prompt id that the store already holds."""
 
 
@@ -110,7 +112,8 @@ class PromptStore:
                            (prompt_id, -number if front else number, PENDING, json.dumps(prompt),
                             json.dumps(extra_data), json.dumps(outputs), time.time()))
             except sqlite3.IntegrityError:
-                raise DuplicateId(f"prompt id {prompt_id!r} is already in the queue or history") from None
+                raise DuplicateId(f"prompt id {prompt_id!r} is already in the queue or history", value=prompt_id,
+                                  kind="duplicate_id") from None
         return -number if front else number
 
     def claim_next(self) -> QueueItem | None:

@@ -31,6 +31,8 @@ DEFAULTS = {"comfy.templates.json": b"[]", "user.css": b""}
 class Conflict(PathError):
     """The destination exists and overwriting was not asked for."""
 
+    kind = "exists"
+
 
 class UserData:
     """Settings and user files under ``<user_dir>/default``."""

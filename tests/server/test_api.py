@@ -200,6 +200,17 @@ async def test_bodies_are_parsed_strictly(serve, text, problem):
         assert resp.status == 400 and problem in data["error"]["message"], data
 
 
+async def test_error_fields_are_in_extra_info(serve):
+    async with serve() as server:
+        text = '{"prompt": {"1": {"class_type": "Const", "inputs": {"value": NaN}}}}'
+        resp = await server.client.post("/api/prompt", data=text, headers={"Content-Type": "application/json"})
+        error = (await resp.json())["error"]
+        assert resp.status == 400 and error["type"] == "invalid_json"
+        assert error["extra_info"] == {"file": "request body", "value": "NaN", "kind": "not_finite",
+                                       "message": "NaN is not a finite number; JSON workflows may hold only "
+                                                  "finite numbers", "type": "loraloom.WorkflowError"}, error
+
+
 async def test_partial_execution_targets_and_client_prompt_id(serve, helpers):
     async with serve() as server:
         prompt = helpers.image_prompt()
@@ -212,6 +223,7 @@ async def test_partial_execution_targets_and_client_prompt_id(serve, helpers):
             "only what a run needs is stored"
         data = await server.submit(prompt, expect=400, prompt_id="my-id-1")
         assert data["error"]["type"] == "duplicate_prompt_id"
+        assert data["error"]["extra_info"]["kind"] == "duplicate_id", "the error's fields travel in extra_info"
         data = await server.submit(prompt, expect=400, partial_execution_targets=["77"])
         assert "77" in data["error"]["details"]
 
