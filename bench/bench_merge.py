@@ -190,7 +190,7 @@ def save_merged(path: Path, merged: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def ours_worker(spec: dict) -> dict:
     """Time `merge_loras` on every module; for DARE also a peft-compatible run for the comparison."""
-    from loraloom.lora.merge import Factors, merge_loras
+    from loraloom.lora.merge import Factors, MergeOptions, merge_loras
 
     workdir = Path(spec["workdir"])
     loras = read_loras(workdir)
@@ -203,7 +203,7 @@ def ours_worker(spec: dict) -> dict:
     times = []
     for _ in range(spec["repeat"]):
         start = time.perf_counter()
-        result = merge_loras(spec["method"], modules, list(WEIGHTS), density=DENSITY, seed=SEED)
+        result = merge_loras(spec["method"], modules, list(WEIGHTS), MergeOptions(density=DENSITY, seed=SEED))
         times.append(time.perf_counter() - start)
     peak = step_peak_mb()
     compared = spec["compare_paths"]
@@ -213,7 +213,7 @@ def ours_worker(spec: dict) -> dict:
         dtype = getattr(torch, spec["guide_adapter_dtype"])
         compat = {p: [Factors(f.down.to(dtype), f.up.to(dtype), f.scale) for f in modules[p]] for p in compared}
         torch.set_rng_state(torch.load(state_file))
-        again = merge_loras(spec["method"], compat, list(WEIGHTS), density=DENSITY, seed=None)
+        again = merge_loras(spec["method"], compat, list(WEIGHTS), MergeOptions(density=DENSITY, seed=None))
         merged = {p: (again.modules[p].down, again.modules[p].up) for p in compared}
     save_merged(workdir / f"ours_{spec['method']}.safetensors", merged)
     components = {c: {"rel_error": r.rel_error, "median": r.median_rel_error, "max": r.max_rel_error,
@@ -379,12 +379,12 @@ def main(argv=None) -> int:
         print(json.dumps(out))
         return 0
 
-    from loraloom.lora.merge import METHODS as ALL_METHODS, SVD_METHODS
+    from loraloom.lora.merge import PEFT_METHODS, SVD_METHODS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    unknown = [m for m in methods if m not in PEFT_METHODS]
     if unknown:
-        ap.error(f"unknown method(s) {unknown}; valid: {', '.join(ALL_METHODS)}")
+        ap.error(f"unknown method(s) {unknown}; valid (peft's, the guide's side needs them): {', '.join(PEFT_METHODS)}")
     config, rank = (QUICK_UNET, 16) if args.quick else (SDXL_UNET, 32)
     repeat = args.repeat or (3 if args.quick else 1)
     threads = args.threads

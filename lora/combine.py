@@ -13,17 +13,17 @@ from typing import Callable, Sequence
 
 from .convert import as_lora
 from .canonical import COMPONENTS, LoRA, LoRAModule, derived_fingerprint
-from .merge import DENSITY_METHODS, SIGN_ELECTION_METHODS, SVD_METHODS, Factors, MergeReport, merge_loras
+from .merge import REGISTRY, Factors, MergeOptions, MergeReport, merge_loras
 
 
-def merge_lora_values(loras: Sequence[LoRA], method: str, weights: Sequence[float], *, density: float = 0.5,
-                      majority_sign_method: str = "total", svd_rank: int | None = None,
-                      svd_clamp: float | None = None, seed: int | None = 0,
+def merge_lora_values(loras: Sequence[LoRA], method: str, weights: Sequence[float],
+                      options: MergeOptions = MergeOptions(density=0.5), *,
                       names: Sequence[str] | None = None,
                       check_interrupt: Callable[[], None] | None = None,
                       progress: Callable[[int, int], None] | None = None) -> tuple[LoRA, MergeReport]:
     """Merge ``loras`` with ``method``; returns the new LoRA and the merge report. LoHa/LoKr modules
-    are converted to exact LoRA factors first. Parameters a method does not use are ignored."""
+    are converted to exact LoRA factors first. Options a method does not read are ignored (and
+    recorded as `MergeOptions.parameters` says)."""
     sources = [as_lora(lora) for lora in loras]
     keys = []
     for lora in sources:
@@ -37,15 +37,8 @@ def merge_lora_values(loras: Sequence[LoRA], method: str, weights: Sequence[floa
             m = lora.components.get(component, {}).get(path)
             factors.append(None if m is None else Factors(m.down, m.up, m.scale))
         modules[f"{component}.{path}"] = factors
-    params = {
-        "density": density if method in DENSITY_METHODS else None,
-        "majority_sign_method": majority_sign_method if method in SIGN_ELECTION_METHODS else "total",
-        "svd_rank": svd_rank if method in SVD_METHODS else None,
-        "svd_clamp": svd_clamp if method in SVD_METHODS else None,
-        "seed": seed,
-    }
-    result = merge_loras(method, modules, list(weights), check_interrupt=check_interrupt, progress=progress,
-                         **params)
+    result = merge_loras(method, modules, list(weights), options, check_interrupt=check_interrupt,
+                         progress=progress)
     components: dict[str, dict[str, LoRAModule]] = {}
     for key, merged in result.modules.items():
         component, path = key.split(".", 1)
@@ -64,7 +57,7 @@ def merge_lora_values(loras: Sequence[LoRA], method: str, weights: Sequence[floa
                                              for c, r in report.components.items()}, sort_keys=True),
     }
     fingerprint = derived_fingerprint(f"merge:{method}", [lora.fingerprint for lora in loras],
-                                      {"weights": list(weights), **params})
+                                      {"weights": list(weights), **options.parameters(REGISTRY[method])})
     merged_lora = LoRA(components, source_format="derived", metadata=metadata, fingerprint=fingerprint,
                        notes=(report.summary(),))
     return merged_lora, report

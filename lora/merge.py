@@ -6,11 +6,13 @@ Works on per-module low-rank factors, independent of file formats: a source LoRA
 many (validating all of them first, with cooperative interrupt and progress callbacks) and returns
 the merged factors plus a `MergeReport`.
 
-Methods (peft's names): ``cat`` and ``svd`` are exact / best rank-k; ``linear``, ``ties``,
-``dare_linear``, ``dare_ties``, ``magnitude_prune`` combine A's and B's separately (equal ranks
-only); ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd`` prune full
-deltas and truncate by SVD. The maths lives in `merge_factors` (cat and factor-wise),
-`merge_svd` (SVD forms) and `merge_ops` (pruning, sign election).
+Methods and their options are declarations in `merge_methods` (`REGISTRY`, `MergeOptions`): peft's
+``cat`` and ``svd`` are exact / best rank-k; ``linear``, ``ties``, ``dare_linear``, ``dare_ties``,
+``magnitude_prune`` combine A's and B's separately (equal ranks only); ``ties_svd``,
+``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd`` prune full deltas and truncate by
+SVD; ``breadcrumbs_svd`` (Model Breadcrumbs, not in peft) likewise. This module drives them by
+family. The maths lives in `merge_factors` (cat and factor-wise), `merge_svd` (SVD forms) and
+`merge_ops` (pruning, sign election, each method's combination).
 
 What matches peft, and where we differ on purpose:
 
@@ -47,7 +49,7 @@ import math
 import numbers
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
@@ -56,37 +58,24 @@ import torch
 from .canonical import COMPONENTS
 from .errors import LoRAError
 from .merge_factors import cat, factorwise
-from .merge_ops import SIGN_METHODS
+from .merge_methods import (  # noqa: F401 - the method tables are part of this module's API
+    ANY_RANK_METHODS,
+    CAT,
+    EQUAL_RANK_METHODS,
+    FACTORWISE,
+    METHODS,
+    OPTIONS,
+    PEFT_METHODS,
+    REGISTRY,
+    STACKED_SVD,
+    SVD_METHODS,
+    MergeMethod,
+    MergeOptions,
+    combinations,
+)
 from .merge_svd import SvdMerge, clamp, full_delta_svd, stacked_svd
 
-METHODS = (
-    "svd",
-    "linear",
-    "cat",
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
-"""Every combination type of peft's ``add_weighted_adapter``, in peft's order."""
-EQUAL_RANK_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-"""Methods that combine A's and B's element by element: every source of a module needs one rank."""
-ANY_RANK_METHODS = tuple(m for m in METHODS if m not in EQUAL_RANK_METHODS)
-"""Methods that accept sources of different ranks."""
-SVD_METHODS = tuple(m for m in METHODS if m.endswith("svd"))
-"""Methods that end in a truncated SVD (use svd_rank and svd_clamp)."""
-DENSITY_METHODS = tuple(m for m in METHODS if m not in ("svd", "linear", "cat"))
-"""Methods that prune (use density)."""
-SIGN_ELECTION_METHODS = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
-"""Methods that elect signs (use majority_sign_method)."""
-
-_FACTORWISE_KIND = {m: m for m in EQUAL_RANK_METHODS}
-_FULL_DELTA_KIND = {"ties_svd": "ties", "dare_linear_svd": "dare_linear", "dare_ties_svd": "dare_ties",
-                    "magnitude_prune_svd": "magnitude_prune"}
+combinations()  # check every combination's signature against its declaration now, not at the first merge
 
 
 class MergeError(LoRAError):
@@ -227,18 +216,10 @@ class MergeResult:
 # --- validation ---------------------------------------------------------------------------------
 
 
-def check_parameters(
-    method: str,
-    n_loras: int,
-    weights: Sequence[float],
-    *,
-    density: float | None,
-    majority_sign_method: str,
-    svd_rank: int | None,
-    svd_clamp: float | None,
-) -> str:
-    """Validate method and parameters; return the method to apply (``linear`` for a single LoRA)."""
-    if method not in METHODS:
+def check_parameters(method: str, n_loras: int, weights: Sequence[float], options: MergeOptions) -> MergeMethod:
+    """Validate method, weights and the options the method reads; return the method to apply
+    (``linear`` for a single LoRA, as peft)."""
+    if method not in REGISTRY:
         raise MergeError(f"unknown merge method {method!r}; valid methods: {', '.join(METHODS)}",
                          method=method, value=method, limit=METHODS)
     if n_loras < 1:
@@ -250,30 +231,17 @@ def check_parameters(
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise MergeError(f"merge {method}: weight {i} is {w!r}, not a finite number", method=method,
                              key=f"weights[{i}]", value=w)
-    if majority_sign_method not in SIGN_METHODS:
-        raise MergeError(f"merge {method}: majority_sign_method {majority_sign_method!r} is not one of "
-                         f"{', '.join(SIGN_METHODS)}", method=method, value=majority_sign_method,
-                         limit=SIGN_METHODS)
-    applied = "linear" if n_loras == 1 else method
-    if applied in DENSITY_METHODS:
-        if density is None or isinstance(density, bool) or not isinstance(density, numbers.Real):
-            raise MergeError(f"merge {method}: needs density (fraction of values kept, in (0, 1]); got "
-                             f"{density!r}", method=method, key="density", value=density, limit="(0, 1]",
-                             fix="pass density=0.5, say")
-        if not 0 < density <= 1:
-            raise MergeError(f"merge {method}: density {density!r} is outside (0, 1]", method=method,
-                             key="density", value=density, limit="(0, 1]",
-                             fix="density is the fraction kept: 1 keeps everything, 0.1 keeps a tenth")
-    if applied in SVD_METHODS:
-        if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral)
-                                     or svd_rank < 1):
-            raise MergeError(f"merge {method}: svd_rank {svd_rank!r} must be a positive integer or None",
-                             method=method, key="svd_rank", value=svd_rank, limit=">= 1")
-        if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, numbers.Real)
-                                      or not 0 < svd_clamp <= 1):
-            raise MergeError(f"merge {method}: svd_clamp {svd_clamp!r} must be a quantile in (0, 1] or None",
-                             method=method, key="svd_clamp", value=svd_clamp, limit="(0, 1]",
-                             fix="0.99 clamps the top 1% of factor entries")
+    if not isinstance(options, MergeOptions):
+        raise MergeError(f"merge {method}: options {options!r} is not a MergeOptions", method=method,
+                         key="options", value=options, fix="pass MergeOptions(density=0.5, ...)")
+    applied = REGISTRY["linear" if n_loras == 1 else method]
+    for name in applied.options:
+        value = getattr(options, name)
+        problem = OPTIONS[name].problem(value)
+        if problem is not None:
+            message, fix = problem
+            raise MergeError(f"merge {method}: {message}", method=method, key=name, value=value,
+                             limit=OPTIONS[name].limit, fix=fix)
     return applied
 
 
@@ -308,9 +276,9 @@ def check_module(path: str, method: str, factors: Sequence[Factors | None]) -> N
                              value=f.shape, limit=first_shape[1], fix="these LoRAs were made for different models")
 
 
-def _unequal_ranks(method: str, factors: Sequence[Factors | None]) -> dict[int, int] | None:
+def _unequal_ranks(method: MergeMethod, factors: Sequence[Factors | None]) -> dict[int, int] | None:
     """The ranks by LoRA index when `method` needs equal ranks and they differ, else None."""
-    if method not in EQUAL_RANK_METHODS:
+    if not method.equal_ranks:
         return None
     ranks = {i: f.rank for i, f in enumerate(factors) if f is not None}
     return ranks if len(set(ranks.values())) > 1 else None
@@ -397,16 +365,13 @@ def _component(path: str, component: str | None) -> str:
 def _merge_checked(
     path: str,
     component: str,
-    applied: str,
+    method: MergeMethod,
     factors: Sequence[Factors | None],
     weights: Sequence[float],
-    *,
-    density: float | None,
-    majority_sign_method: str,
-    svd_rank: int | None,
-    svd_clamp: float | None,
+    options: MergeOptions,
     generator: torch.Generator | None,
 ) -> MergedModule:
+    applied = method.name
     present = [(f, w) for f, w in zip(factors, weights) if f is not None]
     if not present:
         raise MergeError(f"merge {applied}: module {path!r} is in none of the LoRAs", method=applied, key=path)
@@ -416,32 +381,31 @@ def _merge_checked(
     coeffs = [(float(w), float(f.scale)) for f, w in present]
     # peft draws DARE masks in the adapter's own dtype; only the global-RNG (peft-compatible) mode copies that.
     mask_dtypes = [f.down.dtype for f, _ in present] if generator is None else None
-    options = dict(density=density, majority_sign_method=majority_sign_method, generator=generator)
+    context = dict(generator=generator, mask_dtypes=mask_dtypes)
     energy = decomposed = solver = None
-    if applied == "cat":
+    if method.family is CAT:
         down, up = cat(downs, ups, coeffs)
-    elif applied in _FACTORWISE_KIND:
+    elif method.family is FACTORWISE:
         # peft keeps conv factors 4-D here; flattened ones give the same numbers (element-wise maths,
         # pruning over all entries in the same order, draws in the same order).
-        down, up = factorwise(_FACTORWISE_KIND[applied], downs, ups, coeffs, mask_dtypes=mask_dtypes, **options)
+        down, up = factorwise(method.bind(options, select="topk", **context), downs, ups, coeffs)
     else:
-        rank = int(svd_rank) if svd_rank is not None else max(f.rank for f, _ in present)
-        no_pruning = applied in ("dare_linear_svd", "magnitude_prune_svd") and density >= 1
-        if applied == "svd" or no_pruning:
+        rank = int(options.svd_rank) if options.svd_rank is not None else max(f.rank for f, _ in present)
+        if method.family is STACKED_SVD or method.is_weighted_sum(options):
             merged: SvdMerge = stacked_svd(downs, ups, [w * s for w, s in coeffs], rank)
         else:
-            merged = full_delta_svd(_FULL_DELTA_KIND[applied], downs, ups, coeffs, rank, mask_dtypes=mask_dtypes,
-                                    **options)
-        if svd_clamp is not None:
-            merged = clamp(merged, svd_clamp)
+            # Full deltas are sums of products: magnitudes practically never tie, so selection keeps topk's entries.
+            merged = full_delta_svd(method.bind(options, select="kth", **context), downs, ups, coeffs, rank)
+        if options.svd_clamp is not None:
+            merged = clamp(merged, options.svd_clamp)
         down, up, solver = merged.down, merged.up, merged.solver
         decomposed = merged.total_energy
         energy = merged.kept_energy / decomposed if decomposed > 0 else 1.0
-    if solver == "stacked-qr" and svd_clamp is None:
+    if solver == "stacked-qr" and options.svd_clamp is None:
         # Truncating the SVD of T itself: what is cut is exactly the discarded singular values.
         norm = math.sqrt(decomposed)
         error = math.sqrt(max(decomposed - merged.kept_energy, 0.0))
-    elif applied == "cat":
+    elif method.family is CAT:
         norm, error = _cat_distance(ups, downs, coeffs, down)
     else:
         norm, error = lowrank_distance(ups, downs, [w * s for w, s in coeffs], up, down)
@@ -458,11 +422,8 @@ def merge_module(
     method: str,
     factors: Sequence[Factors | None],
     weights: Sequence[float],
+    options: MergeOptions = MergeOptions(),
     *,
-    density: float | None = None,
-    majority_sign_method: str = "total",
-    svd_rank: int | None = None,
-    svd_clamp: float | None = None,
     generator: torch.Generator | None = None,
     path: str = "<module>",
     component: str | None = None,
@@ -470,21 +431,17 @@ def merge_module(
     """Merge one module's factors from several LoRAs with `method` (one of `METHODS`).
 
     `factors` has one entry per LoRA (None where that LoRA lacks the module), `weights` one weight
-    per LoRA. `density` (fraction kept, (0, 1]) is required by the pruning methods;
-    `majority_sign_method` ("total" or "frequency") is used by the TIES forms; `svd_rank` (default:
-    largest rank among `factors`) and `svd_clamp` (a quantile, or None) by the SVD forms.
-    `generator` drives DARE's random pruning (None: torch's global RNG, as peft). `path` and
+    per LoRA. `options` holds what the method reads (see `MergeOptions`; a pruning method needs
+    ``density``); ``svd_rank`` defaults to the largest rank among `factors`; ``seed`` is not read
+    here: `generator` drives DARE's random pruning (None: torch's global RNG, as peft). `path` and
     `component` only label errors and the report. Raises `MergeError` for invalid input.
     """
-    applied = check_parameters(method, len(factors), weights, density=density,
-                               majority_sign_method=majority_sign_method, svd_rank=svd_rank, svd_clamp=svd_clamp)
-    check_module(path, applied, factors)
+    applied = check_parameters(method, len(factors), weights, options)
+    check_module(path, applied.name, factors)
     ranks = _unequal_ranks(applied, factors)
     if ranks:
-        raise _rank_error(applied, [(path, ranks)])
-    return _merge_checked(path, _component(path, component), applied, factors, weights, density=density,
-                          majority_sign_method=majority_sign_method, svd_rank=svd_rank, svd_clamp=svd_clamp,
-                          generator=generator)
+        raise _rank_error(applied.name, [(path, ranks)])
+    return _merge_checked(path, _component(path, component), applied, factors, weights, options, generator)
 
 
 # --- many modules -------------------------------------------------------------------------------
@@ -517,12 +474,8 @@ def merge_loras(
     method: str,
     modules: Mapping[str, Sequence[Factors | None]],
     weights: Sequence[float],
+    options: MergeOptions = MergeOptions(),
     *,
-    density: float | None = None,
-    majority_sign_method: str = "total",
-    svd_rank: int | None = None,
-    svd_clamp: float | None = None,
-    seed: int | None = 0,
     component: str | None = None,
     check_interrupt: Callable[[], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -530,20 +483,16 @@ def merge_loras(
     """Merge LoRAs module by module: ``modules[path]`` lists each LoRA's `Factors` (None if absent).
 
     Every module is validated before any is merged (shapes, ranks for the equal-rank methods,
-    parameters), so a refusal costs no merge time. Modules present in no LoRA are skipped (listed in
-    the report). `svd_rank` defaults to the largest rank of any source module, as peft.
-    `seed` seeds DARE per module (see `module_generator`); ``None`` uses torch's global RNG in peft's
-    draw order. `component` labels every module (default: the path's prefix, e.g. ``unet.``, else
-    "model"). `check_interrupt()` is called before each module and may raise to stop;
-    `progress(done, total)` after each. Other parameters as `merge_module`.
+    options), so a refusal costs no merge time. Modules present in no LoRA are skipped (listed in
+    the report). ``options.svd_rank`` defaults to the largest rank of any source module, as peft.
+    ``options.seed`` seeds DARE per module (see `module_generator`); ``None`` uses torch's global
+    RNG in peft's draw order. `component` labels every module (default: the path's prefix, e.g.
+    ``unet.``, else "model"). `check_interrupt()` is called before each module and may raise to
+    stop; `progress(done, total)` after each. Other parameters as `merge_module`.
     """
     start = time.perf_counter()
     n_loras = len(weights)
-    applied = check_parameters(method, n_loras, weights, density=density, majority_sign_method=majority_sign_method,
-                               svd_rank=svd_rank, svd_clamp=svd_clamp)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise MergeError(f"merge {method}: seed {seed!r} must be an integer or None", method=method, key="seed",
-                         value=seed)
+    applied = check_parameters(method, n_loras, weights, options)
     rank_offenders: list[tuple[str, dict[int, int]]] = []
     work, skipped = [], []
     max_rank = 0
@@ -551,7 +500,7 @@ def merge_loras(
         if len(factors) != n_loras:
             raise MergeError(f"merge {method}: module {path!r} lists {len(factors)} LoRA(s), weights {n_loras}",
                              method=method, key=path, value=len(factors), limit=n_loras)
-        check_module(path, applied, factors)
+        check_module(path, applied.name, factors)
         ranks = _unequal_ranks(applied, factors)
         if ranks:
             rank_offenders.append((path, ranks))
@@ -561,29 +510,28 @@ def merge_loras(
         max_rank = max(max_rank, *(f.rank for f in factors if f is not None))
         work.append((path, factors))
     if rank_offenders:
-        raise _rank_error(applied, rank_offenders)
-    rank = int(svd_rank) if svd_rank is not None else max_rank
+        raise _rank_error(applied.name, rank_offenders)
+    rank = int(options.svd_rank) if options.svd_rank is not None else max_rank
+    resolved = replace(options, svd_rank=rank)
     merged: dict[str, MergedModule] = {}
     for i, (path, factors) in enumerate(work):
         if check_interrupt is not None:
             check_interrupt()
         generator = None
-        if seed is not None and applied.startswith("dare"):
-            generator = module_generator(int(seed), path, next(f.down.device for f in factors if f is not None))
-        merged[path] = _merge_checked(path, _component(path, component), applied, factors, weights,
-                                      density=density, majority_sign_method=majority_sign_method, svd_rank=rank,
-                                      svd_clamp=svd_clamp, generator=generator)
+        if options.seed is not None and applied.random:
+            generator = module_generator(int(options.seed), path, next(f.down.device for f in factors if f is not None))
+        merged[path] = _merge_checked(path, _component(path, component), applied, factors, weights, resolved,
+                                      generator)
         if progress is not None:
             progress(i + 1, len(work))
     reports = [m.report for m in merged.values()]
     by_component: dict[str, list[ModuleReport]] = {}
     for r in reports:
         by_component.setdefault(r.component, []).append(r)
-    parameters = {"density": density, "majority_sign_method": majority_sign_method, "svd_rank": rank if
-                  applied in SVD_METHODS else None, "svd_clamp": svd_clamp, "seed": seed}
+    parameters = options.parameters(REGISTRY[method]) | {"svd_rank": rank if applied.svd else None}
     report = MergeReport(
         method=method,
-        method_applied=applied,
+        method_applied=applied.name,
         weights=tuple(float(w) for w in weights),
         parameters=MappingProxyType(parameters),
         modules=tuple(reports),

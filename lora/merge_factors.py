@@ -6,8 +6,8 @@ the module (the driver drops absent ones, as peft skips adapters a layer does no
 - ``cat`` stacks the factors: ``down = [w1*s1*A1; w2*s2*A2; ...]``, ``up = [B1, B2, ...]``, so
   ``up @ down = sum_i w_i s_i B_i A_i`` exactly; rank is the sum of ranks. peft puts the weight and
   scale on A only (``A * weight * scaling``); so do we, in the same order of multiplications.
-- ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` combine A's and B's
-  separately. peft splits ``c_i = weight_i * scaling_i`` as ``sqrt(|c_i|) * sign(c_i)`` on A and
+- the factor-wise family (``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``)
+  combines A's and B's separately. peft splits ``c_i = weight_i * scaling_i`` as ``sqrt(|c_i|) * sign(c_i)`` on A and
   ``sqrt(|c_i|)`` on B, combines all A's (in source order), then all B's. The product therefore
   carries cross terms ``B_i A_j``: these methods approximate the weighted sum only loosely (measured:
   relative error 0.9 for linear on random LoRAs), and they need every source to have the same rank.
@@ -15,11 +15,12 @@ the module (the driver drops absent ones, as peft skips adapters a layer does no
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .merge_ops import combine
+Combine = Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor]
+"""A combination with its options bound: ``combine(tensors, weights) -> tensor`` (see `merge_methods`)."""
 
 
 def cat(downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], coeffs: Sequence[tuple[float, float]]):
@@ -47,24 +48,17 @@ def split_coefficients(coeffs: Sequence[tuple[float, float]]) -> tuple[list[floa
 
 
 def factorwise(
-    kind: str,
+    combine: Combine,
     downs: Sequence[torch.Tensor],
     ups: Sequence[torch.Tensor],
     coeffs: Sequence[tuple[float, float]],
-    *,
-    density: float | None,
-    majority_sign_method: str,
-    generator: torch.Generator | None,
-    mask_dtypes: Sequence[torch.dtype] | None = None,
 ):
-    """Combine A's and B's separately with `kind` (linear, ties, dare_linear, dare_ties, magnitude_prune).
+    """Combine all A's, then all B's, each in source order, with `combine(tensors, weights)` (a
+    method's combination with its options bound). Returns ``(down, up)`` of the common rank.
 
-    Returns ``(down, up)`` of the common rank. Random draws: all A's first, then all B's, each in
-    source order (peft's order), from `generator` (None: torch's global RNG).
+    Random draws therefore go all A's first, then all B's (peft's order).
     """
     on_down, on_up = split_coefficients(coeffs)
-    options = dict(density=density, majority_sign_method=majority_sign_method, generator=generator,
-                   mask_dtypes=mask_dtypes)
-    down = combine(kind, downs, on_down, **options)
-    up = combine(kind, ups, on_up, **options)
+    down = combine(downs, on_down)
+    up = combine(ups, on_up)
     return down, up

@@ -11,6 +11,9 @@ with two differences that matter here:
   ``torch.topk(k)``: the same k entries unless magnitudes tie at the threshold (see
   `magnitude_prune`), 9x faster on a 10240x1280 delta (82 ms vs 743 ms).
 
+It also holds what peft lacks: Model Breadcrumbs' outlier pruning (`outlier_prune`). The
+``combine_*`` functions at the end are the maths of the merge methods declared in `merge_methods`.
+
 A "task tensor" is one source's tensor (a LoRA factor, or a full delta); the lists given here hold
 one per source, all of one shape, float32.
 """
@@ -21,8 +24,10 @@ from typing import Sequence
 
 import torch
 
-SIGN_METHODS = ("total", "frequency")
-"""Valid ``majority_sign_method`` values (as peft)."""
+from .merge_methods import SIGN_METHODS
+
+SELECT_RULES = ("topk", "kth")
+"""Valid `magnitude_prune` ``select`` values."""
 
 
 def weight_vector(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -55,7 +60,7 @@ def magnitude_prune(tensor: torch.Tensor, density: float, *, select: str = "topk
         return tensor
     n = tensor.numel()
     k = int(density * n)
-    if select not in ("topk", "kth"):
+    if select not in SELECT_RULES:
         raise ValueError(f"magnitude_prune select {select!r} is not 'topk' or 'kth'")
     if select == "topk":
         mask = torch.zeros_like(tensor).reshape(-1)
@@ -63,14 +68,39 @@ def magnitude_prune(tensor: torch.Tensor, density: float, *, select: str = "topk
         return tensor * mask.reshape(tensor.shape)
     if k <= 0:
         return tensor * torch.zeros_like(tensor)
-    mag = tensor.abs().reshape(-1)
-    threshold = kth_largest(mag, k)
-    keep = mag >= threshold
-    if int(torch.count_nonzero(keep)) > k:  # several entries share the threshold magnitude: keep the first
-        keep = mag > threshold
-        ties = torch.nonzero(mag == threshold).flatten()[: k - int(torch.count_nonzero(keep))]
-        keep[ties] = True
     # Multiplying by the boolean mask is peft's arithmetic, and faster than where() on a random mask.
+    return tensor * top_mask(tensor.abs().reshape(-1), k).reshape(tensor.shape)
+
+
+def top_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the `k` largest entries of the 1-D `magnitudes`; ties at the threshold are
+    kept in row-major order, so exactly ``k`` are True (none for ``k <= 0``), and the mask for a
+    smaller k is always inside the mask for a larger one."""
+    if k <= 0:
+        return torch.zeros_like(magnitudes, dtype=torch.bool)
+    threshold = kth_largest(magnitudes, k)
+    keep = magnitudes >= threshold
+    if int(torch.count_nonzero(keep)) > k:  # several entries share the threshold magnitude: keep the first
+        keep = magnitudes > threshold
+        ties = torch.nonzero(magnitudes == threshold).flatten()[: k - int(torch.count_nonzero(keep))]
+        keep[ties] = True
+    return keep
+
+
+def outlier_prune(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs' mask: drop the ``int(gamma * numel)`` largest magnitudes (outliers) and the
+    smallest, keeping ``k = int(density * numel)`` entries. When ``gamma + density > 1`` fewer
+    outliers are dropped so that k entries stay (mergekit's rule); density 1 keeps everything.
+
+    Ties are broken in row-major order (`top_mask`). Kept entries are not rescaled.
+    """
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    k = int(density * n)
+    dropped = min(int(gamma * n), n - k)
+    mag = tensor.abs().reshape(-1)
+    keep = top_mask(mag, dropped + k).logical_and_(top_mask(mag, dropped).logical_not_())
     return tensor * keep.reshape(tensor.shape)
 
 
@@ -157,35 +187,56 @@ def disjoint_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], po
     return mixed / torch.clamp(count, min=1.0)
 
 
-def combine(
-    kind: str,
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    *,
-    density: float | None,
-    majority_sign_method: str,
-    generator: torch.Generator | None,
-    mask_dtypes: Sequence[torch.dtype] | None = None,
-    select: str = "topk",
-) -> torch.Tensor:
-    """One task-tensor combination, as peft's merge_utils names them.
+# --- combinations: one per merge method's maths ------------------------------------------------
+#
+# A combination merges one task tensor per source into one. Its signature is its declaration (see
+# `merge_methods`): ``(tensors, weights)`` then keyword-only names, each a `MergeOptions` field
+# (annotated with the option's type) or a value the driver provides (``generator``, ``mask_dtypes``,
+# ``select``). Pruning happens per source before weighting; TIES elects signs on the pruned,
+# unweighted tensors (peft's order). Random draws go one tensor at a time, in order, each with its
+# Bernoulli probabilities in ``mask_dtypes[i]`` (None: the tensor's dtype).
 
-    `kind` is one of ``linear`` (task arithmetic), ``ties``, ``dare_linear``, ``dare_ties``,
-    ``magnitude_prune``. Pruning happens per source before weighting; TIES elects signs on the
-    pruned, unweighted tensors (peft's order). Random draws go one tensor at a time, in order, each
-    with its Bernoulli probabilities in ``mask_dtypes[i]`` (default: the tensor's dtype). `select`
-    picks the magnitude-pruning rule (see `magnitude_prune`).
-    """
-    if kind == "linear":
-        return weighted_sum(tensors, weights)
-    assert density is not None, "density is validated by the caller"
-    if kind in ("ties", "magnitude_prune"):
-        pruned = [magnitude_prune(t, density, select=select) for t in tensors]
-    elif kind in ("dare_linear", "dare_ties"):
-        dtypes = mask_dtypes or [None] * len(tensors)
-        pruned = [random_prune(t, density, generator, mask_dtype=d) for t, d in zip(tensors, dtypes)]
-    else:
-        raise ValueError(f"unknown task-tensor combination {kind!r}")
-    if kind in ("magnitude_prune", "dare_linear"):
-        return weighted_sum(pruned, weights)
+
+def combine_linear(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Task arithmetic: the weighted sum."""
+    return weighted_sum(tensors, weights)
+
+
+def combine_ties(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+                 majority_sign_method: str, select: str) -> torch.Tensor:
+    """TIES: magnitude-prune each source, elect signs, mean of the agreeing weighted entries."""
+    pruned = [magnitude_prune(t, density, select=select) for t in tensors]
     return disjoint_merge(pruned, weights, elect_positive(pruned, majority_sign_method))
+
+
+def combine_magnitude_prune(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+                            select: str) -> torch.Tensor:
+    """Magnitude-prune each source, then the weighted sum."""
+    return weighted_sum([magnitude_prune(t, density, select=select) for t in tensors], weights)
+
+
+def _dare(tensors, density, generator, mask_dtypes) -> list[torch.Tensor]:
+    dtypes = mask_dtypes or [None] * len(tensors)
+    return [random_prune(t, density, generator, mask_dtype=d) for t, d in zip(tensors, dtypes)]
+
+
+def combine_dare_linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+                        generator: torch.Generator | None,
+                        mask_dtypes: Sequence[torch.dtype] | None) -> torch.Tensor:
+    """DARE: random pruning with rescale of each source, then the weighted sum."""
+    return weighted_sum(_dare(tensors, density, generator, mask_dtypes), weights)
+
+
+def combine_dare_ties(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+                      majority_sign_method: str, generator: torch.Generator | None,
+                      mask_dtypes: Sequence[torch.dtype] | None) -> torch.Tensor:
+    """DARE pruning, then TIES sign election and disjoint merge."""
+    pruned = _dare(tensors, density, generator, mask_dtypes)
+    return disjoint_merge(pruned, weights, elect_positive(pruned, majority_sign_method))
+
+
+def combine_breadcrumbs(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+                        gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023; mergekit's ``breadcrumbs``): `outlier_prune` each
+    source, then the weighted sum (no rescale, no sign election)."""
+    return weighted_sum([outlier_prune(t, density, gamma) for t in tensors], weights)

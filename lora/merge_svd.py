@@ -8,18 +8,19 @@ clamp both at a quantile. Here:
 
 - ``svd`` never forms a delta. ``sum_i c_i B_i A_i = [c_1 B_1, c_2 B_2, ...] @ [A_1; A_2; ...]``:
   QR of both stacked factors, SVD of the small core ``R_B @ R_A^T`` (side = sum of ranks), then
-  truncation give the same singular triplets as the dense SVD (measured at SDXL shapes: 1.5 s vs
-  peft's 535 s, results within 1.5e-5).
-- The pruning forms (``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``)
-  prune full deltas element-wise, so the full delta is unavoidable. Its top-k SVD comes from
-  `top_svd`: block subspace iteration (block = sum of source ranks + oversampling, so the whole
-  low-rank "signal band" is inside the block even when k truncates within it), stopped when the
-  rank-k result stops moving, with an exact thin SVD as fallback for matrices too small to gain
-  or spectra too flat to converge (DARE at density 0.1 falls back). Measured on pruned deltas of
-  two rank-32 LoRAs, 640 to 10240 wide, k = 16/32/64: within 1.5e-5 of the dense SVD's rank-k
-  product; on a 10240x1280 TIES delta 0.13-0.24 s, where a thin SVD took 3-13 s on this machine.
-  The SVD is no longer the cost there: pruning and sign election on full deltas are (~80%).
-  With density 1 the DARE and magnitude forms prune nothing and take the ``svd`` path.
+  truncation give the same singular triplets as the dense SVD (measured: 1.5 s vs peft's 535 s at
+  SDXL shapes, within 1.5e-5).
+- The pruning forms (``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``,
+  and ``breadcrumbs_svd``, not in peft) prune full deltas element-wise, so the full delta is
+  unavoidable. Its top-k SVD comes from `top_svd`: block subspace iteration (block = sum of source
+  ranks + oversampling, so the whole low-rank "signal band" is inside the block even when k
+  truncates within it), stopped when the rank-k result stops moving, with an exact thin SVD as
+  fallback for matrices too small to gain or spectra too flat to converge (DARE at density 0.1
+  falls back). Measured on pruned deltas of two rank-32 LoRAs, 640 to 10240 wide, k = 16/32/64:
+  within 1.5e-5 of the dense SVD's rank-k product; on a 10240x1280 TIES delta 0.13-0.24 s, where
+  a thin SVD took 3-13 s on this machine. The SVD is no longer the cost there: pruning and sign
+  election on full deltas are (~80%).
+  With density 1 the forms without sign election prune nothing and take the ``svd`` path.
 
 Singular vectors have arbitrary signs; peft's clamp takes a quantile of the signed entries, so with
 ``svd_clamp`` the clamp threshold depends on those signs: the clamp rule is peft's, but results
@@ -34,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from .merge_ops import combine
+from .merge_factors import Combine
 
 OVERSAMPLE = 16
 """Extra block columns in `top_svd` beyond max(k, sum of source ranks)."""
@@ -153,29 +154,22 @@ def _judge(change: float, last_change: float | None, step: int) -> str:
 
 
 def full_delta_svd(
-    kind: str,
+    combine: Combine,
     downs: Sequence[torch.Tensor],
     ups: Sequence[torch.Tensor],
     coeffs: Sequence[tuple[float, float]],
     rank: int,
-    *,
-    density: float | None,
-    majority_sign_method: str,
-    generator: torch.Generator | None,
-    mask_dtypes: Sequence[torch.dtype] | None = None,
 ) -> SvdMerge:
-    """peft's pruning SVD forms: prune/combine the full deltas with `kind`, then a top-`rank` SVD.
+    """The pruning SVD forms: `combine(deltas, weights)` the full deltas, then a top-`rank` SVD.
 
-    `kind` is the task-tensor combination (``ties``, ``dare_linear``, ``dare_ties``,
-    ``magnitude_prune``); `coeffs` holds ``(weight, scale)`` per source. As in peft the scale goes
-    into each delta and the weight into the combination (TIES elects signs on the scaled deltas).
-    Random draws: one full delta per source, in source order.
+    `combine` is a method's combination with its options bound (see `merge_methods`); `coeffs`
+    holds ``(weight, scale)`` per source. As in peft the scale goes into each delta and the weight
+    into the combination (TIES elects signs on the scaled deltas). Random draws: one full delta per
+    source, in source order.
     """
     # The scale goes on the small factor (peft scales the product): same delta, one full-size pass less.
     deltas = [(u * s) @ a for u, a, (_, s) in zip(ups, downs, coeffs)]
-    # Full deltas are sums of products: magnitudes practically never tie, so selection keeps topk's entries.
-    D = combine(kind, deltas, [w for w, _ in coeffs], density=density, majority_sign_method=majority_sign_method,
-                generator=generator, mask_dtypes=mask_dtypes, select="kth")
+    D = combine(deltas, [w for w, _ in coeffs])
     del deltas
     k = min(rank, *D.shape)
     block = max(k, sum(a.shape[0] for a in downs)) + OVERSAMPLE

@@ -9,7 +9,7 @@ adapter and another missing from a second):
   a pruned entry may be +0.0 where peft has -0.0). cat: peft's zero padding trimmed, see `lora.merge`.
 - dare_linear, dare_ties: equal the same way given peft's RNG state. The test records torch's global
   RNG state at peft's first ``random_pruning`` call (after peft's own init draws), restores it and
-  runs ``merge_loras(seed=None)``, which draws in peft's order. Any difference in draw order, mask
+  runs ``merge_loras`` with ``seed=None``, which draws in peft's order. Any difference in draw order, mask
   dtype or maths breaks equality (swapping the A and B draws fails three tests).
 - svd: merged delta within 1e-4 relative per module (stacked QR vs peft's dense SVD; measured 1.4e-6).
 - the pruning SVD forms (DARE ones with peft's RNG state as above): merged delta within 1e-3
@@ -22,6 +22,7 @@ adapter and another missing from a second):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -37,9 +38,11 @@ from loraloom.lora.merge import (
     ANY_RANK_METHODS,
     EQUAL_RANK_METHODS,
     METHODS,
+    PEFT_METHODS,
     SVD_METHODS,
     Factors,
     MergeError,
+    MergeOptions,
     merge_loras,
     merge_module,
     module_generator,
@@ -147,7 +150,8 @@ def ours(ranks, method, rng_state, weights=WEIGHTS, adapters=tuple(ALPHAS), **kw
     picked = {p: fs for p, fs in picked.items() if any(f is not None for f in fs)}
     if rng_state is not None:
         torch.set_rng_state(rng_state)
-    return merge_loras(method, picked, list(weights), seed=None if rng_state is not None else 0, **kwargs)
+    options = MergeOptions(seed=None if rng_state is not None else 0, **kwargs)
+    return merge_loras(method, picked, list(weights), options)
 
 
 def product(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -186,7 +190,7 @@ def _kwargs(method, **extra):
 # ------------------------------------------------------------------------------ against peft
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PEFT_METHODS)
 def test_equal_ranks_match_peft(method, monkeypatch):
     kwargs = _kwargs(method)
     theirs, state = peft_merge(monkeypatch, (8, 8, 8), method, f"eq_{method}", **kwargs)
@@ -199,7 +203,7 @@ def test_equal_ranks_match_peft(method, monkeypatch):
         assert solvers["conv3"] == solvers["ff"] == "subspace-iteration", f"iterative SVD path not covered: {solvers}"
 
 
-@pytest.mark.parametrize("method", ANY_RANK_METHODS)
+@pytest.mark.parametrize("method", [m for m in ANY_RANK_METHODS if m in PEFT_METHODS])
 def test_unequal_ranks_match_peft(method, monkeypatch):
     ranks = (8, 4, 12)
     kwargs = _kwargs(method)
@@ -309,7 +313,7 @@ def test_linear_of_two_rank1_loras(w2, delta):
 def test_ties_hand_computed():
     t1, t2 = torch.tensor([3.0, -1.0, 2.0, 0.0]), torch.tensor([-1.0, -2.0, 4.0, 5.0])
     # prune to the top 2 magnitudes: [3, 0, 2, 0] and [0, 0, 4, 5]; elected signs all + (sum 3, 0, 6, 5)
-    out = merge_ops.combine("ties", [t1, t2], [1.0, 1.0], density=0.5, majority_sign_method="total", generator=None)
+    out = merge_ops.combine_ties([t1, t2], [1.0, 1.0], density=0.5, majority_sign_method="total", select="topk")
     assert out.tolist() == [3.0, 0.0, 3.0, 5.0], f"TIES mean of agreeing entries, got {out.tolist()}"
 
 
@@ -317,7 +321,7 @@ def test_ties_hand_computed():
 def test_sign_election_rules(rule, expected):
     # total: -5 + 1 + 1 < 0 elects -, keeping -5; frequency: two + against one - elects +, mean of 1, 1.
     tensors = [torch.tensor([-5.0]), torch.tensor([1.0]), torch.tensor([1.0])]
-    out = merge_ops.combine("ties", tensors, [1.0] * 3, density=1.0, majority_sign_method=rule, generator=None)
+    out = merge_ops.combine_ties(tensors, [1.0] * 3, density=1.0, majority_sign_method=rule, select="topk")
     assert out.item() == expected, f"{rule}: expected {expected}, got {out.item()}"
 
 
@@ -356,13 +360,67 @@ def test_dare_rescales_kept_entries():
 
 def test_svd_report_full_rank_and_truncated():
     a, b = f1([[1.0, 0.0]], [[1.0], [0.0]]), f1([[0.0, 1.0]], [[0.0], [1.0]])
-    full = merge_module("svd", [a, b], [4.0, 1.0], svd_rank=2)
+    full = merge_module("svd", [a, b], [4.0, 1.0], MergeOptions(svd_rank=2))
     assert full.report.rel_error < 1e-6 and full.report.energy_kept == pytest.approx(1.0), f"{full.report}"
     assert torch.allclose(full.up @ full.down, torch.tensor([[4.0, 0.0], [0.0, 1.0]]), atol=1e-6)
-    one = merge_module("svd", [a, b], [4.0, 1.0], svd_rank=1)
+    one = merge_module("svd", [a, b], [4.0, 1.0], MergeOptions(svd_rank=1))
     assert one.report.energy_kept == pytest.approx(16 / 17), "keeps sigma 4 of (4, 1): 16/17 of the energy"
     assert one.report.rel_error == pytest.approx(1 / math.sqrt(17), rel=1e-6), f"{one.report}"
     assert torch.allclose(one.up @ one.down, torch.tensor([[4.0, 0.0], [0.0, 0.0]]), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ Model Breadcrumbs (not in peft)
+
+
+@pytest.mark.parametrize("density, gamma, expected", [
+    # n = 10, k = int(density * n) kept after dropping int(gamma * n) outliers (magnitudes 8, 6, 5, 4, 3, 2, ...)
+    (0.5, 0.1, [5.0, -4.0, 3.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0, -6.0]),  # drop 8; keep 6, 5, 4, 3, 2
+    (0.5, 0.25, [5.0, -4.0, 3.0, -2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]),  # int(2.5) = 2: drop 8 and -6
+    (0.9, 0.25, [5.0, -4.0, 3.0, -2.0, 1.0, 0.5, -0.25, 0.1, 0.0, -6.0]),  # keep 9: only 8 can go
+    (0.5, 0.0, [5.0, -4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 8.0, -6.0]),  # gamma 0 is magnitude pruning
+])
+def test_outlier_prune_hand_computed(density, gamma, expected):
+    t = torch.tensor([5.0, -4.0, 3.0, -2.0, 1.0, 0.5, -0.25, 0.1, 8.0, -6.0])
+    out = merge_ops.outlier_prune(t, density, gamma)
+    assert torch.equal(out, torch.tensor(expected)), out.tolist()
+
+
+def test_outlier_prune_breaks_ties_in_row_major_order():
+    # k = 2 kept after 1 outlier; three entries tie at magnitude 2: the first is the outlier, the next two stay.
+    out = merge_ops.outlier_prune(torch.tensor([[2.0, -2.0], [1.0, 2.0]]), 0.5, 0.25)
+    assert out.tolist() == [[0.0, -2.0], [0.0, 2.0]], out.tolist()
+
+
+def test_breadcrumbs_svd_hand_computed():
+    # deltas: 1 * [1, 3]^T [1, 2] = [[1, 2], [3, 6]] and 0.5 * [1, 3]^T [4, -1] = [[2, -0.5], [6, -1.5]].
+    # n = 4, density 0.5 keeps 2 after gamma 0.25 drops 1: [[0, 2], [3, 0]] and [[2, 0], [0, -1.5]].
+    # Weights 1, -2: [[0, 2], [3, 0]] - 2 * [[2, 0], [0, -1.5]] = [[-4, 2], [3, 3]].
+    a, b = f1([[1.0, 2.0]], [[1.0], [3.0]]), f1([[4.0, -1.0]], [[1.0], [3.0]], 0.5)
+    options = MergeOptions(density=0.5, gamma=0.25, svd_rank=2)
+    m = merge_module("breadcrumbs_svd", [a, b], [1.0, -2.0], options)
+    assert m.down.dtype == torch.float32 and m.rank == 2, f"{m.down.dtype}, rank {m.rank}"
+    assert torch.allclose(m.up @ m.down, torch.tensor([[-4.0, 2.0], [3.0, 3.0]]), atol=1e-5), (m.up @ m.down).tolist()
+    # exact sum T = [[-3, 3], [-9, 9]] (||T||^2 = 180); merged - T = [[-1, -1], [12, -6]] (182)
+    r = m.report
+    assert r.target_norm == pytest.approx(math.sqrt(180), rel=1e-5), f"{r}"
+    assert r.error == pytest.approx(math.sqrt(182), rel=1e-5), f"{r}"
+    assert r.energy_kept == pytest.approx(1.0) and r.decomposed_energy == pytest.approx(38.0), f"{r}"
+    # rank 1 keeps the larger eigenvalue of M^T M = [[25, 1], [1, 13]]: 19 + sqrt(37), of 38.
+    one = merge_module("breadcrumbs_svd", [a, b], [1.0, -2.0], dataclasses.replace(options, svd_rank=1))
+    assert one.report.energy_kept == pytest.approx((19 + math.sqrt(37)) / 38, rel=1e-5), f"{one.report}"
+
+
+def test_breadcrumbs_svd_limits():
+    a, b = rand_factors(4, out=60, inp=50, seed=5), rand_factors(4, out=60, inp=50, seed=6)
+    no_outliers = merge_module("breadcrumbs_svd", [a, b], [1.0, 0.5], MergeOptions(density=0.3, gamma=0.0))
+    pruned = merge_module("magnitude_prune_svd", [a, b], [1.0, 0.5], MergeOptions(density=0.3))
+    assert torch.equal(no_outliers.down, pruned.down) and torch.equal(no_outliers.up, pruned.up), (
+        "gamma 0 drops no outliers: magnitude pruning of the full deltas")
+    full = merge_module("breadcrumbs_svd", [a, b], [1.0, 0.5], MergeOptions(density=1.0, gamma=0.5))
+    exact = merge_module("svd", [a, b], [1.0, 0.5])
+    assert full.report.solver == "stacked-qr" and torch.equal(full.up, exact.up), "density 1 keeps everything"
+    other = merge_module("breadcrumbs_svd", [a, b], [1.0, 0.5], MergeOptions(density=0.3, gamma=0.05))
+    assert not torch.equal(other.up, no_outliers.up), "gamma changes the result"
 
 
 # ------------------------------------------------------------------------------ policy, driver, report
@@ -381,7 +439,7 @@ def test_rank_refusal_names_ranks_and_accepting_methods_before_any_work():
     for method in EQUAL_RANK_METHODS:
         calls = []
         with pytest.raises(MergeError) as err:
-            merge_loras(method, modules, [1.0, 1.0], density=0.5, progress=lambda i, n: calls.append(i))
+            merge_loras(method, modules, [1.0, 1.0], MergeOptions(density=0.5), progress=lambda i, n: calls.append(i))
         text = str(err.value)
         assert "'unet.last'" in text and "LoRA 0: rank 8" in text and "LoRA 1: rank 4" in text, text
         assert all(m in text for m in ANY_RANK_METHODS) and "Fix:" in text, text
@@ -396,7 +454,7 @@ def test_rank_refusal_names_ranks_and_accepting_methods_before_any_work():
 ])
 def test_parameter_errors(kwargs, needle):
     with pytest.raises(MergeError, match=None) as err:
-        merge_module("ties", [rand_factors(4), rand_factors(4, seed=1)], [1.0, 1.0], **kwargs)
+        merge_module("ties", [rand_factors(4), rand_factors(4, seed=1)], [1.0, 1.0], MergeOptions(**kwargs))
     assert needle in str(err.value), str(err.value)
 
 
@@ -406,20 +464,20 @@ def test_shape_and_method_errors_name_the_module():
     with pytest.raises(MergeError, match=r"module 'unet.x'.*shape \(48, 41\).*\(48, 40\)"):
         merge_loras("cat", {"unet.x": [rand_factors(4), rand_factors(4, inp=41)]}, [1.0, 1.0])
     with pytest.raises(MergeError, match="svd_rank 0"):
-        merge_module("svd", [rand_factors(4), rand_factors(4)], [1.0, 1.0], svd_rank=0)
+        merge_module("svd", [rand_factors(4), rand_factors(4)], [1.0, 1.0], MergeOptions(svd_rank=0))
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties_svd"])
 def test_dare_reproducible_whatever_ran_before(method):
     modules = {f"unet.m{i}": [rand_factors(4, seed=i), rand_factors(4, seed=i + 9)] for i in range(3)}
     torch.manual_seed(1)
-    first = merge_loras(method, modules, [1.0, 0.5], density=0.4, seed=7)
+    first = merge_loras(method, modules, [1.0, 0.5], MergeOptions(density=0.4, seed=7))
     torch.manual_seed(2)
     torch.rand(1234)
     state = torch.get_rng_state()
-    second = merge_loras(method, modules, [1.0, 0.5], density=0.4, seed=7)
+    second = merge_loras(method, modules, [1.0, 0.5], MergeOptions(density=0.4, seed=7))
     assert torch.equal(torch.get_rng_state(), state), "a seeded merge must not touch the global RNG"
-    other = merge_loras(method, modules, [1.0, 0.5], density=0.4, seed=8)
+    other = merge_loras(method, modules, [1.0, 0.5], MergeOptions(density=0.4, seed=8))
     for path in modules:
         assert torch.equal(first.modules[path].down, second.modules[path].down), f"{path}: same seed, other result"
         assert not torch.equal(first.modules[path].up, other.modules[path].up), f"{path}: seed has no effect"
@@ -453,7 +511,7 @@ def test_report_components_and_skipped_modules():
     assert report.skipped == ("unet.none",), f"{report.skipped}"
     for c in report.components.values():
         assert c.rel_error < 1e-6 and c.energy_kept is None, f"cat is exact: {c}"
-    svd = merge_loras("svd", modules, [1.0, 2.0], svd_rank=8).report
+    svd = merge_loras("svd", modules, [1.0, 2.0], MergeOptions(svd_rank=8)).report
     assert all(c.rel_error < 1e-5 and c.energy_kept == pytest.approx(1.0) for c in svd.components.values()), (
         f"svd at full stacked rank is exact: {svd.components}")
     assert "unet" in svd.summary() and "energy kept" in svd.summary()
@@ -464,7 +522,8 @@ def test_report_components_and_skipped_modules():
 @pytest.mark.parametrize("method", METHODS)
 def test_report_matches_dense_computation(method):
     a, b = rand_factors(6, out=200, inp=90, seed=3), rand_factors(6, out=200, inp=90, seed=4)
-    m = merge_module(method, [a, b], [1.0, -0.7], density=0.6, svd_rank=5, generator=torch.Generator().manual_seed(0))
+    m = merge_module(method, [a, b], [1.0, -0.7], MergeOptions(density=0.6, svd_rank=5),
+                     generator=torch.Generator().manual_seed(0))
     exact = sum(w * f.scale * product(f.down, f.up) for f, w in ((a, 1.0), (b, -0.7)))
     error = float((product(m.down, m.up) - exact).norm())
     assert m.report.target_norm == pytest.approx(float(exact.norm()), rel=1e-5), f"{method}: {m.report}"
@@ -476,7 +535,7 @@ def test_report_matches_dense_computation(method):
 def test_merged_factors_own_their_memory(method):
     # A slice of a full SVD factor kept as a view would keep the whole factor alive (peft does that).
     a, b = rand_factors(4, out=300, inp=200), rand_factors(4, seed=1, out=300, inp=200)
-    m = merge_module(method, [a, b], [1.0, 0.7], density=0.5)
+    m = merge_module(method, [a, b], [1.0, 0.7], MergeOptions(density=0.5))
     for t in (m.down, m.up):
         assert t.untyped_storage().nbytes() == t.numel() * 4, f"{method}: result is a view of a larger buffer"
 
@@ -485,15 +544,15 @@ def test_bf16_inputs_upcast_and_stay_float32():
     a16, b16 = rand_factors(4, dtype=torch.bfloat16), rand_factors(4, seed=1, dtype=torch.bfloat16)
     up32 = [Factors(f.down.float(), f.up.float(), f.scale) for f in (a16, b16)]
     for method in ("svd", "ties", "cat"):
-        got = merge_module(method, [a16, b16], [1.0, 0.5], density=0.5)
-        want = merge_module(method, up32, [1.0, 0.5], density=0.5)
+        got = merge_module(method, [a16, b16], [1.0, 0.5], MergeOptions(density=0.5))
+        want = merge_module(method, up32, [1.0, 0.5], MergeOptions(density=0.5))
         assert got.down.dtype == torch.float32 and torch.equal(got.down, want.down), f"{method}: bf16 not upcast"
 
 
 def test_conv_merge_keeps_kernel_shape():
     a, b = rand_factors(4, conv=True), rand_factors(6, seed=1, conv=True)
     for method in ("cat", "svd", "ties_svd"):
-        m = merge_module(method, [a, b], [1.0, 1.0], density=0.5)
+        m = merge_module(method, [a, b], [1.0, 1.0], MergeOptions(density=0.5))
         assert m.down.shape[1:] == (40, 3, 3) and m.up.shape[2:] == (1, 1), f"{method}: {m.down.shape}, {m.up.shape}"
 
 

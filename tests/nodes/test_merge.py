@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from loraloom.graph_runtime import ExecutionError
+from loraloom.graph_runtime import ExecutionError, ValidationError
 
 DEMO = ("demo-a.safetensors", "demo-b.safetensors")
 
@@ -67,6 +67,50 @@ def test_merge_node_matches_peft_add_weighted_adapter(runtime, method):
         worst = max(worst, ((ours - expected).norm() / expected.norm().clamp_min(1e-12)).item())
     assert worst < 1e-3, f"{method}: worst relative difference from peft per module {worst:.2e}"
     assert all(m.down.dtype == torch.float32 for _, _, m in merged.modules()), "merged factors stay fp32"
+
+
+def test_merge_node_inputs_come_from_the_declarations():
+    from loraloom.lora.merge_methods import PEFT_METHODS, REGISTRY
+    from loraloom.nodes.merge import PeftMerge
+
+    schema = PeftMerge.SCHEMA
+    # Saved UI workflows store widget values by position: the original ones keep theirs, new options follow.
+    assert [w.name for w in schema.widgets] == ["weight_a", "weight_b", "method", "density", "majority_sign_method",
+                                                "svd_rank", "svd_clamp", "seed", "weight_c", "weight_d", "gamma"]
+    method = schema.input("method")
+    assert method.options == tuple(REGISTRY) and method.options[:11] == PEFT_METHODS, method.options
+    assert "breadcrumbs_svd: Model Breadcrumbs," in method.tooltip and "(not in peft)" in method.tooltip
+    gamma = schema.input("gamma")
+    assert gamma.optional and gamma.default == 0.01 and gamma.tooltip.endswith("Used by breadcrumbs_svd"), gamma
+    assert schema.input("svd_rank").tooltip.startswith("rank of the result; 0: the largest source rank")
+    assert not schema.input("seed").control_after_generate, "a merge seed stays as set"
+
+
+@pytest.mark.parametrize("method, override, fragment", [
+    ("ties", {"3.density": 0.0}, "input 'density': ties: density 0.0 is outside (0, 1]. Fix: density is the "
+                                  "fraction kept"),
+    ("breadcrumbs_svd", {"3.density": 0.0}, "input 'density': breadcrumbs_svd: density 0.0 is outside (0, 1]"),
+])
+def test_merge_node_checks_the_options_its_method_reads(runtime, method, override, fragment):
+    with pytest.raises(ValidationError) as info:
+        runtime.run(merge_workflow(method), overrides=override)
+    assert "node 3 (PeftMerge)" in str(info.value) and fragment in str(info.value), str(info.value)
+
+
+def test_merge_node_breadcrumbs_svd(runtime):
+    wf = merge_workflow("breadcrumbs_svd", density=0.4)
+    wf["3"]["inputs"]["gamma"] = 0.05
+    merged = runtime.run(wf).value("3")
+    assert merged.metadata["loraloom.merge_method"] == "breadcrumbs_svd"
+    params = json.loads(merged.metadata["loraloom.merge_parameters"])
+    assert params["gamma"] == 0.05 and params["density"] == 0.4, params
+    no_outliers = runtime.run(wf, overrides={"3.gamma": 0.0}).value("3")
+    pruned = runtime.run(merge_workflow("magnitude_prune_svd", density=0.4)).value("3")
+    assert "gamma" not in json.loads(pruned.metadata["loraloom.merge_parameters"]), "only its users record gamma"
+    for c, p, m in pruned.modules():
+        assert torch.equal(no_outliers.components[c][p].up, m.up), f"{c}.{p}: gamma 0 is magnitude_prune_svd"
+    assert any(not torch.equal(merged.components[c][p].up, m.up) for c, p, m in pruned.modules()), \
+        "dropping outliers changes the merge"
 
 
 def test_dare_is_reproducible_whatever_ran_before(runtime):
