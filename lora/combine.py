@@ -36,7 +36,7 @@ def merge_lora_values(loras: Sequence[LoRA], method: str, weights: Sequence[floa
         for lora in sources:
             m = lora.components.get(component, {}).get(path)
             factors.append(None if m is None else Factors(m.down, m.up, m.scale))
-        modules[f"{component}.{path}"] = factors
+        modules[f"{component}.{path}"] = _common_kernel_form(factors)
     result = merge_loras(method, modules, list(weights), options, check_interrupt=check_interrupt,
                          progress=progress)
     components: dict[str, dict[str, LoRAModule]] = {}
@@ -61,3 +61,17 @@ def merge_lora_values(loras: Sequence[LoRA], method: str, weights: Sequence[floa
     merged_lora = LoRA(components, source_format="derived", metadata=metadata, fingerprint=fingerprint,
                        notes=(report.summary(),))
     return merged_lora, report
+
+
+def _common_kernel_form(factors: list[Factors | None]) -> list[Factors | None]:
+    """Give 2-D factors a 1x1 kernel when another source of the module is a conv LoRA.
+
+    A 1x1 conv weight [out, in, 1, 1] and a Linear weight [out, in] are the same maths, but LoHa/LoKr
+    converted without a base (`as_lora` above) come out 2-D for a 1x1 conv (SD1.5's proj_in), while
+    kohya/LoCon files store that module 4-D: without this, merging the two is refused as "made for
+    different models". A real kernel mismatch (3x3 against 2-D) still reaches the driver's shape check.
+    """
+    if not any(f is not None and f.down.ndim == 4 for f in factors):
+        return factors
+    return [f if f is None or f.down.ndim == 4 else Factors(f.down[:, :, None, None], f.up[:, :, None, None], f.scale)
+            for f in factors]

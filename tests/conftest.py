@@ -6,10 +6,15 @@ fixtures below hand out files only: treat those folders as read-only.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from loraloom.bases import presets
+from loraloom.fixtures import write_fixtures
+from loraloom.lora.canonical import delta
+from loraloom.lora.match import base_spec
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP workers
 # spinning against other processes made a 64 px sample 10-100x slower (0.2 s -> 2-28 s).
@@ -84,3 +89,74 @@ def tiny_sample():
         ).images
 
     return sample
+
+
+# LoRA fixture files and sampling helpers: the lora/ tests and bases/test_adapters.py use them.
+
+
+@pytest.fixture(scope="session")
+def lora_files(tmp_path_factory):
+    """{"<preset>/<format>": path} of every fixture LoRA; read-only. (tests/nodes has its own
+    `lora_files`, the same files as a (root, relative names) pair for a Runtime's folders.)"""
+    return write_fixtures(tmp_path_factory.mktemp("lora-fixtures"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_diffusers():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="peft")
+        yield
+    diffusers_logging.set_verbosity(level)
+
+
+@pytest.fixture(scope="session")
+def sample():
+    """sample(pipe) -> latents after 2 Euler steps at 64 px, fixed prompt and seed (no CFG)."""
+
+    def run(pipe) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(
+                prompt="a photo of a cat",
+                num_inference_steps=2,
+                guidance_scale=1.0,
+                height=64,
+                width=64,
+                output_type="latent",
+                generator=torch.Generator().manual_seed(0),
+            ).images
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def hand_merge():
+    """hand_merge(pipe, lora) adds W += delta(module) to every targeted weight of `pipe`, in place."""
+
+    def merge(pipe, lora):
+        spec = base_spec(pipe)
+        with torch.no_grad():
+            for component, path, module in lora.modules():
+                layer = getattr(pipe, component).get_submodule(spec.model_name(component, path))
+                layer.weight += delta(module, tuple(layer.weight.shape)).to(layer.weight.dtype)
+        return pipe
+
+    return merge
+
+
+@pytest.fixture(scope="session")
+def base_sample(sample):
+    """base_sample(preset) -> sample() of the untouched preset, computed once per session."""
+    from loraloom.bases.presets import build_pipeline
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(preset: str) -> torch.Tensor:
+        if preset not in cache:
+            cache[preset] = sample(build_pipeline(preset, dtype="fp32", device="cpu"))
+        return cache[preset]
+
+    return get

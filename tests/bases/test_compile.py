@@ -1,5 +1,6 @@
-"""Compile: torch.compile once; weight changes, LoRA swaps and re-fusing do not recompile; the
-base's own UNet stays eager; the inductor cache is torch's own, where README says."""
+"""bases/pool.py's compile option: torch.compile once; weight changes, LoRA swaps and re-fusing do
+not recompile; the base's own UNet stays eager; the inductor cache is torch's own, where README says.
+(The pool's other behaviour is in test_pool.py.)"""
 
 import getpass
 import os

@@ -188,22 +188,6 @@ def test_attention_slots_are_the_ones_block_weight_presets_name(name, tiny_pipel
     assert slots == ATTENTION_SLOTS[name], f"{name}: attention slots {sorted(slots)}"
 
 
-def test_kohya_sgm_block_names_map_to_the_same_modules_as_in_real_sdxl():
-    config = presets.preset_configs("tiny-sdxl")["unet"]
-    # pairs as in real SDXL kohya files (lora_unet_input_blocks_4_1_... = down_blocks.1.attentions.0)
-    pairs = {
-        "down_blocks.1.attentions.0": "input_blocks.4.1",
-        "down_blocks.2.attentions.1": "input_blocks.8.1",
-        "mid_block.attentions.0": "middle_block.1",
-        "up_blocks.0.attentions.0": "output_blocks.0.1",
-        "up_blocks.1.attentions.2": "output_blocks.5.1",
-        "down_blocks.0.resnets.1.conv1": "input_blocks.2.0.in_layers.2",
-        "up_blocks.0.upsamplers.0.conv": "output_blocks.2.2.conv",
-    }
-    for diffusers_name, original in pairs.items():
-        assert original_unet_key(diffusers_name, config) == original, f"{diffusers_name} should be {original}"
-
-
 def test_text_encoders_have_distinct_widths():
     pipe = presets.build_pipeline("tiny-sdxl", dtype="fp32", device="cpu")
     # diffusers' single-file loader tells the two SDXL encoders apart by hidden width

@@ -1,4 +1,5 @@
-"""Property test: malformed workflow JSON gives only our clear errors, never a crash."""
+"""Property test across modules (jsonio, workflow, graph, executor through Runtime): malformed
+workflow JSON gives only our clear errors, never a crash. It maps to no single module on purpose."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""The node schema: declaration checks at import, ComfyUI V1 attributes and object_info."""
+"""schema.py: declaration checks at import, ComfyUI V1 attributes, object_info and the registry's
+ComfyUI mappings."""
 
 import math
 
@@ -91,3 +92,16 @@ def test_registry_refuses_duplicate_ids():
     reg = NodeRegistry([A])
     with pytest.raises(SchemaError, match="already registered"):
         reg.register(B)
+
+
+def test_comfy_export_flag_keeps_node_out_of_mappings(stubs):
+    from loraloom.graph_runtime import NodeRegistry, Output, node
+
+    @node(category="t", outputs=[], output_node=True, id="SaveImage", comfy_export=False)
+    class StandIn:
+        def execute(self):
+            return ()
+
+    reg = NodeRegistry([StandIn, stubs.classes["Const"]])
+    classes, names = reg.comfy_mappings()
+    assert "SaveImage" not in classes and "Const" in classes and "SaveImage" in reg

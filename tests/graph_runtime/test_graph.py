@@ -1,4 +1,5 @@
-"""Every validation error type, asserted by type, node id and input name; all collected in one pass."""
+"""graph.py: building and validating a prompt. Every validation error type, asserted by type, node id
+and input name; all collected in one pass."""
 
 import math
 
@@ -136,16 +137,3 @@ def test_check_inputs_hook_reports_named_input(stubs):
         validate_prompt(wf, reg)
     hit = found(info.value, "1", "invalid_input", "width")
     assert hit["details"] == "node 1 (Size) input 'width': 65 is not a multiple of 8"
-
-
-def test_comfy_export_flag_keeps_node_out_of_mappings(stubs):
-    from loraloom.graph_runtime import NodeRegistry, Output, node
-
-    @node(category="t", outputs=[], output_node=True, id="SaveImage", comfy_export=False)
-    class StandIn:
-        def execute(self):
-            return ()
-
-    reg = NodeRegistry([StandIn, stubs.classes["Const"]])
-    classes, names = reg.comfy_mappings()
-    assert "SaveImage" not in classes and "Const" in classes and "SaveImage" in reg

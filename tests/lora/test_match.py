@@ -1,0 +1,53 @@
+"""lora/match.py: checking a LoRA against a base's modules and shapes, and naming the architecture
+it was made for when it does not fit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraloom.lora.errors import LoRAMatchError
+from loraloom.lora.match import check_lora, match_lora
+from loraloom.lora.readers import lora_from_state_dict, read_lora
+
+
+def test_sdxl_lora_on_sd15_base_names_sdxl(lora_files, specs):
+    lora = read_lora(lora_files["tiny-sdxl/kohya"])
+    with pytest.raises(LoRAMatchError) as info:
+        check_lora(lora, specs["tiny-sd15"])
+    text = str(info.value)
+    assert "looks made for SDXL" in text and "lora_te2_" in text, text
+    assert "Fix: load it on an SDXL base" in text
+    assert info.value.report.unmatched, "the report lists every unmatched module"
+
+
+def test_sd15_lora_on_sdxl_base_names_sd15(lora_files, specs):
+    with pytest.raises(LoRAMatchError, match="looks made for SD1.5"):
+        check_lora(read_lora(lora_files["tiny-sd15/locon"]), specs["tiny-sdxl"])
+
+
+def test_shape_mismatch_is_caught_before_the_model(specs):
+    sd = {
+        "lora_unet_conv_in.lora_down.weight": torch.zeros(4, 5, 3, 3),
+        "lora_unet_conv_in.lora_up.weight": torch.zeros(8, 4, 1, 1),
+    }
+    with pytest.raises(LoRAMatchError, match=r"conv_in.*5 -> 8.*4 -> 8"):
+        check_lora(lora_from_state_dict(sd), specs["tiny-sd15"])
+
+
+def test_cross_architecture_shapes_are_reported(lora_files, specs):
+    lora = read_lora(lora_files["tiny-sdxl/kohya"])
+    report = match_lora(lora, specs["tiny-sd15"])
+    assert report.total == lora.n_modules and report.mismatched and report.unmatched, report.summary()
+    assert report.lora_arch == "sdxl" and report.base_arch == "sd15"
+    with pytest.raises(LoRAMatchError, match="do not fit the base's shapes.*looks made for SDXL"):
+        check_lora(lora, specs["tiny-sd15"])
+
+
+def test_min_fraction_allows_a_partial_match(lora_files, specs):
+    lora = read_lora(lora_files["tiny-sd15/kohya"])
+    extra = {**lora.components["unet"], "some_block.not_in_base": next(iter(lora.components["unet"].values()))}
+    partial = lora.replace(components={**lora.components, "unet": extra})
+    with pytest.raises(LoRAMatchError, match="below the required 100%.*some_block.not_in_base"):
+        check_lora(partial, specs["tiny-sd15"])
+    report = check_lora(partial, specs["tiny-sd15"], min_fraction=0.9)
+    assert report.unmatched[0][1] == "some_block.not_in_base" and report.fraction > 0.9

@@ -1,0 +1,75 @@
+"""lora/merge_ops.py: the element-wise operations of the merge methods (pruning, sign election,
+TIES, DARE, Model Breadcrumbs' outlier pruning, k-th largest selection), hand-computed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraloom.lora import merge_ops
+
+
+def test_ties_hand_computed():
+    t1, t2 = torch.tensor([3.0, -1.0, 2.0, 0.0]), torch.tensor([-1.0, -2.0, 4.0, 5.0])
+    # prune to the top 2 magnitudes: [3, 0, 2, 0] and [0, 0, 4, 5]; elected signs all + (sum 3, 0, 6, 5)
+    out = merge_ops.combine_ties([t1, t2], [1.0, 1.0], density=0.5, majority_sign_method="total", select="topk")
+    assert out.tolist() == [3.0, 0.0, 3.0, 5.0], f"TIES mean of agreeing entries, got {out.tolist()}"
+
+
+@pytest.mark.parametrize("rule, expected", [("total", -5.0), ("frequency", 1.0)])
+def test_sign_election_rules(rule, expected):
+    # total: -5 + 1 + 1 < 0 elects -, keeping -5; frequency: two + against one - elects +, mean of 1, 1.
+    tensors = [torch.tensor([-5.0]), torch.tensor([1.0]), torch.tensor([1.0])]
+    out = merge_ops.combine_ties(tensors, [1.0] * 3, density=1.0, majority_sign_method=rule, select="topk")
+    assert out.item() == expected, f"{rule}: expected {expected}, got {out.item()}"
+
+
+def test_magnitude_prune_keeps_exactly_k_with_ties():
+    t = torch.tensor([1.0, -2.0, 2.0, 2.0, 0.5])
+    out = merge_ops.magnitude_prune(t, 0.4, select="kth")  # k = 2 of three tied magnitudes 2: the first two
+    assert out.tolist() == [0.0, -2.0, 2.0, 0.0, 0.0], f"got {out.tolist()}"
+    assert (merge_ops.magnitude_prune(t, 0.4) != 0).sum() == 2, "topk also keeps exactly k = 2"
+    for select in ("topk", "kth"):
+        assert merge_ops.magnitude_prune(t, 0.1, select=select).abs().sum() == 0, "k = int(0.1 * 5) = 0 keeps nothing"
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "sparse", "unlucky sample"])
+def test_kth_largest_equals_kthvalue(case):
+    # Above 2^20 entries kth_largest selects within a band bracketed by a strided sample.
+    n = 1_500_000
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(n, generator=g).abs()
+    if case == "ties":
+        values = values.mul(4).round()
+    elif case == "sparse":
+        values[torch.rand(n, generator=g) < 0.7] = 0
+    elif case == "unlucky sample":
+        values[:: n // merge_ops._SAMPLE] = 0  # the sample sees only zeros: the plain kthvalue must run
+    for k in (1, 1000, n // 2, n - 5, n):
+        got, want = merge_ops.kth_largest(values, k), torch.kthvalue(values, n - k + 1).values
+        assert got.item() == want.item(), f"{case}, k={k}: {got.item()} != {want.item()}"
+
+
+def test_dare_rescales_kept_entries():
+    t = torch.full((1000,), 3.0)
+    out = merge_ops.random_prune(t, 0.25, torch.Generator().manual_seed(0))
+    assert set(out.unique().tolist()) == {0.0, 12.0}, "kept entries are divided by the density"
+    assert 0.2 < (out > 0).float().mean().item() < 0.3, "about a quarter kept"
+
+
+@pytest.mark.parametrize("density, gamma, expected", [
+    # n = 10, k = int(density * n) kept after dropping int(gamma * n) outliers (magnitudes 8, 6, 5, 4, 3, 2, ...)
+    (0.5, 0.1, [5.0, -4.0, 3.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0, -6.0]),  # drop 8; keep 6, 5, 4, 3, 2
+    (0.5, 0.25, [5.0, -4.0, 3.0, -2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]),  # int(2.5) = 2: drop 8 and -6
+    (0.9, 0.25, [5.0, -4.0, 3.0, -2.0, 1.0, 0.5, -0.25, 0.1, 0.0, -6.0]),  # keep 9: only 8 can go
+    (0.5, 0.0, [5.0, -4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 8.0, -6.0]),  # gamma 0 is magnitude pruning
+])
+def test_outlier_prune_hand_computed(density, gamma, expected):
+    t = torch.tensor([5.0, -4.0, 3.0, -2.0, 1.0, 0.5, -0.25, 0.1, 8.0, -6.0])
+    out = merge_ops.outlier_prune(t, density, gamma)
+    assert torch.equal(out, torch.tensor(expected)), out.tolist()
+
+
+def test_outlier_prune_breaks_ties_in_row_major_order():
+    # k = 2 kept after 1 outlier; three entries tie at magnitude 2: the first is the outlier, the next two stay.
+    out = merge_ops.outlier_prune(torch.tensor([[2.0, -2.0], [1.0, 2.0]]), 0.5, 0.25)
+    assert out.tolist() == [[0.0, -2.0], [0.0, 2.0]], out.tolist()
