@@ -115,7 +115,8 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
         cls = registry.get(class_type)
         problems = errors.setdefault(node_id, [])
         if cls is None:
-            missing = LoomError(f"no node type '{class_type}' is registered.", value=class_type, kind="missing_node_type",
+            missing = LoomError(f"no node type '{class_type}' is registered.", value=class_type,
+                                kind="missing_node_type",
                                 fix="check the spelling, or install the pack that provides it")
             problems.append(_err_from("missing_node_type", f"Node '{class_type}' not found", missing, node_id,
                                       class_type, node_id=node_id))
