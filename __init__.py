@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 _LAZY = {"Runtime": "api", "load_node_modules": "api", "RunResult": "graph_runtime", "node": "graph_runtime"}
 # The error family: each class reports its module as ``loraloom`` (what ComfyUI shows as the type),
 # so each must be importable from here, also for pickling.
-_ERRORS = {"graph_runtime.errors": ("LoomError", "SchemaError", "WorkflowError", "PathError", "ValidationError",
-                                    "ExecutionError", "Interrupted"),
+_ERRORS = {"graph_runtime.errors": ("LoomError", "SchemaError", "WorkflowError", "PathError", "InputError",
+                                    "ValidationError", "ExecutionError", "Interrupted"),
+           "atomic": ("TargetExistsError",),
            "lora.errors": ("LoRAError", "LoRAFormatError", "LoRAMatchError"),
            "lora.safefile": ("LoRAFileError",), "lora.merge": ("MergeError",), "lora.blocks": ("BlockWeightError",),
            "bases.arch": ("BaseModelError",),

@@ -37,8 +37,9 @@ def load_node_modules(names=None) -> list[str]:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            raise graph_runtime.LoomError(f"node module {name!r} could not be imported: {exc}. "
-                                          f"Fix: check the name and that it is on PYTHONPATH") from exc
+            raise graph_runtime.LoomError(f"node module {name!r} could not be imported: {exc}.", key=name, value=name,
+                                          kind="node_module_missing",
+                                          fix="check the name and that it is on PYTHONPATH") from exc
     return list(names)
 
 

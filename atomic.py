@@ -15,6 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from .graph_runtime.errors import LoomError
+
+
+class TargetExistsError(LoomError, FileExistsError):
+    """The file or folder LoRA Loom was asked to write exists already and is not to be replaced.
+    ``file`` is that path. Also a FileExistsError, what it was before the error family existed."""
+
+    kind = "exists"
+
 
 def _umask() -> int:
     umask = os.umask(0)
@@ -85,8 +94,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} already exists and is not an empty folder. "
-                              "Fix: choose a new name or remove it first")
+        raise TargetExistsError("already exists and is not an empty folder.", file=path,
+                                value="a folder with files" if path.is_dir() else "a file",
+                                limit="a new name or an empty folder", fix="choose a new name or remove it first")
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:

@@ -262,9 +262,8 @@ def cmd_serve(args) -> int:
         from .server import ServerConfig, ServerConfigError, check_listen, serve
         from .server.app import ENV_TOKEN
     except ImportError as exc:
-        print(f"error: `loraloom serve` needs the editor extra ({exc.name} is missing). "
-              "Fix: pip install 'loraloom[editor]'", file=sys.stderr)
-        return EXIT_FAIL
+        raise LoomError(f"`loraloom serve` needs the editor extra ({exc.name} is missing).", value=exc.name,
+                        kind="missing_extra", fix="pip install 'loraloom[editor]'") from None
     config = ServerConfig(listen=args.listen, port=args.port, token=args.token or os.environ.get(ENV_TOKEN) or None,
                           allow_hosts=tuple(args.allow_host),
                           user_dir=Path(args.user_dir) if args.user_dir else None)
@@ -292,10 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["fixtures"]:  # its own parser, in the fixture generator's module
         from .fixtures import main as fixtures_main
 
-        return fixtures_main(argv[1:])
-    args = build_parser().parse_args(argv)
+        args, command = argparse.Namespace(command="fixtures"), lambda _: fixtures_main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command = COMMANDS[args.command]
     try:
-        return COMMANDS[args.command](args)
+        return command(args)
     except ValidationError as exc:
         if getattr(args, "events", None) == "jsonl":
             _print_jsonl({"event": "validation_error", **exc.to_json()})

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .atomic import atomic_write_bytes
+from .atomic import TargetExistsError, atomic_write_bytes
 from .lora.canonical import LoHaModule, LoKrModule, LoRA, LoRAModule, Module, derived_fingerprint
 from .lora.match import BaseSpec, base_spec
 from .lora.writers import adapter_config, atomic_save, to_kohya_state_dict, write_kohya
@@ -187,13 +187,22 @@ def _write_peft_folder(lora: LoRA, spec: BaseSpec, folder: Path) -> Path:
     return folder
 
 
+def _out_dir(out_dir: str | Path) -> Path:
+    """The folder to write into, created if missing; a file of that name is refused, not replaced."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TargetExistsError("is a file, not a folder to write LoRAs into.", file=out_dir, value="a file",
+                                limit="a folder", fix="name a folder (it is created if missing)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def write_fixtures(out_dir: str | Path, presets: Sequence[str] = PRESETS, seed: int = 0) -> dict[str, Path]:
     """Write the fixture LoRAs for `presets` into `out_dir`; return ``{"<preset>/<format>": path}``
     (the ``peft`` entry is a folder). Deterministic for a given `seed`."""
     from .bases.presets import build_pipeline
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _out_dir(out_dir)
     written: dict[str, Path] = {}
     for p_index, preset in enumerate(presets):
         pipe = build_pipeline(preset, dtype="fp32", device="cpu")
@@ -234,6 +243,7 @@ def write_demo_loras(out_dir: str | Path, preset: str = "tiny-sdxl") -> dict[str
     encoders. Deterministic."""
     from .bases.presets import build_pipeline
 
+    out_dir = _out_dir(out_dir)
     spec = base_spec(build_pipeline(preset, dtype="fp32", device="cpu"))
     chosen = _select(spec, [_ATTN, _PROJ], te=True)
     written = {}
@@ -242,7 +252,7 @@ def write_demo_loras(out_dir: str | Path, preset: str = "tiny-sdxl") -> dict[str
                      name)
         # "lora.fixtures" was this module's name when the shipped files were written; keeping the text
         # keeps `loraloom fixtures --demo` byte-identical to workflows/loras.
-        written[name] = write_kohya(lora, Path(out_dir) / f"{name}.safetensors",
+        written[name] = write_kohya(lora, out_dir / f"{name}.safetensors",
                                     provenance={"demo": f"{name} for {preset}, written by lora.fixtures"})
     return written
 

@@ -21,6 +21,7 @@ import torch
 
 from ..lora.canonical import LoRA, LoRAModule, Module
 from ..lora.convert import as_lora
+from ..lora.errors import LoRAError
 from ..lora.match import BaseSpec, MatchReport, base_spec, check_lora
 from ..lora.writers import adapter_config, require_lora_module
 
@@ -79,10 +80,9 @@ def apply_lora(
     report = check_lora(lora, spec, min_fraction=min_fraction)
     existing = _adapter_names(pipe)
     if adapter_name in existing:
-        raise ValueError(
-            f"adapter name {adapter_name!r} is already loaded; present adapters: {sorted(existing)}. "
-            "Fix: pick another name or delete_adapters() it first."
-        )
+        raise LoRAError(f"adapter name {adapter_name!r} is already loaded; present adapters: {sorted(existing)}.",
+                        key=adapter_name, value=adapter_name, kind="adapter_exists",
+                        fix="pick another name or delete_adapters() it first.")
     lora = as_lora(lora, rank=lycoris_rank, base=spec)
     tensors, metadata = peft_inputs(lora, spec)
     cls = type(pipe)

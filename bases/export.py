@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import atomic_dir
+from ..atomic import TargetExistsError, atomic_dir
 from ..lora.writers import atomic_save
 from . import arch as arch_mod
 from . import ldm_keys
+from .arch import BaseModelError
 
 SINGLE_FILE_FORMAT = "loraloom-single-file"
 
@@ -45,7 +46,8 @@ def save_config_skeleton(pipe, folder: str | Path) -> Path:
             elif hasattr(component, "save_pretrained"):  # image processors write only JSON
                 component.save_pretrained(sub)
             else:
-                raise ValueError(f"component {name!r} ({type(component).__name__}): no way to save its config")
+                raise BaseModelError(f"component {name!r} ({type(component).__name__}): no way to save its config",
+                                     key=name, value=type(component).__name__, kind="unsaveable_component")
     return folder
 
 
@@ -55,9 +57,11 @@ def save_single_file(pipe, path: str | Path) -> Path:
     and a config folder (see save_config_skeleton)."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: single-file checkpoints are written as .safetensors. Fix: use a .safetensors name")
+        raise BaseModelError("single-file checkpoints are written as .safetensors.", file=path, value=path.suffix,
+                             limit=".safetensors", fix="use a .safetensors name", kind="bad_suffix")
     if path.exists():
-        raise FileExistsError(f"{path} already exists. Fix: choose a new path or remove it first")
+        raise TargetExistsError("already exists.", file=path, value="a file" if path.is_file() else "a folder",
+                                limit="a new name", fix="choose a new path or remove it first")
     arch = arch_mod.detect_pipeline_arch(pipe)
     tensors = ldm_keys.pipeline_to_original(pipe, arch)
     return atomic_save(tensors, path, {"format": "pt", "writer": SINGLE_FILE_FORMAT, "arch": arch})

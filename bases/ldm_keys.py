@@ -16,9 +16,16 @@ import torch
 
 from ..lora.errors import LoRAFormatError
 from ..lora.keymap import UNetLayout, diffusers_to_sgm
-from .arch import OPEN_CLIP_PREFIX, TEXT_PREFIXES, UNET_PREFIX
+from .arch import ARCHES, OPEN_CLIP_PREFIX, TEXT_PREFIXES, UNET_PREFIX, BaseModelError
 
 VAE_PREFIX = "first_stage_model."
+_DIFFUSERS_INSTEAD = "save this pipeline as a diffusers folder instead"
+
+
+def _unmapped(message: str, key: str) -> BaseModelError:
+    """A weight this converter has no original name for (never dropped: the checkpoint would be partial)."""
+    return BaseModelError(message, key=key, value=key, limit="the SD1.5 and SDXL layouts", fix=_DIFFUSERS_INSTEAD,
+                          kind="no_original_name")
 
 _VAE_RESNET = (("conv_shortcut.", "nin_shortcut."),)
 _VAE_ATTENTION = (
@@ -57,10 +64,8 @@ class _PrefixMap:
                         rest = new + rest[len(old):]
                         break
                 return original + rest
-        raise ValueError(
-            f"{self.component} key {key!r} has no original single-file name; this converter knows "
-            "SD1.5 and SDXL layouts only. Fix: save this pipeline as a diffusers folder instead"
-        )
+        raise _unmapped(f"{self.component} key {key!r} has no original single-file name; this converter knows "
+                        "SD1.5 and SDXL layouts only.", key)
 
 
 def original_unet_key(key: str, config: Mapping[str, Any]) -> str:
@@ -77,10 +82,8 @@ def original_unet_key(key: str, config: Mapping[str, Any]) -> str:
     try:
         return f"{diffusers_to_sgm(module, layout)}.{param}" if module else diffusers_to_sgm(key, layout)
     except LoRAFormatError:
-        raise ValueError(
-            f"UNet key {key!r} has no original single-file name; this converter knows SD1.5 and SDXL "
-            "layouts only. Fix: save this pipeline as a diffusers folder instead"
-        ) from None
+        raise _unmapped(f"UNet key {key!r} has no original single-file name; this converter knows SD1.5 and SDXL "
+                        "layouts only.", key) from None
 
 
 def unet_to_original(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -160,9 +163,7 @@ def open_clip_to_original(state_dict: Mapping[str, torch.Tensor], prefix: str = 
             out[prefix + fixed[name]] = value
             continue
         if not name.startswith(layer_prefix):
-            raise ValueError(
-                f"text_encoder_2 key {key!r} has no OpenCLIP name. Fix: save this pipeline as a diffusers folder instead"
-            )
+            raise _unmapped(f"text_encoder_2 key {key!r} has no OpenCLIP name.", key)
         index, rest = name[len(layer_prefix):].split(".", 1)
         block = f"{prefix}transformer.resblocks.{index}."
         if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
@@ -174,7 +175,7 @@ def open_clip_to_original(state_dict: Mapping[str, torch.Tensor], prefix: str = 
                 out[block + new + rest[len(old):]] = value
                 break
         else:
-            raise ValueError(f"text_encoder_2 key {key!r} has no OpenCLIP name")
+            raise _unmapped(f"text_encoder_2 key {key!r} has no OpenCLIP name.", key)
     for name, parts in qkv.items():
         out[name] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
     return out
@@ -185,8 +186,9 @@ def pipeline_to_original(pipe, arch: str) -> dict[str, torch.Tensor]:
 
     Tensors are made contiguous CPU copies so the dict can be handed straight to safetensors.
     """
-    if arch not in ("sd15", "sdxl"):
-        raise ValueError(f"architecture {arch!r}: single-file layout known for sd15, sdxl")
+    if arch not in ARCHES:
+        raise BaseModelError(f"architecture {arch!r}: single-file layout known for {', '.join(ARCHES)}.", value=arch,
+                             limit=ARCHES, fix=_DIFFUSERS_INSTEAD, kind="unsupported_arch")
     out = unet_to_original(pipe.unet.state_dict(), pipe.unet.config)
     out.update(vae_to_original(pipe.vae.state_dict(), pipe.vae.config))
     out.update(clip_to_original(pipe.text_encoder.state_dict(), TEXT_PREFIXES[(arch, "text_encoder")]))

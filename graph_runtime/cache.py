@@ -33,6 +33,8 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterable
 
+from .errors import InputError
+
 DEFAULT_CACHE_BYTES = 8 * 1024 ** 3
 
 # ------------------------------------------------------------------------------------------ keys
@@ -330,8 +332,11 @@ class CacheStore:
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
-        if not (isinstance(max_bytes, int) and max_bytes >= 0) and not math.isinf(max_bytes):
-            raise ValueError(f"cache budget {max_bytes!r} must be a non-negative number of bytes")
+        whole = isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes >= 0
+        if not (whole or max_bytes == math.inf):  # inf: no bound
+            raise InputError(f"cache budget {max_bytes!r} must be a non-negative number of bytes.", key="cache_bytes",
+                             value=max_bytes, limit=0, kind="bad_cache_budget",
+                             fix=f"give 0 (cache nothing) or more bytes; the default is {DEFAULT_CACHE_BYTES}")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._refs: dict[Hashable, list[int]] = {}  # identity -> [entries holding it, bytes]

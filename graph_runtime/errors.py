@@ -134,8 +134,10 @@ class LoomError(Exception):
 LoomError.__module__ = PUBLIC_MODULE
 
 
-class SchemaError(LoomError):
-    """A node declaration contradicts itself or its execute function (raised at import/registration)."""
+class SchemaError(LoomError, TypeError):
+    """A declaration contradicts itself or the code it declares: a node's inputs and its execute
+    function, a merge method and its combination (raised at import or registration). Also a
+    TypeError, what Python itself raises for a definition that does not fit its use."""
 
 
 class WorkflowError(LoomError, ValueError):
@@ -144,6 +146,12 @@ class WorkflowError(LoomError, ValueError):
 
 class PathError(LoomError, ValueError):
     """A file name escapes its configured root or cannot be found there."""
+
+
+class InputError(LoomError, ValueError):
+    """A value a user gave is outside what it may be: a node input checked while the node runs, a
+    setting such as the cache budget (``--cache-bytes``) or a reader's limits. ``value`` is what was
+    given, ``limit`` what is allowed; ``input`` or ``key`` names the setting."""
 
 
 class ValidationError(LoomError):
@@ -179,7 +187,8 @@ class ExecutionError(LoomError):
     """A node raised while executing. Names node id, class and the cause.
 
     When the cause is one of ours its fields (file, input, key, value, limit, fix, kind) are kept
-    here too; its text, fix included, is already in ``message``.
+    here too; its text, fix included, is already in ``message``. ``cause_fields`` is the cause's
+    :meth:`LoomError.fields` (empty for a cause that is not ours): the ``extra_info`` of the event.
     """
 
     kind = "node_failed"
@@ -192,9 +201,11 @@ class ExecutionError(LoomError):
         self.traceback = traceback or []
         self.inputs = inputs or {}
         carried = {}
+        self.cause_fields = {}
         if isinstance(cause, LoomError):
             carried = {name: getattr(cause, name) for name in ("file", "input", "key", "key_label", "value",
                                                                "limit", "fix", "kind")}
+            self.cause_fields = cause.fields()
         super().__init__(message, node=node_id, class_type=class_type, **carried)
 
     def render(self) -> str:
@@ -202,7 +213,9 @@ class ExecutionError(LoomError):
         return f"node {self.node} ({self.class_type}) failed: {self.message}"
 
     def to_json(self) -> dict:
-        """The payload of an ``execution_error`` event."""
+        """The payload of an ``execution_error`` event: ComfyUI's keys, plus ``extra_info`` holding
+        the cause's fields. ComfyUI's frontend (1.58) passes the event on as it came and reads its
+        keys by name, and its jobs API schema lets unknown keys through, so one more key is safe."""
         return {
             "node_id": self.node_id,
             "node_type": self.class_type,
@@ -210,6 +223,7 @@ class ExecutionError(LoomError):
             "exception_type": self.exception_type,
             "traceback": self.traceback,
             "current_inputs": self.inputs,
+            "extra_info": self.cause_fields,
         }
 
 

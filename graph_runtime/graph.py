@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from .errors import PathError, ValidationError
+from .errors import LoomError, PathError, ValidationError
 from .paths import Folders
 from .schema import Input, NodeRegistry
 from .workflow import is_link
@@ -26,11 +26,20 @@ class ValidPrompt:
     order: list[str]
 
 
-def _err(kind: str, message: str, details: str, input_name: str | None = None, **extra) -> dict:
+def _err(kind: str, message: str, details: str, input_name: str | None = None, /, **extra) -> dict:
     info = dict(extra)
     if input_name is not None:
         info["input_name"] = input_name
     return {"type": kind, "message": message, "details": details, "extra_info": info}
+
+
+def _err_from(kind: str, message: str, error: LoomError, node_id: str, class_type: str, input_name: str | None = None,
+              /, **extra) -> dict:
+    """A node error from one of our errors: its text (placed at the node and input) is the details,
+    its fields (value, limit, fix, kind, ...) join ``extra_info`` beside ComfyUI's own keys, which
+    ComfyUI's frontend reads by name and so is not disturbed by more."""
+    error.at(node=node_id, class_type=class_type, input=input_name)
+    return _err(kind, message, error.render(), input_name, **{**error.fields(), **extra})
 
 
 def _title(node_id: str, class_type: str, name: str | None = None) -> str:
@@ -106,10 +115,11 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
         cls = registry.get(class_type)
         problems = errors.setdefault(node_id, [])
         if cls is None:
-            problems.append(_err("missing_node_type", f"Node '{class_type}' not found",
-                                 f"{_title(node_id, class_type)}: no node type '{class_type}' is registered. "
-                                 "Fix: check the spelling, or install the pack that provides it",
-                                 node_id=node_id, class_type=class_type))
+            missing = LoomError(f"no node type '{class_type}' is registered.", value=class_type,
+                                kind="missing_node_type",
+                                fix="check the spelling, or install the pack that provides it")
+            problems.append(_err_from("missing_node_type", f"Node '{class_type}' not found", missing, node_id,
+                                      class_type, node_id=node_id))
             nodes[node_id] = {"class_type": class_type, "inputs": dict(entry["inputs"])}
             for name, value in entry["inputs"].items():
                 if is_link(value) and str(value[0]) in prompt:
@@ -159,8 +169,8 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
                 try:
                     folders.find(inp.file_kind, value)
                 except PathError as exc:
-                    problem = _err("invalid_file", "File not found or not allowed", f"{where}: {exc}", inp.name,
-                                   received_value=_fmt(value))
+                    problem = _err_from("invalid_file", "File not found or not allowed", exc, node_id, class_type,
+                                        inp.name, received_value=_fmt(value))
             if problem is not None:
                 problems.append(problem)
             inputs[inp.name] = value
@@ -169,11 +179,16 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
             constants = {k: v for k, v in inputs.items() if not is_link(v)}
             try:
                 found = check(constants) or {}
+            except LoomError as exc:  # a check may raise its problem instead of returning it
+                found = {exc.input: exc}
             except Exception as exc:  # noqa: BLE001 - a broken checker is reported, not raised
                 found = {None: f"check_inputs raised {type(exc).__name__}: {exc}"}
-            for name, message in found.items():
-                problems.append(_err("invalid_input", "Invalid input",
-                                     f"{_title(node_id, class_type, name)}: {message}", name))
+            for name, problem in found.items():
+                if isinstance(problem, LoomError):
+                    problems.append(_err_from("invalid_input", "Invalid input", problem, node_id, class_type, name))
+                else:
+                    problems.append(_err("invalid_input", "Invalid input",
+                                         f"{_title(node_id, class_type, name)}: {problem}", name))
         nodes[node_id] = {"class_type": class_type, "inputs": inputs}
 
     _check_cycles(graph, prompt, errors)

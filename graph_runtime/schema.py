@@ -283,8 +283,10 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
     ``comfy_export=False`` keeps a node out of ComfyUI's mappings (e.g. our stand-ins for ComfyUI's
     own SaveImage/PreviewImage, which ComfyUI would drop anyway).
 
-    A class may define ``check_inputs(cls, constants) -> {input_name: message}`` (a classmethod) for
-    rules the widget specs cannot say (e.g. "a multiple of 8"); it runs during validation.
+    A class may define ``check_inputs(cls, constants) -> {input_name: problem}`` (a classmethod) for
+    rules the widget specs cannot say (e.g. "a multiple of 8"); it runs during validation. A problem
+    is a message, or better one of our errors (``InputError(message, value=..., limit=..., fix=...)``),
+    whose fields then reach the validation error's ``extra_info``.
     """
 
     def wrap(cls):

@@ -133,8 +133,8 @@ def ui_to_api(ui: dict, registry: NodeRegistry, source: str = "workflow") -> dic
         raise WorkflowError(f"{source}: {len(nodes)} nodes is above the limit of {MAX_NODES}")
     definitions = ui.get("definitions")
     if isinstance(definitions, dict) and definitions.get("subgraphs"):
-        raise WorkflowError(f"{source}: subgraphs are not supported yet. Fix: in the editor, "
-                            "right-click the subgraph node and choose 'Unpack Subgraph', then save")
+        raise WorkflowError(f"{source}: subgraphs are not supported yet.", kind="subgraph",
+                            fix="in the editor, right-click the subgraph node and choose 'Unpack Subgraph', then save")
     by_id: dict[str, dict] = {}
     for i, node in enumerate(nodes):
         if not isinstance(node, dict) or not isinstance(node.get("type"), str) \

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+from ..graph_runtime.errors import SchemaError
+
 if TYPE_CHECKING:
     from .merge_factors import Combine
 
@@ -212,13 +214,21 @@ class MergeOptions:
         return cls(**{name: OPTIONS[name].from_widget(value) for name, value in values.items()})
 
 
+def _declaration_error(what: str, problems: list[tuple[str, str]], key: str) -> SchemaError:
+    """One error for every (problem, fix) pair of a declaration: the problems, then their fixes in
+    the same order."""
+    return SchemaError(f"{what}: " + "; ".join(p for p, _ in problems) + ".", key=key,
+                       fix="; ".join(f for _, f in problems), kind="bad_declaration")
+
+
 def _options() -> Mapping[str, Option]:
     out = {}
     for f in fields(MergeOptions):
         declared = f.metadata.get("option")
         if not isinstance(declared, Option):
-            raise TypeError(f"MergeOptions.{f.name} ({__name__}): not declared with option(). "
-                            f"Fix: {f.name}: {f.type} = option(default, type=..., meaning=..., widget=Widget(...))")
+            raise _declaration_error(f"MergeOptions.{f.name} ({__name__})", [(
+                "not declared with option()",
+                f"{f.name}: {f.type} = option(default, type=..., meaning=..., widget=Widget(...))")], f.name)
         out[f.name] = replace(declared, name=f.name)
     return MappingProxyType(out)
 
@@ -249,7 +259,7 @@ def _annotation(p: inspect.Parameter) -> str:
 
 
 def check_signature(method: "MergeMethod", combination: Callable) -> None:
-    """Raise TypeError unless `combination` fits `method`'s declaration: ``(tensors, weights)``, then
+    """Raise SchemaError unless `combination` fits `method`'s declaration: ``(tensors, weights)``, then
     keyword-only parameters without defaults: exactly the options the method reads that are not its
     family's (annotated with the option's type), ``generator`` exactly when it reads ``seed``, and
     other `CONTEXT` values as it needs."""
@@ -291,8 +301,8 @@ def check_signature(method: "MergeMethod", combination: Callable) -> None:
     if problems:
         code = getattr(combination, "__code__", None)
         where = f"{code.co_filename}:{code.co_firstlineno} " if code is not None else ""
-        raise TypeError(f"merge method {method.name!r}, combination {where}{combination.__qualname__}: "
-                        + "; ".join(f"{p}. Fix: {f}" for p, f in problems))
+        raise _declaration_error(f"merge method {method.name!r}, combination {where}{combination.__qualname__}",
+                                 problems, method.name)
 
 
 @dataclass(frozen=True)
@@ -336,8 +346,7 @@ class MergeMethod:
             elif name in SVD_OPTIONS:
                 problems.append((f"reads {name!r}, which comes with the SVD families", f"drop {name!r} from reads"))
         if problems:
-            raise TypeError(f"merge method {self.name!r} ({__name__}.DECLARED): "
-                            + "; ".join(f"{p}. Fix: {f}" for p, f in problems))
+            raise _declaration_error(f"merge method {self.name!r} ({__name__}.DECLARED)", problems, self.name)
         reads = set(self.reads) | (set(SVD_OPTIONS) if self.family.svd else set())
         object.__setattr__(self, "options", tuple(n for n in OPTIONS if n in reads))
 
@@ -382,10 +391,12 @@ def _registry(methods: Iterable[MergeMethod]) -> Mapping[str, MergeMethod]:
     out: dict[str, MergeMethod] = {}
     for m in methods:
         if m.name in out:
-            raise TypeError(f"merge method {m.name!r} is declared twice. Fix: give the second one its own name")
+            raise SchemaError(f"merge method {m.name!r} is declared twice.", key=m.name, kind="bad_declaration",
+                              fix="give the second one its own name")
         if m.in_peft and any(not o.in_peft for o in out.values()):
-            raise TypeError(f"merge method {m.name!r} is peft's but declared after methods peft lacks. Fix: keep "
-                            "peft's methods first, in peft's order: saved workflows store PeftMerge's choices")
+            raise SchemaError(f"merge method {m.name!r} is peft's but declared after methods peft lacks.", key=m.name,
+                              kind="bad_declaration", fix="keep peft's methods first, in peft's order: saved "
+                                                          "workflows store PeftMerge's choices")
         out[m.name] = m
     return MappingProxyType(out)
 
@@ -448,8 +459,9 @@ def combinations() -> Mapping[str, Callable]:
             continue
         function = getattr(merge_ops, m.combination, None)
         if not callable(function):
-            raise TypeError(f"merge method {m.name!r}: merge_ops has no function {m.combination!r}. Fix: define it "
-                            "there, or name an existing combine_* function")
+            raise _declaration_error(f"merge method {m.name!r}", [(
+                f"merge_ops has no function {m.combination!r}",
+                "define it there, or name an existing combine_* function")], m.name)
         check_signature(m, function)
         out[m.name] = function
     return MappingProxyType(out)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..graph_runtime import HASH_CHUNK_BYTES, file_hasher
-from ..graph_runtime.errors import LoomError
+from ..graph_runtime.errors import InputError, LoomError
 from ..graph_runtime.errors import show as _show
 from .sniff import PICKLE_KINDS, SNIFF_BYTES, sniff
 
@@ -113,7 +113,9 @@ class Limits:
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Limits.{f.name} must be a positive int, got {value!r}")
+                raise InputError(f"Limits.{f.name} must be a positive int, got {value!r}.", key=f"Limits.{f.name}",
+                                 value=value, limit=1, kind="bad_limit",
+                                 fix=f"give a whole number of at least 1 (the default is {f.default})")
 
 
 DEFAULT_LIMITS = Limits()

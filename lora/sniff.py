@@ -36,12 +36,12 @@ class Verdict:
 
 
 _ARCHIVES = (
-    (b"\x1f\x8b", "a gzip-compressed file", "Fix: decompress it (gunzip) and load the file inside."),
-    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "Fix: extract it and load the .safetensors file inside."),
-    (b"Rar!\x1a\x07", "a RAR archive", "Fix: extract it and load the .safetensors file inside."),
+    (b"\x1f\x8b", "a gzip-compressed file", "decompress it (gunzip) and load the file inside."),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract it and load the .safetensors file inside."),
+    (b"Rar!\x1a\x07", "a RAR archive", "extract it and load the .safetensors file inside."),
 )
 _REDOWNLOAD = (
-    "Fix: download the file again from its direct file link; for Civitai or Hugging Face files that "
+    "download the file again from its direct file link; for Civitai or Hugging Face files that "
     "need a login, pass your API token to the downloader."
 )
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
@@ -66,7 +66,7 @@ def sniff(head: bytes, size: int) -> Verdict:
         return Verdict(
             "gguf",
             "a GGUF file (a llama.cpp / ComfyUI-GGUF quantised model), not a LoRA",
-            "Fix: load it with a GGUF loader; LoRA Loom reads LoRAs in safetensors format.",
+            "load it with a GGUF loader; LoRA Loom reads LoRAs in safetensors format.",
         )
     for magic, what, fix in _ARCHIVES:
         if head.startswith(magic):
@@ -101,7 +101,7 @@ def _lfs_verdict(head: bytes) -> Verdict:
         "lfs",
         f"a Git LFS pointer (a small text file), not the file itself:{target or ' the real file'} "
         "was never downloaded",
-        "Fix: run `git lfs install` once, then `git lfs pull` in that repository clone, or "
+        "run `git lfs install` once, then `git lfs pull` in that repository clone, or "
         "download the file directly.",
     )
 
@@ -115,7 +115,7 @@ def _zip_verdict(head: bytes) -> Verdict:
     return Verdict(
         "archive",
         f"a ZIP archive (first member {first_name[:80]!r})",
-        "Fix: unzip it and load the .safetensors file inside.",
+        "unzip it and load the .safetensors file inside.",
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..graph_runtime import Combo, Output, file_fingerprint, node
+from ..graph_runtime import Combo, InputError, Output, file_fingerprint, node
 from .common import CATEGORY, MODEL, folders, list_bases, list_config_folders, model_pool
 
 
@@ -38,10 +38,13 @@ class LoadBase:
 
         source, config = constants.get("source"), constants.get("config", "auto")
         if source in PRESETS and config != "auto":
-            return {"config": f"{config!r} given, but preset {source!r} needs no config; set it to 'auto'"}
+            return {"config": InputError(f"{config!r} given, but preset {source!r} needs no config; set it to 'auto'",
+                                         value=config, limit="auto", kind="config_not_needed")}
         if isinstance(source, str) and source.endswith(".safetensors") and config == "auto":
-            return {"config": f"single-file checkpoint {source!r} needs a config folder (its model_index.json, "
-                              "configs and tokenizers). Fix: choose the diffusers folder of the same architecture"}
+            return {"config": InputError(f"single-file checkpoint {source!r} needs a config folder (its "
+                                         "model_index.json, configs and tokenizers).", value=config,
+                                         kind="config_needed",
+                                         fix="choose the diffusers folder of the same architecture")}
         return {}
 
     def execute(self, source, config, dtype, device):

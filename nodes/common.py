@@ -66,7 +66,7 @@ def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
     try:
         check_relative_name(constants.get(name, ""), "output", folders().advice)
     except PathError as exc:
-        return {name: str(exc)}
+        return {name: exc}
     return {}
 
 

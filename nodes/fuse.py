@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..graph_runtime import Boolean, Combo, Link, Output, String, node
+from ..graph_runtime import Boolean, Combo, InputError, Link, Output, String, node
 from .common import CATEGORY, MODEL, weight_input
 
 
@@ -25,8 +25,9 @@ class Fuse:
         names = [a.name for a in model.adapters]
         missing = [n for n in wanted if n not in names]
         if missing:
-            raise ValueError(f"adapter_names {missing} not among the active LoRAs {names}. "
-                             "Fix: use names from that list, or leave it empty to fuse all")
+            raise InputError(f"adapter_names {missing} not among the active LoRAs {names}.", input="adapter_names",
+                             value=missing, limit=names, kind="unknown_adapter",
+                             fix="use names from that list, or leave it empty to fuse all")
         chosen = [a for a in model.adapters if not wanted or a.name in wanted]
         fused = tuple(dataclasses.replace(a, weight=a.weight * lora_scale,
                                           text_encoder_weight=a.text_encoder_weight * lora_scale) for a in chosen)

@@ -4,7 +4,7 @@ method and option declarations in `lora.merge_methods`."""
 
 from __future__ import annotations
 
-from ..graph_runtime import Combo, Float, Input, Int, Link, Output, current_context, node
+from ..graph_runtime import Combo, Float, Input, InputError, Int, Link, Output, current_context, node
 from ..lora.merge_methods import OPTIONS, PEFT_METHODS, REGISTRY, MergeOptions, users
 from .common import CATEGORY, LORA, weight_input
 
@@ -63,10 +63,12 @@ class PeftMerge:
         for name in method.options:
             if name not in constants:
                 continue
-            problem = OPTIONS[name].problem(OPTIONS[name].from_widget(constants[name]))
+            value = OPTIONS[name].from_widget(constants[name])
+            problem = OPTIONS[name].problem(value)
             if problem is not None:
                 message, fix = problem
-                found[name] = f"{method.name}: {message}" + (f". Fix: {fix}" if fix else "")
+                found[name] = InputError(f"{method.name}: {message}" + ("." if fix else ""), value=value,
+                                         limit=OPTIONS[name].limit, fix=fix, kind="bad_option")
         return found
 
     def execute(self, lora_a, weight_a, lora_b, weight_b, method, lora_c=None, weight_c=1.0, lora_d=None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..graph_runtime import Combo, Float, Int, Link, Output, String, current_context, node
+from ..graph_runtime import Combo, Float, InputError, Int, Link, Output, String, current_context, node
 from .common import CATEGORY, IMAGE, MODEL, model_pool, weight_input
 
 SCHEDULERS = {
@@ -49,10 +49,12 @@ class Sample:
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:
-        problems = {name: f"{constants[name]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)"
+        problems = {name: InputError(f"{constants[name]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)",
+                                     value=constants[name], limit="a multiple of 8", kind="not_multiple_of_8")
                     for name in ("width", "height") if isinstance(constants.get(name), int) and constants[name] % 8}
         if constants.get("scheduler") == "pndm" and isinstance(constants.get("steps"), int) and constants["steps"] < 4:
-            problems["steps"] = f"{constants['steps']} is below 4, the fewest steps the pndm scheduler can take"
+            problems["steps"] = InputError(f"{constants['steps']} is below 4, the fewest steps the pndm scheduler can "
+                                           "take", value=constants["steps"], limit=4, kind="too_few_steps")
         return problems
 
     def execute(self, model, prompt, negative_prompt, seed, steps, guidance, width, height, scheduler,

@@ -80,8 +80,9 @@ def _check_user_dir(user_dir: Path, frontend_dir: Path | None) -> Path:
     for package in [PACKAGE_DIR] + ([frontend_dir.resolve()] if frontend_dir else []):
         if user_dir.resolve().is_relative_to(package):
             raise ServerConfigError(f"user folder {user_dir} is inside the installed package {package}; "
-                                    f"settings and queues must live elsewhere. Fix: --user-dir DIR or "
-                                    f"{ENV_USER_DIR}=DIR")
+                                    "settings and queues must live elsewhere.", value=str(user_dir),
+                                    limit=f"outside {package}", kind="user_dir_in_package",
+                                    fix=f"--user-dir DIR or {ENV_USER_DIR}=DIR")
     return user_dir
 
 

@@ -214,8 +214,9 @@ class Api:
 
     async def index(self, request):
         if self.state.frontend_dir is None:
-            return web.Response(status=503, text="The visual editor is not installed. Fix: pip install "
-                                                 "'loraloom[editor]' (the API works without it).")
+            missing = LoomError("The visual editor is not installed.", kind="missing_extra",
+                                fix="pip install 'loraloom[editor]' (the API works without it).")
+            return web.Response(status=503, text=str(missing))
         response = web.FileResponse(self.state.frontend_dir / "index.html")
         response.headers["Cache-Control"] = "no-cache"
         return response

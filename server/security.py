@@ -90,8 +90,11 @@ def error_body(kind: str, message: str, details: str = "", cause: LoomError | No
     return {"error": {"type": kind, "message": message, "details": details, "extra_info": extra}}
 
 
-def reject(status: int, kind: str, message: str) -> web.Response:
-    return web.json_response(error_body(kind, message), status=status)
+def reject(status: int, kind: str, message: str, **fields) -> web.Response:
+    """The refusal of a request: its rule (``kind``), what was wrong, and any ``value``, ``limit``
+    and ``fix`` in ``extra_info`` as for every other error (the message shows the fix too)."""
+    refusal = LoomError(message, kind=kind, **fields)
+    return web.json_response(error_body(kind, str(refusal), cause=refusal), status=status)
 
 
 def _split_host(value: str) -> tuple[str, int | None] | None:
@@ -169,9 +172,9 @@ def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response |
     parsed = _split_host(host_header)
     if parsed is None or not policy.host_allowed(parsed[0]):
         return reject(403, "host_not_allowed",
-                      f"Host {host_header!r} is not allowed (a page on another domain resolving to this "
-                      "server?). Fix: open the editor by its address, e.g. http://127.0.0.1:PORT/, or start "
-                      "the server with --allow-host NAME"), False
+                      f"Host {host_header!r} is not allowed (a page on another domain resolving to this server?).",
+                      value=host_header, fix="open the editor by its address, e.g. http://127.0.0.1:PORT/, or "
+                                             "start the server with --allow-host NAME"), False
     host, port = parsed
 
     from_query = False
@@ -189,7 +192,8 @@ def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response |
 
     origin = request.headers.get("Origin")
     if origin is not None and not _origin_matches(origin, host, port, request.scheme):
-        return reject(403, "cross_origin", f"Origin {origin!r} is not this server's own origin"), False
+        return reject(403, "cross_origin", f"Origin {origin!r} is not this server's own origin",
+                      value=origin), False
 
     if request.method in STATE_CHANGING:
         same_origin = origin is not None or fetch_site == "same-origin"
@@ -200,5 +204,6 @@ def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response |
     length = request.content_length
     if length is not None and length > policy.max_body_bytes:
         return reject(413, "too_large", f"a body of {length} bytes is above the limit of "
-                                        f"{policy.max_body_bytes} bytes"), False
+                                        f"{policy.max_body_bytes} bytes", value=length,
+                      limit=policy.max_body_bytes), False
     return None, from_query

@@ -29,9 +29,12 @@ DEFAULTS = {"comfy.templates.json": b"[]", "user.css": b""}
 
 
 class Conflict(PathError):
-    """The destination exists and overwriting was not asked for."""
+    """The destination exists and overwriting was not asked for. ``value`` is the user file's name."""
 
     kind = "exists"
+
+    def __init__(self, name: str):
+        super().__init__(f"user file {name!r} exists.", value=name, fix="pass overwrite=true to replace it")
 
 
 class UserData:
@@ -94,7 +97,7 @@ class UserData:
         loads_strict(data, source=f"user file {name!r}")
         with self._lock:
             if path.exists() and not overwrite:
-                raise Conflict(f"user file {name!r} exists; pass overwrite=true to replace it")
+                raise Conflict(name)
             atomic_write_bytes(path, data)
         return path
 
@@ -113,7 +116,7 @@ class UserData:
             if not src.is_file():
                 return None
             if dst.exists() and not overwrite:
-                raise Conflict(f"user file {dest!r} exists; pass overwrite=true to replace it")
+                raise Conflict(dest)
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
         return dst

@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 
-from ..graph_runtime import ExecutionError, Interrupted, ValidationError, Workflow
+from ..graph_runtime import ExecutionError, Interrupted, LoomError, ValidationError, Workflow
 from .hub import Hub
 from .store import ERROR, INTERRUPTED, SUCCESS, PromptStore, QueueItem
 
@@ -67,7 +67,8 @@ class _Run:
             self.terminal = ("execution_error", {
                 "node_id": event["node_id"], "node_type": event["node_type"], "executed": event["executed"],
                 "exception_message": event["exception_message"], "exception_type": event["exception_type"],
-                "traceback": event["traceback"], "current_inputs": event["current_inputs"], "current_outputs": {}})
+                "traceback": event["traceback"], "current_inputs": event["current_inputs"], "current_outputs": {},
+                "extra_info": event["extra_info"]})
         elif kind == "execution_interrupted":
             node = event.get("node")
             self.terminal = ("execution_interrupted", {"node_id": node or "", "node_type": self.class_of(node),
@@ -81,10 +82,16 @@ class _Run:
             self.send("execution_start", {}, record=True)
         lines = traceback.format_exception(exc) if not isinstance(exc, ValidationError) else []
         message = exc.describe() if isinstance(exc, ValidationError) else f"{type(exc).__name__}: {exc}"
+        # the fields as in a node's failure (ExecutionError.to_json): the cause's, or this error's own
+        extra = {}
+        if isinstance(exc, ExecutionError):
+            extra = exc.cause_fields
+        elif isinstance(exc, LoomError):
+            extra = exc.fields()
         self.terminal = ("execution_error", {
             "node_id": node_id, "node_type": node_type, "executed": [], "exception_message": message,
             "exception_type": f"{type(exc).__module__}.{type(exc).__name__}", "traceback": lines,
-            "current_inputs": {}, "current_outputs": {}})
+            "current_inputs": {}, "current_outputs": {}, "extra_info": extra})
 
 
 class Worker:

@@ -4,6 +4,7 @@ ComfyUI, every error class in the package a LoomError, and no code that branches
 import ast
 import importlib
 import json
+import math
 import pickle
 import pkgutil
 import re
@@ -291,3 +292,264 @@ def test_outside_comfyui_the_fix_names_the_flags(tmp_path):
     with pytest.raises(PathError) as info:
         folders.find("loras", "missing.safetensors")
     assert str(info.value).endswith("Fix: put it there or add its folder (--lora-dir / --models-dir)")
+
+
+# ---------------------------------------------------------------- no error outside the family
+
+_BUILTIN_ERRORS = {"ValueError", "TypeError", "RuntimeError", "KeyError", "IndexError", "LookupError", "OSError",
+                   "FileExistsError", "FileNotFoundError", "NotADirectoryError", "IsADirectoryError",
+                   "PermissionError", "AttributeError", "NotImplementedError", "AssertionError", "Exception"}
+
+# Every bare builtin exception the package may raise: each can only be reached by a bug in a caller
+# inside the package (or is Python's own protocol), never by what a user gives. Keyed by (file,
+# function, exception) so that moving a line does not break it. Anything else raises a LoomError.
+PROGRAMMER_ERRORS = {
+    # a module's __getattr__ must raise AttributeError: Python's attribute protocol (hasattr, imports)
+    ("__init__.py", "__getattr__", "AttributeError"),
+    ("lora/__init__.py", "__getattr__", "AttributeError"),
+    # at() is called by our own code with field names; an unknown one is a typo in that code
+    ("graph_runtime/errors.py", "at", "TypeError"),
+    # `select` is a value the merge driver passes (merge_methods.CONTEXT), never a user's option
+    ("lora/merge_ops.py", "magnitude_prune", "ValueError"),
+    # majority_sign_method is checked by lora.merge.check_parameters (MergeError) before any maths runs
+    ("lora/merge_ops.py", "elect_positive", "ValueError"),
+    # delta() is given the module values our readers and converters build, nothing else
+    ("lora/canonical.py", "delta", "TypeError"),
+    # the status comes from the worker's own constants (SUCCESS, ERROR, INTERRUPTED)
+    ("server/store.py", "finish", "ValueError"),
+}
+
+
+def _raised_builtins(path: Path):
+    """(function, exception name, line) of every ``raise <builtin error>`` in one source file."""
+    tree = ast.parse(path.read_text())
+    found = []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Raise) and child.exc is not None:
+                exc = child.exc.func if isinstance(child.exc, ast.Call) else child.exc
+                if isinstance(exc, ast.Name) and exc.id in _BUILTIN_ERRORS:
+                    found.append((function, exc.id, child.lineno))
+            visit(child, inner)
+
+    visit(tree, "<module>")
+    return found
+
+
+def test_no_bare_builtin_error_for_user_input():
+    seen, hits = set(), []
+    for rel, path in _package_sources():
+        for function, name, line in _raised_builtins(path):
+            site = (rel.as_posix(), function, name)
+            seen.add(site)
+            if site not in PROGRAMMER_ERRORS:
+                hits.append(f"{rel}:{line} in {function}(): raise {name}")
+    assert not hits, "raise a LoomError subclass with fields (or justify the site in PROGRAMMER_ERRORS):\n" + \
+        "\n".join(hits)
+    assert PROGRAMMER_ERRORS <= seen, f"stale allow-list entries: {sorted(PROGRAMMER_ERRORS - seen)}"
+
+
+def test_the_raise_finder_finds_what_it_should(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def f(x):\n    if x:\n        raise ValueError('bad')\n    raise KeyError\n"
+                      "def g():\n    raise LoomError('ours')\n")
+    assert _raised_builtins(source) == [("f", "ValueError", 3), ("f", "KeyError", 4)]
+
+
+# Where "Fix:" may stay inside a string: the rendering itself, and a warning (not an error: it has no fields).
+FIX_IN_TEXT = {"graph_runtime/errors.py", "graph_runtime/cache.py"}
+
+
+def test_fix_is_a_field_not_text():
+    hits = []
+    for rel, path in _package_sources():
+        if rel.as_posix() in FIX_IN_TEXT:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and "Fix:" in n.value \
+                    and id(n) not in docstrings:
+                hits.append(f"{rel}:{n.lineno}: {n.value[:60]!r}")
+    assert not hits, "pass the advice as fix=...; the rendering adds 'Fix:'\n" + "\n".join(hits)
+
+
+# ---------------------------------------------------------------- fields on every surface
+
+@node(category="test", inputs=[Int("width", 64, max=10**6)], outputs=[], output_node=True)
+class Size:
+    """Checks its input during validation: returns a problem for odd sizes, raises one for huge ones."""
+
+    @classmethod
+    def check_inputs(cls, constants):
+        from loraloom.graph_runtime import InputError
+
+        width = constants["width"]
+        if width > 4096:
+            raise InputError(f"{width} is above 4096.", input="width", value=width, limit=4096, kind="too_big",
+                             fix="lower it")
+        if width % 8:
+            return {"width": InputError(f"{width} is not a multiple of 8.", value=width, limit="a multiple of 8",
+                                        kind="not_multiple_of_8", fix="round it to a multiple of 8")}
+        return {}
+
+    def execute(self, width):
+        return {"ui": {"text": [str(width)]}}
+
+
+@pytest.mark.parametrize("width, kind, limit", [(65, "not_multiple_of_8", "a multiple of 8"),
+                                                (5000, "too_big", 4096)])
+def test_check_inputs_problems_bring_their_fields(tmp_path, width, kind, limit):
+    from loraloom.graph_runtime import ValidationError
+
+    rt = Runtime(registry=NodeRegistry([Size]), output_dir=tmp_path)
+    with pytest.raises(ValidationError) as info:
+        rt.validate({"1": {"class_type": "Size", "inputs": {"width": width}}})
+    (error,) = info.value.node_errors["1"]["errors"]
+    extra = error["extra_info"]
+    assert (extra["input_name"], extra["value"], extra["limit"], extra["kind"]) == ("width", width, limit, kind)
+    assert extra["type"] == "loraloom.InputError" and extra["fix"] in error["details"]
+    assert error["details"].startswith(f"node 1 (Size) input 'width': {width} is "), error["details"]
+    assert error["details"].count("Fix:") == 1
+    json.dumps(info.value.to_json())
+
+
+def test_missing_node_type_has_its_fix_as_a_field(tmp_path):
+    from loraloom.graph_runtime import ValidationError
+
+    rt = Runtime(registry=NodeRegistry([Size]), output_dir=tmp_path)
+    with pytest.raises(ValidationError) as info:
+        rt.validate({"1": {"class_type": "Nope", "inputs": {}}, "2": {"class_type": "Size", "inputs": {}}})
+    (error,) = info.value.node_errors["1"]["errors"]
+    assert error["details"] == ("node 1 (Nope): no node type 'Nope' is registered. Fix: check the spelling, or "
+                                "install the pack that provides it")
+    assert (error["extra_info"]["kind"], error["extra_info"]["value"]) == ("missing_node_type", "Nope")
+    assert error["extra_info"]["fix"] == "check the spelling, or install the pack that provides it"
+
+
+def test_validate_json_carries_the_fields(tmp_path, capsys):
+    from loraloom.cli import main
+
+    workflow = ROOT / "workflows" / "merge_dare_api.json"
+    assert main(["validate", str(workflow), "--set", "4.density=0", "--json", "--output-dir", str(tmp_path)]) != 0
+    out = json.loads(capsys.readouterr().out)
+    (error,) = out["node_errors"]["4"]["errors"]
+    extra = error["extra_info"]
+    assert (extra["input_name"], extra["value"], extra["limit"], extra["kind"]) == ("density", 0.0, "(0, 1]",
+                                                                                    "bad_option")
+    assert extra["fix"] and error["details"].endswith(f"Fix: {extra['fix']}"), error["details"]
+
+
+def test_execution_error_event_carries_the_cause_fields(tmp_path):
+    events = []
+    rt = Runtime(registry=NodeRegistry([FindsNothing]), lora_dirs=[tmp_path], output_dir=tmp_path)
+    with pytest.raises(ExecutionError):
+        rt.run({"1": {"class_type": "FindsNothing", "inputs": {"value": 3}}}, on_event=events.append)
+    (event,) = [e for e in events if e["event"] == "execution_error"]
+    for key in ("node_id", "node_type", "exception_message", "exception_type", "traceback", "current_inputs"):
+        assert key in event, f"ComfyUI's key {key} must stay"
+    extra = event["extra_info"]
+    assert (extra["kind"], extra["value"], extra["type"]) == ("not_found", "missing_3.safetensors",
+                                                             "loraloom.PathError")
+    assert extra["fix"] == CLI_ADVICE.missing["loras"]
+    json.dumps(event["extra_info"])
+
+
+# ---------------------------------------------------------------- converted sites, real calls
+
+def test_cache_budget_is_an_input_error(tmp_path, capsys):
+    from loraloom.cli import main
+    from loraloom.graph_runtime import CacheStore, InputError
+
+    for bad in (-1, -math.inf, "8GB", True):
+        with pytest.raises(InputError) as info:
+            Runtime(registry=NodeRegistry([Size]), output_dir=tmp_path, cache_bytes=bad)
+        exc = info.value
+        assert (exc.key, exc.value, exc.limit, exc.kind) == ("cache_bytes", bad, 0, "bad_cache_budget")
+        assert isinstance(exc, ValueError) and str(exc).endswith(f"Fix: {exc.fix}")
+    assert CacheStore(math.inf).max_bytes == math.inf and CacheStore(0).max_bytes == 0
+    workflow = tmp_path / "w.json"
+    workflow.write_text('{"1": {"class_type": "PreviewImage", "inputs": {}}}')
+    assert main(["run", str(workflow), "--cache-bytes", "-5", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cache budget -5 must be a non-negative number of bytes. Fix: give 0"), err
+
+
+def test_save_checkpoint_over_an_existing_file(tmp_path):
+    from loraloom.atomic import TargetExistsError
+    from loraloom.bases import export
+    from loraloom.bases.arch import BaseModelError
+    from loraloom.bases.presets import build_pipeline
+
+    pipe = build_pipeline("tiny-sd15", dtype="fp32", device="cpu")
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"mine")
+    with pytest.raises(FileExistsError) as info:  # also what callers catching the builtin see
+        export.save_single_file(pipe, taken)
+    exc = info.value
+    assert isinstance(exc, TargetExistsError) and isinstance(exc, LoomError)
+    assert (exc.file, exc.kind, exc.fix) == (str(taken), "exists", "choose a new path or remove it first")
+    assert str(exc) == f"{taken}: already exists. Fix: choose a new path or remove it first"
+    assert taken.read_bytes() == b"mine", "the file is left as it was"
+    with pytest.raises(BaseModelError) as info:
+        export.save_single_file(pipe, tmp_path / "model.ckpt")
+    assert (info.value.value, info.value.limit, info.value.kind) == (".ckpt", ".safetensors", "bad_suffix")
+    full = tmp_path / "folder"
+    (full / "sub").mkdir(parents=True)
+    with pytest.raises(TargetExistsError) as info:
+        export.save_diffusers_folder(pipe, full)
+    assert (info.value.file, info.value.value) == (str(full), "a folder with files")
+    assert list(full.iterdir()) == [full / "sub"], "nothing written into the existing folder"
+
+
+def test_limits_refusal_is_an_input_error():
+    from loraloom.graph_runtime import InputError
+    from loraloom.lora.safefile import Limits
+
+    with pytest.raises(InputError) as info:
+        Limits(max_tensors=0)
+    exc = info.value
+    assert (exc.key, exc.value, exc.limit, exc.kind) == ("Limits.max_tensors", 0, 1, "bad_limit")
+    assert str(exc) == ("Limits.max_tensors must be a positive int, got 0. Fix: give a whole number of at least 1 "
+                        "(the default is 50000)")
+
+
+def test_merge_method_declaration_is_a_schema_error():
+    from loraloom.graph_runtime import SchemaError
+    from loraloom.lora.merge_methods import CAT, MergeMethod
+
+    with pytest.raises(SchemaError) as info:
+        MergeMethod("Bad", CAT, "test")
+    exc = info.value
+    assert isinstance(exc, TypeError), "as a declaration error always was"
+    assert (exc.key, exc.kind, exc.fix) == ("Bad", "bad_declaration", "name it like 'ties_svd'")
+    assert str(exc).endswith("name 'Bad' is not snake_case. Fix: name it like 'ties_svd'"), str(exc)
+
+
+def test_fixtures_into_a_file_is_refused_on_the_command_line(tmp_path, capsys):
+    from loraloom.cli import main
+
+    taken = tmp_path / "a-file"
+    taken.write_text("x")
+    assert main(["fixtures", str(taken)]) == 1
+    assert capsys.readouterr().err == (f"error: {taken}: is a file, not a folder to write LoRAs into. "
+                                       "Fix: name a folder (it is created if missing)\n")
+
+
+def test_server_refusal_has_its_fix_as_a_field():
+    pytest.importorskip("aiohttp")
+    from loraloom.server.userdata import Conflict
+    from loraloom.server.security import reject
+
+    body = json.loads(reject(403, "host_not_allowed", "Host 'evil' is not allowed.", value="evil",
+                             fix="start the server with --allow-host NAME").text)
+    assert body["error"]["message"] == "Host 'evil' is not allowed. Fix: start the server with --allow-host NAME"
+    assert body["error"]["extra_info"]["fix"] == "start the server with --allow-host NAME"
+    assert body["error"]["extra_info"]["value"] == "evil"
+    exc = Conflict("workflows/a.json")
+    assert (exc.value, exc.fix, exc.kind) == ("workflows/a.json", "pass overwrite=true to replace it", "exists")
+    assert str(exc) == "user file 'workflows/a.json' exists. Fix: pass overwrite=true to replace it"

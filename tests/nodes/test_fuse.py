@@ -1,6 +1,7 @@
 """Fuse through real graphs, against diffusers' own fuse_lora; a partial fuse and Sample's lora_scale;
 Fuse leaves the recipe it was given unchanged."""
 
+import pytest
 import torch
 
 
@@ -37,3 +38,17 @@ def test_inputs_are_not_mutated(runtime, blend_workflow, with_fused_branch):
     before = {(c, p): m.up.clone() for c, p, m in lora.modules()}
     runtime.run(wf, overrides={"4.weight": 0.3})
     assert all(torch.equal(m.up, before[c, p]) for c, p, m in lora.modules()), "LoRA tensors must not change"
+
+
+def test_unknown_adapter_names_fail_with_fields(runtime, blend_workflow, with_fused_branch):
+    from loraloom import ExecutionError
+
+    names = runtime.names
+    wf = with_fused_branch(blend_workflow(names), adapter_names="nope")
+    with pytest.raises(ExecutionError) as info:
+        runtime.run(wf)
+    err = info.value
+    active = [names["tiny-sdxl/diffusers"].rsplit(".", 1)[0], names["tiny-sdxl/diffusers-nometa"].rsplit(".", 1)[0]]
+    assert (err.node, err.class_type, err.input, err.kind) == ("7", "Fuse", "adapter_names", "unknown_adapter")
+    assert (err.value, err.limit) == (["nope"], active), "what was asked for, and the names there are"
+    assert err.exception_type == "loraloom.InputError" and str(err).endswith(f"Fix: {err.fix}"), str(err)

@@ -184,6 +184,9 @@ async def test_invalid_prompts_are_400_with_node_errors(serve, helpers):
         error = data["node_errors"]["1"]["errors"][0]
         assert error["extra_info"]["input_name"] == "value" and "1000" in error["details"]
         assert data["node_errors"]["1"]["class_type"] == "Const"
+        missing = data["node_errors"]["9"]["errors"][0]["extra_info"]
+        assert (missing["kind"], missing["value"]) == ("missing_node_type", "NoSuchNode"), "our error's fields"
+        assert missing["fix"] == "check the spelling, or install the pack that provides it"
         assert (await (await server.client.get("/api/queue")).json())["queue_pending"] == [], "nothing was queued"
 
 

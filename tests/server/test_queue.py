@@ -55,6 +55,7 @@ async def test_a_failing_prompt_leaves_the_worker_and_cache_healthy(serve, helpe
         error = [data for name, data in entry["status"]["messages"] if name == "execution_error"][0]
         assert (error["node_id"], error["node_type"]) == ("4", "MaybeFail")
         assert error["exception_message"] == "RuntimeError: asked to fail" and error["traceback"]
+        assert error["extra_info"] == {}, "the key ComfyUI's page ignores is there; a RuntimeError has no fields"
         seen = []
         while not seen or seen[-1] != ("executing", None, bad):
             msg = await asyncio.wait_for(ws.receive_json(), timeout=10)

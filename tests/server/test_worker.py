@@ -101,6 +101,7 @@ def test_a_prompt_that_no_longer_validates_is_an_error_naming_its_node(bench, he
     error = item.messages[-1][1]
     assert (error["node_id"], error["node_type"], error["traceback"]) == ("1", "Const", [])
     assert "1000" in error["exception_message"] and error["exception_type"].endswith("ValidationError")
+    assert (error["extra_info"]["type"], error["extra_info"]["kind"]) == ("loraloom.ValidationError", "invalid_prompt")
     assert b.wait(b.queue("next", helpers.chain())).status == SUCCESS, "the worker goes on"
 
 
@@ -121,6 +122,7 @@ def test_a_failure_outside_the_nodes_is_recorded_and_the_worker_goes_on(bench, h
     assert item.messages[-1][0] == "execution_error" and (error["node_id"], error["node_type"]) == ("", "")
     assert error["exception_type"] == "builtins.RuntimeError"
     assert error["exception_message"] == "RuntimeError: the runtime itself broke"
+    assert error["extra_info"] == {}, "not one of ours: no fields"
     assert any("the runtime itself broke" in line for line in error["traceback"]), "the traceback is kept"
     assert b.wait(b.queue("fine", helpers.chain())).status == SUCCESS
     assert b.worker.running_id is None
