@@ -52,7 +52,7 @@ def test_zip_tells_torch_save_from_an_archive(member, kind):
     verdict = sniff(_zip_with(member), size=1000)
     assert verdict.kind == kind
     if kind == "archive":
-        assert "'my_lora.safetensors'" in verdict.what and verdict.fix.startswith("Fix: unzip")
+        assert "'my_lora.safetensors'" in verdict.what and verdict.fix.startswith("unzip")
 
 
 @pytest.mark.parametrize("magic, what", [(b"7z\xbc\xaf\x27\x1c", "7-Zip"), (b"Rar!\x1a\x07", "RAR")])
