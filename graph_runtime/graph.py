@@ -1,19 +1,29 @@
 """Build the networkx DiGraph of a prompt and validate it, collecting every problem before anything runs.
 
 Errors come in ComfyUI's ``node_errors`` shape. Nothing here recurses: a 10,000-node chain validates.
+What a workflow may ask for is bounded by the current context's :class:`~.limits.Limits` (nodes,
+characters of text); node classes check their own costs against them in ``check_inputs``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import networkx as nx
 
+from .context import current_context
 from .errors import PathError, ValidationError
+from .limits import Limits
 from .paths import Folders
 from .schema import Input, NodeRegistry
 from .workflow import is_link
+
+
+# A lone UTF-16 surrogate: JSON's "\ud800" escape without its pair decodes to one. It is no Unicode
+# character, and tokenizers and UTF-8 encoders fail on it long after validation.
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -43,7 +53,8 @@ def _fmt(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def check_widget(node_id: str, class_type: str, inp: Input, value, options_cache: dict) -> tuple[object, dict | None]:
+def check_widget(node_id: str, class_type: str, inp: Input, value, options_cache: dict,
+                 limits: Limits | None = None) -> tuple[object, dict | None]:
     """Check one constant widget value. Returns (value, possibly converted; error dict or None)."""
     where = _title(node_id, class_type, inp.name)
     name = inp.name
@@ -74,6 +85,21 @@ def check_widget(node_id: str, class_type: str, inp: Input, value, options_cache
         if not isinstance(value, str):
             return value, _err("invalid_input_type", "Input is not a string",
                                f"{where}: {_fmt(value)} is not a string", name, received_value=_fmt(value))
+        limits = limits or Limits()
+        if len(value) > limits.max_text_chars:
+            return value, _err("value_too_long", f"Text of {len(value)} characters is longer than the limit "
+                               f"{limits.max_text_chars}",
+                               f"{where}: {len(value)} characters is above the limit {limits.max_text_chars}. "
+                               f"Fix: {limits.fix('max_text_chars')}", name,
+                               received_length=len(value), max_length=limits.max_text_chars)
+        bad = _SURROGATE_RE.search(value)
+        if bad is not None:
+            code = f"U+{ord(bad.group()):04X}"
+            return value, _err("invalid_text", "Text is not valid Unicode",
+                               f"{where}: character {bad.start()} is a lone surrogate {code} (half of a "
+                               "UTF-16 pair, e.g. a JSON \\ud800 escape without its partner), which is not a "
+                               "Unicode character. Fix: remove it, or write the character itself",
+                               name, position=bad.start(), character=code)
     elif inp.type == "BOOLEAN":
         if not isinstance(value, bool):
             return value, _err("invalid_input_type", "Input is not a boolean",
@@ -95,6 +121,12 @@ def check_widget(node_id: str, class_type: str, inp: Input, value, options_cache
 
 def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | None = None) -> ValidPrompt:
     """Validate every node and link; raise :class:`ValidationError` listing all problems."""
+    limits = current_context().limits
+    if len(prompt) > limits.max_nodes:
+        raise ValidationError(_err("prompt_too_large", "Prompt has too many nodes",
+                                   f"the workflow has {len(prompt)} nodes, above the limit {limits.max_nodes}. "
+                                   f"Fix: {limits.fix('max_nodes')}", nodes=len(prompt), max_nodes=limits.max_nodes),
+                              {})
     errors: dict[str, list[dict]] = {}
     graph = nx.DiGraph()
     nodes: dict[str, dict] = {}
@@ -154,7 +186,12 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
                 inputs[inp.name] = [str(value[0]), value[1]]
                 graph.add_edge(str(value[0]), node_id)
                 continue
-            value, problem = check_widget(node_id, class_type, inp, value, options_cache)
+            value, problem = check_widget(node_id, class_type, inp, value, options_cache, limits)
+            not_listed = problem is not None and problem["type"] == "value_not_in_list"
+            if not_listed and inp.file_kind and folders is not None:
+                # the choices are the files in these folders: name them, and any that does not exist
+                problem["details"] += (f"; searched {folders.searched(inp.file_kind)}. "
+                                       f"Fix: {folders.advice.missing[inp.file_kind]}")
             if problem is None and inp.file_kind and inp.type == "STRING" and value and folders is not None:
                 try:
                     folders.find(inp.file_kind, value)

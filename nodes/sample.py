@@ -51,9 +51,24 @@ class Sample:
     def check_inputs(cls, constants: dict) -> dict:
         problems = {name: f"{constants[name]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)"
                     for name in ("width", "height") if isinstance(constants.get(name), int) and constants[name] % 8}
+        problems.update(cls._check_pixels(constants))
         if constants.get("scheduler") == "pndm" and isinstance(constants.get("steps"), int) and constants["steps"] < 4:
             problems["steps"] = f"{constants['steps']} is below 4, the fewest steps the pndm scheduler can take"
         return problems
+
+    @staticmethod
+    def _check_pixels(constants: dict) -> dict:
+        # Memory and time grow with the pixels made at once; the runtime's limits bound them.
+        sizes = [constants.get(name) for name in ("width", "height", "batch_size")]
+        if not all(isinstance(v, int) for v in sizes):
+            return {}
+        width, height, batch = sizes
+        limits = current_context().limits
+        if width * height * batch <= limits.max_pixels:
+            return {}
+        return {"batch_size" if batch > 1 else "width":
+                f"width x height x batch_size = {width} x {height} x {batch} = {width * height * batch} pixels "
+                f"is above the limit {limits.max_pixels}. Fix: {limits.fix('max_pixels')}"}
 
     def execute(self, model, prompt, negative_prompt, seed, steps, guidance, width, height, scheduler,
                 batch_size, lora_scale):

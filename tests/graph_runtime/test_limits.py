@@ -1,0 +1,126 @@
+"""Bounds on what one workflow may ask for (text length, pixels, nodes), refused at validation with
+the way to raise each; text that is not valid Unicode refused at validation, naming node and input."""
+
+import json
+
+import pytest
+
+from loraloom import Runtime
+from loraloom.cli import main
+from loraloom.graph_runtime import Limits, ValidationError, WorkflowError
+from loraloom.graph_runtime.jsonio import loads_strict
+from loraloom.graph_runtime.limits import DEFAULT_MAX_TEXT_CHARS
+
+
+def _sample(**inputs):
+    sample = {"model": ["1", 0], "prompt": "a cat", "steps": 1, "width": 64, "height": 64}
+    sample.update(inputs)
+    return {"1": {"class_type": "LoadBase", "inputs": {"source": "tiny-sd15", "dtype": "fp32", "device": "cpu"}},
+            "2": {"class_type": "Sample", "inputs": sample},
+            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+
+
+@pytest.fixture
+def rt(tmp_path, monkeypatch):
+    for name in ("LORALOOM_MAX_TEXT_CHARS", "LORALOOM_MAX_PIXELS", "LORALOOM_MAX_NODES"):
+        monkeypatch.delenv(name, raising=False)
+    return Runtime(lora_dirs=[tmp_path / "loras"], models_dir=tmp_path / "models", output_dir=tmp_path / "out")
+
+
+def _details(exc: ValidationError) -> list[str]:
+    return [e["details"] for entry in exc.node_errors.values() for e in entry["errors"]]
+
+
+def test_a_10_mb_prompt_is_refused_at_validation_naming_node_input_and_the_fix(rt):
+    huge = "cat " * (10 * 2**20 // 4)
+    with pytest.raises(ValidationError) as info:
+        rt.validate(_sample(prompt=huge, negative_prompt=huge[:DEFAULT_MAX_TEXT_CHARS]))
+    details = _details(info.value)
+    assert len(details) == 1, f"only the prompt is too long, the negative prompt is at the limit: {details}"
+    assert details[0].startswith("node 2 (Sample) input 'prompt': 10485760 characters is above the limit 20000. "
+                                 "Fix: "), details[0]
+    for way in ("--max-text-chars", "LORALOOM_MAX_TEXT_CHARS", "Runtime(limits=Limits(max_text_chars="):
+        assert way in details[0], f"the fix must name {way}: {details[0]}"
+    error = info.value.node_errors["2"]["errors"][0]
+    assert error["extra_info"] == {"input_name": "prompt", "received_length": 10485760, "max_length": 20000}
+
+
+def test_the_text_limit_is_raised_by_argument_or_environment(tmp_path, monkeypatch):
+    wf = _sample(prompt="x" * 30_000)
+    folders = dict(lora_dirs=[tmp_path], models_dir=tmp_path, output_dir=tmp_path)
+    monkeypatch.delenv("LORALOOM_MAX_TEXT_CHARS", raising=False)
+    with pytest.raises(ValidationError):
+        Runtime(**folders).validate(wf)
+    assert Runtime(limits=Limits(max_text_chars=30_000), **folders).validate(wf).outputs == ["3"]
+    monkeypatch.setenv("LORALOOM_MAX_TEXT_CHARS", "30_000")
+    assert Runtime(**folders).validate(wf).outputs == ["3"]
+    with pytest.raises(ValidationError):
+        Runtime(limits=Limits(max_text_chars=29_999), **folders).validate(wf)  # an argument beats the environment
+
+
+@pytest.mark.parametrize("width,height,batch,named", [(8192, 8192, 2, "batch_size"), (4096, 8192, 3, "batch_size")])
+def test_too_many_pixels_in_one_sample_are_refused(rt, width, height, batch, named):
+    with pytest.raises(ValidationError) as info:
+        rt.validate(_sample(width=width, height=height, batch_size=batch))
+    (detail,) = _details(info.value)
+    pixels = width * height * batch
+    assert detail.startswith(f"node 2 (Sample) input '{named}': width x height x batch_size = {width} x {height} x "
+                             f"{batch} = {pixels} pixels is above the limit {4096 * 4096 * 4}. Fix: "), detail
+    assert "--max-pixels" in detail and "LORALOOM_MAX_PIXELS" in detail
+    raised = Runtime(folders=rt.folders, limits=Limits(max_pixels=pixels))
+    assert raised.validate(_sample(width=width, height=height, batch_size=batch)).outputs == ["3"]
+
+
+@pytest.mark.parametrize("width,height,batch", [(8192, 8192, 1), (1024, 1024, 64), (2048, 2048, 16)])
+def test_the_default_pixel_limit_allows_real_sizes(rt, width, height, batch):
+    assert rt.validate(_sample(width=width, height=height, batch_size=batch)).outputs == ["3"]
+
+
+def test_too_many_nodes_are_refused_before_each_is_checked(tmp_path):
+    wf = _sample()
+    for i in range(10, 30):
+        wf[str(i)] = {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
+    rt = Runtime(lora_dirs=[tmp_path], models_dir=tmp_path, limits=Limits(max_nodes=20))
+    with pytest.raises(ValidationError) as info:
+        rt.validate(wf)
+    assert info.value.error["type"] == "prompt_too_large" and info.value.node_errors == {}
+    assert "the workflow has 23 nodes, above the limit 20. Fix: " in str(info.value), str(info.value)
+    assert "--max-nodes" in str(info.value)
+
+
+@pytest.mark.parametrize("text,position", [('\\ud800', 0), ('a cat \\udfff', 6), ('\\udc00\\ud83d', 0)])
+def test_a_lone_surrogate_is_refused_at_validation(rt, text, position):
+    wf = loads_strict(json.dumps(_sample()).replace('"a cat"', f'"{text}"'))
+    with pytest.raises(ValidationError) as info:
+        rt.validate(wf)
+    (detail,) = _details(info.value)
+    code = f"U+{ord(wf['2']['inputs']['prompt'][position]):04X}"
+    assert detail.startswith(f"node 2 (Sample) input 'prompt': character {position} is a lone surrogate {code} "), detail
+    assert "Fix: " in detail
+    detail.encode("utf-8")  # the message itself prints on any terminal: it shows the code, not the character
+
+
+def test_a_surrogate_pair_is_one_character_and_valid(rt):
+    wf = loads_strict(json.dumps(_sample()).replace('"a cat"', '"a cat \\ud83d\\ude00"'))
+    assert wf["2"]["inputs"]["prompt"] == "a cat \N{GRINNING FACE}"
+    assert rt.validate(wf).nodes["2"]["inputs"]["prompt"] == "a cat \N{GRINNING FACE}"
+
+
+def test_limits_are_positive_integers(monkeypatch):
+    with pytest.raises(WorkflowError, match="max_nodes must be a positive integer, not 0"):
+        Limits(max_nodes=0)
+    monkeypatch.setenv("LORALOOM_MAX_PIXELS", "lots")
+    with pytest.raises(WorkflowError, match="LORALOOM_MAX_PIXELS='lots' is not a whole number"):
+        Limits.configure()
+
+
+def test_cli_flags_raise_the_limits(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LORALOOM_MAX_TEXT_CHARS", raising=False)
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(_sample(prompt="x" * 25_000)))
+    args = ["validate", str(path), "--lora-dir", str(tmp_path), "--models-dir", str(tmp_path)]
+    assert main(args) == 1
+    assert "input 'prompt': 25000 characters is above the limit 20000" in capsys.readouterr().err
+    assert main(args + ["--max-text-chars", "25000"]) == 0
+    with pytest.raises(SystemExit):
+        main(args + ["--max-text-chars", "0"])
