@@ -267,7 +267,7 @@ def _check_cycles(graph: nx.DiGraph, prompt: dict, errors: dict) -> None:
 
 
 def _shape(node_errors: dict, prompt: dict, graph: nx.DiGraph, outputs: list[str]) -> dict:
-    dependents = _dependent_outputs(graph, outputs)
+    dependents = _dependent_outputs(graph, outputs, node_errors)
     shaped = {}
     for nid, errs in node_errors.items():
         shaped[nid] = {"class_type": prompt[nid]["class_type"] if nid in prompt else None,
@@ -275,8 +275,8 @@ def _shape(node_errors: dict, prompt: dict, graph: nx.DiGraph, outputs: list[str
     return shaped
 
 
-def _dependent_outputs(graph: nx.DiGraph, outputs: list[str]) -> dict[str, list[str]]:
-    """For each node, the output nodes that are it or downstream of it, in time linear in the graph
+def _dependent_outputs(graph: nx.DiGraph, outputs: list[str], wanted) -> dict[str, list[str]]:
+    """For each node in ``wanted``, the output nodes that are it or downstream of it, in time linear in the graph
     (asking networkx for each failing node's descendants is quadratic: a 10,000-node chain of
     invalid nodes took a minute). Cycles are allowed here: the graph may be the invalid one."""
     if not outputs:
@@ -294,7 +294,9 @@ def _dependent_outputs(graph: nx.DiGraph, outputs: list[str]) -> dict[str, list[
             mask |= reach[succ]
         reach[comp] = mask
     out = {}
-    for nid in graph:
+    for nid in wanted:
+        if nid not in members:
+            continue
         mask, found = reach[members[nid]], []
         while mask:
             low = mask & -mask

@@ -51,7 +51,7 @@ class Sample:
     def check_inputs(cls, constants: dict) -> dict:
         problems = {name: f"{constants[name]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)"
                     for name in ("width", "height") if isinstance(constants.get(name), int) and constants[name] % 8}
-        problems.update(cls._check_pixels(constants))
+        problems = {**cls._check_pixels(constants), **problems}  # a size's own problem first
         if constants.get("scheduler") == "pndm" and isinstance(constants.get("steps"), int) and constants["steps"] < 4:
             problems["steps"] = f"{constants['steps']} is below 4, the fewest steps the pndm scheduler can take"
         return problems
