@@ -10,7 +10,8 @@ from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_nod
 install_if_in_comfyui()
 
 __version__ = "0.1.0"
-_LAZY = {"Runtime": "api", "load_node_modules": "api", "RunResult": "graph_runtime", "node": "graph_runtime"}
+_LAZY = {"Runtime": "api", "load_node_modules": "api", "RunResult": "graph_runtime", "node": "graph_runtime",
+         "Limits": "graph_runtime"}
 # The error family: each class reports its module as ``loraloom`` (what ComfyUI shows as the type),
 # so each must be importable from here, also for pickling.
 _ERRORS = {"graph_runtime.errors": ("LoomError", "SchemaError", "WorkflowError", "PathError", "InputError",
@@ -33,4 +34,4 @@ def __getattr__(name):
 
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "Runtime", "register_node", "load_node_modules",
-           "RunResult", "node", "ValidationError", "ExecutionError"]
+           "RunResult", "node", "Limits", "ValidationError", "ExecutionError"]

@@ -30,6 +30,29 @@ def _folder_args(parser: argparse.ArgumentParser) -> None:
                              "also LORALOOM_NODE_MODULES=a,b)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def _limit_args(parser: argparse.ArgumentParser) -> None:
+    from .graph_runtime import limits
+
+    group = parser.add_argument_group("limits on what one workflow may ask for (else LORALOOM_MAX_TEXT_CHARS, "
+                                      "LORALOOM_MAX_PIXELS, LORALOOM_MAX_NODES, else the defaults shown)")
+    group.add_argument(limits.flag("max_text_chars"), type=_positive_int, metavar="N",
+                       help=f"characters in one text input, e.g. a prompt (default {limits.DEFAULT_MAX_TEXT_CHARS})")
+    group.add_argument(limits.flag("max_pixels"), type=_positive_int, metavar="N",
+                       help=f"width x height x batch_size of one Sample (default {limits.DEFAULT_MAX_PIXELS})")
+    group.add_argument(limits.flag("max_nodes"), type=_positive_int, metavar="N",
+                       help=f"nodes in one workflow (default {limits.DEFAULT_MAX_NODES})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraloom",
@@ -47,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     run.add_argument("--cache-bytes", type=int, metavar="N", help="byte budget of the result cache")
     _folder_args(run)
+    _limit_args(run)
 
     val = sub.add_parser("validate", help="check a workflow without running it")
     val.add_argument("workflow")
     val.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE")
     val.add_argument("--json", action="store_true", help="print ComfyUI's node_errors JSON")
     _folder_args(val)
+    _limit_args(val)
 
     nodes = sub.add_parser("nodes", help="list the available nodes")
     nodes.add_argument("--json", action="store_true", help="print the full object_info JSON")
@@ -84,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "LORALOOM_USER_DIR, else ~/.local/share/loraloom)")
     serve.add_argument("--cache-bytes", type=int, metavar="N", help="byte budget of the result cache")
     _folder_args(serve)
+    _limit_args(serve)
     return parser
 
 
@@ -106,11 +132,14 @@ def parse_sets(items: list[str]) -> dict:
 
 def _runtime(args, **extra):
     from .api import Runtime, is_shipped_workflow, load_node_modules
+    from .graph_runtime import Limits
 
     load_node_modules(args.nodes_module)
+    limits = Limits.configure(**{name: getattr(args, name, None)
+                                 for name in ("max_text_chars", "max_pixels", "max_nodes")})
     # The demo LoRAs are there for the shipped workflows only: never in the LoRA list otherwise.
     return Runtime(lora_dirs=args.lora_dir, models_dir=args.models_dir, output_dir=args.output_dir,
-                   demo_loras=is_shipped_workflow(getattr(args, "workflow", None)), **extra)
+                   demo_loras=is_shipped_workflow(getattr(args, "workflow", None)), limits=limits, **extra)
 
 
 class _Progress:

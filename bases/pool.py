@@ -99,9 +99,11 @@ class ModelRecipe:
     compile: CompileOptions | None = None
 
     def describe(self) -> str:
+        """One line: the base, then each application (a long list keeps its first and last few, so
+        every node of a long blend chain shows a line of bounded length)."""
         parts = [f"{self.base.source} ({self.base.arch}, {self.base.dtype})"]
-        parts += [f"fused {a.name} x{a.weight:g}" for a in self.fused]
-        parts += [f"{a.name} x{a.weight:g}" for a in self.adapters]
+        parts += _describe_apps(self.fused, "fused ")
+        parts += _describe_apps(self.adapters, "")
         if self.compile:
             parts.append("compiled")
         return " + ".join(parts)
@@ -112,6 +114,17 @@ class ModelRecipe:
         Distinct by identity here: a chain of blends applies one LoRA many times, and each recipe in
         it is sized once, so this keeps sizing a long chain cheap."""
         return list(dict.fromkeys(map(_lora_of, itertools.chain(self.fused, self.adapters))))
+
+
+DESCRIBE_HEAD, DESCRIBE_TAIL = 12, 3
+
+
+def _describe_apps(apps: tuple[Application, ...], prefix: str) -> list[str]:
+    if len(apps) > DESCRIBE_HEAD + DESCRIBE_TAIL + 1:
+        hidden = len(apps) - DESCRIBE_HEAD - DESCRIBE_TAIL
+        return ([f"{prefix}{a.name} x{a.weight:g}" for a in apps[:DESCRIBE_HEAD]] + [f"({hidden} more)"]
+                + [f"{prefix}{a.name} x{a.weight:g}" for a in apps[-DESCRIBE_TAIL:]])
+    return [f"{prefix}{a.name} x{a.weight:g}" for a in apps]
 
 
 @dataclass
@@ -139,7 +152,7 @@ class ModelPool:
         self._identify = identify
         self._live: OrderedDict[tuple, _Live] = OrderedDict()
         self._lock = threading.RLock()
-        self.stats = {"loads": 0, "patched_layers": 0, "restored_layers": 0, "compiles": 0}
+        self.stats = {"loads": 0, "patched_layers": 0, "restored_layers": 0, "compiles": 0, "deltas": 0}
 
     def load(self, source: str, dtype: str = "auto", device: str = "auto", config: str | None = None) -> BaseModel:
         """Load a base (preset name, diffusers folder or single file) and return its handle. The key
@@ -244,8 +257,15 @@ class ModelPool:
                 live.backups[key] = backup
             with torch.no_grad():
                 new = backup.to(weight.device, torch.float32, copy=True)  # never add into the backup
+                # A chain of blends applies one LoRA many times: its delta is computed once per layer,
+                # and still added once per application, in order, so the sum is the same bit for bit.
+                deltas: dict[int, torch.Tensor] = {}
                 for _fp, coeff, module in target[key]:
-                    new.add_(delta(module, weight.shape).to(weight.device), alpha=coeff)
+                    d = deltas.get(id(module))
+                    if d is None:
+                        d = deltas[id(module)] = delta(module, weight.shape).to(weight.device)
+                        self.stats["deltas"] += 1
+                    new.add_(d, alpha=coeff)
                 weight.copy_(new.to(weight.dtype))
             live.applied[key] = target[key]
             self.stats["patched_layers"] += 1

@@ -1,6 +1,7 @@
 """Runtime overhead: a 1,000-node stub graph run cold, re-run cached, and the same functions called
 in a plain Python loop; validation of a 10,000-node chain; the cache's sizing of a WeightedBlend chain
-(each recipe holds every earlier LoRA application) at 250 and 1,000 steps, with the work counted.
+(each recipe holds every earlier LoRA application) at 250 and 1,000 steps, with the work counted;
+a WeightedBlend chain of 500 and 2,000 nodes run end to end on tiny-sd15.
 Prints ratios measured side by side.
 
     python bench/bench_runtime.py [--quick] [--json OUT]
@@ -87,6 +88,35 @@ def blend_chain(lora, n: int) -> tuple[float, int, int, int]:
     return seconds, size_stats.tensors - tensors, size_stats.values - values, store.nbytes
 
 
+def blend_chain_run(n: int) -> tuple[float, int]:
+    """Run LoadBase, LoadLoRA, ``n`` chained WeightedBlend nodes and a 1-step 64 px Sample on tiny-sd15,
+    end to end in a fresh Runtime. Returns seconds and the LoRA deltas the pool computed."""
+    import tempfile
+    from pathlib import Path
+
+    from loraloom import Runtime as LoomRuntime
+    from loraloom.bases.pool import pool_from
+    from loraloom.fixtures import write_fixtures
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        lora = write_fixtures(root / "loras")["tiny-sd15/diffusers"].relative_to(root / "loras").as_posix()
+        wf = {"1": {"class_type": "LoadBase", "inputs": {"source": "tiny-sd15", "dtype": "fp32", "device": "cpu"}},
+              "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}}}
+        prev = "1"
+        for i in range(n):
+            wf[str(10 + i)] = {"class_type": "WeightedBlend", "inputs": {
+                "model": [prev, 0], "lora": ["2", 0], "weight": 0.001, "text_encoder_weight": 0.001,
+                "block_weights": ""}}
+            prev = str(10 + i)
+        wf["5"] = {"class_type": "Sample", "inputs": {"model": [prev, 0], "steps": 1, "width": 64, "height": 64}}
+        wf["6"] = {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}
+        rt = LoomRuntime(lora_dirs=[root / "loras"], models_dir=root / "models", output_dir=root / "out")
+        start = time.perf_counter()
+        rt.run(wf)
+        return time.perf_counter() - start, pool_from(rt.resources).stats["deltas"]
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -133,6 +163,9 @@ def main(argv=None) -> dict:
     short = min((blend_chain(lora, 250) for _ in range(repeats)), key=lambda r: r[0])  # min: steadiest here
     long = min((blend_chain(lora, 1000) for _ in range(repeats)), key=lambda r: r[0])
 
+    run_500 = blend_chain_run(500)
+    run_2000 = blend_chain_run(2000)
+
     figures = {
         "nodes": n,
         "cold_run_s": t_cold,
@@ -149,6 +182,10 @@ def main(argv=None) -> dict:
         "blend_chain_1000_values_sized": long[2],
         "blend_chain_1000_cache_bytes": long[3],
         "lora_bytes": lora.nbytes,
+        "blend_chain_run_500_s": run_500[0],
+        "blend_chain_run_2000_s": run_2000[0],
+        "blend_chain_run_growth": run_2000[0] / run_500[0],
+        "blend_chain_run_2000_deltas": run_2000[1],
     }
     print(f"runtime overhead, {n}-node graph (median of {repeats}):")
     print(f"  cold run        {t_cold * 1e3:8.1f} ms  ({figures['cold_vs_plain']:.0f}x the plain loop, "
@@ -162,6 +199,10 @@ def main(argv=None) -> dict:
           f"({figures['blend_chain_growth']:.1f}x for 4x the steps; 4 is linear, 16 quadratic)")
     print(f"  work at 1,000 steps: {long[1]} tensors and {long[2]} values sized; cache holds "
           f"{long[3] / 2**20:.2f} MiB (the LoRA counted once)")
+    print("a WeightedBlend chain run end to end on tiny-sd15 (LoadBase, LoadLoRA, the chain, a 1-step Sample):")
+    print(f"  500 nodes {run_500[0]:6.2f} s, 2,000 nodes {run_2000[0]:6.2f} s "
+          f"({figures['blend_chain_run_growth']:.1f}x for 4x the nodes; 4 is linear); "
+          f"{run_2000[1]} LoRA deltas computed for 2,000 applications")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -246,6 +246,9 @@ def lines_runtime(f: dict) -> list:
          _fmt(f["cached_vs_cold"], "x"), INFO, INFO),
         ("per-node overhead vs direct calls", f"{f['per_node_overhead_us']:.3g} us", f"plain loop {_fmt(f['plain_loop_s'], 's')}",
          f"{f['cold_vs_plain']:.3g}x the loop", INFO, INFO),
+        ("2,000-node WeightedBlend chain run", _fmt(f["blend_chain_run_2000_s"], "s"),
+         f"500 nodes {_fmt(f['blend_chain_run_500_s'], 's')}", f"{f['blend_chain_run_growth']:.2g}x for 4x nodes",
+         INFO, INFO),
     ]
 
 

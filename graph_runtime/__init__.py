@@ -9,13 +9,15 @@ from .context import ExecutionContext, current_context
 from .errors import (ExecutionError, InputError, Interrupted, LoomError, PathError, SchemaError, ValidationError,
                      WorkflowError)
 from .executor import RunResult, Runtime
+from .limits import Limits
 from .paths import TEMP_SUBFOLDER, Folders, check_relative_name, resolve_under
 from .schema import Boolean, Combo, Float, Input, Int, Link, NodeRegistry, NodeSchema, Output, String, node
 from .workflow import Workflow, load_workflow
 
 __all__ = [
     "HASH_CHUNK_BYTES", "TEMP_SUBFOLDER", "Boolean", "CacheStore", "Combo", "ExecutionContext", "ExecutionError",
-    "Float", "Folders", "Footprint", "Input", "InputError", "Int", "Interrupted", "Link", "LoomError", "NodeRegistry",
+    "Float", "Folders", "Footprint", "Input", "InputError", "Int", "Interrupted", "Limits", "Link", "LoomError",
+    "NodeRegistry",
     "NodeSchema", "Output", "PathError", "RunResult", "Runtime", "SchemaError", "String", "ValidationError",
     "Workflow", "WorkflowError", "check_relative_name", "current_context", "estimate_nbytes", "file_fingerprint",
     "file_hasher", "footprint", "known_fingerprint", "load_workflow", "node", "remember_fingerprint",

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import Interrupted
+from .limits import Limits
 from .paths import Folders
 
 
 @dataclass
 class ExecutionContext:
-    """What a running node may use. ``resources`` holds runtime-wide objects (e.g. the model pool)."""
+    """What a running node may use. ``resources`` holds runtime-wide objects (e.g. the model pool);
+    ``limits`` bound what a workflow may ask for (validation reads them here)."""
 
     folders: Folders
     node_id: str | None = None
@@ -27,6 +29,7 @@ class ExecutionContext:
     resources: dict[str, Any] = field(default_factory=dict)
     interrupt_flag: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[str | None, int, int], None] | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def progress(self, value: int, total: int) -> None:
         """Report progress inside the node (e.g. sampling steps) and honour an interrupt."""
@@ -52,7 +55,7 @@ def current_context() -> ExecutionContext:
         return ctx
     global _default
     if _default is None:
-        _default = ExecutionContext(folders=Folders.configure())
+        _default = ExecutionContext(folders=Folders.configure(), limits=Limits.configure())
     return _default
 
 

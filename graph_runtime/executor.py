@@ -20,6 +20,7 @@ from .cache import DEFAULT_CACHE_BYTES, CacheStore, node_key
 from .context import ExecutionContext, reset_context, use_context
 from .errors import ExecutionError, Interrupted, LoomError
 from .graph import ValidPrompt, validate_prompt
+from .limits import Limits
 from .paths import Folders
 from .schema import NodeRegistry, input_fingerprint
 from .workflow import Workflow, apply_overrides, is_link, load_workflow
@@ -54,15 +55,18 @@ class Runtime:
     """Runs workflows, keeping a byte-bounded cache across runs.
 
     ``rt.run(workflow, overrides=None)`` takes a path, an API dict or a UI dict. Folders are
-    configured by arguments, then environment variables, then defaults (see :mod:`.paths`).
+    configured by arguments, then environment variables, then defaults (see :mod:`.paths`); so are
+    the ``limits`` on what one workflow may ask for (see :mod:`.limits`).
     """
 
     def __init__(self, *, registry: NodeRegistry | None = None, nodes=(), cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 lora_dirs=None, models_dir=None, output_dir=None, folders: Folders | None = None):
+                 lora_dirs=None, models_dir=None, output_dir=None, folders: Folders | None = None,
+                 limits: Limits | None = None):
         self.registry = registry.copy() if registry is not None else NodeRegistry()
         for cls in nodes:
             self.registry.register(cls)
         self.folders = folders or Folders.configure(lora_dirs, models_dir, output_dir)
+        self.limits = limits or Limits.configure()
         self.cache = CacheStore(cache_bytes)
         self.resources: dict[str, Any] = {}
         self._interrupt = threading.Event()
@@ -92,9 +96,9 @@ class Runtime:
 
     @contextlib.contextmanager
     def context(self):
-        """This runtime's folders and resources as the current context (COMBO lists, validation)."""
+        """This runtime's folders, resources and limits as the current context (COMBO lists, validation)."""
         token = use_context(ExecutionContext(folders=self.folders, resources=self.resources,
-                                             interrupt_flag=self._interrupt))
+                                             interrupt_flag=self._interrupt, limits=self.limits))
         try:
             yield
         finally:
@@ -199,7 +203,7 @@ class Runtime:
 
         order = [n for n in valid.order if n in dirty]
         ctx_base = dict(folders=self.folders, prompt=wf.prompt, workflow=wf.ui, resources=self.resources,
-                        interrupt_flag=self._interrupt)
+                        interrupt_flag=self._interrupt, limits=self.limits)
 
         def on_progress(node_id, value, total):
             emit({"event": "progress", "node": node_id, "class_type": valid.nodes[node_id]["class_type"],

@@ -1,19 +1,29 @@
 """Build the networkx DiGraph of a prompt and validate it, collecting every problem before anything runs.
 
 Errors come in ComfyUI's ``node_errors`` shape. Nothing here recurses: a 10,000-node chain validates.
+What a workflow may ask for is bounded by the current context's :class:`~.limits.Limits` (nodes,
+characters of text); node classes check their own costs against them in ``check_inputs``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import networkx as nx
 
-from .errors import LoomError, PathError, ValidationError
+from .context import current_context
+from .errors import InputError, LoomError, PathError, ValidationError
+from .limits import Limits
 from .paths import Folders
 from .schema import Input, NodeRegistry
 from .workflow import is_link
+
+
+# A lone UTF-16 surrogate: JSON's "\ud800" escape without its pair decodes to one. It is no Unicode
+# character, and tokenizers and UTF-8 encoders fail on it long after validation.
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -52,7 +62,8 @@ def _fmt(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def check_widget(node_id: str, class_type: str, inp: Input, value, options_cache: dict) -> tuple[object, dict | None]:
+def check_widget(node_id: str, class_type: str, inp: Input, value, options_cache: dict,
+                 limits: Limits | None = None) -> tuple[object, dict | None]:
     """Check one constant widget value. Returns (value, possibly converted; error dict or None)."""
     where = _title(node_id, class_type, inp.name)
     name = inp.name
@@ -83,6 +94,22 @@ def check_widget(node_id: str, class_type: str, inp: Input, value, options_cache
         if not isinstance(value, str):
             return value, _err("invalid_input_type", "Input is not a string",
                                f"{where}: {_fmt(value)} is not a string", name, received_value=_fmt(value))
+        limits = limits or Limits()
+        if len(value) > limits.max_text_chars:
+            too_long = InputError(f"{len(value)} characters is above the limit {limits.max_text_chars}.",
+                                  value=len(value), limit=limits.max_text_chars, kind="value_too_long",
+                                  fix=limits.fix("max_text_chars"))
+            return value, _err_from("value_too_long", f"Text of {len(value)} characters is longer than the limit "
+                                    f"{limits.max_text_chars}", too_long, node_id, class_type, name,
+                                    received_length=len(value), max_length=limits.max_text_chars)
+        bad = _SURROGATE_RE.search(value)
+        if bad is not None:
+            code = f"U+{ord(bad.group()):04X}"
+            lone = InputError(f"character {bad.start()} is a lone surrogate {code} (half of a UTF-16 pair, e.g. "
+                              "a JSON \\ud800 escape without its partner), which is not a Unicode character.",
+                              value=code, kind="invalid_text", fix="remove it, or write the character itself")
+            return value, _err_from("invalid_text", "Text is not valid Unicode", lone, node_id, class_type, name,
+                                    position=bad.start(), character=code)
     elif inp.type == "BOOLEAN":
         if not isinstance(value, bool):
             return value, _err("invalid_input_type", "Input is not a boolean",
@@ -104,6 +131,13 @@ def check_widget(node_id: str, class_type: str, inp: Input, value, options_cache
 
 def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | None = None) -> ValidPrompt:
     """Validate every node and link; raise :class:`ValidationError` listing all problems."""
+    limits = current_context().limits
+    if len(prompt) > limits.max_nodes:
+        too_large = InputError(f"the workflow has {len(prompt)} nodes, above the limit {limits.max_nodes}.",
+                               value=len(prompt), limit=limits.max_nodes, kind="prompt_too_large",
+                               fix=limits.fix("max_nodes"))
+        raise ValidationError(_err("prompt_too_large", "Prompt has too many nodes", too_large.render(),
+                                   nodes=len(prompt), max_nodes=limits.max_nodes, **too_large.fields()), {})
     errors: dict[str, list[dict]] = {}
     graph = nx.DiGraph()
     nodes: dict[str, dict] = {}
@@ -164,7 +198,13 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
                 inputs[inp.name] = [str(value[0]), value[1]]
                 graph.add_edge(str(value[0]), node_id)
                 continue
-            value, problem = check_widget(node_id, class_type, inp, value, options_cache)
+            value, problem = check_widget(node_id, class_type, inp, value, options_cache, limits)
+            not_listed = problem is not None and problem["type"] == "value_not_in_list"
+            if not_listed and inp.file_kind and folders is not None:
+                # the choices are the files in these folders: name them, and any that does not exist
+                problem["details"] += f"; searched {folders.searched(inp.file_kind)}."
+                problem["extra_info"]["fix"] = folders.advice.missing[inp.file_kind]
+                problem["details"] = LoomError(problem["details"], fix=problem["extra_info"]["fix"]).render()
             if problem is None and inp.file_kind and inp.type == "STRING" and value and folders is not None:
                 try:
                     folders.find(inp.file_kind, value)
@@ -245,12 +285,40 @@ def _check_cycles(graph: nx.DiGraph, prompt: dict, errors: dict) -> None:
 
 
 def _shape(node_errors: dict, prompt: dict, graph: nx.DiGraph, outputs: list[str]) -> dict:
-    out_set = set(outputs)
+    dependents = _dependent_outputs(graph, outputs, node_errors)
     shaped = {}
     for nid, errs in node_errors.items():
-        dependents = [nid] if nid in out_set else []
-        if nid in graph:
-            dependents += [d for d in nx.descendants(graph, nid) if d in out_set]
         shaped[nid] = {"class_type": prompt[nid]["class_type"] if nid in prompt else None,
-                       "errors": errs, "dependent_outputs": sorted(set(dependents))}
+                       "errors": errs, "dependent_outputs": sorted(dependents.get(nid, []))}
     return shaped
+
+
+def _dependent_outputs(graph: nx.DiGraph, outputs: list[str], wanted) -> dict[str, list[str]]:
+    """For each node in ``wanted``, the output nodes that are it or downstream of it, in time linear in the graph
+    (asking networkx for each failing node's descendants is quadratic: a 10,000-node chain of
+    invalid nodes took a minute). Cycles are allowed here: the graph may be the invalid one."""
+    if not outputs:
+        return {}
+    bit = {o: 1 << i for i, o in enumerate(outputs)}
+    dag = nx.condensation(graph)
+    members = dag.graph["mapping"]  # node -> its strongly connected component
+    reach: dict[int, int] = {}
+    # Outputs reachable from a component, as a bit set (a Python int): its own outputs, then its successors'.
+    for comp in reversed(list(nx.topological_sort(dag))):
+        mask = 0
+        for nid in dag.nodes[comp]["members"]:
+            mask |= bit.get(nid, 0)
+        for succ in dag.successors(comp):
+            mask |= reach[succ]
+        reach[comp] = mask
+    out = {}
+    for nid in wanted:
+        if nid not in members:
+            continue
+        mask, found = reach[members[nid]], []
+        while mask:
+            low = mask & -mask
+            found.append(outputs[low.bit_length() - 1])
+            mask ^= low
+        out[nid] = found
+    return out

@@ -77,6 +77,12 @@ def resolve_under(root: str | os.PathLike, name: str, *, what: str = "file", mus
     return candidate
 
 
+def _not_a_folder(root: Path) -> str:
+    if root.is_dir():
+        return ""
+    return " (not a folder)" if root.exists() else " (does not exist)"
+
+
 @dataclass
 class Folders:
     """The configured roots. ``kind`` is ``"loras"``, ``"models"`` or ``"output"``. ``advice`` is the
@@ -121,8 +127,13 @@ class Folders:
             if path.exists():
                 return path
         searched = ", ".join(str(r) for r in self.roots(kind))
-        raise PathError(f"{kind.rstrip('s')} {name!r} not found in {searched}.", value=name, limit=searched,
-                        fix=self.advice.missing[kind], kind="not_found")
+        raise PathError(f"{kind.rstrip('s')} {name!r} not found in {self.searched(kind)}.", value=name,
+                        limit=searched, fix=self.advice.missing[kind], kind="not_found")
+
+    def searched(self, kind: str) -> str:
+        """The roots of ``kind`` as an error names them, each one that is no folder marked so: a
+        mistyped ``--lora-dir`` shows up as the reason a name is not found."""
+        return ", ".join(f"{root}{_not_a_folder(root)}" for root in self.roots(kind))
 
     def list(self, kind: str, suffixes: tuple[str, ...] = (), dirs: bool = False) -> list[str]:
         """Names (relative, '/'-separated) of files (or folders, with ``dirs``) under the roots."""

@@ -52,10 +52,27 @@ class Sample:
         problems = {name: InputError(f"{constants[name]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)",
                                      value=constants[name], limit="a multiple of 8", kind="not_multiple_of_8")
                     for name in ("width", "height") if isinstance(constants.get(name), int) and constants[name] % 8}
+        problems = {**cls._check_pixels(constants), **problems}  # a size's own problem first
         if constants.get("scheduler") == "pndm" and isinstance(constants.get("steps"), int) and constants["steps"] < 4:
             problems["steps"] = InputError(f"{constants['steps']} is below 4, the fewest steps the pndm scheduler can "
                                            "take", value=constants["steps"], limit=4, kind="too_few_steps")
         return problems
+
+    @staticmethod
+    def _check_pixels(constants: dict) -> dict:
+        # Memory and time grow with the pixels made at once; the runtime's limits bound them.
+        sizes = [constants.get(name) for name in ("width", "height", "batch_size")]
+        if not all(isinstance(v, int) for v in sizes):
+            return {}
+        width, height, batch = sizes
+        limits = current_context().limits
+        if width * height * batch <= limits.max_pixels:
+            return {}
+        pixels = width * height * batch
+        return {"batch_size" if batch > 1 else "width": InputError(
+            f"width x height x batch_size = {width} x {height} x {batch} = {pixels} pixels is above the limit "
+            f"{limits.max_pixels}.", value=pixels, limit=limits.max_pixels, kind="too_many_pixels",
+            fix=limits.fix("max_pixels"))}
 
     def execute(self, model, prompt, negative_prompt, seed, steps, guidance, width, height, scheduler,
                 batch_size, lora_scale):

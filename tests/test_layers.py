@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Layer -> the layers of ours it may import. A layer is a subpackage or a top-level module.
 ALLOWED = {
-    "atomic": set(),
+    "atomic": {"graph_runtime"},  # its errors
     "graph_runtime": set(),
     "lora": {"atomic", "graph_runtime"},
     "bases": {"atomic", "graph_runtime", "lora"},

@@ -92,3 +92,43 @@ def test_block_weight_errors_name_the_node(runtime, blend):
     with pytest.raises(ExecutionError) as info:
         runtime.run(blend(runtime.names["tiny-sdxl/kohya"], blocks="1,0,1"))
     assert "node 4 (WeightedBlend)" in str(info.value) and "3" in str(info.value), str(info.value)
+
+
+def _blend_chain(lora_name, n, weight):
+    """LoadBase (1), LoadLoRA (2), ``n`` chained WeightedBlend nodes (10...), Sample (5), PreviewImage (6)."""
+    wf = {"1": {"class_type": "LoadBase", "inputs": {"source": "tiny-sd15", "dtype": "fp32", "device": "cpu"}},
+          "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora_name}}}
+    prev = "1"
+    for i in range(n):
+        wf[str(10 + i)] = {"class_type": "WeightedBlend", "inputs": {
+            "model": [prev, 0], "lora": ["2", 0], "weight": weight, "text_encoder_weight": weight,
+            "block_weights": ""}}
+        prev = str(10 + i)
+    wf["5"] = {"class_type": "Sample", "inputs": {"model": [prev, 0], "prompt": "a cat", "steps": 1,
+                                                  "width": 64, "height": 64, "seed": 3}}
+    wf["6"] = {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}
+    return wf
+
+
+def test_long_blend_chain_does_linear_work(runtime):
+    """A 2,000-node chain (it took minutes when each node re-did work for every earlier one): the pool
+    computes each LoRA layer's delta once, not once per application, every node's text stays short,
+    and the image is the one a single blend of the summed weight gives."""
+    from loraloom.bases.pool import pool_from
+
+    n, w = 2000, 0.0005
+    name = runtime.names["tiny-sd15/diffusers"]
+    texts = []
+    runtime.add_listener(lambda e: texts.append(e["output"]["text"][0])
+                         if e["event"] == "executed" and e["class_type"] == "WeightedBlend" else None)
+    chained = runtime.run(_blend_chain(name, n, w))
+    pool = pool_from(runtime.resources)
+    modules = sum(1 for _ in chained.value("2").modules())
+    assert pool.stats["deltas"] == modules, f"{pool.stats['deltas']} deltas for a LoRA of {modules} modules"
+    assert len(texts) == n and max(map(len, texts)) < 1000, "each node's text is bounded, not the whole chain"
+    assert f"({n - 15} more)" in texts[-1], texts[-1]
+    single = runtime.run(_blend_chain(name, 1, n * w)).value("5")
+    plain = runtime.run(_blend_chain(name, 1, 0.0)).value("5")
+    assert (single - plain).abs().max() > 0.01, "the summed weight must visibly change the image"
+    assert torch.allclose(chained.value("5"), single, atol=1e-4), \
+        f"chain differs from one blend by {(chained.value('5') - single).abs().max():.2e}"
