@@ -100,8 +100,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """``with atomic_dir(path) as stage: write files into stage``: the folder ``path`` appears with
     everything written into ``stage``, or not at all.
 
-    ``stage`` is an empty hidden folder beside ``path``; on success its files are fsynced and it is
-    renamed to ``path``, on any error (or interrupt) it is removed. ``path`` must not exist yet, or be
+    ``stage`` is an empty hidden folder beside ``path``; on success its files are fsynced, it and
+    everything in it get the modes the umask gives new folders and files, and it is renamed to ``path``, on any error (or interrupt) it is removed. ``path`` must not exist yet, or be
     an empty folder: a folder rename cannot replace a full one atomically, and merging into an
     existing model folder would mix two models.
     """
@@ -113,11 +113,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp"))
     try:
         yield stage
-        for dirpath, _, filenames in os.walk(stage):
-            for name in filenames:
-                _fsync_file(Path(dirpath) / name)
+        # Everything in it gets the modes a new folder and file get under the umask: mkdtemp makes
+        # the folder 0700, and some writers make their files 0600 (safetensors' save_file does).
+        file_mode, dir_mode = _new_file_mode(), 0o777 & ~_umask()
+        for dirpath, dirnames, filenames in os.walk(stage):
+            for name, mode in [*((n, file_mode) for n in filenames), *((n, dir_mode) for n in dirnames)]:
+                entry = Path(dirpath) / name
+                if entry.is_symlink():
+                    continue  # a link's target is not ours to change
+                if mode == file_mode:
+                    _fsync_file(entry)
+                os.chmod(entry, mode)
             _fsync_dir(Path(dirpath))
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved folder should look like any other
+        os.chmod(stage, dir_mode)
         if path.exists():
             path.rmdir()  # empty, checked above; rmdir refuses if something appeared since
         os.replace(stage, path)

@@ -9,12 +9,10 @@ import textwrap
 import threading
 from pathlib import Path
 
-import torch
 from PIL import Image
 from safetensors import safe_open
 
 from loraloom.api import Runtime
-from loraloom.graph_runtime import Int, Output, node
 
 RUNTIMES, SAVES = 4, 3
 
@@ -27,23 +25,15 @@ def _save_lora(index):
                                                        "format": "kohya", "dtype": DTYPES[index % SAVES]}}}
 
 
-@node(category="test", inputs=[Int("level", 0, min=0, max=255)], outputs=[Output("IMAGE", "images")])
-class SolidImage:
-    """A 16x16 image of one grey level: something to save without sampling."""
-
-    def execute(self, level):
-        return (torch.full((1, 16, 16, 3), level / 255.0),)
-
-
 def _save_image(level):
     return {"1": {"class_type": "SolidImage", "inputs": {"level": level}},
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "imgs/s"}}}
 
 
-def _run_in_threads(out, workflow_for):
+def _run_in_threads(out, workflow_for, solid_image):
     """RUNTIMES Runtimes over one output folder, each in its own thread, each saving SAVES times,
     all started together; returns every reported output reference."""
-    runtimes = [Runtime(output_dir=out, nodes=[SolidImage], demo_loras=True) for _ in range(RUNTIMES)]
+    runtimes = [Runtime(output_dir=out, nodes=[solid_image], demo_loras=True) for _ in range(RUNTIMES)]
     start = threading.Barrier(RUNTIMES)
     refs, errors = [], []
 
@@ -69,9 +59,9 @@ def _files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_four_runtimes_in_threads_keep_all_twelve_loras(tmp_path):
+def test_four_runtimes_in_threads_keep_all_twelve_loras(tmp_path, solid_image):
     out = tmp_path / "out"
-    refs = _run_in_threads(out, _save_lora)
+    refs = _run_in_threads(out, _save_lora, solid_image)
     names = sorted(ref["filename"] for ref in refs)
     assert len(set(names)) == RUNTIMES * SAVES, f"every save reports its own name: {names}"
     assert _files(out / "loras") == names, "every reported file is there, and nothing else (no temp files)"
@@ -81,9 +71,9 @@ def test_four_runtimes_in_threads_keep_all_twelve_loras(tmp_path):
             assert f.keys(), f"{name} is a whole LoRA file"
 
 
-def test_four_runtimes_in_threads_keep_all_twelve_images_each_with_its_own_content(tmp_path):
+def test_four_runtimes_in_threads_keep_all_twelve_images_each_with_its_own_content(tmp_path, solid_image):
     out = tmp_path / "out"
-    refs = _run_in_threads(out, _save_image)
+    refs = _run_in_threads(out, _save_image, solid_image)
     assert len({ref["filename"] for ref in refs}) == RUNTIMES * SAVES, refs
     assert _files(out / "imgs") == sorted(ref["filename"] for ref in refs)
     levels = set()
