@@ -235,8 +235,9 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
     """Delete the temp files and folders that writers of this machine left under ``root`` (any
     depth) when they were killed mid-write: ours by name, written by a process no longer running.
-    A live writer's temps, another machine's and anything not named like ours are left alone.
-    Returns what was removed; an entry that cannot be removed is skipped."""
+    A live writer's temps, another machine's and anything not named like ours are left alone (so is
+    a dead writer's whose pid a new process has taken since, until that one ends). Returns what was
+    removed; an entry that cannot be removed is skipped."""
     removed = []
     for dirpath, dirnames, filenames in os.walk(root):  # symlinked folders are not followed
         for name in [*dirnames, *filenames]:
