@@ -150,11 +150,11 @@ def expand_prefix(prefix: str, *, width: int = 0, height: int = 0, now: time.str
         return match.group(0) if value is None else re.sub(r"[/\\]", "_", value)
 
     prefix = _VARIABLE.sub(editor, prefix)
-    for name, value in (("width", width), ("height", height), ("year", now.tm_year), ("month", now.tm_mon),
-                        ("day", now.tm_mday), ("hour", now.tm_hour), ("minute", now.tm_min),
-                        ("second", now.tm_sec)):
-        prefix = prefix.replace(f"%{name}%", str(value).zfill(2) if name not in ("width", "height", "year")
-                                else str(value))
+    values = {"width": f"{width}", "height": f"{height}", "year": f"{now.tm_year}", "month": f"{now.tm_mon:02d}",
+              "day": f"{now.tm_mday:02d}", "hour": f"{now.tm_hour:02d}", "minute": f"{now.tm_min:02d}",
+              "second": f"{now.tm_sec:02d}"}
+    for name, value in values.items():  # one after another, as ComfyUI does
+        prefix = prefix.replace(f"%{name}%", value)
     return prefix
 
 
