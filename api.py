@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import graph_runtime
 from .nodes import register_node, registry
+from .nodes.common import remove_stale_saves
 
 ENV_NODE_MODULES = "LORALOOM_NODE_MODULES"
 SHIPPED_WORKFLOWS = Path(__file__).resolve().parent / "workflows"
@@ -60,6 +61,7 @@ class Runtime(graph_runtime.Runtime):
         if demo_loras and DEMO_LORA_DIR.is_dir() and DEMO_LORA_DIR not in self.folders.lora_dirs:
             # a new Folders: one the caller passed in is theirs, not ours to change
             self.folders = dataclasses.replace(self.folders, lora_dirs=[*self.folders.lora_dirs, DEMO_LORA_DIR])
+        remove_stale_saves(self.folders)  # what a save killed mid-write (kill -9) left in the output folder
 
 
 __all__ = ["Runtime", "is_shipped_workflow", "load_node_modules", "register_node"]

@@ -9,6 +9,7 @@ made and how far it is from the exact weighted sum.
 from __future__ import annotations
 
 import json
+from pathlib import PurePath
 from typing import Callable, Sequence
 
 from .convert import as_lora
@@ -23,7 +24,8 @@ def merge_lora_values(loras: Sequence[LoRA], method: str, weights: Sequence[floa
                       progress: Callable[[int, int], None] | None = None) -> tuple[LoRA, MergeReport]:
     """Merge ``loras`` with ``method``; returns the new LoRA and the merge report. LoHa/LoKr modules
     are converted to exact LoRA factors first. Options a method does not read are ignored (and
-    recorded as `MergeOptions.parameters` says)."""
+    recorded as `MergeOptions.parameters` says). ``names`` label the sources in the metadata (with
+    their fingerprints); by default each file's name."""
     sources = [as_lora(lora) for lora in loras]
     keys = []
     for lora in sources:
@@ -44,7 +46,10 @@ def merge_lora_values(loras: Sequence[LoRA], method: str, weights: Sequence[floa
         component, path = key.split(".", 1)
         components.setdefault(component, {})[path] = LoRAModule(merged.down, merged.up, merged.alpha, key=key)
     report = result.report
-    names = list(names) if names is not None else [lora.path or lora.fingerprint[:12] for lora in loras]
+    # Never the absolute path (a shared merge must not tell where its sources lay, nor whose home
+    # that was): the caller's names, else the file name; the fingerprint says which bytes it was.
+    names = list(names) if names is not None else [PurePath(lora.path).name if lora.path else lora.fingerprint[:12]
+                                                   for lora in loras]
     metadata = {
         "loraloom.merge_method": method,
         "loraloom.merge_parameters": json.dumps({"weights": list(report.weights), **dict(report.parameters)},

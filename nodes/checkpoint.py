@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..graph_runtime import Link, String, current_context, node
-from .common import CATEGORY, MODEL, check_prefix, model_pool, output_ref, unique_output
+from .common import CATEGORY, MODEL, check_prefix, expand_prefix, model_pool, new_output, output_ref
 
 
 # Not "CheckpointSave": that id is ComfyUI core's, and ComfyUI drops pack nodes whose id core has.
@@ -23,8 +23,9 @@ class SaveCheckpoint:
     def execute(self, model, filename_prefix):
         from ..bases.export import save_single_file
 
-        target = unique_output(filename_prefix, ".safetensors")
+        prefix = expand_prefix(filename_prefix)
         pipe = model_pool().pipeline_to_save(model, check_interrupt=current_context().check_interrupt)
-        save_single_file(pipe, target)
-        return {"ui": {"checkpoints": [output_ref(target)],
-                       "text": [f"saved {model.describe()} to {target.name}"]}}
+        with new_output(prefix, ".safetensors") as new:
+            save_single_file(pipe, new.stage)
+        return {"ui": {"checkpoints": [output_ref(new.path)],
+                       "text": [f"saved {model.describe()} to {new.path.name}"]}}

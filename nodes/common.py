@@ -1,9 +1,15 @@
-"""Helpers shared by the node families: socket types, the model pool, folder listings, atomic saves."""
+"""Helpers shared by the node families: socket types, the model pool, folder listings, atomic saves,
+ComfyUI's filename_prefix variables."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
+import re
+import time
+from pathlib import Path, PurePosixPath
+from typing import Iterator
 
+from ..atomic import NewOutput, atomic_new, remove_stale_temps
 from ..graph_runtime import TEMP_SUBFOLDER, Float, PathError, check_relative_name, current_context
 
 # Our own socket types (never ComfyUI's MODEL, CLIP or LORA: their values are other objects).
@@ -42,6 +48,21 @@ def list_loras() -> list[str]:
     return folders().list("loras", LORA_SUFFIXES)
 
 
+def lora_source_name(lora) -> str | None:
+    """The name of the file ``lora`` was read from relative to the LoRA folder it lies in (what
+    LoadLoRA's list shows), for provenance a merge can share: never an absolute path. None for a
+    LoRA made in the graph (no file)."""
+    if not lora.path:
+        return None
+    path = Path(lora.path)
+    for root in folders().roots("loras"):
+        try:
+            return path.relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+    return path.name
+
+
 def list_bases() -> list[str]:
     """Built-in presets, then diffusers folders (anywhere under the models folder) and single-file
     checkpoints (under its ``checkpoints/`` subfolder, ComfyUI's layout)."""
@@ -70,17 +91,123 @@ def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
     return {}
 
 
-def unique_output(prefix: str, suffix: str = "") -> Path:
-    """A new path ``<prefix>_00001_<suffix>`` (a file) or ``<prefix>_00001`` (a folder: no `suffix`)
-    under the output folder, ComfyUI's numbering: never an existing name, never outside the output
-    root. Every node that writes an output names it here."""
+@contextlib.contextmanager
+def new_output(prefix: str, suffix: str = "", *, folder: bool = False) -> Iterator[NewOutput]:
+    """``with new_output(prefix, ".png") as new: write(new.stage)``; then ``new.path`` is the saved
+    ``<prefix>_00001_<suffix>`` (a file) or ``<prefix>_00001`` (``folder=True``, no suffix) under the
+    output folder, ComfyUI's numbering. The name is taken only when the output is complete, in one
+    step that never replaces anything: concurrent saves into one folder each get their own number
+    (see `atomic.atomic_new`). ``prefix`` is checked again here, after `expand_prefix`: never
+    outside the output root. Every node that writes an output saves it here."""
     f = folders()
-    n = 1
-    while True:
-        path = f.output_path(f"{prefix}_{n:05d}" + (f"_{suffix}" if suffix else ""))
-        if not path.exists():
-            return path
-        n += 1
+    first = check_relative_name(_numbered(prefix, 1, suffix), "output", f.advice)
+    parent = f.output_path(str(first.parent))
+
+    def name_for(n: int) -> Path:
+        return parent / PurePosixPath(_numbered(prefix, n, suffix)).name
+
+    with atomic_new(name_for, folder=folder) as new:
+        yield new
+
+
+def _numbered(prefix: str, n: int, suffix: str) -> str:
+    return f"{prefix}_{n:05d}" + (f"_{suffix}" if suffix else "")
+
+
+def remove_stale_saves(folders) -> list[Path]:
+    """Delete the temp files and folders that saves killed mid-write (kill -9, power loss) left in the
+    output folder; called when a Runtime starts. See `atomic.remove_stale_temps`."""
+    if not folders.output_dir.is_dir():
+        return []
+    return remove_stale_temps(folders.output_dir)
+
+
+# ComfyUI's filename_prefix variables. Its editor replaces "%date:FORMAT%" and "%Node.widget%" when a
+# prompt is queued (the frontend's applyTextReplacements); its SaveImage then replaces %width%,
+# %height%, %year%, %month%, %day%, %hour%, %minute%, %second% (folder_paths.get_save_image_path, with
+# width = height = 0 for saves of other things) and %batch_num% in the file name. Headless, nobody
+# ran the editor's step, so both happen here, in that order.
+_VARIABLE = re.compile(r"%([^%]+)%")
+_DATE_FIELD = re.compile(r"dd?|MM?|hh?|mm?|ss?|yyy?y?")  # the editor's date fields; "yyy" stays as is
+
+
+def expand_prefix(prefix: str, *, width: int = 0, height: int = 0, now: time.struct_time | None = None) -> str:
+    """``prefix`` with ComfyUI's variables replaced: ``%date:yyyy-MM-dd%`` (fields yyyy, yy, MM, M,
+    dd, d, hh, h, mm, m, ss, s; hours 0-23), ``%Title.widget%`` (the node found by its "Node name for
+    S&R" property, which defaults to its class type, then by title, then, ours only, by id; "/" and
+    "\\" in the value become "_"), ``%width%``, ``%height%``, ``%year%``, ``%month%``, ``%day%``,
+    ``%hour%``, ``%minute%``, ``%second%`` (local time, two digits). Anything else between ``%`` stays
+    as written, as in ComfyUI."""
+    now = now or time.localtime()
+    ctx = current_context()
+
+    def editor(match: re.Match) -> str:
+        parts = match.group(1).split(".")
+        if len(parts) != 2:
+            # the editor formats only the text before a first '.': "%date:yyyy.MM.dd%" is the year
+            return _format_date(parts[0][5:], now) if parts[0].startswith("date:") else match.group(0)
+        value = _widget_value(ctx.prompt or {}, ctx.workflow, *parts)
+        return match.group(0) if value is None else re.sub(r"[/\\]", "_", value)
+
+    prefix = _VARIABLE.sub(editor, prefix)
+    values = {"width": f"{width}", "height": f"{height}", "year": f"{now.tm_year}", "month": f"{now.tm_mon:02d}",
+              "day": f"{now.tm_mday:02d}", "hour": f"{now.tm_hour:02d}", "minute": f"{now.tm_min:02d}",
+              "second": f"{now.tm_sec:02d}"}
+    for name, value in values.items():  # one after another, as ComfyUI does
+        prefix = prefix.replace(f"%{name}%", value)
+    return prefix
+
+
+def _format_date(fmt: str, now: time.struct_time) -> str:
+    fields = {"d": now.tm_mday, "M": now.tm_mon, "h": now.tm_hour, "m": now.tm_min, "s": now.tm_sec}
+
+    def field(match: re.Match) -> str:
+        text = match.group(0)
+        if text == "yy":
+            return str(now.tm_year)[2:]
+        if text == "yyyy":
+            return str(now.tm_year)
+        if text[0] in fields:
+            return str(fields[text[0]]).zfill(len(text))
+        return text
+
+    return _DATE_FIELD.sub(field, fmt)
+
+
+def _widget_value(prompt: dict, workflow: dict | None, node_name: str, widget: str) -> str | None:
+    """The widget's value as the editor prints it, or None (no such node or widget, or a link)."""
+    ui_nodes = {str(n.get("id")): n for n in (workflow or {}).get("nodes", []) if isinstance(n, dict)}
+
+    def search_name(nid: str, entry: dict) -> str | None:
+        props = ui_nodes.get(nid, {}).get("properties")
+        name = props.get("Node name for S&R") if isinstance(props, dict) else None
+        return name if isinstance(name, str) else entry.get("class_type")
+
+    def title(nid: str, entry: dict) -> str | None:
+        meta = entry.get("_meta")
+        return meta.get("title") if isinstance(meta, dict) else ui_nodes.get(nid, {}).get("title")
+
+    entries = [(str(nid), e) for nid, e in prompt.items() if isinstance(e, dict)]
+    for matches in (lambda nid, e: search_name(nid, e) == node_name, lambda nid, e: title(nid, e) == node_name,
+                    lambda nid, e: nid == node_name):
+        found = [e for nid, e in entries if matches(nid, e)]
+        if found:  # the editor takes the first match
+            inputs = found[0].get("inputs")
+            if not isinstance(inputs, dict) or widget not in inputs or isinstance(inputs[widget], list):
+                return None
+            return _as_editor_text(inputs[widget])
+    return None
+
+
+def _as_editor_text(value) -> str:
+    # JavaScript's String(value): true, 5 (not 5.0), "" for null
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    return str(value)
 
 
 def output_ref(path: Path, kind: str = "output") -> dict:

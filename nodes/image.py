@@ -8,7 +8,7 @@ import json
 
 from ..atomic import atomic_write_bytes
 from ..graph_runtime import TEMP_SUBFOLDER, Link, String, current_context, node
-from .common import CATEGORY, IMAGE, check_prefix, output_ref, unique_output
+from .common import CATEGORY, IMAGE, check_prefix, expand_prefix, new_output, output_ref
 
 
 def png_bytes(image, prompt: dict | None, workflow: dict | None) -> bytes:
@@ -31,12 +31,17 @@ def png_bytes(image, prompt: dict | None, workflow: dict | None) -> bytes:
 
 
 def save_images(images, prefix: str, kind: str) -> list[dict]:
+    """Each image of the batch as a new numbered PNG (ComfyUI's variables in ``prefix`` expanded,
+    ``%batch_num%`` in the file name being the image's index); their references for the UI."""
     ctx = current_context()
+    prefix = expand_prefix(prefix, width=images[0].shape[1], height=images[0].shape[0]) if len(images) else prefix
+    folder, _, name = prefix.rpartition("/")
     refs = []
-    for image in images:
-        path = unique_output(prefix, ".png")
-        atomic_write_bytes(path, png_bytes(image, ctx.prompt, ctx.workflow))
-        refs.append(output_ref(path, kind))
+    for index, image in enumerate(images):
+        name_i = name.replace("%batch_num%", str(index))
+        with new_output(f"{folder}/{name_i}" if folder else name_i, ".png") as new:
+            atomic_write_bytes(new.stage, png_bytes(image, ctx.prompt, ctx.workflow))
+        refs.append(output_ref(new.path, kind))
     return refs
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..graph_runtime import Combo, Link, Output, String, node
-from .common import CATEGORY, LORA, check_prefix, folders, list_loras, output_ref, unique_output
+from .common import CATEGORY, LORA, check_prefix, expand_prefix, folders, list_loras, new_output, output_ref
 
 SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -62,17 +62,15 @@ class SaveLoRA:
 
         from ..lora.writers import write_diffusers, write_kohya
 
-        path = unique_output(filename_prefix, ".safetensors")
         out = cast_lora(lora, getattr(torch, SAVE_DTYPES[dtype]))
         provenance = {"source_fingerprint": lora.fingerprint, "source_format": lora.source_format,
                       "saved_dtype": dtype}
         if lora.source_format == "derived":  # a merge made in this graph: keep how it was made
             provenance.update({k.removeprefix("loraloom."): v for k, v in lora.metadata.items()
                                if k.startswith("loraloom.")})
-        if format == "kohya":
-            write_kohya(out, path, provenance=provenance)
-        else:
-            write_diffusers(out, path, provenance=provenance)
-        ref = output_ref(path)
+        write = write_kohya if format == "kohya" else write_diffusers
+        with new_output(expand_prefix(filename_prefix), ".safetensors") as new:
+            write(out, new.stage, provenance=provenance)
+        ref = output_ref(new.path)
         return {"ui": {"loras": [ref], "text": [f"saved {ref['subfolder']}/{ref['filename']} ({format}, {dtype}): "
                                                 f"{out.describe()}"]}}

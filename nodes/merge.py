@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..graph_runtime import Combo, Float, Input, InputError, Int, Link, Output, current_context, node
 from ..lora.merge_methods import OPTIONS, PEFT_METHODS, REGISTRY, MergeOptions, users
-from .common import CATEGORY, LORA, weight_input
+from .common import CATEGORY, LORA, lora_source_name, weight_input
 
 LETTERS = ("a", "b", "c", "d")
 FIRST_OPTIONS = ("density", "majority_sign_method", "svd_rank", "svd_clamp", "seed")
@@ -79,6 +79,7 @@ class PeftMerge:
         pairs = [(lora_a, weight_a), (lora_b, weight_b), (lora_c, weight_c), (lora_d, weight_d)]
         loras = [lo for lo, _ in pairs if lo is not None]
         weights = [w for lo, w in pairs if lo is not None]
-        merged, report = merge_lora_values(loras, method, weights, MergeOptions.from_widgets(options),
+        names = [lora_source_name(lo) or lo.fingerprint[:12] for lo in loras]
+        merged, report = merge_lora_values(loras, method, weights, MergeOptions.from_widgets(options), names=names,
                                            check_interrupt=ctx.check_interrupt, progress=ctx.progress)
         return {"ui": {"text": [report.summary()]}, "result": (merged,)}

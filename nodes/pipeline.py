@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..graph_runtime import Link, String, current_context, node
-from .common import CATEGORY, MODEL, check_prefix, model_pool, output_ref, unique_output
+from .common import CATEGORY, MODEL, check_prefix, expand_prefix, model_pool, new_output, output_ref
 
 
 @node(category=f"{CATEGORY}/model", display_name="Save Pipeline", output_node=True,
@@ -19,8 +19,9 @@ class SavePipeline:
     def execute(self, model, filename_prefix):
         from ..bases.export import save_diffusers_folder
 
-        target = unique_output(filename_prefix)
+        prefix = expand_prefix(filename_prefix)
         # the base as it should be saved, whatever ran on the pool before (schedulers, tokenizers)
         pipe = model_pool().pipeline_to_save(model, check_interrupt=current_context().check_interrupt)
-        save_diffusers_folder(pipe, target)
-        return {"ui": {"pipelines": [output_ref(target)], "text": [f"saved {model.describe()} to {target.name}"]}}
+        with new_output(prefix, folder=True) as new:
+            save_diffusers_folder(pipe, new.stage)
+        return {"ui": {"pipelines": [output_ref(new.path)], "text": [f"saved {model.describe()} to {new.path.name}"]}}

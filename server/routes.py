@@ -490,6 +490,10 @@ class Api:
             return _error(400, "bad_request", f"type {kind!r}: this server serves 'output' and 'temp' files")
         subfolder = request.query.get("subfolder", "")
         name = f"{subfolder.rstrip('/')}/{filename}" if subfolder else filename
+        if any(part.startswith(".") and part not in (".", "..") for part in name.split("/")):
+            # hidden names are never outputs: a save's temp file (.<name>.<host>-<pid>.<n>.tmp) is not
+            # one yet, or was left by a killed save
+            return _error(404, "not_found", f"no {kind} file {name!r}: hidden names are not served")
         path = resolve_under(roots[kind], name, what="output file", must_exist=False)
         if not path.is_file():
             return _error(404, "not_found", f"no {kind} file {name!r}")

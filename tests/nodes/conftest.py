@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from loraloom import Runtime
+from loraloom.graph_runtime import Int, Output, String, node
 
 
 @pytest.fixture(scope="session")
@@ -142,3 +143,22 @@ def blend():
     """``blend(lora, weight=1.0, te=1.0, blocks="")``: one LoRA on tiny-sdxl: LoadBase (1), LoadLoRA (2),
     WeightedBlend (4), Sample (5), PreviewImage (6)."""
     return _blend
+
+
+@node(category="test", inputs=[Int("level", 0, min=0, max=255), Int("batch", 1, min=1, max=8), String("label", "")],
+      outputs=[Output("IMAGE", "images")])
+class SolidImage:
+    """``batch`` 16x16 images of one grey level: something to save without sampling. ``label`` is a
+    string widget for filename_prefix references."""
+
+    def execute(self, level, batch, label):
+        import torch
+
+        return (torch.full((batch, 16, 16, 3), level / 255.0),)
+
+
+@pytest.fixture
+def solid_image():
+    """The SolidImage node class (``level``, ``batch``, ``label`` -> IMAGE); add it with ``Runtime(nodes=[...])``
+    or ``runtime.register``."""
+    return SolidImage

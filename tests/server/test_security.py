@@ -210,6 +210,22 @@ async def test_view_refuses_paths_out_of_the_output_folder(serve, outputs, query
         assert b"SECRET" not in body and b"root:" not in body
 
 
+@pytest.mark.parametrize("query", ["filename=.a.png.0a1b2c-77.x1y2.tmp", "filename=w.png&subfolder=.m.0a1b2c-77.x1y2.tmp",
+                                   "filename=w.png&subfolder=sub/.hidden", "filename=.p.png.0a1b2c-77.q.tmp&type=temp",
+                                   "filename=.hidden.png"])
+async def test_view_never_serves_hidden_names(serve, outputs, query):
+    """A save's temp file or folder (or one a killed save left) is not an output."""
+    for folder in (outputs / ".m.0a1b2c-77.x1y2.tmp", outputs / "sub" / ".hidden"):
+        folder.mkdir()
+        (folder / "w.png").write_bytes(b"HALF")
+    for path in (outputs / ".a.png.0a1b2c-77.x1y2.tmp", outputs / "temp" / ".p.png.0a1b2c-77.q.tmp",
+                 outputs / ".hidden.png"):
+        path.write_bytes(b"HALF")
+    async with serve() as server:
+        resp = await server.client.get(URL(f"/view?{query}", encoded=True))
+        assert resp.status == 404 and b"HALF" not in await resp.read(), query
+
+
 async def test_view_serves_images_inline_and_nothing_else(serve, outputs):
     async with serve() as server:
         for query in ("filename=a.png", "filename=b.png&subfolder=sub", "filename=p.png&type=temp",
