@@ -15,6 +15,7 @@ _LAZY = {"Runtime": "api", "load_node_modules": "api", "RunResult": "graph_runti
 # so each must be importable from here, also for pickling.
 _ERRORS = {"graph_runtime.errors": ("LoomError", "SchemaError", "WorkflowError", "PathError", "ValidationError",
                                     "ExecutionError", "Interrupted"),
+           "graph_runtime.files": ("FileError",),
            "lora.errors": ("LoRAError", "LoRAFormatError", "LoRAMatchError"),
            "lora.safefile": ("LoRAFileError",), "lora.merge": ("MergeError",), "lora.blocks": ("BlockWeightError",),
            "bases.arch": ("BaseModelError",),
