@@ -76,7 +76,7 @@ def changed_while_reading(path: str | os.PathLike, what: str = "file") -> FileEr
 
 def too_large(path: str | os.PathLike, size: int, limit: int, what: str = "file", fix: str | None = None) -> FileError:
     """The error for a file above its size limit (checked before a byte is read)."""
-    return FileError(f"this {what} is {size} bytes, above the limit of {limit} bytes.", file=path, value=size,
+    return FileError(f"this {what} is too large: {size} bytes is above the limit of {limit} bytes.", file=path, value=size,
                      limit=limit, fix=fix, kind="too_large")
 
 

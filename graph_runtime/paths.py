@@ -125,7 +125,7 @@ class Folders:
                         fix=self.advice.missing[kind], kind="not_found")
 
     def list(self, kind: str, suffixes: tuple[str, ...] = (), dirs: bool = False) -> list[str]:
-        """Names (relative, '/'-separated) of files (or folders, with ``dirs``) under the roots."""
+        """Names (relative, '/'-separated) of regular files (or folders, with ``dirs``) under the roots."""
         names: set[str] = set()
         for root in self.roots(kind):
             if not root.is_dir():
@@ -138,6 +138,8 @@ class Folders:
                 for entry in entries:
                     full = here / entry
                     if suffixes and not entry.lower().endswith(suffixes):
+                        continue
+                    if not dirs and not full.is_file():  # a FIFO, device or socket is never offered
                         continue
                     if not full.resolve().is_relative_to(root_real):
                         continue
