@@ -164,7 +164,7 @@ def _remember(real: str, state: FileState, digest: str, started_ns: int) -> None
 
 
 def _real(path: str | os.PathLike) -> str:
-    return str(Path(path).resolve())
+    return os.path.realpath(path)  # unlike Path.resolve, never raises (a symlink loop stays as it is)
 
 
 def known_fingerprint(path: str | os.PathLike) -> KnownFingerprint | None:

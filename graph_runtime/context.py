@@ -7,9 +7,9 @@ Outside a run (or inside ComfyUI) :func:`current_context` returns a default cont
 from __future__ import annotations
 
 import contextvars
+import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from .errors import Interrupted
@@ -43,7 +43,7 @@ class ExecutionContext:
         """Tell the runtime the digest of the bytes this node read from ``path``, so its result is
         cached under that content, also when the file changed after the run computed its key."""
         if self.file_reads is not None:
-            self.file_reads[str(Path(path).resolve())] = digest
+            self.file_reads[os.path.realpath(path)] = digest
 
     def check_interrupt(self) -> None:
         """Raise :class:`Interrupted` if an interrupt was requested. Call it between units of work."""
