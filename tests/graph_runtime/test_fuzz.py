@@ -8,7 +8,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -98,27 +97,9 @@ def make_odd(path: Path, kind: str, png: bool = False) -> bool:
     return True
 
 
-def ends_quickly(fn, seconds: float = 10.0):
-    """What ``fn`` raised (None if nothing), run in a thread; fails if it has not ended in time."""
-    outcome = []
-
-    def target():
-        try:
-            fn()
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s: it hangs"
-    return outcome[0]
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(ODD_KINDS), role=st.sampled_from(["workflow.json", "workflow.png", "file input"]))
-def test_odd_files_give_a_clear_error_quickly(stubs, kind, role):
+def test_odd_files_give_a_clear_error_quickly(stubs, ends_quickly, kind, role):
     if role == "file input" and kind == "huge_sparse":
         return  # a huge regular file is a valid input for a node without a size limit (LoadLoRA has one)
     with tempfile.TemporaryDirectory() as tmp:

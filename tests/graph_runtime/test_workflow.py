@@ -3,7 +3,6 @@
 import json
 import os
 import struct
-import threading
 import zlib
 
 import pytest
@@ -209,28 +208,9 @@ def test_png_itxt_inflation_is_bounded(stubs, tmp_path, monkeypatch):
         load_workflow(path, stubs.registry)
 
 
-def _finishes(fn, seconds=5.0):
-    """Run ``fn`` in a thread; return what it raised (or None), failing if it does not end in time
-    (a FIFO opened for reading blocks until a writer comes; /dev/zero never ends)."""
-    outcome = []
-
-    def target():
-        try:
-            fn()
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still reading after {seconds} s: it hangs"
-    return outcome[0]
-
-
 @pytest.mark.parametrize("suffix", [".json", ".png"])
 @pytest.mark.parametrize("make", ["fifo", "dev_zero_link", "huge_sparse"])
-def test_odd_workflow_files_are_refused_quickly(stubs, tmp_path, suffix, make):
+def test_odd_workflow_files_are_refused_quickly(stubs, ends_quickly, tmp_path, suffix, make):
     path = tmp_path / f"odd{suffix}"
     if make == "fifo":
         os.mkfifo(path)
@@ -241,6 +221,6 @@ def test_odd_workflow_files_are_refused_quickly(stubs, tmp_path, suffix, make):
             if suffix == ".png":
                 f.write(b"\x89PNG\r\n\x1a\n")
             f.truncate(10 * 2**30)
-    exc = _finishes(lambda: load_workflow(path, stubs.registry))
+    exc = ends_quickly(lambda: load_workflow(path, stubs.registry))
     assert isinstance(exc, WorkflowError), repr(exc)
     assert str(path) in str(exc), str(exc)
