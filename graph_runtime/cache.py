@@ -177,12 +177,6 @@ def known_fingerprint(path: str | os.PathLike) -> KnownFingerprint | None:
     return None if digest is None else KnownFingerprint(digest, state)
 
 
-def remember_fingerprint(path: str | os.PathLike, digest: str, state: FileState, started_ns: int) -> None:
-    """Record a digest computed elsewhere (a reader that hashed with :func:`file_hasher` while reading
-    the file, which stayed in ``state`` from ``started_ns`` (``time.time_ns()``) to the end)."""
-    _remember(_real(path), state, digest, started_ns)
-
-
 def file_fingerprint(path: str | os.PathLike) -> str:
     """The hex digest of the file's bytes (for a folder: of every regular file's relative path and
     digest); recomputed only when a file's state (size, mtime, ctime, inode) changes. Only regular
