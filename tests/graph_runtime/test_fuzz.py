@@ -144,3 +144,12 @@ def test_cli_refuses_an_odd_lora_without_hanging(tmp_path, kind):
     done = _cli("run", str(wf), "--no-progress", "--lora-dir", str(loras), "--output-dir", str(tmp_path / "out"))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "odd.safetensors" in done.stderr and "node 1 (LoadLoRA) input 'lora_name'" in done.stderr, done.stderr
+
+
+def test_cli_refuses_a_huge_workflow_named_like_a_shipped_one(tmp_path):
+    shipped = sorted(p.name for p in (Path(__file__).parents[2] / "workflows").glob("*.json"))[0]
+    path = tmp_path / shipped
+    assert make_odd(path, "huge_sparse")
+    done = _cli("run", str(path), "--no-progress", timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(path) in done.stderr and "above the limit" in done.stderr, done.stderr
