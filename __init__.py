@@ -17,6 +17,7 @@ _LAZY = {"Runtime": "api", "load_node_modules": "api", "RunResult": "graph_runti
 _ERRORS = {"graph_runtime.errors": ("LoomError", "SchemaError", "WorkflowError", "PathError", "InputError",
                                     "ValidationError", "ExecutionError", "Interrupted"),
            "atomic": ("TargetExistsError",),
+           "graph_runtime.files": ("FileError",),
            "lora.errors": ("LoRAError", "LoRAFormatError", "LoRAMatchError"),
            "lora.safefile": ("LoRAFileError",), "lora.merge": ("MergeError",), "lora.blocks": ("BlockWeightError",),
            "bases.arch": ("BaseModelError",),

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--events", choices=["jsonl"], help="print one JSON object per event on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     run.add_argument("--cache-bytes", type=int, metavar="N", help="byte budget of the result cache")
+    run.add_argument("--strict-files", action="store_true",
+                     help="hash every file's content on every use instead of trusting an unchanged size, mtime, "
+                          "ctime and inode, and fail a node whose file changed while the run used it (what "
+                          "`serve` always does; slower for large files)")
     _folder_args(run)
     _limit_args(run)
 
@@ -190,7 +194,7 @@ def _print_jsonl(event: dict) -> None:
 def cmd_run(args) -> int:
     overrides = parse_sets(args.set)
     extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
-    rt = _runtime(args, **extra)
+    rt = _runtime(args, strict_files=args.strict_files, **extra)
     listeners = [_Progress(not args.no_progress)]
     if args.events == "jsonl":
         listeners.append(_print_jsonl)
@@ -302,7 +306,8 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
-    serve(_runtime(args, **extra), config)
+    # A server runs for days and shares its cache among clients: it trusts no file state (see README).
+    serve(_runtime(args, strict_files=True, **extra), config)
     return EXIT_OK
 
 

@@ -5,9 +5,10 @@
   the store; nothing else marks dirtiness. Whatever cannot be hashed gives a key that never
   matches (and warns once per class and input), never a stale hit.
 - **File fingerprints** (:func:`file_fingerprint`): the hashing contract for file content, defined
-  here once (:func:`file_hasher`, :data:`HASH_CHUNK_BYTES`) and memoised on (path, size, mtime_ns).
-  LoRA readers that hash while they read use the same contract, so a LoRA value's fingerprint and
-  its file input's fingerprint agree.
+  here once (:func:`file_hasher`, :data:`HASH_CHUNK_BYTES`) and memoised on the file's real path and
+  state (size, mtime, ctime, inode: see :mod:`.files`). LoRA readers that hash while they read use the
+  same contract, so a LoRA value's fingerprint and its file input's fingerprint agree. In a strict
+  run (:func:`strict_fingerprints`) nothing remembered is trusted: content is hashed every run.
 - **Sizes** (:func:`footprint`, :func:`estimate_nbytes`): the allocations a value holds, each named
   by an identity, so memory shared by several values (one LoRA's tensors held by a LoadLoRA output
   and by every recipe built on it) is counted once.
@@ -19,12 +20,15 @@ Duck-typed throughout: this module never imports torch.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import math
 import os
 import sys
 import threading
+import time
 import uuid
 import warnings
 import weakref
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any, Hashable, Iterable
 
 from .errors import InputError
+from .files import FileState, changed_while_reading, open_regular, path_state, state_of
 
 DEFAULT_CACHE_BYTES = 8 * 1024 ** 3
 
@@ -93,8 +98,23 @@ HASH_CHUNK_BYTES = 8 * 2**20
 """Read (and hash) files in slices this big: few syscalls, yet small enough to stay in the CPU's cache
 between the read and the hash. The digest does not depend on it."""
 
-_fingerprints: dict[tuple, str] = {}
+HASH_TRIES = 3
+"""A file that changes while it is hashed is hashed again, at most this many times in all."""
+
+RACY_NS = 2 * 10**9
+"""A digest is remembered only for a file whose last change (ctime) is at least this old when hashing
+starts: a same-size write in the same timestamp tick as that change would leave its state unchanged
+(git's "racy clean" rule; filesystem ticks are 1-10 ms, FAT's mtime 2 s)."""
+
+# (real path, FileState) -> digest: a file's state vouches for its content (see .files).
+_fingerprints: dict[tuple[str, FileState], str] = {}
 _fingerprint_lock = threading.Lock()
+# Inside a strict run: the digests hashed during that run, the only ones it trusts.
+_run_digests: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loraloom_run_digests", default=None)
+# Inside watch_files(): real path -> (state, digest) of every file fingerprinted.
+_watched: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loraloom_watched", default=None)
+# Inside pinned_fingerprints(): real path -> digest to use instead of the file's.
+_pins: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loraloom_pins", default=None)
 
 
 def file_hasher():
@@ -103,37 +123,65 @@ def file_hasher():
     return hashlib.blake2b(digest_size=16)
 
 
-def _file_hash(path: Path) -> str:
+@dataclass(frozen=True)
+class KnownFingerprint:
+    """A remembered digest and the file state it was computed in: a reader that opens the file and
+    finds it in ``state`` may report ``digest`` without hashing again."""
+
+    digest: str
+    state: FileState
+
+
+def _hash_open_file(f, state: FileState) -> str | None:
+    """The digest of an open file's ``state.size`` bytes, or None if it changed meanwhile."""
     h = file_hasher()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
+    left = state.size
+    while left > 0:
+        chunk = f.read(min(left, HASH_CHUNK_BYTES))
+        if not chunk:
+            return None
+        h.update(chunk)
+        left -= len(chunk)
+    if f.read(1) or state_of(f) != state:
+        return None
     return h.hexdigest()
 
 
-def _stat_key(path: Path) -> tuple:
-    st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
-def known_fingerprint(path: str | os.PathLike) -> str | None:
-    """The memoised fingerprint of a file that has not changed since it was hashed, else None."""
-    key = _stat_key(Path(path))
+def _lookup(real: str, state: FileState) -> str | None:
+    run = _run_digests.get()
+    if run is not None:
+        return run.get((real, state))
     with _fingerprint_lock:
-        return _fingerprints.get(key)
+        return _fingerprints.get((real, state))
 
 
-def remember_fingerprint(path: str | os.PathLike, digest: str) -> None:
-    """Record a file's fingerprint computed elsewhere (a reader that hashed with :func:`file_hasher`
-    while reading)."""
-    key = _stat_key(Path(path))
-    with _fingerprint_lock:
-        _fingerprints[key] = digest
+def _remember(real: str, state: FileState, digest: str, started_ns: int) -> None:
+    run = _run_digests.get()
+    if run is not None:
+        run[(real, state)] = digest
+    if started_ns - state.ctime_ns >= RACY_NS:
+        with _fingerprint_lock:
+            _fingerprints[(real, state)] = digest
+
+
+def _real(path: str | os.PathLike) -> str:
+    return os.path.realpath(path)  # unlike Path.resolve, never raises (a symlink loop stays as it is)
+
+
+def known_fingerprint(path: str | os.PathLike) -> KnownFingerprint | None:
+    """The remembered digest of a file in its current state, with that state; None if there is none
+    (in a strict run: none that this run hashed)."""
+    state = path_state(path)
+    if state is None:
+        return None
+    digest = _lookup(_real(path), state)
+    return None if digest is None else KnownFingerprint(digest, state)
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """The hex digest of the file's bytes (for a folder: of every file's relative path and digest);
-    recomputed only when a file's size or mtime changes."""
+    """The hex digest of the file's bytes (for a folder: of every regular file's relative path and
+    digest); recomputed only when a file's state (size, mtime, ctime, inode) changes. Only regular
+    files are opened; a file that keeps changing while it is hashed is refused (:class:`FileError`)."""
     path = Path(path)
     if path.is_dir():
         h = file_hasher()
@@ -141,17 +189,60 @@ def file_fingerprint(path: str | os.PathLike) -> str:
             dirnames.sort()
             for name in sorted(filenames):
                 full = Path(dirpath) / name
+                if not full.is_file():  # FIFOs, devices, sockets, dangling links: never content
+                    continue
                 h.update(full.relative_to(path).as_posix().encode() + b"\0")
                 h.update(file_fingerprint(full).encode())
         return h.hexdigest()
-    key = _stat_key(path)
-    with _fingerprint_lock:
-        hit = _fingerprints.get(key)
-    if hit is None:
-        hit = _file_hash(path)
-        with _fingerprint_lock:
-            _fingerprints[key] = hit
-    return hit
+    real = _real(path)
+    pins = _pins.get()
+    if pins is not None and real in pins:
+        return pins[real]
+    for _ in range(HASH_TRIES):
+        with open_regular(path) as (f, state):
+            digest = _lookup(real, state)
+            if digest is None:
+                started = time.time_ns()
+                digest = _hash_open_file(f, state)
+                if digest is None:
+                    continue
+                _remember(real, state, digest, started)
+        watched = _watched.get()
+        if watched is not None:
+            watched[real] = (state, digest)
+        return digest
+    raise changed_while_reading(path)
+
+
+@contextlib.contextmanager
+def strict_fingerprints():
+    """Within this block, no digest remembered before it is trusted: each file is hashed (once)."""
+    token = _run_digests.set({})
+    try:
+        yield
+    finally:
+        _run_digests.reset(token)
+
+
+@contextlib.contextmanager
+def watch_files():
+    """Collect ``{real path: (state, digest)}`` of every file fingerprinted within this block."""
+    watched: dict[str, tuple[FileState, str]] = {}
+    token = _watched.set(watched)
+    try:
+        yield watched
+    finally:
+        _watched.reset(token)
+
+
+@contextlib.contextmanager
+def pinned_fingerprints(pins: dict[str, str]):
+    """Within this block, the files named (by real path) fingerprint as given, without being read."""
+    token = _pins.set(pins)
+    try:
+        yield
+    finally:
+        _pins.reset(token)
 
 
 # ----------------------------------------------------------------------------------------- sizes

@@ -7,6 +7,7 @@ Outside a run (or inside ComfyUI) :func:`current_context` returns a default cont
 from __future__ import annotations
 
 import contextvars
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,12 +31,22 @@ class ExecutionContext:
     interrupt_flag: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[str | None, int, int], None] | None = None
     limits: Limits = field(default_factory=Limits)
+    strict_files: bool = False
+    """Strict file mode: readers hash what they read rather than trust a remembered digest."""
+    file_reads: dict[str, str] | None = None
+    """Set by the runtime for a running node: the digests of the files it read (see :meth:`report_read`)."""
 
     def progress(self, value: int, total: int) -> None:
         """Report progress inside the node (e.g. sampling steps) and honour an interrupt."""
         if self.on_progress is not None:
             self.on_progress(self.node_id, value, total)
         self.check_interrupt()
+
+    def report_read(self, path, digest: str) -> None:
+        """Tell the runtime the digest of the bytes this node read from ``path``, so its result is
+        cached under that content, also when the file changed after the run computed its key."""
+        if self.file_reads is not None:
+            self.file_reads[os.path.realpath(path)] = digest
 
     def check_interrupt(self) -> None:
         """Raise :class:`Interrupted` if an interrupt was requested. Call it between units of work."""

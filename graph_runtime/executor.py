@@ -2,6 +2,9 @@
 
 A node's cache key is a Merkle signature over its class, version, constant inputs, file
 fingerprints and its ancestors' keys. A node is dirty exactly when its key is absent from the store.
+A result is stored under the key of the bytes it was computed from: a node that reports what it read
+(``report_read``) is stored under that content's key; a file that changed while its node ran, and
+that the node did not report, keeps the result out of the cache.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from typing import Any, Callable
 
 import networkx as nx
 
-from .cache import DEFAULT_CACHE_BYTES, CacheStore, node_key
+from .cache import (DEFAULT_CACHE_BYTES, CacheStore, node_key, pinned_fingerprints, strict_fingerprints,
+                    watch_files)
 from .context import ExecutionContext, reset_context, use_context
 from .errors import ExecutionError, Interrupted, LoomError
+from .files import FileState, changed_while_reading, path_state
 from .graph import ValidPrompt, validate_prompt
 from .limits import Limits
 from .paths import Folders
@@ -57,17 +62,23 @@ class Runtime:
     ``rt.run(workflow, overrides=None)`` takes a path, an API dict or a UI dict. Folders are
     configured by arguments, then environment variables, then defaults (see :mod:`.paths`); so are
     the ``limits`` on what one workflow may ask for (see :mod:`.limits`).
+
+    ``strict_files=True``: every run hashes the content of every file it uses instead of trusting a
+    file's unchanged state (size, mtime, ctime, inode) for a digest computed earlier, and a node that
+    reads a file whose content differs from what the run hashed for its key fails (the file changed
+    while the run used it) instead of running on a possible mix of old and new bytes.
     """
 
     def __init__(self, *, registry: NodeRegistry | None = None, nodes=(), cache_bytes: int = DEFAULT_CACHE_BYTES,
                  lora_dirs=None, models_dir=None, output_dir=None, folders: Folders | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, strict_files: bool = False):
         self.registry = registry.copy() if registry is not None else NodeRegistry()
         for cls in nodes:
             self.registry.register(cls)
         self.folders = folders or Folders.configure(lora_dirs, models_dir, output_dir)
         self.limits = limits or Limits.configure()
         self.cache = CacheStore(cache_bytes)
+        self.strict_files = strict_files
         self.resources: dict[str, Any] = {}
         self._interrupt = threading.Event()
         self._run_lock = threading.Lock()
@@ -98,7 +109,8 @@ class Runtime:
     def context(self):
         """This runtime's folders, resources and limits as the current context (COMBO lists, validation)."""
         token = use_context(ExecutionContext(folders=self.folders, resources=self.resources,
-                                             interrupt_flag=self._interrupt, limits=self.limits))
+                                             interrupt_flag=self._interrupt, limits=self.limits,
+                                             strict_files=self.strict_files))
         try:
             yield
         finally:
@@ -130,7 +142,8 @@ class Runtime:
                 raise LoomError(f"outputs {unknown} are not nodes of {wf.source}")
             emit({"event": "execution_start"})
             try:
-                self._execute(wf, valid, targets, result, emit)
+                with strict_fingerprints() if self.strict_files else contextlib.nullcontext():
+                    self._execute(wf, valid, targets, result, emit)
             except Interrupted as exc:
                 emit({"event": "execution_interrupted", "node": exc.node_id,
                       "executed": list(result.executed)})
@@ -152,30 +165,68 @@ class Runtime:
 
         return emit
 
-    def _keys(self, valid: ValidPrompt, needed: set[str]) -> dict[str, str]:
-        """Cache keys of the needed nodes, in topological order (no recursion)."""
+    def _keys(self, valid: ValidPrompt, needed: set[str]) -> tuple[dict[str, str], dict[str, dict]]:
+        """Cache keys of the needed nodes, in topological order (no recursion), and per node the
+        files its key fingerprints: ``{real path: (state, digest)}``."""
         keys: dict[str, str] = {}
+        files: dict[str, dict] = {}
         for nid in valid.order:
-            if nid not in needed:
-                continue
-            node = valid.nodes[nid]
-            schema = self.registry.get(node["class_type"]).SCHEMA
-            constants, links = {}, {}
-            for name, value in node["inputs"].items():
-                if is_link(value):
-                    links[name] = (keys[value[0]], value[1])
-                else:
-                    constants[name] = value
+            if nid in needed:
+                with watch_files() as files[nid]:
+                    keys[nid] = self._key(nid, valid, keys)
+        return keys, files
+
+    def _key(self, nid: str, valid: ValidPrompt, keys: dict[str, str]) -> str:
+        node = valid.nodes[nid]
+        schema = self.registry.get(node["class_type"]).SCHEMA
+        constants, links = {}, {}
+        for name, value in node["inputs"].items():
+            if is_link(value):
+                links[name] = (keys[value[0]], value[1])
+            else:
+                constants[name] = value
+        try:
             fingerprint = input_fingerprint(schema, node["inputs"], self.folders)
-            keys[nid] = node_key(node["class_type"], schema.version, constants, links, fingerprint,
-                                 volatile=schema.not_idempotent, node_id=nid)
-        return keys
+        except LoomError as exc:  # an unreadable or hostile file input: name the node, not a traceback
+            raise ExecutionError(nid, node["class_type"], str(exc), exception_type=type(exc).__name__,
+                                 cause=exc) from exc
+        return node_key(node["class_type"], schema.version, constants, links, fingerprint,
+                        volatile=schema.not_idempotent, node_id=nid)
+
+    def _settled_key(self, nid: str, valid: ValidPrompt, keys: dict[str, str], first_keys: dict[str, str],
+                     files: dict[str, tuple[FileState, str]], reads: dict[str, str]) -> str | None:
+        """The key a node's fresh result belongs under: that of the bytes it was computed from.
+
+        A file the node reported reading counts with the digest it read. A file it did not report
+        must still be in the state its key was computed in, else what it read is unknown: None, the
+        result is not cached. With a changed upstream key (an ancestor read other bytes) or a
+        reported digest, the key is computed again from those."""
+        node = valid.nodes[nid]
+        pins: dict[str, str] = {}
+        for real, (state, digest) in files.items():
+            if real in reads:
+                if reads[real] != digest and self.strict_files:
+                    cause = changed_while_reading(real)
+                    raise ExecutionError(nid, node["class_type"], str(cause), exception_type="FileError",
+                                         cause=cause)
+                pins[real] = reads[real]
+            elif path_state(real) != state:
+                return None
+            else:
+                pins[real] = digest
+        upstream_changed = any(keys[v[0]] != first_keys[v[0]] for v in node["inputs"].values() if is_link(v))
+        if not upstream_changed and all(pins[real] == digest for real, (_, digest) in files.items()):
+            return keys[nid]
+        with pinned_fingerprints(pins):
+            return self._key(nid, valid, keys)
 
     def _execute(self, wf: Workflow, valid: ValidPrompt, targets: list[str], result: RunResult, emit) -> None:
         ancestors: set[str] = set(targets)
         for t in targets:
             ancestors |= nx.ancestors(valid.graph, t)
-        keys = self._keys(valid, ancestors)
+        keys, files = self._keys(valid, ancestors)
+        first_keys = dict(keys)
+        uncached: set[str] = set()  # ran on inputs whose content is unknown: neither they nor descendants cached
 
         # Walk back from the outputs, stopping at cache hits: a cached node's ancestors are not needed.
         hits: dict[str, Any] = {}
@@ -203,7 +254,7 @@ class Runtime:
 
         order = [n for n in valid.order if n in dirty]
         ctx_base = dict(folders=self.folders, prompt=wf.prompt, workflow=wf.ui, resources=self.resources,
-                        interrupt_flag=self._interrupt, limits=self.limits)
+                        interrupt_flag=self._interrupt, limits=self.limits, strict_files=self.strict_files)
 
         def on_progress(node_id, value, total):
             emit({"event": "progress", "node": node_id, "class_type": valid.nodes[node_id]["class_type"],
@@ -217,14 +268,22 @@ class Runtime:
             class_type = node["class_type"]
             emit({"event": "executing", "node": nid, "class_type": class_type})
             kwargs = {name: (values[v[0]][v[1]] if is_link(v) else v) for name, v in node["inputs"].items()}
-            ctx = ExecutionContext(node_id=nid, class_type=class_type, on_progress=on_progress, **ctx_base)
+            ctx = ExecutionContext(node_id=nid, class_type=class_type, on_progress=on_progress, file_reads={},
+                                   **ctx_base)
             start = time.perf_counter()
             outputs, ui = self._call(nid, class_type, kwargs, ctx)
             result.timings[nid] = time.perf_counter() - start
             values[nid] = outputs
             result.executed.append(nid)
             if not self.registry.get(class_type).SCHEMA.not_idempotent:
-                self.cache.put(keys[nid], outputs, ui)
+                key = None
+                if not any(is_link(v) and v[0] in uncached for v in node["inputs"].values()):
+                    key = self._settled_key(nid, valid, keys, first_keys, files[nid], ctx.file_reads)
+                if key is None:
+                    uncached.add(nid)
+                else:
+                    keys[nid] = key
+                    self.cache.put(key, outputs, ui)
             if ui is not None and nid in targets:
                 result.outputs[nid] = ui
             emit({"event": "executed", "node": nid, "class_type": class_type, "output": ui,

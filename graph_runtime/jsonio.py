@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 from .errors import WorkflowError
+from .files import FileError, read_capped
 
 MAX_WORKFLOW_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64
@@ -73,14 +73,15 @@ def loads_strict(text: str | bytes, source: str = "workflow", max_bytes: int = M
 
 
 def load_json_file(path: str | os.PathLike, max_bytes: int = MAX_WORKFLOW_BYTES):
-    """Read and strictly parse a JSON file; the size limit is checked before reading."""
-    path = Path(path)
+    """Read and strictly parse a JSON file: a regular file only, its size checked before reading."""
+    return loads_strict(read_workflow_bytes(path, max_bytes), source=str(path), max_bytes=max_bytes)
+
+
+def read_workflow_bytes(path: str | os.PathLike, max_bytes: int = MAX_WORKFLOW_BYTES) -> bytes:
+    """The bytes of a workflow file (a regular file of at most ``max_bytes``); every problem is a
+    WorkflowError naming the file."""
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise WorkflowError(f"{path}: cannot read: {exc.strerror}") from None
-    if not path.is_file():
-        raise WorkflowError(f"{path}: not a file (a workflow is a .json file, or a .png that carries one)")
-    if size > max_bytes:
-        raise WorkflowError(f"{path}: {size} bytes is above the limit of {max_bytes} bytes")
-    return loads_strict(path.read_bytes(), source=str(path), max_bytes=max_bytes)
+        return read_capped(path, max_bytes, "workflow")
+    except FileError as exc:
+        raise WorkflowError(exc.message, file=path, value=exc.value, limit=exc.limit, fix=exc.fix,
+                            kind=exc.kind) from None

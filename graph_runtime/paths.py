@@ -65,8 +65,12 @@ def resolve_under(root: str | os.PathLike, name: str, *, what: str = "file", mus
                   advice: FolderAdvice = CLI_ADVICE) -> Path:
     """Resolve ``name`` under ``root``, refusing '..', absolute paths and symlinks that lead outside."""
     rel = check_relative_name(name, what, advice)
-    root_real = Path(root).resolve()
-    candidate = (root_real / Path(*rel.parts)).resolve()
+    try:
+        root_real = Path(root).resolve()
+        candidate = (root_real / Path(*rel.parts)).resolve()
+    except (RuntimeError, OSError) as exc:  # Python < 3.13 raises RuntimeError for a symlink loop
+        raise PathError(f"{what} {name!r} cannot be resolved under {root}: {exc}", value=name, limit=str(root),
+                        fix="remove the symlink loop", kind="bad_link") from None
     if not candidate.is_relative_to(root_real):
         raise PathError(f"{what} {name!r} resolves to {candidate}, outside the folder {root_real} "
                         "(a symlink out of the root?); refusing to read it",
@@ -136,7 +140,7 @@ class Folders:
         return ", ".join(f"{root}{_not_a_folder(root)}" for root in self.roots(kind))
 
     def list(self, kind: str, suffixes: tuple[str, ...] = (), dirs: bool = False) -> list[str]:
-        """Names (relative, '/'-separated) of files (or folders, with ``dirs``) under the roots."""
+        """Names (relative, '/'-separated) of regular files (or folders, with ``dirs``) under the roots."""
         names: set[str] = set()
         for root in self.roots(kind):
             if not root.is_dir():
@@ -149,6 +153,8 @@ class Folders:
                 for entry in entries:
                     full = here / entry
                     if suffixes and not entry.lower().endswith(suffixes):
+                        continue
+                    if not dirs and not full.is_file():  # a FIFO, device or socket is never offered
                         continue
                     if not full.resolve().is_relative_to(root_real):
                         continue

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .errors import SchemaError
+from .errors import LoomError, SchemaError
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 _SOCKET_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -342,8 +342,10 @@ def input_fingerprint(schema: NodeSchema, inputs: dict, folders) -> str | None:
     for inp in schema.inputs:
         value = inputs.get(inp.name)
         if inp.file_kind and isinstance(value, str) and value:
-            path = folders.find(inp.file_kind, value)
-            parts.append(f"{inp.name}={file_fingerprint(path)}")
+            try:
+                parts.append(f"{inp.name}={file_fingerprint(folders.find(inp.file_kind, value))}")
+            except LoomError as exc:
+                raise exc.at(input=inp.name) from None
     if schema.fingerprint is not None:
         extra = schema.fingerprint(inputs, folders)
         if extra is not None:

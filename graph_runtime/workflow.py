@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WorkflowError
-from .jsonio import check_depth, load_json_file, loads_strict
+from .files import FileError, changed_while_reading, open_regular, read_upto, state_of
+from .jsonio import MAX_WORKFLOW_BYTES, check_depth, load_json_file, loads_strict
 from .schema import CONTROL_VALUES, NodeRegistry
 
 FRONTEND_ONLY = frozenset({"Reroute", "PrimitiveNode", "Note", "MarkdownNote"})
@@ -24,6 +25,9 @@ MODE_MUTED = 2
 MODE_BYPASS = 4
 MAX_NODES = 100_000
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_PNG_KEYS = ("prompt", "workflow")
+_MAX_KEYWORD_BYTES = 80  # PNG keywords are 1-79 bytes
+MAX_PNG_CHUNKS = 1_000_000
 
 
 @dataclass
@@ -266,28 +270,7 @@ def _output_type(node: dict, slot: int):
 
 def _png_workflow(path: Path) -> dict:
     """The workflow embedded in a PNG as ComfyUI writes it (tEXt ``prompt`` and ``workflow``)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise WorkflowError(f"{path}: cannot read: {exc.strerror}") from None
-    if not data.startswith(_PNG_SIG):
-        raise WorkflowError(f"{path}: not a PNG file")
-    texts: dict[str, str] = {}
-    pos = len(_PNG_SIG)
-    while pos + 8 <= len(data):
-        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        if ctype == b"tEXt" and b"\0" in body:
-            key, _, value = body.partition(b"\0")
-            texts[key.decode("latin-1")] = value.decode("latin-1")
-        elif ctype == b"iTXt" and b"\0" in body:
-            key, _, rest = body.partition(b"\0")
-            compressed = rest[0] == 1
-            rest = rest[2:].split(b"\0", 2)[-1]
-            texts[key.decode("latin-1")] = (zlib.decompress(rest) if compressed else rest).decode("utf-8")
-        elif ctype == b"IEND":
-            break
-        pos += 12 + length
+    texts = _png_texts(path)
     ui = loads_strict(texts["workflow"], source=f"{path} (workflow)") if "workflow" in texts else None
     if "prompt" in texts:  # exactly what ran; the UI graph travels along for re-embedding
         prompt = loads_strict(texts["prompt"], source=f"{path} (prompt)")
@@ -295,6 +278,78 @@ def _png_workflow(path: Path) -> dict:
     if isinstance(ui, dict):
         return ui
     raise WorkflowError(f"{path}: this PNG carries no workflow (no tEXt 'prompt' or 'workflow' chunk)")
+
+
+def _png_texts(path: Path) -> dict[str, str]:
+    """The ``prompt`` and ``workflow`` text chunks of a PNG. Streams chunk by chunk, reading only text
+    chunks (image data is skipped), so memory and time are bounded by the workflow size limit."""
+    try:
+        with open_regular(path, "workflow") as (f, state):
+            texts = _png_text_chunks(f, path)
+            if state_of(f) != state:
+                raise changed_while_reading(path, "workflow")
+    except FileError as exc:
+        raise WorkflowError(exc.message, file=path, value=exc.value, limit=exc.limit, fix=exc.fix,
+                            kind=exc.kind) from None
+    return texts
+
+
+def _png_text_chunks(f, path: Path) -> dict[str, str]:
+    if read_upto(f, len(_PNG_SIG)) != _PNG_SIG:
+        raise WorkflowError(f"{path}: not a PNG file")
+    texts: dict[str, str] = {}
+    for _ in range(MAX_PNG_CHUNKS):
+        head = read_upto(f, 8)
+        if len(head) < 8:
+            return texts  # no IEND: a truncated PNG still carries the text chunks read so far
+        length, ctype = struct.unpack(">I4s", head)
+        if not ctype.isalpha():
+            raise WorkflowError(f"{path}: chunk type {ctype!r} is not 4 letters: the PNG is damaged")
+        if ctype == b"IEND":
+            return texts
+        if ctype not in (b"tEXt", b"iTXt"):
+            f.seek(length + 4, os.SEEK_CUR)  # the body and its CRC
+            continue
+        body = read_upto(f, min(length, _MAX_KEYWORD_BYTES + 1))
+        key = body.partition(b"\0")[0].decode("latin-1")
+        if key not in _PNG_KEYS:
+            f.seek(length - len(body) + 4, os.SEEK_CUR)
+            continue
+        if key in texts:
+            raise WorkflowError(f"{path}: the PNG holds two '{key}' chunks; ComfyUI writes one, and which one "
+                                "is meant is unknown, so neither is used", value=key, kind="duplicate_chunk",
+                                fix="save the workflow again from the editor (or as a .json file)")
+        if length > MAX_WORKFLOW_BYTES + _MAX_KEYWORD_BYTES:
+            raise WorkflowError(f"{path}: the '{key}' chunk is {length} bytes, above the limit of "
+                                f"{MAX_WORKFLOW_BYTES} bytes", value=length, limit=MAX_WORKFLOW_BYTES)
+        body += read_upto(f, length - len(body))
+        f.seek(4, os.SEEK_CUR)
+        if len(body) < length:
+            raise WorkflowError(f"{path}: the '{key}' chunk is cut short: the PNG is truncated")
+        texts[key] = _png_text(ctype, body, path, key)
+    raise WorkflowError(f"{path}: more than {MAX_PNG_CHUNKS} chunks before IEND: not an image this reads",
+                        limit=MAX_PNG_CHUNKS)
+
+
+def _png_text(ctype: bytes, body: bytes, path: Path, key: str) -> str:
+    """The text of a tEXt (latin-1) or iTXt (UTF-8, maybe zlib-compressed) chunk body."""
+    rest = body.partition(b"\0")[2]
+    if ctype == b"tEXt":
+        return rest.decode("latin-1")
+    if len(rest) < 2:
+        raise WorkflowError(f"{path}: the iTXt '{key}' chunk is damaged (no compression fields)")
+    compressed = rest[0] == 1
+    text = rest[2:].split(b"\0", 2)[-1]
+    try:
+        if compressed:  # bounded: a small chunk may inflate to gigabytes
+            inflater = zlib.decompressobj()
+            text = inflater.decompress(text, MAX_WORKFLOW_BYTES + 1)
+            if len(text) > MAX_WORKFLOW_BYTES:
+                raise WorkflowError(f"{path}: the '{key}' chunk inflates to more than {MAX_WORKFLOW_BYTES} bytes",
+                                    limit=MAX_WORKFLOW_BYTES)
+        return text.decode("utf-8")
+    except (zlib.error, UnicodeDecodeError) as exc:
+        raise WorkflowError(f"{path}: the iTXt '{key}' chunk cannot be read: {exc}") from None
 
 
 def api_to_ui(prompt: dict, registry: NodeRegistry) -> dict:

@@ -88,13 +88,14 @@ _FOREIGN = (
 
 
 def read_lora(path: str | os.PathLike, *, component: str | None = None, layers_per_block: int = 2,
-              known_fingerprint: str | None = None) -> LoRA:
+              known_fingerprint=None) -> LoRA:
     """Read a LoRA file (safetensors, through safefile's strict reader) into a canonical `LoRA`.
 
     `path` may also be a peft ``save_pretrained`` folder (``adapter_model.safetensors`` +
     ``adapter_config.json``). `component` names the component of a peft file (guessed from the
     module paths otherwise). `layers_per_block` sets SGM block numbering (2 for SD1.x and SDXL).
-    `known_fingerprint` (the file's digest, already computed by the caller) skips hashing it again.
+    `known_fingerprint` (the file's digest, already computed by the caller: see `read_lora_file`)
+    skips hashing it again.
     Raises LoRAFileError (bad file) or LoRAFormatError (keys that are no LoRA we can read).
     """
     from .safefile import read_lora_file

@@ -22,16 +22,16 @@ import io
 import json
 import math
 import os
-import stat
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..graph_runtime import HASH_CHUNK_BYTES, file_hasher
+from ..graph_runtime import HASH_CHUNK_BYTES, FileError, KnownFingerprint, file_hasher, open_regular
 from ..graph_runtime.errors import InputError, LoomError
+from ..graph_runtime.files import state_of
 from ..graph_runtime.errors import show as _show
 from .sniff import PICKLE_KINDS, SNIFF_BYTES, sniff
 
@@ -203,6 +203,8 @@ class SafeFile:
     fingerprint: str
     size: int
     format: str = "safetensors"
+    state: Any = field(default=None, repr=False, compare=False)
+    """The file's ``FileState`` (size, mtime, ctime, inode), unchanged from opening to the end of the read."""
 
     def __repr__(self) -> str:
         return (
@@ -213,7 +215,7 @@ class SafeFile:
 
 def read_lora_file(
     path: str | os.PathLike, *, allow_pickle: bool = False, limits: Limits = DEFAULT_LIMITS,
-    known_fingerprint: str | None = None,
+    known_fingerprint: str | KnownFingerprint | None = None,
 ) -> SafeFile:
     """Read a LoRA file, refusing anything malformed, oversized, non-finite or unsafe.
 
@@ -222,23 +224,31 @@ def read_lora_file(
     load only with ``allow_pickle=True``, through ``torch.load(weights_only=True)``. The file is
     read once (hashed as it streams) and nothing is returned unless the whole file passed.
 
-    ``known_fingerprint``: the caller already hashed this file (e.g. memoised on size and mtime) and
-    vouches for it; the read then skips hashing and reports that fingerprint.
+    ``known_fingerprint``: the caller already hashed this file and vouches for it; the read then skips
+    hashing and reports that fingerprint. A ``KnownFingerprint`` (digest and the file state it was
+    computed in) is used only when the opened file is still in that state; a plain digest always.
 
-    Raises ``LoRAFileError`` (a ValueError) for every problem with the file's content;
-    ``FileNotFoundError``/``PermissionError`` pass through unchanged.
+    Only a regular file is opened (a FIFO or device is refused before it could block or never end),
+    and a file whose state (size, mtime, ctime, inode) changes while it is read is refused rather
+    than loaded as a mix of old and new bytes. Raises ``LoRAFileError`` (a ValueError) for every
+    problem with the file, including a missing or unreadable one.
     """
     path = Path(path)
-    with _open_checked(path, limits) as (f, size):
+    with _open_checked(path, limits) as (f, state):
+        size = state.size
         verdict = _sniff_file(f, path, size)
         if verdict.kind in PICKLE_KINDS:
             if not allow_pickle:
                 raise _pickle_refused(path, verdict.what)
-            return _read_pickle(f, path, size, limits)
+            return _read_pickle(f, path, state, limits)
+        if isinstance(known_fingerprint, KnownFingerprint):
+            known_fingerprint = known_fingerprint.digest if known_fingerprint.state == state else None
         hasher = file_hasher() if known_fingerprint is None else _KnownDigest(known_fingerprint)
         header = _read_header(f, path, size, limits, hasher)
         tensors = _read_data(f, header, hasher)
-    return SafeFile(path, tensors, header.metadata, hasher.hexdigest(), size, "safetensors")
+        if state_of(f) != state:
+            raise _changed_while_reading(path)
+    return SafeFile(path, tensors, header.metadata, hasher.hexdigest(), size, "safetensors", state)
 
 
 def inspect_header(path: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> Header:
@@ -250,23 +260,25 @@ def inspect_header(path: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> 
     without unpickling them.
     """
     path = Path(path)
-    with _open_checked(path, limits) as (f, size):
-        verdict = _sniff_file(f, path, size)
+    with _open_checked(path, limits) as (f, state):
+        verdict = _sniff_file(f, path, state.size)
         if verdict.kind in PICKLE_KINDS:
             raise _pickle_refused(path, verdict.what)
-        return _read_header(f, path, size, limits, file_hasher())
+        return _read_header(f, path, state.size, limits, file_hasher())
 
 
 @contextmanager
 def _open_checked(path: Path, limits: Limits):
-    """Open a regular file unbuffered, check its size against the limit, yield (file, size)."""
-    # stat before open: opening a FIFO blocks, and a device such as /dev/zero never ends.
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-        raise LoRAFileError(path, f"this is {kind}; a LoRA must be a regular file.")
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
+    """Open a regular file unbuffered (graph_runtime's ``open_regular``: never a FIFO or device), check
+    its size against the limit before a byte is read, yield (file, FileState)."""
+    with ExitStack() as stack:
+        try:
+            f, state = stack.enter_context(open_regular(path, "LoRA file"))
+        except FileError as exc:
+            refused = LoRAFileError(path, exc.message, value=exc.value, fix=exc.fix)
+            refused.kind = exc.kind
+            raise refused from None
+        size = state.size
         if size > limits.max_file_bytes:
             raise LoRAFileError(
                 path,
@@ -276,7 +288,7 @@ def _open_checked(path: Path, limits: Limits):
                 limit=limits.max_file_bytes,
                 fix="if this really is a LoRA, pass limits=Limits(max_file_bytes=...) with a larger value.",
             )
-        yield f, size
+        yield f, state
 
 
 def _sniff_file(f, path: Path, size: int):
@@ -329,11 +341,14 @@ def _read_exact(f, n: int, path: Path, hasher) -> bytearray:
 
 
 def _changed_while_reading(path: Path) -> LoRAFileError:
-    return LoRAFileError(
+    error = LoRAFileError(
         path,
-        "the file changed size while it was being read (another program is writing it).",
+        "the file changed while it was being read (another program is writing or replacing it), so "
+        "what was read may be a mix of old and new bytes.",
         fix="wait until the download or copy has finished, then load it again.",
     )
+    error.kind = "changed_while_reading"
+    return error
 
 
 # ---------------------------------------------------------------------------------------- header
@@ -785,7 +800,8 @@ def _check_values(path: Path, key: str, tensor: torch.Tensor, raw: torch.Tensor 
 # ---------------------------------------------------------------------------------------- pickle
 
 
-def _read_pickle(f, path: Path, size: int, limits: Limits) -> SafeFile:
+def _read_pickle(f, path: Path, state, limits: Limits) -> SafeFile:
+    size = state.size
     hasher = file_hasher()
     buffer = io.BytesIO()
     remaining = size
@@ -796,7 +812,7 @@ def _read_pickle(f, path: Path, size: int, limits: Limits) -> SafeFile:
         hasher.update(chunk)
         buffer.write(chunk)
         remaining -= len(chunk)
-    if f.read(1):
+    if f.read(1) or state_of(f) != state:
         raise _changed_while_reading(path)
     buffer.seek(0)
     try:
@@ -811,7 +827,7 @@ def _read_pickle(f, path: Path, size: int, limits: Limits) -> SafeFile:
         ) from None
     del buffer
     tensors = _check_pickled(path, loaded, limits)
-    return SafeFile(path, tensors, {}, hasher.hexdigest(), size, "pickle")
+    return SafeFile(path, tensors, {}, hasher.hexdigest(), size, "pickle", state)
 
 
 def _check_pickled(path: Path, loaded: Any, limits: Limits) -> dict[str, torch.Tensor]:

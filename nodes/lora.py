@@ -17,17 +17,41 @@ SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 class LoadLoRA:
     """Read a LoRA file (checked before use: header, shapes, dtypes, finite values) into a LoRA value."""
 
+    @classmethod
+    def check_inputs(cls, constants: dict) -> dict:
+        # Size and header limits at validation, before the runtime hashes the file for its cache key:
+        # a 10 GB file is refused at once instead of after a minute of hashing.
+        from ..graph_runtime import LoomError
+        from ..lora.safefile import inspect_header
+
+        name = constants.get("lora_name")
+        try:
+            path = folders().find("loras", name) if isinstance(name, str) else None
+        except LoomError:
+            return {}  # the list check names a missing file
+        if path is None or path.is_dir():  # a peft folder: the reader checks its file
+            return {}
+        try:
+            inspect_header(path)
+        except LoomError as exc:
+            return {"lora_name": str(exc)}
+        return {}
+
     def execute(self, lora_name):
-        from ..graph_runtime import known_fingerprint, remember_fingerprint
+        from ..graph_runtime import current_context, known_fingerprint
         from ..lora.readers import read_lora
 
+        ctx = current_context()
         path = folders().find("loras", lora_name)
-        if not path.is_file():  # a peft folder: its files are hashed by the reader
+        if path.is_dir():  # a peft folder: its files are hashed by the reader
             lora = read_lora(path)
         else:
-            # The runtime hashed this file for its cache key a moment ago: don't read it twice for that.
-            lora = read_lora(path, known_fingerprint=known_fingerprint(path))
-            remember_fingerprint(path, lora.fingerprint)
+            # The runtime hashed this file for its cache key a moment ago: its digest stands while the file
+            # is in the state it was hashed in (strict mode trusts no remembered digest: hash what is read).
+            known = None if ctx.strict_files else known_fingerprint(path)
+            lora = read_lora(path, known_fingerprint=known)
+            # The result belongs to the bytes read, whatever the file held when the key was computed.
+            ctx.report_read(path, lora.fingerprint)
         return {"ui": {"text": [f"{lora_name}: {lora.describe()}"]}, "result": (lora,)}
 
 

@@ -178,3 +178,20 @@ def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
+
+
+def test_run_strict_files_makes_a_strict_runtime(plugin, tmp_path, monkeypatch):
+    import loraloom.api
+
+    made = []
+
+    class Recorded(loraloom.api.Runtime):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(loraloom.api, "Runtime", Recorded)
+    args = ["run", str(plugin), "--nodes-module", "cli_plugin_nodes", "--no-progress", "--output-dir",
+            str(tmp_path / "out")]
+    assert main(args) == 0 and made[-1].strict_files is False
+    assert main(args + ["--strict-files"]) == 0 and made[-1].strict_files is True

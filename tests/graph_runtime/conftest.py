@@ -1,5 +1,6 @@
 """Stub nodes for the torch-free runtime tests. Each records its node id in ``calls`` when it runs."""
 
+import threading
 import time
 import types
 
@@ -128,3 +129,28 @@ def chain(n: int) -> dict:
         wf[str(i)] = {"class_type": "Add", "inputs": {"a": [str(i - 1), 0]}}
     wf[str(n - 1)] = {"class_type": "Show", "inputs": {"x": [str(n - 2), 0]}}
     return wf
+
+
+def _ends_quickly(fn, seconds: float = 10.0):
+    """What ``fn`` raised (None if nothing), run in a thread; fails if it has not ended in time
+    (a FIFO opened for reading blocks until a writer comes; /dev/zero never ends)."""
+    outcome = []
+
+    def target():
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s: it hangs"
+    return outcome[0]
+
+
+@pytest.fixture
+def ends_quickly():
+    """``ends_quickly(fn, seconds=10)``: run ``fn`` in a thread, fail if it hangs, return what it raised."""
+    return _ends_quickly

@@ -3,7 +3,9 @@
 import enum
 import gc
 import hashlib
+import os
 import sys
+import time
 import warnings
 
 import pytest
@@ -162,3 +164,97 @@ def test_node_key_does_not_depend_on_input_order(constants):
     key = cache.node_key("C", 1, constants, {"up": ("k", 0)}, "files")
     assert key == cache.node_key("C", 1, {"a": 1, "b": "x"}, {"up": ("k", 0)}, "files")
     assert key != cache.node_key("C", 2, constants, {"up": ("k", 0)}, "files"), "the version is in the key"
+
+
+# ------------------------------------------------------------------------- files that change
+
+
+def _read_text_workflow(name="a.txt"):
+    return {"1": {"class_type": "ReadText", "inputs": {"name": name}},
+            "2": {"class_type": "ShowText", "inputs": {"text": ["1", 0]}}}
+
+
+def _text_runtime(stubs, tmp_path, **kw):
+    return Runtime(registry=stubs.registry, lora_dirs=[tmp_path], output_dir=tmp_path / "out", **kw)
+
+
+def test_a_file_changed_while_its_node_runs_is_not_cached_under_the_old_key(stubs, tmp_path):
+    """ReadText does not report what it read: a file that changed after the run keyed it leaves its
+    result (and its descendants') out of the cache, so putting the old file back never serves it."""
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    rt = _text_runtime(stubs, tmp_path)
+
+    def swap(event):
+        if event["event"] == "executing" and event["node"] == "1":
+            path.write_text("new")
+
+    assert rt.run(_read_text_workflow(), on_event=swap).outputs["2"] == {"text": ["new"]}
+    path.write_text("old")
+    back = rt.run(_read_text_workflow())
+    assert back.outputs["2"] == {"text": ["old"]} and back.executed == ["1", "2"], back.outputs
+
+
+def test_a_same_size_rewrite_with_the_old_mtime_is_seen(stubs, tmp_path, monkeypatch):
+    """cp -p and rsync restore the mtime; the ctime in the file's state still changes."""
+    monkeypatch.setattr(cache, "RACY_NS", 0)  # remember digests of files written a moment ago, too
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    rt = _text_runtime(stubs, tmp_path)
+    assert rt.run(_read_text_workflow()).outputs["2"] == {"text": ["old"]}
+    st = path.stat()
+    time.sleep(0.05)  # past the filesystem's timestamp tick
+    path.write_text("new")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+    again = rt.run(_read_text_workflow())
+    assert again.outputs["2"] == {"text": ["new"]} and "1" in again.executed, again.outputs
+
+
+def test_a_digest_is_not_remembered_for_a_file_changed_a_moment_ago(tmp_path):
+    """A same-size write in the same timestamp tick would leave the state unchanged (racy clean)."""
+    path = tmp_path / "fresh.bin"
+    path.write_bytes(b"x" * 100)
+    assert file_fingerprint(path) == hashlib.blake2b(b"x" * 100, digest_size=16).hexdigest()
+    assert cache.known_fingerprint(path) is None, "hashed, but too fresh to vouch for later"
+
+
+def test_strict_fingerprints_trust_no_remembered_digest(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "RACY_NS", 0)
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"content")
+    digest = file_fingerprint(path)
+    known = cache.known_fingerprint(path)
+    assert known.digest == digest
+    # What a same-tick rewrite that stat cannot see would leave: a remembered digest of other bytes.
+    cache._fingerprints[(str(path.resolve()), known.state)] = "0" * 32
+    assert file_fingerprint(path) == "0" * 32, "the state vouches for the remembered digest"
+    with cache.strict_fingerprints():
+        assert file_fingerprint(path) == digest, "strict: the content is hashed"
+
+
+def test_a_file_input_that_cannot_be_read_names_node_input_and_file(stubs, tmp_path):
+    from loraloom.graph_runtime import ExecutionError
+
+    pipe = tmp_path / "pipe.txt"
+    os.mkfifo(pipe)
+    rt = _text_runtime(stubs, tmp_path)
+    with pytest.raises(ExecutionError) as info:
+        rt.run(_read_text_workflow("pipe.txt"))  # would block in open() if it were opened
+    exc = info.value
+    assert (exc.node, exc.class_type, exc.input, exc.kind) == ("1", "ReadText", "name", "not_regular"), exc
+    assert str(pipe) in str(exc) and "named pipe" in str(exc), str(exc)
+    assert stubs.calls == [], "no node ran"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_unreadable_file_input_names_node_input_and_file(stubs, tmp_path):
+    from loraloom.graph_runtime import ExecutionError
+
+    path = tmp_path / "a.txt"
+    path.write_text("secret")
+    path.chmod(0)
+    with pytest.raises(ExecutionError) as info:
+        _text_runtime(stubs, tmp_path).run(_read_text_workflow())
+    assert (info.value.node, info.value.input, info.value.kind) == ("1", "name", "unreadable"), info.value
+    assert str(path) in str(info.value) and "Fix:" in str(info.value)

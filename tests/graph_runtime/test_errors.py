@@ -317,6 +317,10 @@ PROGRAMMER_ERRORS = {
     ("lora/canonical.py", "delta", "TypeError"),
     # the status comes from the worker's own constants (SUCCESS, ERROR, INTERRUPTED)
     ("server/store.py", "finish", "ValueError"),
+    # the save node's own block wrote nothing, or its name_for() numbers names into another folder: bugs in
+    # the calling node, never a user's input
+    ("atomic.py", "atomic_new", "FileNotFoundError"),
+    ("atomic.py", "atomic_new", "ValueError"),
 }
 
 

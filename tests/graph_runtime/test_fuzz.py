@@ -1,9 +1,19 @@
-"""Property test across modules (jsonio, workflow, graph, executor through Runtime): malformed
-workflow JSON gives only our clear errors, never a crash. It maps to no single module on purpose."""
+"""Property tests across modules (jsonio, workflow, graph, executor through Runtime, files): malformed
+workflow JSON gives only our clear errors, never a crash; odd files (FIFO, device, symlink to a device,
+unreadable, huge sparse) as workflows or file inputs give a clear error quickly, never a hang. They map
+to no single module on purpose."""
 
 import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from loraloom.graph_runtime import LoomError, Runtime
@@ -50,3 +60,97 @@ def test_malformed_workflow_files_only_raise_our_errors(stubs, tmp_path, wf):
         Runtime(registry=stubs.registry).validate(path)
     except LoomError:
         pass
+
+
+# --------------------------------------------------------------------- odd files as inputs
+# A FIFO blocks open() until a writer comes, a device never ends, a sparse file is huge for free:
+# each, given as a workflow or as a file input, must end in one of our errors within seconds.
+
+ODD_KINDS = ["fifo", "dev_zero_link", "device", "device_link", "loop", "unreadable", "huge_sparse"]
+
+
+def make_odd(path: Path, kind: str, png: bool = False) -> bool:
+    """Make ``path`` an odd file of ``kind``; False where this machine cannot."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev_zero_link":
+        os.symlink("/dev/zero", path)
+    elif kind in ("device", "device_link"):
+        target = path if kind == "device" else path.with_name(path.name + ".dev")
+        try:
+            os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero's numbers
+        except PermissionError:  # making a device node needs privileges
+            return False
+        if kind == "device_link":
+            os.symlink(target.name, path)
+    elif kind == "loop":  # unreadable for root too: stat() fails with ELOOP
+        os.symlink(path.name + ".b", path)
+        os.symlink(path.name, path.with_name(path.name + ".b"))
+    elif kind == "unreadable":
+        if os.geteuid() == 0:  # root reads files whatever their permissions (the loop kind covers root)
+            return False
+        path.write_text("{}")
+        path.chmod(0)
+    else:
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" if png else b"{")
+            f.truncate(10 * 2**30)
+    return True
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(ODD_KINDS), role=st.sampled_from(["workflow.json", "workflow.png", "file input"]))
+def test_odd_files_give_a_clear_error_quickly(stubs, ends_quickly, kind, role):
+    if role == "file input" and kind == "huge_sparse":
+        return  # a huge regular file is a valid input for a node without a size limit (LoadLoRA has one)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rt = Runtime(registry=stubs.registry, lora_dirs=[root], output_dir=root / "out")
+        if role == "file input":
+            assume(make_odd(root / "odd.txt", kind))
+            wf = {"1": {"class_type": "ReadText", "inputs": {"name": "odd.txt"}},
+                  "2": {"class_type": "ShowText", "inputs": {"text": ["1", 0]}}}
+            exc = ends_quickly(lambda: rt.run(wf))
+            assert stubs.calls == [], "the node never ran on an odd file"
+        else:
+            path = root / f"odd{Path(role).suffix}"
+            assume(make_odd(path, kind, png=role.endswith(".png")))
+            exc = ends_quickly(lambda: rt.run(path))
+            assert str(path) in str(exc), str(exc)
+        assert isinstance(exc, LoomError) and "odd" in str(exc), repr(exc)
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loraloom.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_cli_refuses_a_fifo_workflow_without_hanging(tmp_path):
+    path = tmp_path / "wf.json"
+    os.mkfifo(path)
+    done = _cli("run", str(path), "--no-progress")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(path) in done.stderr and "named pipe" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device_link", "huge_sparse"])
+def test_cli_refuses_an_odd_lora_without_hanging(tmp_path, kind):
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    if not make_odd(loras / "odd.safetensors", kind):
+        pytest.skip(f"this machine cannot make a {kind}")
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": {"class_type": "LoadLoRA", "inputs": {"lora_name": "odd.safetensors"}},
+                              "2": {"class_type": "SaveLoRA", "inputs": {"lora": ["1", 0]}}}))
+    done = _cli("run", str(wf), "--no-progress", "--lora-dir", str(loras), "--output-dir", str(tmp_path / "out"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "odd.safetensors" in done.stderr and "node 1 (LoadLoRA) input 'lora_name'" in done.stderr, done.stderr
+
+
+def test_cli_refuses_a_huge_workflow_named_like_a_shipped_one(tmp_path):
+    shipped = sorted(p.name for p in (Path(__file__).parents[2] / "workflows").glob("*.json"))[0]
+    path = tmp_path / shipped
+    assert make_odd(path, "huge_sparse")
+    done = _cli("run", str(path), "--no-progress", timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(path) in done.stderr and "above the limit" in done.stderr, done.stderr

@@ -55,5 +55,5 @@ def test_depth_limit_is_inclusive():
 def test_file_missing_or_a_folder(tmp_path):
     with pytest.raises(WorkflowError, match="gone.json: cannot read"):
         load_json_file(tmp_path / "gone.json")
-    with pytest.raises(WorkflowError, match="not a file"):
+    with pytest.raises(WorkflowError, match="not a regular file"):
         load_json_file(tmp_path)

@@ -1,6 +1,7 @@
 """workflow.py: loading workflows, UI-format conversion as the editor writes it, overrides, PNG round trip."""
 
 import json
+import os
 import struct
 import zlib
 
@@ -149,3 +150,51 @@ def test_api_to_ui_round_trip(stubs):
     xs = {n["id"]: n["pos"][0] for n in ui["nodes"]}
     assert xs[1] < xs[2] < xs[4] < xs[5], "columns follow the data flow"
     assert ui_to_api(ui, stubs.registry) == api
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_png_with_two_prompt_chunks_is_refused(stubs, tmp_path):
+    api = {"1": {"class_type": "Const", "inputs": {"value": 9}}, "2": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}
+    other = {**api, "1": {"class_type": "Const", "inputs": {"value": 1}}}
+    png = _png_with_text({"prompt": json.dumps(api)})
+    second = _chunk(b"tEXt", b"prompt\0" + json.dumps(other).encode())
+    path = tmp_path / "two.png"
+    path.write_bytes(png[:-12] + second + png[-12:])  # before IEND
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(path, stubs.registry)
+    assert info.value.kind == "duplicate_chunk" and "two 'prompt' chunks" in str(info.value), str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_png_itxt_inflation_is_bounded(stubs, tmp_path, monkeypatch):
+    from loraloom.graph_runtime import workflow
+
+    monkeypatch.setattr(workflow, "MAX_WORKFLOW_BYTES", 1000)
+    bomb = zlib.compress(b" " * 10**6)  # 1 MB of spaces in about 1 kB
+    itxt = _chunk(b"iTXt", b"workflow\0\x01\x00\0\0" + bomb)
+    png = _png_with_text({})
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png[:-12] + itxt + png[-12:])
+    with pytest.raises(WorkflowError, match="inflates to more than 1000 bytes"):
+        load_workflow(path, stubs.registry)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".png"])
+@pytest.mark.parametrize("make", ["fifo", "dev_zero_link", "huge_sparse"])
+def test_odd_workflow_files_are_refused_quickly(stubs, ends_quickly, tmp_path, suffix, make):
+    path = tmp_path / f"odd{suffix}"
+    if make == "fifo":
+        os.mkfifo(path)
+    elif make == "dev_zero_link":
+        os.symlink("/dev/zero", path)
+    else:
+        with open(path, "wb") as f:
+            if suffix == ".png":
+                f.write(b"\x89PNG\r\n\x1a\n")
+            f.truncate(10 * 2**30)
+    exc = ends_quickly(lambda: load_workflow(path, stubs.registry))
+    assert isinstance(exc, WorkflowError), repr(exc)
+    assert str(path) in str(exc), str(exc)

@@ -690,3 +690,57 @@ def test_known_fingerprint_is_reported_without_rehashing(tmp_path):
     assert read_lora_file(path).fingerprint == digest, "the reader's own hash equals the runtime's"
     vouched = read_lora_file(path, known_fingerprint="f" * 32)
     assert vouched.fingerprint == "f" * 32 and torch.equal(vouched.tensors["a"], torch.ones(4))
+
+
+def test_a_same_size_rewrite_during_the_read_is_refused_not_mixed(tmp_path, monkeypatch):
+    from loraloom.lora import safefile
+
+    path = tmp_path / "lora.safetensors"
+    safetensors.torch.save_file({"a": torch.ones(1000), "b": torch.ones(1000)}, path)
+    rewritten = tmp_path / "new.safetensors"
+    safetensors.torch.save_file({"a": torch.full((1000,), 2.0), "b": torch.full((1000,), 2.0)}, rewritten)
+    assert rewritten.stat().st_size == path.stat().st_size
+    check = safefile._check_values
+    seen = []
+
+    def writer_between_tensors(*args, **kwargs):
+        # Another program rewrites the file in place after the first tensor was read.
+        if not seen:
+            time.sleep(0.02)  # past the filesystem's timestamp tick
+            with open(path, "r+b") as f:
+                f.write(rewritten.read_bytes())
+        seen.append(args[1])
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(safefile, "_check_values", writer_between_tensors)
+    err = refused(path)
+    assert err.kind == "changed_while_reading", err
+    assert_names(err, path, says=["changed while it was being read", "mix of old and new"])
+    assert seen == ["a", "b"], "the second tensor came from the new bytes: only the state shows it"
+
+
+def test_known_fingerprint_for_another_state_is_not_used(tmp_path):
+    from loraloom.graph_runtime import FileState, KnownFingerprint
+
+    path = tmp_path / "x.safetensors"
+    safetensors.torch.save_file({"a": torch.ones(4)}, path)
+    state = FileState.of(path.stat())
+    assert read_lora_file(path, known_fingerprint=KnownFingerprint("f" * 32, state)).fingerprint == "f" * 32
+    other = state._replace(ctime_ns=state.ctime_ns - 1)  # the file changed since that digest was taken
+    assert read_lora_file(path, known_fingerprint=KnownFingerprint("f" * 32, other)).fingerprint == \
+        file_fingerprint(path), "a digest for another state is not trusted: the bytes are hashed"
+
+
+@pytest.mark.parametrize("make", ["fifo", "dev_zero_link", "directory"])
+def test_odd_files_are_refused_without_opening(tmp_path, make):
+    path = tmp_path / "odd.safetensors"
+    if make == "fifo":
+        os.mkfifo(path)
+    elif make == "dev_zero_link":
+        os.symlink("/dev/zero", path)
+    else:
+        path.mkdir()
+    start = time.monotonic()
+    err = refused(path)
+    assert time.monotonic() - start < 2 and err.kind == "not_regular", err
+    assert_names(err, path, says=["not a regular file"])

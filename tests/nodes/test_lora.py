@@ -66,3 +66,83 @@ def test_save_lora_expands_comfyui_prefix_variables(runtime, tmp_path):
     assert ref["filename"] == "demo-a.safetensors_0_00001_.safetensors", "%width% is 0 for what is not an image"
     assert ref["subfolder"] in {str(y) for y in years}, ref
     assert (tmp_path / "out" / ref["subfolder"] / ref["filename"]).is_file()
+
+
+# Runs with outputs=["1"]: node 4 is there because a workflow needs an output node.
+LOAD = {"1": {"class_type": "LoadLoRA", "inputs": {"lora_name": "x.safetensors"}},
+        "4": {"class_type": "SaveLoRA", "inputs": {"lora": ["1", 0], "filename_prefix": "x", "format": "kohya",
+                                                   "dtype": "fp32"}}}
+
+
+def _swap_when_loading(path, data):
+    """A listener that rewrites ``path`` with ``data`` as LoadLoRA starts (after the run keyed it)."""
+    def listener(event):
+        if event["event"] == "executing" and event["class_type"] == "LoadLoRA":
+            path.write_bytes(data)
+    return listener
+
+
+def test_a_lora_replaced_during_a_run_is_cached_under_the_bytes_read(runtime, loras_dir):
+    from loraloom.graph_runtime import file_fingerprint
+
+    root, names = loras_dir
+    path = root / "x.safetensors"
+    old, new = (root / names["tiny-sdxl/kohya"]).read_bytes(), (root / names["tiny-sdxl/kohya-sgm"]).read_bytes()
+    path.write_bytes(old)
+    old_fp = file_fingerprint(path)
+    changed = runtime.run(LOAD, outputs=["1"], on_event=_swap_when_loading(path, new))
+    new_fp = file_fingerprint(path)
+    assert changed.value("1").fingerprint == new_fp != old_fp, "the run used the bytes it read"
+    path.write_bytes(old)  # put back
+    back = runtime.run(LOAD, outputs=["1"])
+    assert back.executed == ["1"] and back.value("1").fingerprint == old_fp, \
+        "the new bytes' result was not stored under the old content's key"
+    path.write_bytes(new)
+    again = runtime.run(LOAD, outputs=["1"])
+    assert again.cached == ["1"] and again.value("1").fingerprint == new_fp, \
+        "it was stored under the key of the bytes it was computed from"
+
+
+def test_strict_files_fails_a_loader_whose_file_changed_during_the_run(loras_dir, tmp_path):
+    import pytest
+
+    from loraloom import ExecutionError, Runtime
+
+    root, names = loras_dir
+    path = root / "x.safetensors"
+    old, new = (root / names["tiny-sdxl/kohya"]).read_bytes(), (root / names["tiny-sdxl/kohya-sgm"]).read_bytes()
+    path.write_bytes(old)
+    rt = Runtime(lora_dirs=[root], output_dir=tmp_path / "out", strict_files=True)
+    with pytest.raises(ExecutionError) as info:
+        rt.run(LOAD, outputs=["1"], on_event=_swap_when_loading(path, new))
+    assert info.value.kind == "changed_while_reading" and info.value.node == "1", info.value
+    assert "x.safetensors" in str(info.value) and "Fix:" in str(info.value), str(info.value)
+    assert rt.run(LOAD, outputs=["1"]).executed == ["1"], "nothing was cached from the failed run"
+
+
+def test_a_huge_lora_is_refused_at_validation_before_hashing(runtime, loras_dir):
+    import time
+
+    import pytest
+
+    from loraloom import ValidationError
+
+    root, _ = loras_dir
+    with open(root / "x.safetensors", "wb") as f:
+        f.truncate(10 * 2**30)  # sparse: instant to make, 66 s to hash
+    start = time.monotonic()
+    with pytest.raises(ValidationError) as info:
+        runtime.run(LOAD, outputs=["1"])
+    assert time.monotonic() - start < 5, "refused on its size, not after hashing 10 GB"
+    assert "max_file_bytes" in str(info.value) and "x.safetensors" in str(info.value), str(info.value)
+
+
+def test_odd_files_are_not_offered_as_loras(runtime, loras_dir):
+    import os
+
+    root, names = loras_dir
+    os.mkfifo(root / "pipe.safetensors")
+    os.symlink("/dev/zero", root / "zero.safetensors")
+    offered = runtime.folders.list("loras", (".safetensors",))
+    assert names["tiny-sdxl/kohya"] in offered
+    assert "pipe.safetensors" not in offered and "zero.safetensors" not in offered, offered
