@@ -13,14 +13,19 @@ Rules, in order (each rejection names the rule in a JSON error body):
 5. A state-changing request (POST, PUT, PATCH, DELETE) needs ``Content-Type: application/json``, unless
    it provably comes from the page's own origin (its ``Origin`` matched, or ``Sec-Fetch-Site:
    same-origin``): the editor saves settings and workflows as ``text/plain`` (415 otherwise).
-6. A body above the size limit is refused before it is read (413); JSON bodies are parsed strictly
-   (depth, duplicate keys, non-finite numbers; 400). Nothing a request sends is ever evaluated.
+6. A body above the size limit is refused before it is read (413); a body not sent within the body
+   timeout is refused (408); JSON bodies are parsed strictly (depth, duplicate keys, non-finite
+   numbers; 400). Nothing a request sends is ever evaluated.
+
+Before all of these, a header holding bytes that are not UTF-8 is refused (400): aiohttp hands them on
+as lone surrogates, which no comparison or cookie can use.
 
 Every response carries ``X-Content-Type-Options: nosniff`` and refuses to be framed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -69,6 +74,7 @@ class SecurityPolicy:
     token: str | None = None
     allow_hosts: frozenset[str] = field(default_factory=frozenset)
     max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout: float = 60.0
 
     def host_allowed(self, host: str) -> bool:
         host = host.lower().rstrip(".")
@@ -144,7 +150,7 @@ def security_middleware(policy: SecurityPolicy):
             response = web.Response(status=302, headers={"Location": "/"})
         else:
             try:
-                response = await handler(request)
+                response = await _read_body(request, policy) or await handler(request)
             except web.HTTPException as exc:
                 _harden(exc.headers)
                 raise
@@ -157,6 +163,21 @@ def security_middleware(policy: SecurityPolicy):
     return middleware
 
 
+async def _read_body(request: web.Request, policy: SecurityPolicy) -> web.Response | None:
+    """Read the body (handlers then get it from aiohttp's cache) within ``policy.body_timeout``; a 408
+    refusal when it does not arrive in time."""
+    if not request.body_exists:
+        return None
+    try:
+        async with asyncio.timeout(policy.body_timeout):
+            await request.read()
+    except TimeoutError:
+        response = reject(408, "body_timeout", f"the request body did not arrive within {policy.body_timeout:g} s")
+        response.force_close()
+        return response
+    return None
+
+
 def _harden(headers) -> None:
     headers["X-Content-Type-Options"] = "nosniff"
     headers["X-Frame-Options"] = "DENY"
@@ -165,6 +186,11 @@ def _harden(headers) -> None:
 
 
 def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response | None, bool]:
+    for name, value in request.headers.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return reject(400, "bad_header", f"header {name!r} holds bytes that are not UTF-8"), False
     host_header = request.headers.get("Host", "")
     parsed = _split_host(host_header)
     if parsed is None or not policy.host_allowed(parsed[0]):
