@@ -45,8 +45,9 @@ class Limits:
     max_connections: int = 256
 
     def handler_args(self) -> dict:
-        """The aiohttp request handler's options for these limits."""
-        return {"keepalive_timeout": self.header_timeout}
+        """The aiohttp request handler's options for these limits. ``lingering_time``: how long aiohttp
+        goes on reading (and dropping) a body the handler refused, before closing."""
+        return {"keepalive_timeout": self.header_timeout, "lingering_time": self.header_timeout}
 
 
 class BusyConnections:
