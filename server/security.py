@@ -17,8 +17,8 @@ Rules, in order (each rejection names the rule in a JSON error body):
    timeout is refused (408); JSON bodies are parsed strictly (depth, duplicate keys, non-finite
    numbers; 400). Nothing a request sends is ever evaluated.
 
-Before all of these, a header holding bytes that are not UTF-8 is refused (400): aiohttp hands them on
-as lone surrogates, which no comparison or cookie can use.
+Before all of these, a header these rules read that holds bytes that are not UTF-8 is refused (400):
+aiohttp hands them on as lone surrogates, which no comparison or cookie can use.
 
 Every response carries ``X-Content-Type-Options: nosniff`` and refuses to be framed.
 """
@@ -41,6 +41,7 @@ log = logging.getLogger("loraloom.server")
 TOKEN_COOKIE = "loraloom_token"
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+READ_HEADERS = ("Host", "Authorization", "Cookie", "Sec-Fetch-Site", "Origin", "Content-Type", "Upgrade")
 
 
 class ServerConfigError(LoomError):
@@ -186,7 +187,8 @@ def _harden(headers) -> None:
 
 
 def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response | None, bool]:
-    for name, value in request.headers.items():
+    for name in READ_HEADERS:
+        value = request.headers.get(name, "")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
