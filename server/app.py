@@ -89,15 +89,15 @@ def _check_user_dir(user_dir: Path, frontend_dir: Path | None) -> Path:
         if user_dir.resolve().is_relative_to(package):
             raise ServerConfigError(f"user folder {user_dir} is inside the installed package {package}; "
                                     f"settings and queues must live elsewhere. Fix: --user-dir DIR or "
-                                    f"{ENV_USER_DIR}=DIR", file=user_dir, kind="user_dir_in_package")
+                                    f"{ENV_USER_DIR}=DIR", kind="user_dir_in_package")
     if user_dir.exists() and not user_dir.is_dir():
-        raise ServerConfigError(f"user folder {user_dir} is a file, not a folder", file=user_dir,
+        raise ServerConfigError("the user folder is a file, not a folder", file=user_dir,
                                 kind="user_dir_not_folder", fix="--user-dir DIR naming a folder (it is created "
                                                                 "if missing)")
     try:
         user_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ServerConfigError(f"user folder {user_dir} cannot be created: {exc.strerror}", file=user_dir,
+        raise ServerConfigError(f"the user folder cannot be created: {exc.strerror}", file=user_dir,
                                 kind="user_dir_unusable", fix="--user-dir DIR naming a folder you can write") from None
     return user_dir
 
@@ -112,7 +112,7 @@ class UserDirLock:
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise ServerConfigError(f"user folder {user_dir}: cannot create its lock file: {exc.strerror}",
+            raise ServerConfigError(f"cannot create the user folder's lock file: {exc.strerror}",
                                     file=self.path, kind="user_dir_unusable",
                                     fix="--user-dir DIR naming a folder you can write") from None
         try:
@@ -121,10 +121,10 @@ class UserDirLock:
             holder = os.pread(self._fd, 200, 0).decode(errors="replace").split()
             os.close(self._fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise ServerConfigError(f"user folder {user_dir}: cannot lock {self.path}: {exc.strerror}",
+                raise ServerConfigError(f"cannot lock the user folder: {exc.strerror}",
                                         file=self.path, kind="user_dir_unusable") from None
             who = f"pid {holder[0]}, port {holder[1]}" if len(holder) >= 2 else "pid unknown"
-            raise ServerConfigError(f"user folder {user_dir} is in use by another loraloom serve ({who}); "
+            raise ServerConfigError(f"the user folder is in use by another loraloom serve ({who}); "
                                     "one server per user folder", file=user_dir, value=" ".join(holder) or None,
                                     kind="user_dir_in_use",
                                     fix="use the running server, stop it, or give this one another --user-dir")
