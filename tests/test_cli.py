@@ -269,3 +269,11 @@ def test_serve_refused_at_the_port_leaves_the_user_folder_free(tmp_path):
         busy.listen()
         assert main(_serve_args(tmp_path, busy.getsockname()[1])) == 1
     UserDirLock(tmp_path / "user", 1).release()  # would raise if the refused server kept its lock
+
+
+@pytest.mark.parametrize("flag, value", [("--max-connections", "0"), ("--header-timeout", "nan"),
+                                         ("--body-timeout", "-1"), ("--header-timeout", "inf")])
+def test_serve_limits_must_be_positive(flag, value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", flag, value])
+    assert exited.value.code == 2 and flag in capsys.readouterr().err
