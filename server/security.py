@@ -17,8 +17,10 @@ Rules, in order (each rejection names the rule in a JSON error body):
    timeout is refused (408); JSON bodies are parsed strictly (depth, duplicate keys, non-finite
    numbers; 400). Nothing a request sends is ever evaluated.
 
-Before all of these, a header these rules read that holds bytes that are not UTF-8 is refused (400):
-aiohttp hands them on as lone surrogates, which no comparison or cookie can use.
+Before all of these, a header these rules read (and a presented token) holding bytes that are not
+UTF-8 is refused (400): aiohttp hands them on as lone surrogates, which no comparison can use. Other
+headers and cookies are never read, so their bytes do not matter (browsers send every cookie of
+``localhost``, whichever program set it).
 
 Every response carries ``X-Content-Type-Options: nosniff`` and refuses to be framed.
 """
@@ -41,7 +43,7 @@ log = logging.getLogger("loraloom.server")
 TOKEN_COOKIE = "loraloom_token"
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-READ_HEADERS = ("Host", "Authorization", "Cookie", "Sec-Fetch-Site", "Origin", "Content-Type", "Upgrade")
+READ_HEADERS = ("Host", "Sec-Fetch-Site", "Origin", "Content-Type", "Upgrade")
 
 
 class ServerConfigError(LoomError):
@@ -123,17 +125,25 @@ def _origin_matches(origin: str, host: str, port: int | None, scheme: str) -> bo
             and (url.explicit_port or _DEFAULT_PORTS[url.scheme]) == (port or default))
 
 
-def _token_of(request: web.Request) -> tuple[str | None, bool]:
-    """The token the request presents, and whether it came in the query string (asked for explicitly,
-    it wins over a cookie that a previous token may have left)."""
+def _token_of(request: web.Request) -> tuple[str | None, bool, str]:
+    """The token the request presents, whether it came in the query string (asked for explicitly, it
+    wins over a cookie that a previous token may have left), and where it came from."""
     if "token" in request.query:
-        return request.query["token"], True
+        return request.query["token"], True, "the token query parameter"
     auth = request.headers.get("Authorization", "")
     if auth.lower().startswith("bearer "):
-        return auth[7:].strip(), False
+        return auth[7:].strip(), False, "header 'Authorization'"
     if TOKEN_COOKIE in request.cookies:
-        return request.cookies[TOKEN_COOKIE], False
-    return None, False
+        return request.cookies[TOKEN_COOKIE], False, f"cookie {TOKEN_COOKIE!r}"
+    return None, False, ""
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def security_middleware(policy: SecurityPolicy):
@@ -188,10 +198,7 @@ def _harden(headers) -> None:
 
 def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response | None, bool]:
     for name in READ_HEADERS:
-        value = request.headers.get(name, "")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
+        if _not_utf8(request.headers.get(name, "")):
             return reject(400, "bad_header", f"header {name!r} holds bytes that are not UTF-8"), False
     host_header = request.headers.get("Host", "")
     parsed = _split_host(host_header)
@@ -204,7 +211,9 @@ def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response |
 
     from_query = False
     if policy.token:
-        presented, from_query = _token_of(request)
+        presented, from_query, source = _token_of(request)
+        if presented is not None and _not_utf8(presented):
+            return reject(400, "bad_header", f"the token in {source} holds bytes that are not UTF-8"), False
         if presented is None or not hmac.compare_digest(presented.encode(), policy.token.encode()):
             return reject(401, "unauthorized",
                           "this server requires its token: open http://HOST:PORT/?token=T once, or send "

@@ -347,8 +347,9 @@ async def test_history_and_jobs_read_only_the_page_they_answer(serve, monkeypatc
         assert counting.parsed < 1000, f"the jobs list parsed {counting.parsed} bytes: it needs no workflow"
         asc = await (await server.client.get("/api/jobs?limit=2&offset=1&sort_order=asc&workflow_id=wf")).json()
         assert [j["id"] for j in asc["jobs"]] == ids[1:3] and asc["pagination"]["has_more"] is True
-        none = await (await server.client.get("/api/jobs?workflow_id=other")).json()
-        assert none["jobs"] == [] and none["pagination"]["total"] == 0
+        for query in ("workflow_id=other", "status=no-such-status"):
+            none = await (await server.client.get(f"/api/jobs?{query}")).json()
+            assert none["jobs"] == [] and none["pagination"]["total"] == 0, query
 
 
 @pytest.mark.parametrize("path", ["/api/history", "/api/jobs", "/api/queue"])
