@@ -27,8 +27,10 @@ from .security import ServerConfigError
 
 log = logging.getLogger("loraloom.server")
 
-# Descriptors kept free beyond the connection cap: the queue database, LoRA and output files, logs.
-FD_RESERVE = 64
+BACKLOG = 128  # asyncio accepts up to this many connections in one go, before closed ones are freed
+# Descriptors kept free beyond the connection cap: one accept burst, the queue database, LoRA and
+# output files, logs.
+FD_RESERVE = BACKLOG + 64
 # Loggers whose repeated messages are rate-limited: asyncio logs every failed accept() ("Too many open
 # files"), aiohttp every broken request, we every refused one.
 NOISY_LOGGERS = ("asyncio", "aiohttp.server", "aiohttp.web", "loraloom.server")
@@ -80,7 +82,8 @@ class ConnectionCap:
         self.evicted = 0
 
     def __call__(self):
-        open_now = self.server.connections  # oldest first: aiohttp keeps them in connection order
+        # Oldest first (aiohttp keeps them in connection order); one closed a moment ago has no transport.
+        open_now = [c for c in self.server.connections if c.transport is not None]
         if len(open_now) >= self.limit:
             victim = next((c for c in open_now if c not in self.busy.busy), None)
             if victim is not None:
@@ -181,7 +184,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                       flags=socket.AI_PASSIVE)[0]
-        return socket.create_server(address, family=family, backlog=128)
+        return socket.create_server(address, family=family, backlog=BACKLOG)
     except socket.gaierror as exc:
         raise ServerConfigError(f"cannot listen on {host!r}: {exc.strerror}", value=host, kind="cannot_listen",
                                 fix=advice) from None
