@@ -148,8 +148,13 @@ def create_app(runtime, config: ServerConfig | None = None) -> web.Application:
     user_dir = _check_user_dir(Path(config.user_dir) if config.user_dir else default_user_dir(), frontend_dir)
     lock = UserDirLock(user_dir, config.port)  # before the queue: a live server's running prompt is its own
     try:
+        userdata = UserData(user_dir)
         store = PromptStore(user_dir / "queue.sqlite3")
         recovered = store.recover()
+    except OSError as exc:
+        lock.release()
+        raise ServerConfigError(f"the user folder cannot be written: {exc.strerror}", file=exc.filename or user_dir,
+                                kind="user_dir_unusable", fix="--user-dir DIR naming a folder you can write") from None
     except BaseException:
         lock.release()
         raise
@@ -158,7 +163,7 @@ def create_app(runtime, config: ServerConfig | None = None) -> web.Application:
     features = {"supports_preview_metadata": False, "max_upload_size": config.max_body_bytes}
     hub = Hub(status=lambda: {"exec_info": {"queue_remaining": store.remaining()}}, features=features)
     worker = Worker(runtime, store, hub)
-    state = ServerState(runtime, store, worker, hub, UserData(user_dir), frontend_dir, user_dir, features, lock)
+    state = ServerState(runtime, store, worker, hub, userdata, frontend_dir, user_dir, features, lock)
 
     policy = SecurityPolicy(token=config.token, allow_hosts=frozenset(h.lower() for h in config.allow_hosts),
                             max_body_bytes=config.max_body_bytes, body_timeout=config.limits.body_timeout)
