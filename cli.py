@@ -112,9 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--user-dir", metavar="DIR", help="settings, saved workflows, queue and history (else "
                                                          "LORALOOM_USER_DIR, else ~/.local/share/loraloom)")
     serve.add_argument("--cache-bytes", type=int, metavar="N", help="byte budget of the result cache")
+    serve.add_argument("--max-connections", type=_positive(int), metavar="N",
+                       help="open connections at most (the oldest idle one is closed for a new one)")
+    serve.add_argument("--header-timeout", type=_positive(float), metavar="S",
+                       help="seconds a connection may take to send a request head")
+    serve.add_argument("--body-timeout", type=_positive(float), metavar="S",
+                       help="seconds a request may take to send its body")
     _folder_args(serve)
     _limit_args(serve)
     return parser
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
+        return value
+
+    return parse
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -294,12 +313,16 @@ def cmd_serve(args) -> int:
     try:
         from .server import ServerConfig, ServerConfigError, check_listen, serve
         from .server.app import ENV_TOKEN
+        from .server.net import Limits
     except ImportError as exc:
         raise LoomError(f"`loraloom serve` needs the editor extra ({exc.name} is missing).", value=exc.name,
                         kind="missing_extra", fix="pip install 'loraloom[editor]'") from None
     config = ServerConfig(listen=args.listen, port=args.port, token=args.token or os.environ.get(ENV_TOKEN) or None,
                           allow_hosts=tuple(args.allow_host),
-                          user_dir=Path(args.user_dir) if args.user_dir else None)
+                          user_dir=Path(args.user_dir) if args.user_dir else None,
+                          limits=Limits(**{name: getattr(args, name) for name in ("header_timeout", "body_timeout",
+                                                                                  "max_connections")
+                                           if getattr(args, name) is not None}))
     try:
         check_listen(config.listen, config.token)
     except ServerConfigError as exc:

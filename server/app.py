@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import importlib.util
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 from .hub import Hub
+from .net import BusyConnections, Limits, start
 from .routes import Api
 from .security import SecurityPolicy, ServerConfigError, check_listen, security_middleware
 from .store import PromptStore
@@ -23,6 +27,7 @@ log = logging.getLogger("loraloom.server")
 ENV_USER_DIR = "LORALOOM_USER_DIR"
 ENV_TOKEN = "LORALOOM_SERVE_TOKEN"
 DEFAULT_PORT = 8188  # ComfyUI's, so its API clients find this server where they look
+LOCK_FILE = "server.lock"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -38,6 +43,7 @@ class ServerConfig:
     user_dir: Path | None = None
     frontend_dir: Path | None = None
     max_body_bytes: int = 32 * 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -52,6 +58,8 @@ class ServerState:
     frontend_dir: Path | None
     user_dir: Path
     features: dict = field(default_factory=dict)
+    lock: "UserDirLock | None" = None
+    busy: BusyConnections = field(default_factory=BusyConnections)
 
 
 STATE = web.AppKey("loraloom_state", ServerState)
@@ -83,7 +91,55 @@ def _check_user_dir(user_dir: Path, frontend_dir: Path | None) -> Path:
                                     "settings and queues must live elsewhere.", value=str(user_dir),
                                     limit=f"outside {package}", kind="user_dir_in_package",
                                     fix=f"--user-dir DIR or {ENV_USER_DIR}=DIR")
+    if user_dir.exists() and not user_dir.is_dir():
+        raise ServerConfigError("the user folder is a file, not a folder", file=user_dir,
+                                kind="user_dir_not_folder", fix="--user-dir DIR naming a folder (it is created "
+                                                                "if missing)")
+    try:
+        user_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServerConfigError(f"the user folder cannot be created: {exc.strerror}", file=user_dir,
+                                kind="user_dir_unusable", fix="--user-dir DIR naming a folder you can write") from None
     return user_dir
+
+
+class UserDirLock:
+    """One server per user folder: an exclusive ``flock`` on ``<user folder>/server.lock``, held while
+    the server lives (the kernel drops it when the process dies, so a killed server never leaves a
+    stale lock). The file says which process holds it and on which port, for the refusal message."""
+
+    def __init__(self, user_dir: Path, port: int):
+        self.path = user_dir / LOCK_FILE
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ServerConfigError(f"cannot create the user folder's lock file: {exc.strerror}",
+                                    file=self.path, kind="user_dir_unusable",
+                                    fix="--user-dir DIR naming a folder you can write") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").split()
+            os.close(self._fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise ServerConfigError(f"cannot lock the user folder: {exc.strerror}",
+                                        file=self.path, kind="user_dir_unusable") from None
+            who = f"pid {holder[0]}, port {holder[1]}" if len(holder) >= 2 else "pid unknown"
+            raise ServerConfigError(f"the user folder is in use by another loraloom serve ({who}); "
+                                    "one server per user folder", file=user_dir, value=" ".join(holder) or None,
+                                    kind="user_dir_in_use",
+                                    fix="use the running server, stop it, or give this one another --user-dir")
+        self.record(port)
+
+    def record(self, port: int) -> None:
+        """Write this process's pid and ``port`` into the lock file."""
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()} {port}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1
 
 
 def create_app(runtime, config: ServerConfig | None = None) -> web.Application:
@@ -91,18 +147,29 @@ def create_app(runtime, config: ServerConfig | None = None) -> web.Application:
     config = config or ServerConfig()
     frontend_dir = Path(config.frontend_dir) if config.frontend_dir else find_frontend()
     user_dir = _check_user_dir(Path(config.user_dir) if config.user_dir else default_user_dir(), frontend_dir)
-    store = PromptStore(user_dir / "queue.sqlite3")
-    recovered = store.recover()
+    lock = UserDirLock(user_dir, config.port)  # before the queue: a live server's running prompt is its own
+    try:
+        userdata = UserData(user_dir)
+        store = PromptStore(user_dir / "queue.sqlite3")
+        recovered = store.recover()
+    except OSError as exc:
+        lock.release()
+        raise ServerConfigError(f"the user folder cannot be written: {exc.strerror}", file=exc.filename or user_dir,
+                                kind="user_dir_unusable", fix="--user-dir DIR naming a folder you can write") from None
+    except BaseException:
+        lock.release()
+        raise
     if recovered:
         log.warning("marked %d prompt(s) that were running when the server stopped as interrupted", len(recovered))
     features = {"supports_preview_metadata": False, "max_upload_size": config.max_body_bytes}
     hub = Hub(status=lambda: {"exec_info": {"queue_remaining": store.remaining()}}, features=features)
     worker = Worker(runtime, store, hub)
-    state = ServerState(runtime, store, worker, hub, UserData(user_dir), frontend_dir, user_dir, features)
+    state = ServerState(runtime, store, worker, hub, userdata, frontend_dir, user_dir, features, lock)
 
     policy = SecurityPolicy(token=config.token, allow_hosts=frozenset(h.lower() for h in config.allow_hosts),
-                            max_body_bytes=config.max_body_bytes)
-    app = web.Application(middlewares=[security_middleware(policy)], client_max_size=config.max_body_bytes)
+                            max_body_bytes=config.max_body_bytes, body_timeout=config.limits.body_timeout)
+    app = web.Application(middlewares=[state.busy.middleware, security_middleware(policy)],
+                          client_max_size=config.max_body_bytes)
     app[STATE] = state
     Api(state).add_routes(app)
 
@@ -116,6 +183,7 @@ def create_app(runtime, config: ServerConfig | None = None) -> web.Application:
     async def stop(app):
         worker.stop()
         store.close()
+        lock.release()
 
     app.on_startup.append(start)
     app.on_shutdown.append(close_sockets)
@@ -123,15 +191,47 @@ def create_app(runtime, config: ServerConfig | None = None) -> web.Application:
     return app
 
 
+def listen_address(listen: str) -> str:
+    """``--listen`` as a socket address: ``[::1]`` (as in a URL) is ``::1``."""
+    return listen[1:-1] if listen.startswith("[") and listen.endswith("]") else listen
+
+
+async def start_server(app: web.Application, config: ServerConfig):
+    """Listen for ``app`` as ``config`` says (limits included); returns the started
+    :class:`~loraloom.server.net.Listening` (``port``, ``close()``)."""
+    listening = await start(app, app[STATE].busy, listen_address(config.listen), config.port, config.limits)
+    if app[STATE].lock is not None:
+        app[STATE].lock.record(listening.port)
+    return listening
+
+
 def serve(runtime, config: ServerConfig) -> None:
-    """Run the server until interrupted (``loraloom serve``)."""
+    """Run the server until SIGINT or SIGTERM (``loraloom serve``)."""
     check_listen(config.listen, config.token)
     app = create_app(runtime, config)
+    asyncio.run(_serve(app, config))
+
+
+async def _serve(app: web.Application, config: ServerConfig) -> None:
     state = app[STATE]
-    host = f"[{config.listen}]" if ":" in config.listen else config.listen
-    url = f"http://{host}:{config.port}/"
+    try:
+        listening = await start_server(app, config)
+    except BaseException:
+        state.lock.release()  # nothing started: the worker starts once the port is ours
+        state.store.close()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    listen = listen_address(config.listen)
+    host = f"[{listen}]" if ":" in listen else listen
+    url = f"http://{host}:{listening.port}/"
     print(f"LoRA Loom editor: {url}" + ("?token=<your token>" if config.token else ""), flush=True)
     print(f"user folder: {state.user_dir}", flush=True)
     if state.frontend_dir is None:
         print("the visual editor is not installed (pip install 'loraloom[editor]'); serving the API only", flush=True)
-    web.run_app(app, host=config.listen, port=config.port, print=None, access_log=None)
+    try:
+        await stop.wait()
+    finally:
+        await listening.close()

@@ -23,7 +23,7 @@ from ..graph_runtime.errors import LoomError, PathError, ValidationError, Workfl
 from ..graph_runtime.jsonio import loads_strict
 from ..graph_runtime.paths import TEMP_SUBFOLDER, resolve_under
 from .security import error_body
-from .store import ERROR, INTERRUPTED, PENDING, RUNNING, SUCCESS, DuplicateId, QueueItem
+from .store import ERROR, INTERRUPTED, PENDING, RUNNING, SUCCESS, DuplicateId, JobRow, QueueItem
 from .userdata import Conflict
 from .worker import DELETED, INTERRUPTING, UNKNOWN
 
@@ -35,6 +35,7 @@ INLINE_IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg
 JOB_STATUS = {PENDING: "pending", RUNNING: "in_progress", SUCCESS: "completed", ERROR: "failed",
               INTERRUPTED: "cancelled"}
 MAX_JOBS_PAGE = 1000
+SQLITE_MAX_INT = 2**63 - 1  # the largest number a query's LIMIT or OFFSET can carry into SQLite
 # What ComfyUI's system_stats reports in argv; "--disable-api-nodes" tells the page there is no
 # cloud service to ask (it then makes no request beyond this server). The real argv may hold a token.
 REPORTED_ARGV = ["loraloom", "serve", "--disable-api-nodes"]
@@ -84,7 +85,7 @@ def _flag(request: web.Request, name: str, default: bool = False) -> bool:
     return default if value is None else value.lower() in ("1", "true", "yes")
 
 
-def _int_query(request: web.Request, name: str, default: int | None, low: int = 0, high: int | None = None):
+def _int_query(request: web.Request, name: str, default: int | None, low: int = 0, high: int = SQLITE_MAX_INT):
     value = request.query.get(name)
     if value is None or value == "":
         return default
@@ -93,7 +94,7 @@ def _int_query(request: web.Request, name: str, default: int | None, low: int = 
     except ValueError:
         raise _bad_request("bad_query", f"{name}={value!r} is not an integer") from None
     if number < low or (high is not None and number > high):
-        raise _bad_request("bad_query", f"{name}={number} is outside {low}..{'' if high is None else high}")
+        raise _bad_request("bad_query", f"{name}={number} is outside {low}..{high}")
     return number
 
 
@@ -131,13 +132,19 @@ def _history_entry(item: QueueItem) -> dict:
     }
 
 
-def _job(item: QueueItem, detail: bool = False) -> dict:
-    """One prompt as the frontend's jobs API lists it."""
-    job = {"id": item.prompt_id, "status": JOB_STATUS[item.status], "priority": item.number,
-           "create_time": item.extra_data.get("create_time", 0), "outputs_count": 0}
+def _job_row(item: QueueItem) -> JobRow:
     workflow = (item.extra_data.get("extra_pnginfo") or {}).get("workflow")
-    if isinstance(workflow, dict) and isinstance(workflow.get("id"), str):
-        job["workflow_id"] = workflow["id"]
+    workflow_id = workflow.get("id") if isinstance(workflow, dict) else None
+    return JobRow(item.number, item.prompt_id, item.status, item.result, item.messages,
+                  item.extra_data.get("create_time", 0), workflow_id if isinstance(workflow_id, str) else None)
+
+
+def _job(item: JobRow, detail: QueueItem | None = None) -> dict:
+    """One prompt as the frontend's jobs API lists it (``detail``: the whole prompt, for one job)."""
+    job = {"id": item.prompt_id, "status": JOB_STATUS[item.status], "priority": item.number,
+           "create_time": item.create_time, "outputs_count": 0}
+    if item.workflow_id is not None:
+        job["workflow_id"] = item.workflow_id
     for name, data in item.messages or []:
         if name == "execution_start":
             job["execution_start_time"] = data.get("timestamp")
@@ -160,11 +167,18 @@ def _job(item: QueueItem, detail: bool = False) -> dict:
                     preview = {**entry, "nodeId": node_id, "mediaType": media}
     if preview is not None:
         job["preview_output"] = preview
-    if detail:
+    if detail is not None:
         job["outputs"] = outputs
-        job["execution_status"] = _history_entry(item)["status"] if item.messages else None
-        job["workflow"] = {"prompt": item.prompt, "extra_data": item.extra_data}
+        job["execution_status"] = _history_entry(detail)["status"] if detail.messages else None
+        job["workflow"] = {"prompt": detail.prompt, "extra_data": detail.extra_data}
     return job
+
+
+async def _json_off_loop(build) -> web.Response:
+    """``build()``'s answer as JSON, built and serialised in a thread: stored prompts can be megabytes,
+    and parsing or writing them on the event loop would stall every other client."""
+    body = await asyncio.to_thread(lambda: json.dumps(build()).encode())
+    return web.Response(body=body, content_type="application/json")
 
 
 class Api:
@@ -383,9 +397,11 @@ class Api:
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
 
     async def get_queue(self, request):
-        running, pending = self.state.store.queue()
-        return web.json_response({"queue_running": [i.as_tuple() for i in running],
-                                  "queue_pending": [i.as_tuple() for i in pending]})
+        def build():
+            running, pending = self.state.store.queue()
+            return {"queue_running": [i.as_tuple() for i in running], "queue_pending": [i.as_tuple() for i in pending]}
+
+        return await _json_off_loop(build)
 
     async def post_queue(self, request):
         body = await _read_json(request, empty={})
@@ -406,12 +422,12 @@ class Api:
     async def get_history(self, request):
         max_items = _int_query(request, "max_items", None, 0)
         offset = _int_query(request, "offset", 0, 0)
-        items = self.state.store.history(max_items, offset)
-        return web.json_response({i.prompt_id: _history_entry(i) for i in items})
+        return await _json_off_loop(lambda: {i.prompt_id: _history_entry(i)
+                                             for i in self.state.store.history(max_items, offset)})
 
     async def get_history_item(self, request):
         prompt_id = request.match_info["prompt_id"]
-        item = self.state.store.get(prompt_id)
+        item = await asyncio.to_thread(self.state.store.get, prompt_id)
         if item is None:
             return _error(404, "unknown_prompt", f"no prompt {prompt_id!r} (never queued, cancelled or deleted)")
         if item.status in (PENDING, RUNNING):
@@ -433,22 +449,22 @@ class Api:
         wanted = {s for s in request.query.get("status", "").split(",") if s} or set(JOB_STATUS.values())
         limit = _int_query(request, "limit", MAX_JOBS_PAGE, 1, MAX_JOBS_PAGE)
         offset = _int_query(request, "offset", 0, 0)
-        workflow_id = request.query.get("workflow_id")
-        running, pending = self.state.store.queue()
-        items = running + pending + self.state.store.history()
-        jobs = [_job(i) for i in items if JOB_STATUS[i.status] in wanted]
-        if workflow_id:
-            jobs = [j for j in jobs if j.get("workflow_id") == workflow_id]
-        jobs.sort(key=lambda j: j["create_time"], reverse=request.query.get("sort_order", "desc") != "asc")
-        page = jobs[offset:offset + limit]
-        return web.json_response({"jobs": page, "pagination": {"offset": offset, "limit": limit, "total": len(jobs),
-                                                               "has_more": offset + len(page) < len(jobs)}})
+        statuses = [s for s, job_status in JOB_STATUS.items() if job_status in wanted]
+        newest_first = request.query.get("sort_order", "desc") != "asc"
+
+        def build():
+            rows, total = self.state.store.jobs(statuses, request.query.get("workflow_id") or None, newest_first,
+                                                limit, offset)
+            return {"jobs": [_job(r) for r in rows], "pagination": {"offset": offset, "limit": limit, "total": total,
+                                                                    "has_more": offset + len(rows) < total}}
+
+        return await _json_off_loop(build)
 
     async def get_job(self, request):
-        item = self.state.store.get(request.match_info["prompt_id"])
+        item = await asyncio.to_thread(self.state.store.get, request.match_info["prompt_id"])
         if item is None:
             return _error(404, "unknown_prompt", f"no job {request.match_info['prompt_id']!r}")
-        return web.json_response(_job(item, detail=True))
+        return await _json_off_loop(lambda: _job(_job_row(item), detail=item))
 
     async def cancel_job(self, request):
         prompt_id = request.match_info["prompt_id"]
@@ -494,7 +510,14 @@ class Api:
             # hidden names are never outputs: a save's temp file (.<name>.<host>-<pid>.<n>.tmp) is not
             # one yet, or was left by a killed save
             return _error(404, "not_found", f"no {kind} file {name!r}: hidden names are not served")
-        path = resolve_under(roots[kind], name, what="output file", must_exist=False)
+        try:
+            path = resolve_under(roots[kind], name, what="output file", must_exist=False)
+        except PathError as exc:
+            if exc.kind != "outside_root":
+                raise
+            # The message would name where the link points and the output folder's place on disk.
+            return _error(400, "bad_path", f"{kind} file {name!r} leads outside the {kind} folder "
+                                               "(a symlink?); refusing to serve it")
         if not path.is_file():
             return _error(404, "not_found", f"no {kind} file {name!r}")
         content_type = INLINE_IMAGES.get(path.suffix.lower())

@@ -13,14 +13,21 @@ Rules, in order (each rejection names the rule in a JSON error body):
 5. A state-changing request (POST, PUT, PATCH, DELETE) needs ``Content-Type: application/json``, unless
    it provably comes from the page's own origin (its ``Origin`` matched, or ``Sec-Fetch-Site:
    same-origin``): the editor saves settings and workflows as ``text/plain`` (415 otherwise).
-6. A body above the size limit is refused before it is read (413); JSON bodies are parsed strictly
-   (depth, duplicate keys, non-finite numbers; 400). Nothing a request sends is ever evaluated.
+6. A body above the size limit is refused before it is read (413); a body not sent within the body
+   timeout is refused (408); JSON bodies are parsed strictly (depth, duplicate keys, non-finite
+   numbers; 400). Nothing a request sends is ever evaluated.
+
+Before all of these, a header these rules read (and a presented token) holding bytes that are not
+UTF-8 is refused (400): aiohttp hands them on as lone surrogates, which no comparison can use. Other
+headers and cookies are never read, so their bytes do not matter (browsers send every cookie of
+``localhost``, whichever program set it).
 
 Every response carries ``X-Content-Type-Options: nosniff`` and refuses to be framed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -36,6 +43,7 @@ log = logging.getLogger("loraloom.server")
 TOKEN_COOKIE = "loraloom_token"
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+READ_HEADERS = ("Host", "Sec-Fetch-Site", "Origin", "Content-Type", "Upgrade")
 
 
 class ServerConfigError(LoomError):
@@ -69,6 +77,7 @@ class SecurityPolicy:
     token: str | None = None
     allow_hosts: frozenset[str] = field(default_factory=frozenset)
     max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout: float = 60.0
 
     def host_allowed(self, host: str) -> bool:
         host = host.lower().rstrip(".")
@@ -119,17 +128,25 @@ def _origin_matches(origin: str, host: str, port: int | None, scheme: str) -> bo
             and (url.explicit_port or _DEFAULT_PORTS[url.scheme]) == (port or default))
 
 
-def _token_of(request: web.Request) -> tuple[str | None, bool]:
-    """The token the request presents, and whether it came in the query string (asked for explicitly,
-    it wins over a cookie that a previous token may have left)."""
+def _token_of(request: web.Request) -> tuple[str | None, bool, str]:
+    """The token the request presents, whether it came in the query string (asked for explicitly, it
+    wins over a cookie that a previous token may have left), and where it came from."""
     if "token" in request.query:
-        return request.query["token"], True
+        return request.query["token"], True, "the token query parameter"
     auth = request.headers.get("Authorization", "")
     if auth.lower().startswith("bearer "):
-        return auth[7:].strip(), False
+        return auth[7:].strip(), False, "header 'Authorization'"
     if TOKEN_COOKIE in request.cookies:
-        return request.cookies[TOKEN_COOKIE], False
-    return None, False
+        return request.cookies[TOKEN_COOKIE], False, f"cookie {TOKEN_COOKIE!r}"
+    return None, False, ""
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def security_middleware(policy: SecurityPolicy):
@@ -147,7 +164,7 @@ def security_middleware(policy: SecurityPolicy):
             response = web.Response(status=302, headers={"Location": "/"})
         else:
             try:
-                response = await handler(request)
+                response = await _read_body(request, policy) or await handler(request)
             except web.HTTPException as exc:
                 _harden(exc.headers)
                 raise
@@ -160,6 +177,21 @@ def security_middleware(policy: SecurityPolicy):
     return middleware
 
 
+async def _read_body(request: web.Request, policy: SecurityPolicy) -> web.Response | None:
+    """Read the body (handlers then get it from aiohttp's cache) within ``policy.body_timeout``; a 408
+    refusal when it does not arrive in time."""
+    if not request.body_exists:
+        return None
+    try:
+        async with asyncio.timeout(policy.body_timeout):
+            await request.read()
+    except TimeoutError:
+        response = reject(408, "body_timeout", f"the request body did not arrive within {policy.body_timeout:g} s")
+        response.force_close()
+        return response
+    return None
+
+
 def _harden(headers) -> None:
     headers["X-Content-Type-Options"] = "nosniff"
     headers["X-Frame-Options"] = "DENY"
@@ -168,6 +200,9 @@ def _harden(headers) -> None:
 
 
 def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response | None, bool]:
+    for name in READ_HEADERS:
+        if _not_utf8(request.headers.get(name, "")):
+            return reject(400, "bad_header", f"header {name!r} holds bytes that are not UTF-8"), False
     host_header = request.headers.get("Host", "")
     parsed = _split_host(host_header)
     if parsed is None or not policy.host_allowed(parsed[0]):
@@ -179,7 +214,9 @@ def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response |
 
     from_query = False
     if policy.token:
-        presented, from_query = _token_of(request)
+        presented, from_query, source = _token_of(request)
+        if presented is not None and _not_utf8(presented):
+            return reject(400, "bad_header", f"the token in {source} holds bytes that are not UTF-8"), False
         if presented is None or not hmac.compare_digest(presented.encode(), policy.token.encode()):
             return reject(401, "unauthorized",
                           "this server requires its token: open http://HOST:PORT/?token=T once, or send "

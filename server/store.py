@@ -65,17 +65,37 @@ class DuplicateId(LoomError, ValueError):
     """A prompt id that the store already holds."""
 
 
+class StoreError(LoomError):
+    """The queue database cannot be opened or written (not a database, damaged, read-only)."""
+
+    kind = "queue_unusable"
+
+
 class PromptStore:
     """The persistent queue and history (``sqlite3`` in WAL mode, one connection behind a lock)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"SELECT {_COLUMNS} FROM prompts LIMIT 0")  # a foreign table of that name
+        except (sqlite3.Error, OSError) as exc:
+            if self._db is not None:
+                self._db.close()
+            raise self._unusable(exc) from None
+
+    def _unusable(self, exc: Exception) -> StoreError:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return StoreError(f"the queue database cannot be used: {reason}", file=self.path,
+                          fix="if it is read-only, make it and its folder writable; if it is not a queue "
+                              "database (or damaged), move it aside (its queue and history are then lost) "
+                              "and a new one is created; or start with another --user-dir")
 
     def close(self) -> None:
         with self._lock:
@@ -88,6 +108,12 @@ class PromptStore:
     def recover(self) -> list[str]:
         """After a restart: the prompt that was running is finished as interrupted. Returns its ids."""
         now = time.time()
+        try:
+            return self._recover(now)
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from None
+
+    def _recover(self, now: float) -> list[str]:
         with self._tx() as db:
             ids = [r[0] for r in db.execute("SELECT id FROM prompts WHERE status = ?", (RUNNING,))]
             message = ["execution_interrupted", {"prompt_id": None, "node_id": None, "node_type": None,
@@ -167,6 +193,28 @@ class PromptStore:
                                     "ORDER BY finished DESC, seq DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
         return [_item(r) for r in reversed(rows)]
 
+    def jobs(self, statuses: list[str], workflow_id: str | None, newest_first: bool, limit: int,
+             offset: int) -> tuple[list[JobRow], int]:
+        """One page of prompts for the jobs list, and how many match in all. Only what the list shows is
+        read: never the prompt or the workflow (SQLite picks the two fields it needs out of ``extra``)."""
+        where = f"status IN ({', '.join('?' * len(statuses))})"
+        args: list = list(statuses)
+        if workflow_id is not None:
+            where += " AND json_extract(extra, '$.extra_pnginfo.workflow.id') = ?"
+            args.append(workflow_id)
+        order = "DESC" if newest_first else "ASC"
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM prompts WHERE {where}", args).fetchone()[0]
+            rows = self._db.execute(
+                "SELECT number, id, status, result, messages, json_extract(extra, '$.create_time'), "
+                "json_extract(extra, '$.extra_pnginfo.workflow.id') "
+                f"FROM prompts WHERE {where} ORDER BY json_extract(extra, '$.create_time') {order}, seq {order} "
+                "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+        return [JobRow(number, prompt_id, status, json.loads(result) if result else None,
+                       json.loads(messages) if messages else None, created or 0,
+                       workflow if isinstance(workflow, str) else None)
+                for number, prompt_id, status, result, messages, created, workflow in rows], total
+
     def delete_pending(self, ids: list[str] | None = None) -> list[str]:
         """Remove pending prompts (all of them when ``ids`` is None); returns the ids removed."""
         with self._tx() as db:
@@ -189,6 +237,19 @@ class PromptStore:
                                       (i,)).fetchone()]
             db.executemany("DELETE FROM prompts WHERE id = ?", rows)
         return [r[0] for r in rows]
+
+
+@dataclass
+class JobRow:
+    """What the jobs list shows of one prompt (:meth:`PromptStore.jobs`)."""
+
+    number: int
+    prompt_id: str
+    status: str
+    result: dict | None
+    messages: list | None
+    create_time: int
+    workflow_id: str | None
 
 
 _COLUMNS = "number, id, prompt, extra, outputs, status, result, messages"

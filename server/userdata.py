@@ -26,6 +26,8 @@ WRITABLE = (".json",)
 FOLDERS = ("workflows", "subgraphs")
 # Files the page asks for at start whether or not they exist; a missing one means this default.
 DEFAULTS = {"comfy.templates.json": b"[]", "user.css": b""}
+NAME_MAX = 255  # bytes in one file or folder name (Linux, macOS and Windows file systems alike)
+PATH_MAX = 4096  # bytes in a whole path (Linux)
 
 
 class Conflict(PathError):
@@ -74,7 +76,18 @@ class UserData:
 
     def path(self, name: str, *, writing: bool = False) -> Path:
         """The file ``name`` under the user folder (not required to exist)."""
+        too_long = [part for part in name.split("/") if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX]
+        if too_long:
+            raise PathError(f"user file name {name!r}: the part {too_long[0][:40]!r}... is longer than {NAME_MAX} "
+                            "bytes", value=len(too_long[0].encode("utf-8", "surrogatepass")), limit=NAME_MAX,
+                            kind="name_too_long", fix="use a shorter name")
         path = resolve_under(self.root, name, what="user file", must_exist=False)
+        if len(os.fsencode(path)) >= PATH_MAX:
+            raise PathError(f"user file name {name!r} makes a path longer than {PATH_MAX} bytes",
+                            limit=PATH_MAX, kind="name_too_long", fix="use a shorter name")
+        if writing and path.is_dir():
+            raise PathError(f"user file {name!r} is a folder", value=name, kind="is_folder",
+                            fix="choose another name")
         allowed = WRITABLE if writing else tuple(READABLE)
         if path.suffix.lower() not in allowed:
             raise PathError(f"user file {name!r}: only {', '.join(allowed)} files can be "

@@ -195,3 +195,102 @@ def test_run_strict_files_makes_a_strict_runtime(plugin, tmp_path, monkeypatch):
             str(tmp_path / "out")]
     assert main(args) == 0 and made[-1].strict_files is False
     assert main(args + ["--strict-files"]) == 0 and made[-1].strict_files is True
+
+
+def _serve_args(tmp_path, port: int | None = None, user_dir=None) -> list[str]:
+    return ["serve", "--port", str(port or _free_port()), "--user-dir", str(user_dir or tmp_path / "user"),
+            "--output-dir", str(tmp_path / "out"), "--lora-dir", str(tmp_path)]
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"this is not a database\n" * 100)
+
+
+def _foreign_table(path: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE prompts (name TEXT)")
+
+
+@needs_server
+@pytest.mark.parametrize("make_queue", [_garbage, _foreign_table])
+def test_serve_on_a_queue_that_is_not_ours_says_so(tmp_path, capsys, make_queue):
+    (tmp_path / "user").mkdir()
+    make_queue(tmp_path / "user" / "queue.sqlite3")
+    assert main(_serve_args(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert str(tmp_path / "user" / "queue.sqlite3") in err and "queue database cannot be used" in err
+    assert "Fix:" in err
+
+
+@needs_server
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes read-only files")
+def test_serve_on_a_read_only_queue_says_so(tmp_path, capsys):
+    from loraloom.server.store import PromptStore
+
+    (tmp_path / "user").mkdir()
+    PromptStore(tmp_path / "user" / "queue.sqlite3").close()
+    (tmp_path / "user" / "queue.sqlite3").chmod(0o444)
+    (tmp_path / "user").chmod(0o555)
+    try:
+        assert main(_serve_args(tmp_path)) == 1
+    finally:
+        (tmp_path / "user").chmod(0o755)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "queue database cannot be used" in err and "writable" in err, err
+
+
+@needs_server
+def test_serve_on_a_user_folder_that_is_a_file_says_so(tmp_path, capsys):
+    (tmp_path / "user").write_text("")
+    assert main(_serve_args(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'user'}: the user folder is a file, not a folder Fix: --user-dir DIR " \
+                  "naming a folder (it is created if missing)\n", err
+
+
+@needs_server
+def test_a_second_serve_on_one_user_folder_names_the_live_one(tmp_path, capsys):
+    from loraloom.server.app import UserDirLock
+
+    (tmp_path / "user").mkdir()
+    live = UserDirLock(tmp_path / "user", 8188)  # as a live server holds it
+    try:
+        assert main(_serve_args(tmp_path)) == 1
+    finally:
+        live.release()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(tmp_path / "user") in err and f"pid {os.getpid()}, port 8188" in err
+
+
+@needs_server
+def test_serve_on_a_busy_port_says_so(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(_serve_args(tmp_path, port)) == 1
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "in use" in err and "--port" in err and "Traceback" not in err, err
+
+
+@needs_server
+def test_serve_refused_at_the_port_leaves_the_user_folder_free(tmp_path):
+    from loraloom.server.app import UserDirLock
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(_serve_args(tmp_path, busy.getsockname()[1])) == 1
+    UserDirLock(tmp_path / "user", 1).release()  # would raise if the refused server kept its lock
+
+
+@pytest.mark.parametrize("flag, value", [("--max-connections", "0"), ("--header-timeout", "nan"),
+                                         ("--body-timeout", "-1"), ("--header-timeout", "inf")])
+def test_serve_limits_must_be_positive(flag, value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", flag, value])
+    assert exited.value.code == 2 and flag in capsys.readouterr().err

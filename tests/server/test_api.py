@@ -303,3 +303,91 @@ async def test_free_clears_the_cache_between_prompts(serve, helpers):
         assert len(server.rt.cache) == 0, "free_memory empties the result cache"
         history = await server.wait_done((await server.submit(helpers.chain()))["prompt_id"])
         assert history["status"]["status_str"] == "success"
+
+
+def _store_big_prompts(store, count: int, workflow_bytes: int) -> list[str]:
+    """``count`` finished prompts, each carrying a workflow of ``workflow_bytes`` in its extra data."""
+    workflow = {"id": "wf", "nodes": [], "blob": "x" * workflow_bytes}
+    ids = []
+    for i in range(count):
+        prompt_id = f"big-{i}"
+        store.add(prompt_id, {"1": {"class_type": "Const", "inputs": {"value": i}}},
+                  {"create_time": i, "extra_pnginfo": {"workflow": workflow}}, ["1"])
+        store.claim_next()
+        store.finish(prompt_id, "success", {}, [])
+        ids.append(prompt_id)
+    return ids
+
+
+class CountingJson:
+    """The store's ``json`` module, counting the bytes the store parses."""
+
+    def __init__(self):
+        self.parsed = 0
+
+    def loads(self, text):
+        self.parsed += len(text)
+        return json.loads(text)
+
+    dumps = staticmethod(json.dumps)
+
+
+async def test_history_and_jobs_read_only_the_page_they_answer(serve, monkeypatch):
+    from loraloom.server import store as store_module
+
+    async with serve() as server:
+        ids = _store_big_prompts(server.state.store, 30, 200_000)
+        counting = CountingJson()
+        monkeypatch.setattr(store_module, "json", counting)
+        history = await (await server.client.get("/api/history?max_items=1")).json()
+        assert list(history) == [ids[-1]]
+        assert 200_000 < counting.parsed < 2 * 200_000, f"parsed {counting.parsed} bytes for one prompt"
+
+        counting.parsed = 0
+        jobs = await (await server.client.get("/api/jobs?limit=2")).json()
+        assert [j["id"] for j in jobs["jobs"]] == [ids[-1], ids[-2]], "newest first"
+        assert jobs["jobs"][0]["workflow_id"] == "wf" and jobs["pagination"]["total"] == 30
+        assert counting.parsed < 1000, f"the jobs list parsed {counting.parsed} bytes: it needs no workflow"
+        asc = await (await server.client.get("/api/jobs?limit=2&offset=1&sort_order=asc&workflow_id=wf")).json()
+        assert [j["id"] for j in asc["jobs"]] == ids[1:3] and asc["pagination"]["has_more"] is True
+        for query in ("workflow_id=other", "status=no-such-status"):
+            none = await (await server.client.get(f"/api/jobs?{query}")).json()
+            assert none["jobs"] == [] and none["pagination"]["total"] == 0, query
+
+
+@pytest.mark.parametrize("path", ["/api/history", "/api/jobs", "/api/queue"])
+async def test_reading_the_store_never_blocks_other_requests(serve, path):
+    """The big read is held inside the store; a small request is answered meanwhile. Were the read
+    on the event loop, the small one would wait behind it (and this test would fail, not hang)."""
+    import threading
+
+    async with serve() as server:
+        store = server.state.store
+        entered, release = threading.Event(), threading.Event()
+        for name in ("history", "jobs", "queue"):
+            real = getattr(store, name)
+
+            def held(*args, _real=real, **kwargs):
+                entered.set()
+                release.wait(5)
+                return _real(*args, **kwargs)
+
+            setattr(store, name, held)
+        big = asyncio.ensure_future(server.client.get(path))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        small = await server.client.get("/api/prompt")
+        assert small.status == 200
+        assert not big.done() and not release.is_set(), "the small request was answered while the big one read"
+        release.set()
+        assert (await big).status == 200
+
+
+@pytest.mark.parametrize("query", ["max_items=9223372036854775808", "offset=99999999999999999999",
+                                   "max_items=-1"])
+async def test_history_numbers_beyond_sqlite_are_400(serve, query):
+    async with serve() as server:
+        resp = await server.client.get(f"/api/history?{query}")
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["type"] == "bad_query", body
+        assert query.split("=")[0] in body["error"]["message"]

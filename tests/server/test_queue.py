@@ -160,3 +160,27 @@ async def test_a_crash_while_running_is_recovered_at_start(serve, helpers, tmp_p
         assert (await server.client.get("/api/history/never-queued")).status == 404
         numbers = [(await server.submit(helpers.chain(5)))["number"] for _ in range(2)]
         assert min(numbers) > 1, "numbers keep counting after a restart"
+
+
+async def test_a_second_server_on_the_same_user_folder_is_refused_and_touches_nothing(serve, helpers, gates,
+                                                                                     make_runtime, tmp_path):
+    import os
+
+    import pytest
+
+    from loraloom.server import ServerConfig, ServerConfigError, create_app
+
+    async with serve(port=8765) as server:
+        running = (await server.submit(helpers.chain(1, gate="live")))["prompt_id"]
+        await server.wait_running(running)
+        with pytest.raises(ServerConfigError) as refused:
+            create_app(make_runtime(), ServerConfig(user_dir=tmp_path / "user", port=9999))
+        message = str(refused.value)
+        assert str(tmp_path / "user") in message and f"pid {os.getpid()}, port 8765" in message, message
+        assert refused.value.kind == "user_dir_in_use" and "--user-dir" in message
+        assert server.state.store.get(running).status == "running", "the live server's prompt was marked"
+        gates("live").set()
+        await server.wait_done(running)
+    # the lock goes with the server
+    async with serve() as server:
+        assert server.state.store.get(running).status == "success"

@@ -304,3 +304,44 @@ def test_default_user_folder(monkeypatch, tmp_path):
     assert default_user_dir({"LORALOOM_USER_DIR": str(tmp_path)}) == tmp_path
     assert default_user_dir({"XDG_DATA_HOME": str(tmp_path)}) == tmp_path / "loraloom"
     assert default_user_dir({}).parts[-3:] == (".local", "share", "loraloom")
+
+
+async def test_view_never_shows_where_a_symlink_points(serve, outputs, tmp_path):
+    async with serve() as server:
+        resp = await server.client.get("/api/view?filename=link.png", headers=page(server))
+        body = await resp.text()
+        assert resp.status == 400 and "link.png" in body
+        assert str(tmp_path) not in body, f"the answer shows a path on disk: {body}"
+
+
+@pytest.mark.parametrize("name, kind", [("workflows%2F" + "x" * 300 + ".json", "name_too_long"),
+                                        ("workflows%2Fdir.json", "is_folder")])
+async def test_user_file_names_the_disk_cannot_take_are_400(serve, name, kind):
+    async with serve() as server:
+        (server.state.userdata.root / "workflows" / "dir.json").mkdir()
+        (server.state.userdata.root / "workflows" / "a.json").write_text("{}")
+        url = URL(f"/api/userdata/{name}", encoded=True)
+        for resp in (await server.client.post(url, data=b"{}", headers=page(server)),
+                     await server.client.post(URL(f"/api/userdata/workflows%2Fa.json/move/{name}?overwrite=true",
+                                                  encoded=True), headers=page(server))):
+            body = await resp.json()
+            assert resp.status == 400 and body["error"]["extra_info"]["kind"] == kind, body
+
+
+@pytest.mark.parametrize("header", [b"Authorization: Bearer \xff\xfe", b"Cookie: loraloom_token=\xffx",
+                                    b"Origin: http://caf\xe9"])
+@pytest.mark.parametrize("token", [None, "T"])
+async def test_headers_that_are_not_utf8_are_400_before_auth(serve, header, token):
+    """Refused when read (an Origin always, a token when one is required); ignored otherwise."""
+    import asyncio
+
+    async with serve(token=token) as server:
+        reader, writer = await asyncio.open_connection(server.client.host, server.client.port)
+        writer.write(b"GET /api/queue HTTP/1.1\r\nHost: 127.0.0.1\r\n" + header + b"\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        if token is None and not header.startswith(b"Origin"):
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            return
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"bad_header" in answer and b"not UTF-8" in answer

@@ -136,3 +136,24 @@ def test_listing_skips_symlinks(userdata, tmp_path):
     os.symlink(secret, userdata.root / "workflows" / "link.json")
     userdata.write("workflows/real.json", b"{}", overwrite=False)
     assert userdata.listing("workflows", recurse=True, full_info=False, split=False) == ["real.json"]
+
+
+@pytest.mark.parametrize("name", ["x" * 251 + ".json", "workflows/" + "é" * 130 + ".json",
+                                  "/".join(["d" * 200] * 25) + ".json"])
+def test_names_too_long_for_the_file_system_are_refused(userdata, name):
+    with pytest.raises(PathError) as refused:
+        userdata.write(name, b"{}", overwrite=True)
+    assert refused.value.kind == "name_too_long" and refused.value.fix
+    with pytest.raises(PathError):
+        userdata.read(name)
+
+
+def test_a_folder_is_never_written_or_moved_onto(userdata):
+    (userdata.root / "workflows" / "dir.json").mkdir()
+    userdata.write("workflows/a.json", b"{}", overwrite=True)
+    with pytest.raises(PathError) as refused:
+        userdata.write("workflows/dir.json", b"{}", overwrite=True)
+    assert refused.value.kind == "is_folder"
+    with pytest.raises(PathError):
+        userdata.move("workflows/a.json", "workflows/dir.json", overwrite=True)
+    assert (userdata.root / "workflows" / "a.json").is_file() and (userdata.root / "workflows" / "dir.json").is_dir()
