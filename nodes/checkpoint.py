@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..graph_runtime import Link, String, current_context, node
-from .common import CATEGORY, MODEL, check_prefix, expand_prefix, model_pool, new_output, output_ref
+from ..graph_runtime import Link, String, node
+from .common import CATEGORY, MODEL, check_prefix
+from .pipeline import save_fused
 
 
 # Not "CheckpointSave": that id is ComfyUI core's, and ComfyUI drops pack nodes whose id core has.
@@ -23,9 +24,4 @@ class SaveCheckpoint:
     def execute(self, model, filename_prefix):
         from ..bases.export import save_single_file
 
-        prefix = expand_prefix(filename_prefix)
-        pipe = model_pool().pipeline_to_save(model, check_interrupt=current_context().check_interrupt)
-        with new_output(prefix, ".safetensors") as new:
-            save_single_file(pipe, new.stage)
-        return {"ui": {"checkpoints": [output_ref(new.path)],
-                       "text": [f"saved {model.describe()} to {new.path.name}"]}}
+        return save_fused(model, filename_prefix, save_single_file, "checkpoints", suffix=".safetensors")

@@ -19,9 +19,15 @@ class SavePipeline:
     def execute(self, model, filename_prefix):
         from ..bases.export import save_diffusers_folder
 
-        prefix = expand_prefix(filename_prefix)
-        # the base as it should be saved, whatever ran on the pool before (schedulers, tokenizers)
-        pipe = model_pool().pipeline_to_save(model, check_interrupt=current_context().check_interrupt)
-        with new_output(prefix, folder=True) as new:
-            save_diffusers_folder(pipe, new.stage)
-        return {"ui": {"pipelines": [output_ref(new.path)], "text": [f"saved {model.describe()} to {new.path.name}"]}}
+        return save_fused(model, filename_prefix, save_diffusers_folder, "pipelines", folder=True)
+
+
+def save_fused(model, filename_prefix: str, write, ui_key: str, suffix: str = "", folder: bool = False) -> dict:
+    """Write the model ``model`` describes, every LoRA fused, with ``write(pipe, path)`` under a new
+    numbered output name; returns the node's UI output (``ui_key``: the list of saved references)."""
+    prefix = expand_prefix(filename_prefix)
+    # the base as it should be saved, whatever ran on the pool before (schedulers, tokenizers)
+    pipe = model_pool().pipeline_to_save(model, check_interrupt=current_context().check_interrupt)
+    with new_output(prefix, suffix, folder=folder) as new:
+        write(pipe, new.stage)
+    return {"ui": {ui_key: [output_ref(new.path)], "text": [f"saved {model.describe()} to {new.path.name}"]}}
