@@ -1,6 +1,6 @@
 """Property tests across modules (jsonio, workflow, graph, executor through Runtime, files): malformed
-workflow JSON gives only our clear errors, never a crash; odd files (FIFO, device, symlink to a device,
-unreadable, huge sparse) as workflows or file inputs give a clear error quickly, never a hang. They map
+workflow JSON gives only our clear errors, never a crash; so do malformed PNGs that carry a workflow (bad chunks, CRCs,
+truncation, inflation bombs); odd files (FIFO, device, symlink to a device, unreadable, huge sparse) as workflows or file inputs give a clear error quickly, never a hang. They map
 to no single module on purpose."""
 
 import json
@@ -56,6 +56,57 @@ def test_malformed_workflows_only_raise_our_errors(stubs, wf):
 def test_malformed_workflow_files_only_raise_our_errors(stubs, tmp_path, wf):
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(wf, allow_nan=True))
+    try:
+        Runtime(registry=stubs.registry).validate(path)
+    except LoomError:
+        pass
+
+
+# --------------------------------------------------------------------- PNG workflows
+# A PNG that carries a workflow comes from strangers too: chunks with bad lengths or CRCs, truncated
+# files, text chunks that are malformed or inflate to far more than they weigh.
+
+
+def _chunk(kind: bytes, data: bytes, crc_ok: bool = True) -> bytes:
+    import zlib
+
+    crc = zlib.crc32(kind + data) ^ (0 if crc_ok else 1)
+    return len(data).to_bytes(4, "big") + kind + data + crc.to_bytes(4, "big")
+
+
+def _text_chunk(draw) -> bytes:
+    import zlib
+
+    kind = draw(st.sampled_from([b"tEXt", b"zTXt", b"iTXt", b"IHDR", b"IDAT", b"IEND", b"xYzW"]))
+    key = draw(st.sampled_from([b"prompt", b"workflow", b"other", b"", b"\xff"]))
+    text = json.dumps(draw(st.one_of(api, values)), allow_nan=True).encode()
+    if draw(st.booleans()):
+        text = b"{" * draw(st.integers(0, 2000)) + draw(st.binary(max_size=40))
+    packed = zlib.compress(text * draw(st.sampled_from([1, 1, 5000])))  # sometimes a small bomb
+    body = {b"tEXt": key + b"\0" + text, b"zTXt": key + b"\0\0" + packed,
+            b"iTXt": key + b"\0" + draw(st.sampled_from([b"\0\0", b"\1\0", b"\1", b""])) + b"\0\0" + packed}
+    data = body.get(kind, draw(st.binary(max_size=64)))
+    if draw(st.integers(0, 9)) == 0:
+        data = data[: draw(st.integers(0, len(data)))]
+    return _chunk(kind, data, crc_ok=draw(st.integers(0, 9)) > 0)
+
+
+@st.composite
+def png_files(draw) -> bytes:
+    signature = draw(st.sampled_from([b"\x89PNG\r\n\x1a\n"] * 9 + [b"\x89PNG\r\n"]))
+    body = b"".join(_text_chunk(draw) for _ in range(draw(st.integers(0, 5))))
+    if draw(st.booleans()):
+        body += _chunk(b"IEND", b"")
+    if draw(st.integers(0, 9)) == 0:
+        body = body[: draw(st.integers(0, len(body)))]
+    return signature + body
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(png=png_files())
+def test_malformed_png_workflows_only_raise_our_errors(stubs, tmp_path, png):
+    path = tmp_path / "wf.png"
+    path.write_bytes(png)
     try:
         Runtime(registry=stubs.registry).validate(path)
     except LoomError:
