@@ -114,12 +114,19 @@ def _numbered(prefix: str, n: int, suffix: str) -> str:
     return f"{prefix}_{n:05d}" + (f"_{suffix}" if suffix else "")
 
 
+_CLEANED: set[Path] = set()
+
+
 def remove_stale_saves(folders) -> list[Path]:
     """Delete the temp files and folders that saves killed mid-write (kill -9, power loss) left in the
-    output folder; called when a Runtime starts. See `atomic.remove_stale_temps`."""
-    if not folders.output_dir.is_dir():
+    output folder; called when a Runtime starts. See `atomic.remove_stale_temps`. The walk covers the
+    whole output folder, so it runs once per folder and process: a program that makes many Runtimes
+    on one folder pays for it once."""
+    root = folders.output_dir
+    if not root.is_dir() or root.resolve() in _CLEANED:
         return []
-    return remove_stale_temps(folders.output_dir)
+    _CLEANED.add(root.resolve())
+    return remove_stale_temps(root)
 
 
 # ComfyUI's filename_prefix variables. Its editor replaces "%date:FORMAT%" and "%Node.widget%" when a
