@@ -1,0 +1,581 @@
+"""Every code block of README.md and docs/*.md runs here, so the documentation cannot drift from the code.
+
+Each fenced block is one test, named by file and line (``README.md:22``), checked by its language:
+
+- ``python``: runs in a fresh interpreter in a scratch folder laid out like a clone (``workflows/``,
+  ``docs/``, ``bench/`` ...); must exit 0. A block of ``>>>`` lines (``pycon``) runs as a doctest.
+- ``bash``, ``sh``, ``shell``: every command (a line, ``\\`` continuations joined, ``&&`` chains
+  taken step by step) runs with bash in the scratch folder, where ``loraloom``, ``python`` and
+  ``python3`` mean this checkout's code and the interpreter running the tests; each must exit 0.
+- ``console``: ``$ `` lines are commands, the lines below one its expected output: stdout, stderr or
+  both must match it, ``...`` matching any text (doctest's ELLIPSIS).
+- ``json``: parsed; a workflow (API or UI format) must pass validation.
+- no language: must carry a marker saying what it is (``synopsis`` or ``tree``).
+
+A marker is an HTML comment on the last non-blank line above a fence, invisible on the rendered page:
+``<!-- doc-test: KIND, KIND ARG, ... -->``. The kinds:
+
+- ``installs``: the block creates a venv or installs with pip. Those steps do not run: a venv is the
+  interpreter running the tests; ``pip install`` arguments must parse as requirements, a pinned
+  ``name==V`` must be what is installed here, ``-e .[extras]`` must name this project's extras
+  with every requirement they bring installed here, and torch must be pinned before the project.
+- ``ci``: the block's command lines are lines of ``.ci/run`` verbatim (needed for ``pytest``, which
+  is this suite itself: CI runs it).
+- ``server``: ``loraloom serve`` starts on a free port, must print the address its comment names,
+  answer ``GET /system_stats`` and stop on Ctrl-C with exit 0.
+- ``exit N``: the block's last command exits N (``invalid`` for a JSON workflow that must fail).
+- ``creates PATH``: after the block, PATH exists in the scratch folder.
+- ``synopsis``: ``loraloom SUB [OPTION ...]`` lines; their options must be exactly the options
+  ``loraloom SUB --help`` shows in its usage line (``-h`` aside).
+- ``tree``: ``path/   description`` lines; each path must exist in the repository.
+- ``skip: REASON``: not run, shown as skipped with REASON, one of SKIP_REASONS.
+
+A block that needs a marker and lacks it (``pip``, ``pytest``, ``loraloom serve``, ``git clone``,
+no language) fails, and so does a marker no step of its block needs: markers stay true.
+
+Inline code in prose is not run: it names features in fragments, often with placeholders
+(``loraloom run workflow.json``). It is still checked: an inline ``loraloom SUB --flag`` must name
+real subcommands and options, and an inline ``loraloom.name.attr`` must import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+import loraloom
+from loraloom.cli import build_parser, main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+CI_SCRIPT = ROOT / ".ci" / "run"
+
+KINDS = {"installs", "ci", "server", "exit", "creates", "invalid", "synopsis", "tree", "skip"}
+SKIP_REASONS = {
+    "needs ComfyUI": "runs inside a ComfyUI install",
+    "needs network": "downloads (git clone, curl)",
+    "needs a GPU": "the tests run on CPU",
+}
+SHELL_LANGS = {"bash", "sh", "shell", "console"}
+PYTHON_LANGS = {"python", "py", "python3", "pycon"}
+# Scratch folders get copies of these (never the packages: `loraloom` must be the checkout under test).
+SCRATCH_SKIP = {".git", ".venv", "output", "models", "tests", "__pycache__", ".pytest_cache", ".hypothesis"}
+COMMAND_TIMEOUT_S = 300
+
+FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
+MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<body>.*?)\s*-->\s*$")
+INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+
+
+@dataclass
+class Block:
+    """One fenced code block: where it is, its language, its text and its marker's kinds."""
+
+    path: Path
+    line: int  # of the opening fence, 1-based
+    lang: str
+    text: str
+    marks: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+def parse_marker(body: str) -> dict[str, str]:
+    """``"installs, exit 1, skip: needs network"`` -> ``{"installs": "", "exit": "1", "skip": "needs network"}``."""
+    marks = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        kind, _, arg = item.partition(":") if item.startswith("skip") else item.partition(" ")
+        marks[kind.strip()] = arg.strip()
+    return marks
+
+
+def parse_doc(path: Path) -> tuple[list[Block], list[str]]:
+    """The fenced blocks of one Markdown file, and problems with its markers (unknown or dangling)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks, problems = [], []
+    pending: tuple[int, dict[str, str]] | None = None
+    i = 0
+    while i < len(lines):
+        marker, fence = MARKER.match(lines[i]), FENCE.match(lines[i])
+        if marker:
+            if pending:
+                problems.append(f"{path.name}:{pending[0]}: doc-test marker with no fence below it")
+            pending = (i + 1, parse_marker(marker["body"]))
+        elif fence:
+            indent, close, start = len(fence["indent"]), fence["fence"], i + 1
+            body, i = [], i + 1
+            while i < len(lines) and not re.match(rf"^ {{0,3}}{close[0]}{{{len(close)},}}\s*$", lines[i]):
+                # Content is indented like its fence (in a list item): take that indent off.
+                body.append(re.sub(rf"^ {{0,{indent}}}", "", lines[i]))
+                i += 1
+            info = fence["info"].split()
+            marks = pending[1] if pending else {}
+            blocks.append(Block(path, start, info[0].lower() if info else "", "\n".join(body) + "\n", marks))
+            for kind in marks:
+                if kind not in KINDS:
+                    problems.append(f"{blocks[-1].id}: unknown doc-test kind {kind!r} (known: {sorted(KINDS)})")
+            pending = None
+        elif pending and lines[i].strip():
+            problems.append(f"{path.name}:{pending[0]}: doc-test marker with no fence below it")
+            pending = None
+        i += 1
+    if pending:
+        problems.append(f"{path.name}:{pending[0]}: doc-test marker with no fence below it")
+    return blocks, problems
+
+
+def all_blocks() -> list[Block]:
+    return [block for path in DOC_FILES for block in parse_doc(path)[0]]
+
+
+BLOCKS = all_blocks()
+
+
+# ---------------------------------------------------------------- the scratch folder and environment
+
+
+def _import_root() -> str | None:
+    """The folder to put on PYTHONPATH so that ``import loraloom`` loads this checkout, when it is
+    loaded through such a folder (a ``loraloom`` link or a clone named so); an editable install
+    needs none."""
+    package = Path(loraloom.__file__).resolve().parent
+    parent = Path(loraloom.__file__).parent.parent
+    if (parent / "loraloom").resolve() == package:
+        return str(parent)
+    return None
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """A folder laid out like a clone (everything but the packages, copied) with ``bin/`` of
+    ``loraloom``, ``python``, ``python3`` meaning this checkout, and the environment to run in."""
+    work = tmp_path / "clone"
+    work.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name in SCRATCH_SKIP or entry.suffix == ".py" or (entry / "__init__.py").exists():
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, work / entry.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(entry, work / entry.name)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, args in {"loraloom": "-m loraloom.cli ", "python": "", "python3": ""}.items():
+        (bindir / name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {args}"$@"\n')
+        (bindir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORALOOM_")}
+    env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}", LORALOOM_USER_DIR=str(tmp_path / "user"),
+               # One thread: on a shared CPU, OpenMP workers spinning against other processes make a
+               # tiny model's sampling many times slower.
+               OMP_NUM_THREADS="1", TERM="dumb", COLUMNS="100", PYTHONUNBUFFERED="1")
+    root = _import_root()
+    if root:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return work, env
+
+
+# ---------------------------------------------------------------- shell commands
+
+
+def logical_lines(text: str) -> list[str]:
+    """Command lines of a shell block: ``\\`` continuations joined, blank and comment lines dropped."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def steps(line: str) -> list[tuple[str, list[str], str]]:
+    """A command line's ``&&`` steps: (text, argv, comment)."""
+    code, comment = line, ""
+    # The comment is what follows an unquoted `#` that starts a word.
+    for match in re.finditer(r"(?:^|\s)#", line):
+        try:
+            shlex.split(line[:match.start()])
+        except ValueError:
+            continue  # inside quotes
+        code, comment = line[:match.start()], line[match.end():].strip()
+        break
+    return [(part.strip(), shlex.split(part), comment) for part in re.split(r"\s&&\s", code)]
+
+
+def step_kind(argv: list[str]) -> str | None:
+    """Which marker a step needs, or None for a step that runs as written."""
+    prog = (argv[0] if argv[0] in {".", "source"} else Path(argv[0]).name) if argv else ""
+    module = argv[2] if len(argv) > 2 and prog.startswith("python") and argv[1] == "-m" else None
+    if module == "venv" or (prog in {".", "source"} and argv[1:] and argv[1].endswith("bin/activate")):
+        return "installs"
+    if prog in {"pip", "pip3"} or module == "pip":
+        return "installs"
+    if prog in {"pytest", "py.test"} or module == "pytest":
+        return "ci"
+    if prog == "loraloom" and argv[1:2] == ["serve"]:
+        return "server"
+    if prog in {"git", "curl", "wget"}:
+        return "skip"
+    return None
+
+
+def needed_kinds(block: Block) -> set[str]:
+    """The marker kinds a block's content calls for."""
+    if block.lang in SHELL_LANGS:
+        return {kind for line in _commands(block) for _, argv, _ in steps(line) if (kind := step_kind(argv))}
+    return set() if block.lang else {"synopsis|tree"}
+
+
+def _commands(block: Block) -> list[str]:
+    if block.lang == "console":
+        return [command for command, _ in console_items(block.text)]
+    return logical_lines(block.text)
+
+
+def console_items(text: str) -> list[tuple[str, str]]:
+    """``$ command`` lines of a console block, each with the output shown below it."""
+    items: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("$ "):
+            items.append((line[2:], []))
+        elif items:
+            items[-1][1].append(line)
+    return [(command, "\n".join(out).strip()) for command, out in items]
+
+
+def output_matches(expected: str, actual: str) -> bool:
+    """Whether ``actual`` (escapes removed, trailing blanks ignored) is ``expected`` with ``...``
+    matching any text, across lines too."""
+    def norm(text: str) -> str:
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+        return "\n".join(line.rstrip() for line in text.strip().splitlines())
+
+    pattern = ".*?".join(re.escape(part) for part in norm(expected).split("..."))
+    return re.fullmatch(pattern, norm(actual), re.DOTALL) is not None
+
+
+def run_shell(step: str, work: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", step], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT_S)
+
+
+def check_pip(argv: list[str], earlier: list[list[str]]) -> None:
+    """A ``pip install`` step, not run: its requirements parse, what it pins is what is installed here,
+    the project's extras it names exist and all they bring is installed, torch was pinned before."""
+    args = argv[argv.index("install") + 1:]
+    assert args, f"{shlex.join(argv)}: installs nothing"
+    editable = False
+    for arg in args:
+        if arg == "-e":
+            editable = True
+            continue
+        if editable or arg.startswith("."):
+            editable = False
+            path, _, extras = arg.partition("[")
+            assert (ROOT / path / "pyproject.toml").resolve() == ROOT / "pyproject.toml", f"{arg}: not this project"
+            check_project_installed([e.strip() for e in extras.rstrip("]").split(",") if e.strip()])
+            # Into a fresh venv, pip would pick torch itself, a multi-GB CUDA build on a CPU machine.
+            fresh = any(step_kind(step) == "installs" and "venv" in step for step in earlier)
+            pinned = [a for step in earlier for a in step if a.startswith("torch==")]
+            assert pinned or not fresh, f"{shlex.join(argv)}: torch must be installed first (pip install torch==...)"
+            continue
+        assert not arg.startswith("-"), f"{arg}: an option the docs test does not know"
+        req = Requirement(arg)
+        check_installed(req)
+        pins = [spec.version for spec in req.specifier if spec.operator == "=="]
+        assert not pins or Version(metadata.version(req.name)).base_version == pins[0], (
+            f"{arg}: the docs install {pins[0]}, this environment has {metadata.version(req.name)}")
+
+
+def check_installed(req: Requirement) -> None:
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        return
+    try:
+        installed = metadata.version(req.name)
+    except metadata.PackageNotFoundError:
+        pytest.fail(f"{req}: not installed in the environment running the tests")
+    assert req.specifier.contains(Version(installed).base_version, prereleases=True), (
+        f"{req}: {installed} is installed")
+
+
+def check_project_installed(extras: list[str]) -> None:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = project.get("optional-dependencies", {})
+    for extra in extras:
+        assert extra in optional, f"extra {extra!r} is not one of {sorted(optional)} in pyproject.toml"
+    for spec in project["dependencies"] + [spec for extra in extras for spec in optional[extra]]:
+        check_installed(Requirement(spec))
+    torch_req = next(Requirement(s) for s in project["dependencies"] if Requirement(s).name == "torch")
+    assert torch_req.specifier.contains(Version(metadata.version("torch")).base_version)
+
+
+def check_serve(argv: list[str], comment: str, work: Path, env: dict) -> None:
+    """``loraloom serve ...``: start it on a free port, read the address it prints, ask
+    ``/system_stats``, stop it with Ctrl-C."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = list(argv[1:])
+    if "--port" in args:
+        del args[args.index("--port"):args.index("--port") + 2]
+    proc = subprocess.Popen([sys.executable, "-m", "loraloom.cli", *args, "--port", str(port)], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()
+        for url in re.findall(r"https?://\S+", comment):
+            assert re.sub(r":\d+/", f":{port}/", url, count=1) in first, f"the docs say {url}; it printed {first!r}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=5) as resp:
+                    stats = json.load(resp)
+                break
+            except OSError:
+                assert proc.poll() is None, f"the server exited {proc.returncode}: {first}{proc.stdout.read()}"
+                assert time.monotonic() < deadline, "the server did not answer within 60 s"
+                time.sleep(0.2)
+        assert "system" in stats, stats
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+
+
+def ci_lines() -> list[str]:
+    return [line.strip() for line in CI_SCRIPT.read_text().splitlines()]
+
+
+def check_shell_block(block: Block, work: Path, env: dict) -> None:
+    marks = block.marks
+    items = (console_items(block.text) if block.lang == "console"
+             else [(line, None) for line in logical_lines(block.text)])
+    assert items, f"{block.id}: no command in a {block.lang} block"
+    want_exit = int(marks.get("exit") or 0) if "exit" in marks else 0
+    for n, (line, expected) in enumerate(items):
+        if "ci" in marks:
+            assert line in ci_lines(), f"{block.id}: .ci/run does not run {line!r} as the docs show it"
+        done: list[list[str]] = []
+        chain = steps(line)
+        for k, (text, argv, comment) in enumerate(chain):
+            kind = step_kind(argv)
+            if kind == "installs":
+                if "pip" in {Path(argv[0]).name.rstrip("3"), *argv[2:3]}:
+                    check_pip(argv, done)
+            elif kind == "server":
+                check_serve(argv, comment, work, env)
+            elif kind is None:
+                proc = run_shell(text, work, env)
+                code = want_exit if (n, k) == (len(items) - 1, len(chain) - 1) else 0
+                assert proc.returncode == code, (
+                    f"{block.id}: `{text}` exited {proc.returncode}, the docs say {code}\n"
+                    f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+                if expected:
+                    assert any(output_matches(expected, out) for out in
+                               (proc.stdout, proc.stderr, proc.stdout + proc.stderr)), (
+                        f"{block.id}: `{text}` printed\n{proc.stdout}{proc.stderr}\nthe docs show\n{expected}")
+            done.append(argv)
+
+
+def check_python_block(block: Block, work: Path, env: dict) -> None:
+    if block.text.lstrip().startswith(">>>"):
+        script = work / "doc_block.txt"
+        script.write_text(block.text)
+        cmd = [sys.executable, "-m", "doctest", "-o", "ELLIPSIS", "-o", "NORMALIZE_WHITESPACE", str(script)]
+    else:
+        script = work / "doc_block.py"
+        script.write_text(block.text)
+        cmd = [sys.executable, str(script)]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    want = int(block.marks.get("exit") or 0) if "exit" in block.marks else 0
+    assert proc.returncode == want, f"{block.id} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+
+
+def check_json_block(block: Block) -> None:
+    from loraloom import Runtime
+    from loraloom.graph_runtime import ValidationError
+
+    data = json.loads(block.text)
+    is_api = isinstance(data, dict) and data and all(isinstance(v, dict) and "class_type" in v for v in data.values())
+    is_ui = isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
+    if not (is_api or is_ui):
+        assert "invalid" not in block.marks, f"{block.id}: marked invalid but is not a workflow"
+        return
+    if "invalid" in block.marks:
+        with pytest.raises(ValidationError):
+            Runtime(demo_loras=True).validate(data)
+    else:
+        Runtime(demo_loras=True).validate(data)
+
+
+# ---------------------------------------------------------------- the command line's own options
+
+
+def usage_options(sub: str) -> set[str]:
+    """The options ``loraloom SUB --help`` shows in its usage line (``-h`` aside)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli_main([sub, "--help"])
+    usage = out.getvalue().split("\n\n")[0]
+    return set(re.findall(r"\[(-{1,2}[A-Za-z][\w-]*)", usage)) - {"-h", "--help"}
+
+
+def subcommands() -> set[str]:
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(sub.choices)
+
+
+def synopsis_lines(text: str) -> list[str]:
+    """Usage lines: a line that starts with ``loraloom`` and the indented lines that continue it."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        if line[:1].isspace() and lines:
+            lines[-1] += " " + line.strip()
+        elif line.strip():
+            lines.append(line.strip())
+    return lines
+
+
+def check_synopsis(block: Block) -> None:
+    for line in synopsis_lines(block.text):
+        words = line.split()
+        assert words[0] == "loraloom" and len(words) > 1, f"{block.id}: {line!r} is not a loraloom usage line"
+        shown = set(re.findall(r"(?<![\w-])(-{1,2}[A-Za-z][\w-]*)", line))
+        real = usage_options(words[1])
+        assert shown == real, (f"{block.id}: `loraloom {words[1]}` synopsis: missing {sorted(real - shown)}, "
+                               f"not options {sorted(shown - real)}")
+
+
+def check_tree(block: Block) -> None:
+    for line in block.text.splitlines():
+        if not line.strip() or line[:1].isspace():
+            continue
+        name = line.split()[0]
+        path = ROOT / name
+        assert path.is_dir() if name.endswith("/") else path.is_file(), f"{block.id}: {name} does not exist"
+
+
+# ---------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+def test_doc_block_runs(block: Block, scratch):
+    """Every fenced block does what the docs say, or its marker says why and how it is checked instead."""
+    marks = block.marks
+    needed = needed_kinds(block)
+    if "skip" in marks:
+        assert marks["skip"] in SKIP_REASONS, f"{block.id}: skip reason {marks['skip']!r} not one of {sorted(SKIP_REASONS)}"
+        pytest.skip(f"{block.id}: {marks['skip']} (doc-test marker)")
+    for kind in needed - {"synopsis|tree"}:
+        assert kind in marks, (f"{block.id}: a {block.lang} block that needs a `<!-- doc-test: {kind} -->` "
+                               f"marker above it (see tests/test_docs.py)")
+    # These excuse steps from running as written, so they must be needed (`ci` is a check of its own).
+    for kind in {"installs", "server"} & set(marks):
+        assert kind in needed, f"{block.id}: marked {kind!r} but no step needs it"
+    work, env = scratch
+    if block.lang in SHELL_LANGS:
+        check_shell_block(block, work, env)
+    elif block.lang in PYTHON_LANGS:
+        check_python_block(block, work, env)
+    elif block.lang == "json":
+        check_json_block(block)
+    elif not block.lang:
+        assert {"synopsis", "tree"} & set(marks), (
+            f"{block.id}: a fence without a language needs `<!-- doc-test: synopsis -->` or `tree`, or a language")
+        if "synopsis" in marks:
+            check_synopsis(block)
+        if "tree" in marks:
+            check_tree(block)
+    else:
+        pytest.fail(f"{block.id}: no check for language {block.lang!r}: teach tests/test_docs.py or mark it skip")
+    for name in filter(None, [marks.get("creates")]):
+        assert (work / name).exists(), f"{block.id}: the docs say it creates {name}; it did not"
+
+
+def test_markers_are_well_formed():
+    """No marker of an unknown kind, and none left without a fence below it."""
+    problems = [problem for path in DOC_FILES for problem in parse_doc(path)[1]]
+    assert not problems, "\n".join(problems)
+
+
+def test_ci_runs_the_readme_quick_start():
+    """.ci/run runs the quick start's two commands as the README shows them: the main job on the
+    built-in default, then the tests."""
+    readme = [b for b in BLOCKS if b.path.name == "README.md" and "ci" in b.marks]
+    lines = [line for b in readme for line in logical_lines(b.text)]
+    assert any(" pytest" in line or line.endswith("&& pytest") for line in lines), "the README shows no test command"
+    assert any("loraloom run " in line for line in lines), "the README's quick start runs no workflow"
+    for line in lines:
+        assert line in ci_lines(), f".ci/run does not run the README's {line!r}"
+
+
+def _inline_spans(path: Path) -> list[tuple[int, str]]:
+    """Inline code spans outside fenced blocks, with their line numbers."""
+    spans, fence = [], None
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        match = FENCE.match(line)
+        if match and (fence is None or match["fence"].startswith(fence)):
+            fence = None if fence else match["fence"]
+            continue
+        if fence is None:
+            spans += [(n, span.strip()) for span in INLINE.findall(line)]
+    return spans
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=[str(p.relative_to(ROOT)) for p in DOC_FILES])
+def test_inline_commands_and_names_exist(path: Path):
+    """Inline ``loraloom SUB --flag`` names real subcommands and options; inline ``loraloom.x.y``
+    names import."""
+    subs, problems = subcommands(), []
+    for n, span in _inline_spans(path):
+        words = span.split()
+        if words[:3] == ["python", "-m", "loraloom.cli"]:
+            words = ["loraloom", *words[3:]]
+        if words[0] == "loraloom" and len(words) > 1:
+            for sub in words[1].split("|"):
+                if sub not in subs:
+                    problems.append(f"{path.name}:{n}: `{span}`: no subcommand {sub!r}")
+                    continue
+                flags = {w.split("=")[0] for w in words[2:] if w.startswith("-")}
+                for flag in sorted(flags - usage_options(sub) - {"-h", "--help"}):
+                    problems.append(f"{path.name}:{n}: `{span}`: `loraloom {sub}` has no option {flag}")
+        elif re.fullmatch(r"loraloom(\.\w+)+(\(.*\))?", span):
+            dotted = span.split("(")[0].split(".")
+            obj, i = None, len(dotted)
+            while obj is None and i > 0:
+                with contextlib.suppress(ImportError):
+                    obj = importlib.import_module(".".join(dotted[:i]))
+                i -= 1 if obj is None else 0
+            for attr in dotted[i:]:
+                if not hasattr(obj, attr):
+                    problems.append(f"{path.name}:{n}: `{span}`: {'.'.join(dotted[:i])} has no {attr!r}")
+                    break
+                obj = getattr(obj, attr)
+                i += 1
+    assert not problems, "\n".join(problems)
+
+
+def test_doctest_helpers_match_as_documented():
+    """The output comparison the console blocks rely on: ``...`` matches any text, escapes and
+    trailing blanks do not count, anything else must be equal."""
+    assert output_matches("wrote .../output/a_00001_.png", "wrote /tmp/x/output/a_00001_.png  \n")
+    assert output_matches("Done: 6 executed...", "\x1b[2KDone: 6 executed, 0 cached\n  node 6: {}")
+    assert not output_matches("Done: 6 executed", "Done: 5 executed")
+    assert not output_matches("a", "a\nb")
