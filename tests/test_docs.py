@@ -34,19 +34,22 @@ A block that needs a marker and lacks it (``pip``, ``pytest``, ``loraloom serve`
 no language) fails, and so does a marker no step of its block needs: markers stay true.
 
 Inline code in prose is not run: it names features in fragments, often with placeholders
-(``loraloom run workflow.json``). It is still checked: an inline ``loraloom SUB --flag`` must name
-real subcommands and options, and an inline ``loraloom.name.attr`` must import.
+(``loraloom run workflow.json``). It is still checked: an inline ``loraloom SUB --flag`` or
+``python SCRIPT.py --flag`` must name a real subcommand or script and its options, an inline
+``--flag`` must be an option of one of them, and an inline ``loraloom.name.attr`` must import.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -82,7 +85,8 @@ PYTHON_LANGS = {"python", "py", "python3", "pycon"}
 SCRATCH_SKIP = {".git", ".venv", "output", "models", "tests", "__pycache__", ".pytest_cache", ".hypothesis"}
 COMMAND_TIMEOUT_S = 300
 
-FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
+# Any indent: a fence inside a nested list item is still a block to run.
+FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<body>.*?)\s*-->\s*$")
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 
@@ -126,7 +130,7 @@ def parse_doc(path: Path) -> tuple[list[Block], list[str]]:
         elif fence:
             indent, close, start = len(fence["indent"]), fence["fence"], i + 1
             body, i = [], i + 1
-            while i < len(lines) and not re.match(rf"^ {{0,3}}{close[0]}{{{len(close)},}}\s*$", lines[i]):
+            while i < len(lines) and not re.match(rf"^ *{close[0]}{{{len(close)},}}\s*$", lines[i]):
                 # Content is indented like its fence (in a list item): take that indent off.
                 body.append(re.sub(rf"^ {{0,{indent}}}", "", lines[i]))
                 i += 1
@@ -219,34 +223,43 @@ def steps(line: str) -> list[tuple[str, list[str], str]]:
     return [(part.strip(), shlex.split(part), comment) for part in re.split(r"\s&&\s", code)]
 
 
-def step_kind(argv: list[str]) -> str | None:
-    """Which marker a step needs, or None for a step that runs as written."""
-    prog = (argv[0] if argv[0] in {".", "source"} else Path(argv[0]).name) if argv else ""
+# What a step that cannot run as written does -> the marker kind that says how it is checked instead.
+SPECIAL_STEPS = {"venv": "installs", "activate": "installs", "pip": "installs", "pytest": "ci",
+                 "serve": "server", "download": "skip"}
+
+
+def special_step(argv: list[str]) -> str | None:
+    """Which of SPECIAL_STEPS a step is, or None for a step that runs as written."""
+    if not argv:
+        return None
+    prog = argv[0] if argv[0] in {".", "source"} else Path(argv[0]).name
     module = argv[2] if len(argv) > 2 and prog.startswith("python") and argv[1] == "-m" else None
-    if module == "venv" or (prog in {".", "source"} and argv[1:] and argv[1].endswith("bin/activate")):
-        return "installs"
+    if module == "venv":
+        return "venv"
+    if prog in {".", "source"} and argv[1:] and argv[1].endswith("bin/activate"):
+        return "activate"
     if prog in {"pip", "pip3"} or module == "pip":
-        return "installs"
+        return "pip"
     if prog in {"pytest", "py.test"} or module == "pytest":
-        return "ci"
+        return "pytest"
     if prog == "loraloom" and argv[1:2] == ["serve"]:
-        return "server"
+        return "serve"
     if prog in {"git", "curl", "wget"}:
-        return "skip"
+        return "download"
     return None
 
 
-def needed_kinds(block: Block) -> set[str]:
-    """The marker kinds a block's content calls for."""
-    if block.lang in SHELL_LANGS:
-        return {kind for line in _commands(block) for _, argv, _ in steps(line) if (kind := step_kind(argv))}
-    return set() if block.lang else {"synopsis|tree"}
-
-
-def _commands(block: Block) -> list[str]:
+def block_commands(block: Block) -> list[tuple[str, str | None]]:
+    """A shell or console block's command lines, each with the output the block shows for it."""
     if block.lang == "console":
-        return [command for command, _ in console_items(block.text)]
-    return logical_lines(block.text)
+        return console_items(block.text)
+    return [(line, None) for line in logical_lines(block.text)]
+
+
+def needed_kinds(block: Block) -> set[str]:
+    """The marker kinds a shell block's special steps call for."""
+    return {SPECIAL_STEPS[special] for line, _ in block_commands(block)
+            for _, argv, _ in steps(line) if (special := special_step(argv))}
 
 
 def console_items(text: str) -> list[tuple[str, str]]:
@@ -292,7 +305,7 @@ def check_pip(argv: list[str], earlier: list[list[str]]) -> None:
             assert (ROOT / path / "pyproject.toml").resolve() == ROOT / "pyproject.toml", f"{arg}: not this project"
             check_project_installed([e.strip() for e in extras.rstrip("]").split(",") if e.strip()])
             # Into a fresh venv, pip would pick torch itself, a multi-GB CUDA build on a CPU machine.
-            fresh = any(step_kind(step) == "installs" and "venv" in step for step in earlier)
+            fresh = any(special_step(step) == "venv" for step in earlier)
             pinned = [a for step in earlier for a in step if a.startswith("torch==")]
             assert pinned or not fresh, f"{shlex.join(argv)}: torch must be installed first (pip install torch==...)"
             continue
@@ -323,8 +336,6 @@ def check_project_installed(extras: list[str]) -> None:
         assert extra in optional, f"extra {extra!r} is not one of {sorted(optional)} in pyproject.toml"
     for spec in project["dependencies"] + [spec for extra in extras for spec in optional[extra]]:
         check_installed(Requirement(spec))
-    torch_req = next(Requirement(s) for s in project["dependencies"] if Requirement(s).name == "torch")
-    assert torch_req.specifier.contains(Version(metadata.version("torch")).base_version)
 
 
 def check_serve(argv: list[str], comment: str, work: Path, env: dict) -> None:
@@ -339,6 +350,8 @@ def check_serve(argv: list[str], comment: str, work: Path, env: dict) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "loraloom.cli", *args, "--port", str(port)], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the server printed nothing within 60 s"
         first = proc.stdout.readline()
         for url in re.findall(r"https?://\S+", comment):
             assert re.sub(r":\d+/", f":{port}/", url, count=1) in first, f"the docs say {url}; it printed {first!r}"
@@ -365,23 +378,21 @@ def ci_lines() -> list[str]:
 
 def check_shell_block(block: Block, work: Path, env: dict) -> None:
     marks = block.marks
-    items = (console_items(block.text) if block.lang == "console"
-             else [(line, None) for line in logical_lines(block.text)])
+    items = block_commands(block)
     assert items, f"{block.id}: no command in a {block.lang} block"
-    want_exit = int(marks.get("exit") or 0) if "exit" in marks else 0
+    want_exit = int(marks.get("exit") or 0)
     for n, (line, expected) in enumerate(items):
         if "ci" in marks:
             assert line in ci_lines(), f"{block.id}: .ci/run does not run {line!r} as the docs show it"
         done: list[list[str]] = []
         chain = steps(line)
         for k, (text, argv, comment) in enumerate(chain):
-            kind = step_kind(argv)
-            if kind == "installs":
-                if "pip" in {Path(argv[0]).name.rstrip("3"), *argv[2:3]}:
-                    check_pip(argv, done)
-            elif kind == "server":
+            special = special_step(argv)
+            if special == "pip":
+                check_pip(argv, done)
+            elif special == "serve":
                 check_serve(argv, comment, work, env)
-            elif kind is None:
+            elif special is None:
                 proc = run_shell(text, work, env)
                 code = want_exit if (n, k) == (len(items) - 1, len(chain) - 1) else 0
                 assert proc.returncode == code, (
@@ -404,7 +415,7 @@ def check_python_block(block: Block, work: Path, env: dict) -> None:
         script.write_text(block.text)
         cmd = [sys.executable, str(script)]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
-    want = int(block.marks.get("exit") or 0) if "exit" in block.marks else 0
+    want = int(block.marks.get("exit") or 0)
     assert proc.returncode == want, f"{block.id} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
 
 
@@ -428,18 +439,33 @@ def check_json_block(block: Block) -> None:
 # ---------------------------------------------------------------- the command line's own options
 
 
-def usage_options(sub: str) -> set[str]:
-    """The options ``loraloom SUB --help`` shows in its usage line (``-h`` aside)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        cli_main([sub, "--help"])
-    usage = out.getvalue().split("\n\n")[0]
+def usage_flags(help_text: str) -> set[str]:
+    """The options an argparse ``--help`` text shows in its usage paragraph (``-h`` aside)."""
+    usage = help_text.split("\n\n")[0]
     return set(re.findall(r"\[(-{1,2}[A-Za-z][\w-]*)", usage)) - {"-h", "--help"}
 
 
-def subcommands() -> set[str]:
+@functools.cache
+def usage_options(sub: str) -> frozenset[str]:
+    """The options of ``loraloom SUB``, as its usage line shows them."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli_main([sub, "--help"])
+    return frozenset(usage_flags(out.getvalue()))
+
+
+@functools.cache
+def script_options(script: str) -> frozenset[str]:
+    """The options of ``python SCRIPT`` (a script of the repository, e.g. ``bench/run.py``)."""
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"python {script} --help failed: {proc.stderr[-2000:]}"
+    return frozenset(usage_flags(proc.stdout))
+
+
+@functools.cache
+def subcommands() -> frozenset[str]:
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return set(sub.choices)
+    return frozenset(sub.choices)
 
 
 def synopsis_lines(text: str) -> list[str]:
@@ -479,12 +505,13 @@ def check_tree(block: Block) -> None:
 def test_doc_block_runs(block: Block, scratch):
     """Every fenced block does what the docs say, or its marker says why and how it is checked instead."""
     marks = block.marks
-    needed = needed_kinds(block)
+    needed = needed_kinds(block) if block.lang in SHELL_LANGS else set()
     if "skip" in marks:
         assert marks["skip"] in SKIP_REASONS, f"{block.id}: skip reason {marks['skip']!r} not one of {sorted(SKIP_REASONS)}"
         pytest.skip(f"{block.id}: {marks['skip']} (doc-test marker)")
-    for kind in needed - {"synopsis|tree"}:
-        assert kind in marks, (f"{block.id}: a {block.lang} block that needs a `<!-- doc-test: {kind} -->` "
+    for kind in needed:
+        example = "skip: needs network" if kind == "skip" else kind
+        assert kind in marks, (f"{block.id}: a {block.lang} block that needs a `<!-- doc-test: {example} -->` "
                                f"marker above it (see tests/test_docs.py)")
     # These excuse steps from running as written, so they must be needed (`ci` is a check of its own).
     for kind in {"installs", "server"} & set(marks):
@@ -539,36 +566,58 @@ def _inline_spans(path: Path) -> list[tuple[int, str]]:
     return spans
 
 
-@pytest.mark.parametrize("path", DOC_FILES, ids=[str(p.relative_to(ROOT)) for p in DOC_FILES])
-def test_inline_commands_and_names_exist(path: Path):
-    """Inline ``loraloom SUB --flag`` names real subcommands and options; inline ``loraloom.x.y``
-    names import."""
-    subs, problems = subcommands(), []
-    for n, span in _inline_spans(path):
+def _missing_name(dotted: str) -> str | None:
+    """Why ``loraloom.a.b`` (a module, then attributes) does not resolve, or None."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        with contextlib.suppress(ImportError):
+            obj = importlib.import_module(".".join(parts[:i]))
+            break
+    for j, attr in enumerate(parts[i:], i):
+        if not hasattr(obj, attr):
+            return f"{'.'.join(parts[:j])} has no {attr!r}"
+        obj = getattr(obj, attr)
+    return None
+
+
+def inline_problems(path: Path) -> list[str]:
+    """What is wrong with the inline commands, options and names of one Markdown file."""
+    spans, problems = _inline_spans(path), []
+    scripts = {words[1] for _, span in spans if (words := span.split())[:1] == ["python"]
+               and len(words) > 1 and words[1].endswith(".py")}
+    for script in sorted(scripts):
+        if not (ROOT / script).is_file():
+            problems.append(f"{path.name}: `python {script}`: no such script")
+    scripts = {script for script in scripts if (ROOT / script).is_file()}
+    every_option = set().union(*map(usage_options, subcommands()), *map(script_options, scripts))
+    for n, span in spans:
         words = span.split()
+        where = f"{path.name}:{n}: `{span}`"
         if words[:3] == ["python", "-m", "loraloom.cli"]:
             words = ["loraloom", *words[3:]]
+        flags = {word.split("=")[0] for word in words if word.startswith("-")}
         if words[0] == "loraloom" and len(words) > 1:
             for sub in words[1].split("|"):
-                if sub not in subs:
-                    problems.append(f"{path.name}:{n}: `{span}`: no subcommand {sub!r}")
+                if sub not in subcommands():
+                    problems.append(f"{where}: no subcommand {sub!r}")
                     continue
-                flags = {w.split("=")[0] for w in words[2:] if w.startswith("-")}
-                for flag in sorted(flags - usage_options(sub) - {"-h", "--help"}):
-                    problems.append(f"{path.name}:{n}: `{span}`: `loraloom {sub}` has no option {flag}")
+                problems += [f"{where}: `loraloom {sub}` has no option {flag}"
+                             for flag in sorted(flags - usage_options(sub))]
+        elif words[0] == "python" and len(words) > 1 and words[1] in scripts:
+            problems += [f"{where}: `python {words[1]}` has no option {flag}"
+                         for flag in sorted(flags - script_options(words[1]))]
+        elif span.startswith("--") and words[0] not in every_option:
+            problems.append(f"{where}: no such option in any loraloom command or script shown")
         elif re.fullmatch(r"loraloom(\.\w+)+(\(.*\))?", span):
-            dotted = span.split("(")[0].split(".")
-            obj, i = None, len(dotted)
-            while obj is None and i > 0:
-                with contextlib.suppress(ImportError):
-                    obj = importlib.import_module(".".join(dotted[:i]))
-                i -= 1 if obj is None else 0
-            for attr in dotted[i:]:
-                if not hasattr(obj, attr):
-                    problems.append(f"{path.name}:{n}: `{span}`: {'.'.join(dotted[:i])} has no {attr!r}")
-                    break
-                obj = getattr(obj, attr)
-                i += 1
+            problems += [f"{where}: {why}" for why in [_missing_name(span.split("(")[0])] if why]
+    return problems
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=[str(p.relative_to(ROOT)) for p in DOC_FILES])
+def test_inline_commands_options_and_names_exist(path: Path):
+    """Inline ``loraloom SUB --flag`` and ``python SCRIPT --flag`` name real commands and options, an
+    inline ``--flag`` is an option of one of them, an inline ``loraloom.x.y`` imports."""
+    problems = inline_problems(path)
     assert not problems, "\n".join(problems)
 
 
