@@ -78,6 +78,8 @@ SKIP_REASONS = {
     "needs ComfyUI": "runs inside a ComfyUI install",
     "needs network": "downloads (git clone, curl)",
     "needs a GPU": "the tests run on CPU",
+    "needs a running server": "talks to a `loraloom serve` started elsewhere (the `server` kind checks serve itself)",
+    "takes minutes": "training or a full benchmark: longer than the whole suite should take",
 }
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 PYTHON_LANGS = {"python", "py", "python3", "pycon"}
@@ -89,6 +91,7 @@ COMMAND_TIMEOUT_S = 300
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<body>.*?)\s*-->\s*$")
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
 @dataclass
@@ -103,7 +106,8 @@ class Block:
 
     @property
     def id(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        name = self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path.name
+        return f"{name}:{self.line}"
 
 
 def parse_marker(body: str) -> dict[str, str]:
@@ -619,6 +623,61 @@ def test_inline_commands_options_and_names_exist(path: Path):
     inline ``--flag`` is an option of one of them, an inline ``loraloom.x.y`` imports."""
     problems = inline_problems(path)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=[str(p.relative_to(ROOT)) for p in DOC_FILES])
+def test_relative_links_and_images_exist(path: Path):
+    """A link or image to a file of the repository (``[x](docs/nodes.md)``, ``![x](docs/a.png)``) points
+    at one that exists."""
+    problems = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z][a-z0-9+.-]*:|#", target):
+                continue  # a URL or an anchor
+            if not (path.parent / target.split("#")[0]).exists():
+                problems.append(f"{path.name}:{n}: {target} does not exist")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_harness_reads_markdown_as_documented(tmp_path):
+    """The parsing the doc tests stand on: fences at any indent, markers and their kinds, dangling
+    and unknown markers, console transcripts, comments and ``&&`` steps, the steps that need a marker."""
+    doc = tmp_path / "doc.md"
+    doc.write_text("text\n<!-- doc-test: installs, exit 2, skip: needs network -->\n\n```bash\npip install x\n```\n"
+                   "- item\n\n  ```console\n  $ loraloom nodes\n  LoadBase\n  ...\n  ```\n"
+                   "<!-- doc-test: bogus -->\n```\nx\n```\n<!-- doc-test: tree -->\nprose\n")
+    blocks, problems = parse_doc(doc)
+    assert [(b.line, b.lang, b.marks) for b in blocks] == [
+        (4, "bash", {"installs": "", "exit": "2", "skip": "needs network"}), (9, "console", {}), (15, "", {"bogus": ""})]
+    assert console_items(blocks[1].text) == [("loraloom nodes", "LoadBase\n...")]
+    assert problems == ["doc.md:15: unknown doc-test kind 'bogus' (known: %s)" % sorted(KINDS),
+                        "doc.md:18: doc-test marker with no fence below it"]
+    assert steps("a 'b # c' && d e  # f && g") == [("a 'b # c'", ["a", "b # c"], "f && g"), ("d e", ["d", "e"], "f && g")]
+    assert [special_step(shlex.split(c)) for c in ("python3 -m venv .venv", ". .venv/bin/activate", "pip install -e .",
+                                                   "pytest -q", "loraloom serve --port 1", "git clone u",
+                                                   "loraloom run w.json", "python -m loraloom.cli nodes")] == [
+        "venv", "activate", "pip", "pytest", "serve", "download", None, None]
+    assert needed_kinds(blocks[0]) == {"installs"}
+
+
+def test_the_harness_runs_blocks_as_documented(scratch, tmp_path):
+    """What runs a block fails when the block does not do what it shows: a doctest's output, a console
+    transcript's output, an exit code."""
+    work, env = scratch
+
+    def block(lang: str, text: str, **marks) -> Block:
+        return Block(tmp_path / "doc.md", 1, lang, text, {k: str(v) for k, v in marks.items()})
+
+    check_python_block(block("pycon", ">>> print(1 + 1)\n2\n"), work, env)
+    with pytest.raises(AssertionError, match="exited 1"):
+        check_python_block(block("pycon", ">>> print(1 + 1)\n3\n"), work, env)
+    check_python_block(block("python", "raise SystemExit(3)\n", exit=3), work, env)
+    check_shell_block(block("console", "$ echo one; echo two >&2\none\n$ loraloom nodes\n...LoadBase...\n"), work, env)
+    with pytest.raises(AssertionError, match="the docs show"):
+        check_shell_block(block("console", "$ echo one\ntwo\n"), work, env)
+    check_shell_block(block("sh", "true && exit 2\n", exit=2), work, env)
+    with pytest.raises(AssertionError, match="exited 2, the docs say 0"):
+        check_shell_block(block("sh", "exit 2\ntrue\n", exit=2), work, env)
 
 
 def test_doctest_helpers_match_as_documented():
