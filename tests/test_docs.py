@@ -17,8 +17,9 @@ A marker is an HTML comment on the last non-blank line above a fence, invisible 
 
 - ``installs``: the block creates a venv or installs with pip. Those steps do not run: a venv is the
   interpreter running the tests; ``pip install`` arguments must parse as requirements, a pinned
-  ``name==V`` must be what is installed here, ``-e .[extras]`` must name this project's extras
-  with every requirement they bring installed here, and torch must be pinned before the project.
+  ``name==V`` must satisfy the project's own range, ``-e .[extras]`` must name this project's extras
+  with every requirement they bring installed here, and into a fresh venv torch must be pinned
+  before the project.
 - ``ci``: the block's command lines are lines of ``.ci/run`` verbatim (needed for ``pytest``, which
   is this suite itself: CI runs it).
 - ``server``: ``loraloom serve`` starts on a free port, must print the address its comment names,
@@ -294,8 +295,8 @@ def run_shell(step: str, work: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 def check_pip(argv: list[str], earlier: list[list[str]]) -> None:
-    """A ``pip install`` step, not run: its requirements parse, what it pins is what is installed here,
-    the project's extras it names exist and all they bring is installed, torch was pinned before."""
+    """A ``pip install`` step, not run: its requirements parse, what it pins satisfies the project, the
+    project's extras it names exist and all they bring is installed, torch was pinned before it."""
     args = argv[argv.index("install") + 1:]
     assert args, f"{shlex.join(argv)}: installs nothing"
     editable = False
@@ -307,7 +308,7 @@ def check_pip(argv: list[str], earlier: list[list[str]]) -> None:
             editable = False
             path, _, extras = arg.partition("[")
             assert (ROOT / path / "pyproject.toml").resolve() == ROOT / "pyproject.toml", f"{arg}: not this project"
-            check_project_installed([e.strip() for e in extras.rstrip("]").split(",") if e.strip()])
+            check_project_installed(tuple(e.strip() for e in extras.rstrip("]").split(",") if e.strip()))
             # Into a fresh venv, pip would pick torch itself, a multi-GB CUDA build on a CPU machine.
             fresh = any(special_step(step) == "venv" for step in earlier)
             pinned = [a for step in earlier for a in step if a.startswith("torch==")]
@@ -315,13 +316,16 @@ def check_pip(argv: list[str], earlier: list[list[str]]) -> None:
             continue
         assert not arg.startswith("-"), f"{arg}: an option the docs test does not know"
         req = Requirement(arg)
-        check_installed(req)
-        pins = [spec.version for spec in req.specifier if spec.operator == "=="]
-        assert not pins or Version(metadata.version(req.name)).base_version == pins[0], (
-            f"{arg}: the docs install {pins[0]}, this environment has {metadata.version(req.name)}")
+        # What is pinned ahead of the project must satisfy it, or pip replaces it. (That the pinned
+        # version works is CI's part: it installs exactly the README's commands, see `ci`.)
+        for spec in project_requirements():
+            if spec.name == req.name:
+                pins = [pin.version for pin in req.specifier if pin.operator == "=="]
+                assert all(spec.specifier.contains(pin) for pin in pins), f"{arg}: the project requires {spec}"
 
 
 def check_installed(req: Requirement) -> None:
+    """``req`` (unless its marker leaves it out here) is installed in a version it accepts."""
     if req.marker is not None and not req.marker.evaluate({"extra": ""}):
         return
     try:
@@ -332,14 +336,20 @@ def check_installed(req: Requirement) -> None:
         f"{req}: {installed} is installed")
 
 
-def check_project_installed(extras: list[str]) -> None:
+def project_requirements(extras: tuple[str, ...] = ()) -> list[Requirement]:
+    """This project's requirements (pyproject.toml), with those of the named extras, which must exist."""
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     optional = project.get("optional-dependencies", {})
     for extra in extras:
         assert extra in optional, f"extra {extra!r} is not one of {sorted(optional)} in pyproject.toml"
-    for spec in project["dependencies"] + [spec for extra in extras for spec in optional[extra]]:
-        check_installed(Requirement(spec))
+    return [Requirement(spec) for spec in project["dependencies"] + [s for extra in extras for s in optional[extra]]]
+
+
+def check_project_installed(extras: tuple[str, ...]) -> None:
+    """Everything ``pip install -e .[extras]`` brings is installed here in a version it accepts."""
+    for req in project_requirements(extras):
+        check_installed(req)
 
 
 def check_serve(argv: list[str], comment: str, work: Path, env: dict) -> None:
@@ -658,6 +668,14 @@ def test_the_harness_reads_markdown_as_documented(tmp_path):
                                                    "loraloom run w.json", "python -m loraloom.cli nodes")] == [
         "venv", "activate", "pip", "pytest", "serve", "download", None, None]
     assert needed_kinds(blocks[0]) == {"installs"}
+    venv = [["python3", "-m", "venv", ".venv"]]
+    check_pip(["pip", "install", "-e", ".[editor]"], [])
+    with pytest.raises(AssertionError, match="torch must be installed first"):
+        check_pip(["pip", "install", "-e", "."], venv)
+    with pytest.raises(AssertionError, match="the project requires torch"):
+        check_pip(["pip", "install", "torch==2.3.0"], venv)
+    with pytest.raises(AssertionError, match="extra 'nope' is not one of"):
+        check_pip(["pip", "install", "-e", ".[nope]"], [*venv, ["pip", "install", "torch==2.13.0"]])
 
 
 def test_the_harness_runs_blocks_as_documented(scratch, tmp_path):
