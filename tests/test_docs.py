@@ -37,15 +37,22 @@ no language) fails, and so does a marker no step of its block needs: markers sta
 Inline code in prose is not run: it names features in fragments, often with placeholders
 (``loraloom run workflow.json``). It is still checked: an inline ``loraloom SUB --flag`` or
 ``python SCRIPT.py --flag`` must name a real subcommand or script and its options, an inline
-``--flag`` must be an option of one of them, and an inline ``loraloom.name.attr`` must import.
+``--flag`` must be an option of one of them, an inline ``loraloom.name.attr``, ``SomethingError``
+or ``LORALOOM_VARIABLE`` must exist in the package, and an inline call of ours (``Runtime(x=1)``,
+``rt.run(..., on_event=fn)``) must name a real method and keywords. Tables that list code are held to
+it (the node table lists every built-in node; a ``Runtime(...)`` column names real keywords and
+defaults), and relative links and images must point at files that exist.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import builtins
 import contextlib
 import functools
 import importlib
+import inspect
 import io
 import json
 import os
@@ -580,8 +587,8 @@ def _inline_spans(path: Path) -> list[tuple[int, str]]:
     return spans
 
 
-def _missing_name(dotted: str) -> str | None:
-    """Why ``loraloom.a.b`` (a module, then attributes) does not resolve, or None."""
+def lookup(dotted: str):
+    """What ``loraloom.a.b`` (a module, then attributes) names; AttributeError saying what is missing."""
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
         with contextlib.suppress(ImportError):
@@ -589,9 +596,72 @@ def _missing_name(dotted: str) -> str | None:
             break
     for j, attr in enumerate(parts[i:], i):
         if not hasattr(obj, attr):
-            return f"{'.'.join(parts[:j])} has no {attr!r}"
+            raise AttributeError(f"{'.'.join(parts[:j])} has no {attr!r}")
         obj = getattr(obj, attr)
+    return obj
+
+
+def _missing_name(dotted: str) -> str | None:
+    """Why ``loraloom.a.b`` does not resolve, or None."""
+    try:
+        lookup(dotted)
+    except AttributeError as exc:
+        return str(exc)
     return None
+
+
+def _resolve(func: ast.expr):
+    """The loraloom object a call in the docs calls, or None for one that is not ours (``fn(x)``):
+    a loraloom name, ``loraloom.a.b``, or a method of a Runtime (``rt.run``, ``Runtime().run``)."""
+    if isinstance(func, ast.Name):
+        return getattr(loraloom, func.id, None)
+    if isinstance(func, ast.Attribute):
+        owner = func.value
+        if isinstance(owner, ast.Name) and owner.id == "rt" or (
+                isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "Runtime"):
+            return getattr(loraloom.Runtime, func.attr, AttributeError(f"a Runtime has no {func.attr!r}"))
+        dotted = ast.unparse(func)
+        if dotted.startswith("loraloom."):
+            try:
+                return lookup(dotted)
+            except AttributeError as exc:
+                return exc
+    return None
+
+
+def accepted_keywords(obj) -> dict[str, inspect.Parameter] | None:
+    """The keyword arguments ``obj(...)`` accepts (a class: through ``**kwargs`` passed up its MRO),
+    or None when it takes any."""
+    names: dict[str, inspect.Parameter] = {}
+    for init in ([klass.__init__ for klass in obj.__mro__ if "__init__" in vars(klass)] if isinstance(obj, type)
+                 else [obj]):
+        params = inspect.signature(init).parameters.values()
+        names.update({p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                      and p.name != "self" and p.name not in names})
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def call_problems(code: str) -> list[str]:
+    """What in a Python fragment calls a loraloom name, method or keyword that does not exist."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return []
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "loraloom":
+            problems += [f"loraloom has no {a.name!r}" for a in node.names if not hasattr(loraloom, a.name)]
+        if not isinstance(node, ast.Call):
+            continue
+        target = _resolve(node.func)
+        if isinstance(target, AttributeError):
+            problems.append(str(target))
+        elif target is not None and (accepted := accepted_keywords(target)) is not None:
+            problems += [f"{ast.unparse(node.func)}() takes no keyword {k.arg!r}"
+                         for k in node.keywords if k.arg and k.arg not in accepted]
+    return problems
 
 
 def inline_problems(path: Path) -> list[str]:
@@ -624,7 +694,22 @@ def inline_problems(path: Path) -> list[str]:
             problems.append(f"{where}: no such option in any loraloom command or script shown")
         elif re.fullmatch(r"loraloom(\.\w+)+(\(.*\))?", span):
             problems += [f"{where}: {why}" for why in [_missing_name(span.split("(")[0])] if why]
-    return problems
+        elif re.fullmatch(r"[A-Z]\w*(Error|Warning)", span) and not hasattr(builtins, span):
+            problems += [] if hasattr(loraloom, span) else [f"{where}: loraloom has no {span!r}"]
+        problems += [f"{where}: {why}" for why in call_problems(span)]
+        problems += [f"{where}: {var} is read nowhere in the package" for var in re.findall(r"LORALOOM_\w+", span)
+                     if var not in package_source()]
+    return list(dict.fromkeys(problems))  # a span checked twice (a name, then a call) says it once
+
+
+@functools.cache
+def package_source() -> str:
+    """The package's Python source: tests, hidden folders (a venv in the clone) and build output aside."""
+    texts = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SCRATCH_SKIP | {"build", "dist"}]
+        texts += [(Path(folder) / name).read_text(encoding="utf-8") for name in files if name.endswith(".py")]
+    return "\n".join(texts)
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=[str(p.relative_to(ROOT)) for p in DOC_FILES])
@@ -633,6 +718,76 @@ def test_inline_commands_options_and_names_exist(path: Path):
     inline ``--flag`` is an option of one of them, an inline ``loraloom.x.y`` imports."""
     problems = inline_problems(path)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=[str(p.relative_to(ROOT)) for p in DOC_FILES])
+def test_tables_match_the_code(path: Path):
+    """Tables that list code: a table of nodes lists exactly the built-in nodes; in a column headed by
+    a call (``Runtime(...)``, ``Runtime(limits=Limits(...))``) each ``name=`` cell is a keyword the
+    call's ``...`` takes, and a ``default`` cell shows the default when the code's is a number."""
+    from loraloom.nodes import BUILTIN
+
+    problems = []
+    for line, header, rows in parse_tables(path):
+        where = f"{path.name}:{line}"
+        if header[0] == "node":
+            listed = {name for row in rows for name in INLINE.findall(row[0])}
+            builtin = {cls.__name__ for cls in BUILTIN}
+            problems += [f"{where}: the node table misses {sorted(builtin - listed)}"] * bool(builtin - listed)
+            problems += [f"{where}: the node table lists {sorted(listed - builtin)}"] * bool(listed - builtin)
+        for col, cell in enumerate(header):
+            call = INLINE.fullmatch(cell)
+            target = call and _ellipsis_target(call[1])
+            if target is None:
+                continue
+            problems += [f"{where}: header `{call[1]}`: {why}" for why in call_problems(call[1])]
+            params = accepted_keywords(target) or {}
+            for row in rows:
+                name = re.fullmatch(r"`(\w+)=[^`]*`", row[col])
+                if not name:
+                    continue
+                if name[1] not in params:
+                    problems.append(f"{where}: {row[col]}: {call[1]} takes no {name[1]!r}")
+                elif "default" in header and isinstance(params[name[1]].default, int):
+                    shown = re.match(r"[\d,]+", row[header.index("default")])
+                    if not shown or int(shown[0].replace(",", "")) != params[name[1]].default:
+                        problems.append(f"{where}: {name[1]} defaults to {params[name[1]].default}, the table "
+                                        f"says {row[header.index('default')]!r}")
+    assert not problems, "\n".join(problems)
+
+
+def parse_tables(path: Path) -> list[tuple[int, list[str], list[list[str]]]]:
+    """Markdown tables outside fences: (line of the header, header cells, rows of cells)."""
+    tables, fence = [], None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines):
+        match = FENCE.match(line)
+        if match and (fence is None or match["fence"].startswith(fence)):
+            fence = None if fence else match["fence"]
+        elif fence is None and line.startswith("|") and n + 1 < len(lines) and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+",
+                                                                                           lines[n + 1].strip()):
+            rows = []
+            for row in lines[n + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(_cells(row))
+            tables.append((n + 1, _cells(line), rows))
+    return tables
+
+
+def _cells(row: str) -> list[str]:
+    return [cell.strip() for cell in row.strip().strip("|").split("|")]
+
+
+def _ellipsis_target(code: str):
+    """The loraloom callable a header such as ``Runtime(limits=Limits(...))`` describes: the call whose
+    argument is ``...``; None if there is none."""
+    with contextlib.suppress(SyntaxError):
+        for node in ast.walk(ast.parse(code, mode="eval")):
+            if isinstance(node, ast.Call) and any(isinstance(a, ast.Constant) and a.value is Ellipsis for a in node.args):
+                target = _resolve(node.func)
+                return None if isinstance(target, AttributeError) else target
+    return None
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=[str(p.relative_to(ROOT)) for p in DOC_FILES])
