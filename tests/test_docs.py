@@ -6,11 +6,13 @@ Each fenced block is one test, named by file and line (``README.md:22``), checke
   ``docs/``, ``bench/`` ...); must exit 0. A block of ``>>>`` lines (``pycon``) runs as a doctest.
 - ``bash``, ``sh``, ``shell``: every command (a line, ``\\`` continuations joined, ``&&`` chains
   taken step by step) runs with bash in the scratch folder, where ``loraloom``, ``python`` and
-  ``python3`` mean this checkout's code and the interpreter running the tests; each must exit 0.
+  ``python3`` mean this checkout's code and the interpreter running the tests, after the block's
+  earlier ``cd``, ``export`` and ``X=1`` commands; each must exit 0.
 - ``console``: ``$ `` lines are commands, the lines below one its expected output: stdout, stderr or
   both must match it, ``...`` matching any text (doctest's ELLIPSIS).
 - ``json``: parsed; a workflow (API or UI format) must pass validation.
-- no language: must carry a marker saying what it is (``synopsis`` or ``tree``).
+- no language: must carry a marker saying what it is (``synopsis`` or ``tree``); any other language
+  (``text``...) needs a ``skip`` marker.
 
 A marker is an HTML comment on the last non-blank line above a fence, invisible on the rendered page:
 ``<!-- doc-test: KIND, KIND ARG, ... -->``. The kinds:
@@ -88,6 +90,7 @@ SKIP_REASONS = {
     "needs a GPU": "the tests run on CPU",
     "needs a running server": "talks to a `loraloom serve` started elsewhere (the `server` kind checks serve itself)",
     "takes minutes": "training or a full benchmark: longer than the whole suite should take",
+    "an excerpt": "text, or code elided with ..., that is not a whole command or program",
 }
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 PYTHON_LANGS = {"python", "py", "python3", "pycon"}
@@ -402,6 +405,7 @@ def check_shell_block(block: Block, work: Path, env: dict) -> None:
     items = block_commands(block)
     assert items, f"{block.id}: no command in a {block.lang} block"
     want_exit = int(marks.get("exit") or 0)
+    state: list[str] = []  # `cd`, `export`, `X=1`: each command runs in a new bash, after these
     for n, (line, expected) in enumerate(items):
         if "ci" in marks:
             assert line in ci_lines(), f"{block.id}: .ci/run does not run {line!r} as the docs show it"
@@ -414,7 +418,7 @@ def check_shell_block(block: Block, work: Path, env: dict) -> None:
             elif special == "serve":
                 check_serve(argv, comment, work, env)
             elif special is None:
-                proc = run_shell(text, work, env)
+                proc = run_shell(" && ".join([*state, text]), work, env)
                 code = want_exit if (n, k) == (len(items) - 1, len(chain) - 1) else 0
                 assert proc.returncode == code, (
                     f"{block.id}: `{text}` exited {proc.returncode}, the docs say {code}\n"
@@ -423,6 +427,8 @@ def check_shell_block(block: Block, work: Path, env: dict) -> None:
                     assert any(output_matches(expected, out) for out in
                                (proc.stdout, proc.stderr, proc.stdout + proc.stderr)), (
                         f"{block.id}: `{text}` printed\n{proc.stdout}{proc.stderr}\nthe docs show\n{expected}")
+                if argv[0] in {"cd", "export", "unset", "alias"} or re.fullmatch(r"[A-Za-z_]\w*=\S*", text):
+                    state.append(text)
             done.append(argv)
 
 
@@ -552,7 +558,8 @@ def test_doc_block_runs(block: Block, scratch):
         if "tree" in marks:
             check_tree(block)
     else:
-        pytest.fail(f"{block.id}: no check for language {block.lang!r}: teach tests/test_docs.py or mark it skip")
+        pytest.fail(f"{block.id}: no check for language {block.lang!r}: show a command with its output as `console`, "
+                    f"or mark it `<!-- doc-test: skip: an excerpt -->` (see tests/test_docs.py)")
     for name in filter(None, [marks.get("creates")]):
         assert (work / name).exists(), f"{block.id}: the docs say it creates {name}; it did not"
 
@@ -849,6 +856,8 @@ def test_the_harness_runs_blocks_as_documented(scratch, tmp_path):
     with pytest.raises(AssertionError, match="the docs show"):
         check_shell_block(block("console", "$ echo one\ntwo\n"), work, env)
     check_shell_block(block("sh", "true && exit 2\n", exit=2), work, env)
+    check_shell_block(block("bash", "mkdir sub && cd sub\nexport X=1\nY=2\ntest \"$(basename \"$PWD\"):$X:$Y\" = sub:1:2\n"),
+                      work, env)
     with pytest.raises(AssertionError, match="exited 2, the docs say 0"):
         check_shell_block(block("sh", "exit 2\ntrue\n", exit=2), work, env)
 
