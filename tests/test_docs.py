@@ -94,7 +94,8 @@ SKIP_REASONS = {
 }
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 PYTHON_LANGS = {"python", "py", "python3", "pycon"}
-# Scratch folders get copies of these (never the packages: `loraloom` must be the checkout under test).
+# A scratch folder gets a copy of the repository's top level but these (and the packages: `loraloom`
+# must be the checkout under test, not a copy).
 SCRATCH_SKIP = {".git", ".venv", "output", "models", "tests", "__pycache__", ".pytest_cache", ".hypothesis"}
 COMMAND_TIMEOUT_S = 300
 
