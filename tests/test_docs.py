@@ -1,4 +1,4 @@
-"""Every code block of README.md and docs/*.md runs here, so the documentation cannot drift from the code.
+"""Every code block of README.md, BENCHMARKS.md and docs/*.md runs here, so the documentation cannot drift from the code.
 
 Each fenced block is one test, named by file and line (``README.md:22``), checked by its language:
 
@@ -31,7 +31,8 @@ A marker is an HTML comment on the last non-blank line above a fence, invisible 
 - ``synopsis``: ``loraloom SUB [OPTION ...]`` lines; their options must be exactly the options
   ``loraloom SUB --help`` shows in its usage line (``-h`` aside).
 - ``tree``: ``path/   description`` lines; each path must exist in the repository.
-- ``skip: REASON``: not run, shown as skipped with REASON, one of SKIP_REASONS.
+- ``skip: REASON``: not run, shown as skipped with REASON, one of SKIP_REASONS; its ``loraloom`` and
+  ``python SCRIPT.py`` commands must still name a real subcommand or script and real options.
 
 A block that needs a marker and lacks it (``pip``, ``pytest``, ``loraloom serve``, ``git clone``,
 no language) fails, and so does a marker no step of its block needs: markers stay true.
@@ -80,7 +81,7 @@ import loraloom
 from loraloom.cli import build_parser, main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOC_FILES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 CI_SCRIPT = ROOT / ".ci" / "run"
 
 KINDS = {"installs", "ci", "server", "exit", "creates", "invalid", "synopsis", "tree", "skip"}
@@ -486,10 +487,11 @@ def usage_options(sub: str) -> frozenset[str]:
 
 @functools.cache
 def script_options(script: str) -> frozenset[str]:
-    """The options of ``python SCRIPT`` (a script of the repository, e.g. ``bench/run.py``)."""
-    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"python {script} --help failed: {proc.stderr[-2000:]}"
-    return frozenset(usage_flags(proc.stdout))
+    """The options a script of the repository (``bench/run.py``) declares with argparse, read from its
+    source (running ``--help`` would import torch for some)."""
+    source = (ROOT / script).read_text(encoding="utf-8")
+    return frozenset(re.findall(r"""["'](-{1,2}[A-Za-z][\w-]*)["']""",
+                                "".join(re.findall(r"add_argument\(([^)]*)", source))))
 
 
 @functools.cache
@@ -538,6 +540,11 @@ def test_doc_block_runs(block: Block, scratch):
     needed = needed_kinds(block) if block.lang in SHELL_LANGS else set()
     if "skip" in marks:
         assert marks["skip"] in SKIP_REASONS, f"{block.id}: skip reason {marks['skip']!r} not one of {sorted(SKIP_REASONS)}"
+        # Not run, but what it runs must still exist.
+        problems = [f"{block.id}: `{line}`: {why}" for line, _ in
+                    (block_commands(block) if block.lang in SHELL_LANGS else [])
+                    for _, argv, _ in steps(line) for why in command_problems(argv)]
+        assert not problems, "\n".join(problems)
         pytest.skip(f"{block.id}: {marks['skip']} (doc-test marker)")
     for kind in needed:
         example = "skip: needs network" if kind == "skip" else kind
@@ -674,33 +681,39 @@ def call_problems(code: str) -> list[str]:
     return problems
 
 
+def command_problems(words: list[str]) -> list[str]:
+    """What is wrong with a ``loraloom SUB[|SUB] --flag ...`` or ``python SCRIPT.py --flag ...`` command
+    (its words, comment aside): a subcommand, script or option that does not exist."""
+    if words[:3] == ["python", "-m", "loraloom.cli"]:
+        words = ["loraloom", *words[3:]]
+    flags = {word.split("=")[0] for word in words if word.startswith("-")}
+    if words[:1] == ["loraloom"] and len(words) > 1:
+        problems = []
+        for sub in words[1].split("|"):
+            if sub not in subcommands():
+                problems.append(f"no subcommand {sub!r}")
+            else:
+                problems += [f"`loraloom {sub}` has no option {flag}" for flag in sorted(flags - usage_options(sub))]
+        return problems
+    if words[:1] in (["python"], ["python3"]) and len(words) > 1 and words[1].endswith(".py"):
+        if not (ROOT / words[1]).is_file():
+            return [f"no script {words[1]}"]
+        return [f"`python {words[1]}` has no option {flag}" for flag in sorted(flags - script_options(words[1]))]
+    return []
+
+
 def inline_problems(path: Path) -> list[str]:
     """What is wrong with the inline commands, options and names of one Markdown file."""
     spans, problems = _inline_spans(path), []
-    scripts = {words[1] for _, span in spans if (words := span.split())[:1] == ["python"]
-               and len(words) > 1 and words[1].endswith(".py")}
-    for script in sorted(scripts):
-        if not (ROOT / script).is_file():
-            problems.append(f"{path.name}: `python {script}`: no such script")
-    scripts = {script for script in scripts if (ROOT / script).is_file()}
+    # The scripts a file names, run (`python bench/run.py`) or not (a heading's `bench/bench_fuse.py`).
+    scripts = {word for _, span in spans for word in span.split()[:2]
+               if word.endswith(".py") and (ROOT / word).is_file()}
     every_option = set().union(*map(usage_options, subcommands()), *map(script_options, scripts))
     for n, span in spans:
         words = span.split()
         where = f"{path.name}:{n}: `{span}`"
-        if words[:3] == ["python", "-m", "loraloom.cli"]:
-            words = ["loraloom", *words[3:]]
-        flags = {word.split("=")[0] for word in words if word.startswith("-")}
-        if words[0] == "loraloom" and len(words) > 1:
-            for sub in words[1].split("|"):
-                if sub not in subcommands():
-                    problems.append(f"{where}: no subcommand {sub!r}")
-                    continue
-                problems += [f"{where}: `loraloom {sub}` has no option {flag}"
-                             for flag in sorted(flags - usage_options(sub))]
-        elif words[0] == "python" and len(words) > 1 and words[1] in scripts:
-            problems += [f"{where}: `python {words[1]}` has no option {flag}"
-                         for flag in sorted(flags - script_options(words[1]))]
-        elif span.startswith("--") and words[0] not in every_option:
+        problems += [f"{where}: {why}" for why in command_problems(words)]
+        if span.startswith("--") and words[0] not in every_option:
             problems.append(f"{where}: no such option in any loraloom command or script shown")
         elif re.fullmatch(r"loraloom(\.\w+)+(\(.*\))?", span):
             problems += [f"{where}: {why}" for why in [_missing_name(span.split("(")[0])] if why]
@@ -833,6 +846,9 @@ def test_the_harness_reads_markdown_as_documented(tmp_path):
                                                    "loraloom run w.json", "python -m loraloom.cli nodes")] == [
         "venv", "activate", "pip", "pytest", "serve", "download", None, None]
     assert needed_kinds(blocks[0]) == {"installs"}
+    assert command_problems(["python", "bench/run.py", "--quik"]) == ["`python bench/run.py` has no option --quik"]
+    assert command_problems(["loraloom", "run|runn", "--no-progress"]) == ["no subcommand 'runn'"]
+    assert command_problems(["loraloom", "nodes", "--markdown"]) == []
     venv = [["python3", "-m", "venv", ".venv"]]
     check_pip(["pip", "install", "-e", ".[editor]"], [])
     with pytest.raises(AssertionError, match="torch must be installed first"):
