@@ -17,7 +17,7 @@ Each fenced block is one test, named by file and line (``README.md:22``), checke
 A marker is an HTML comment on the last non-blank line above a fence, invisible on the rendered page:
 ``<!-- doc-test: KIND, KIND ARG, ... -->``. The kinds:
 
-- ``installs``: the block creates a venv or installs with pip. Those steps do not run: a venv is the
+- ``installs``: the block creates a venv or installs with pip or apt. Those steps do not run: a venv is the
   interpreter running the tests; ``pip install`` arguments must parse as requirements, a pinned
   ``name==V`` must satisfy the project's own range, ``-e .[extras]`` must name this project's extras
   with every requirement they bring installed here, and into a fresh venv torch must be pinned
@@ -241,7 +241,7 @@ def steps(line: str) -> list[tuple[str, list[str], str]]:
 
 
 # What a step that cannot run as written does -> the marker kind that says how it is checked instead.
-SPECIAL_STEPS = {"venv": "installs", "activate": "installs", "pip": "installs", "pytest": "ci",
+SPECIAL_STEPS = {"venv": "installs", "activate": "installs", "pip": "installs", "system": "installs", "pytest": "ci",
                  "serve": "server", "download": "skip"}
 
 
@@ -257,6 +257,8 @@ def special_step(argv: list[str]) -> str | None:
         return "activate"
     if prog in {"pip", "pip3"} or module == "pip":
         return "pip"
+    if prog in {"sudo", "apt-get", "apt", "brew"}:
+        return "system"  # a system package: never run by a test
     if prog in {"pytest", "py.test"} or module == "pytest":
         return "pytest"
     if prog == "loraloom" and argv[1:2] == ["serve"]:
@@ -843,8 +845,9 @@ def test_the_harness_reads_markdown_as_documented(tmp_path):
     assert steps("a 'b # c' && d e  # f && g") == [("a 'b # c'", ["a", "b # c"], "f && g"), ("d e", ["d", "e"], "f && g")]
     assert [special_step(shlex.split(c)) for c in ("python3 -m venv .venv", ". .venv/bin/activate", "pip install -e .",
                                                    "pytest -q", "loraloom serve --port 1", "git clone u",
+                                                   "sudo apt-get install -y chromium",
                                                    "loraloom run w.json", "python -m loraloom.cli nodes")] == [
-        "venv", "activate", "pip", "pytest", "serve", "download", None, None]
+        "venv", "activate", "pip", "pytest", "serve", "download", "system", None, None]
     assert needed_kinds(blocks[0]) == {"installs"}
     assert command_problems(["python", "bench/run.py", "--quik"]) == ["`python bench/run.py` has no option --quik"]
     assert command_problems(["loraloom", "run|runn", "--no-progress"]) == ["no subcommand 'runn'"]
