@@ -20,8 +20,8 @@ A marker is an HTML comment on the last non-blank line above a fence, invisible 
 - ``installs``: the block creates a venv or installs with pip or apt. Those steps do not run: a venv is the
   interpreter running the tests; ``pip install`` arguments must parse as requirements, a pinned
   ``name==V`` must satisfy the project's own range, ``-e .[extras]`` must name this project's extras
-  with every requirement they bring installed here, and into a fresh venv torch must be pinned
-  before the project.
+  with every requirement they bring installed here (one missing skips the block, naming it: CI
+  installs with these very commands), and into a fresh venv torch must be pinned before the project.
 - ``ci``: the block's command lines are lines of ``.ci/run`` verbatim (needed for ``pytest``, which
   is this suite itself: CI runs it).
 - ``server``: ``loraloom serve`` starts on a free port, must print the address its comment names,
