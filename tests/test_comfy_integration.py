@@ -113,3 +113,97 @@ def test_comfyui_hooks(tmp_path, monkeypatch):
             ctx.progress(2, 4)
     finally:
         context.set_default_context(previous)
+
+
+# --- our checks when ComfyUI queues a prompt (VALIDATE_INPUTS) ---
+
+@pytest.fixture
+def comfy_like_folders(tmp_path, monkeypatch):
+    """The default context (what a node class sees inside ComfyUI) over a models folder holding a
+    diffusers folder, a single-file checkpoint and a LoRA; restored afterwards."""
+    from loraloom.fixtures import write_fixtures
+    from loraloom.graph_runtime import Folders, context
+
+    models = tmp_path / "models"
+    (models / "sd15-folder").mkdir(parents=True)
+    (models / "sd15-folder" / "model_index.json").write_text("{}")  # listed only, never read here
+    (models / "checkpoints").mkdir()
+    (models / "checkpoints" / "model.safetensors").write_bytes(b"")
+    names = {k: p.relative_to(models / "loras").as_posix() for k, p in write_fixtures(models / "loras").items()}
+    monkeypatch.setattr(context, "_default", context.ExecutionContext(
+        folders=Folders([models / "loras"], models, tmp_path / "output")))
+    return names
+
+
+# (node, widget values, the input each refusal names). Each also fails `loraloom validate`.
+REFUSED = [
+    ("Sample", {"width": 130}, ["width"]),
+    ("Sample", {"scheduler": "pndm", "steps": 2}, ["steps"]),
+    ("Sample", {"steps": 0, "width": 60, "guidance": 51.0}, ["steps", "width", "guidance"]),
+    ("LoadBase", {"source": "tiny-sd15", "config": "sd15-folder"}, ["config"]),
+    ("LoadBase", {"source": "checkpoints/model.safetensors", "config": "auto"}, ["config"]),
+    ("LoadBase", {"dtype": "fp64"}, ["dtype"]),
+    ("SaveLoRA", {"filename_prefix": "../elsewhere/x"}, ["filename_prefix"]),
+    ("SavePipeline", {"filename_prefix": "/tmp/x"}, ["filename_prefix"]),
+    ("SaveCheckpoint", {"filename_prefix": "a/../../x"}, ["filename_prefix"]),
+    ("LoadLoRA", {"lora_name": "../x.safetensors"}, ["lora_name"]),
+    ("WeightedBlend", {"weight": 11.0}, ["weight"]),
+]
+
+
+def _widget_defaults(cls):
+    return {inp.name: inp.default for inp in cls.SCHEMA.widgets if inp.has_default}
+
+
+@pytest.mark.parametrize("node_id, values, names", REFUSED, ids=[f"{n}-{'-'.join(v)}" for n, v, _ in REFUSED])
+def test_queue_check_refuses_with_the_messages_of_loraloom_validate(comfy_like_folders, node_id, values, names):
+    import loraloom
+    from loraloom.graph_runtime import ValidationError, current_context
+    from loraloom.graph_runtime.graph import validate_prompt
+
+    cls = loraloom.NODE_CLASS_MAPPINGS[node_id]
+    given = {**_widget_defaults(cls), **values}
+    answer = cls.VALIDATE_INPUTS(**given)  # as ComfyUI calls it: constants only, the links are not named
+    assert isinstance(answer, str), f"{node_id} {values}: accepted at queue time"
+    # the same node in a whole prompt through our own validation (what `loraloom validate` runs)
+    sources = {"MODEL_RECIPE": {"class_type": "LoadBase", "inputs": {"source": "tiny-sd15"}},
+               "LORA_WEIGHTS": {"class_type": "LoadLoRA",
+                                "inputs": {"lora_name": comfy_like_folders["tiny-sd15/kohya"]}}}
+    prompt = {"?": {"class_type": node_id, "inputs": dict(given)}}
+    for inp in cls.SCHEMA.inputs:
+        if not inp.is_widget and not inp.optional:
+            prompt[inp.name] = sources[inp.type]
+            prompt["?"]["inputs"][inp.name] = [inp.name, 0]
+    with pytest.raises(ValidationError) as info:
+        validate_prompt(prompt, loraloom.nodes.registry(), current_context().folders)
+    expected = [e["details"] for e in info.value.node_errors["?"]["errors"]]
+    assert answer.split("\n") == expected, "the same checks and messages as loraloom validate"
+    for name in names:
+        assert f"input '{name}'" in answer, f"the refusal names input {name!r}: {answer}"
+
+
+def test_queue_check_passes_good_values_and_skips_linked_ones(comfy_like_folders):
+    import loraloom
+
+    for node_id, cls in loraloom.NODE_CLASS_MAPPINGS.items():
+        values = _widget_defaults(cls)
+        if node_id == "LoadLoRA":
+            values["lora_name"] = comfy_like_folders["tiny-sd15/kohya"]
+        assert cls.VALIDATE_INPUTS(**values) is True, f"{node_id} with its defaults: {cls.VALIDATE_INPUTS(**values)}"
+    sample = loraloom.NODE_CLASS_MAPPINGS["Sample"]
+    # A widget fed by a link arrives as None: its value is unknown, so a rule needing it waits for the run.
+    assert sample.VALIDATE_INPUTS(scheduler="pndm", steps=None, width=None) is True
+    assert isinstance(sample.VALIDATE_INPUTS(scheduler="pndm", steps=None, width=130), str)
+
+
+def test_validate_inputs_names_every_widget_so_comfyuis_own_checks_give_way_to_ours():
+    """ComfyUI passes VALIDATE_INPUTS the inputs its parameters name (inspect.getfullargspec(...).args)
+    and skips its own range and list checks for those: every widget is named, no link and no **kwargs."""
+    import inspect
+
+    import loraloom
+
+    for node_id, cls in loraloom.NODE_CLASS_MAPPINGS.items():
+        spec = inspect.getfullargspec(cls.VALIDATE_INPUTS)
+        assert spec.args[1:] == [inp.name for inp in cls.SCHEMA.widgets], node_id
+        assert spec.varkw is None and "input_types" not in spec.args, node_id
