@@ -2,6 +2,7 @@
 another package name, cheaply, and its nodes called the way ComfyUI's executor calls them."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 import types
@@ -61,6 +62,12 @@ def test_nodes_run_as_comfyui_calls_them():
     assert 0.0 <= image.min() and image.max() <= 1.0
 
 
+def pack_nodes():
+    import loraloom
+
+    return loraloom.NODE_CLASS_MAPPINGS
+
+
 def test_comfyui_hooks(tmp_path, monkeypatch):
     """Inside ComfyUI (its folder_paths and comfy modules importable), LoadLoRA lists ComfyUI's loras
     folders and progress goes to ComfyUI's ProgressBar; its interrupt stops us."""
@@ -105,6 +112,15 @@ def test_comfyui_hooks(tmp_path, monkeypatch):
         from loraloom.nodes.lora import LoadLoRA
 
         assert names["tiny-sdxl/kohya"] in LoadLoRA.INPUT_TYPES()["required"]["lora_name"][0]
+        # the advice of a refusal names ComfyUI's folders, never our command line's flags
+        refused = {"SaveLoRA": ({"filename_prefix": "../x"}, "ComfyUI/output"),
+                   "LoadLoRA": ({"lora_name": "../x.safetensors"}, "extra_model_paths.yaml"),
+                   "LoadBase": ({"source": "/x.safetensors"}, None)}
+        for node_id, (values, folder) in refused.items():
+            answer = pack_nodes()[node_id].VALIDATE_INPUTS(**values)
+            assert isinstance(answer, str), answer
+            assert not re.search(r"--(lora|models|output)-dir\b", answer), answer
+            assert folder is None or folder in answer, answer
         ctx = context.current_context()
         ctx.progress(1, 4)
         assert calls == [(1, 4)]
