@@ -2,6 +2,7 @@
 another package name, cheaply, and its nodes called the way ComfyUI's executor calls them."""
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -223,3 +224,181 @@ def test_validate_inputs_names_every_widget_so_comfyuis_own_checks_give_way_to_o
         spec = inspect.getfullargspec(cls.VALIDATE_INPUTS)
         assert spec.args[1:] == [inp.name for inp in cls.SCHEMA.widgets], node_id
         assert spec.varkw is None and "input_types" not in spec.args, node_id
+
+
+# --- inside real ComfyUI ---
+#
+# Runs only when LORALOOM_COMFYUI names a ComfyUI folder (the one holding main.py); its Python is
+# LORALOOM_COMFYUI_PYTHON, else <folder>/../venv/bin/python where that exists (the layout of a
+# ComfyUI set up for these tests), else this interpreter. The pack must be importable by it: that
+# Python needs our dependencies. ComfyUI starts with its own base folder here (--base-directory:
+# custom_nodes, models, output, user), our pack linked into its custom_nodes.
+
+COMFYUI = os.environ.get("LORALOOM_COMFYUI")
+needs_comfyui = pytest.mark.skipif(not COMFYUI, reason="set LORALOOM_COMFYUI to a ComfyUI folder (with main.py) "
+                                   "to run the pack inside real ComfyUI")
+
+
+def _comfyui_python(folder: Path) -> str:
+    if os.environ.get("LORALOOM_COMFYUI_PYTHON"):
+        return os.environ["LORALOOM_COMFYUI_PYTHON"]
+    venv = folder.parent / "venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+class ComfyUI:
+    """A ComfyUI server started for a test, spoken to over its HTTP API."""
+
+    def __init__(self, url: str, log: Path):
+        self.url, self.log = url, log
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def run(self, prompt: dict, timeout: float = 300) -> dict:
+        """Queue ``prompt``, wait for it, return its history entry."""
+        import time
+
+        status, queued = self.call("POST", "/prompt", {"prompt": prompt})
+        assert status == 200 and not queued["node_errors"], f"refused: {queued}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _, history = self.call("GET", f"/history/{queued['prompt_id']}")
+            if history and history[queued["prompt_id"]]["status"].get("completed") is not None:
+                return history[queued["prompt_id"]]
+            time.sleep(0.5)
+        raise AssertionError(f"not done in {timeout} s; log:\n{self.log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory):
+    """ComfyUI with our pack, a LoRA folder of our fixtures, a diffusers folder and a checkpoint to list."""
+    import socket
+    import time
+
+    from loraloom.fixtures import write_fixtures
+
+    folder = Path(COMFYUI).resolve()
+    base = tmp_path_factory.mktemp("comfyui-base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "loraloom").symlink_to(ROOT, target_is_directory=True)
+    models = base / "models"
+    names = {k: p.relative_to(models / "loras").as_posix() for k, p in write_fixtures(models / "loras").items()}
+    (models / "diffusers" / "sd15").mkdir(parents=True)
+    (models / "diffusers" / "sd15" / "model_index.json").write_text("{}")  # listed, never read
+    (models / "checkpoints").mkdir()
+    (models / "checkpoints" / "model.safetensors").write_bytes(b"")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = base / "comfyui.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([_comfyui_python(folder), str(folder / "main.py"), "--cpu", "--listen", "127.0.0.1",
+                                    "--port", str(port), "--base-directory", str(base), "--disable-auto-launch"],
+                                   cwd=base, stdout=out, stderr=subprocess.STDOUT)
+    server = ComfyUI(f"http://127.0.0.1:{port}", log)
+    server.names, server.base = names, base
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if server.call("GET", "/object_info/LoadLoRA")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, \
+                f"ComfyUI did not start:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        info = server.call("GET", "/object_info/LoadLoRA")[1]
+        assert info, f"ComfyUI did not load our pack:\n{log.read_text()[-3000:]}"
+        yield server
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _full(node_id: str, **inputs) -> dict:
+    """A prompt entry with every widget given (ComfyUI fills in no defaults)."""
+    return {"class_type": node_id, "inputs": {**_widget_defaults(pack_nodes()[node_id]), **inputs}}
+
+
+def _base(source="tiny-sd15", config="auto"):
+    return _full("LoadBase", source=source, config=config, dtype="fp32", device="cpu")
+
+
+def _sample(model, **kw):
+    return _full("Sample", model=model, **{"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "guidance": 5.0,
+                                           "scheduler": "euler", **kw})
+
+
+def _save_image(images):  # ComfyUI's own SaveImage: our IMAGE is its IMAGE
+    return {"class_type": "SaveImage", "inputs": {"images": images, "filename_prefix": "loom"}}
+
+
+@needs_comfyui
+def test_inside_comfyui_bad_values_are_refused_when_queued_with_our_messages(comfyui):
+    lora = comfyui.names["tiny-sd15/kohya"]
+    prompt = {
+        "1": _base(), "2": _sample(["1", 0], width=130), "3": _save_image(["2", 0]),
+        "4": _sample(["1", 0], scheduler="pndm", steps=2), "5": _save_image(["4", 0]),
+        "6": _base(config="diffusers/sd15"), "7": _sample(["6", 0]), "8": _save_image(["7", 0]),
+        "9": _base("checkpoints/model.safetensors"), "10": _sample(["9", 0]), "11": _save_image(["10", 0]),
+        "12": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
+        "13": _full("SaveLoRA", lora=["12", 0], filename_prefix="../escape"),
+        "14": {"class_type": "LoadLoRA", "inputs": {"lora_name": "../" + lora}},
+        "15": _full("SaveLoRA", lora=["14", 0]),
+    }
+    status, body = comfyui.call("POST", "/prompt", {"prompt": prompt})
+    assert status == 400, body
+    errors = {nid: " | ".join(e["details"] for e in entry["errors"]) for nid, entry in body["node_errors"].items()}
+    expected = {"2": "input 'width': 130 is not a multiple of 8", "4": "the fewest steps the pndm scheduler can take",
+                "6": "preset 'tiny-sd15' needs no config", "9": "needs a config folder",
+                "13": "output name '../escape' contains a '..' part", "14": "contains a '..' part"}
+    for nid, text in expected.items():
+        assert text in errors.get(nid, ""), f"node {nid}: {errors.get(nid)}"
+    assert "Fix: give a name relative to ComfyUI/output" in errors["13"], errors["13"]
+    assert set(errors) == set(expected), f"only the bad nodes are refused: {errors}"
+
+
+@needs_comfyui
+def test_inside_comfyui_a_good_prompt_runs_and_a_saved_lora_loads_next_time(comfyui):
+    lora = comfyui.names["tiny-sd15/kohya"]
+    prompt = {"1": _base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
+              "3": _full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
+              "4": _sample(["3", 0]), "5": _save_image(["4", 0]),
+              "6": _full("SaveLoRA", lora=["2", 0], filename_prefix="loras/again", dtype="fp32")}
+    done = comfyui.run(prompt)
+    assert done["status"]["status_str"] == "success", done["status"]
+    image = done["outputs"]["5"]["images"][0]
+    assert (comfyui.base / "output" / image["subfolder"] / image["filename"]).is_file()
+
+    saved = "loras/again_00001_.safetensors [output]"
+    offered = comfyui.call("GET", "/object_info/LoadLoRA")[1]["LoadLoRA"]["input"]["required"]["lora_name"][0]
+    assert saved in offered and lora in offered, offered
+    prompt["2"]["inputs"]["lora_name"] = saved
+    prompt["4"]["inputs"]["seed"] = 2
+    again = comfyui.run(prompt)
+    assert again["status"]["status_str"] == "success", again["status"]
+
+
+@needs_comfyui
+def test_inside_comfyui_a_failing_node_names_our_error_type_not_a_path(comfyui):
+    prompt = {"1": _base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": comfyui.names["tiny-sdxl/kohya"]}},
+              "3": _full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
+              "4": _sample(["3", 0]), "5": _save_image(["4", 0])}
+    done = comfyui.run(prompt)
+    errors = [data for kind, data in done["status"]["messages"] if kind == "execution_error"]
+    assert errors, done["status"]
+    assert errors[0]["exception_type"] == "loraloom.LoRAMatchError", errors[0]["exception_type"]
+    assert "Fix: load it on an SDXL base" in errors[0]["exception_message"], errors[0]["exception_message"]
