@@ -12,6 +12,7 @@ from typing import Iterable
 from .graph_runtime.context import ExecutionContext, current_context, set_default_context
 from .graph_runtime.errors import ValidationError
 from .graph_runtime.graph import validate_prompt
+from .graph_runtime.limits import Limits
 from .graph_runtime.paths import FolderAdvice, Folders
 from .graph_runtime.schema import NodeRegistry, Output, node
 
@@ -66,7 +67,8 @@ def install_if_in_comfyui() -> bool:
         import folder_paths  # noqa: F401
     except ImportError:
         return False
-    set_default_context(ComfyContext(folders=comfy_folders()))
+    # the environment's limits (LORALOOM_MAX_NODES, ...), which their errors' advice names, hold here too
+    set_default_context(ComfyContext(folders=comfy_folders(), limits=Limits.configure()))
     return True
 
 

@@ -107,9 +107,11 @@ def test_comfyui_hooks(tmp_path, monkeypatch):
     for name, mod in {"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils,
                       "comfy.model_management": mm}.items():
         monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setenv("LORALOOM_MAX_NODES", "5")
     previous = context.current_context()
     try:
         assert install_if_in_comfyui()
+        assert context.current_context().limits.max_nodes == 5, "the environment's limits hold in ComfyUI too"
         from loraloom.nodes.lora import LoadLoRA
 
         assert names["tiny-sdxl/kohya"] in LoadLoRA.INPUT_TYPES()["required"]["lora_name"][0]
