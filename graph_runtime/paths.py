@@ -55,7 +55,7 @@ CLI_ADVICE = FolderAdvice(
 )
 
 
-def check_relative_name(name: str, what: str = "file", fix: str | None = _RELATIVE) -> PurePosixPath:
+def check_relative_name(name: str, what: str = "file", *, fix: str | None = _RELATIVE) -> PurePosixPath:
     """Validate a user-given relative name: no NUL, no backslash, not absolute, no '..' part. ``fix``
     is the advice of the error (see :class:`FolderAdvice`)."""
     if not isinstance(name, str) or not name:
@@ -79,7 +79,7 @@ def resolve_under(root: str | os.PathLike, name: str, *, what: str = "file", mus
                   fix: str | None = _RELATIVE) -> Path:
     """Resolve ``name`` under ``root``, refusing '..', absolute paths and symlinks that lead outside
     (``fix``: the advice of a refusal of the name itself)."""
-    rel = check_relative_name(name, what, fix)
+    rel = check_relative_name(name, what, fix=fix)
     try:
         root_real = Path(root).resolve()
         candidate = (root_real / Path(*rel.parts)).resolve()
@@ -164,7 +164,7 @@ class Folders:
         if kind == "loras" and isinstance(name, str) and name.endswith(OUTPUT_MARK):
             return self._find_saved_lora(name)
         fix = self.advice.outside.get(kind)
-        check_relative_name(name, kind.rstrip("s"), fix)
+        check_relative_name(name, kind.rstrip("s"), fix=fix)
         for root in self.roots(kind):
             if not root.is_dir():
                 continue
@@ -177,7 +177,7 @@ class Folders:
 
     def _find_saved_lora(self, name: str) -> Path:
         rel = name[: -len(OUTPUT_MARK)]
-        check_relative_name(rel, "lora", self.advice.outside["output"])
+        check_relative_name(rel, "lora", fix=self.advice.outside["output"])
         parts = PurePosixPath(rel).parts
         root = self.output_dir / SAVED_LORAS
         if len(parts) < 2 or parts[0] != SAVED_LORAS:

@@ -80,7 +80,7 @@ def list_config_folders() -> list[str]:
 def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
     """Validation-time check that an output name stays inside the output folder."""
     try:
-        check_relative_name(constants.get(name, ""), "output", folders().advice.outside["output"])
+        check_relative_name(constants.get(name, ""), "output", fix=folders().advice.outside["output"])
     except PathError as exc:
         return {name: exc}
     return {}
@@ -95,7 +95,7 @@ def new_output(prefix: str, suffix: str = "", *, folder: bool = False) -> Iterat
     (see `atomic.atomic_new`). ``prefix`` is checked again here, after `expand_prefix`: never
     outside the output root. Every node that writes an output saves it here."""
     f = folders()
-    first = check_relative_name(_numbered(prefix, 1, suffix), "output", f.advice.outside["output"])
+    first = check_relative_name(_numbered(prefix, 1, suffix), "output", fix=f.advice.outside["output"])
     parent = f.output_path(str(first.parent))
 
     def name_for(n: int) -> Path:
