@@ -96,18 +96,23 @@ def resolve_under(root: str | os.PathLike, name: str, *, what: str = "file", mus
     return candidate
 
 
-def _walk(root: Path, suffixes: tuple[str, ...], dirs: bool) -> list[str]:
+def _walk(root: Path, suffixes: tuple[str, ...], dirs: bool, hidden: bool = True) -> list[str]:
     """Names (relative, '/'-separated) of the regular files (or folders) inside ``root`` that end in
-    one of ``suffixes``; none that a symlink leads out of ``root``."""
+    one of ``suffixes``; none that a symlink leads out of ``root``; with ``hidden=False`` none in or
+    of a hidden ('.') folder or file."""
     if not root.is_dir():
         return []
     names = []
     root_real = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root_real, followlinks=False):
         here = Path(dirpath)
+        if not hidden:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         dirnames.sort()
         for entry in sorted(dirnames if dirs else filenames):
             full = here / entry
+            if not hidden and entry.startswith("."):
+                continue
             if suffixes and not entry.lower().endswith(suffixes):
                 continue
             if not dirs and not full.is_file():  # a FIFO, device or socket is never offered
@@ -211,9 +216,9 @@ class Folders:
         """Names (relative, '/'-separated) of regular files (or folders, with ``dirs``) under the roots;
         for ``"loras"`` then the LoRAs saved into the output folder, as ``loras/<name> [output]``."""
         names = sorted({name for root in self.roots(kind) for name in _walk(root, suffixes, dirs)})
-        if kind == "loras":
+        if kind == "loras":  # not what a save is writing: it stages in a hidden folder beside its name
             names += [f"{SAVED_LORAS}/{name}{OUTPUT_MARK}"
-                      for name in _walk(self.output_dir / SAVED_LORAS, suffixes, dirs)]
+                      for name in _walk(self.output_dir / SAVED_LORAS, suffixes, dirs, hidden=False)]
         return names
 
     def output_path(self, name: str) -> Path:

@@ -186,8 +186,13 @@ def test_a_saved_lora_is_offered_and_loads_in_the_next_run(runtime, loras_dir, t
     # the same path in a LoRA folder: another file, offered under its own name
     (root / "loras").mkdir()
     shutil.copy(root / names["tiny-sdxl/kohya"], root / "loras" / saved["filename"])
+    # a save in progress stages its file in a hidden folder beside its name: never offered
+    staging = tmp_path / "out" / "loras" / ".merged_00002_.safetensors.abcdef-1.x.tmp"
+    staging.mkdir()
+    (staging / "merged_00002_.safetensors").write_bytes(b"half")
     offered = runtime.folders.list("loras", (".safetensors",))
     assert name in offered and f"loras/{saved['filename']}" in offered, offered
+    assert not [n for n in offered if "00002" in n], offered
 
     again = runtime.run({"1": {"class_type": "LoadLoRA", "inputs": {"lora_name": name}},
                          "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": "demo-a.safetensors"}},
