@@ -136,19 +136,26 @@ def test_comfyui_hooks(tmp_path, monkeypatch):
 
 # --- our checks when ComfyUI queues a prompt (VALIDATE_INPUTS) ---
 
-@pytest.fixture
-def comfy_like_folders(tmp_path, monkeypatch):
-    """The default context (what a node class sees inside ComfyUI) over a models folder holding a
-    diffusers folder, a single-file checkpoint and a LoRA; restored afterwards."""
+@pytest.fixture(scope="module")
+def models_folder(tmp_path_factory):
+    """A models folder holding a diffusers folder, a single-file checkpoint and our fixture LoRAs."""
     from loraloom.fixtures import write_fixtures
-    from loraloom.graph_runtime import Folders, context
 
-    models = tmp_path / "models"
+    models = tmp_path_factory.mktemp("models")
     (models / "sd15-folder").mkdir(parents=True)
     (models / "sd15-folder" / "model_index.json").write_text("{}")  # listed only, never read here
     (models / "checkpoints").mkdir()
     (models / "checkpoints" / "model.safetensors").write_bytes(b"")
     names = {k: p.relative_to(models / "loras").as_posix() for k, p in write_fixtures(models / "loras").items()}
+    return models, names
+
+
+@pytest.fixture
+def comfy_like_folders(models_folder, tmp_path, monkeypatch):
+    """The default context (what a node class sees inside ComfyUI) over ``models_folder``; restored afterwards."""
+    from loraloom.graph_runtime import Folders, context
+
+    models, names = models_folder
     monkeypatch.setattr(context, "_default", context.ExecutionContext(
         folders=Folders([models / "loras"], models, tmp_path / "output")))
     return names
