@@ -12,7 +12,7 @@ from typing import Iterable
 from .graph_runtime.context import ExecutionContext, current_context, set_default_context
 from .graph_runtime.errors import ValidationError
 from .graph_runtime.graph import validate_prompt
-from .graph_runtime.limits import Limits
+from .graph_runtime.limits import Limits, env_name
 from .graph_runtime.paths import FolderAdvice, Folders
 from .graph_runtime.schema import NodeRegistry, Output, node
 
@@ -31,6 +31,13 @@ COMFY_ADVICE = FolderAdvice(
         "output": "give a name inside ComfyUI/output",
     },
 )
+
+
+class ComfyLimits(Limits):
+    """The limits inside ComfyUI: from the environment, which is the one way to raise them there."""
+
+    def fix(self, name: str) -> str:
+        return f"ask for less, or raise the limit: start ComfyUI with {env_name(name)}=N in its environment"
 
 
 class ComfyContext(ExecutionContext):
@@ -67,8 +74,7 @@ def install_if_in_comfyui() -> bool:
         import folder_paths  # noqa: F401
     except ImportError:
         return False
-    # the environment's limits (LORALOOM_MAX_NODES, ...), which their errors' advice names, hold here too
-    set_default_context(ComfyContext(folders=comfy_folders(), limits=Limits.configure()))
+    set_default_context(ComfyContext(folders=comfy_folders(), limits=ComfyLimits.configure()))
     return True
 
 

@@ -111,7 +111,9 @@ def test_comfyui_hooks(tmp_path, monkeypatch):
     previous = context.current_context()
     try:
         assert install_if_in_comfyui()
-        assert context.current_context().limits.max_nodes == 5, "the environment's limits hold in ComfyUI too"
+        limits = context.current_context().limits
+        assert limits.max_nodes == 5, "the environment's limits hold in ComfyUI too"
+        assert "LORALOOM_MAX_PIXELS=N" in limits.fix("max_pixels") and "--" not in limits.fix("max_pixels")
         from loraloom.nodes.lora import LoadLoRA
 
         assert names["tiny-sdxl/kohya"] in LoadLoRA.INPUT_TYPES()["required"]["lora_name"][0]
@@ -367,16 +369,19 @@ def test_inside_comfyui_bad_values_are_refused_when_queued_with_our_messages(com
         "13": _full("SaveLoRA", lora=["12", 0], filename_prefix="../escape"),
         "14": {"class_type": "LoadLoRA", "inputs": {"lora_name": "../" + lora}},
         "15": _full("SaveLoRA", lora=["14", 0]),
+        "16": _sample(["1", 0], prompt="x" * 20_001), "17": _save_image(["16", 0]),
     }
     status, body = comfyui.call("POST", "/prompt", {"prompt": prompt})
     assert status == 400, body
     errors = {nid: " | ".join(e["details"] for e in entry["errors"]) for nid, entry in body["node_errors"].items()}
     expected = {"2": "input 'width': 130 is not a multiple of 8", "4": "the fewest steps the pndm scheduler can take",
                 "6": "preset 'tiny-sd15' needs no config", "9": "needs a config folder",
-                "13": "output name '../escape' contains a '..' part", "14": "contains a '..' part"}
+                "13": "output name '../escape' contains a '..' part", "14": "contains a '..' part",
+                "16": "20001 characters is above the limit 20000"}
     for nid, text in expected.items():
         assert text in errors.get(nid, ""), f"node {nid}: {errors.get(nid)}"
     assert "Fix: give a name relative to ComfyUI/output" in errors["13"], errors["13"]
+    assert "LORALOOM_MAX_TEXT_CHARS=N" in errors["16"] and "--max" not in errors["16"], errors["16"]
     assert set(errors) == set(expected), f"only the bad nodes are refused: {errors}"
 
 
