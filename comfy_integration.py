@@ -85,7 +85,8 @@ def install_if_in_comfyui() -> bool:
 # and passes, of the inputs the prompt gives, those it names: a constant as its value (after ComfyUI's
 # int()/float()/str()/bool() conversion), a linked input as None (its value does not exist yet). An
 # input it names skips ComfyUI's own min/max/list checks, so ours, which say more, replace them. It
-# takes True, or a text it reports once for every input it passed ("<input> - <text>").
+# takes True, or a text it reports once for every input it passed ("<input> - <text>"): so only the
+# widgets are named (never the links), and each line of our text names the input it is about.
 #
 # Our checks are the ones `loraloom validate` runs: validate_prompt over a one-node prompt whose
 # linked inputs come from a stand-in upstream node, so link checks pass and the node's own rules
@@ -103,8 +104,10 @@ def queue_check(cls: type, values: dict, node_id: str | None = None) -> bool | s
     inputs = {}
     for inp in schema.inputs:
         value = values.get(inp.name)
+        # a link, or a widget fed by one (None: no constant is None after ComfyUI's conversion, but
+        # a COMBO's null, which then fails when the node runs); ComfyUI itself reports a missing link
         if not inp.is_widget or (inp.name in values and value is None):
-            inputs[inp.name] = [UPSTREAM, slot[inp.name]]  # linked (ComfyUI itself reports a missing link)
+            inputs[inp.name] = [UPSTREAM, slot[inp.name]]
         elif inp.name in values:
             inputs[inp.name] = value
     prompt = {UPSTREAM: {"class_type": UPSTREAM, "inputs": {}}, node_id: {"class_type": schema.id, "inputs": inputs}}
