@@ -4,10 +4,11 @@ This folder is both the Python package ``loraloom`` and a ComfyUI custom node pa
 cheap: no torch and no model building happen at import time.
 """
 
-from .comfy_integration import install_if_in_comfyui
+from .comfy_integration import add_queue_checks, install_if_in_comfyui
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_node
 
 install_if_in_comfyui()
+add_queue_checks(NODE_CLASS_MAPPINGS.values())  # ComfyUI runs our input checks when a prompt is queued
 
 __version__ = "0.1.0"
 _LAZY = {"Runtime": "api", "load_node_modules": "api", "RunResult": "graph_runtime", "node": "graph_runtime",

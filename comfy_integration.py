@@ -1,17 +1,28 @@
-"""Inside ComfyUI: folders from ComfyUI's folder_paths, progress to ComfyUI's progress bar, and
-ComfyUI's interrupt button. Outside ComfyUI this module does nothing."""
+"""Inside ComfyUI: folders from ComfyUI's folder_paths, progress to ComfyUI's progress bar,
+ComfyUI's interrupt button, and our input checks when a prompt is queued (``VALIDATE_INPUTS``).
+Outside ComfyUI this module does nothing."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
+from typing import Iterable
 
-from .graph_runtime.context import ExecutionContext, set_default_context
+from .graph_runtime.context import ExecutionContext, current_context, set_default_context
+from .graph_runtime.errors import ValidationError
+from .graph_runtime.graph import validate_prompt
+from .graph_runtime.limits import Limits, env_name
 from .graph_runtime.paths import FolderAdvice, Folders
+from .graph_runtime.schema import NodeRegistry, Output, node
 
 # Inside ComfyUI there are no --lora-dir / --models-dir flags: files go into ComfyUI's own folders,
 # and extra LoRA folders are added in its extra_model_paths.yaml (read by folder_paths at start).
 COMFY_ADVICE = FolderAdvice(
-    outside="give a path relative to the folder, or add the folder to ComfyUI's extra_model_paths.yaml",
+    outside={"loras": "give a path relative to the folder, or add the folder under 'loras:' in ComfyUI's "
+                      "extra_model_paths.yaml",
+             "models": "give a path relative to ComfyUI/models",
+             "output": "give a name relative to ComfyUI/output (ComfyUI's --output-directory)"},
     missing={
         "loras": "put it in ComfyUI/models/loras, or add its folder under 'loras:' in ComfyUI's "
                  "extra_model_paths.yaml and restart ComfyUI",
@@ -20,6 +31,13 @@ COMFY_ADVICE = FolderAdvice(
         "output": "give a name inside ComfyUI/output",
     },
 )
+
+
+class ComfyLimits(Limits):
+    """The limits inside ComfyUI: from the environment, which is the one way to raise them there."""
+
+    def fix(self, name: str) -> str:
+        return f"ask for less, or raise the limit: start ComfyUI with {env_name(name)}=N in its environment"
 
 
 class ComfyContext(ExecutionContext):
@@ -56,5 +74,93 @@ def install_if_in_comfyui() -> bool:
         import folder_paths  # noqa: F401
     except ImportError:
         return False
-    set_default_context(ComfyContext(folders=comfy_folders()))
+    set_default_context(ComfyContext(folders=comfy_folders(), limits=ComfyLimits.configure()))
     return True
+
+
+# --- our checks when ComfyUI queues a prompt ---
+#
+# ComfyUI (execution.validate_inputs, 0.3.64) calls a node class's VALIDATE_INPUTS classmethod when a
+# prompt is queued, before anything runs. It reads the parameter names (inspect.getfullargspec(...).args)
+# and passes, of the inputs the prompt gives, those it names: a constant as its value (after ComfyUI's
+# int()/float()/str()/bool() conversion), a linked input as None (its value does not exist yet). An
+# input it names skips ComfyUI's own min/max/list checks, so ours, which say more, replace them. It
+# takes True, or a text it reports once for every input it passed ("<input> - <text>"): so only the
+# widgets are named (never the links), and each line of our text names the input it is about.
+#
+# Our checks are the ones `loraloom validate` runs: validate_prompt over a one-node prompt whose
+# linked inputs come from a stand-in upstream node, so link checks pass and the node's own rules
+# (check_inputs) see exactly the constants.
+
+UPSTREAM = "QueuedUpstream"
+
+
+def queue_check(cls: type, values: dict, node_id: str | None = None) -> bool | str:
+    """``True`` when the constants in ``values`` (ComfyUI's VALIDATE_INPUTS arguments: None for a
+    linked input) pass our validation of node class ``cls``; else our messages, one line per problem."""
+    schema = cls.SCHEMA
+    node_id = node_id or "?"
+    slot = {inp.name: i for i, inp in enumerate(schema.inputs)}
+    inputs = {}
+    for inp in schema.inputs:
+        value = values.get(inp.name)
+        # a link, or a widget fed by one (None: no constant is None after ComfyUI's conversion, but
+        # a COMBO's null, which then fails when the node runs); ComfyUI itself reports a missing link
+        if not inp.is_widget or (inp.name in values and value is None):
+            inputs[inp.name] = [UPSTREAM, slot[inp.name]]
+        elif inp.name in values:
+            inputs[inp.name] = value
+    prompt = {UPSTREAM: {"class_type": UPSTREAM, "inputs": {}}, node_id: {"class_type": schema.id, "inputs": inputs}}
+    try:
+        validate_prompt(prompt, _registry_with_upstream(cls), current_context().folders)
+    except ValidationError as exc:
+        problems = exc.node_errors.get(node_id, {}).get("errors", [])
+        if problems:
+            return "\n".join(p["details"] or p["message"] for p in problems)
+    return True
+
+
+@functools.cache
+def _registry_with_upstream(cls: type) -> NodeRegistry:
+    """``cls`` and a stand-in node whose output ``i`` has the type of ``cls``'s input ``i``."""
+
+    class Upstream:
+        """Stands in for whatever ComfyUI links into ``cls``; it is validated, never run."""
+
+        def execute(self):
+            return ()
+
+    outputs = [Output(inp.type, inp.name) for inp in cls.SCHEMA.inputs]
+    upstream = node(category="", id=UPSTREAM, outputs=outputs, output_node=True, comfy_export=False)(Upstream)
+    return NodeRegistry([cls, upstream])
+
+
+def add_queue_checks(classes: Iterable[type]) -> None:
+    """Give each node class a ``VALIDATE_INPUTS`` running :func:`queue_check` on its widget values."""
+    for cls in classes:
+        widgets = [inp.name for inp in cls.SCHEMA.widgets]
+        if not widgets:
+            continue  # nothing constant to check; ComfyUI checks the links' types itself
+        cls.VALIDATE_INPUTS = classmethod(_validate_inputs_function(widgets))
+
+
+def _validate_inputs_function(names: list[str]):
+    def VALIDATE_INPUTS(cls, **values):
+        return queue_check(cls, values, _comfy_node_id())
+
+    # ComfyUI picks the arguments by the names getfullargspec reports: give it ours, each with a
+    # default (an optional input the prompt leaves out is not passed).
+    params = [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
+    VALIDATE_INPUTS.__signature__ = inspect.Signature(params)
+    return VALIDATE_INPUTS
+
+
+def _comfy_node_id() -> str | None:
+    """The id of the node ComfyUI is validating (it sets its executing context around the call)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    ctx = get_executing_context()
+    return None if ctx is None else str(ctx.node_id)

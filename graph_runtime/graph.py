@@ -200,7 +200,12 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
                 continue
             value, problem = check_widget(node_id, class_type, inp, value, options_cache, limits)
             not_listed = problem is not None and problem["type"] == "value_not_in_list"
-            if not_listed and inp.file_kind and folders is not None:
+            file_not_listed = not_listed and inp.file_kind and folders is not None
+            refused = _refusal(folders, inp.file_kind, value) if file_not_listed else None
+            if refused is not None:  # a name no folder may offer ('..', absolute, a link out): say why
+                problem = _err_from("value_not_in_list", "Value not in list", refused, node_id, class_type, inp.name,
+                                    received_value=_fmt(value))
+            elif file_not_listed:
                 # the choices are the files in these folders: name them, and any that does not exist
                 problem["details"] += f"; searched {folders.searched(inp.file_kind)}."
                 problem["extra_info"]["fix"] = folders.advice.missing[inp.file_kind]
@@ -243,6 +248,15 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
         raise ValidationError(_err("prompt_outputs_failed_validation", "Prompt outputs failed validation", ""),
                               _shape(node_errors, prompt, graph, outputs))
     return ValidPrompt(nodes, graph, outputs, list(nx.topological_sort(graph)))
+
+
+def _refusal(folders: Folders, kind: str, name) -> PathError | None:
+    """The error refusing ``name`` outright in the ``kind`` folders (not merely not found), or None."""
+    try:
+        folders.find(kind, name)
+    except PathError as exc:
+        return None if exc.kind == "not_found" else exc
+    return None
 
 
 def _check_link(prompt: dict, registry: NodeRegistry, where: str, inp: Input, src_id: str, slot: int):

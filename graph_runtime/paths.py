@@ -21,6 +21,15 @@ ENV_OUTPUT_DIR = "LORALOOM_OUTPUT_DIR"
 # preview nodes write and the server serves.
 TEMP_SUBFOLDER = "temp"
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
+# LoRAs saved into the output folder (SaveLoRA's default prefix is "loras/...") are offered beside
+# the LoRA folders' files, named as ComfyUI names a file of its output folder (LoadImage's
+# "name [output]", folder_paths' annotated file paths): "loras/merge_00001_.safetensors [output]".
+# A listed LoRA name ends in its suffix (".safetensors"), so no file of a LoRA folder is ever
+# offered under such a name: the two cannot be confused. ComfyUI's own LoraLoader lists only its
+# loras folders; we leave those as they are (adding the output folder there would offer bare names
+# that can shadow one another).
+SAVED_LORAS = "loras"
+OUTPUT_MARK = " [output]"
 
 
 @dataclass(frozen=True)
@@ -28,22 +37,27 @@ class FolderAdvice:
     """The ``Fix:`` of path errors: how a user puts a file where this runtime looks. The command line
     names its flags; inside ComfyUI (see ``comfy_integration``) the advice names ComfyUI's folders.
 
-    ``outside``: for a name that leaves its folder; ``missing``: per folder kind, for a name not found.
+    Per folder kind (``"loras"``, ``"models"``, ``"output"``): ``outside`` for a name that leaves its
+    folder, ``missing`` for a name not found.
     """
 
-    outside: str
+    outside: dict[str, str]
     missing: dict[str, str]
 
 
 _ADD_WITH_FLAGS = "put it there or add its folder (--lora-dir / --models-dir)"
+_RELATIVE = "give a path relative to the folder"
 CLI_ADVICE = FolderAdvice(
-    outside="give a path relative to the folder, or add the folder with --lora-dir / --models-dir",
+    outside={"loras": f"{_RELATIVE}, or add the folder with --lora-dir",
+             "models": f"{_RELATIVE}, or set the models folder with --models-dir",
+             "output": "give a name relative to the output folder (set with --output-dir)"},
     missing={"loras": _ADD_WITH_FLAGS, "models": _ADD_WITH_FLAGS, "output": _ADD_WITH_FLAGS},
 )
 
 
-def check_relative_name(name: str, what: str = "file", advice: FolderAdvice = CLI_ADVICE) -> PurePosixPath:
-    """Validate a user-given relative name: no NUL, no backslash, not absolute, no '..' part."""
+def check_relative_name(name: str, what: str = "file", *, fix: str | None = _RELATIVE) -> PurePosixPath:
+    """Validate a user-given relative name: no NUL, no backslash, not absolute, no '..' part. ``fix``
+    is the advice of the error (see :class:`FolderAdvice`)."""
     if not isinstance(name, str) or not name:
         raise PathError(f"{what} name {name!r} must be a non-empty string", value=name, kind="bad_name")
     problem = None
@@ -57,14 +71,15 @@ def check_relative_name(name: str, what: str = "file", advice: FolderAdvice = CL
         problem = "contains a '..' part"
     if problem:
         raise PathError(f"{what} name {name!r} {problem}: names must stay inside the configured folder.",
-                        value=name, fix=advice.outside, kind="bad_name")
+                        value=name, fix=fix, kind="bad_name")
     return PurePosixPath(name)
 
 
 def resolve_under(root: str | os.PathLike, name: str, *, what: str = "file", must_exist: bool = True,
-                  advice: FolderAdvice = CLI_ADVICE) -> Path:
-    """Resolve ``name`` under ``root``, refusing '..', absolute paths and symlinks that lead outside."""
-    rel = check_relative_name(name, what, advice)
+                  fix: str | None = _RELATIVE) -> Path:
+    """Resolve ``name`` under ``root``, refusing '..', absolute paths and symlinks that lead outside
+    (``fix``: the advice of a refusal of the name itself)."""
+    rel = check_relative_name(name, what, fix=fix)
     try:
         root_real = Path(root).resolve()
         candidate = (root_real / Path(*rel.parts)).resolve()
@@ -79,6 +94,33 @@ def resolve_under(root: str | os.PathLike, name: str, *, what: str = "file", mus
         raise PathError(f"{what} {name!r} not found in {root_real}", value=name, limit=str(root_real),
                         kind="not_found")
     return candidate
+
+
+def _walk(root: Path, suffixes: tuple[str, ...], dirs: bool, hidden: bool = True) -> list[str]:
+    """Names (relative, '/'-separated) of the regular files (or folders) inside ``root`` that end in
+    one of ``suffixes``; none that a symlink leads out of ``root``; with ``hidden=False`` none in or
+    of a hidden ('.') folder or file."""
+    if not root.is_dir():
+        return []
+    names = []
+    root_real = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root_real, followlinks=False):
+        here = Path(dirpath)
+        if not hidden:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames.sort()
+        for entry in sorted(dirnames if dirs else filenames):
+            full = here / entry
+            if not hidden and entry.startswith("."):
+                continue
+            if suffixes and not entry.lower().endswith(suffixes):
+                continue
+            if not dirs and not full.is_file():  # a FIFO, device or socket is never offered
+                continue
+            if not full.resolve().is_relative_to(root_real):
+                continue
+            names.append(full.relative_to(root_real).as_posix())
+    return names
 
 
 def _not_a_folder(root: Path) -> str:
@@ -122,17 +164,48 @@ class Folders:
                         value=kind, limit=["loras", "models", "output"], kind="unknown_kind")
 
     def find(self, kind: str, name: str) -> Path:
-        """The first existing ``name`` under the roots of ``kind``; an error lists the roots searched."""
-        check_relative_name(name, kind.rstrip("s"), self.advice)
+        """The first existing ``name`` under the roots of ``kind``; an error lists the roots searched.
+        A LoRA name ending in ``" [output]"`` is a LoRA saved into the output folder (see :data:`SAVED_LORAS`)."""
+        if kind == "loras" and isinstance(name, str) and name.endswith(OUTPUT_MARK):
+            return self._find_saved_lora(name)
+        fix = self.advice.outside.get(kind)
+        check_relative_name(name, kind.rstrip("s"), fix=fix)
         for root in self.roots(kind):
             if not root.is_dir():
                 continue
-            path = resolve_under(root, name, what=kind.rstrip("s"), must_exist=False, advice=self.advice)
+            path = resolve_under(root, name, what=kind.rstrip("s"), must_exist=False, fix=fix)
             if path.exists():
                 return path
         searched = ", ".join(str(r) for r in self.roots(kind))
         raise PathError(f"{kind.rstrip('s')} {name!r} not found in {self.searched(kind)}.", value=name,
                         limit=searched, fix=self.advice.missing[kind], kind="not_found")
+
+    def _find_saved_lora(self, name: str) -> Path:
+        rel = name[: -len(OUTPUT_MARK)]
+        check_relative_name(rel, "lora", fix=self.advice.outside["output"])
+        parts = PurePosixPath(rel).parts
+        root = self.output_dir / SAVED_LORAS
+        if len(parts) < 2 or parts[0] != SAVED_LORAS:
+            raise PathError(f"lora {name!r}: a saved LoRA is named by its path in the output folder, which starts "
+                            f"with '{SAVED_LORAS}/' (only {root} is searched).", value=name,
+                            limit=f"{SAVED_LORAS}/...{OUTPUT_MARK}", kind="bad_name")
+        path = resolve_under(root, PurePosixPath(*parts[1:]).as_posix(), what="lora", must_exist=False,
+                             fix=self.advice.outside["output"])
+        if not path.exists():
+            raise PathError(f"lora {name!r} not found in {root}{_not_a_folder(root)}.", value=name,
+                            limit=str(root), fix="save it there with SaveLoRA first", kind="not_found")
+        return path
+
+    def lora_name(self, path: str | os.PathLike) -> str | None:
+        """The name under which :meth:`list` offers the LoRA file at ``path`` (None: in no folder)."""
+        path = Path(path)
+        for root in self.lora_dirs:
+            if path.is_relative_to(root.resolve()):
+                return path.relative_to(root.resolve()).as_posix()
+        saved = (self.output_dir / SAVED_LORAS).resolve()
+        if path.is_relative_to(saved):
+            return f"{SAVED_LORAS}/{path.relative_to(saved).as_posix()}{OUTPUT_MARK}"
+        return None
 
     def searched(self, kind: str) -> str:
         """The roots of ``kind`` as an error names them, each one that is no folder marked so: a
@@ -140,30 +213,17 @@ class Folders:
         return ", ".join(f"{root}{_not_a_folder(root)}" for root in self.roots(kind))
 
     def list(self, kind: str, suffixes: tuple[str, ...] = (), dirs: bool = False) -> list[str]:
-        """Names (relative, '/'-separated) of regular files (or folders, with ``dirs``) under the roots."""
-        names: set[str] = set()
-        for root in self.roots(kind):
-            if not root.is_dir():
-                continue
-            root_real = root.resolve()
-            for dirpath, dirnames, filenames in os.walk(root_real, followlinks=False):
-                here = Path(dirpath)
-                dirnames.sort()
-                entries = dirnames if dirs else filenames
-                for entry in entries:
-                    full = here / entry
-                    if suffixes and not entry.lower().endswith(suffixes):
-                        continue
-                    if not dirs and not full.is_file():  # a FIFO, device or socket is never offered
-                        continue
-                    if not full.resolve().is_relative_to(root_real):
-                        continue
-                    names.add(full.relative_to(root_real).as_posix())
-        return sorted(names)
+        """Names (relative, '/'-separated) of regular files (or folders, with ``dirs``) under the roots;
+        for ``"loras"`` then the LoRAs saved into the output folder, as ``loras/<name> [output]``."""
+        names = sorted({name for root in self.roots(kind) for name in _walk(root, suffixes, dirs)})
+        if kind == "loras":  # not what a save is writing: it stages in a hidden folder beside its name
+            names += [f"{SAVED_LORAS}/{name}{OUTPUT_MARK}"
+                      for name in _walk(self.output_dir / SAVED_LORAS, suffixes, dirs, hidden=False)]
+        return names
 
     def output_path(self, name: str) -> Path:
         """Where an output named ``name`` is written (inside the output folder, created on demand)."""
         path = resolve_under(self.output_dir.absolute(), name, what="output", must_exist=False,
-                             advice=self.advice)
+                             fix=self.advice.outside["output"])
         path.parent.mkdir(parents=True, exist_ok=True)
         return path

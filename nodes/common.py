@@ -44,7 +44,8 @@ def folders():
 
 
 def list_loras() -> list[str]:
-    """LoRA files in the configured LoRA folders (what LoadLoRA's COMBO offers)."""
+    """LoRA files in the configured LoRA folders, then those saved into the output folder's ``loras/``
+    (SaveLoRA's default), as ``loras/<name> [output]`` (what LoadLoRA's COMBO offers)."""
     return folders().list("loras", LORA_SUFFIXES)
 
 
@@ -54,13 +55,7 @@ def lora_source_name(lora) -> str | None:
     LoRA made in the graph (no file)."""
     if not lora.path:
         return None
-    path = Path(lora.path)
-    for root in folders().roots("loras"):
-        try:
-            return path.relative_to(root.resolve()).as_posix()
-        except ValueError:
-            continue
-    return path.name
+    return folders().lora_name(lora.path) or Path(lora.path).name
 
 
 def list_bases() -> list[str]:
@@ -85,7 +80,7 @@ def list_config_folders() -> list[str]:
 def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
     """Validation-time check that an output name stays inside the output folder."""
     try:
-        check_relative_name(constants.get(name, ""), "output", folders().advice)
+        check_relative_name(constants.get(name, ""), "output", fix=folders().advice.outside["output"])
     except PathError as exc:
         return {name: exc}
     return {}
@@ -100,7 +95,7 @@ def new_output(prefix: str, suffix: str = "", *, folder: bool = False) -> Iterat
     (see `atomic.atomic_new`). ``prefix`` is checked again here, after `expand_prefix`: never
     outside the output root. Every node that writes an output saves it here."""
     f = folders()
-    first = check_relative_name(_numbered(prefix, 1, suffix), "output", f.advice)
+    first = check_relative_name(_numbered(prefix, 1, suffix), "output", fix=f.advice.outside["output"])
     parent = f.output_path(str(first.parent))
 
     def name_for(n: int) -> Path:

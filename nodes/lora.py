@@ -12,7 +12,8 @@ SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 @node(category=f"{CATEGORY}/lora", display_name="Load LoRA",
       inputs=[Combo("lora_name", list_loras, tooltip="a .safetensors LoRA in the LoRA folders (kohya, diffusers, "
-                    "peft, LyCORIS LoHa/LoKr)", file_kind="loras")],
+                    "peft, LyCORIS LoHa/LoKr), or one saved into the output folder's loras/ ('... [output]')",
+                    file_kind="loras")],
       outputs=[Output(LORA, "lora")])
 class LoadLoRA:
     """Read a LoRA file (checked before use: header, shapes, dtypes, finite values) into a LoRA value."""
@@ -75,7 +76,8 @@ def cast_lora(lora, dtype):
               Combo("dtype", list(SAVE_DTYPES), "fp16")],
       outputs=[])
 class SaveLoRA:
-    """Write a LoRA file atomically under the output folder, with provenance in its metadata."""
+    """Write a LoRA file atomically under the output folder, with provenance in its metadata. Saved
+    under ``loras/`` (the default prefix), LoadLoRA offers it as ``loras/<name> [output]``."""
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:

@@ -146,3 +146,82 @@ def test_odd_files_are_not_offered_as_loras(runtime, loras_dir):
     offered = runtime.folders.list("loras", (".safetensors",))
     assert names["tiny-sdxl/kohya"] in offered
     assert "pipe.safetensors" not in offered and "zero.safetensors" not in offered, offered
+
+
+def test_a_refused_lora_name_says_why(runtime, loras_dir, tmp_path):
+    """Not only "is not one of [...]": a name no folder may offer is refused with its reason."""
+    import os
+
+    import pytest
+
+    from loraloom import ValidationError
+
+    root, names = loras_dir
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes((root / names["tiny-sdxl/kohya"]).read_bytes())
+    os.symlink(outside, root / "link.safetensors")
+    cases = {"../secret.safetensors": "contains a '..' part", str(outside): "is an absolute path",
+             "link.safetensors": "outside the folder", "a\\b.safetensors": "contains a backslash"}
+    for name, reason in cases.items():
+        wf = {**LOAD, "1": {"class_type": "LoadLoRA", "inputs": {"lora_name": name}}}
+        with pytest.raises(ValidationError) as info:
+            runtime.validate(wf)
+        text = str(info.value)
+        assert reason in text and "is not one of" not in text, f"{name!r}: {text}"
+        error = info.value.node_errors["1"]["errors"][0]
+        assert error["extra_info"]["input_name"] == "lora_name" and error["extra_info"]["value"] == name, error
+
+
+def test_a_saved_lora_is_offered_and_loads_in_the_next_run(runtime, loras_dir, tmp_path):
+    """SaveLoRA writes into the output folder's loras/; LoadLoRA offers it as ComfyUI names a file of
+    its output folder ("<path> [output]"), which never collides with a LoRA folder's file of that path."""
+    import shutil
+
+    import torch
+
+    root, names = loras_dir
+    saved = runtime.run(SAVE_IN_LORAS).outputs["4"]["loras"][0]
+    name = f"{saved['subfolder']}/{saved['filename']} [output]"
+    assert name == "loras/merged_00001_.safetensors [output]"
+    # the same path in a LoRA folder: another file, offered under its own name
+    (root / "loras").mkdir()
+    shutil.copy(root / names["tiny-sdxl/kohya"], root / "loras" / saved["filename"])
+    # a save in progress stages its file in a hidden folder beside its name: never offered
+    staging = tmp_path / "out" / "loras" / ".merged_00002_.safetensors.abcdef-1.x.tmp"
+    staging.mkdir()
+    (staging / "merged_00002_.safetensors").write_bytes(b"half")
+    offered = runtime.folders.list("loras", (".safetensors",))
+    assert name in offered and f"loras/{saved['filename']}" in offered, offered
+    assert not [n for n in offered if "00002" in n], offered
+
+    again = runtime.run({"1": {"class_type": "LoadLoRA", "inputs": {"lora_name": name}},
+                         "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": "demo-a.safetensors"}},
+                         "3": {"class_type": "SaveLoRA", "inputs": {"lora": ["1", 0], "filename_prefix": "again",
+                                                                    "dtype": "fp32"}},
+                         "4": {"class_type": "SaveLoRA", "inputs": {"lora": ["2", 0], "filename_prefix": "orig",
+                                                                    "dtype": "fp32"}}})
+    from loraloom.lora.canonical import delta
+
+    loaded, original = again.value("1"), again.value("2")
+    assert loaded.path == str(tmp_path / "out" / "loras" / saved["filename"]), loaded.path
+    for component, modules in original.components.items():
+        for prefix, module in modules.items():
+            assert torch.allclose(delta(loaded.components[component][prefix]), delta(module), atol=1e-6), prefix
+    from loraloom.nodes.common import lora_source_name
+
+    with runtime.context():
+        assert lora_source_name(loaded) == name, "a merge's provenance names it as LoadLoRA lists it"
+
+
+SAVE_IN_LORAS = {**SAVE, "4": {**SAVE["4"], "inputs": {**SAVE["4"]["inputs"], "filename_prefix": "loras/merged"}}}
+
+
+def test_an_output_name_outside_the_output_folder_is_refused_with_output_advice(runtime):
+    import pytest
+
+    from loraloom import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        runtime.validate({**SAVE, "4": {**SAVE["4"], "inputs": {**SAVE["4"]["inputs"], "filename_prefix": "../x"}}})
+    fix = info.value.node_errors["4"]["errors"][0]["extra_info"]["fix"]
+    assert "--output-dir" in fix and "--lora-dir" not in fix, fix

@@ -26,20 +26,27 @@ def test_save_pipeline_writes_the_fused_model(runtime, tmp_path):
 
 def test_saved_folder_and_files_get_the_modes_the_umask_gives(runtime, tmp_path):
     """Like any folder and file made under the umask (022: 0755 and 0644), not a temp folder's 0700
-    or a temp file's 0600."""
+    or a temp file's 0600: the pipeline folder and every other output, previews included."""
     import os
     import stat
 
     wf = {"1": {"class_type": "LoadBase", "inputs": {"source": "tiny-sd15", "dtype": "fp32", "device": "cpu"}},
-          "2": {"class_type": "SavePipeline", "inputs": {"model": ["1", 0], "filename_prefix": "pipes/p"}}}
+          "2": {"class_type": "SavePipeline", "inputs": {"model": ["1", 0], "filename_prefix": "pipes/p"}},
+          "3": {"class_type": "SaveCheckpoint", "inputs": {"model": ["1", 0], "filename_prefix": "ckpt/c"}},
+          "4": {"class_type": "Sample", "inputs": {"model": ["1", 0], "steps": 1, "width": 64, "height": 64}},
+          "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0]}},
+          "6": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+          "7": {"class_type": "LoadLoRA", "inputs": {"lora_name": "demo-a.safetensors"}},
+          "8": {"class_type": "SaveLoRA", "inputs": {"lora": ["7", 0]}}}
     old = os.umask(0o022)
     try:
-        ref = runtime.run(wf).outputs["2"]["pipelines"][0]
+        runtime.run(wf)
     finally:
         os.umask(old)
-    folder = tmp_path / "out" / ref["subfolder"] / ref["filename"]
-    modes = {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
-    assert any(name.endswith(".safetensors") for name in modes), modes
-    wrong = {name: f"{mode:o}" for name, mode in modes.items()
-             if mode != (0o755 if (folder / name).is_dir() else 0o644)}
+    out = tmp_path / "out"
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    for saved in ("pipes/p_00001/unet/diffusion_pytorch_model.safetensors", "ckpt/c_00001_.safetensors",
+                  "ComfyUI_00001_.png", "temp/preview_00001_.png", "loras/loraloom_00001_.safetensors"):
+        assert saved in modes, "\n".join(sorted(modes))
+    wrong = {name: f"{mode:o}" for name, mode in modes.items() if mode != (0o755 if (out / name).is_dir() else 0o644)}
     assert not wrong, f"folders must be 755 and files 644 under umask 022: {wrong}"
