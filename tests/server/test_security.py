@@ -267,8 +267,8 @@ async def test_settings_and_saved_workflows_live_in_the_user_folder(serve, tmp_p
         assert (await server.client.post("/api/settings/Comfy.TutorialCompleted", data="true",
                                          headers=headers)).status == 200
         assert (await server.client.post("/api/settings", data='{"Comfy.A": [1, 2]}', headers=headers)).status == 200
-        assert await (await server.client.get("/api/settings")).json() == {"Comfy.TutorialCompleted": True,
-                                                                           "Comfy.A": [1, 2]}
+        assert await (await server.client.get("/api/settings")).json() == {
+            "Comfy.TutorialCompleted": True, "Comfy.A": [1, 2], "Comfy.Notification.ShowVersionUpdates": False}
         assert (tmp_path / "user" / "default" / "comfy.settings.json").is_file()
 
         url = "/api/userdata/workflows%2Fmine.json"
