@@ -295,11 +295,11 @@ def nodes_markdown(registry) -> str:
 
 
 def cmd_convert(args) -> int:
-    from .graph_runtime.workflow import api_to_ui
+    from .graph_runtime.workflow import api_to_ui, with_titles
 
     rt = _runtime(args)
     prompt = rt.load(args.workflow).prompt
-    data = api_to_ui(prompt, rt.registry) if args.to == "ui" else prompt
+    data = api_to_ui(prompt, rt.registry) if args.to == "ui" else with_titles(prompt, rt.registry)
     text = json.dumps(data, indent=2) + "\n"
     if args.output:
         atomic_write_bytes(args.output, text.encode())
