@@ -1,9 +1,13 @@
-"""`loraloom serve` driven end to end by a published ComfyUI client library, as its users drive it:
-comfy-api-simplified (PyPI; requests + websockets) finds nodes by `_meta.title`, posts the prompt
-without a Content-Type, waits on the websocket, reads the history and fetches images via /view.
+"""`loraloom serve` driven end to end by published ComfyUI client libraries, as their users drive it:
 
-It is an optional test dependency (the ``test`` extra); without it these tests are skipped."""
+- comfy-api-simplified (requests + websockets) finds nodes by `_meta.title`, posts the prompt without a
+  Content-Type, waits on the websocket, reads the history and fetches images via /view;
+- comfy-toolkit (urllib + websocket-client, which sends an ``Origin`` with the websocket upgrade)
+  tracks the run on the websocket, then polls the history and downloads via /view.
 
+They are optional test dependencies (the ``test`` extra); without one its tests are skipped."""
+
+import importlib.util
 import io
 import json
 import os
@@ -14,25 +18,18 @@ import threading
 from pathlib import Path
 
 import pytest
-
-simplified = pytest.importorskip("comfy_api_simplified",
-                                 reason="the third-party client test needs comfy-api-simplified: "
-                                        "pip install 'loraloom[test]'")
-
-from PIL import Image  # noqa: E402
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
 START_TIMEOUT = 120  # seconds: the server imports torch and diffusers before it listens
 
 
-def _first_line(proc: subprocess.Popen, timeout: float) -> str:
-    """The first line ``proc`` prints, or "" when it prints none within ``timeout`` seconds."""
-    got: list[str] = []
-    reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return got[0] if got else ""
+def needs(*modules: str):
+    """Skip the test (before its server starts) when a client library it drives is not installed."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"this third-party client test needs {', '.join(missing)}: "
+                                                    "pip install 'loraloom[test]'")
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +40,33 @@ def server_url(tmp_path_factory):
                              str(tmp / "user"), "--output-dir", str(tmp / "out"), "--lora-dir", str(WORKFLOWS / "loras")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines: list[str] = []
+    first = threading.Event()
+
+    def drain():  # read everything it prints, so that a full pipe never blocks it
+        for line in proc.stdout:
+            lines.append(line)
+            first.set()
+        first.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
-        line = _first_line(proc, START_TIMEOUT)
-        assert line.startswith("LoRA Loom editor: http://127.0.0.1:"), f"the server did not start: {line!r}"
-        yield line.split(": ", 1)[1].strip().rstrip("/")
+        first.wait(START_TIMEOUT)
+        assert lines and lines[0].startswith("LoRA Loom editor: http://127.0.0.1:"), f"did not start: {lines}"
+        yield lines[0].split(": ", 1)[1].strip().rstrip("/")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+        reader.join(10)
+    assert proc.returncode == 0, "".join(lines)
 
 
+@needs("comfy_api_simplified")
 @pytest.mark.parametrize("name, size", [("blend", (64, 72)), ("merge_dare", (72, 64))])
 def test_queue_wait_on_the_websocket_and_fetch_the_images(server_url, name, size):
     from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper
@@ -80,7 +91,8 @@ def test_queue_wait_on_the_websocket_and_fetch_the_images(server_url, name, size
         "the values the client set by title are the ones that ran"
 
 
-def test_the_other_calls_of_the_library(server_url):
+@needs("comfy_api_simplified")
+def test_the_other_calls_of_comfy_api_simplified(server_url):
     from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper
     from comfy_api_simplified.exceptions import ComfyApiError
 
@@ -95,3 +107,20 @@ def test_the_other_calls_of_the_library(server_url):
     workflow.set_node_param("Sample", "width", 130)  # not a multiple of 8: refused when queued
     with pytest.raises(ComfyApiError, match="400"):
         api.queue_prompt(workflow)
+
+
+@needs("comfy_toolkit", "websocket")  # websocket: its "ws" extra, websocket-client
+def test_comfy_toolkit_tracks_a_run_over_a_websocket_that_sends_an_origin(server_url):
+    import comfy_toolkit
+
+    client = comfy_toolkit.ComfyClient(server_url)
+    workflow = client.load_workflow(WORKFLOWS / "blend_api.json")
+    (sample,) = comfy_toolkit.find_nodes_by_title(workflow, "Sample")
+    workflow[sample]["inputs"].update(steps=2, width=64, height=64)
+    comfy_toolkit.set_filename_prefix(workflow, "toolkit/blend")
+
+    result = client.submit_and_track(workflow)  # POST /prompt, /ws (with Origin), /history
+
+    assert result["status"] == "completed" and len(result["images"]) == 1, result
+    image = Image.open(io.BytesIO(client.download(result["images"][0])))
+    assert (image.format, image.size) == ("PNG", (64, 64))
