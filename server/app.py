@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class ServerConfig:
     frontend_dir: Path | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     limits: Limits = field(default_factory=Limits)
-    argv: tuple[str, ...] | None = None  # the command line /system_stats reports; None: sys.argv
+    argv: Sequence[str] | None = None  # the command line /system_stats reports; None: sys.argv
 
 
 @dataclass

@@ -154,6 +154,19 @@ async def test_a_rebound_domain_is_refused_whatever_its_type(serve, content_type
         await nothing_changed(server)
 
 
+@pytest.mark.parametrize("origin", ["http://evil.example", None])
+async def test_no_cors_preflight_is_ever_granted(serve, origin):
+    """What a page on another site must ask before sending JSON, PUT, PATCH or DELETE: never granted."""
+    async with serve() as server:
+        for method in ("POST", "PUT", "DELETE"):
+            headers = {"Access-Control-Request-Method": method, "Access-Control-Request-Headers": "content-type"}
+            if origin:
+                headers["Origin"] = origin
+            resp = await server.client.options("/api/prompt", headers=headers)
+            assert resp.status >= 400, f"preflight for {method}: {resp.status}"
+            assert not [h for h in resp.headers if h.lower().startswith("access-control-")], dict(resp.headers)
+
+
 async def test_body_size_limit(serve):
     async with serve(max_body_bytes=2048) as server:
         big = {"prompt": SIMPLE_PROMPT, "extra_data": {"pad": "x" * 4096}}
