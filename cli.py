@@ -295,11 +295,11 @@ def nodes_markdown(registry) -> str:
 
 
 def cmd_convert(args) -> int:
-    from .graph_runtime.workflow import api_to_ui
+    from .graph_runtime.workflow import api_to_ui, with_titles
 
     rt = _runtime(args)
     prompt = rt.load(args.workflow).prompt
-    data = api_to_ui(prompt, rt.registry) if args.to == "ui" else prompt
+    data = api_to_ui(prompt, rt.registry) if args.to == "ui" else with_titles(prompt, rt.registry)
     text = json.dumps(data, indent=2) + "\n"
     if args.output:
         atomic_write_bytes(args.output, text.encode())
@@ -323,14 +323,14 @@ def cmd_serve(args) -> int:
                           limits=Limits(**{name: getattr(args, name) for name in ("header_timeout", "body_timeout",
                                                                                   "max_connections")
                                            if getattr(args, name) is not None}))
+    extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
     try:
-        check_listen(config.listen, config.token)
-    except ServerConfigError as exc:
+        check_listen(config.listen, config.token)  # before loading anything
+        # A server runs for days and shares its cache among clients: it trusts no file state (see README).
+        serve(_runtime(args, strict_files=True, **extra), config)
+    except ServerConfigError as exc:  # an option it cannot honour: port in use, user folder in use, ...
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
-    # A server runs for days and shares its cache among clients: it trusts no file state (see README).
-    serve(_runtime(args, strict_files=True, **extra), config)
     return EXIT_OK
 
 

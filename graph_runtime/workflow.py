@@ -172,7 +172,21 @@ def ui_to_api(ui: dict, registry: NodeRegistry, source: str = "workflow") -> dic
         if isinstance(title, str):
             entry["_meta"] = {"title": title}
         api[node_id] = entry
-    return api
+    return with_titles(api, registry)
+
+
+def with_titles(prompt: dict, registry: NodeRegistry) -> dict:
+    """``prompt`` with ``_meta.title`` on every node, as ComfyUI's editor exports the API format: the
+    node's own title, else its class's display name (what the editor shows on a node nobody renamed;
+    a UI file stores a title only when it differs), else the class id. API clients find nodes by it."""
+    out = {}
+    for node_id, entry in prompt.items():
+        meta = entry.get("_meta") if isinstance(entry.get("_meta"), dict) else {}
+        if not isinstance(meta.get("title"), str):
+            cls = registry.get(entry["class_type"])
+            meta = {**meta, "title": cls.SCHEMA.display_name if cls else entry["class_type"]}
+        out[node_id] = {**entry, "_meta": meta}
+    return out
 
 
 def _list(value, where: str) -> list:

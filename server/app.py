@@ -9,6 +9,8 @@ import importlib.util
 import logging
 import os
 import signal
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,7 @@ class ServerConfig:
     frontend_dir: Path | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     limits: Limits = field(default_factory=Limits)
+    argv: Sequence[str] | None = None  # the command line /system_stats reports; None: sys.argv
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ServerState:
     features: dict = field(default_factory=dict)
     lock: "UserDirLock | None" = None
     busy: BusyConnections = field(default_factory=BusyConnections)
+    argv: list[str] = field(default_factory=list)
 
 
 STATE = web.AppKey("loraloom_state", ServerState)
@@ -72,6 +76,14 @@ def default_user_dir(env=None) -> Path:
         return Path(env[ENV_USER_DIR]).expanduser()
     base = Path(env["XDG_DATA_HOME"]).expanduser() if env.get("XDG_DATA_HOME") else Path.home() / ".local" / "share"
     return base / "loraloom"
+
+
+def reported_argv(argv, token: str | None) -> list[str]:
+    """The command line as ``/system_stats`` reports it (ComfyUI reports its ``sys.argv`` there):
+    ``argv`` with the token, wherever it appears (``--token T``, ``--token=T``), replaced by
+    ``<token>``, since the answer goes to every client."""
+    argv = [str(arg) for arg in argv]
+    return [arg.replace(token, "<token>") for arg in argv] if token else argv
 
 
 def find_frontend() -> Path | None:
@@ -164,7 +176,8 @@ def create_app(runtime, config: ServerConfig | None = None) -> web.Application:
     features = {"supports_preview_metadata": False, "max_upload_size": config.max_body_bytes}
     hub = Hub(status=lambda: {"exec_info": {"queue_remaining": store.remaining()}}, features=features)
     worker = Worker(runtime, store, hub)
-    state = ServerState(runtime, store, worker, hub, userdata, frontend_dir, user_dir, features, lock)
+    state = ServerState(runtime, store, worker, hub, userdata, frontend_dir, user_dir, features, lock,
+                        argv=reported_argv(sys.argv if config.argv is None else config.argv, config.token))
 
     policy = SecurityPolicy(token=config.token, allow_hosts=frozenset(h.lower() for h in config.allow_hosts),
                             max_body_bytes=config.max_body_bytes, body_timeout=config.limits.body_timeout)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import resource
 import socket
 import threading
@@ -176,25 +177,60 @@ class Listening:
         await self.runner.cleanup()
 
 
+LISTEN_ADVICE = "--listen takes an address of this machine, e.g. 127.0.0.1 or ::1"
+MAX_PORT = 65535
+PRIVILEGED_PORTS = 1024  # below this, binding needs root (or CAP_NET_BIND_SERVICE) on Linux and BSDs
+NEARBY_PORTS = 20  # how far above a busy port to look for a free one to suggest
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (bound before anything starts, so a refusal leaves nothing
-    running). A port in use, or an address this machine does not have, is a :class:`ServerConfigError`."""
+    running). A port out of range or in use, an address this machine does not have, or any other bind
+    failure is a :class:`ServerConfigError` naming the option to change (``--port`` or ``--listen``)."""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    advice = "--listen takes an address of this machine, e.g. 127.0.0.1 or ::1"
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= MAX_PORT:
+        # the socket library would take 70000 as 70000 % 65536 and -1 as a bad service name
+        raise ServerConfigError(f"--port {port} is not a port number", value=port, limit=f"0..{MAX_PORT}",
+                                kind="bad_port", fix=f"--port N with N from 1 to {MAX_PORT} (0: any free port)")
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                       flags=socket.AI_PASSIVE)[0]
-        return socket.create_server(address, family=family, backlog=BACKLOG)
     except socket.gaierror as exc:
-        raise ServerConfigError(f"cannot listen on {host!r}: {exc.strerror}", value=host, kind="cannot_listen",
-                                fix=advice) from None
+        raise ServerConfigError(f"--listen {host}: cannot listen there: {exc.strerror}", value=host,
+                                kind="cannot_listen", fix=LISTEN_ADVICE) from None
+    try:
+        return socket.create_server(address, family=family, backlog=BACKLOG)
     except OSError as exc:
+        # create_server appends "(while attempting to bind on address ...)" to strerror: say it once
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
         if exc.errno == errno.EADDRINUSE:
-            raise ServerConfigError(f"cannot listen on {shown}: the port is in use by another program",
-                                    value=shown, kind="port_in_use",
-                                    fix="stop that program or choose another port with --port N") from None
-        raise ServerConfigError(f"cannot listen on {shown}: {exc.strerror or exc}", value=shown,
-                                kind="cannot_listen", fix=advice) from None
+            free = _free_port_near(family, address, port)
+            fix = (f"stop that program, or choose another port: --port {free} is free" if free is not None
+                   else "stop that program, or choose another port with --port N")
+            raise ServerConfigError(f"--port {port}: cannot listen on {shown}: the port is in use by another "
+                                    "program", value=port, kind="port_in_use", fix=fix) from None
+        if exc.errno == errno.EACCES and 0 < port < PRIVILEGED_PORTS:
+            raise ServerConfigError(f"--port {port}: cannot listen on {shown}: {reason} (ports below "
+                                    f"{PRIVILEGED_PORTS} need administrator rights)", value=port,
+                                    limit=f"{PRIVILEGED_PORTS}..{MAX_PORT}", kind="port_forbidden",
+                                    fix="--port N with N above 1023, e.g. the default 8188") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ServerConfigError(f"--listen {host}: cannot listen on {shown}: this machine has no such "
+                                    "address", value=host, kind="cannot_listen", fix=LISTEN_ADVICE) from None
+        raise ServerConfigError(f"cannot listen on {shown}: {reason}", value=shown, kind="cannot_listen",
+                                fix=f"check --listen and --port; {LISTEN_ADVICE}") from None
+
+
+def _free_port_near(family: int, address: tuple, port: int) -> int | None:
+    """The first port above ``port`` (within :data:`NEARBY_PORTS`) that ``address`` can bind now, or
+    None. Only a suggestion: another program may take it before the user retries."""
+    for candidate in range(port + 1, min(port + 1 + NEARBY_PORTS, MAX_PORT + 1)):
+        try:
+            with socket.create_server((address[0], candidate, *address[2:]), family=family):
+                return candidate
+        except OSError:
+            continue
+    return None
 
 
 async def start(app: web.Application, busy: BusyConnections, host: str, port: int, limits: Limits) -> Listening:

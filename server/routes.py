@@ -36,9 +36,10 @@ JOB_STATUS = {PENDING: "pending", RUNNING: "in_progress", SUCCESS: "completed", 
               INTERRUPTED: "cancelled"}
 MAX_JOBS_PAGE = 1000
 SQLITE_MAX_INT = 2**63 - 1  # the largest number a query's LIMIT or OFFSET can carry into SQLite
-# What ComfyUI's system_stats reports in argv; "--disable-api-nodes" tells the page there is no
-# cloud service to ask (it then makes no request beyond this server). The real argv may hold a token.
-REPORTED_ARGV = ["loraloom", "serve", "--disable-api-nodes"]
+# Settings this server answers while the user has not set them. The frontend's "version updates" ask
+# ComfyUI's release service (a request beyond this server) about ComfyUI's releases, which are not
+# this server's; ComfyUI skips them when its argv holds --disable-api-nodes, ours is the real one.
+DEFAULT_SETTINGS = {"Comfy.Notification.ShowVersionUpdates": False}
 
 
 def _error(status: int, kind: str, message: str, details: str = "", node_errors: dict | None = None,
@@ -264,11 +265,14 @@ class Api:
 
     # settings and user files
 
+    def _settings(self) -> dict:
+        return {**DEFAULT_SETTINGS, **self.state.userdata.settings()}
+
     async def settings(self, request):
-        return web.json_response(self.state.userdata.settings())
+        return web.json_response(self._settings())
 
     async def setting(self, request):
-        return web.json_response(self.state.userdata.settings().get(request.match_info["id"]))
+        return web.json_response(self._settings().get(request.match_info["id"]))
 
     async def store_settings(self, request):
         values = await _read_json(request)
@@ -346,7 +350,7 @@ class Api:
         return web.json_response(names)
 
     async def system_stats(self, request):
-        return web.json_response(_system_stats())
+        return web.json_response(_system_stats(self.state.argv))
 
     # queue, history, jobs
 
@@ -548,7 +552,7 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def _system_stats() -> dict:
+def _system_stats(argv: list[str]) -> dict:
     ram_total, ram_free = _memory()
     devices = [{"name": f"cpu ({platform.processor() or platform.machine()})", "type": "cpu", "index": None,
                 "vram_total": ram_total, "vram_free": ram_free, "torch_vram_total": 0, "torch_vram_free": 0}]
@@ -562,6 +566,6 @@ def _system_stats() -> dict:
                             "torch_vram_free": free})
     return {"system": {"os": os.name, "ram_total": ram_total, "ram_free": ram_free,
                        "comfyui_version": f"loraloom {_version('loraloom')}", "python_version": sys.version,
-                       "pytorch_version": _version("torch"), "embedded_python": False, "argv": REPORTED_ARGV},
+                       "pytorch_version": _version("torch"), "embedded_python": False, "argv": argv},
             "devices": devices}
 

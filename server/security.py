@@ -10,12 +10,33 @@ Rules, in order (each rejection names the rule in a JSON error body):
    refused (403).
 4. An ``Origin`` header must be this server's own origin as the browser sees it (``Origin: null``
    too is refused; 403). This covers the websocket upgrade.
-5. A state-changing request (POST, PUT, PATCH, DELETE) needs ``Content-Type: application/json``, unless
-   it provably comes from the page's own origin (its ``Origin`` matched, or ``Sec-Fetch-Site:
-   same-origin``): the editor saves settings and workflows as ``text/plain`` (415 otherwise).
-6. A body above the size limit is refused before it is read (413); a body not sent within the body
+5. A body above the size limit is refused before it is read (413); a body not sent within the body
    timeout is refused (408); JSON bodies are parsed strictly (depth, duplicate keys, non-finite
    numbers; 400). Nothing a request sends is ever evaluated.
+
+The ``Content-Type`` of a request is not a rule: a JSON body is parsed whatever type it is sent with,
+as ComfyUI parses it (its API clients send ``requests.post(url, data=json_bytes)``, which has no
+type, and the editor saves settings and workflows as ``text/plain``). Requiring
+``application/json`` would only add a defence against cross-site request forgery, and that attack is
+already stopped by rules 1, 3 and 4, which look at what a browser cannot leave out:
+
+- A page on another site can make a browser send a request without asking this server first only
+  as a form post (``application/x-www-form-urlencoded``, ``multipart/form-data``, ``text/plain``) or
+  a ``fetch`` limited to those types. Browsers send ``Origin`` with every cross-origin POST (form
+  posts included: Chrome, Safari and Firefox since version 70, 2019), ``Origin: null`` from a
+  sandboxed frame, a ``data:`` page or after a cross-site redirect, and ``Sec-Fetch-Site:
+  cross-site`` (Chrome 76+, Firefox 90+, Safari 16.4+): either refuses it (rules 3 and 4).
+- Anything else a page sends across origins (a JSON type, PUT, PATCH, DELETE, a custom header) needs a
+  CORS preflight first, which this server never grants (it sends no ``Access-Control-Allow-*``).
+- A stranger's domain that re-resolves to this machine (DNS rebinding) is the page's own origin to
+  the browser, so ``Origin`` and ``Sec-Fetch-Site`` let it through; the ``Host`` it sends is that
+  domain, which rule 1 refuses.
+- With a token, a cross-site request has no token either: the cookie is ``SameSite=Strict``.
+
+A client that sends neither ``Origin`` nor ``Sec-Fetch-Site`` is not a current browser (a script,
+curl, an API client library) and is accepted whatever its body's type, as the page itself is. What
+this gives up: a browser too old to send ``Origin`` on a form post (Firefox before 70, Internet
+Explorer) could post a form to a server without a token; so could it to ComfyUI.
 
 Before all of these, a header these rules read (and a presented token) holding bytes that are not
 UTF-8 is refused (400): aiohttp hands them on as lone surrogates, which no comparison can use. Other
@@ -41,9 +62,8 @@ from ..graph_runtime.errors import LoomError
 log = logging.getLogger("loraloom.server")
 
 TOKEN_COOKIE = "loraloom_token"
-STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-READ_HEADERS = ("Host", "Sec-Fetch-Site", "Origin", "Content-Type", "Upgrade")
+READ_HEADERS = ("Host", "Sec-Fetch-Site", "Origin", "Upgrade")
 
 
 class ServerConfigError(LoomError):
@@ -232,12 +252,6 @@ def _check(request: web.Request, policy: SecurityPolicy) -> tuple[web.Response |
         return reject(403, "cross_origin", f"Origin {origin!r} is not this server's own origin",
                       value=origin), False
 
-    if request.method in STATE_CHANGING:
-        same_origin = origin is not None or fetch_site == "same-origin"
-        if request.content_type != "application/json" and not same_origin:
-            return reject(415, "content_type",
-                          f"{request.method} {request.path} needs 'Content-Type: application/json' "
-                          f"(got {request.content_type!r})"), False
     length = request.content_length
     if length is not None and length > policy.max_body_bytes:
         return reject(413, "too_large", f"a body of {length} bytes is above the limit of "

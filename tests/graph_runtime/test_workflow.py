@@ -149,7 +149,9 @@ def test_api_to_ui_round_trip(stubs):
     assert seeded["widgets_values"] == ["mul", 7, "fixed", 3], "seed widgets carry the editor's control value"
     xs = {n["id"]: n["pos"][0] for n in ui["nodes"]}
     assert xs[1] < xs[2] < xs[4] < xs[5], "columns follow the data flow"
-    assert ui_to_api(ui, stubs.registry) == api
+    titled = {nid: {**entry, "_meta": entry.get("_meta", {"title": entry["class_type"]})} for nid, entry in api.items()}
+    assert ui_to_api(ui, stubs.registry) == titled, "the prompt back, every node titled as the editor exports it"
+    assert ui_to_api(api_to_ui(titled, stubs.registry), stubs.registry) == titled, "titles survive API -> UI -> API"
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:

@@ -3,6 +3,7 @@ protocol of a run (start, cached, executing, progress, executed, success, execut
 
 import asyncio
 import json
+import sys
 
 import pytest
 
@@ -63,13 +64,30 @@ async def test_without_the_frontend_the_page_says_how_to_install_it(serve, monke
         assert (await server.client.get("/api/queue")).status == 200, "the API works without the editor"
 
 
-async def test_system_stats_never_reports_the_real_argv(serve):
-    async with serve(token="s3cret") as server:
+async def test_system_stats_reports_the_real_command_line_without_the_token(serve):
+    # ComfyUI reports its sys.argv; ours, as started, with the token (which every client would see) hidden
+    argv = ["/usr/bin/loraloom", "serve", "--port", "8190", "--token", "s3cret", "--allow-host=s3cret.lan"]
+    async with serve(token="s3cret", argv=argv) as server:
         resp = await server.client.get("/api/system_stats", headers={"Authorization": "Bearer s3cret"})
         stats = await resp.json()
         assert "s3cret" not in json.dumps(stats), "the token must never leave the server"
-        assert stats["system"]["argv"] == ["loraloom", "serve", "--disable-api-nodes"]
+        assert stats["system"]["argv"] == ["/usr/bin/loraloom", "serve", "--port", "8190", "--token", "<token>",
+                                           "--allow-host=<token>.lan"]
         assert stats["devices"] and {"name", "type", "vram_total", "vram_free"} <= set(stats["devices"][0])
+    async with serve() as server:
+        stats = await (await server.client.get("/system_stats")).json()
+        assert stats["system"]["argv"] == sys.argv, "by default, this process's own command line"
+
+
+async def test_version_updates_are_off_until_the_user_turns_them_on(serve):
+    # The frontend asks ComfyUI's release service about ComfyUI's releases (not this server's) unless
+    # argv holds --disable-api-nodes, which ours does not: the setting's default stops it.
+    async with serve() as server:
+        setting = "/api/settings/Comfy.Notification.ShowVersionUpdates"
+        assert await (await server.client.get(setting)).json() is False
+        assert (await (await server.client.get("/api/settings")).json())["Comfy.Notification.ShowVersionUpdates"] is False
+        assert (await server.client.post(setting, json=True)).status == 200
+        assert await (await server.client.get(setting)).json() is True, "the user's choice wins"
 
 
 async def test_object_info_is_our_schema_with_folder_combos(serve, tmp_path):

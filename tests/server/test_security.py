@@ -75,27 +75,96 @@ async def test_foreign_origins_are_refused(serve, kind, origin):
         assert await attempt(server, kind, {"Origin": server.origin}) in (200, 101), "the server's own origin"
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                          None])
-async def test_state_changes_need_json_unless_from_the_page(serve, content_type):
-    async with serve() as server:
-        body = '{"prompt": {"1": {"class_type": "Const", "inputs": {}}, ' \
-               '"2": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}}'
-        headers = {"Content-Type": content_type} if content_type else {}
-        resp = await server.client.post("/api/prompt", data=body.encode(), headers=headers,
+# Every route that takes a JSON body, with a body it accepts: ComfyUI reads each whatever its type.
+JSON_POSTS = [("/api/prompt", '{"prompt": {"1": {"class_type": "Const", "inputs": {}}, '
+                              '"2": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}}'),
+              ("/api/queue", '{"delete": []}'), ("/api/history", '{"delete": []}'), ("/api/interrupt", "{}"),
+              ("/api/free", '{"free_memory": true}'), ("/api/jobs/cancel", '{"job_ids": []}'),
+              ("/api/settings", '{"Comfy.A": 1}'), ("/api/settings/Comfy.B", "2"),
+              ("/api/userdata/workflows%2Fw.json", '{"nodes": []}')]
+# What a page on another site can make a browser send without a CORS preflight: a form post's types.
+FORM_TYPES = ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/plain"]
+
+
+async def post_all(server, headers: dict) -> list[int]:
+    """The status of each of JSON_POSTS sent with ``headers`` (and no other Content-Type)."""
+    statuses = []
+    for path, body in JSON_POSTS:
+        resp = await server.client.post(URL(path, encoded=True), data=body.encode(), headers=headers,
                                         skip_auto_headers=["Content-Type"])
-        assert resp.status == 415, f"a {content_type} POST from nowhere in particular (CSRF-able)"
-        assert (await resp.json())["error"]["type"] == "content_type"
-        resp = await server.client.post("/api/prompt", data=body.encode(), headers={"Content-Type": "application/json"})
-        assert resp.status == 200, "an API client's JSON request"
-        if content_type == "text/plain":  # what the editor sends for settings and saved workflows
-            for proof in ({"Origin": server.origin}, {"Sec-Fetch-Site": "same-origin"}):
-                resp = await server.client.post("/api/settings/Comfy.A", data=b"1", headers={**headers, **proof})
-                assert resp.status == 200, f"the page's own text/plain save with {proof}"
-        for method in ("DELETE", "PUT", "PATCH"):
-            resp = await server.client.request(method, "/api/userdata/workflows%2Fa.json", headers=headers,
-                                               skip_auto_headers=["Content-Type"])
-            assert resp.status == 415, f"{method} without JSON and without the page's origin"
+        statuses.append(resp.status)
+    return statuses
+
+
+async def nothing_changed(server) -> None:
+    client = server.client
+    assert server.state.store.remaining() == 0 and await (await client.get("/api/history")).json() == {}
+    settings = await (await client.get("/api/settings")).json()
+    assert "Comfy.A" not in settings and "Comfy.B" not in settings
+    assert (await client.get("/api/userdata/workflows%2Fw.json")).status == 404
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json", "text/plain", "application/octet-stream",
+                                          *FORM_TYPES[:2]])
+@pytest.mark.parametrize("sender", ["client", "page"])
+async def test_json_bodies_are_read_whatever_their_type(serve, content_type, sender):
+    """A script or API client (no Origin, no Sec-Fetch-Site) and the page itself (its own origin) may
+    send a JSON body with any type, or none, as ComfyUI allows."""
+    async with serve() as server:
+        headers = {"Content-Type": content_type} if content_type else {}
+        if sender == "page":
+            headers.update(page(server))
+        statuses = await post_all(server, headers)
+        assert statuses == [200] * len(JSON_POSTS), list(zip([p for p, _ in JSON_POSTS], statuses))
+        assert await (await server.client.get("/api/settings/Comfy.B")).json() == 2
+        assert (await server.client.get("/api/userdata/workflows%2Fw.json")).status == 200
+
+
+@pytest.mark.parametrize("content_type", FORM_TYPES)
+@pytest.mark.parametrize("browser", [
+    {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},  # a current browser
+    {"Origin": "http://evil.example"},  # one that predates Sec-Fetch-Site
+    {"Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "same-site"},  # another port of this machine
+    {"Origin": "null", "Sec-Fetch-Site": "cross-site"},  # a sandboxed frame, a data: page, a redirect
+    {"Origin": "null"},
+    {"Sec-Fetch-Site": "cross-site"},  # Origin stripped (e.g. by a privacy extension)
+])
+async def test_a_cross_site_form_post_is_refused_whatever_its_type(serve, content_type, browser):
+    async with serve() as server:
+        statuses = await post_all(server, {"Content-Type": content_type, **browser})
+        assert statuses == [403] * len(JSON_POSTS), list(zip([p for p, _ in JSON_POSTS], statuses))
+        await nothing_changed(server)
+
+
+@pytest.mark.parametrize("content_type", FORM_TYPES)
+@pytest.mark.parametrize("fetch_site", ["same-origin", None])
+@pytest.mark.parametrize("with_origin", [True, False])
+async def test_a_rebound_domain_is_refused_whatever_its_type(serve, content_type, fetch_site, with_origin):
+    """DNS rebinding: evil.example re-resolves to 127.0.0.1, so to the browser its page and this
+    server are one origin; only the Host it sends gives it away."""
+    async with serve() as server:
+        port = server.client.port
+        headers = {"Content-Type": content_type, "Host": f"evil.example:{port}"}
+        if with_origin:
+            headers["Origin"] = f"http://evil.example:{port}"
+        if fetch_site:
+            headers["Sec-Fetch-Site"] = fetch_site
+        statuses = await post_all(server, headers)
+        assert statuses == [403] * len(JSON_POSTS), list(zip([p for p, _ in JSON_POSTS], statuses))
+        await nothing_changed(server)
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", None])
+async def test_no_cors_preflight_is_ever_granted(serve, origin):
+    """What a page on another site must ask before sending JSON, PUT, PATCH or DELETE: never granted."""
+    async with serve() as server:
+        for method in ("POST", "PUT", "DELETE"):
+            headers = {"Access-Control-Request-Method": method, "Access-Control-Request-Headers": "content-type"}
+            if origin:
+                headers["Origin"] = origin
+            resp = await server.client.options("/api/prompt", headers=headers)
+            assert resp.status >= 400, f"preflight for {method}: {resp.status}"
+            assert not [h for h in resp.headers if h.lower().startswith("access-control-")], dict(resp.headers)
 
 
 async def test_body_size_limit(serve):
@@ -267,8 +336,8 @@ async def test_settings_and_saved_workflows_live_in_the_user_folder(serve, tmp_p
         assert (await server.client.post("/api/settings/Comfy.TutorialCompleted", data="true",
                                          headers=headers)).status == 200
         assert (await server.client.post("/api/settings", data='{"Comfy.A": [1, 2]}', headers=headers)).status == 200
-        assert await (await server.client.get("/api/settings")).json() == {"Comfy.TutorialCompleted": True,
-                                                                           "Comfy.A": [1, 2]}
+        assert await (await server.client.get("/api/settings")).json() == {
+            "Comfy.TutorialCompleted": True, "Comfy.A": [1, 2], "Comfy.Notification.ShowVersionUpdates": False}
         assert (tmp_path / "user" / "default" / "comfy.settings.json").is_file()
 
         url = "/api/userdata/workflows%2Fmine.json"
