@@ -28,6 +28,9 @@ _SOCKET_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _ID_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 _INPUT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+# ComfyUI's frontend gives an INT input with one of these names a "control after generate" widget
+# unless its spec says ``control_after_generate: false`` (a legacy convention of its widget code).
+SEED_NAMES = ("seed", "noise_seed")
 _MISSING = object()
 
 
@@ -61,6 +64,11 @@ class Input:
     def has_default(self) -> bool:
         return self.default is not _MISSING
 
+    @property
+    def seed_named(self) -> bool:
+        """Whether the editor adds a control widget to this input when its spec does not say."""
+        return self.type == "INT" and self.name in SEED_NAMES
+
     def option_list(self) -> list:
         """The current COMBO options (callables are asked each time: folders change)."""
         opts = self.options() if callable(self.options) else self.options
@@ -77,8 +85,11 @@ class Input:
                 opts[key] = value
         if self.type == "STRING":
             opts["multiline"] = self.multiline
-        if self.control_after_generate:
-            opts["control_after_generate"] = True
+        if self.control_after_generate or self.seed_named:
+            # Always said for a seed-named INT: the editor would add a control widget when unsaid.
+            # A boolean, not a mode name: ComfyUI 0.3.64's frontend (1.27) accepts only a boolean
+            # here, and it starts every control widget at "randomize" whatever the spec says.
+            opts["control_after_generate"] = self.control_after_generate
         if self.tooltip:
             opts["tooltip"] = self.tooltip
         if self.type == "COMBO":
@@ -88,9 +99,10 @@ class Input:
 
 def Int(name: str, default: int = 0, *, min: int | None = None, max: int | None = None, step: int = 1,
         tooltip: str = "", optional: bool = False, control_after_generate: bool | None = None) -> Input:
-    """An INT widget. Inputs named ``seed`` or ``noise_seed`` get the editor's control_after_generate."""
+    """An INT widget. Inputs named ``seed`` or ``noise_seed`` get the editor's control_after_generate
+    widget (fixed / increment / decrement / randomize after each run) unless it is set to False."""
     if control_after_generate is None:
-        control_after_generate = name in ("seed", "noise_seed")
+        control_after_generate = name in SEED_NAMES
     return Input(name, "INT", default, min, max, step, tooltip=tooltip, optional=optional,
                  control_after_generate=control_after_generate)
 
