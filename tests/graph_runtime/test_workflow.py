@@ -290,3 +290,16 @@ def test_shipped_ui_workflows_have_a_value_for_every_widget_the_editor_shows():
             if cls is not None:
                 assert len(n.get("widgets_values", [])) == editor_widget_count(cls.SCHEMA.object_info()), \
                     f"{path.name}: node {n['id']} ({n['type']}) {n.get('widgets_values')}"
+
+
+@pytest.mark.parametrize("saved", [
+    [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, 0.3, 0.6, 0.01],  # as the editor saves it now
+    [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, "randomize", 0.3, 0.6, 0.01],  # an editor that added a control
+    [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, "fixed", 0.3, 0.6],  # ... before gamma existed
+])
+def test_a_merge_saved_by_any_editor_reads_as_it_showed(saved):
+    """The issue's case: a PeftMerge saved with a control value after its seed read 'fixed' as weight_c."""
+    from loraloom.nodes import registry
+
+    inputs = load_workflow(_one_node("PeftMerge", saved), registry()).prompt["1"]["inputs"]
+    assert (inputs["seed"], inputs["weight_c"], inputs["weight_d"]) == (7, 0.3, 0.6), inputs
