@@ -217,6 +217,11 @@ def test_a_queued_workflow_shows_its_image(editor, name):
     texts = editor.page.evaluate("window.loomTexts")
     assert texts.get("4"), f"{name}: node 4 (the blend recipe, the merge report) reported no text: {texts}"
     assert shown == {node: "\n".join(lines) for node, lines in texts.items()}, "each node shows its ui text"
+    after = editor.page.evaluate("async () => await window.app.graphToPrompt()")
+    shipped = {n["id"]: n.get("widgets_values") for n in json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]}
+    assert {n["id"]: n.get("widgets_values") for n in after["workflow"]["nodes"]} == shipped, \
+        "the text box is neither saved with the workflow nor shifts what is"
+    assert not any("loraloom_text" in n["inputs"] for n in after["output"].values()), "nor is it queued"
     assert editor.problems == [], "\n".join(editor.problems)
 
 
