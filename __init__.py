@@ -34,5 +34,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "Runtime", "register_node", "load_node_modules",
-           "RunResult", "node", "Limits", "ValidationError", "ExecutionError"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "Runtime", "register_node",
+           "load_node_modules", "RunResult", "node", "Limits", "ValidationError", "ExecutionError"]

@@ -226,8 +226,9 @@ def _widgets_from_list(widgets: list[Input], values: list, node: dict, source: s
     the one that accounts for every value (the count); otherwise the file is ambiguous."""
     declared = frozenset(w.name for w in widgets if w.control_after_generate)
     legacy = declared | {w.name for w in widgets if w.seed_named}
+    layouts = list(dict.fromkeys((declared, legacy, frozenset())))
     reads = []
-    for layout in dict.fromkeys((declared, legacy, frozenset())):
+    for layout in layouts:
         inputs, fits = _read_layout(widgets, values, layout)
         reads.append((inputs, fits, len(values) == len(widgets) + len(layout)))
     fitting = [r for r in reads if r[1]]
@@ -239,11 +240,11 @@ def _widgets_from_list(widgets: list[Input], values: list, node: dict, source: s
     if not fitting:  # no layout fits: read as counted (or as declared); validation names the bad values
         return next((r[0] for r in reads if r[2]), reads[0][0])
     names = ", ".join(sorted(legacy))
-    raise WorkflowError(f"{source}: node {node['id']} ({node['type']}): its {len(values)} widget values can be "
-                        f"read with and without a control value (fixed, randomize, ...) after {names}, and the "
-                        f"two readings differ", node=node["id"], class_type=node["type"], value=values,
-                        limit=f"{len(widgets)} values, or {len(widgets) + len(declared)} with control values",
-                        kind="ambiguous_widgets",
+    counts = " or ".join(str(n) for n in sorted({len(widgets) + len(layout) for layout in layouts}))
+    raise WorkflowError(f"its {len(values)} widget values can be read with and without a control value (fixed, "
+                        f"randomize, ...) after {names}, and the two readings differ",
+                        file=None if source == "workflow" else source, node=node["id"], class_type=node["type"],
+                        value=values, limit=f"{counts} values", kind="ambiguous_widgets",
                         fix="open the workflow in the editor and save it again (it writes the layout it shows), "
                             "or give widgets_values as an object {input name: value}")
 

@@ -296,7 +296,7 @@ class RoundTrip:
             if route.request.method != "POST":
                 return route.continue_()
             self.posted.append(json.loads(route.request.post_data))
-            return route.fulfill(json=f"{{\"prompt_id\": \"rt-{len(self.posted)}\", \"number\": 0, \"node_errors\": {{}}}}")
+            return route.fulfill(json={"prompt_id": f"rt-{len(self.posted)}", "number": 0, "node_errors": {}})
 
         workflow = page.evaluate("async () => (await window.app.graphToPrompt()).workflow")
         page.route("**/prompt", answer)
