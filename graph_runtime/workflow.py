@@ -220,10 +220,11 @@ def _widgets_from_list(widgets: list[Input], values: list, node: dict, source: s
 
     The editor stores a control value ("fixed", "randomize", ...) right after each widget it gave a
     control_after_generate widget, and which ones those are depends on who saved the file: the
-    editor today follows each input's declaration; an editor that was not told (an older declaration)
-    gave one to every INT named seed or noise_seed; a file written by hand may have none. Each of
-    these layouts is read: the one whose values all fit their widgets is taken; when several fit,
-    the one that accounts for every value (the count); otherwise the file is ambiguous."""
+    editor follows each input's declaration; an editor that was not told (an older declaration) gave
+    one to every INT named seed or noise_seed; a file written by hand, or by this converter before a
+    declaration gained a control, may have none. Each of these layouts is read: the one whose values
+    all fit their widgets is taken; when several fit, the one that accounts for every value (the
+    count); otherwise the file is ambiguous."""
     declared = frozenset(w.name for w in widgets if w.control_after_generate)
     legacy = declared | {w.name for w in widgets if w.seed_named}
     layouts = list(dict.fromkeys((declared, legacy, frozenset())))

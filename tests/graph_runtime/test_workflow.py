@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from loraloom.graph_runtime import (Boolean, Float, Int, NodeRegistry, Output, Runtime, String, WorkflowError,
-                                    load_workflow, node)
+from loraloom.graph_runtime import (Boolean, Float, Int, NodeRegistry, Output, Runtime, SchemaError, String,
+                                    WorkflowError, load_workflow, node)
+from loraloom.graph_runtime.schema import CONTROL_START_KEY
 
 SHIPPED = Path(__file__).resolve().parents[2] / "workflows"
 
@@ -225,7 +226,7 @@ def editor_widget_count(info: dict) -> int:
                                Float("weight", 1.0, min=-5, max=5), Float("gamma", 0.5, min=0, max=1, optional=True)],
       outputs=[Output("NUMBER")])
 class MergeSeeded:
-    """Like PeftMerge: a seed that must stay as set, a weight after it, an option added later."""
+    """A seed without a control widget, a weight after it, an option added later."""
 
     def execute(self, seed, weight, gamma=0.5):
         return (seed * weight,)
@@ -240,6 +241,22 @@ class SeedThenText:
 
 def _one_node(type: str, widgets) -> dict:
     return {"nodes": [editor_node(1, type, widgets=widgets)], "links": [], "version": 0.4}
+
+
+def test_a_control_starts_at_the_declared_mode():
+    @node(category="test", inputs=[Int("seed", 0, control_after_generate="fixed"), Int("rank", 0)],
+          outputs=[Output("NUMBER")])
+    class FixedSeed:
+        def execute(self, seed, rank):
+            return (seed,)
+
+    types = FixedSeed.INPUT_TYPES()["required"]
+    assert types["seed"][1]["control_after_generate"] is True, "ComfyUI 0.3.64's frontend takes only a boolean"
+    assert types["seed"][1][CONTROL_START_KEY] == "fixed", "the pack's editor extension starts the control there"
+    assert "control_after_generate" not in types["rank"][1]
+    with pytest.raises(SchemaError, match="control_after_generate 'sometimes' is neither a bool nor one of"):
+        node(category="test", inputs=[Int("seed", control_after_generate="sometimes")],
+             outputs=[Output("NUMBER")])(FixedSeed)
 
 
 def test_a_seed_declared_without_control_tells_the_editor_so():
@@ -293,9 +310,9 @@ def test_shipped_ui_workflows_have_a_value_for_every_widget_the_editor_shows():
 
 
 @pytest.mark.parametrize("saved", [
-    [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, 0.3, 0.6, 0.01],  # as the editor saves it now
-    [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, "randomize", 0.3, 0.6, 0.01],  # an editor that added a control
+    [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, "randomize", 0.3, 0.6, 0.01],  # as the editor saves it
     [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, "fixed", 0.3, 0.6],  # ... before gamma existed
+    [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, 0.3, 0.6, 0.01],  # as `convert --to ui` wrote it before
 ])
 def test_a_merge_saved_by_any_editor_reads_as_it_showed(saved):
     """The issue's case: a PeftMerge saved with a control value after its seed read 'fixed' as weight_c."""

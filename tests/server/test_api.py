@@ -62,7 +62,7 @@ async def test_the_packs_editor_extension_is_listed_and_served_as_comfyui_does(s
 
     async with serve() as server:
         listed = await (await server.client.get(prefix + "/extensions")).json()
-        assert listed == ["/extensions/loraloom/show_text.js"]
+        assert listed == ["/extensions/loraloom/loraloom.js"]
         resp = await server.client.get(listed[0])
         assert resp.status == 200 and "javascript" in resp.headers["Content-Type"]
         assert "registerExtension" in await resp.text()

@@ -319,7 +319,8 @@ def _assert_values(where: str, prompt: dict, chosen: dict) -> None:
                 f"{where}: node {node_id} ({prompt[str(node_id)]['class_type']}) input {name!r}: {inputs.get(name)!r}"
 
 
-def _round_trip(editor) -> None:
+def _round_trip(editor) -> tuple[dict, dict]:
+    """Set other values in the page's graph, save and queue: the values set and the saved workflow."""
     from loraloom.graph_runtime.workflow import ui_to_api
 
     trip = RoundTrip(editor)
@@ -332,6 +333,7 @@ def _round_trip(editor) -> None:
     for node in workflow["nodes"]:
         if CONTROL in chosen[str(node["id"])]:
             assert chosen[str(node["id"])][CONTROL] in node["widgets_values"], "the control value is saved"
+    return chosen, workflow
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -370,8 +372,16 @@ def test_every_node_placed_fresh_round_trips_other_values_through_the_editor(edi
             inp = schema.input(w["name"])
             if inp is not None and inp.has_default:
                 assert w["value"] == inp.default, f"{node['type']}.{w['name']}: the editor's default"
-            if w["name"] == CONTROL:
-                assert names[names.index(CONTROL) - 1] == "seed" and node["type"] != "PeftMerge", \
-                    f"{node['type']}: only a sampler seed changes after each run; a merge stays reproducible"
-    _round_trip(editor)
+        controlled = [names[i - 1] for i, name in enumerate(names) if name == CONTROL]
+        assert controlled == [w.name for w in schema.widgets if w.control_after_generate], node["type"]
+        for name in controlled:
+            start = schema.input(name).control_after_generate
+            assert node["widgets"][names.index(name) + 1]["value"] == (start if isinstance(start, str) else
+                                                                      "randomize"), \
+                f"{node['type']}.{name}: its control starts as declared (PeftMerge's seed: fixed, reproducible)"
+    chosen, saved = _round_trip(editor)  # saved before the queue: after it, "increment" has moved a seed on
+    editor.page.evaluate("async wf => { await window.app.loadGraphData(wf) }", saved)
+    reloaded = editor.page.evaluate(EDITOR_WIDGETS_JS)
+    assert {i: {w["name"]: w["value"] for w in n["widgets"]} for i, n in reloaded.items()} == chosen, \
+        "a saved workflow loads with the values it was saved with, control modes included"
     assert editor.problems == [], "\n".join(editor.problems)
