@@ -5,7 +5,7 @@ cheap: no torch and no model building happen at import time.
 """
 
 from .comfy_integration import add_queue_checks, install_if_in_comfyui
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_node
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, WEB_DIRECTORY, register_node
 
 install_if_in_comfyui()
 add_queue_checks(NODE_CLASS_MAPPINGS.values())  # ComfyUI runs our input checks when a prompt is queued
@@ -35,5 +35,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "Runtime", "register_node", "load_node_modules",
-           "RunResult", "node", "Limits", "ValidationError", "ExecutionError"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "Runtime", "register_node",
+           "load_node_modules", "RunResult", "node", "Limits", "ValidationError", "ExecutionError"]

@@ -28,6 +28,14 @@ _SOCKET_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _ID_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 _INPUT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+# ComfyUI's frontend gives an INT input with one of these names a "control after generate" widget
+# unless its spec says ``control_after_generate: false`` (a legacy convention of its widget code).
+SEED_NAMES = ("seed", "noise_seed")
+# The mode a control widget starts at, when it is not the editor's "randomize". The spec's own
+# ``control_after_generate`` stays a boolean: ComfyUI 0.3.64's frontend (1.27) accepts nothing else
+# there and starts every control widget at "randomize"; the pack's editor extension (web/) reads
+# this key and sets the mode on each node placed fresh (a loaded workflow keeps its saved mode).
+CONTROL_START_KEY = "loraloom_control_after_generate"
 _MISSING = object()
 
 
@@ -37,7 +45,9 @@ class Input:
 
     ``options`` (COMBO) is a sequence or a callable returning one (e.g. the files in a folder).
     ``file_kind`` marks a value that names a file under a configured root (``"loras"``,
-    ``"models"``): its content fingerprint joins the cache key.
+    ``"models"``): its content fingerprint joins the cache key. ``control_after_generate`` gives
+    the widget the editor's control widget (what happens to the value after each run): True starts
+    it at "randomize", a mode name (``CONTROL_VALUES``) at that mode.
     """
 
     name: str
@@ -51,7 +61,7 @@ class Input:
     tooltip: str = ""
     optional: bool = False
     file_kind: str | None = None
-    control_after_generate: bool = False
+    control_after_generate: bool | str = False
 
     @property
     def is_widget(self) -> bool:
@@ -60,6 +70,11 @@ class Input:
     @property
     def has_default(self) -> bool:
         return self.default is not _MISSING
+
+    @property
+    def seed_named(self) -> bool:
+        """Whether the editor adds a control widget to this input when its spec does not say."""
+        return self.type == "INT" and self.name in SEED_NAMES
 
     def option_list(self) -> list:
         """The current COMBO options (callables are asked each time: folders change)."""
@@ -77,8 +92,11 @@ class Input:
                 opts[key] = value
         if self.type == "STRING":
             opts["multiline"] = self.multiline
-        if self.control_after_generate:
-            opts["control_after_generate"] = True
+        if self.control_after_generate or self.seed_named:
+            # Always said for a seed-named INT: the editor would add a control widget when unsaid.
+            opts["control_after_generate"] = bool(self.control_after_generate)
+            if isinstance(self.control_after_generate, str):
+                opts[CONTROL_START_KEY] = self.control_after_generate
         if self.tooltip:
             opts["tooltip"] = self.tooltip
         if self.type == "COMBO":
@@ -87,10 +105,12 @@ class Input:
 
 
 def Int(name: str, default: int = 0, *, min: int | None = None, max: int | None = None, step: int = 1,
-        tooltip: str = "", optional: bool = False, control_after_generate: bool | None = None) -> Input:
-    """An INT widget. Inputs named ``seed`` or ``noise_seed`` get the editor's control_after_generate."""
+        tooltip: str = "", optional: bool = False, control_after_generate: bool | str | None = None) -> Input:
+    """An INT widget. Inputs named ``seed`` or ``noise_seed`` get the editor's control_after_generate
+    widget (fixed / increment / decrement / randomize after each run) unless it is set to False; a
+    mode name sets the mode it starts at (the editor's own start is "randomize")."""
     if control_after_generate is None:
-        control_after_generate = name in ("seed", "noise_seed")
+        control_after_generate = name in SEED_NAMES
     return Input(name, "INT", default, min, max, step, tooltip=tooltip, optional=optional,
                  control_after_generate=control_after_generate)
 
@@ -240,6 +260,10 @@ def _check_schema(schema: NodeSchema, execute: Callable, where: str) -> None:
 
 def _check_widget(inp: Input) -> list[str]:
     problems = []
+    control = inp.control_after_generate
+    if not isinstance(control, bool) and control not in CONTROL_VALUES:
+        problems.append(f"input '{inp.name}' control_after_generate {control!r} is neither a bool nor one of "
+                        f"{CONTROL_VALUES}")
     if inp.type in ("INT", "FLOAT"):
         for key in ("default", "min", "max", "step"):
             value = getattr(inp, key)

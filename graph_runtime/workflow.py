@@ -4,7 +4,7 @@ API format: ``{"<id>": {"class_type": ..., "inputs": {name: value | ["<src id>",
 UI format (version 0.4): ``nodes`` and ``links``; widget values are mapped to input names through
 the node schema's widget order. Muted (mode 2) nodes are dropped, bypassed (mode 4) nodes pass
 their matching input through, Reroute and PrimitiveNode are resolved, the ``control_after_generate``
-value after seed-like INT widgets is skipped.
+value the editor stores after some widgets is skipped (files with and without it are read).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import WorkflowError
 from .files import FileError, changed_while_reading, open_regular, read_upto, state_of
 from .jsonio import MAX_WORKFLOW_BYTES, check_depth, load_json_file, loads_strict
-from .schema import CONTROL_VALUES, NodeRegistry
+from .schema import CONTROL_VALUES, Input, NodeRegistry
 
 FRONTEND_ONLY = frozenset({"Reroute", "PrimitiveNode", "Note", "MarkdownNote"})
 MODE_MUTED = 2
@@ -226,16 +226,73 @@ def _widget_inputs(node: dict, registry: NodeRegistry, source: str) -> dict:
         return {w.name: values[w.name] for w in widgets if w.name in values}
     if not isinstance(values, list):
         raise WorkflowError(f"{source}: node {node['id']} ({node['type']}) widgets_values must be a list")
-    inputs = {}
-    i = 0
+    return _widgets_from_list(widgets, values, node, source)
+
+
+def _widgets_from_list(widgets: list[Input], values: list, node: dict, source: str) -> dict:
+    """Widget values by name from the editor's ``widgets_values`` list.
+
+    The editor stores a control value ("fixed", "randomize", ...) right after each widget it gave a
+    control_after_generate widget, and which ones those are depends on who saved the file: the
+    editor follows each input's declaration; an editor that was not told (an older declaration) gave
+    one to every INT named seed or noise_seed; a file written by hand, or by this converter before a
+    declaration gained a control, may have none. Each of these layouts is read: the one whose values
+    all fit their widgets is taken; when several fit, the one that accounts for every value (the
+    count); otherwise the file is ambiguous."""
+    declared = frozenset(w.name for w in widgets if w.control_after_generate)
+    legacy = declared | {w.name for w in widgets if w.seed_named}
+    layouts = list(dict.fromkeys((declared, legacy, frozenset())))
+    reads = []
+    for layout in layouts:
+        inputs, fits = _read_layout(widgets, values, layout)
+        reads.append((inputs, fits, len(values) == len(widgets) + len(layout)))
+    fitting = [r for r in reads if r[1]]
+    exact = [r for r in fitting if r[2]]
+    if len(exact) == 1:
+        return exact[0][0]
+    if fitting and all(r[0] == fitting[0][0] for r in fitting):
+        return fitting[0][0]
+    if not fitting:  # no layout fits: read as counted (or as declared); validation names the bad values
+        return next((r[0] for r in reads if r[2]), reads[0][0])
+    names = ", ".join(sorted(legacy))
+    counts = " or ".join(str(n) for n in sorted({len(widgets) + len(layout) for layout in layouts}))
+    raise WorkflowError(f"its {len(values)} widget values can be read with and without a control value (fixed, "
+                        f"randomize, ...) after {names}, and the two readings differ",
+                        file=None if source == "workflow" else source, node=node["id"], class_type=node["type"],
+                        value=values, limit=f"{counts} values", kind="ambiguous_widgets",
+                        fix="open the workflow in the editor and save it again (it writes the layout it shows), "
+                            "or give widgets_values as an object {input name: value}")
+
+
+def _read_layout(widgets: list[Input], values: list, controls: frozenset) -> tuple[dict, bool]:
+    """The widget values read with a control value after each widget named in ``controls``, and
+    whether every value fits its widget."""
+    inputs, fits, i = {}, True, 0
     for widget in widgets:
         if i >= len(values):
             break
         inputs[widget.name] = values[i]
+        fits = fits and _fits(widget, values[i])
         i += 1
-        if widget.control_after_generate and i < len(values) and values[i] in CONTROL_VALUES:
+        if widget.name in controls and i < len(values):
+            fits = fits and isinstance(values[i], str) and values[i] in CONTROL_VALUES
             i += 1
-    return inputs
+    return inputs, fits
+
+
+def _fits(widget: Input, value) -> bool:
+    """Whether a saved value could be this widget's (None: the editor had none to write)."""
+    if value is None:
+        return True
+    if widget.type in ("INT", "FLOAT"):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if widget.type == "BOOLEAN":
+        return isinstance(value, bool)
+    if widget.type == "STRING":
+        return isinstance(value, str)
+    if callable(widget.options):  # a folder's files: listing them here would read the disk
+        return isinstance(value, str)
+    return value in widget.option_list()
 
 
 def _resolve_link(link_id, by_id: dict, link_map: dict, source: str):

@@ -16,7 +16,7 @@ from ..graph_runtime import TEMP_SUBFOLDER, Float, PathError, check_relative_nam
 MODEL = "MODEL_RECIPE"
 LORA = "LORA_WEIGHTS"
 IMAGE = "IMAGE"  # ComfyUI's convention on purpose: float32 [B, H, W, C] in 0..1
-CATEGORY = "LoRA Loom"
+CATEGORY = "LoRA Loom"  # web/loraloom.js finds our nodes by it
 LORA_SUFFIXES = (".safetensors",)
 # The one bound on every LoRA weight and scale a node takes (WeightedBlend and PeftMerge weights,
 # Fuse's and Sample's lora_scale), both signs. 10 was PeftMerge's bound and is wider than the blend

@@ -28,9 +28,10 @@ def _option_input(name: str, optional: bool) -> Input:
     if opt.choices:
         return Combo(name, opt.choices, widget.default, tooltip=tooltip, optional=optional)
     if opt.type is int:
-        # A merge seed stays as set: the editor must not change it after each run.
+        # A merge is reproducible by default: the seed's editor control starts at "fixed" (a changed
+        # seed would merge again on every run, and nothing after it would be cached).
         return Int(name, widget.default, min=widget.min, max=widget.max, tooltip=tooltip, optional=optional,
-                   control_after_generate=False)
+                   control_after_generate="fixed" if name == "seed" else False)
     return Float(name, widget.default, min=widget.min, max=widget.max, step=widget.step, tooltip=tooltip,
                  optional=optional)
 

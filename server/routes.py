@@ -22,6 +22,7 @@ from aiohttp import web
 from ..graph_runtime.errors import LoomError, PathError, ValidationError, WorkflowError
 from ..graph_runtime.jsonio import loads_strict
 from ..graph_runtime.paths import TEMP_SUBFOLDER, resolve_under
+from ..nodes import WEB_DIR
 from .security import error_body
 from .store import ERROR, INTERRUPTED, PENDING, RUNNING, SUCCESS, DuplicateId, JobRow, QueueItem
 from .userdata import Conflict
@@ -35,6 +36,7 @@ INLINE_IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg
 JOB_STATUS = {PENDING: "pending", RUNNING: "in_progress", SUCCESS: "completed", ERROR: "failed",
               INTERRUPTED: "cancelled"}
 MAX_JOBS_PAGE = 1000
+EXTENSIONS_URL = "/extensions/loraloom"  # where ComfyUI serves a pack's WEB_DIRECTORY: /extensions/<pack folder>
 SQLITE_MAX_INT = 2**63 - 1  # the largest number a query's LIMIT or OFFSET can carry into SQLite
 # Settings this server answers while the user has not set them. The frontend's "version updates" ask
 # ComfyUI's release service (a request beyond this server) about ComfyUI's releases, which are not
@@ -199,7 +201,7 @@ class Api:
             ("GET", "/userdata/{file}", self.get_userdata), ("POST", "/userdata/{file}", self.post_userdata),
             ("DELETE", "/userdata/{file}", self.delete_userdata),
             ("POST", "/userdata/{file}/move/{dest}", self.move_userdata),
-            ("GET", "/extensions", self.empty_list), ("GET", "/embeddings", self.empty_list),
+            ("GET", "/extensions", self.extensions), ("GET", "/embeddings", self.empty_list),
             ("GET", "/i18n", self.empty_dict), ("GET", "/workflow_templates", self.empty_dict),
             ("GET", "/global_subgraphs", self.empty_dict),
             ("GET", "/experiment/models", self.empty_list), ("GET", "/experiment/models/{folder}", self.empty_list),
@@ -222,6 +224,8 @@ class Api:
         app.router.add_get("/", self.index)
         app.router.add_get("/user.css", self.user_css)
         app.router.add_get("/templates/{name}", self.templates)
+        if WEB_DIR.is_dir():
+            app.router.add_static(EXTENSIONS_URL, WEB_DIR, follow_symlinks=False)
         if self.state.frontend_dir is not None:
             app.router.add_static("/", self.state.frontend_dir, follow_symlinks=False)
 
@@ -247,6 +251,12 @@ class Api:
         if _TEMPLATE_INDEX_RE.match(name):
             return web.json_response([])
         return _error(404, "not_found", f"no template {name!r}")
+
+    async def extensions(self, request):
+        """The pack's editor extensions, as ComfyUI lists a node pack's ``WEB_DIRECTORY`` (the page
+        imports each; its core extensions are built in, and it skips any listed)."""
+        files = sorted(p.relative_to(WEB_DIR).as_posix() for p in WEB_DIR.rglob("*.js") if p.is_file())
+        return web.json_response([f"{EXTENSIONS_URL}/{name}" for name in files])
 
     async def empty_list(self, request):
         return web.json_response([])

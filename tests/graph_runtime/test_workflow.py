@@ -4,10 +4,15 @@ import json
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 
-from loraloom.graph_runtime import Runtime, WorkflowError, load_workflow
+from loraloom.graph_runtime import (Boolean, Float, Int, NodeRegistry, Output, Runtime, SchemaError, String,
+                                    WorkflowError, load_workflow, node)
+from loraloom.graph_runtime.schema import CONTROL_START_KEY
+
+SHIPPED = Path(__file__).resolve().parents[2] / "workflows"
 
 
 def editor_node(id, type, *, inputs=(), outputs=(), widgets=None, mode=0, order=0, title=None):
@@ -200,3 +205,120 @@ def test_odd_workflow_files_are_refused_quickly(stubs, ends_quickly, tmp_path, s
     exc = ends_quickly(lambda: load_workflow(path, stubs.registry))
     assert isinstance(exc, WorkflowError), repr(exc)
     assert str(path) in str(exc), str(exc)
+
+
+def editor_widget_count(info: dict) -> int:
+    """How many values ComfyUI's frontend keeps for a node of this ``/object_info`` entry: one per
+    widget input, two where it adds a control_after_generate widget (the spec says true, or it does
+    not say and the input is an INT named seed or noise_seed; frontend 1.27 to 1.58)."""
+    count = 0
+    for section in ("required", "optional"):
+        for name in info["input_order"].get(section, []):
+            kind, opts = (info["input"][section][name] + (None, {}))[:2]
+            if not (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
+                continue
+            control = opts.get("control_after_generate")
+            if control is None:
+                control = kind == "INT" and name in ("seed", "noise_seed")
+            count += 2 if control else 1
+    return count
+
+
+@node(category="test", inputs=[Int("seed", 0, min=0, max=100, control_after_generate=False),
+                               Float("weight", 1.0, min=-5, max=5), Float("gamma", 0.5, min=0, max=1, optional=True)],
+      outputs=[Output("NUMBER")])
+class MergeSeeded:
+    """A seed without a control widget, a weight after it, an option added later."""
+
+    def execute(self, seed, weight, gamma=0.5):
+        return (seed * weight,)
+
+
+@node(category="test", inputs=[Int("seed", 0, min=0, max=100), String("note", ""), Boolean("flag", False)],
+      outputs=[Output("NUMBER")])
+class SeedThenText:
+    def execute(self, seed, note, flag):
+        return (seed,)
+
+
+def _one_node(type: str, widgets) -> dict:
+    return {"nodes": [editor_node(1, type, widgets=widgets)], "links": [], "version": 0.4}
+
+
+def test_a_control_starts_at_the_declared_mode():
+    @node(category="test", inputs=[Int("seed", 0, control_after_generate="fixed"), Int("rank", 0)],
+          outputs=[Output("NUMBER")])
+    class FixedSeed:
+        def execute(self, seed, rank):
+            return (seed,)
+
+    types = FixedSeed.INPUT_TYPES()["required"]
+    assert types["seed"][1]["control_after_generate"] is True, "ComfyUI 0.3.64's frontend takes only a boolean"
+    assert types["seed"][1][CONTROL_START_KEY] == "fixed", "the pack's editor extension starts the control there"
+    assert "control_after_generate" not in types["rank"][1]
+    with pytest.raises(SchemaError, match="control_after_generate 'sometimes' is neither a bool nor one of"):
+        node(category="test", inputs=[Int("seed", control_after_generate="sometimes")],
+             outputs=[Output("NUMBER")])(FixedSeed)
+
+
+def test_a_seed_declared_without_control_tells_the_editor_so():
+    info = MergeSeeded.SCHEMA.object_info()
+    assert info["input"]["required"]["seed"][1]["control_after_generate"] is False, \
+        "unsaid, the editor gives every INT named seed a control widget that starts at 'randomize'"
+    assert editor_widget_count(info) == 3
+    assert SeedThenText.SCHEMA.object_info()["input"]["required"]["seed"][1]["control_after_generate"] is True
+    assert editor_widget_count(SeedThenText.SCHEMA.object_info()) == 4
+
+
+@pytest.mark.parametrize("widgets,expected", [
+    ([7, 0.3, 0.9], {"seed": 7, "weight": 0.3, "gamma": 0.9}),  # as the editor writes it now
+    ([7, "fixed", 0.3, 0.9], {"seed": 7, "weight": 0.3, "gamma": 0.9}),  # an editor that added a control
+    ([7, "randomize", 0.3], {"seed": 7, "weight": 0.3}),  # ... to a file from before gamma: count says no control
+    ([7, 0.3], {"seed": 7, "weight": 0.3}),  # from before gamma, without a control
+])
+def test_widget_values_are_read_with_and_without_control_values(widgets, expected):
+    registry = NodeRegistry([MergeSeeded, SeedThenText])
+    assert load_workflow(_one_node("MergeSeeded", widgets), registry).prompt["1"]["inputs"] == expected
+
+
+def test_a_declared_control_value_is_optional_in_the_file():
+    registry = NodeRegistry([MergeSeeded, SeedThenText])
+    read = {"seed": 7, "note": "a", "flag": True}
+    assert load_workflow(_one_node("SeedThenText", [7, "fixed", "a", True]), registry).prompt["1"]["inputs"] == read
+    assert load_workflow(_one_node("SeedThenText", [7, "a", True]), registry).prompt["1"]["inputs"] == read
+    assert load_workflow(_one_node("SeedThenText", [7, "increment", "a"]), registry).prompt["1"]["inputs"] == \
+        {"seed": 7, "note": "a"}, "the count is short, but only one reading fits (flag cannot be 'a')"
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(_one_node("SeedThenText", [7, "fixed"]), registry)
+    err = info.value
+    assert err.kind == "ambiguous_widgets" and err.node == "1" and err.class_type == "SeedThenText", str(err)
+    assert "with and without a control value" in str(err) and "after seed" in str(err) and err.fix, str(err)
+
+
+def test_shipped_ui_workflows_have_a_value_for_every_widget_the_editor_shows():
+    """Otherwise the editor puts every later value into the widget before it."""
+    from loraloom.nodes import registry
+
+    reg = registry()
+    for path in sorted(SHIPPED.glob("*.json")):
+        ui = json.loads(path.read_text())
+        if "nodes" not in ui:
+            continue
+        for n in ui["nodes"]:
+            cls = reg.get(n["type"])
+            if cls is not None:
+                assert len(n.get("widgets_values", [])) == editor_widget_count(cls.SCHEMA.object_info()), \
+                    f"{path.name}: node {n['id']} ({n['type']}) {n.get('widgets_values')}"
+
+
+@pytest.mark.parametrize("saved", [
+    [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, "randomize", 0.3, 0.6, 0.01],  # as the editor saves it
+    [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, "fixed", 0.3, 0.6],  # ... before gamma existed
+    [1.0, 1.0, "dare_linear", 0.5, "total", 0, 0.0, 7, 0.3, 0.6, 0.01],  # as `convert --to ui` wrote it before
+])
+def test_a_merge_saved_by_any_editor_reads_as_it_showed(saved):
+    """The issue's case: a PeftMerge saved with a control value after its seed read 'fixed' as weight_c."""
+    from loraloom.nodes import registry
+
+    inputs = load_workflow(_one_node("PeftMerge", saved), registry()).prompt["1"]["inputs"]
+    assert (inputs["seed"], inputs["weight_c"], inputs["weight_d"]) == (7, 0.3, 0.6), inputs

@@ -56,6 +56,20 @@ async def test_page_static_files_and_defaults(serve, frontend):
         assert (await server.client.get("/assets/missing.js")).status == 404
 
 
+@pytest.mark.parametrize("prefix", ["/api", ""])
+async def test_the_packs_editor_extension_is_listed_and_served_as_comfyui_does(serve, prefix):
+    """ComfyUI lists a node pack's WEB_DIRECTORY files as /extensions/<pack>/<file> and serves them there."""
+    import loraloom
+
+    async with serve() as server:
+        listed = await (await server.client.get(prefix + "/extensions")).json()
+        assert listed == ["/extensions/loraloom/loraloom.js"]
+        resp = await server.client.get(listed[0])
+        assert resp.status == 200 and "javascript" in resp.headers["Content-Type"]
+        assert "registerExtension" in await resp.text()
+    assert loraloom.WEB_DIRECTORY == "./web", "ComfyUI reads the folder from the pack's __init__"
+
+
 async def test_without_the_frontend_the_page_says_how_to_install_it(serve, monkeypatch):
     monkeypatch.setattr("loraloom.server.app.find_frontend", lambda: None)
     async with serve(frontend_dir=None) as server:

@@ -5,7 +5,10 @@ It starts with no error of ours in its console and no request beyond this server
 UI-format workflow loads through the page with no missing node type, and what the page would queue
 validates and means what our API file means; blend and merge_dare are queued and their images appear
 on the Save Image node. fuse_compile (about a minute of torch.compile on a CPU) is loaded and
-validated, not run. With a token, the page works through the cookie that ``/?token=`` sets.
+validated, not run; after a run each node shows the text it reported (our editor extension). Every
+shipped workflow, and every node placed fresh from the node library, round-trips other values in
+every widget: saved, queued, and read back by our converter. With a token, the page works through
+the cookie that ``/?token=`` sets.
 """
 
 from __future__ import annotations
@@ -139,6 +142,9 @@ def open_editor(browser, root: Path, token: str | None = None):
     """Serve the real nodes from ``root`` and open the page in a fresh browser context: an :class:`Editor`."""
     from loraloom import Runtime
 
+    skeleton = root / "models" / "skeleton"  # a diffusers folder: LoadBase's source and config get a second option
+    skeleton.mkdir(parents=True, exist_ok=True)
+    (skeleton / "model_index.json").write_text("{}")
     runtime = Runtime(lora_dirs=[root / "loras"], models_dir=root / "models", output_dir=root / "output",
                       demo_loras=True)  # the shipped workflows are loaded and run
     server = LiveServer(create_app(runtime, ServerConfig(user_dir=root / "user", token=token)))
@@ -150,6 +156,9 @@ def open_editor(browser, root: Path, token: str | None = None):
         page.goto(server.url + (f"?token={token}" if token else ""))
         page.wait_for_function("window.app && window.app.graph && window.LiteGraph")
         page.wait_for_load_state("networkidle")
+        page.evaluate("""() => { window.loomTexts = {};  // node id -> the ui text the server sent for it
+            window.app.api.addEventListener('executed', ({detail}) => {
+                if (detail.output?.text) window.loomTexts[detail.node] = detail.output.text }) }""")
         yield ed
     finally:
         context.close()
@@ -186,6 +195,7 @@ def test_a_queued_workflow_shows_its_image(editor, name):
     editor.load(name)
     # The canvas loads a node's images when it draws the node: bring the Save Image node into view.
     editor.page.evaluate("window.app.canvas.centerOnNode(window.app.graph.nodes.find(n => n.type === 'SaveImage'))")
+    editor.page.evaluate("window.loomTexts = {}")
     assert editor.page.evaluate("window.app.queuePrompt(0, 1)") is not False, "the page queued the prompt"
     prefix = RUN[name]
     editor.page.wait_for_function(
@@ -201,6 +211,17 @@ def test_a_queued_workflow_shows_its_image(editor, name):
     assert last.status == "success", f"{name}: {last.messages}"
     saved = sorted((editor.runtime.folders.output_dir).glob(f"{prefix}*.png"))
     assert saved, f"{name}: no {prefix}*.png in the output folder"
+    shown = editor.page.evaluate("""() => Object.fromEntries(Object.keys(window.loomTexts).map(id => {
+        const w = (window.app.graph.getNodeById(Number(id)).widgets || []).find(w => w.name === 'loraloom_text');
+        return [id, w && w.element.isConnected ? w.element.value : null] }))""")
+    texts = editor.page.evaluate("window.loomTexts")
+    assert texts.get("4"), f"{name}: node 4 (the blend recipe, the merge report) reported no text: {texts}"
+    assert shown == {node: "\n".join(lines) for node, lines in texts.items()}, "each node shows its ui text"
+    after = editor.page.evaluate("async () => await window.app.graphToPrompt()")
+    shipped = {n["id"]: n.get("widgets_values") for n in json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]}
+    assert {n["id"]: n.get("widgets_values") for n in after["workflow"]["nodes"]} == shipped, \
+        "the text box is neither saved with the workflow nor shifts what is"
+    assert not any("loraloom_text" in n["inputs"] for n in after["output"].values()), "nor is it queued"
     assert editor.problems == [], "\n".join(editor.problems)
 
 
@@ -212,3 +233,155 @@ def test_with_a_token_the_page_works_through_its_cookie(browser, tmp_path):
         status = ed.page.evaluate("fetch('/api/queue', {credentials: 'omit'}).then(r => r.status)")
         assert status == 401, "without the cookie the server refuses"
         ed.problems.clear()
+
+
+# The round trip: every widget of every node gets a value other than the one it has, the page saves
+# (exports) the workflow and queues it; the prompt it posts and our reading of its saved workflow must
+# both carry exactly the values set. The queue request is answered here, not run (the values are other,
+# not meaningful: a preset with a config folder is refused by validation, which is tested elsewhere).
+
+EDITOR_WIDGETS_JS = """() => Object.fromEntries(window.app.graph.nodes.map(n => [n.id, {
+    type: n.type,
+    widgets: (n.widgets || []).filter(w => w.serialize !== false).map(w => ({
+        name: w.name, value: w.value, values: Array.isArray(w.options?.values) ? w.options.values : null}))}]))"""
+STRINGS = {"block_weights": "0.5", "adapter_names": "", "prompt": "a red square, round trip",
+           "negative_prompt": "blurry"}  # values that also pass validation; other strings get a suffix
+CONTROL = "control_after_generate"
+
+
+def _other_value(inp, current, combo_values):
+    """A value for widget ``inp`` other than ``current``, inside its range and options."""
+    if inp.type in ("INT", "FLOAT"):
+        step = inp.step or 1
+        value = current + step if inp.max is None or current + step <= inp.max else current - step
+        return round(value, 6) if inp.type == "FLOAT" else value
+    if inp.type == "BOOLEAN":
+        return not current
+    if inp.type == "STRING":
+        value = STRINGS.get(inp.name, f"{current}-rt")
+        return value if value != current else f"{current}-rt"
+    return next(v for v in combo_values if v != current)
+
+
+class RoundTrip:
+    """Set other values in every widget of the page's graph, save, queue, and hold what the page sent."""
+
+    def __init__(self, editor):
+        self.editor = editor
+        self.posted: list[dict] = []
+
+    def set_other_values(self) -> dict:
+        """{node id: {widget: value}} set in the page, control widgets included."""
+        registry = self.editor.runtime.registry
+        chosen = {}
+        for node_id, node in self.editor.page.evaluate(EDITOR_WIDGETS_JS).items():
+            schema = registry.get(node["type"]).SCHEMA
+            values = {}
+            for w in node["widgets"]:
+                if w["name"] == CONTROL:
+                    values[CONTROL] = "fixed" if w["value"] != "fixed" else "increment"
+                else:
+                    values[w["name"]] = _other_value(schema.input(w["name"]), w["value"], w["values"])
+            chosen[node_id] = values
+        self.editor.page.evaluate("""chosen => { for (const n of window.app.graph.nodes)
+            for (const [name, value] of Object.entries(chosen[n.id] || {}))
+                n.widgets.find(w => w.name === name).value = value }""", chosen)
+        return chosen
+
+    def save_and_queue(self) -> tuple[dict, dict]:
+        """The workflow the page exports, and the body of the POST /prompt it sends when queued."""
+        page = self.editor.page
+
+        def answer(route):
+            if route.request.method != "POST":
+                return route.continue_()
+            self.posted.append(json.loads(route.request.post_data))
+            return route.fulfill(json={"prompt_id": f"rt-{len(self.posted)}", "number": 0, "node_errors": {}})
+
+        workflow = page.evaluate("async () => (await window.app.graphToPrompt()).workflow")
+        page.route("**/prompt", answer)
+        try:
+            assert page.evaluate("window.app.queuePrompt(0, 1)") is not False, "the page queued the prompt"
+        finally:
+            page.unroute("**/prompt", answer)
+        assert len(self.posted) == 1, "one POST /prompt"
+        return workflow, self.posted[0]
+
+
+def _assert_values(where: str, prompt: dict, chosen: dict) -> None:
+    for node_id, values in chosen.items():
+        inputs = prompt[str(node_id)]["inputs"]
+        for name, value in values.items():
+            if name == CONTROL:
+                assert name not in inputs, f"{where}: node {node_id}: the control widget is the page's own"
+                continue
+            assert inputs.get(name) == (pytest.approx(value) if isinstance(value, float) else value), \
+                f"{where}: node {node_id} ({prompt[str(node_id)]['class_type']}) input {name!r}: {inputs.get(name)!r}"
+
+
+def _round_trip(editor) -> tuple[dict, dict]:
+    """Set other values in the page's graph, save and queue: the values set and the saved workflow."""
+    from loraloom.graph_runtime.workflow import ui_to_api
+
+    trip = RoundTrip(editor)
+    chosen = trip.set_other_values()
+    workflow, body = trip.save_and_queue()
+    _assert_values("the prompt the page posted", body["prompt"], chosen)
+    embedded = body["extra_data"]["extra_pnginfo"]["workflow"]  # what a saved image carries
+    assert [n.get("widgets_values") for n in embedded["nodes"]] == [n.get("widgets_values") for n in workflow["nodes"]]
+    _assert_values("our reading of the saved workflow", ui_to_api(workflow, editor.runtime.registry), chosen)
+    for node in workflow["nodes"]:
+        if CONTROL in chosen[str(node["id"])]:
+            assert chosen[str(node["id"])][CONTROL] in node["widgets_values"], "the control value is saved"
+    return chosen, workflow
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_shipped_workflow_round_trips_other_values_through_the_editor(editor, name):
+    from loraloom.graph_runtime.workflow import ui_to_api
+
+    shipped = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    editor.load(name)
+    page_nodes = editor.page.evaluate(EDITOR_WIDGETS_JS)
+    ours = ui_to_api(shipped, editor.runtime.registry)
+    for node in shipped["nodes"]:
+        widgets = page_nodes[str(node["id"])]["widgets"]
+        assert len(node.get("widgets_values", [])) == len(widgets), \
+            f"{name}: node {node['id']} ({node['type']}): the editor has {[w['name'] for w in widgets]}"
+        for w in widgets:
+            if w["name"] != CONTROL:
+                assert ours[str(node["id"])]["inputs"][w["name"]] == w["value"], (name, node["id"], w["name"])
+    _round_trip(editor)
+    assert editor.problems == [], "\n".join(editor.problems)
+
+
+def test_every_node_placed_fresh_round_trips_other_values_through_the_editor(editor):
+    types = sorted(editor.page.evaluate(
+        "Object.keys(window.LiteGraph.registered_node_types).filter(t => window.LiteGraph.registered_node_types[t]"
+        ".nodeData?.python_module?.startsWith('custom_nodes.loraloom'))"))
+    assert set(editor.runtime.registry) <= set(types), "every node of ours is in the node library"
+    editor.page.evaluate("""types => { window.app.graph.clear();
+        types.forEach((type, i) => { const n = window.LiteGraph.createNode(type);
+            n.pos = [50 + 400 * (i % 5), 50 + 500 * Math.floor(i / 5)]; window.app.graph.add(n) }) }""", types)
+    fresh = editor.page.evaluate(EDITOR_WIDGETS_JS)
+    for node in fresh.values():
+        schema = editor.runtime.registry.get(node["type"]).SCHEMA
+        names = [w["name"] for w in node["widgets"]]
+        assert [n for n in names if n != CONTROL] == [w.name for w in schema.widgets], node["type"]
+        for w in node["widgets"]:
+            inp = schema.input(w["name"])
+            if inp is not None and inp.has_default:
+                assert w["value"] == inp.default, f"{node['type']}.{w['name']}: the editor's default"
+        controlled = [names[i - 1] for i, name in enumerate(names) if name == CONTROL]
+        assert controlled == [w.name for w in schema.widgets if w.control_after_generate], node["type"]
+        for name in controlled:
+            start = schema.input(name).control_after_generate
+            assert node["widgets"][names.index(name) + 1]["value"] == (start if isinstance(start, str) else
+                                                                      "randomize"), \
+                f"{node['type']}.{name}: its control starts as declared (PeftMerge's seed: fixed, reproducible)"
+    chosen, saved = _round_trip(editor)  # saved before the queue: after it, "increment" has moved a seed on
+    editor.page.evaluate("async wf => { await window.app.loadGraphData(wf) }", saved)
+    reloaded = editor.page.evaluate(EDITOR_WIDGETS_JS)
+    assert {i: {w["name"]: w["value"] for w in n["widgets"]} for i, n in reloaded.items()} == chosen, \
+        "a saved workflow loads with the values it was saved with, control modes included"
+    assert editor.problems == [], "\n".join(editor.problems)
