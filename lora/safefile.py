@@ -162,7 +162,8 @@ class FileRole:
     signature) to make each refusal; a LoomError. noun: what the file is ("LoRA file"). sizes: its
     usual size, after "usually". tensors: its usual tensor count ("an SDXL LoRA has about 2,300").
     raise_limit: the fix for a refusal by a limit, with ``{field}`` for the limit's name.
-    not_finite: the fix for NaN or infinite values.
+    not_finite: the fix for NaN or infinite values. pickle_option: what else a pickle's owner may do,
+    after its conversion command ("" if nothing).
     """
 
     error: Any
@@ -171,6 +172,7 @@ class FileRole:
     tensors: str
     raise_limit: str
     not_finite: str
+    pickle_option: str = ""
 
 
 LORA = FileRole(
@@ -178,6 +180,7 @@ LORA = FileRole(
     raise_limit="if the file is trusted, pass limits=Limits({field}=...) with a larger value.",
     not_finite="the LoRA was saved from a diverged training run or overflowed in fp16: use another "
                "epoch's file, or re-export it in bf16 or fp32.",
+    pickle_option=", or pass allow_pickle=True to load it with torch.load(weights_only=True)",
 )
 """The role of LoRA files: refusals are LoRAFileErrors."""
 
@@ -397,8 +400,8 @@ def _pickle_refused(src: Source, what: str) -> LoomError:
         "only safetensors files are read by default.",
         value=what,
         fix=(
-            f"convert it once to safetensors: {one_liner} (weights_only=True refuses code), "
-            "or pass allow_pickle=True to load it with torch.load(weights_only=True)."
+            f"convert it once to safetensors: {one_liner} (weights_only=True refuses code)"
+            f"{src.role.pickle_option}."
         ),
     )
 
