@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 from ..graph_runtime import FileState
 from ..graph_runtime.errors import LoomError
-from ..graph_runtime.files import path_state
+from ..graph_runtime.files import FileError, path_state, read_capped
 from ..lora.safefile import FileRole, Header, Limits, TensorInfo, inspect_header, scan_file
 from .arch import BaseModelError, read_config
 
@@ -169,11 +169,11 @@ def check_config_files(folder: Path, components: Iterable[str]) -> None:
         for path in sorted(sub.iterdir()):
             if path.suffix == ".json":
                 read_config(path, f"{name} settings", max_bytes=MAX_CONFIG_BYTES)
-            elif path.suffix == ".txt":
-                size = path.stat().st_size
-                if size > MAX_CONFIG_BYTES:
-                    raise _refuse(path, f"this file is {size} bytes, above the limit of {MAX_CONFIG_BYTES} bytes "
-                                        "for a tokenizer or config file.", value=size, limit=MAX_CONFIG_BYTES)
+            elif path.suffix == ".txt":  # merges.txt: read whole by the tokenizer, so bounded and regular
+                try:
+                    read_capped(path, MAX_CONFIG_BYTES, "tokenizer file")
+                except FileError as exc:
+                    raise _refuse(path, exc.message, value=exc.value, limit=exc.limit, kind=exc.kind) from None
 
 
 def weight_files(folder: Path, component: str) -> list[Path]:

@@ -277,3 +277,21 @@ def test_weights_are_scanned_once_per_file_state(tiny_model_files, monkeypatch):
     for _ in range(2):
         load_base(path, config=tiny_model_files("tiny-sd15")["config"], dtype="fp32", device="cpu")
     assert calls == [path], "an unchanged file is read through once"
+
+
+@pytest.mark.parametrize("rel", ["tokenizer/tokenizer.json", "unet/diffusion_pytorch_model.safetensors"])
+def test_a_fifo_in_a_folder_is_refused_not_waited_on(tiny_model_files, tmp_path, rel):
+    import threading
+
+    folder = shutil.copytree(tiny_model_files("tiny-sd15")["folder"], tmp_path / "model")
+    (folder / rel).unlink()
+    os.mkfifo(folder / rel)
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(_refused(folder)), daemon=True)
+    worker.start()
+    worker.join(120)
+    if not outcome:  # a library opened the FIFO and waits for a writer: let it go, then fail
+        with open(folder / rel, "wb"):
+            pass
+        pytest.fail(f"loading waited on the FIFO {rel}")
+    assert outcome[0].file == str(folder / rel) and "named pipe" in str(outcome[0]), outcome[0].fields()
