@@ -196,10 +196,10 @@ def test_config_that_asks_more_than_its_weights_hold_is_refused(tiny_model_files
     folder = shutil.copytree(tiny_model_files("tiny-sd15")["folder"], tmp_path / "model")
     path = folder / "text_encoder" / "config.json"
     config = json.loads(path.read_text())
-    _edit_json(path, vocab_size=config["vocab_size"] + 1)
+    _edit_json(path, vocab_size=config["vocab_size"] * 4)
     err = _refused(folder)
     assert err.kind == "config_mismatch" and err.file == str(path), err.fields()
-    assert err.limit + config["hidden_size"] == err.value, err.fields()
+    assert err.limit + 3 * config["vocab_size"] * config["hidden_size"] == err.value, err.fields()
     assert "token_embedding.weight" in str(err) and "model.safetensors" in str(err), str(err)
 
 
