@@ -111,7 +111,10 @@ def _corpus(root: Path, model_files) -> list[tuple[str, list[str], int, str]]:
         (loras / f"{name}.safetensors").write_bytes(data)
     _nan(_lora(loras / "nan.safetensors"))
     torch.save({"x": torch.zeros(1)}, loras / "pickle.safetensors")
-    for name in [*lora_cases, "nan", "pickle"]:
+    peft_key = "unet.down_blocks.0.attentions.0.proj_in"
+    save_file({f"{peft_key}.lora_A.weight": torch.zeros(4, 8), f"{peft_key}.lora_B.weight": torch.zeros(8, 4)},
+              str(loras / "deep-metadata.safetensors"), metadata={"lora_adapter_metadata": "[" * 10**5 + "]" * 10**5})
+    for name in [*lora_cases, "nan", "pickle", "deep-metadata"]:
         workflow(f"lora-{name}.json", json.dumps(_lora_workflow(f"{name}.safetensors")).encode(), "run")
         cases[-1] = (*cases[-1][:3], str(loras / f"{name}.safetensors"))
     # Base checkpoints a workflow names, through `run`
