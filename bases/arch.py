@@ -96,8 +96,8 @@ def read_config(path: Path, what: str, max_bytes: int = MAX_CONFIG_JSON_BYTES) -
         value = loads_strict(read_capped(path, max_bytes, "config file"), source=str(path), max_bytes=max_bytes)
     except (FileError, LoomError) as exc:
         # loads_strict names its source in the message too; the file field names it once.
-        raise BaseModelError(exc.message.removeprefix(f"{path}: "), file=exc.file or path, key=exc.key, value=exc.value, limit=exc.limit,
-                             fix=exc.fix, kind=exc.kind) from None
+        raise BaseModelError(exc.message.removeprefix(f"{path}: "), file=exc.file or path, key=exc.key,
+                             value=exc.value, limit=exc.limit, fix=exc.fix, kind=exc.kind) from None
     if not isinstance(value, dict):
         raise BaseModelError(f"a config file holds a JSON object, not {type(value).__name__}.", file=path,
                              value=type(value).__name__, limit="object")

@@ -59,7 +59,8 @@ COMPONENT_CLASSES: dict[str, set[tuple[str | None, str | None]]] = {
     "tokenizer": _TOKENIZERS,
     "tokenizer_2": _TOKENIZERS,
     "safety_checker": {(None, None), ("stable_diffusion", "StableDiffusionSafetyChecker")},
-    "feature_extractor": {(None, None), ("transformers", "CLIPImageProcessor"), ("transformers", "CLIPFeatureExtractor")},
+    "feature_extractor": {(None, None), ("transformers", "CLIPImageProcessor"),
+                          ("transformers", "CLIPFeatureExtractor")},
     "image_encoder": {(None, None)},
 }
 _SCHEDULER = re.compile(r"[A-Z][A-Za-z0-9]*Scheduler")  # any diffusers scheduler class, checked to exist

@@ -151,7 +151,8 @@ def identify_base(
     config: str | Path | None = None,
 ) -> BaseIdentity:
     """Check a base's arguments and say what it is, reading configs and hashing files (memoised)
-    but building nothing. Arguments as for load_base; it raises the same errors."""
+    but building nothing. Every config and weights header is checked here (see bases.checks; the
+    weights' values are checked by load_base). Arguments as for load_base; it raises the same errors."""
     torch_dtype, torch_device = devices.resolve(dtype, device)
     name = str(source)
     if isinstance(source, str) and source in presets.PRESETS:
@@ -206,7 +207,8 @@ def load_base(
     # Every value of every weights file is checked before diffusers opens it (remembered per file
     # state, so a base evicted from the pool and loaded again is not read through twice).
     if identity.kind == "folder":
-        weights = [header.path for header in _check_folder(Path(identity.source), file_fingerprint(identity.source)).headers]
+        checked = _check_folder(Path(identity.source), file_fingerprint(identity.source))
+        weights = [header.path for header in checked.headers]
     else:
         weights = [Path(identity.source)]
     scanned = [checks.check_weights(path) for path in weights]
