@@ -22,12 +22,14 @@ import math
 import os
 import re
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..graph_runtime import FileState
+from ..graph_runtime.cache import RACY_NS
 from ..graph_runtime.errors import LoomError
 from ..graph_runtime.files import FileError, path_state, read_capped
 from ..lora.safefile import FileRole, Header, Limits, TensorInfo, inspect_header, scan_file
@@ -98,16 +100,20 @@ _scanned_lock = threading.Lock()
 
 def check_weights(path: str | os.PathLike) -> Header:
     """Check a weights file from header to last value (lora/safefile's ``scan_file``); remembered
-    per file state (size, mtime, ctime, inode), so an unchanged file is read through once."""
+    per file state (size, mtime, ctime, inode), so an unchanged file is read through once. As for
+    file fingerprints, a state is trusted only once its last change is RACY_NS old: a same-size
+    write in the same timestamp tick would leave the state as it was."""
     real = os.path.realpath(path)
     state = path_state(real)
     with _scanned_lock:
         known = _scanned.get((real, state)) if state is not None else None
     if known is not None:
         return known
+    started = time.time_ns()
     header = scan_file(path, CHECKPOINT, CHECKPOINT_LIMITS)
-    with _scanned_lock:
-        _scanned[(real, header.state)] = header
+    if started - header.state.ctime_ns >= RACY_NS:
+        with _scanned_lock:
+            _scanned[(real, header.state)] = header
     return header
 
 

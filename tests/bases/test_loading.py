@@ -273,6 +273,7 @@ def test_weights_are_scanned_once_per_file_state(tiny_model_files, monkeypatch):
     scan = checks.scan_file
     monkeypatch.setattr(checks, "scan_file", lambda *a, **k: calls.append(a[0]) or scan(*a, **k))
     monkeypatch.setattr(checks, "_scanned", {})
+    monkeypatch.setattr(checks, "RACY_NS", 0)  # the fixture's files may be younger than a timestamp tick
     path = tiny_model_files("tiny-sd15")["single_file"]
     for _ in range(2):
         load_base(path, config=tiny_model_files("tiny-sd15")["config"], dtype="fp32", device="cpu")
