@@ -6,7 +6,6 @@ non-SD pipelines) raises a ValueError that says what was found.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -77,25 +76,40 @@ def detect_pipeline_arch(pipe) -> str:
     return _check_class(type(pipe).__name__, arch, where, [cls.__name__ for cls in type(pipe).__mro__])
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+MAX_CONFIG_JSON_BYTES = 1 * 2**20  # a config.json or model_index.json is a few kB
+
+
+def read_config(path: Path, what: str, max_bytes: int = MAX_CONFIG_JSON_BYTES) -> dict[str, Any]:
+    """A JSON object from a base model's folder, read as strictly as a workflow (graph_runtime's
+    reader: a regular file, size-capped before reading; no NaN, duplicate keys or deep nesting);
+    `what` says what the file is for, in the error when it is missing."""
+    from ..graph_runtime.files import FileError, read_capped
+    from ..graph_runtime.jsonio import loads_strict
+
+    if not path.exists() and not path.is_symlink():
         raise BaseModelError(
             f"{path.parent}: no {path.name}; expected a diffusers folder ({what}).", value=str(path),
             kind="not_found", fix="point at the folder that save_pretrained wrote (it holds model_index.json and "
                                   "unet/config.json)"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BaseModelError(f"{path}: not valid JSON ({exc})") from None
+        )
+    try:
+        value = loads_strict(read_capped(path, max_bytes, "config file"), source=str(path), max_bytes=max_bytes)
+    except (FileError, LoomError) as exc:
+        # loads_strict names its source in the message too; the file field names it once.
+        raise BaseModelError(exc.message.removeprefix(f"{path}: "), file=exc.file or path, key=exc.key,
+                             value=exc.value, limit=exc.limit, fix=exc.fix, kind=exc.kind) from None
+    if not isinstance(value, dict):
+        raise BaseModelError(f"a config file holds a JSON object, not {type(value).__name__}.", file=path,
+                             value=type(value).__name__, limit="object")
+    return value
 
 
 def detect_folder_arch(folder: str | Path) -> str:
     """"sd15" or "sdxl" for a diffusers folder or config skeleton, from model_index.json and
     unet/config.json only (no weights read)."""
     folder = Path(folder)
-    index = _read_json(folder / "model_index.json", "model_index.json names the pipeline class")
-    unet_config = _read_json(folder / "unet" / "config.json", "unet/config.json describes the UNet")
+    index = read_config(folder / "model_index.json", "model_index.json names the pipeline class")
+    unet_config = read_config(folder / "unet" / "config.json", "unet/config.json describes the UNet")
     arch = arch_from_unet_config(unet_config, str(folder))
     return _check_class(index.get("_class_name"), arch, str(folder))
 
@@ -127,14 +141,8 @@ def detect_checkpoint_arch(keys: Iterable[str], where: str) -> str:
 
 
 def detect_file_arch(path: str | Path) -> str:
-    """"sd15" or "sdxl" for a single-file .safetensors checkpoint, reading only its header."""
-    from safetensors import safe_open
+    """"sd15" or "sdxl" for a single-file .safetensors checkpoint, reading only its header (checked
+    as strictly as a LoRA's: see bases.checks)."""
+    from .checks import weights_header
 
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-    except FileNotFoundError:
-        raise BaseModelError(f"{path}: no such file") from None
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise BaseModelError(f"{path}: not a readable .safetensors file ({exc})") from None
-    return detect_checkpoint_arch(keys, str(path))
+    return detect_checkpoint_arch(weights_header(path).tensors, str(path))

@@ -8,6 +8,7 @@ description.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from ..graph_runtime import file_fingerprint
 from . import arch as arch_mod
 from .arch import BaseModelError
-from . import devices, presets
+from . import checks, devices, presets
 
 
 @dataclass(frozen=True)
@@ -98,15 +99,28 @@ class BaseIdentity:
         return devices.dtype_name(self.dtype)
 
 
+_checked_folders: dict[tuple[str, str], checks.CheckedFolder] = {}
+
+
+def _check_folder(path: Path, fingerprint: str, weights: bool = True) -> checks.CheckedFolder:
+    """checks.check_folder, remembered by content fingerprint: a folder is checked once per content."""
+    key = (os.path.realpath(path), f"{fingerprint}:{weights}")
+    if key not in _checked_folders:
+        _checked_folders[key] = checks.check_folder(path, weights)
+    return _checked_folders[key]
+
+
 def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path]:
-    """The architecture of a single-file checkpoint and its checked config folder."""
+    """The architecture of a single-file checkpoint and its checked config folder. Only the header
+    is read here; load_base checks every value before diffusers opens the file."""
     if path.suffix.lower() != ".safetensors":
         raise BaseModelError(
             f"{path}: only .safetensors checkpoints are loaded ({path.suffix or 'no suffix'} files may "
             "be pickles, which can run code).", value=path.suffix, limit=".safetensors",
             fix="convert it to .safetensors first"
         )
-    arch = arch_mod.detect_file_arch(path)
+    header = checks.weights_header(path)
+    arch = arch_mod.detect_checkpoint_arch(header.tensors, str(path))
     if config is None:
         raise BaseModelError(
             f"single-file checkpoint {path} needs a config folder: its configs and tokenizers would "
@@ -125,6 +139,8 @@ def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path
             f"single-file checkpoint {path} is {arch}, but config folder {config} describes {config_arch}.",
             value=config_arch, limit=arch, fix=f"pass a config folder of an {arch} pipeline"
         )
+    shapes = _check_folder(config, file_fingerprint(config), weights=False).shapes
+    checks.check_budget(config, "the pipeline", shapes, header.tensors.values(), path)
     return arch, config
 
 
@@ -135,7 +151,8 @@ def identify_base(
     config: str | Path | None = None,
 ) -> BaseIdentity:
     """Check a base's arguments and say what it is, reading configs and hashing files (memoised)
-    but building nothing. Arguments as for load_base; it raises the same errors."""
+    but building nothing. Every config and weights header is checked here (see bases.checks; the
+    weights' values are checked by load_base). Arguments as for load_base; it raises the same errors."""
     torch_dtype, torch_device = devices.resolve(dtype, device)
     name = str(source)
     if isinstance(source, str) and source in presets.PRESETS:
@@ -152,8 +169,9 @@ def identify_base(
                 "single-file checkpoints.", value=config, fix="drop config"
             )
         arch = arch_mod.detect_folder_arch(path)
-        return BaseIdentity(name, "folder", arch, torch_dtype, torch_device,
-                            f"folder:blake2b:{file_fingerprint(path)}")
+        digest = file_fingerprint(path)
+        _check_folder(path, digest)
+        return BaseIdentity(name, "folder", arch, torch_dtype, torch_device, f"folder:blake2b:{digest}")
     if path.is_file():
         arch, config = _check_single_file(path, config)
         digest = f"single-file:blake2b:{file_fingerprint(path)}+config:blake2b:{file_fingerprint(config)}"
@@ -186,10 +204,23 @@ def load_base(
         return LoadedBase(pipe, identity.arch, identity.dtype, identity.device, identity.fingerprint, identity.source)
     cls = _pipeline_class(identity.arch)
     common = {"dtype": identity.dtype, "local_files_only": True, **_extra_kwargs(identity.arch)}
+    # Every value of every weights file is checked before diffusers opens it (remembered per file
+    # state, so a base evicted from the pool and loaded again is not read through twice).
     if identity.kind == "folder":
-        pipe = cls.from_pretrained(identity.source, **common)
+        checked = _check_folder(Path(identity.source), file_fingerprint(identity.source))
+        weights = [header.path for header in checked.headers]
     else:
-        pipe = cls.from_single_file(identity.source, config=str(identity.config), **common)
+        weights = [Path(identity.source)]
+    scanned = [checks.check_weights(path) for path in weights]
+    try:
+        if identity.kind == "folder":
+            pipe = cls.from_pretrained(identity.source, use_safetensors=True, **common)
+        else:
+            pipe = cls.from_single_file(identity.source, config=str(identity.config), **common)
+    except Exception as exc:  # what the checks above could not foresee: the library's own words, as ours
+        raise BaseModelError(f"diffusers could not load this base: {type(exc).__name__}: {str(exc)[:500]}",
+                             file=identity.source, value=type(exc).__name__, kind="load_failed") from None
+    checks.unchanged_since_checked(scanned)
     # Loaders may return a subclass or a variant; the pipeline must agree with what the files said.
     loaded_arch = arch_mod.detect_pipeline_arch(pipe)
     if loaded_arch != identity.arch:

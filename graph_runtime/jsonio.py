@@ -11,6 +11,7 @@ from .files import FileError, read_capped
 
 MAX_WORKFLOW_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64
+MAX_INT_DIGITS = 4300  # Python's own limit for int(str): longer ones raise a bare ValueError
 
 
 def _reject_constant(name: str):
@@ -24,6 +25,14 @@ def _finite_float(text: str) -> float:
         raise WorkflowError(f"number {text} is not finite (it overflows a 64-bit float); "
                             "workflows may hold only finite numbers", value=text, kind="overflow")
     return value
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise WorkflowError(f"an integer of {digits} digits is above the limit of {MAX_INT_DIGITS} digits",
+                            value=text[:20] + "...", limit=MAX_INT_DIGITS, kind="overflow")
+    return int(text)
 
 
 def _unique_pairs(pairs: list) -> dict:
@@ -61,7 +70,7 @@ def loads_strict(text: str | bytes, source: str = "workflow", max_bytes: int = M
             raise WorkflowError(f"{source}: not UTF-8 text (byte {exc.start}); is this a JSON file?") from None
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                           object_pairs_hook=_unique_pairs)
+                           parse_int=_bounded_int, object_pairs_hook=_unique_pairs)
     except WorkflowError as exc:
         raise exc.at(file=source) from None
     except json.JSONDecodeError as exc:

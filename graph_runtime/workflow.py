@@ -403,24 +403,52 @@ def _png_text_chunks(f, path: Path) -> dict[str, str]:
 
 
 def _png_text(ctype: bytes, body: bytes, path: Path, key: str) -> str:
-    """The text of a tEXt (latin-1) or iTXt (UTF-8, maybe zlib-compressed) chunk body."""
+    """The text of a tEXt (latin-1) or iTXt (UTF-8, maybe zlib-compressed) chunk body.
+
+    iTXt (PNG spec 11.3.4.5): keyword NUL, compression flag (0 or 1), compression method (0: zlib),
+    language tag NUL, translated keyword NUL, text; each part is checked, not assumed."""
     rest = body.partition(b"\0")[2]
     if ctype == b"tEXt":
         return rest.decode("latin-1")
-    if len(rest) < 2:
-        raise WorkflowError(f"{path}: the iTXt '{key}' chunk is damaged (no compression fields)")
-    compressed = rest[0] == 1
-    text = rest[2:].split(b"\0", 2)[-1]
+    damaged = f"{path}: the iTXt '{key}' chunk is damaged"
+    if len(rest) < 2 or rest[0] not in (0, 1) or rest[1] != 0:
+        raise WorkflowError(f"{damaged}: its compression flag and method are {list(rest[:2])}, not [0 or 1, 0]",
+                            value=list(rest[:2]), limit=[1, 0], kind="damaged_png")
+    parts = rest[2:].split(b"\0", 2)
+    if len(parts) < 3:
+        raise WorkflowError(f"{damaged}: the language tag and translated keyword must each end in a NUL byte",
+                            kind="damaged_png")
+    text = parts[2]
     try:
-        if compressed:  # bounded: a small chunk may inflate to gigabytes
-            inflater = zlib.decompressobj()
-            text = inflater.decompress(text, MAX_WORKFLOW_BYTES + 1)
-            if len(text) > MAX_WORKFLOW_BYTES:
-                raise WorkflowError(f"{path}: the '{key}' chunk inflates to more than {MAX_WORKFLOW_BYTES} bytes",
-                                    limit=MAX_WORKFLOW_BYTES)
+        if rest[0] == 1:
+            text = _inflate(text, path, key)
         return text.decode("utf-8")
     except (zlib.error, UnicodeDecodeError) as exc:
         raise WorkflowError(f"{path}: the iTXt '{key}' chunk cannot be read: {exc}") from None
+
+
+_INFLATE_SLICE = 2**20
+
+
+def _inflate(data: bytes, path: Path, key: str) -> bytearray:
+    """zlib ``data`` inflated a slice at a time, refused as soon as it passes the workflow limit: a
+    small chunk may inflate to gigabytes, and one ``decompress(data, limit)`` call would still grow
+    its buffer to twice the limit."""
+    inflater = zlib.decompressobj()
+    text = bytearray()
+    while not inflater.eof:
+        out = inflater.decompress(data, _INFLATE_SLICE)
+        data = inflater.unconsumed_tail
+        if not out and not data:
+            break  # all input used and no end of stream
+        text += out
+        if len(text) > MAX_WORKFLOW_BYTES:
+            raise WorkflowError(f"{path}: the '{key}' chunk inflates to more than {MAX_WORKFLOW_BYTES} bytes",
+                                value=len(text), limit=MAX_WORKFLOW_BYTES, kind="too_large")
+    if not inflater.eof:
+        raise WorkflowError(f"{path}: the iTXt '{key}' chunk is damaged: its compressed text is cut short",
+                            kind="damaged_png")
+    return text
 
 
 def api_to_ui(prompt: dict, registry: NodeRegistry) -> dict:

@@ -543,8 +543,10 @@ def _from_text(text: str, arch: str, a: float | None, b: float | None) -> BlockW
     if text.startswith("{"):
         try:
             spec = json.loads(text, object_pairs_hook=_json_object)
-        except json.JSONDecodeError as e:
-            raise BlockWeightError(f"block-weight JSON does not parse: {e}", value=text) from None
+        except BlockWeightError:
+            raise
+        except (ValueError, RecursionError) as e:  # also an endless integer or nesting past Python's stack
+            raise BlockWeightError(f"block-weight JSON does not parse: {str(e)[:200]}", value=text) from None
         return _from_dict(spec, arch, "JSON")
     if text.startswith("%"):
         raise BlockWeightError(

@@ -26,7 +26,6 @@ error rather than silently dropped (diffusers drops DoRA with a warning).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -115,6 +114,18 @@ def read_lora(path: str | os.PathLike, *, component: str | None = None, layers_p
     )
 
 
+def _json(text: str | bytes, what: str, **where: Any) -> Any:
+    """JSON from a LoRA's files, read as strictly as a workflow (no NaN, duplicate keys, deep nesting
+    or endless integers: json.loads alone raises RecursionError or ValueError on those)."""
+    from ..graph_runtime.errors import WorkflowError
+    from ..graph_runtime.jsonio import loads_strict
+
+    try:
+        return loads_strict(text, source=what)
+    except WorkflowError as exc:
+        raise LoRAFormatError(str(exc), value=exc.value, limit=exc.limit, kind=exc.kind, **where) from None
+
+
 def _adapter_config_beside(path: Path) -> dict[str, Any] | None:
     config = path.with_name("adapter_config.json")
     if not config.is_file():
@@ -127,10 +138,7 @@ def _adapter_config_beside(path: Path) -> dict[str, Any] | None:
             value=size,
             limit=_CONFIG_MAX_BYTES,
         )
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoRAFormatError(f"adapter_config.json is not valid JSON: {exc}", path=str(config)) from None
+    data = _json(config.read_bytes(), "adapter_config.json", path=str(config))
     if not isinstance(data, dict):
         raise LoRAFormatError("adapter_config.json is not a JSON object", path=str(config), value=type(data).__name__)
     return data
@@ -326,12 +334,7 @@ def _diffusers_adapter_configs(metadata: Mapping[str, str], path: str | None) ->
     raw = metadata.get(ADAPTER_METADATA_KEY)
     if raw is None:
         return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise LoRAFormatError(
-            f"metadata {ADAPTER_METADATA_KEY!r} is not valid JSON: {exc}", path=path, key=ADAPTER_METADATA_KEY
-        ) from None
+    flat = _json(raw, f"metadata {ADAPTER_METADATA_KEY!r}", path=path, key=ADAPTER_METADATA_KEY)
     if not isinstance(flat, dict):
         raise LoRAFormatError(
             f"metadata {ADAPTER_METADATA_KEY!r} is not a JSON object", path=path, key=ADAPTER_METADATA_KEY

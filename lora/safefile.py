@@ -1,11 +1,13 @@
-"""The strict reader for LoRA files from strangers.
+"""The strict reader for safetensors files from strangers: LoRAs, and base checkpoints' weights.
 
 Every LoRA file enters LoRA Loom through ``read_lora_file`` (tensors) or ``inspect_header`` (keys,
-dtypes and shapes only). Both treat the file as hostile: the header is size-checked before it is
-read, counted before it is parsed, and validated field by field before a byte of tensor data is
-read; tensor data is read once, hashed as it streams in, and checked for NaN/Inf before anything is
-returned. Every failure is a ``LoRAFileError`` naming the file, the key, the offending value and the
-limit it broke, with a ``Fix:`` where there is one.
+dtypes and shapes only); every base checkpoint's weights file passes ``scan_file`` before diffusers
+opens it. All three treat the file as hostile: the header is size-checked before it is read, counted
+before it is parsed, and validated field by field before a byte of tensor data is read; tensor data
+is read once (hashed as it streams in, for LoRAs) and checked for NaN/Inf before anything is
+returned. Every failure names the file, the key, the offending value and the limit it broke, with a
+``Fix:`` where there is one: a ``LoRAFileError`` for LoRAs, the error class of the caller's
+:class:`FileRole` for other files.
 
 safetensors layout (https://github.com/huggingface/safetensors#format): an 8-byte little-endian
 header length N, N bytes of UTF-8 JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
@@ -23,7 +25,7 @@ import json
 import math
 import os
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,12 @@ __all__ = [
     "LoRAFileError",
     "Limits",
     "SafeFile",
+    "FileRole",
+    "LORA",
     "TensorInfo",
     "inspect_header",
     "read_lora_file",
+    "scan_file",
 ]
 
 METADATA_KEY = "__metadata__"
@@ -52,6 +57,8 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 # Bounds the float32 copies the NaN/Inf scan makes of float8 tensors.
 _FINITE_CHUNK_ELEMENTS = 2**24
+# scan_file reads tensor data in slices this big into one reused buffer: its memory, whatever the file.
+_SCAN_SLICE_BYTES = 64 * 2**20
 
 
 def _optional_dtypes(**names: str) -> dict[str, torch.dtype]:
@@ -146,6 +153,50 @@ class LoRAFileError(LoomError, ValueError):
         super().__init__(problem, file=self.path, key=key, key_label=what, value=value, limit=limit, fix=fix)
 
 
+@dataclass(frozen=True)
+class FileRole:
+    """What a safetensors file is for, as its refusals say it: the error they raise and the hints
+    that differ between a LoRA and, say, a base checkpoint. The checks themselves are the same.
+
+    error: called as ``error(path, problem, key=, value=, limit=, fix=, what=)`` (LoRAFileError's
+    signature) to make each refusal; a LoomError. noun: what the file is ("LoRA file"). sizes: its
+    usual size, after "usually". tensors: its usual tensor count ("an SDXL LoRA has about 2,300").
+    raise_limit: the fix for a refusal by a limit, with ``{field}`` for the limit's name.
+    not_finite: the fix for NaN or infinite values. pickle_option: what else a pickle's owner may do,
+    after its conversion command ("" if nothing).
+    """
+
+    error: Any
+    noun: str
+    sizes: str
+    tensors: str
+    raise_limit: str
+    not_finite: str
+    pickle_option: str = ""
+
+
+LORA = FileRole(
+    LoRAFileError, "LoRA file", sizes="10 MB to 2 GB", tensors="an SDXL LoRA has about 2,300",
+    raise_limit="if the file is trusted, pass limits=Limits({field}=...) with a larger value.",
+    not_finite="the LoRA was saved from a diverged training run or overflowed in fp16: use another "
+               "epoch's file, or re-export it in bf16 or fp32.",
+    pickle_option=", or pass allow_pickle=True to load it with torch.load(weights_only=True)",
+)
+"""The role of LoRA files: refusals are LoRAFileErrors."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """The file being read and its role: every check takes one, and refuses through it."""
+
+    path: Path
+    role: FileRole = LORA
+
+    def refuse(self, problem: str, **fields: Any) -> LoomError:
+        """The error for ``problem`` with this file named."""
+        return self.role.error(self.path, problem, **fields)
+
+
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
     """One tensor as the header declares it; offsets are relative to the data section, as in the file."""
@@ -183,6 +234,8 @@ class Header:
     data_start: int
     tensors: dict[str, TensorInfo] = field(repr=False)
     metadata: dict[str, str] = field(repr=False)
+    state: Any = field(default=None, repr=False, compare=False)
+    """The file's ``FileState`` when it was read (set by ``scan_file``, which reads it through)."""
 
     def __repr__(self) -> str:
         return f"Header({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.metadata)} metadata keys)"
@@ -233,70 +286,90 @@ def read_lora_file(
     than loaded as a mix of old and new bytes. Raises ``LoRAFileError`` (a ValueError) for every
     problem with the file, including a missing or unreadable one.
     """
-    path = Path(path)
-    with _open_checked(path, limits) as (f, state):
+    src = Source(Path(path))
+    with _open_checked(src, limits) as (f, state):
         size = state.size
-        verdict = _sniff_file(f, path, size)
+        verdict = _sniff_file(f, src, size)
         if verdict.kind in PICKLE_KINDS:
             if not allow_pickle:
-                raise _pickle_refused(path, verdict.what)
-            return _read_pickle(f, path, state, limits)
+                raise _pickle_refused(src, verdict.what)
+            return _read_pickle(f, src, state, limits)
         if isinstance(known_fingerprint, KnownFingerprint):
             known_fingerprint = known_fingerprint.digest if known_fingerprint.state == state else None
         hasher = file_hasher() if known_fingerprint is None else _KnownDigest(known_fingerprint)
-        header = _read_header(f, path, size, limits, hasher)
-        tensors = _read_data(f, header, hasher)
+        header = _read_header(f, src, size, limits, hasher)
+        tensors = _read_data(f, src, header, hasher)
         if state_of(f) != state:
-            raise _changed_while_reading(path)
-    return SafeFile(path, tensors, header.metadata, hasher.hexdigest(), size, "safetensors", state)
+            raise _changed_while_reading(src)
+    return SafeFile(src.path, tensors, header.metadata, hasher.hexdigest(), size, "safetensors", state)
 
 
-def inspect_header(path: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> Header:
+def inspect_header(path: str | os.PathLike, limits: Limits = DEFAULT_LIMITS, role: FileRole = LORA) -> Header:
     """Parse and validate a safetensors header without reading tensor data.
 
     Applies every check ``read_lora_file`` applies before its data read (sizes, counts, dtypes,
     shapes, offsets tiling the data section exactly, metadata), so a key list from here is
     trustworthy for matching. Pickle checkpoints are refused: they have no header to inspect
-    without unpickling them.
+    without unpickling them. ``role``: whose file it is (its refusals' error class and hints).
     """
-    path = Path(path)
-    with _open_checked(path, limits) as (f, state):
-        verdict = _sniff_file(f, path, state.size)
+    src = Source(Path(path), role)
+    with _open_checked(src, limits) as (f, state):
+        verdict = _sniff_file(f, src, state.size)
         if verdict.kind in PICKLE_KINDS:
-            raise _pickle_refused(path, verdict.what)
-        return _read_header(f, path, state.size, limits, file_hasher())
+            raise _pickle_refused(src, verdict.what)
+        return _read_header(f, src, state.size, limits, file_hasher())
+
+
+def scan_file(path: str | os.PathLike, role: FileRole, limits: Limits = DEFAULT_LIMITS) -> Header:
+    """Check a safetensors file that a library will load itself (a base checkpoint's weights):
+    everything ``read_lora_file`` checks, keeping no tensor.
+
+    The header is validated as by ``inspect_header``, then the data section is read through once, in
+    slices into one reused buffer, and every tensor's values checked (finite floats, 0/1 booleans),
+    so memory stays at one slice whatever the file's size. Pickles are refused (``allow_pickle`` is
+    for LoRAs only). Returns the header, with the ``FileState`` the whole read saw, so a caller can
+    tell whether the file it hands on is still the one checked.
+    """
+    src = Source(Path(path), role)
+    with _open_checked(src, limits) as (f, state):
+        verdict = _sniff_file(f, src, state.size)
+        if verdict.kind in PICKLE_KINDS:
+            raise _pickle_refused(src, verdict.what)
+        header = _read_header(f, src, state.size, limits, _NO_HASH)
+        _scan_data(f, src, header)
+        if state_of(f) != state:
+            raise _changed_while_reading(src)
+    return replace(header, state=state)
 
 
 @contextmanager
-def _open_checked(path: Path, limits: Limits):
+def _open_checked(src: Source, limits: Limits):
     """Open a regular file unbuffered (graph_runtime's ``open_regular``: never a FIFO or device), check
     its size against the limit before a byte is read, yield (file, FileState)."""
     with ExitStack() as stack:
         try:
-            f, state = stack.enter_context(open_regular(path, "LoRA file"))
+            f, state = stack.enter_context(open_regular(src.path, src.role.noun))
         except FileError as exc:
-            refused = LoRAFileError(path, exc.message, value=exc.value, fix=exc.fix)
+            refused = src.refuse(exc.message, value=exc.value, fix=exc.fix)
             refused.kind = exc.kind
             raise refused from None
         size = state.size
         if size > limits.max_file_bytes:
-            raise LoRAFileError(
-                path,
+            raise src.refuse(
                 f"the file is {_bytes(size)}, above the limit of {_bytes(limits.max_file_bytes)} "
-                "(max_file_bytes); LoRA files are usually 10 MB to 2 GB.",
+                f"(max_file_bytes); {src.role.noun}s are usually {src.role.sizes}.",
                 value=size,
                 limit=limits.max_file_bytes,
-                fix="if this really is a LoRA, pass limits=Limits(max_file_bytes=...) with a larger value.",
+                fix=src.role.raise_limit.format(field="max_file_bytes"),
             )
         yield f, state
 
 
-def _sniff_file(f, path: Path, size: int):
+def _sniff_file(f, src: Source, size: int):
     head = f.read(SNIFF_BYTES)
     f.seek(0)
     if size == 0:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             "the file is empty: 0 bytes, less than the 8 bytes every safetensors file starts with "
             "(an interrupted download or copy).",
             value=0,
@@ -306,11 +379,12 @@ def _sniff_file(f, path: Path, size: int):
     verdict = sniff(head, size)
     if verdict.kind in ("safetensors", "unknown") or verdict.kind in PICKLE_KINDS:
         return verdict
-    named = f"despite its {path.suffix} name, " if path.suffix else ""
-    raise LoRAFileError(path, f"{named}this is {verdict.what}.", value=verdict.kind, fix=verdict.fix)
+    named = f"despite its {src.path.suffix} name, " if src.path.suffix else ""
+    raise src.refuse(f"{named}this is {verdict.what}.", value=verdict.kind, fix=verdict.fix)
 
 
-def _pickle_refused(path: Path, what: str) -> LoRAFileError:
+def _pickle_refused(src: Source, what: str) -> LoomError:
+    path = src.path
     if path.suffix.lower() in PICKLE_SUFFIXES:
         named = f"this {path.suffix} file is {what}"
     else:
@@ -321,28 +395,26 @@ def _pickle_refused(path: Path, what: str) -> LoRAFileError:
         f"sd = torch.load({str(path)!r}, map_location='cpu', weights_only=True); "
         f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, {str(target)!r})\""
     )
-    return LoRAFileError(
-        path,
+    return src.refuse(
         f"{named}. Loading a pickle can run any code its author put in the file, so "
         "only safetensors files are read by default.",
         value=what,
         fix=(
-            f"convert it once to safetensors: {one_liner} (weights_only=True refuses code), "
-            "or pass allow_pickle=True to load it with torch.load(weights_only=True)."
+            f"convert it once to safetensors: {one_liner} (weights_only=True refuses code)"
+            f"{src.role.pickle_option}."
         ),
     )
 
 
-def _read_exact(f, n: int, path: Path, hasher) -> bytearray:
+def _read_exact(f, n: int, src: Source, hasher) -> bytearray:
     # Into one preallocated buffer: joining chunks would hold the header twice.
     buffer = bytearray(n)
-    _read_into(f, memoryview(buffer), path, hasher)
+    _read_into(f, memoryview(buffer), src, hasher)
     return buffer
 
 
-def _changed_while_reading(path: Path) -> LoRAFileError:
-    error = LoRAFileError(
-        path,
+def _changed_while_reading(src: Source) -> LoomError:
+    error = src.refuse(
         "the file changed while it was being read (another program is writing or replacing it), so "
         "what was read may be a mix of old and new bytes.",
         fix="wait until the download or copy has finished, then load it again.",
@@ -354,27 +426,24 @@ def _changed_while_reading(path: Path) -> LoRAFileError:
 # ---------------------------------------------------------------------------------------- header
 
 
-def _read_header(f, path: Path, size: int, limits: Limits, hasher) -> Header:
+def _read_header(f, src: Source, size: int, limits: Limits, hasher) -> Header:
     if size < 8:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"the file is only {size} bytes, less than the 8-byte header length every safetensors "
             f"file starts with (it holds {_head(f)!r}).",
             value=size,
             limit=8,
             fix="download or copy the file again.",
         )
-    length = int.from_bytes(_read_exact(f, 8, path, hasher), "little")
+    length = int.from_bytes(_read_exact(f, 8, src, hasher), "little")
     if length == 0:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             "the header length is 0; a safetensors header is a JSON object of at least 2 bytes.",
             value=0,
             limit=2,
         )
     if length > size - 8:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"the first 8 bytes declare a {length}-byte header, but only {size - 8} bytes follow "
             f"(limit {size - 8}): the file is truncated or not a safetensors file (it starts with "
             f"{_head(f)!r}).",
@@ -383,34 +452,32 @@ def _read_header(f, path: Path, size: int, limits: Limits, hasher) -> Header:
             fix="download the file again; if it is not safetensors, convert it to safetensors.",
         )
     if length > limits.max_header_bytes:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"the header is {_bytes(length)}, above the limit of {_bytes(limits.max_header_bytes)} "
-            "(max_header_bytes); real LoRA headers are well under 10 MB.",
+            "(max_header_bytes); real headers are well under 10 MB.",
             value=length,
             limit=limits.max_header_bytes,
-            fix="if the file is trusted, pass limits=Limits(max_header_bytes=...).",
+            fix=src.role.raise_limit.format(field="max_header_bytes"),
         )
-    raw = _read_exact(f, length, path, hasher)
+    raw = _read_exact(f, length, src, hasher)
     if raw[:1] != b"{":
         start = bytes(raw[:40])
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"the header must be a JSON object starting with '{{', but it starts with {start!r}.",
             value=start,
         )
-    _check_header_counts(path, raw, limits)
-    entries = _parse_header_json(path, raw)
-    metadata = _check_metadata(path, entries.pop(METADATA_KEY, None), limits)
+    _check_header_counts(src, raw, limits)
+    entries = _parse_header_json(src, raw)
+    metadata = _check_metadata(src, entries.pop(METADATA_KEY, None), limits)
     if len(entries) > limits.max_tensors:
-        raise _too_many_tensors(path, len(entries), limits)
+        raise _too_many_tensors(src, len(entries), limits)
     data_size = size - 8 - length
-    tensors = {key: _check_entry(path, key, entries[key], data_size, limits) for key in sorted(entries)}
-    _check_layout(path, tensors, data_size)
-    return Header(path, size, 8 + length, tensors, metadata)
+    tensors = {key: _check_entry(src, key, entries[key], data_size, limits) for key in sorted(entries)}
+    _check_layout(src, tensors, data_size)
+    return Header(src.path, size, 8 + length, tensors, metadata)
 
 
-def _check_header_counts(path: Path, raw: bytearray, limits: Limits) -> None:
+def _check_header_counts(src: Source, raw: bytearray, limits: Limits) -> None:
     """Bound what ``json.loads`` will build, before it builds anything.
 
     Python objects cost 10-60x the JSON bytes they come from (``[[],[],...]``: 3 bytes per 64-byte
@@ -422,40 +489,38 @@ def _check_header_counts(path: Path, raw: bytearray, limits: Limits) -> None:
     unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in raw else raw
     declared = unescaped.count(b'"data_offsets"')
     if declared > limits.max_tensors:
-        raise _too_many_tensors(path, declared, limits)
+        raise _too_many_tensors(src, declared, limits)
     strings = unescaped.count(b'"') // 2
     # Per tensor: its key, three field names and the dtype; per metadata entry: key and value.
     max_strings = 5 * limits.max_tensors + 2 * limits.max_metadata_entries + 4
     if strings > max_strings:
-        raise _header_bomb(path, f"{strings} strings", strings, max_strings, limits)
+        raise _header_bomb(src, f"{strings} strings", strings, max_strings, limits)
     # Even parts lie outside strings; counting them one by one avoids joining another copy.
     outside = unescaped.split(b'"')[0::2]
     objects = sum(part.count(b"{") for part in outside)
     max_objects = limits.max_tensors + 2
     if objects > max_objects:
-        raise _header_bomb(path, f"{objects} JSON objects", objects, max_objects, limits)
+        raise _header_bomb(src, f"{objects} JSON objects", objects, max_objects, limits)
     items = sum(part.count(b",") + part.count(b"[") for part in outside) + objects
     # Per tensor: a top-level comma, its object and two commas, a shape list with max_dims - 1
     # commas, an offsets list with one comma.
     max_items = limits.max_tensors * (limits.max_dims + 6) + limits.max_metadata_entries + 16
     if items > max_items:
-        raise _header_bomb(path, f"{items} JSON values", items, max_items, limits)
+        raise _header_bomb(src, f"{items} JSON values", items, max_items, limits)
 
 
-def _too_many_tensors(path: Path, count: int, limits: Limits) -> LoRAFileError:
-    return LoRAFileError(
-        path,
+def _too_many_tensors(src: Source, count: int, limits: Limits) -> LoomError:
+    return src.refuse(
         f"the header declares {count} tensors, above the limit of {limits.max_tensors} (max_tensors); "
-        "an SDXL LoRA has about 2,300.",
+        f"{src.role.tensors}.",
         value=count,
         limit=limits.max_tensors,
-        fix="if the file is trusted, pass limits=Limits(max_tensors=...).",
+        fix=src.role.raise_limit.format(field="max_tensors"),
     )
 
 
-def _header_bomb(path: Path, found: str, value: int, limit: int, limits: Limits) -> LoRAFileError:
-    return LoRAFileError(
-        path,
+def _header_bomb(src: Source, found: str, value: int, limit: int, limits: Limits) -> LoomError:
+    return src.refuse(
         f"the header holds {found}, more than {limit}, the most that {limits.max_tensors} tensors of "
         f"at most {limits.max_dims} dims and {limits.max_metadata_entries} metadata entries need "
         "(max_tensors, max_dims, max_metadata_entries); refused before parsing.",
@@ -482,20 +547,19 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _parse_header_json(path: Path, raw: bytearray) -> dict[str, Any]:
+def _parse_header_json(src: Source, raw: bytearray) -> dict[str, Any]:
     try:
         # Decoded here, strictly: json.loads(bytes) would also accept UTF-16 and UTF-32.
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         bad = bytes(raw[e.start : e.end])
-        raise LoRAFileError(
-            path, f"the header is not valid UTF-8: byte {e.start} is {bad!r}.", value=bad
+        raise src.refuse(
+            f"the header is not valid UTF-8: byte {e.start} is {bad!r}.", value=bad
         ) from None
     try:
         obj = json.loads(text, object_pairs_hook=_unique_object)
     except _DuplicateKey as e:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"this key appears {e.count} times in the header JSON (limit 1); readers would silently "
             "keep only one of them.",
             key=e.key,
@@ -505,35 +569,32 @@ def _parse_header_json(path: Path, raw: bytearray) -> dict[str, Any]:
         ) from None
     except json.JSONDecodeError as e:
         near = text[max(0, e.pos - 30) : e.pos + 30]
-        raise LoRAFileError(
-            path, f"the header is not valid JSON: {e.msg} at character {e.pos}, near {near!r}.", value=near
+        raise src.refuse(
+            f"the header is not valid JSON: {e.msg} at character {e.pos}, near {near!r}.", value=near
         ) from None
     except RecursionError:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             "the header nests JSON deeper than the parser allows; a safetensors header nests 3 levels.",
         ) from None
     except ValueError as e:  # e.g. an integer literal of thousands of digits
-        raise LoRAFileError(path, f"the header is not valid JSON: {e}.") from None
+        raise src.refuse(f"the header is not valid JSON: {e}.") from None
     if not isinstance(obj, dict):
-        raise LoRAFileError(path, f"the header is a JSON {type(obj).__name__}, not an object.", value=obj)
+        raise src.refuse(f"the header is a JSON {type(obj).__name__}, not an object.", value=obj)
     return obj
 
 
-def _check_metadata(path: Path, metadata: Any, limits: Limits) -> dict[str, str]:
+def _check_metadata(src: Source, metadata: Any, limits: Limits) -> dict[str, str]:
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"must be an object of string to string, not a {_json_type(metadata)} ({_show(metadata)}).",
             key=METADATA_KEY,
             value=metadata,
             what="key",
         )
     if len(metadata) > limits.max_metadata_entries:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"holds {len(metadata)} entries, above the limit of {limits.max_metadata_entries} "
             "(max_metadata_entries).",
             key=METADATA_KEY,
@@ -544,18 +605,16 @@ def _check_metadata(path: Path, metadata: Any, limits: Limits) -> dict[str, str]
     total = 0
     for key, value in metadata.items():
         if not isinstance(value, str):
-            raise LoRAFileError(
-                path,
+            raise src.refuse(
                 f"has a {_json_type(value)} value ({_show(value)}); safetensors metadata values must be "
                 "strings.",
                 key=key,
                 value=value,
                 what="metadata key",
             )
-        size = len(_utf8(path, value, key, "metadata key"))
+        size = len(_utf8(src, value, key, "metadata key"))
         if size > limits.max_metadata_value_bytes:
-            raise LoRAFileError(
-                path,
+            raise src.refuse(
                 f"has a value of {_bytes(size)}, above the limit of {_bytes(limits.max_metadata_value_bytes)} "
                 "(max_metadata_value_bytes).",
                 key=key,
@@ -563,10 +622,9 @@ def _check_metadata(path: Path, metadata: Any, limits: Limits) -> dict[str, str]
                 limit=limits.max_metadata_value_bytes,
                 what="metadata key",
             )
-        total += size + len(_utf8(path, key, key, "metadata key"))
+        total += size + len(_utf8(src, key, key, "metadata key"))
     if total > limits.max_metadata_total_bytes:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"keys and values total {_bytes(total)}, above the limit of "
             f"{_bytes(limits.max_metadata_total_bytes)} (max_metadata_total_bytes).",
             key=METADATA_KEY,
@@ -577,11 +635,10 @@ def _check_metadata(path: Path, metadata: Any, limits: Limits) -> dict[str, str]
     return metadata
 
 
-def _check_entry(path: Path, key: str, entry: Any, data_size: int, limits: Limits) -> TensorInfo:
-    _utf8(path, key, key, "tensor")
+def _check_entry(src: Source, key: str, entry: Any, data_size: int, limits: Limits) -> TensorInfo:
+    _utf8(src, key, key, "tensor")
     if not isinstance(entry, dict):
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"the header entry is a {_json_type(entry)} ({_show(entry)}), not an object with "
             f"{', '.join(_ENTRY_FIELDS)}.",
             key=key,
@@ -590,8 +647,7 @@ def _check_entry(path: Path, key: str, entry: Any, data_size: int, limits: Limit
     missing = [name for name in _ENTRY_FIELDS if name not in entry]
     extra = sorted(set(entry) - set(_ENTRY_FIELDS))
     if missing or extra:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"the header entry has fields {sorted(entry)}; it needs exactly {list(_ENTRY_FIELDS)} "
             f"(missing {missing}, unknown {extra}).",
             key=key,
@@ -600,20 +656,18 @@ def _check_entry(path: Path, key: str, entry: Any, data_size: int, limits: Limit
         )
     dtype = entry["dtype"]
     if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"dtype {_show(dtype)} is not supported; supported dtypes: {', '.join(SUPPORTED_DTYPES)}.",
             key=key,
             value=dtype,
             limit=list(SUPPORTED_DTYPES),
         )
-    shape = _check_shape(path, key, entry["shape"], limits)
-    begin, end = _check_offsets(path, key, entry["data_offsets"])
+    shape = _check_shape(src, key, entry["shape"], limits)
+    begin, end = _check_offsets(src, key, entry["data_offsets"])
     numel = math.prod(shape)
     expected = numel * SUPPORTED_DTYPES[dtype].itemsize
     if end - begin != expected:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"data_offsets [{begin}, {end}] span {end - begin} bytes, but dtype {dtype} with shape "
             f"{list(shape)} needs {expected} bytes.",
             key=key,
@@ -621,8 +675,7 @@ def _check_entry(path: Path, key: str, entry: Any, data_size: int, limits: Limit
             limit=expected,
         )
     if end > data_size:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"data_offsets end at byte {end} of the data section, beyond its end: the file holds only "
             f"{data_size} bytes of tensor data after the header (limit {data_size}). The file is "
             "truncated (an interrupted download?) or its header is wrong.",
@@ -634,14 +687,13 @@ def _check_entry(path: Path, key: str, entry: Any, data_size: int, limits: Limit
     return TensorInfo(dtype, shape, (begin, end))
 
 
-def _check_shape(path: Path, key: str, shape: Any, limits: Limits) -> tuple[int, ...]:
+def _check_shape(src: Source, key: str, shape: Any, limits: Limits) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise LoRAFileError(
-            path, f"shape {_show(shape)} is not a list of non-negative integers.", key=key, value=shape
+        raise src.refuse(
+            f"shape {_show(shape)} is not a list of non-negative integers.", key=key, value=shape
         )
     if len(shape) > limits.max_dims:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"shape has {len(shape)} dimensions, above the limit of {limits.max_dims} (max_dims).",
             key=key,
             value=len(shape),
@@ -650,8 +702,7 @@ def _check_shape(path: Path, key: str, shape: Any, limits: Limits) -> tuple[int,
     # Per dimension, so an empty tensor cannot smuggle in a dimension like 2**40 (shape [0, 2**40]).
     for dim in shape:
         if dim > limits.max_dim_size:
-            raise LoRAFileError(
-                path,
+            raise src.refuse(
                 f"shape {shape} has a dimension of {dim}, above the limit of {limits.max_dim_size} "
                 "(max_dim_size).",
                 key=key,
@@ -660,8 +711,7 @@ def _check_shape(path: Path, key: str, shape: Any, limits: Limits) -> tuple[int,
             )
     numel = math.prod(shape)  # Python ints: no overflow, whatever torch's int64 would do
     if numel > limits.max_tensor_elements:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"shape {shape} has {numel} elements, above the limit of {limits.max_tensor_elements} "
             "(max_tensor_elements).",
             key=key,
@@ -671,18 +721,16 @@ def _check_shape(path: Path, key: str, shape: Any, limits: Limits) -> tuple[int,
     return tuple(shape)
 
 
-def _check_offsets(path: Path, key: str, offsets: Any) -> tuple[int, int]:
+def _check_offsets(src: Source, key: str, offsets: Any) -> tuple[int, int]:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"data_offsets {_show(offsets)} are not two non-negative integers [begin, end].",
             key=key,
             value=offsets,
         )
     begin, end = offsets
     if begin > end:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"data_offsets [{begin}, {end}] begin after they end.",
             key=key,
             value=offsets,
@@ -691,22 +739,20 @@ def _check_offsets(path: Path, key: str, offsets: Any) -> tuple[int, int]:
     return begin, end
 
 
-def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
+def _check_layout(src: Source, tensors: dict[str, TensorInfo], data_size: int) -> None:
     """The tensors must tile the data section exactly: hidden bytes can carry anything."""
     position, previous = 0, None
     for key, info in sorted(tensors.items(), key=lambda item: (item[1].data_offsets, item[0])):
         begin, end = info.data_offsets
         if begin < position:
-            raise LoRAFileError(
-                path,
+            raise src.refuse(
                 f"data_offsets [{begin}, {end}] overlap tensor {previous!r}, which ends at {position}.",
                 key=key,
                 value=begin,
                 limit=position,
             )
         if begin > position:
-            raise LoRAFileError(
-                path,
+            raise src.refuse(
                 f"data_offsets [{begin}, {end}] leave a gap of {begin - position} unused bytes after "
                 f"{'tensor ' + repr(previous) if previous else 'the header'}, which ends at {position} "
                 f"(limit {position}).",
@@ -716,8 +762,7 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) ->
             )
         position, previous = end, key
     if position != data_size:
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"{data_size - position} unused bytes follow the last tensor ({previous!r}, ends at {position} "
             f"of {data_size} data bytes; limit 0 unused bytes).",
             value=data_size - position,
@@ -728,49 +773,63 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) ->
 # ------------------------------------------------------------------------------------------ data
 
 
-def _read_data(f, header: Header, hasher) -> dict[str, torch.Tensor]:
+def _read_data(f, src: Source, header: Header, hasher) -> dict[str, torch.Tensor]:
     """Read each tensor straight into its own storage: one copy in memory, each tensor freeable alone."""
-    path = header.path
     loaded = {}
     for key, info in sorted(header.tensors.items(), key=lambda item: item[1].data_offsets):
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            _read_into(f, memoryview(raw.numpy()), path, hasher)
+            _read_into(f, memoryview(raw.numpy()), src, hasher)
         tensor = raw.view(info.torch_dtype).reshape(info.shape)
-        _check_values(path, key, tensor, raw)
+        _check_values(src, key, tensor, raw)
         loaded[key] = tensor
     if f.read(1):
-        raise _changed_while_reading(path)
+        raise _changed_while_reading(src)
     return {key: loaded[key] for key in header.tensors}
 
 
-def _read_into(f, view: memoryview, path: Path, hasher) -> None:
+def _scan_data(f, src: Source, header: Header) -> None:
+    """Check every tensor's values as ``_read_data`` does, a slice at a time into one reused buffer."""
+    buffer = torch.empty(min(_SCAN_SLICE_BYTES, max((i.nbytes for i in header.tensors.values()), default=0)),
+                         dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    for key, info in sorted(header.tensors.items(), key=lambda item: item[1].data_offsets):
+        itemsize = info.torch_dtype.itemsize
+        step = max(len(view) // itemsize, 1) * itemsize  # whole elements per slice
+        bad = [0, 0]
+        for begin in range(0, info.nbytes, step):
+            n = min(step, info.nbytes - begin)
+            _read_into(f, view[:n], src, _NO_HASH)
+            raw = buffer[:n]
+            bad = [a + b for a, b in zip(bad, _bad_values(raw.view(info.torch_dtype), raw))]
+        _refuse_bad_values(src, key, info.torch_dtype, list(info.shape), info.numel, *bad)
+    if f.read(1):
+        raise _changed_while_reading(src)
+
+
+def _read_into(f, view: memoryview, src: Source, hasher) -> None:
     position, size = 0, len(view)
     while position < size:
         part = view[position : min(size, position + HASH_CHUNK_BYTES)]
         n = f.readinto(part)
         if not n:
-            raise _changed_while_reading(path)
+            raise _changed_while_reading(src)
         hasher.update(part[:n])
         position += n
 
 
-def _check_values(path: Path, key: str, tensor: torch.Tensor, raw: torch.Tensor | None = None) -> None:
+def _check_values(src: Source, key: str, tensor: torch.Tensor, raw: torch.Tensor | None = None) -> None:
     """Finite floats only; booleans stored as 0/1 only (other bytes are undefined behaviour in torch)."""
+    _refuse_bad_values(src, key, tensor.dtype, list(tensor.shape), tensor.numel(), *_bad_values(tensor, raw))
+
+
+def _bad_values(tensor: torch.Tensor, raw: torch.Tensor | None = None) -> tuple[int, int]:
+    """(NaNs, infinities) of a float or complex tensor; (bytes other than 0 or 1, 0) of a bool one."""
     if tensor.dtype == torch.bool:
         raw = tensor.reshape(-1).view(torch.uint8) if raw is None else raw
-        bad = int((raw > 1).sum())
-        if bad:
-            raise LoRAFileError(
-                path,
-                f"BOOL tensor holds {bad} bytes other than 0 or 1 out of {raw.numel()} (limit 0).",
-                key=key,
-                value=bad,
-                limit=0,
-            )
-        return
+        return int((raw > 1).sum()), 0
     if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex) or tensor.numel() == 0:
-        return
+        return 0, 0
     nans = infs = 0
     for part in tensor.reshape(-1).split(_FINITE_CHUNK_ELEMENTS):
         if part.is_complex():
@@ -784,23 +843,33 @@ def _check_values(path: Path, key: str, tensor: torch.Tensor, raw: torch.Tensor 
             continue
         nans += int(torch.isnan(part).sum())
         infs += int(torch.isinf(part).sum())
+    return nans, infs
+
+
+def _refuse_bad_values(src: Source, key: str, dtype: torch.dtype, shape: list, numel: int, nans: int,
+                       infs: int) -> None:
+    if dtype == torch.bool and nans:
+        raise src.refuse(
+            f"BOOL tensor holds {nans} bytes other than 0 or 1 out of {numel} (limit 0).",
+            key=key,
+            value=nans,
+            limit=0,
+        )
     if nans or infs:
-        raise LoRAFileError(
-            path,
-            f"{_DTYPE_CODES[tensor.dtype]} tensor of shape {list(tensor.shape)} holds {nans + infs} "
-            f"non-finite values ({nans} NaN, {infs} infinite) out of {tensor.numel()} (limit 0).",
+        raise src.refuse(
+            f"{_DTYPE_CODES[dtype]} tensor of shape {shape} holds {nans + infs} "
+            f"non-finite values ({nans} NaN, {infs} infinite) out of {numel} (limit 0).",
             key=key,
             value=nans + infs,
             limit=0,
-            fix="the LoRA was saved from a diverged training run or overflowed in fp16: use another "
-            "epoch's file, or re-export it in bf16 or fp32.",
+            fix=src.role.not_finite,
         )
 
 
 # ---------------------------------------------------------------------------------------- pickle
 
 
-def _read_pickle(f, path: Path, state, limits: Limits) -> SafeFile:
+def _read_pickle(f, src: Source, state, limits: Limits) -> SafeFile:
     size = state.size
     hasher = file_hasher()
     buffer = io.BytesIO()
@@ -808,63 +877,58 @@ def _read_pickle(f, path: Path, state, limits: Limits) -> SafeFile:
     while remaining:
         chunk = f.read(min(remaining, HASH_CHUNK_BYTES))
         if not chunk:
-            raise _changed_while_reading(path)
+            raise _changed_while_reading(src)
         hasher.update(chunk)
         buffer.write(chunk)
         remaining -= len(chunk)
     if f.read(1) or state_of(f) != state:
-        raise _changed_while_reading(path)
+        raise _changed_while_reading(src)
     buffer.seek(0)
     try:
         loaded = torch.load(buffer, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusals are UnpicklingError; corrupt zips raise others
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"torch.load(weights_only=True) refused the checkpoint: {type(e).__name__}: {_show(str(e))}",
             value=type(e).__name__,
             fix="if it refused a global, the file holds code or objects other than tensors: get a "
             "safetensors version of the LoRA instead.",
         ) from None
     del buffer
-    tensors = _check_pickled(path, loaded, limits)
-    return SafeFile(path, tensors, {}, hasher.hexdigest(), size, "pickle", state)
+    tensors = _check_pickled(src, loaded, limits)
+    return SafeFile(src.path, tensors, {}, hasher.hexdigest(), size, "pickle", state)
 
 
-def _check_pickled(path: Path, loaded: Any, limits: Limits) -> dict[str, torch.Tensor]:
+def _check_pickled(src: Source, loaded: Any, limits: Limits) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict):
-        raise LoRAFileError(
-            path,
+        raise src.refuse(
             f"the checkpoint holds a {type(loaded).__name__}, not a dict of tensors.",
             value=type(loaded).__name__,
         )
     if len(loaded) > limits.max_tensors:
-        raise _too_many_tensors(path, len(loaded), limits)
+        raise _too_many_tensors(src, len(loaded), limits)
     for key, tensor in loaded.items():
         if not isinstance(key, str):
-            raise LoRAFileError(
-                path,
+            raise src.refuse(
                 f"the checkpoint has a {type(key).__name__} key {_show(key)}; keys must be strings.",
                 value=key,
             )
         if not isinstance(tensor, torch.Tensor):
-            raise LoRAFileError(
-                path,
+            raise src.refuse(
                 f"the value is a {type(tensor).__name__}, not a tensor; a LoRA checkpoint is a flat dict of "
                 "tensors (a nested 'state_dict' is not unpacked).",
                 key=key,
                 value=type(tensor).__name__,
             )
         if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.dtype not in _DTYPE_CODES:
-            raise LoRAFileError(
-                path,
+            raise src.refuse(
                 f"the tensor is {tensor.layout} {tensor.dtype} on {tensor.device}; supported: dense CPU "
                 f"tensors of {', '.join(str(d) for d in _DTYPE_CODES)}.",
                 key=key,
                 value=str(tensor.dtype),
                 limit=list(SUPPORTED_DTYPES),
             )
-        _check_shape(path, key, list(tensor.shape), limits)
-        _check_values(path, key, tensor)
+        _check_shape(src, key, list(tensor.shape), limits)
+        _check_values(src, key, tensor)
     # detach: a pickled nn.Parameter would otherwise carry requires_grad into every merge.
     return {key: loaded[key].detach() for key in sorted(loaded)}
 
@@ -885,17 +949,20 @@ class _KnownDigest:
         return self._digest
 
 
+_NO_HASH = _KnownDigest("")  # for reads whose digest nobody asks for (scan_file)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _utf8(path: Path, text: str, key: str, what: str) -> bytes:
+def _utf8(src: Source, text: str, key: str, what: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         # json accepts lone surrogate escapes ("\ud800"); safetensors' Rust parser does not.
-        raise LoRAFileError(
-            path, "contains a lone UTF-16 surrogate escape, which is not valid Unicode.", key=key, what=what
+        raise src.refuse(
+            "contains a lone UTF-16 surrogate escape, which is not valid Unicode.", key=key, what=what
         ) from None
 
 

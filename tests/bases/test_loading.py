@@ -126,3 +126,186 @@ def test_loaded_weights_do_not_live_in_the_mapped_file(tiny_model_files):
         for key, tensor in getattr(base.pipeline, name).state_dict().items():
             pointer = tensor.data_ptr()
             assert not any(start <= pointer < end for start, end in ranges), f"{name}.{key} views the mapped file"
+
+
+# --------------------------------------------------------------------- files from strangers
+# A base's files get the checks LoRA files get, before diffusers opens them: every refusal is a
+# BaseModelError naming the file, the key, the value and the limit.
+
+
+def _refused(source, **kwargs):
+    from loraloom.bases.arch import BaseModelError
+
+    with pytest.raises(BaseModelError) as info:
+        load_base(source, dtype="fp32", device="cpu", **kwargs)
+    return info.value
+
+
+def _edit_json(path, **changes):
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def _nan_weights(path, key_index=0):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    key = sorted(tensors)[key_index]
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(path))
+    return key
+
+
+FOLDER_CASES = {
+    # case: (file, change, key, value, limit)
+    "sample_size 10^9": ("unet/config.json", {"sample_size": 10**9}, "sample_size", 10**9, 4096),
+    "huge block_out_channels": ("unet/config.json", {"block_out_channels": [8, 16, 32, 2**20]}, "block_out_channels",
+                                2**20, 8192),
+    "huge vocab": ("text_encoder/config.json", {"vocab_size": 2**31}, "vocab_size", 2**31, 2**20),
+    "endless scheduler": ("scheduler/scheduler_config.json", {"num_train_timesteps": 10**9}, "num_train_timesteps",
+                          10**9, 100_000),
+    "class that is no model": ("model_index.json", {"unet": ["os", "system"]}, "unet", ["os", "system"], None),
+    "unknown component": ("model_index.json", {"controlnet": ["diffusers", "ControlNetModel"]}, "controlnet",
+                          ["diffusers", "ControlNetModel"], None),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDER_CASES))
+def test_folder_configs_are_bounded_before_diffusers_reads_them(tiny_model_files, tmp_path, case):
+    rel, change, key, value, limit = FOLDER_CASES[case]
+    folder = shutil.copytree(tiny_model_files("tiny-sd15")["folder"], tmp_path / "model")
+    _edit_json(folder / rel, **change)
+    err = _refused(folder)
+    assert err.file == str(folder / rel) and err.key == key and err.value == value, f"{case}: {err!r} {err.fields()}"
+    if limit is not None:
+        assert err.limit == limit, f"{case}: {err.fields()}"
+    assert str(folder / rel) in str(err), str(err)
+
+
+@pytest.mark.parametrize("text", ['{"in_channels": 4,', '{"in_channels": NaN}', '[4]', '{"a": 1, "a": 2}', "\xff"])
+def test_malformed_config_json_is_refused_naming_the_file(tiny_model_files, tmp_path, text):
+    folder = shutil.copytree(tiny_model_files("tiny-sd15")["folder"], tmp_path / "model")
+    path = folder / "vae" / "config.json"
+    path.write_bytes(text.encode("latin-1"))
+    err = _refused(folder)
+    assert err.file == str(path), err.fields()
+
+
+def test_config_that_asks_more_than_its_weights_hold_is_refused(tiny_model_files, tmp_path):
+    folder = shutil.copytree(tiny_model_files("tiny-sd15")["folder"], tmp_path / "model")
+    path = folder / "text_encoder" / "config.json"
+    config = json.loads(path.read_text())
+    _edit_json(path, vocab_size=config["vocab_size"] * 4)
+    err = _refused(folder)
+    assert err.kind == "config_mismatch" and err.file == str(path), err.fields()
+    assert err.limit + 3 * config["vocab_size"] * config["hidden_size"] == err.value, err.fields()
+    assert "token_embedding.weight" in str(err) and "model.safetensors" in str(err), str(err)
+
+
+def test_config_of_the_wrong_type_is_refused(tiny_model_files, tmp_path):
+    folder = shutil.copytree(tiny_model_files("tiny-sd15")["folder"], tmp_path / "model")
+    _edit_json(folder / "unet" / "config.json", block_out_channels="wide")
+    err = _refused(folder)
+    assert err.file == str(folder / "unet" / "config.json") and err.kind == "bad_config", err.fields()
+
+
+def test_folder_weights_get_the_lora_checks(tiny_model_files, tmp_path):
+    folder = shutil.copytree(tiny_model_files("tiny-sd15")["folder"], tmp_path / "model")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    key = _nan_weights(weights)
+    err = _refused(folder)
+    assert (err.file, err.key, err.value, err.limit) == (str(weights), key, 1, 0), err.fields()
+    assert "NaN" in str(err) and "checkpoint" in err.fix, str(err)
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    err = _refused(folder)
+    assert err.file == str(weights) and "truncated" in str(err), err.fields()
+
+
+def test_pickle_weights_in_a_folder_are_refused(tiny_model_files, tmp_path):
+    folder = shutil.copytree(tiny_model_files("tiny-sd15")["folder"], tmp_path / "model")
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    torch.save({"x": torch.zeros(1)}, weights.with_suffix(".bin"))
+    weights.unlink()
+    err = _refused(folder)
+    assert err.kind == "pickle" and err.file == str(weights.with_suffix(".bin")), err.fields()
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncated", "pickle inside", "header bomb"])
+def test_single_file_gets_the_lora_checks(tiny_model_files, tmp_path, damage):
+    files = tiny_model_files("tiny-sd15")
+    path = shutil.copy(files["single_file"], tmp_path / "model.safetensors")
+    if damage == "nan":
+        key = _nan_weights(path, key_index=5)
+    elif damage == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:-1000])
+    elif damage == "pickle inside":
+        torch.save({"x": torch.zeros(1)}, path)
+    else:
+        header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                             for i in range(60_000)}).encode()
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+    err = _refused(path, config=files["config"])
+    assert err.file == str(path), err.fields()
+    if damage == "nan":
+        assert (err.key, err.value, err.limit) == (key, 1, 0), err.fields()
+    elif damage == "pickle inside":
+        assert "pickle" in str(err), str(err)
+    elif damage == "header bomb":
+        assert (err.value, err.limit) == (60_000, 50_000), err.fields()
+
+
+def test_single_file_config_asking_more_than_the_file_holds_is_refused(tiny_model_files, tmp_path):
+    files = tiny_model_files("tiny-sd15")
+    config = shutil.copytree(files["config"], tmp_path / "config")
+    _edit_json(config / "text_encoder" / "config.json", vocab_size=2**20)
+    err = _refused(files["single_file"], config=config)
+    assert err.kind == "config_mismatch" and err.file == str(config), err.fields()
+    assert err.value > err.limit and str(files["single_file"]) in str(err), str(err)
+
+
+def test_weights_are_scanned_once_per_file_state(tiny_model_files, monkeypatch):
+    from loraloom.bases import checks
+
+    calls = []
+    scan = checks.scan_file
+    monkeypatch.setattr(checks, "scan_file", lambda *a, **k: calls.append(a[0]) or scan(*a, **k))
+    monkeypatch.setattr(checks, "_scanned", {})
+    monkeypatch.setattr(checks, "RACY_NS", 0)  # the fixture's files may be younger than a timestamp tick
+    path = tiny_model_files("tiny-sd15")["single_file"]
+    for _ in range(2):
+        load_base(path, config=tiny_model_files("tiny-sd15")["config"], dtype="fp32", device="cpu")
+    assert calls == [path], "an unchanged file is read through once"
+
+
+@pytest.mark.parametrize("rel", ["tokenizer/tokenizer.json", "unet/diffusion_pytorch_model.safetensors"])
+def test_a_fifo_in_a_folder_is_refused_not_waited_on(tiny_model_files, tmp_path, rel):
+    import threading
+
+    folder = shutil.copytree(tiny_model_files("tiny-sd15")["folder"], tmp_path / "model")
+    (folder / rel).unlink()
+    os.mkfifo(folder / rel)
+    outcome = []
+
+    def attempt():
+        try:
+            load_base(folder, dtype="fp32", device="cpu")
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(120)
+    if not outcome:  # a library waits on the FIFO: give a waiting reader its writer (never wait here), then fail
+        try:
+            os.close(os.open(folder / rel, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        pytest.fail(f"loading waited on the FIFO {rel}")
+    from loraloom.bases.arch import BaseModelError
+
+    assert isinstance(outcome[0], BaseModelError), repr(outcome[0])
+    assert outcome[0].file == str(folder / rel) and "named pipe" in str(outcome[0]), outcome[0].fields()

@@ -205,3 +205,74 @@ def test_cli_refuses_a_huge_workflow_named_like_a_shipped_one(tmp_path):
     done = _cli("run", str(path), "--no-progress", timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert str(path) in done.stderr and "above the limit" in done.stderr, done.stderr
+
+
+# --------------------------------------------------------------------- PNG: the cases
+
+
+def _png_with(chunk: bytes) -> bytes:
+    ihdr = _chunk(b"IHDR", (1).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + chunk + _chunk(b"IEND", b"")
+
+
+def test_a_100_mib_itxt_bomb_in_102_kb_is_refused_without_inflating_it(stubs, tmp_path):
+    import tracemalloc
+    import zlib
+
+    from loraloom.graph_runtime.jsonio import MAX_WORKFLOW_BYTES
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_with(_chunk(b"iTXt", b"workflow\0\1\0\0\0" + zlib.compress(b" " * 100 * 2**20, 9))))
+    assert path.stat().st_size < 110_000, path.stat().st_size
+    tracemalloc.start()
+    try:
+        with pytest.raises(LoomError, match="inflates to more than") as info:
+            Runtime(registry=stubs.registry).validate(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(info.value)
+    assert peak < MAX_WORKFLOW_BYTES + 2**24, f"inflated {peak} bytes for a limit of {MAX_WORKFLOW_BYTES}"
+
+
+WORKFLOW = json.dumps({"1": {"class_type": "Const", "inputs": {"value": 1}},
+                       "2": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}).encode()
+
+
+def _cut_stream() -> bytes:
+    import zlib
+
+    packed = zlib.compress(WORKFLOW + b" " * 100_000)
+    for cut in range(len(packed) - 1, 0, -1):  # the shortest prefix that still inflates the whole workflow
+        if not zlib.decompressobj().decompress(packed[:cut]).startswith(WORKFLOW):
+            return packed[: cut + 1]
+    raise AssertionError("no cut found")
+
+
+MALFORMED_ITXT = {
+    "nothing after the keyword": b"prompt\0",
+    "compression flag 2": b"prompt\0\2\0\0\0" + WORKFLOW,
+    "compression method 1": b"prompt\0\1\1\0\0" + WORKFLOW,
+    "no language tag or translated keyword": b"prompt\0\0\0" + WORKFLOW,
+    "compressed text cut short": b"prompt\0\1\0\0\0" + _cut_stream(),
+    "not zlib": b"prompt\0\1\0\0\0" + WORKFLOW,
+    "not UTF-8": b"prompt\0\0\0\0\0\xff" + WORKFLOW,
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_ITXT))
+def test_malformed_itxt_is_refused_naming_the_file(stubs, tmp_path, case):
+    path = tmp_path / "wf.png"
+    path.write_bytes(_png_with(_chunk(b"iTXt", MALFORMED_ITXT[case])))
+    with pytest.raises(LoomError) as info:
+        Runtime(registry=stubs.registry).validate(path)
+    assert str(path) in str(info.value) and "iTXt" in str(info.value), f"{case}: {info.value}"
+
+
+def test_well_formed_itxt_still_loads(stubs, tmp_path):
+    import zlib
+
+    for body in (b"prompt\0\0\0en\0Prompt\0" + WORKFLOW, b"prompt\0\1\0\0\0" + zlib.compress(WORKFLOW)):
+        path = tmp_path / "wf.png"
+        path.write_bytes(_png_with(_chunk(b"iTXt", body)))
+        assert Runtime(registry=stubs.registry).validate(path).outputs == ["2"]

@@ -478,6 +478,8 @@ def test_json_text():
     assert "names 'IN04' twice" in _raises('{"IN04": 0, "IN04": 1}')
     assert "does not parse" in _raises('{"IN04": }')
     assert "not finite" in _raises('{"IN04": NaN}')
+    assert "does not parse" in _raises('{"IN04": ' + "[" * 50_000 + "]" * 50_000 + "}"), "deeper than Python's stack"
+    assert "does not parse" in _raises('{"IN04": ' + "9" * 5000 + "}"), "more digits than int() takes"
 
 
 # --------------------------------------------------------------------------- against diffusers
