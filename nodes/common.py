@@ -83,9 +83,11 @@ def list_config_folders() -> list[str]:
 
 
 def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
-    """Validation-time check that an output name stays inside the output folder."""
+    """Validation-time check that an output name stays inside the output folder (absent: nothing to check)."""
+    if name not in constants:
+        return {}
     try:
-        check_relative_name(constants.get(name, ""), "output", folders().advice)
+        check_relative_name(constants[name], "output", folders().advice)
     except PathError as exc:
         return {name: exc}
     return {}
