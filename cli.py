@@ -1,6 +1,8 @@
 """The ``loraloom`` command line: run, validate, nodes, convert.
 
-Exit codes: 0 success; 1 validation or execution error (printed); 2 usage error; 130 interrupted.
+Exit codes: 0 success; 1 validation or execution error (printed); 2 usage error (a flag or argument
+that is malformed or names nothing: ``--set 5width=3``, ``--set 99.width=3`` on a workflow without
+node 99, a workflow path that is no readable file, ``--port 70000``); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -30,14 +32,20 @@ def _folder_args(parser: argparse.ArgumentParser) -> None:
                              "also LORALOOM_NODE_MODULES=a,b)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
+def _whole(low: int, high: int | None = None):
+    """An argparse type: a whole number (``1_000`` allowed) from ``low`` to ``high`` (None: no bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not {low}..{high}" if high is not None
+                                             else f"{value} is below {low}")
+        return value
+
+    return parse
 
 
 def _limit_args(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +53,11 @@ def _limit_args(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("limits on what one workflow may ask for (else LORALOOM_MAX_TEXT_CHARS, "
                                       "LORALOOM_MAX_PIXELS, LORALOOM_MAX_NODES, else the defaults shown)")
-    group.add_argument(limits.flag("max_text_chars"), type=_positive_int, metavar="N",
+    group.add_argument(limits.flag("max_text_chars"), type=_whole(1), metavar="N",
                        help=f"characters in one text input, e.g. a prompt (default {limits.DEFAULT_MAX_TEXT_CHARS})")
-    group.add_argument(limits.flag("max_pixels"), type=_positive_int, metavar="N",
+    group.add_argument(limits.flag("max_pixels"), type=_whole(1), metavar="N",
                        help=f"width x height x batch_size of one Sample (default {limits.DEFAULT_MAX_PIXELS})")
-    group.add_argument(limits.flag("max_nodes"), type=_positive_int, metavar="N",
+    group.add_argument(limits.flag("max_nodes"), type=_whole(1), metavar="N",
                        help=f"nodes in one workflow (default {limits.DEFAULT_MAX_NODES})")
 
 
@@ -64,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Validate and run a workflow (.json in API or UI format, or a PNG "
                                      "that carries one). Progress bars go to stderr.")
     run.add_argument("workflow", help="workflow file (.json or .png)")
-    run.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE",
+    run.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE", type=_set_arg,
                      help="override an input; VALUE is JSON (0.5, true, \"text\") or else a plain string")
     run.add_argument("--events", choices=["jsonl"], help="print one JSON object per event on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    run.add_argument("--cache-bytes", type=int, metavar="N", help="byte budget of the result cache")
+    run.add_argument("--cache-bytes", type=_whole(0), metavar="N", help="byte budget of the result cache")
     run.add_argument("--strict-files", action="store_true",
                      help="hash every file's content on every use instead of trusting an unchanged size, mtime, "
                           "ctime and inode, and fail a node whose file changed while the run used it (what "
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a workflow without running it")
     val.add_argument("workflow")
-    val.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE")
+    val.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE", type=_set_arg)
     val.add_argument("--json", action="store_true", help="print ComfyUI's node_errors JSON")
     _folder_args(val)
     _limit_args(val)
@@ -104,15 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "pip install 'loraloom[editor]'.")
     serve.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
                        help="address to bind (default 127.0.0.1; any other needs a token)")
-    serve.add_argument("--port", type=int, default=8188, metavar="N", help="port (default 8188, ComfyUI's)")
+    serve.add_argument("--port", type=_whole(1, 65535), default=8188, metavar="N", help="port (default 8188, ComfyUI's)")
     serve.add_argument("--token", metavar="T", help="require this token on every request (else "
                                                     "LORALOOM_SERVE_TOKEN); open http://HOST:PORT/?token=T")
     serve.add_argument("--allow-host", action="append", default=[], metavar="H",
                        help="also accept this host name in requests' Host header (repeatable)")
     serve.add_argument("--user-dir", metavar="DIR", help="settings, saved workflows, queue and history (else "
                                                          "LORALOOM_USER_DIR, else ~/.local/share/loraloom)")
-    serve.add_argument("--cache-bytes", type=int, metavar="N", help="byte budget of the result cache")
-    serve.add_argument("--max-connections", type=_positive(int), metavar="N",
+    serve.add_argument("--cache-bytes", type=_whole(0), metavar="N", help="byte budget of the result cache")
+    serve.add_argument("--max-connections", type=_whole(1), metavar="N",
                        help="open connections at most (the oldest idle one is closed for a new one)")
     serve.add_argument("--header-timeout", type=_positive(float), metavar="S",
                        help="seconds a connection may take to send a request head")
@@ -124,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive(kind):
+    """An argparse type: a finite number of ``kind`` above 0."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -141,8 +151,10 @@ def parse_sets(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or "." not in key:
-            raise WorkflowError(f"--set {item!r}: expected ID.INPUT=VALUE, e.g. --set 4.weight=0.8")
+        node_id, dot, name = key.partition(".")
+        if not (sep and dot and node_id and name):
+            raise WorkflowError(f"--set {item!r}: expected ID.INPUT=VALUE, e.g. --set 4.weight=0.8", value=item,
+                                kind="bad_override")
         try:
             value = loads_strict(raw, source=f"--set {key}")
         except WorkflowError as exc:
@@ -151,6 +163,24 @@ def parse_sets(items: list[str]) -> dict:
             value = raw  # anything else that is not JSON is text, e.g. --set 5.text=a cat
         out[key] = value
     return out
+
+
+def _set_arg(text: str) -> tuple[str, object]:
+    """An argparse type: one ``--set ID.INPUT=VALUE`` as ``(key, value)``; a malformed one is a usage error."""
+    try:
+        ((key, value),) = parse_sets([text]).items()
+    except WorkflowError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--set ")) from None
+    return key, value
+
+
+def _usage_error(exc: LoomError, args) -> bool:
+    """Whether ``exc`` is about the command line itself rather than what a workflow holds: an override of
+    a node the workflow lacks, a workflow argument that names no readable regular file."""
+    if exc.kind in ("bad_override", "override_unknown_node"):
+        return True
+    workflow = getattr(args, "workflow", None)
+    return exc.kind in ("unreadable", "not_regular") and workflow is not None and exc.file == str(workflow)
 
 
 def _runtime(args, **extra):
@@ -211,7 +241,7 @@ def _print_jsonl(event: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    overrides = parse_sets(args.set)
+    overrides = dict(args.set)
     extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
     rt = _runtime(args, strict_files=args.strict_files, **extra)
     listeners = [_Progress(not args.no_progress)]
@@ -242,7 +272,7 @@ def cmd_run(args) -> int:
 def cmd_validate(args) -> int:
     rt = _runtime(args)
     try:
-        valid = rt.validate(args.workflow, parse_sets(args.set))
+        valid = rt.validate(args.workflow, dict(args.set))
     except ValidationError as exc:
         if args.json:
             print(json.dumps(exc.to_json(), indent=2, default=str))
@@ -364,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except LoomError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_USAGE if _usage_error(exc, args) else EXIT_FAIL
 
 
 if __name__ == "__main__":

@@ -112,13 +112,15 @@ def apply_overrides(prompt: dict, overrides, source: str = "workflow") -> dict:
             flat.extend((str(key), name, v) for name, v in value.items())
         else:
             node_id, sep, name = str(key).partition(".")
-            if not sep or not name:
-                raise WorkflowError(f"override {key!r}: expected NODE_ID.INPUT, e.g. '3.weight'")
+            if not sep or not node_id or not name:
+                raise WorkflowError(f"override {key!r}: expected NODE_ID.INPUT, e.g. '3.weight'", key=str(key),
+                                    kind="bad_override")
             flat.append((node_id, name, value))
     for node_id, name, value in flat:
         if node_id not in prompt:
             ids = ", ".join(sorted(prompt, key=_id_sort)[:20])
-            raise WorkflowError(f"override {node_id}.{name}: {source} has no node {node_id} (nodes: {ids})")
+            raise WorkflowError(f"override {node_id}.{name}: {source} has no node {node_id} (nodes: {ids})",
+                                key=f"{node_id}.{name}", value=node_id, kind="override_unknown_node")
         prompt[node_id]["inputs"][name] = value
     return prompt
 

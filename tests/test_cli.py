@@ -114,6 +114,46 @@ def test_bad_file_is_error_1(tmp_path, capsys):
     assert "NaN is not a finite number" in capsys.readouterr().err
 
 
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        return exc.code
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize("extra, said", [
+    (["--set", "bad"], "expected ID.INPUT=VALUE"),
+    (["--set", "1value=3"], "expected ID.INPUT=VALUE"),
+    (["--set", "1.=3"], "expected ID.INPUT=VALUE"),
+    (["--set", ".value=3"], "expected ID.INPUT=VALUE"),
+    (["--set", "1.value=1e999"], "number 1e999 is not finite"),
+    (["--set", "9.value=3"], "has no node 9"),
+    (["--max-pixels", "0"], "--max-pixels: 0 is below 1"),
+])
+def test_a_malformed_flag_is_a_usage_error(plugin, capsys, command, extra, said):
+    assert _exit_code([command, str(plugin), "--nodes-module", "cli_plugin_nodes", *extra]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["run", "WF", "--cache-bytes", "-5"], "--cache-bytes: -5 is below 0"),
+    (["run", "missing.json"], "No such file or directory"),
+    (["validate", "missing.json"], "No such file or directory"),
+    (["convert", "missing.json"], "No such file or directory"),
+    (["run", "."], "is a directory, not a regular file"),
+    (["serve", "--port", "70000"], "--port: 70000 is not 1..65535"),
+    (["serve", "--port", "-1"], "--port: -1 is not 1..65535"),
+])
+def test_arguments_that_name_nothing_are_usage_errors(plugin, capsys, monkeypatch, argv, said):
+    monkeypatch.chdir(plugin.parent)
+    argv = [str(plugin) if a == "WF" else a for a in argv]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
 def test_console_script_usage_error_and_ctrl_c(plugin, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "loraloom")
     usage = subprocess.run([exe, "run"], capture_output=True, text=True)
