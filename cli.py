@@ -8,6 +8,7 @@ node 99, a workflow path that is no readable file, ``--port 70000``); 130 interr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -195,17 +196,14 @@ def _runtime(args, **extra):
                    demo_loras=is_shipped_workflow(getattr(args, "workflow", None)), limits=limits, **extra)
 
 
-class _Progress:
-    """tqdm bars on stderr: one for nodes, one for steps inside the running node."""
+class _Bars:
+    """tqdm bars on stderr, a terminal: one for nodes, one for steps inside the running node."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self):
         self.nodes = None
         self.steps = None
 
     def __call__(self, event: dict) -> None:
-        if not self.enabled:
-            return
         from tqdm import tqdm
 
         kind = event["event"]
@@ -235,16 +233,39 @@ class _Progress:
             self.steps = None
 
 
+class _LogLines:
+    """Progress on stderr that is no terminal (a log file, a pipe): a plain line per node finished,
+    none per step; bars would fill a log with carriage returns and cursor moves."""
+
+    def __init__(self):
+        self.done = 0
+        self.total = 0
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "execution_cached":
+            print(f"cached: node {', '.join(event['nodes'])}", file=sys.stderr, flush=True)
+        elif kind == "execution_plan":
+            self.total = len(event["nodes"])
+        elif kind == "executed":
+            self.done += 1
+            print(f"[{self.done}/{self.total}] node {event['node']} ({event['class_type']}) done in "
+                  f"{event['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+
 def _print_jsonl(event: dict) -> None:
     sys.stdout.write(json.dumps(event, default=str) + "\n")
     sys.stdout.flush()
 
 
 def cmd_run(args) -> int:
+    from .api import library_progress_bars_off
+
     overrides = dict(args.set)
     extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
     rt = _runtime(args, strict_files=args.strict_files, **extra)
-    listeners = [_Progress(not args.no_progress)]
+    bars = not args.no_progress and sys.stderr.isatty()
+    listeners = [] if args.no_progress else [_Bars() if bars else _LogLines()]
     if args.events == "jsonl":
         listeners.append(_print_jsonl)
 
@@ -259,7 +280,9 @@ def cmd_run(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = rt.run(args.workflow, overrides, on_event=on_event)
+        # the libraries' own bars (loading, writing shards) show only where ours do
+        with contextlib.nullcontext() if bars else library_progress_bars_off():
+            result = rt.run(args.workflow, overrides, on_event=on_event)
     finally:
         signal.signal(signal.SIGINT, previous)
     if args.events != "jsonl":
@@ -371,10 +394,6 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "conve
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loraloom`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    # The libraries' own chatter (e.g. "requires torchvision" notices) is noise on a command line;
-    # a user can still ask for it through these variables.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     if argv[:1] == ["fixtures"]:  # its own parser, in the fixture generator's module
         from .fixtures import main as fixtures_main
 

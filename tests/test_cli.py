@@ -334,3 +334,75 @@ def test_serve_limits_must_be_positive(flag, value, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["serve", flag, value])
     assert exited.value.code == 2 and flag in capsys.readouterr().err
+
+
+def _run_cli(plugin, tmp_path, stderr, extra=()):
+    """``loraloom run`` of the plugin workflow in a subprocess, stderr to ``stderr`` (a file or a pty)."""
+    return subprocess.run([sys.executable, "-m", "loraloom.cli", "run", str(plugin), "--nodes-module", "cli_plugin_nodes",
+                           "--output-dir", str(tmp_path / "out"), *extra], stdout=subprocess.PIPE, stderr=stderr,
+                          env=os.environ.copy(), timeout=300)
+
+
+def test_progress_into_a_log_is_a_plain_line_per_node(plugin, tmp_path):
+    with open(tmp_path / "log", "w+b") as log:
+        assert _run_cli(plugin, tmp_path, log).returncode == 0
+        log.seek(0)
+        text = log.read().decode()
+    assert "\r" not in text and "\x1b[" not in text, f"no carriage returns or cursor moves in a log: {text!r}"
+    lines = [line for line in text.splitlines() if line.startswith("[")]
+    assert [line.split(" done in ")[0] for line in lines] == \
+        ["[1/3] node 1 (CliConst)", "[2/3] node 2 (CliSteps)", "[3/3] node 3 (CliShow)"], text
+
+
+def test_progress_on_a_terminal_is_bars(plugin, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    # a new pty is 0 x 0 characters, where tqdm draws nothing; a terminal has a size
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "loraloom.cli", "run", str(plugin), "--nodes-module",
+                                 "cli_plugin_nodes", "--output-dir", str(tmp_path / "out")],
+                                stdout=subprocess.PIPE, stderr=follower, env=os.environ.copy())
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other end is closed, the run is over
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=300) == 0
+    finally:
+        os.close(leader)
+    text = b"".join(chunks).decode(errors="replace")
+    assert "\r" in text and "nodes: 100%" in text and "3/3" in text, f"a terminal gets tqdm bars: {text!r}"
+    assert "[1/3] node" not in text, "and not the log lines"
+
+
+@pytest.mark.parametrize("flags", [["--no-progress"], []], ids=["no-progress", "stderr-not-a-terminal"])
+def test_no_library_bars_without_ours(tmp_path, capsys, tiny_model_files, flags):
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    folder = tiny_model_files("tiny-sd15")["folder"]
+    capsys.readouterr()  # what writing the fixture printed
+    wf = tmp_path / "save.json"
+    wf.write_text(json.dumps({"1": {"class_type": "LoadBase", "inputs": {"source": folder.name}},
+                              "2": {"class_type": "SavePipeline", "inputs": {"model": ["1", 0],
+                                                                             "filename_prefix": "p"}}}))
+    assert main(["run", str(wf), "--models-dir", str(folder.parent), "--output-dir", str(tmp_path / "out"),
+                 *flags]) == 0
+    err = capsys.readouterr().err
+    for bar in ("Loading pipeline components", "Loading weights", "Writing model shards", "it/s"):
+        assert bar not in err, f"{bar!r} shown: {err}"
+    assert "requires torchvision" not in err, err
+    assert (tmp_path / "out" / "p_00001" / "model_index.json").is_file()
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled() \
+        and not hub_utils.are_progress_bars_disabled(), "the libraries' switches are as they were after the run"
