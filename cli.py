@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 validation or execution error (printed); 2 usage error (a flag or argument
 that is malformed or names nothing: ``--set 5width=3``, ``--set 99.width=3`` on a workflow without
-node 99, a workflow path that is no readable file, ``--port 70000``); 130 interrupted.
+node 99, a workflow path that cannot be opened, ``--port 70000``); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -177,11 +177,11 @@ def _set_arg(text: str) -> tuple[str, object]:
 
 def _usage_error(exc: LoomError, args) -> bool:
     """Whether ``exc`` is about the command line itself rather than what a workflow holds: an override of
-    a node the workflow lacks, a workflow argument that names no readable regular file."""
+    a node the workflow lacks, a workflow path that cannot be opened (missing, or not this user's to read)."""
     if exc.kind in ("bad_override", "override_unknown_node"):
         return True
     workflow = getattr(args, "workflow", None)
-    return exc.kind in ("unreadable", "not_regular") and workflow is not None and exc.file == str(workflow)
+    return exc.kind == "unreadable" and workflow is not None and exc.file == str(workflow)
 
 
 def _runtime(args, **extra):

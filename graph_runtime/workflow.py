@@ -9,6 +9,7 @@ value after seed-like INT widgets is skipped.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zlib
@@ -54,10 +55,11 @@ def load_workflow(src, registry: NodeRegistry) -> Workflow:
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         source = str(path)
+        locate = functools.partial(locate_in_workflow, registry=registry)
         if path.suffix.lower() == ".png":
-            data = _png_workflow(path)
+            data = _png_workflow(path, locate)
         else:
-            data = load_json_file(path)
+            data = load_json_file(path, locate=locate)
     elif isinstance(src, dict):
         source = "workflow"
         check_depth(src, source=source)
@@ -75,6 +77,36 @@ def load_workflow(src, registry: NodeRegistry) -> Workflow:
         data = data["prompt"]
         return Workflow(check_api(data, source), ui if isinstance(ui, dict) else None, source)
     return Workflow(check_api(data, source), None, source)
+
+
+def locate_in_workflow(data, path: list, registry: NodeRegistry) -> dict | None:
+    """Where a JSON path points in a workflow, as error fields: ``{"node": "5", "class_type": "Sample",
+    "input": "width"}`` for an input of an API-format node (also inside a ``POST /prompt`` body) or a
+    widget value of a UI-format node (named through the node's schema as `ui_to_api` names it); the
+    node alone for another place in a node; None elsewhere."""
+    if path[:1] == ["prompt"] and isinstance(data, dict) and isinstance(data.get("prompt"), dict):
+        data, path = data["prompt"], path[1:]
+    if not isinstance(data, dict) or len(path) < 2:
+        return None
+    if "nodes" in data and path[0] == "nodes" and isinstance(data["nodes"], list):
+        node = data["nodes"][path[1]] if isinstance(path[1], int) else None
+        if not isinstance(node, dict):
+            return None
+        where = {"node": str(node.get("id")), "class_type": node.get("type")}
+        if len(path) >= 4 and path[2] == "widgets_values":
+            cls = registry.get(node.get("type"))
+            slots = dict(_widget_slots(cls.SCHEMA.widgets, node["widgets_values"])) if cls is not None else {}
+            name = path[3] if isinstance(path[3], str) else slots.get(path[3])
+            if name is not None:
+                where["input"] = name
+        return where
+    node = data.get(path[0])
+    if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) or "links" in data:
+        return None
+    where = {"node": str(path[0]), "class_type": node["class_type"]}
+    if path[1] == "inputs" and len(path) >= 3:
+        where["input"] = path[2]
+    return where
 
 
 def check_api(prompt: dict, source: str = "workflow") -> dict:
@@ -214,16 +246,22 @@ def _widget_inputs(node: dict, registry: NodeRegistry, source: str) -> dict:
         return {w.name: values[w.name] for w in widgets if w.name in values}
     if not isinstance(values, list):
         raise WorkflowError(f"{source}: node {node['id']} ({node['type']}) widgets_values must be a list")
-    inputs = {}
+    return {name: values[i] for i, name in _widget_slots(widgets, values)}
+
+
+def _widget_slots(widgets, values: list) -> list[tuple[int, str]]:
+    """``(index in widgets_values, input name)`` of each widget a UI node's value list holds: in the
+    schema's widget order, skipping the editor's ``control_after_generate`` value after a seed."""
+    slots = []
     i = 0
     for widget in widgets:
         if i >= len(values):
             break
-        inputs[widget.name] = values[i]
+        slots.append((i, widget.name))
         i += 1
         if widget.control_after_generate and i < len(values) and values[i] in CONTROL_VALUES:
             i += 1
-    return inputs
+    return slots
 
 
 def _resolve_link(link_id, by_id: dict, link_map: dict, source: str):
@@ -270,12 +308,12 @@ def _output_type(node: dict, slot: int):
     return None
 
 
-def _png_workflow(path: Path) -> dict:
+def _png_workflow(path: Path, locate=None) -> dict:
     """The workflow embedded in a PNG as ComfyUI writes it (tEXt ``prompt`` and ``workflow``)."""
     texts = _png_texts(path)
-    ui = loads_strict(texts["workflow"], source=f"{path} (workflow)") if "workflow" in texts else None
+    ui = loads_strict(texts["workflow"], source=f"{path} (workflow)", locate=locate) if "workflow" in texts else None
     if "prompt" in texts:  # exactly what ran; the UI graph travels along for re-embedding
-        prompt = loads_strict(texts["prompt"], source=f"{path} (prompt)")
+        prompt = loads_strict(texts["prompt"], source=f"{path} (prompt)", locate=locate)
         return {"prompt": prompt, "extra_data": {"extra_pnginfo": {"workflow": ui}}}
     if isinstance(ui, dict):
         return ui

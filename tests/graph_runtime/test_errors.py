@@ -116,7 +116,7 @@ def test_cli_renders_error_fields(tmp_path, capsys):
     bad.write_text('{"1": {"class_type": "X", "inputs": {"v": 1e999}}}')
     assert main(["validate", str(bad)]) != 0
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {bad}: number 1e999 is not finite"), err
+    assert err.startswith(f"error: {bad}: node 1 (X) input 'v': number 1e999 is not finite"), err
 
 
 def test_cli_set_refuses_overflow_and_keeps_text():
