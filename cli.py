@@ -287,9 +287,29 @@ def cmd_run(args) -> int:
         signal.signal(signal.SIGINT, previous)
     if args.events != "jsonl":
         print(f"done: {len(result.executed)} executed, {len(result.cached)} cached")
-        for node_id, ui in result.outputs.items():
-            print(f"  node {node_id}: {json.dumps(ui, default=str)}")
+        for line in describe_outputs(result.outputs, rt.folders):
+            print(line)
     return EXIT_OK
+
+
+def _is_file_ref(value) -> bool:
+    return isinstance(value, dict) and value.get("type") in ("output", "temp") \
+        and isinstance(value.get("filename"), str) and isinstance(value.get("subfolder"), str)
+
+
+def describe_outputs(outputs: dict, folders) -> list[str]:
+    """What ``run`` prints for its output nodes: the full path of every file or folder each saved, its
+    ``text`` lines below, and any other UI output as JSON (``--events jsonl`` has it all as data)."""
+    lines = []
+    for node_id, ui in outputs.items():
+        saved = {key for key, value in ui.items() if isinstance(value, list) and value and all(map(_is_file_ref, value))}
+        lines += [f"  node {node_id}: {folders.ref_root(ref['type']) / ref['subfolder'] / ref['filename']}"
+                  for key in saved for ref in ui[key]]
+        rest = {key: value for key, value in ui.items() if key not in saved and key != "text"}
+        if rest or not saved:
+            lines.append(f"  node {node_id}: {json.dumps(rest, default=str)}")
+        lines += [f"    {text}" for text in ui.get("text", []) if isinstance(text, str)]
+    return lines
 
 
 def cmd_validate(args) -> int:

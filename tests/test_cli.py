@@ -335,6 +335,34 @@ def test_serve_limits_must_be_positive(flag, value, capsys):
     assert exited.value.code == 2 and flag in capsys.readouterr().err
 
 
+def test_run_prints_the_full_path_of_each_output(plugin, tmp_path, capsys):
+    (tmp_path / "cli_image_nodes.py").write_text(textwrap.dedent('''
+        from loraloom import register_node
+        from loraloom.graph_runtime import Output, node
+
+        @node(category="cli-test", inputs=[], outputs=[Output("IMAGE")])
+        class CliGrey:
+            def execute(self):
+                import torch
+                return (torch.full((2, 8, 8, 3), 0.5),)
+
+        register_node(CliGrey)
+    '''))
+    wf = tmp_path / "save.json"
+    wf.write_text(json.dumps({"1": {"class_type": "CliGrey", "inputs": {}},
+                              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "g/x"}},
+                              "3": {"class_type": "CliConst", "inputs": {"value": 2.0}},
+                              "4": {"class_type": "CliShow", "inputs": {"x": ["3", 0]}}}))
+    out = tmp_path / "out"
+    assert main(["run", str(wf), "--nodes-module", "cli_image_nodes", "--nodes-module", "cli_plugin_nodes",
+                 "--output-dir", str(out), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    saved = [line.split(": ", 1)[1] for line in lines if line.startswith("  node 2: ")]
+    assert saved == [str(out.resolve() / "g" / "x_00001_.png"), str(out.resolve() / "g" / "x_00002_.png")], lines
+    assert all(Path(p).is_file() for p in saved), "each printed path is the saved file"
+    assert '  node 4: {"value": [2.0]}' in lines, "an output that is no file is shown as it is"
+
+
 def _run_cli(plugin, tmp_path, stderr, extra=()):
     """``loraloom run`` of the plugin workflow in a subprocess, stderr to ``stderr`` (a file or a pty)."""
     return subprocess.run([sys.executable, "-m", "loraloom.cli", "run", str(plugin), "--nodes-module", "cli_plugin_nodes",
