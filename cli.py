@@ -71,12 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a workflow headless",
                          description="Validate and run a workflow (.json in API or UI format, or a PNG "
-                                     "that carries one). Progress bars go to stderr.")
+                                     "that carries one). Progress goes to stderr: bars on a terminal, else a "
+                                     "line per node finished.")
     run.add_argument("workflow", help="workflow file (.json or .png)")
     run.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE", type=_set_arg,
                      help="override an input; VALUE is JSON (0.5, true, \"text\") or else a plain string")
     run.add_argument("--events", choices=["jsonl"], help="print one JSON object per event on stdout")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress on stderr: neither ours nor the libraries' loading and saving bars")
     run.add_argument("--cache-bytes", type=_whole(0), metavar="N", help="byte budget of the result cache")
     run.add_argument("--strict-files", action="store_true",
                      help="hash every file's content on every use instead of trusting an unchanged size, mtime, "
