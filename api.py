@@ -50,9 +50,12 @@ def load_node_modules(names=None) -> list[str]:
         try:
             importlib.import_module(name)
         except ImportError as exc:
+            # the module (or a package above it) is not there, or it is and something it imports is not
+            missing = exc.name is not None and (name == exc.name or name.startswith(exc.name + "."))
             raise graph_runtime.LoomError(f"node module {name!r} could not be imported: {exc}.", key=name, value=name,
-                                          kind="node_module_missing",
-                                          fix="check the name and that it is on PYTHONPATH") from exc
+                                          kind="node_module_missing" if missing else "node_module_failed",
+                                          fix="check the name and that it is on PYTHONPATH" if missing
+                                          else "install what it needs") from exc
     return list(names)
 
 

@@ -179,8 +179,9 @@ def _set_arg(text: str) -> tuple[str, object]:
 
 def _usage_error(exc: LoomError, args) -> bool:
     """Whether ``exc`` is about the command line itself rather than what a workflow holds: an override of
-    a node the workflow lacks, a workflow path that cannot be opened (missing, or not this user's to read)."""
-    if exc.kind in ("bad_override", "override_unknown_node"):
+    a node the workflow lacks, a ``--nodes-module`` that does not exist, a workflow path that cannot be
+    opened (missing, or not this user's to read)."""
+    if exc.kind in ("bad_override", "override_unknown_node", "node_module_missing"):
         return True
     workflow = getattr(args, "workflow", None)
     return exc.kind == "unreadable" and workflow is not None and exc.file == str(workflow)

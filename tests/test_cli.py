@@ -130,6 +130,7 @@ def _exit_code(argv: list[str]) -> int:
     (["--set", "1.value=1e999"], "number 1e999 is not finite"),
     (["--set", "9.value=3"], "has no node 9"),
     (["--max-pixels", "0"], "--max-pixels: 0 is below 1"),
+    (["--nodes-module", "no_such_module_here"], "node module 'no_such_module_here' could not be imported"),
 ])
 def test_a_malformed_flag_is_a_usage_error(plugin, capsys, command, extra, said):
     assert _exit_code([command, str(plugin), "--nodes-module", "cli_plugin_nodes", *extra]) == 2
@@ -433,3 +434,10 @@ def test_no_library_bars_without_ours(tmp_path, capsys, tiny_model_files, flags)
     assert (tmp_path / "out" / "p_00001" / "model_index.json").is_file()
     assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled() \
         and not hub_utils.are_progress_bars_disabled(), "the libraries' switches are as they were after the run"
+
+
+def test_a_node_module_that_fails_inside_is_an_error_not_a_usage_error(plugin, tmp_path, capsys):
+    (tmp_path / "cli_broken_nodes.py").write_text("import no_such_dependency_here\n")
+    assert main(["validate", str(plugin), "--nodes-module", "cli_broken_nodes"]) == 1
+    err = capsys.readouterr().err
+    assert "node module 'cli_broken_nodes' could not be imported" in err and "Fix: install what it needs" in err, err
