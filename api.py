@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import logging
 import os
+import warnings
 from pathlib import Path
 
 from . import graph_runtime
@@ -12,6 +15,12 @@ from .nodes import register_node, registry
 from .nodes.common import remove_stale_saves
 
 ENV_NODE_MODULES = "LORALOOM_NODE_MODULES"
+# transformers 5 warns once per image-processor class it falls back from (e.g. "`CLIPImageProcessor`
+# requires torchvision (not installed); falling back to `CLIPImageProcessorPil`") when a diffusers pipeline
+# that carries one is built. We never process images with them, torchvision is not needed, and the
+# advice to install it is noise: drop that one notice, leaving transformers' other messages and its
+# verbosity as they are.
+TORCHVISION_NOTICE = "requires torchvision (not installed)"
 SHIPPED_WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 DEMO_LORA_DIR = SHIPPED_WORKFLOWS / "loras"
 
@@ -41,10 +50,60 @@ def load_node_modules(names=None) -> list[str]:
         try:
             importlib.import_module(name)
         except ImportError as exc:
+            # the module (or a package above it) is not there, or it is and something it imports is not
+            missing = exc.name is not None and (name == exc.name or name.startswith(exc.name + "."))
             raise graph_runtime.LoomError(f"node module {name!r} could not be imported: {exc}.", key=name, value=name,
-                                          kind="node_module_missing",
-                                          fix="check the name and that it is on PYTHONPATH") from exc
+                                          kind="node_module_missing" if missing else "node_module_failed",
+                                          fix="check the name and that it is on PYTHONPATH" if missing
+                                          else "install what it needs") from exc
     return list(names)
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TORCHVISION_NOTICE not in record.getMessage()
+
+
+def hide_torchvision_notice() -> None:
+    """Drop transformers' torchvision fallback notice (see ``TORCHVISION_NOTICE``); idempotent. Runs when
+    this module is imported: the Python API, the CLI and the server all build pipelines through it."""
+    notices = logging.getLogger("transformers.utils.import_utils")  # the logger that warns (transformers 5)
+    if not any(isinstance(f, _NoTorchvisionNotice) for f in notices.filters):
+        notices.addFilter(_NoTorchvisionNotice())
+
+
+hide_torchvision_notice()
+
+
+@contextlib.contextmanager
+def library_progress_bars_off():
+    """Within the block diffusers', transformers' and huggingface_hub's own progress bars ("Loading
+    pipeline components", "Loading weights", "Writing model shards", "Fetching ... files") are off; after
+    it they are as they were. The CLI uses it for ``--no-progress`` and when stderr is no terminal; the
+    Python API leaves them alone unless asked: ``with library_progress_bars_off(): rt.run(...)``.
+    Imports those libraries (a few seconds, once)."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    before = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled(),
+              hub_utils.are_progress_bars_disabled())
+    # huggingface_hub warns when its switch is overridden by HF_HUB_DISABLE_PROGRESS_BARS, which then wins
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # huggingface_hub's bars too
+    try:
+        yield
+    finally:
+        diffusers_on, transformers_on, hub_off = before
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if diffusers_on:
+                diffusers_logging.enable_progress_bar()
+            if transformers_on:
+                transformers_logging.enable_progress_bar()  # sets huggingface_hub's too: its own state next
+            (hub_utils.disable_progress_bars if hub_off else hub_utils.enable_progress_bars)()
 
 
 class Runtime(graph_runtime.Runtime):
@@ -67,4 +126,5 @@ class Runtime(graph_runtime.Runtime):
         remove_stale_saves(self.folders)  # what a save killed mid-write (kill -9) left in the output folder
 
 
-__all__ = ["Runtime", "is_shipped_workflow", "load_node_modules", "register_node"]
+__all__ = ["Runtime", "hide_torchvision_notice", "is_shipped_workflow", "library_progress_bars_off",
+           "load_node_modules", "register_node"]

@@ -1,11 +1,14 @@
 """The ``loraloom`` command line: run, validate, nodes, convert.
 
-Exit codes: 0 success; 1 validation or execution error (printed); 2 usage error; 130 interrupted.
+Exit codes: 0 success; 1 validation or execution error (printed); 2 usage error (a flag or argument
+that is malformed or names nothing: ``--set 5width=3``, ``--set 99.width=3`` on a workflow without
+node 99, a workflow path that cannot be opened, ``--port 70000``); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -30,14 +33,20 @@ def _folder_args(parser: argparse.ArgumentParser) -> None:
                              "also LORALOOM_NODE_MODULES=a,b)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
+def _whole(low: int, high: int | None = None):
+    """An argparse type: a whole number (``1_000`` allowed) from ``low`` to ``high`` (None: no bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not {low}..{high}" if high is not None
+                                             else f"{value} is below {low}")
+        return value
+
+    return parse
 
 
 def _limit_args(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +54,11 @@ def _limit_args(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("limits on what one workflow may ask for (else LORALOOM_MAX_TEXT_CHARS, "
                                       "LORALOOM_MAX_PIXELS, LORALOOM_MAX_NODES, else the defaults shown)")
-    group.add_argument(limits.flag("max_text_chars"), type=_positive_int, metavar="N",
+    group.add_argument(limits.flag("max_text_chars"), type=_whole(1), metavar="N",
                        help=f"characters in one text input, e.g. a prompt (default {limits.DEFAULT_MAX_TEXT_CHARS})")
-    group.add_argument(limits.flag("max_pixels"), type=_positive_int, metavar="N",
+    group.add_argument(limits.flag("max_pixels"), type=_whole(1), metavar="N",
                        help=f"width x height x batch_size of one Sample (default {limits.DEFAULT_MAX_PIXELS})")
-    group.add_argument(limits.flag("max_nodes"), type=_positive_int, metavar="N",
+    group.add_argument(limits.flag("max_nodes"), type=_whole(1), metavar="N",
                        help=f"nodes in one workflow (default {limits.DEFAULT_MAX_NODES})")
 
 
@@ -62,13 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a workflow headless",
                          description="Validate and run a workflow (.json in API or UI format, or a PNG "
-                                     "that carries one). Progress bars go to stderr.")
+                                     "that carries one). Progress goes to stderr: bars on a terminal, else a "
+                                     "line per node finished.")
     run.add_argument("workflow", help="workflow file (.json or .png)")
-    run.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE",
+    run.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE", type=_set_arg,
                      help="override an input; VALUE is JSON (0.5, true, \"text\") or else a plain string")
     run.add_argument("--events", choices=["jsonl"], help="print one JSON object per event on stdout")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    run.add_argument("--cache-bytes", type=int, metavar="N", help="byte budget of the result cache")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress on stderr: neither ours nor the libraries' loading and saving bars")
+    run.add_argument("--cache-bytes", type=_whole(0), metavar="N", help="byte budget of the result cache")
     run.add_argument("--strict-files", action="store_true",
                      help="hash every file's content on every use instead of trusting an unchanged size, mtime, "
                           "ctime and inode, and fail a node whose file changed while the run used it (what "
@@ -78,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a workflow without running it")
     val.add_argument("workflow")
-    val.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE")
+    val.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE", type=_set_arg)
     val.add_argument("--json", action="store_true", help="print ComfyUI's node_errors JSON")
     _folder_args(val)
     _limit_args(val)
@@ -104,15 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "pip install 'loraloom[editor]'.")
     serve.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
                        help="address to bind (default 127.0.0.1; any other needs a token)")
-    serve.add_argument("--port", type=int, default=8188, metavar="N", help="port (default 8188, ComfyUI's)")
+    serve.add_argument("--port", type=_whole(1, 65535), default=8188, metavar="N", help="port (default 8188, ComfyUI's)")
     serve.add_argument("--token", metavar="T", help="require this token on every request (else "
                                                     "LORALOOM_SERVE_TOKEN); open http://HOST:PORT/?token=T")
     serve.add_argument("--allow-host", action="append", default=[], metavar="H",
                        help="also accept this host name in requests' Host header (repeatable)")
     serve.add_argument("--user-dir", metavar="DIR", help="settings, saved workflows, queue and history (else "
                                                          "LORALOOM_USER_DIR, else ~/.local/share/loraloom)")
-    serve.add_argument("--cache-bytes", type=int, metavar="N", help="byte budget of the result cache")
-    serve.add_argument("--max-connections", type=_positive(int), metavar="N",
+    serve.add_argument("--cache-bytes", type=_whole(0), metavar="N", help="byte budget of the result cache")
+    serve.add_argument("--max-connections", type=_whole(1), metavar="N",
                        help="open connections at most (the oldest idle one is closed for a new one)")
     serve.add_argument("--header-timeout", type=_positive(float), metavar="S",
                        help="seconds a connection may take to send a request head")
@@ -124,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive(kind):
+    """An argparse type: a finite number of ``kind`` above 0."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -141,8 +154,10 @@ def parse_sets(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or "." not in key:
-            raise WorkflowError(f"--set {item!r}: expected ID.INPUT=VALUE, e.g. --set 4.weight=0.8")
+        node_id, dot, name = key.partition(".")
+        if not (sep and dot and node_id and name):
+            raise WorkflowError(f"--set {item!r}: expected ID.INPUT=VALUE, e.g. --set 4.weight=0.8", value=item,
+                                kind="bad_override")
         try:
             value = loads_strict(raw, source=f"--set {key}")
         except WorkflowError as exc:
@@ -151,6 +166,25 @@ def parse_sets(items: list[str]) -> dict:
             value = raw  # anything else that is not JSON is text, e.g. --set 5.text=a cat
         out[key] = value
     return out
+
+
+def _set_arg(text: str) -> tuple[str, object]:
+    """An argparse type: one ``--set ID.INPUT=VALUE`` as ``(key, value)``; a malformed one is a usage error."""
+    try:
+        ((key, value),) = parse_sets([text]).items()
+    except WorkflowError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--set ")) from None
+    return key, value
+
+
+def _usage_error(exc: LoomError, args) -> bool:
+    """Whether ``exc`` is about the command line itself rather than what a workflow holds: an override of
+    a node the workflow lacks, a ``--nodes-module`` that does not exist, a workflow path that cannot be
+    opened (missing, or not this user's to read)."""
+    if exc.kind in ("bad_override", "override_unknown_node", "node_module_missing"):
+        return True
+    workflow = getattr(args, "workflow", None)
+    return exc.kind == "unreadable" and workflow is not None and exc.file == str(workflow)
 
 
 def _runtime(args, **extra):
@@ -165,17 +199,14 @@ def _runtime(args, **extra):
                    demo_loras=is_shipped_workflow(getattr(args, "workflow", None)), limits=limits, **extra)
 
 
-class _Progress:
-    """tqdm bars on stderr: one for nodes, one for steps inside the running node."""
+class _Bars:
+    """tqdm bars on stderr, a terminal: one for nodes, one for steps inside the running node."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self):
         self.nodes = None
         self.steps = None
 
     def __call__(self, event: dict) -> None:
-        if not self.enabled:
-            return
         from tqdm import tqdm
 
         kind = event["event"]
@@ -205,16 +236,39 @@ class _Progress:
             self.steps = None
 
 
+class _LogLines:
+    """Progress on stderr that is no terminal (a log file, a pipe): a plain line per node finished,
+    none per step; bars would fill a log with carriage returns and cursor moves."""
+
+    def __init__(self):
+        self.done = 0
+        self.total = 0
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "execution_cached":
+            print(f"cached: node {', '.join(event['nodes'])}", file=sys.stderr, flush=True)
+        elif kind == "execution_plan":
+            self.total = len(event["nodes"])
+        elif kind == "executed":
+            self.done += 1
+            print(f"[{self.done}/{self.total}] node {event['node']} ({event['class_type']}) done in "
+                  f"{event['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+
 def _print_jsonl(event: dict) -> None:
     sys.stdout.write(json.dumps(event, default=str) + "\n")
     sys.stdout.flush()
 
 
 def cmd_run(args) -> int:
-    overrides = parse_sets(args.set)
+    from .api import library_progress_bars_off
+
+    overrides = dict(args.set)
     extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
     rt = _runtime(args, strict_files=args.strict_files, **extra)
-    listeners = [_Progress(not args.no_progress)]
+    bars = not args.no_progress and sys.stderr.isatty()
+    listeners = [] if args.no_progress else [_Bars() if bars else _LogLines()]
     if args.events == "jsonl":
         listeners.append(_print_jsonl)
 
@@ -229,20 +283,42 @@ def cmd_run(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = rt.run(args.workflow, overrides, on_event=on_event)
+        # the libraries' own bars (loading, writing shards) show only where ours do
+        with contextlib.nullcontext() if bars else library_progress_bars_off():
+            result = rt.run(args.workflow, overrides, on_event=on_event)
     finally:
         signal.signal(signal.SIGINT, previous)
     if args.events != "jsonl":
         print(f"done: {len(result.executed)} executed, {len(result.cached)} cached")
-        for node_id, ui in result.outputs.items():
-            print(f"  node {node_id}: {json.dumps(ui, default=str)}")
+        for line in describe_outputs(result.outputs, rt.folders):
+            print(line)
     return EXIT_OK
+
+
+def _is_file_ref(value) -> bool:
+    return isinstance(value, dict) and value.get("type") in ("output", "temp") \
+        and isinstance(value.get("filename"), str) and isinstance(value.get("subfolder"), str)
+
+
+def describe_outputs(outputs: dict, folders) -> list[str]:
+    """What ``run`` prints for its output nodes: the full path of every file or folder each saved, its
+    ``text`` lines below, and any other UI output as JSON (``--events jsonl`` has it all as data)."""
+    lines = []
+    for node_id, ui in outputs.items():
+        saved = {key for key, value in ui.items() if isinstance(value, list) and value and all(map(_is_file_ref, value))}
+        lines += [f"  node {node_id}: {folders.ref_root(ref['type']) / ref['subfolder'] / ref['filename']}"
+                  for key in saved for ref in ui[key]]
+        rest = {key: value for key, value in ui.items() if key not in saved and key != "text"}
+        if rest or not saved:
+            lines.append(f"  node {node_id}: {json.dumps(rest, default=str)}")
+        lines += [f"    {text}" for text in ui.get("text", []) if isinstance(text, str)]
+    return lines
 
 
 def cmd_validate(args) -> int:
     rt = _runtime(args)
     try:
-        valid = rt.validate(args.workflow, parse_sets(args.set))
+        valid = rt.validate(args.workflow, dict(args.set))
     except ValidationError as exc:
         if args.json:
             print(json.dumps(exc.to_json(), indent=2, default=str))
@@ -341,10 +417,6 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "conve
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loraloom`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    # The libraries' own chatter (e.g. "requires torchvision" notices) is noise on a command line;
-    # a user can still ask for it through these variables.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     if argv[:1] == ["fixtures"]:  # its own parser, in the fixture generator's module
         from .fixtures import main as fixtures_main
 
@@ -364,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except LoomError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_USAGE if _usage_error(exc, args) else EXIT_FAIL
 
 
 if __name__ == "__main__":

@@ -220,14 +220,20 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
                 problems.append(problem)
             inputs[inp.name] = value
         check = getattr(cls, "check_inputs", None)
-        if check is not None and not problems:
-            constants = {k: v for k, v in inputs.items() if not is_link(v)}
+        if check is not None:
+            # Every problem at once: the node's own rules run beside the widget checks, on the constants
+            # that passed them (a value out of range or of the wrong type never reaches a rule that would
+            # misread or crash on it; a rule over several inputs skips when one of them is absent).
+            failed = {problem["extra_info"].get("input_name") for problem in problems}
+            constants = {k: v for k, v in inputs.items() if not is_link(v) and k not in failed}
             try:
                 found = check(constants) or {}
             except LoomError as exc:  # a check may raise its problem instead of returning it
                 found = {exc.input: exc}
             except Exception as exc:  # noqa: BLE001 - a broken checker is reported, not raised
-                found = {None: f"check_inputs raised {type(exc).__name__}: {exc}"}
+                # ... unless it was not given every value: one that assumed an input present (a refused
+                # one, already reported) is not broken, and its crash would only add noise.
+                found = {} if failed else {None: f"check_inputs raised {type(exc).__name__}: {exc}"}
             for name, problem in found.items():
                 if isinstance(problem, LoomError):
                     problems.append(_err_from("invalid_input", "Invalid input", problem, node_id, class_type, name))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Callable
 
 from .errors import WorkflowError
 from .files import FileError, read_capped
@@ -14,17 +15,47 @@ MAX_DEPTH = 64
 MAX_INT_DIGITS = 4300  # Python's own limit for int(str): longer ones raise a bare ValueError
 
 
-def _reject_constant(name: str):
-    raise WorkflowError(f"{name} is not a finite number; JSON workflows may hold only finite numbers",
-                        value=name, kind="not_finite")
+# The JSON path of a value (keys and list indices) -> where in a workflow that is, as error fields
+# (node=, class_type=, input=), or None when the path is no place a workflow names.
+Locate = Callable[[object, list], "dict | None"]
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise WorkflowError(f"number {text} is not finite (it overflows a 64-bit float); "
-                            "workflows may hold only finite numbers", value=text, kind="overflow")
-    return value
+class _NotFinite:
+    """A NaN, Infinity or overflowing number met while parsing: left in place until the whole text is
+    parsed, so the error can say where it is (which node and input), not only what it is."""
+
+    __slots__ = ("text", "kind")
+
+    def __init__(self, text: str, kind: str):
+        self.text, self.kind = text, kind
+
+    def error(self) -> WorkflowError:
+        if self.kind == "overflow":
+            return WorkflowError(f"number {self.text} is not finite (it overflows a 64-bit float); "
+                                 "workflows may hold only finite numbers", value=self.text, kind="overflow")
+        return WorkflowError(f"{self.text} is not a finite number; JSON workflows may hold only finite numbers",
+                             value=self.text, kind="not_finite")
+
+
+def json_path(path: list) -> str:
+    """``["nodes", 3, "widgets_values", 1]`` -> ``$.nodes[3].widgets_values[1]`` (JSONPath's notation)."""
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if p.isidentifier() else f"[{json.dumps(p)}]"
+                         for p in path)
+
+
+def _first_not_finite(value) -> tuple[list, _NotFinite] | None:
+    """The JSON path and marker of the first non-finite number in ``value``, in document order
+    (iterative: no recursion)."""
+    stack = [([], value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, _NotFinite):
+            return path, item
+        if isinstance(item, dict):
+            stack.extend((path + [k], v) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((path + [i], v) for i, v in reversed(list(enumerate(item))))
+    return None
 
 
 def _bounded_int(text: str) -> int:
@@ -58,8 +89,10 @@ def check_depth(value, limit: int = MAX_DEPTH, source: str = "workflow") -> None
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
 
 
-def loads_strict(text: str | bytes, source: str = "workflow", max_bytes: int = MAX_WORKFLOW_BYTES):
-    """Parse JSON text, rejecting non-finite numbers, duplicate keys and absurd size or nesting."""
+def loads_strict(text: str | bytes, source: str = "workflow", max_bytes: int = MAX_WORKFLOW_BYTES,
+                 locate: Locate | None = None):
+    """Parse JSON text, rejecting non-finite numbers, duplicate keys and absurd size or nesting.
+    ``locate(document, path)`` names where in the document a non-finite number is (see ``Locate``)."""
     size = len(text)
     if size > max_bytes:
         raise WorkflowError(f"{source}: {size} bytes is above the limit of {max_bytes} bytes")
@@ -68,9 +101,19 @@ def loads_strict(text: str | bytes, source: str = "workflow", max_bytes: int = M
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise WorkflowError(f"{source}: not UTF-8 text (byte {exc.start}); is this a JSON file?") from None
+    seen: list[_NotFinite] = []  # the document is searched for where they are only when there are some
+
+    def not_finite(literal: str, kind: str) -> _NotFinite:
+        seen.append(_NotFinite(literal, kind))
+        return seen[-1]
+
+    def parse_float(literal: str):
+        value = float(literal)
+        return value if math.isfinite(value) else not_finite(literal, "overflow")
+
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                           parse_int=_bounded_int, object_pairs_hook=_unique_pairs)
+        value = json.loads(text, parse_constant=lambda name: not_finite(name, "not_finite"),
+                           parse_float=parse_float, parse_int=_bounded_int, object_pairs_hook=_unique_pairs)
     except WorkflowError as exc:
         raise exc.at(file=source) from None
     except json.JSONDecodeError as exc:
@@ -78,12 +121,22 @@ def loads_strict(text: str | bytes, source: str = "workflow", max_bytes: int = M
     except RecursionError:
         raise WorkflowError(f"{source}: nesting is deeper than the limit {MAX_DEPTH}") from None
     check_depth(value, source=source)
+    found = _first_not_finite(value) if seen else None
+    if found is not None:
+        path, marker = found
+        error = marker.error().at(file=source)
+        if locate is not None and path:
+            where = locate(value, path) or {}
+            if "input" not in where:  # the node alone, or nothing a workflow names: the path says the rest
+                error.key, error.key_label = json_path(path), "at"
+            error.at(**where)
+        raise error
     return value
 
 
-def load_json_file(path: str | os.PathLike, max_bytes: int = MAX_WORKFLOW_BYTES):
+def load_json_file(path: str | os.PathLike, max_bytes: int = MAX_WORKFLOW_BYTES, locate: Locate | None = None):
     """Read and strictly parse a JSON file: a regular file only, its size checked before reading."""
-    return loads_strict(read_workflow_bytes(path, max_bytes), source=str(path), max_bytes=max_bytes)
+    return loads_strict(read_workflow_bytes(path, max_bytes), source=str(path), max_bytes=max_bytes, locate=locate)
 
 
 def read_workflow_bytes(path: str | os.PathLike, max_bytes: int = MAX_WORKFLOW_BYTES) -> bytes:

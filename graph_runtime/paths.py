@@ -221,6 +221,12 @@ class Folders:
                       for name in _walk(self.output_dir / SAVED_LORAS, suffixes, dirs, hidden=False)]
         return names
 
+    def ref_root(self, kind: str) -> Path:
+        """The folder a saved file's reference ``{"filename", "subfolder", "type": kind}`` is relative to
+        (ComfyUI's ``/view`` roots): the output folder, or its ``temp/`` subfolder for kind "temp"."""
+        root = self.output_dir.resolve()
+        return root / TEMP_SUBFOLDER if kind == "temp" else root
+
     def output_path(self, name: str) -> Path:
         """Where an output named ``name`` is written (inside the output folder, created on demand)."""
         path = resolve_under(self.output_dir.absolute(), name, what="output", must_exist=False,

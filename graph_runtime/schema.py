@@ -308,7 +308,9 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
     own SaveImage/PreviewImage, which ComfyUI would drop anyway).
 
     A class may define ``check_inputs(cls, constants) -> {input_name: problem}`` (a classmethod) for
-    rules the widget specs cannot say (e.g. "a multiple of 8"); it runs during validation. A problem
+    rules the widget specs cannot say (e.g. "a multiple of 8"); it runs during validation, beside the
+    widget checks, on the constant inputs that passed them: a linked input, or one refused by its own
+    spec, is absent from ``constants``, and a rule over it should then say nothing. A problem
     is a message, or better one of our errors (``InputError(message, value=..., limit=..., fix=...)``),
     whose fields then reach the validation error's ``extra_info``.
     """

@@ -9,6 +9,7 @@ value the editor stores after some widgets is skipped (files with and without it
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zlib
@@ -54,10 +55,11 @@ def load_workflow(src, registry: NodeRegistry) -> Workflow:
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         source = str(path)
+        locate = functools.partial(locate_in_workflow, registry=registry)
         if path.suffix.lower() == ".png":
-            data = _png_workflow(path)
+            data = _png_workflow(path, locate)
         else:
-            data = load_json_file(path)
+            data = load_json_file(path, locate=locate)
     elif isinstance(src, dict):
         source = "workflow"
         check_depth(src, source=source)
@@ -75,6 +77,36 @@ def load_workflow(src, registry: NodeRegistry) -> Workflow:
         data = data["prompt"]
         return Workflow(check_api(data, source), ui if isinstance(ui, dict) else None, source)
     return Workflow(check_api(data, source), None, source)
+
+
+def locate_in_workflow(data, path: list, registry: NodeRegistry) -> dict | None:
+    """Where a JSON path points in a workflow, as error fields: ``{"node": "5", "class_type": "Sample",
+    "input": "width"}`` for an input of an API-format node (also inside a ``POST /prompt`` body) or a
+    widget value of a UI-format node (named through the node's schema as `ui_to_api` names it); the
+    node alone for another place in a node; None elsewhere."""
+    if path[:1] == ["prompt"] and isinstance(data, dict) and isinstance(data.get("prompt"), dict):
+        data, path = data["prompt"], path[1:]
+    if not isinstance(data, dict) or len(path) < 2:
+        return None
+    if "nodes" in data and path[0] == "nodes" and isinstance(data["nodes"], list):
+        node = data["nodes"][path[1]] if isinstance(path[1], int) else None
+        if not isinstance(node, dict):
+            return None
+        where = {"node": str(node.get("id")), "class_type": node.get("type")}
+        if len(path) >= 4 and path[2] == "widgets_values":
+            cls = registry.get(node.get("type"))
+            slots = _widget_names_by_index(cls.SCHEMA.widgets, node["widgets_values"]) if cls is not None else {}
+            name = path[3] if isinstance(path[3], str) else slots.get(path[3])
+            if name is not None:
+                where["input"] = name
+        return where
+    node = data.get(path[0])
+    if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) or "links" in data:
+        return None
+    where = {"node": str(path[0]), "class_type": node["class_type"]}
+    if path[1] == "inputs" and len(path) >= 3:
+        where["input"] = path[2]
+    return where
 
 
 def check_api(prompt: dict, source: str = "workflow") -> dict:
@@ -112,13 +144,15 @@ def apply_overrides(prompt: dict, overrides, source: str = "workflow") -> dict:
             flat.extend((str(key), name, v) for name, v in value.items())
         else:
             node_id, sep, name = str(key).partition(".")
-            if not sep or not name:
-                raise WorkflowError(f"override {key!r}: expected NODE_ID.INPUT, e.g. '3.weight'")
+            if not sep or not node_id or not name:
+                raise WorkflowError(f"override {key!r}: expected NODE_ID.INPUT, e.g. '3.weight'", key=str(key),
+                                    kind="bad_override")
             flat.append((node_id, name, value))
     for node_id, name, value in flat:
         if node_id not in prompt:
             ids = ", ".join(sorted(prompt, key=_id_sort)[:20])
-            raise WorkflowError(f"override {node_id}.{name}: {source} has no node {node_id} (nodes: {ids})")
+            raise WorkflowError(f"override {node_id}.{name}: {source} has no node {node_id} (nodes: {ids})",
+                                key=f"{node_id}.{name}", value=node_id, kind="override_unknown_node")
         prompt[node_id]["inputs"][name] = value
     return prompt
 
@@ -229,6 +263,14 @@ def _widget_inputs(node: dict, registry: NodeRegistry, source: str) -> dict:
     return _widgets_from_list(widgets, values, node, source)
 
 
+def _control_layouts(widgets: list[Input]) -> list[frozenset]:
+    """Which widgets may have a control value after them in a saved file, most expected first: as
+    declared; as an editor that was not told gives one to every INT named seed or noise_seed; none."""
+    declared = frozenset(w.name for w in widgets if w.control_after_generate)
+    legacy = declared | {w.name for w in widgets if w.seed_named}
+    return list(dict.fromkeys((declared, legacy, frozenset())))
+
+
 def _widgets_from_list(widgets: list[Input], values: list, node: dict, source: str) -> dict:
     """Widget values by name from the editor's ``widgets_values`` list.
 
@@ -239,9 +281,7 @@ def _widgets_from_list(widgets: list[Input], values: list, node: dict, source: s
     declaration gained a control, may have none. Each of these layouts is read: the one whose values
     all fit their widgets is taken; when several fit, the one that accounts for every value (the
     count); otherwise the file is ambiguous."""
-    declared = frozenset(w.name for w in widgets if w.control_after_generate)
-    legacy = declared | {w.name for w in widgets if w.seed_named}
-    layouts = list(dict.fromkeys((declared, legacy, frozenset())))
+    layouts = _control_layouts(widgets)
     reads = []
     for layout in layouts:
         inputs, fits = _read_layout(widgets, values, layout)
@@ -254,7 +294,7 @@ def _widgets_from_list(widgets: list[Input], values: list, node: dict, source: s
         return fitting[0][0]
     if not fitting:  # no layout fits: read as counted (or as declared); validation names the bad values
         return next((r[0] for r in reads if r[2]), reads[0][0])
-    names = ", ".join(sorted(legacy))
+    names = ", ".join(sorted(frozenset().union(*layouts)))
     counts = " or ".join(str(n) for n in sorted({len(widgets) + len(layout) for layout in layouts}))
     raise WorkflowError(f"its {len(values)} widget values can be read with and without a control value (fixed, "
                         f"randomize, ...) after {names}, and the two readings differ",
@@ -264,20 +304,38 @@ def _widgets_from_list(widgets: list[Input], values: list, node: dict, source: s
                             "or give widgets_values as an object {input name: value}")
 
 
+def _widget_slots(widgets: list[Input], count: int, controls: frozenset) -> tuple[list[tuple[int, str]], list[int]]:
+    """``(index in widgets_values, input name)`` of each widget a list of ``count`` values holds, in
+    the schema's widget order with a control value after each widget named in ``controls``, and the
+    indices of those control values."""
+    slots, control_at, i = [], [], 0
+    for widget in widgets:
+        if i >= count:
+            break
+        slots.append((i, widget.name))
+        i += 1
+        if widget.name in controls and i < count:
+            control_at.append(i)
+            i += 1
+    return slots, control_at
+
+
 def _read_layout(widgets: list[Input], values: list, controls: frozenset) -> tuple[dict, bool]:
     """The widget values read with a control value after each widget named in ``controls``, and
     whether every value fits its widget."""
-    inputs, fits, i = {}, True, 0
-    for widget in widgets:
-        if i >= len(values):
-            break
-        inputs[widget.name] = values[i]
-        fits = fits and _fits(widget, values[i])
-        i += 1
-        if widget.name in controls and i < len(values):
-            fits = fits and isinstance(values[i], str) and values[i] in CONTROL_VALUES
-            i += 1
-    return inputs, fits
+    slots, control_at = _widget_slots(widgets, len(values), controls)
+    by_name = {w.name: w for w in widgets}
+    fits = (all(_fits(by_name[name], values[i]) for i, name in slots)
+            and all(isinstance(values[i], str) and values[i] in CONTROL_VALUES for i in control_at))
+    return {name: values[i] for i, name in slots}, fits
+
+
+def _widget_names_by_index(widgets: list[Input], values: list) -> dict[int, str]:
+    """Which input each position of a saved ``widgets_values`` list holds, for naming where a value is:
+    the control layout that accounts for every value, else the declared one."""
+    layouts = _control_layouts(widgets)
+    layout = next((c for c in layouts if len(values) == len(widgets) + len(c)), layouts[0])
+    return dict(_widget_slots(widgets, len(values), layout)[0])
 
 
 def _fits(widget: Input, value) -> bool:
@@ -339,12 +397,12 @@ def _output_type(node: dict, slot: int):
     return None
 
 
-def _png_workflow(path: Path) -> dict:
+def _png_workflow(path: Path, locate=None) -> dict:
     """The workflow embedded in a PNG as ComfyUI writes it (tEXt ``prompt`` and ``workflow``)."""
     texts = _png_texts(path)
-    ui = loads_strict(texts["workflow"], source=f"{path} (workflow)") if "workflow" in texts else None
+    ui = loads_strict(texts["workflow"], source=f"{path} (workflow)", locate=locate) if "workflow" in texts else None
     if "prompt" in texts:  # exactly what ran; the UI graph travels along for re-embedding
-        prompt = loads_strict(texts["prompt"], source=f"{path} (prompt)")
+        prompt = loads_strict(texts["prompt"], source=f"{path} (prompt)", locate=locate)
         return {"prompt": prompt, "extra_data": {"extra_pnginfo": {"workflow": ui}}}
     if isinstance(ui, dict):
         return ui

@@ -36,8 +36,9 @@ class LoadBase:
     def check_inputs(cls, constants: dict) -> dict:
         from ..bases.presets import PRESETS
 
-        source, config = constants.get("source"), constants.get("config", "auto")
-        if source in PRESETS and config != "auto":
+        # An input that is absent (linked, or refused by its own check) is unknown: nothing is said about it.
+        source, config = constants.get("source"), constants.get("config")
+        if source in PRESETS and config not in (None, "auto"):
             return {"config": InputError(f"{config!r} given, but preset {source!r} needs no config; set it to 'auto'",
                                          value=config, limit="auto", kind="config_not_needed")}
         if isinstance(source, str) and source.endswith(".safetensors") and config == "auto":

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from ..atomic import NewOutput, atomic_new, remove_stale_temps
-from ..graph_runtime import TEMP_SUBFOLDER, Float, PathError, check_relative_name, current_context
+from ..graph_runtime import Float, PathError, check_relative_name, current_context
 
 # Our own socket types (never ComfyUI's MODEL, CLIP or LORA: their values are other objects).
 MODEL = "MODEL_RECIPE"
@@ -78,9 +78,11 @@ def list_config_folders() -> list[str]:
 
 
 def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
-    """Validation-time check that an output name stays inside the output folder."""
+    """Validation-time check that an output name stays inside the output folder (absent: nothing to check)."""
+    if name not in constants:
+        return {}
     try:
-        check_relative_name(constants.get(name, ""), "output", fix=folders().advice.outside["output"])
+        check_relative_name(constants[name], "output", fix=folders().advice.outside["output"])
     except PathError as exc:
         return {name: exc}
     return {}
@@ -215,7 +217,6 @@ def _as_editor_text(value) -> str:
 def output_ref(path: Path, kind: str = "output") -> dict:
     """ComfyUI's reference to a saved file: ``{"filename", "subfolder", "type"}``; a ``temp`` file's
     subfolder is relative to the temp folder, as ComfyUI's ``/view?type=temp`` expects."""
-    root = folders().output_dir.resolve()
-    rel = Path(path).relative_to(root / TEMP_SUBFOLDER if kind == "temp" else root)
+    rel = Path(path).relative_to(folders().ref_root(kind))
     return {"filename": rel.name, "subfolder": "" if rel.parent == Path(".") else rel.parent.as_posix(),
             "type": kind}

@@ -52,7 +52,9 @@ class Sample:
         problems = {name: InputError(f"{constants[name]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)",
                                      value=constants[name], limit="a multiple of 8", kind="not_multiple_of_8")
                     for name in ("width", "height") if isinstance(constants.get(name), int) and constants[name] % 8}
-        problems = {**cls._check_pixels(constants), **problems}  # a size's own problem first
+        for name, problem in cls._check_pixels(constants).items():
+            # a size's own problem keeps its input; the limit over all three is then the node's problem
+            problems[None if name in problems else name] = problem
         if constants.get("scheduler") == "pndm" and isinstance(constants.get("steps"), int) and constants["steps"] < 4:
             problems["steps"] = InputError(f"{constants['steps']} is below 4, the fewest steps the pndm scheduler can "
                                            "take", value=constants["steps"], limit=4, kind="too_few_steps")

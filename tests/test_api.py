@@ -2,6 +2,9 @@
 ``load_node_modules``), with overrides, listeners and interrupt."""
 
 import dataclasses
+import importlib.util
+import os
+import subprocess
 import sys
 import textwrap
 import threading
@@ -195,3 +198,26 @@ def test_load_node_modules_names_the_module_that_failed(node_module):
         api.load_node_modules([broken])
     assert "'loom_broken_nodes'" in str(inner.value) and "loom_missing_dependency" in str(inner.value), \
         "the module that failed and the import inside it that failed are both named"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
+                    reason="transformers' torchvision fallback notice shows only without torchvision")
+def test_the_api_prints_no_torchvision_notice(tmp_path):
+    """A pipeline built under the Python API (here a tiny preset run through ``Runtime``) prints no
+    "requires torchvision" notice; the same run without importing ``loraloom.api`` first does."""
+    run = ("from loraloom.graph_runtime import Runtime as Plain\n"
+           "from loraloom.nodes import registry\n"
+           "wf = {'1': {'class_type': 'LoadBase', 'inputs': {'source': 'tiny-sd15'}},\n"
+           "      '2': {'class_type': 'Sample', 'inputs': {'model': ['1', 0], 'steps': 1, 'width': 64, 'height': 64}},\n"
+           "      '3': {'class_type': 'PreviewImage', 'inputs': {'images': ['2', 0]}}}\n"
+           f"Runtime(registry=registry(), output_dir={str(tmp_path)!r}).run(wf)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    with_api = subprocess.run([sys.executable, "-c", "from loraloom.api import Runtime\n" + run],
+                              capture_output=True, text=True, env=env, timeout=600)
+    assert with_api.returncode == 0, with_api.stderr
+    assert "requires torchvision" not in with_api.stderr, with_api.stderr
+    without = subprocess.run([sys.executable, "-c", "Runtime = None\n" + run.replace("Runtime(", "Plain(")],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert without.returncode == 0, without.stderr
+    assert "requires torchvision" in without.stderr, "the notice this test hides must exist without loraloom.api"

@@ -115,6 +115,46 @@ def test_bad_file_is_error_1(tmp_path, capsys):
     assert "NaN is not a finite number" in capsys.readouterr().err
 
 
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        return exc.code
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize("extra, said", [
+    (["--set", "bad"], "expected ID.INPUT=VALUE"),
+    (["--set", "1value=3"], "expected ID.INPUT=VALUE"),
+    (["--set", "1.=3"], "expected ID.INPUT=VALUE"),
+    (["--set", ".value=3"], "expected ID.INPUT=VALUE"),
+    (["--set", "1.value=1e999"], "number 1e999 is not finite"),
+    (["--set", "9.value=3"], "has no node 9"),
+    (["--max-pixels", "0"], "--max-pixels: 0 is below 1"),
+    (["--nodes-module", "no_such_module_here"], "node module 'no_such_module_here' could not be imported"),
+])
+def test_a_malformed_flag_is_a_usage_error(plugin, capsys, command, extra, said):
+    assert _exit_code([command, str(plugin), "--nodes-module", "cli_plugin_nodes", *extra]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["run", "WF", "--cache-bytes", "-5"], "--cache-bytes: -5 is below 0"),
+    (["run", "missing.json"], "No such file or directory"),
+    (["validate", "missing.json"], "No such file or directory"),
+    (["convert", "missing.json"], "No such file or directory"),
+    (["serve", "--port", "70000"], "--port: 70000 is not 1..65535"),
+    (["serve", "--port", "-1"], "--port: -1 is not 1..65535"),
+])
+def test_arguments_that_name_nothing_are_usage_errors(plugin, capsys, monkeypatch, argv, said):
+    monkeypatch.chdir(plugin.parent)
+    argv = [str(plugin) if a == "WF" else a for a in argv]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
 def test_console_script_usage_error_and_ctrl_c(plugin, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "loraloom")
     usage = subprocess.run([exe, "run"], capture_output=True, text=True)
@@ -273,3 +313,110 @@ def test_serve_limits_must_be_positive(flag, value, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["serve", flag, value])
     assert exited.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_run_prints_the_full_path_of_each_output(plugin, tmp_path, capsys):
+    (tmp_path / "cli_image_nodes.py").write_text(textwrap.dedent('''
+        from loraloom import register_node
+        from loraloom.graph_runtime import Output, node
+
+        @node(category="cli-test", inputs=[], outputs=[Output("IMAGE")])
+        class CliGrey:
+            def execute(self):
+                import torch
+                return (torch.full((2, 8, 8, 3), 0.5),)
+
+        register_node(CliGrey)
+    '''))
+    wf = tmp_path / "save.json"
+    wf.write_text(json.dumps({"1": {"class_type": "CliGrey", "inputs": {}},
+                              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "g/x"}},
+                              "3": {"class_type": "CliConst", "inputs": {"value": 2.0}},
+                              "4": {"class_type": "CliShow", "inputs": {"x": ["3", 0]}}}))
+    out = tmp_path / "out"
+    assert main(["run", str(wf), "--nodes-module", "cli_image_nodes", "--nodes-module", "cli_plugin_nodes",
+                 "--output-dir", str(out), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    saved = [line.split(": ", 1)[1] for line in lines if line.startswith("  node 2: ")]
+    assert saved == [str(out.resolve() / "g" / "x_00001_.png"), str(out.resolve() / "g" / "x_00002_.png")], lines
+    assert all(Path(p).is_file() for p in saved), "each printed path is the saved file"
+    assert '  node 4: {"value": [2.0]}' in lines, "an output that is no file is shown as it is"
+
+
+def _run_cli(plugin, tmp_path, stderr, extra=()):
+    """``loraloom run`` of the plugin workflow in a subprocess, stderr to ``stderr`` (a file or a pty)."""
+    return subprocess.run([sys.executable, "-m", "loraloom.cli", "run", str(plugin), "--nodes-module", "cli_plugin_nodes",
+                           "--output-dir", str(tmp_path / "out"), *extra], stdout=subprocess.PIPE, stderr=stderr,
+                          env=os.environ.copy(), timeout=300)
+
+
+def test_progress_into_a_log_is_a_plain_line_per_node(plugin, tmp_path):
+    with open(tmp_path / "log", "w+b") as log:
+        assert _run_cli(plugin, tmp_path, log).returncode == 0
+        log.seek(0)
+        text = log.read().decode()
+    assert "\r" not in text and "\x1b[" not in text, f"no carriage returns or cursor moves in a log: {text!r}"
+    lines = [line for line in text.splitlines() if line.startswith("[")]
+    assert [line.split(" done in ")[0] for line in lines] == \
+        ["[1/3] node 1 (CliConst)", "[2/3] node 2 (CliSteps)", "[3/3] node 3 (CliShow)"], text
+
+
+def test_progress_on_a_terminal_is_bars(plugin, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    # a new pty is 0 x 0 characters, where tqdm draws nothing; a terminal has a size
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "loraloom.cli", "run", str(plugin), "--nodes-module",
+                                 "cli_plugin_nodes", "--output-dir", str(tmp_path / "out")],
+                                stdout=subprocess.PIPE, stderr=follower, env=os.environ.copy())
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other end is closed, the run is over
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=300) == 0
+    finally:
+        os.close(leader)
+    text = b"".join(chunks).decode(errors="replace")
+    assert "\r" in text and "nodes: 100%" in text and "3/3" in text, f"a terminal gets tqdm bars: {text!r}"
+    assert "[1/3] node" not in text, "and not the log lines"
+
+
+@pytest.mark.parametrize("flags", [["--no-progress"], []], ids=["no-progress", "stderr-not-a-terminal"])
+def test_no_library_bars_without_ours(tmp_path, capsys, tiny_model_files, flags):
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    folder = tiny_model_files("tiny-sd15")["folder"]
+    capsys.readouterr()  # what writing the fixture printed
+    wf = tmp_path / "save.json"
+    wf.write_text(json.dumps({"1": {"class_type": "LoadBase", "inputs": {"source": folder.name}},
+                              "2": {"class_type": "SavePipeline", "inputs": {"model": ["1", 0],
+                                                                             "filename_prefix": "p"}}}))
+    assert main(["run", str(wf), "--models-dir", str(folder.parent), "--output-dir", str(tmp_path / "out"),
+                 *flags]) == 0
+    err = capsys.readouterr().err
+    for bar in ("Loading pipeline components", "Loading weights", "Writing model shards", "it/s"):
+        assert bar not in err, f"{bar!r} shown: {err}"
+    assert "requires torchvision" not in err, err
+    assert (tmp_path / "out" / "p_00001" / "model_index.json").is_file()
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled() \
+        and not hub_utils.are_progress_bars_disabled(), "the libraries' switches are as they were after the run"
+
+
+def test_a_node_module_that_fails_inside_is_an_error_not_a_usage_error(plugin, tmp_path, capsys):
+    (tmp_path / "cli_broken_nodes.py").write_text("import no_such_dependency_here\n")
+    assert main(["validate", str(plugin), "--nodes-module", "cli_broken_nodes"]) == 1
+    err = capsys.readouterr().err
+    assert "node module 'cli_broken_nodes' could not be imported" in err and "Fix: install what it needs" in err, err

@@ -2,7 +2,7 @@
 
 A corpus of broken inputs of every kind a user passes (workflow JSON, workflow PNGs, the LoRA files
 and base checkpoints a workflow names) goes through ``loraloom validate`` and ``loraloom run``: each
-ends with README's exit code (0 success, 1 validation or execution error), an error of a few lines
+ends with README's exit code (0 success, 1 validation or execution error, 2 a path that cannot be opened), an error of a few lines
 that names the file, and no traceback. The corpus runs through the CLI's ``main()`` in this process
 (output captured: what a user's terminal would show); two cases go through the real console entry
 point in subprocesses, to show the in-process run is what a user sees.
@@ -94,7 +94,7 @@ def _corpus(root: Path, model_files) -> list[tuple[str, list[str], int, str]]:
     workflow("folder.json", None)
     os.mkfifo(wf_dir / "fifo.json")
     workflow("fifo.json", None)
-    workflow("missing.json", None)
+    workflow("missing.json", None, code=2)  # a path that cannot be opened is a usage error
     # Workflow PNGs: valid, malformed, a bomb
     workflow("valid.png", _png((b"tEXt", b"prompt\0" + good)), code=0)
     workflow("itxt-flag.png", _png((b"iTXt", b"prompt\0\2\0\0\0" + good)))

@@ -116,7 +116,7 @@ def test_cli_renders_error_fields(tmp_path, capsys):
     bad.write_text('{"1": {"class_type": "X", "inputs": {"v": 1e999}}}')
     assert main(["validate", str(bad)]) != 0
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {bad}: number 1e999 is not finite"), err
+    assert err.startswith(f"error: {bad}: node 1 (X) input 'v': number 1e999 is not finite"), err
 
 
 def test_cli_set_refuses_overflow_and_keeps_text():
@@ -478,9 +478,10 @@ def test_cache_budget_is_an_input_error(tmp_path, capsys):
     assert CacheStore(math.inf).max_bytes == math.inf and CacheStore(0).max_bytes == 0
     workflow = tmp_path / "w.json"
     workflow.write_text('{"1": {"class_type": "PreviewImage", "inputs": {}}}')
-    assert main(["run", str(workflow), "--cache-bytes", "-5", "--output-dir", str(tmp_path)]) == 1
+    with pytest.raises(SystemExit) as exited:  # on the command line a bad flag value is a usage error
+        main(["run", str(workflow), "--cache-bytes", "-5", "--output-dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert err.startswith("error: cache budget -5 must be a non-negative number of bytes. Fix: give 0"), err
+    assert exited.value.code == 2 and "argument --cache-bytes: -5 is below 0" in err, err
 
 
 def test_save_checkpoint_over_an_existing_file(tmp_path):

@@ -137,3 +137,61 @@ def test_check_inputs_hook_reports_named_input(stubs):
         validate_prompt(wf, reg)
     hit = found(info.value, "1", "invalid_input", "width")
     assert hit["details"] == "node 1 (Size) input 'width': 65 is not a multiple of 8"
+
+
+def _frame_registry(stubs, rules):
+    """The stub registry plus Frame (width, height, divisor) whose rules are ``rules`` (its check_inputs)."""
+    from loraloom.graph_runtime import Int, Output, node
+
+    @node(category="t", inputs=[Int("width", 64, min=8, max=4096), Int("height", 64, min=8, max=4096),
+                                Int("divisor", 1, min=1, max=8)], outputs=[Output("NUMBER")])
+    class Frame:
+        check_inputs = classmethod(rules)
+
+        def execute(self, width, height, divisor):
+            return (width,)
+
+    reg = stubs.registry.copy()
+    reg.register(Frame)
+    return reg
+
+
+def _frame(**inputs):
+    return {"1": {"class_type": "Frame", "inputs": inputs}, "2": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}
+
+
+def test_node_rules_report_beside_range_errors_on_the_values_that_passed(stubs):
+    seen = []
+
+    def check_inputs(cls, constants):
+        seen.append(dict(constants))
+        found = {n: f"{constants[n]} is not a multiple of 8" for n in ("width", "height")
+                 if n in constants and constants[n] % 8}
+        if "width" in constants and "divisor" in constants and constants["width"] % constants["divisor"]:
+            found["divisor"] = "does not divide width"
+        return found
+
+    with pytest.raises(ValidationError) as info:
+        validate_prompt(_frame(width=130, height=9999, divisor=0), _frame_registry(stubs, check_inputs))
+    found(info.value, "1", "value_bigger_than_max", "height")
+    found(info.value, "1", "value_smaller_than_min", "divisor")
+    assert found(info.value, "1", "invalid_input", "width")["details"] == \
+        "node 1 (Frame) input 'width': 130 is not a multiple of 8", "a range error elsewhere must not hide it"
+    assert len(info.value.node_errors["1"]["errors"]) == 3, info.value.node_errors
+    assert seen == [{"width": 130}], "the rules see only the values that passed their own checks (divisor 0 " \
+                                     "would divide by zero)"
+
+
+def test_a_rule_that_assumed_a_refused_input_adds_no_noise(stubs):
+    def check_inputs(cls, constants):
+        return {"width": "too wide"} if constants["width"] // (constants["height"] - 64) > 4 else {}
+
+    registry = _frame_registry(stubs, check_inputs)
+    for refused in (1, ["9", 0]):  # below min; a link to no node
+        with pytest.raises(ValidationError) as info:
+            validate_prompt(_frame(width=64, height=refused), registry)
+        assert len(info.value.node_errors["1"]["errors"]) == 1, \
+            f"its KeyError on the refused height is not a second problem: {info.value}"
+    with pytest.raises(ValidationError) as info:
+        validate_prompt(_frame(width=64, height=64), registry)
+    assert "check_inputs raised ZeroDivisionError" in str(info.value), "given every value, its crash is reported"

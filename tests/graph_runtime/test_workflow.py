@@ -322,3 +322,48 @@ def test_a_merge_saved_by_any_editor_reads_as_it_showed(saved):
 
     inputs = load_workflow(_one_node("PeftMerge", saved), registry()).prompt["1"]["inputs"]
     assert (inputs["seed"], inputs["weight_c"], inputs["weight_d"]) == (7, 0.3, 0.6), inputs
+
+
+def _api_prompt():
+    return {"1": {"class_type": "Const", "inputs": {"value": 3}},
+            "2": {"class_type": "Scale", "inputs": {"x": ["1", 0], "factor": "BAD"}},
+            "3": {"class_type": "Show", "inputs": {"x": ["2", 0]}}}
+
+
+def _ui_with(where: str) -> dict:
+    ui = editor_ui()
+    if where == "widget":
+        ui["nodes"][0]["widgets_values"][3] = "BAD"  # Seeded's steps, after the seed's control value
+    elif where == "pos":
+        ui["nodes"][1]["pos"][0] = "BAD"
+    else:
+        ui["extra"]["ds"]["scale"] = "BAD"
+    return ui
+
+
+@pytest.mark.parametrize("literal, kind", [("NaN", "not_finite"), ("Infinity", "not_finite"),
+                                           ("-Infinity", "not_finite"), ("1e999", "overflow")])
+@pytest.mark.parametrize("form, where", [
+    ("api.json", "node 2 (Scale) input 'factor'"),
+    ("body.json", "node 2 (Scale) input 'factor'"),  # what POST /prompt takes
+    ("ui-widget.json", "node 1 (Seeded) input 'steps'"),
+    ("ui-pos.json", "node 2 (Scale): at '$.nodes[1].pos[0]'"),
+    ("ui-extra.json", "at '$.extra.ds.scale'"),
+    ("prompt.png", "node 2 (Scale) input 'factor'"),
+    ("workflow.png", "node 1 (Seeded) input 'steps'"),
+])
+def test_a_non_finite_number_is_named_by_node_and_input(stubs, tmp_path, literal, kind, form, where):
+    data = {"api.json": _api_prompt(), "body.json": {"prompt": _api_prompt()}, "ui-widget.json": _ui_with("widget"),
+            "ui-pos.json": _ui_with("pos"), "ui-extra.json": _ui_with("extra"), "prompt.png": _api_prompt(),
+            "workflow.png": _ui_with("widget")}[form]
+    text = json.dumps(data).replace('"BAD"', literal)
+    path = tmp_path / form
+    if form.endswith(".png"):
+        path.write_bytes(_png_with_text({form.removesuffix(".png"): text}))
+    else:
+        path.write_text(text)
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(path, stubs.registry)
+    chunk = f" ({form.removesuffix('.png')})" if form.endswith(".png") else ""
+    assert str(info.value).startswith(f"{path}{chunk}: {where}: "), str(info.value)
+    assert literal in str(info.value) and info.value.kind == kind and info.value.value == literal
