@@ -33,17 +33,16 @@ def _folder_args(parser: argparse.ArgumentParser) -> None:
                              "also LORALOOM_NODE_MODULES=a,b)")
 
 
-def _whole(low: int, high: int | None = None):
-    """An argparse type: a whole number (``1_000`` allowed) from ``low`` to ``high`` (None: no bound)."""
+def _whole(low: int | None):
+    """An argparse type: a whole number (``1_000`` allowed) of at least ``low`` (None: no bound)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text.replace("_", ""))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is not {low}..{high}" if high is not None
-                                             else f"{value} is below {low}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
         return value
 
     return parse
@@ -115,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "pip install 'loraloom[editor]'.")
     serve.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
                        help="address to bind (default 127.0.0.1; any other needs a token)")
-    serve.add_argument("--port", type=_whole(1, 65535), default=8188, metavar="N", help="port (default 8188, ComfyUI's)")
+    # The port's range (0 picks a free one) is checked where it is bound, with a free port to suggest.
+    serve.add_argument("--port", type=_whole(None), default=8188, metavar="N", help="port (default 8188, ComfyUI's)")
     serve.add_argument("--token", metavar="T", help="require this token on every request (else "
                                                     "LORALOOM_SERVE_TOKEN); open http://HOST:PORT/?token=T")
     serve.add_argument("--allow-host", action="append", default=[], metavar="H",
