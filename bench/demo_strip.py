@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     from loraloom import Runtime
 
     out = Path(argv[0]) if argv else REPO / "docs" / "images" / "shapes_strip.png"
-    prompt = json.loads(WORKFLOW.read_text())["5"]["inputs"]["prompt"]
+    sample = json.loads(WORKFLOW.read_text())["5"]["inputs"]
     tiles = []
     with tempfile.TemporaryDirectory() as scratch:
         rt = Runtime(output_dir=scratch, demo_loras=True)
@@ -61,7 +61,8 @@ def main(argv: list[str]) -> int:
     for i, (label, image) in enumerate(tiles):
         strip.paste(image.resize((size, size), Image.NEAREST), (i * size, 0))
         draw.text((i * size + 4, size + 2), label, fill="black")
-    draw.text((4, size + 17), f'prompt "{prompt}", seed 42, 20 steps', fill="gray")
+    draw.text((4, size + 17), f'prompt "{sample["prompt"]}", seed {sample["seed"]}, {sample["steps"]} steps',
+              fill="gray")
     out.parent.mkdir(parents=True, exist_ok=True)
     strip.save(out, optimize=True)
     print(out)
