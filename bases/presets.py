@@ -10,15 +10,21 @@ tensor shapes are tiny (a few MB), which is what lets the tests sample a 64 px i
 Weights come from a seeded build inside `torch.random.fork_rng`, so two builds are bit-identical and
 the caller's global RNG state is neither used nor changed. Bump a preset's `version` whenever
 its config or init changes: the version is part of the cache fingerprint.
+
+`tiny-sdxl-shapes` is the one trained preset: the tiny-sdxl architecture whose weights were trained
+by bases.training on generated pictures of shapes, shipped as bases/weights/tiny-sdxl-shapes.safetensors
+(fp16) and loaded over the seeded build; its fingerprint includes that file's content hash.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..graph_runtime import file_fingerprint
 from ..lora.arches import ARCHES
 from . import devices
 from .arch import BaseModelError
@@ -179,12 +185,28 @@ UNET_SDXL: dict[str, Any] = {
 
 VAE_SD15 = _vae_config(0.18215, force_upcast=False)
 VAE_SDXL = _vae_config(0.13025, force_upcast=True)  # the real SDXL VAE overflows in fp16
+# tiny-sdxl-shapes: 1 / std of its trained VAE's latents, as bases.training measured it (and wrote it
+# into the weights file's metadata, which build_pipeline checks against this)
+SHAPES_VAE_SCALING = 0.27681
+# What training needed beyond tiny-sdxl. GroupNorm with one channel per group (tiny-sdxl's 8 groups
+# on 8 channels) normalises each channel of each picture on its own, which wipes out flat colour: the
+# first VAE trained that way gave shapes back in one brown whatever their colour. 4 channels per group
+# (the real VAE has 128 / 32) keeps it; fewer groups change no weight's shape, so LoRAs and
+# block-weight maps of tiny-sdxl fit this UNet unchanged.
+VAE_SHAPES = {**_vae_config(SHAPES_VAE_SCALING, force_upcast=True), "block_out_channels": [16, 32, 32, 32],
+              "norm_num_groups": 4}
+UNET_SHAPES = {**UNET_SDXL, "norm_num_groups": 2}
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# the models a weights file holds, keyed "<component>.<parameter name>"
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
 class Preset:
     """One built-in base model: its name, architecture, version, seed and component configs
-    ("unet", "vae", "text_encoder", optionally "text_encoder_2", "scheduler")."""
+    ("unet", "vae", "text_encoder", optionally "text_encoder_2", "scheduler"). `weights`: a file
+    in bases/weights/ holding trained weights for every model (see load_weights); None: the seeded
+    init is the model."""
 
     name: str
     arch: str
@@ -192,11 +214,20 @@ class Preset:
     seed: int
     description: str
     configs: dict[str, dict[str, Any]]
+    weights: str | None = None
+
+    @property
+    def weights_path(self) -> Path | None:
+        """The shipped weights file, or None for a preset of seeded random weights."""
+        return WEIGHTS_DIR / self.weights if self.weights else None
 
     @property
     def fingerprint(self) -> str:
-        """Stable identity for caches: changes exactly when the preset's weights can change."""
-        return f"preset:{self.name}@{self.version}"
+        """Stable identity for caches: changes exactly when the preset's weights can change (for a
+        trained preset, the weights file's content hash is part of it)."""
+        if self.weights_path is None:
+            return f"preset:{self.name}@{self.version}"
+        return f"preset:{self.name}@{self.version}+weights:blake2b:{file_fingerprint(_existing(self.weights_path))}"
 
 
 def _build_sd15(configs: dict[str, dict[str, Any]]):
@@ -259,8 +290,49 @@ PRESETS: dict[str, Preset] = {
                 "scheduler": SCHEDULER_CONFIG,
             },
         ),
+        Preset(
+            "tiny-sdxl-shapes", "sdxl", 1, 1000,
+            "tiny-sdxl trained on generated shapes (\"a red circle, striped\"): 64 px, by bases.training",
+            {
+                "unet": UNET_SHAPES,
+                "vae": VAE_SHAPES,
+                "text_encoder": TEXT_SDXL_1,
+                "text_encoder_2": TEXT_SDXL_2,
+                "scheduler": SCHEDULER_CONFIG,
+            },
+            weights="tiny-sdxl-shapes.safetensors",
+        ),
     )
 }
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise BaseModelError(
+            f"the weights file {path} of a built-in preset is missing.", file=path, kind="not_found",
+            fix="reinstall LoRA Loom, or restore the file from the repository (bases/weights/)"
+        )
+    return path
+
+
+def load_weights(pipe, path: str | Path):
+    """Load a weights file (as bases.training.save_base writes it: every weight of the unet, vae and
+    text encoders in fp16, keyed "<component>.<name>") into `pipe`, strictly: a missing or extra
+    key, or a latent scale other than the VAE config's, is an error. Returns `pipe`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        scaling = (f.metadata() or {}).get("vae_scaling_factor")
+    if scaling is None or abs(float(scaling) - pipe.vae.config.scaling_factor) > 1e-9:
+        raise BaseModelError(f"{path}: its VAE latent scale {scaling} is not the config's "
+                             f"{pipe.vae.config.scaling_factor}.", file=path, value=scaling,
+                             limit=pipe.vae.config.scaling_factor)
+    for component in WEIGHT_COMPONENTS:
+        prefix = f"{component}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        getattr(pipe, component).load_state_dict(state, strict=True)  # casts to the model's dtype
+    return pipe
 
 
 def get_preset(name: str) -> Preset:
@@ -271,21 +343,32 @@ def get_preset(name: str) -> Preset:
         raise BaseModelError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
 
 
-def build_pipeline(name: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"):
-    """Build preset `name` ("tiny-sd15" or "tiny-sdxl") as a fresh diffusers pipeline.
-
-    Every call returns new, bit-identical weights: they are drawn in fp32 on the CPU from the
-    preset's seed inside `torch.random.fork_rng`, so neither an earlier `torch.manual_seed` nor the
-    device changes them, and the caller's RNG state is left as it was. The pipeline is then moved
-    to `device` and cast to `dtype` (see bases.devices for the accepted values).
-    """
+def build_skeleton(name: str):
+    """Preset `name`'s pipeline at its seeded init (fp32, CPU, training mode), without any shipped
+    weights: what build_pipeline starts from, and what bases.training trains."""
     preset = get_preset(name)
-    torch_dtype, torch_device = devices.resolve(dtype, device)
     # devices=[]: only the CPU generator is forked; init runs on the CPU and CUDA state is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
         # deep copies: diffusers and transformers keep (and may edit) the dicts they are given
-        pipe = _BUILDERS[preset.arch](copy.deepcopy(preset.configs))
+        return _BUILDERS[preset.arch](copy.deepcopy(preset.configs))
+
+
+def build_pipeline(name: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"):
+    """Build preset `name` (see PRESETS) as a fresh diffusers pipeline.
+
+    Every call returns new, bit-identical weights: they are drawn in fp32 on the CPU from the
+    preset's seed inside `torch.random.fork_rng`, so neither an earlier `torch.manual_seed` nor the
+    device changes them, and the caller's RNG state is left as it was; a trained preset then loads
+    its shipped weights file over them (every weight, strictly). The pipeline is then moved
+    to `device` and cast to `dtype` (see bases.devices for the accepted values).
+    """
+    preset = get_preset(name)
+    torch_dtype, torch_device = devices.resolve(dtype, device)
+    weights = _existing(preset.weights_path) if preset.weights_path is not None else None
+    pipe = build_skeleton(name)
+    if weights is not None:
+        load_weights(pipe, weights)
     # Constructors leave modules in training mode; from_pretrained returns them in eval mode, and
     # so must we, or a peft LoRA with lora_dropout > 0 would drop activations while sampling.
     for component in pipe.components.values():
@@ -303,3 +386,4 @@ def preset_configs(name: str) -> dict[str, dict[str, Any]]:
     """A copy of the component configs of preset `name` ("unet", "vae", "text_encoder",
     "text_encoder_2" on SDXL, "scheduler"), e.g. to build one component alone."""
     return copy.deepcopy(get_preset(name).configs)
+

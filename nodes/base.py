@@ -7,12 +7,16 @@ from .common import CATEGORY, MODEL, folders, list_bases, list_config_folders, m
 
 
 def _base_fingerprint(inputs: dict, f) -> str | None:
-    """Content fingerprint of a file or folder source (presets are versioned by name)."""
+    """Content fingerprint of a file or folder source, or of a trained preset's weights file (the
+    random presets are versioned by name)."""
     from ..bases.presets import PRESETS
 
     parts = []
     source = inputs.get("source")
-    if isinstance(source, str) and source not in PRESETS:
+    if isinstance(source, str) and source in PRESETS:
+        if PRESETS[source].weights:
+            parts.append(PRESETS[source].fingerprint)
+    elif isinstance(source, str):
         parts.append(file_fingerprint(f.find("models", source)))
     config = inputs.get("config")
     if isinstance(config, str) and config != "auto":

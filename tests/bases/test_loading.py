@@ -73,7 +73,7 @@ def test_single_file_with_config_of_other_arch_is_refused(tiny_model_files):
 
 
 def test_missing_source_lists_presets(tmp_path):
-    with pytest.raises(ValueError, match="neither a preset \\(tiny-sd15, tiny-sdxl\\) nor an existing file or folder"):
+    with pytest.raises(ValueError, match="neither a preset \\(tiny-sd15, tiny-sdxl, tiny-sdxl-shapes\\) nor an existing file or folder"):
         load_base(str(tmp_path / "nope"))
 
 

@@ -74,6 +74,7 @@ ATTENTION_SLOTS = {
     "tiny-sd15": {f"input_blocks.{i}.1" for i in (1, 2, 4, 5, 7, 8)} | {"middle_block.1"} | {f"output_blocks.{i}.1" for i in range(3, 12)},
     "tiny-sdxl": {f"input_blocks.{i}.1" for i in (4, 5, 7, 8)} | {"middle_block.1"} | {f"output_blocks.{i}.1" for i in range(6)},
 }
+ATTENTION_SLOTS["tiny-sdxl-shapes"] = ATTENTION_SLOTS["tiny-sdxl"]  # the same UNet, trained
 
 
 def _weights(pipe):

@@ -52,7 +52,8 @@ def test_demo_loras_stay_out_of_a_users_lora_list(tmp_path):
     assert options == ["mine.safetensors"], options
     demo = Runtime(lora_dirs=[tmp_path], output_dir=tmp_path / "out", demo_loras=True)
     with demo.context():
-        assert list_loras() == ["demo-a.safetensors", "demo-b.safetensors", "mine.safetensors"]
+        assert list_loras() == ["demo-a.safetensors", "demo-b.safetensors", "demo-red.safetensors",
+                                "demo-stripes.safetensors", "mine.safetensors"]
     assert own.folders.lora_dirs == [tmp_path], "turning demo LoRAs on elsewhere must not change this runtime"
 
 
