@@ -27,7 +27,7 @@ import pytest
 from loraloom.server import STATE, ServerConfig, create_app
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
-SHIPPED = ["blend", "merge_dare", "fuse_compile"]
+SHIPPED = sorted(p.stem for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("_api"))  # every UI workflow
 RUN = {"blend": "blend_", "merge_dare": "merge_dare_"}  # workflow -> its SaveImage filename prefix
 CHROMIUM_PATHS = ["/usr/lib/chromium/chromium", "/usr/bin/chromium"]  # Debian's chromium package
 
