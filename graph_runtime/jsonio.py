@@ -98,7 +98,7 @@ def loads_strict(text: str | bytes, source: str = "workflow", max_bytes: int = M
         raise WorkflowError(f"{source}: {size} bytes is above the limit of {max_bytes} bytes")
     if isinstance(text, bytes):
         try:
-            text = text.decode("utf-8")
+            text = text.decode("utf-8-sig")  # a byte order mark (Windows editors write one) is not JSON's
         except UnicodeDecodeError as exc:
             raise WorkflowError(f"{source}: not UTF-8 text (byte {exc.start}); is this a JSON file?") from None
     seen: list[_NotFinite] = []  # the document is searched for where they are only when there are some

@@ -22,6 +22,7 @@ from aiohttp import web
 from ..graph_runtime.errors import LoomError, PathError, ValidationError, WorkflowError
 from ..graph_runtime.jsonio import loads_strict
 from ..graph_runtime.paths import TEMP_SUBFOLDER, resolve_under
+from ..graph_runtime.workflow import locate_in_workflow
 from ..nodes import WEB_DIR
 from .security import error_body
 from .store import ERROR, INTERRUPTED, PENDING, RUNNING, SUCCESS, DuplicateId, JobRow, QueueItem
@@ -57,13 +58,14 @@ def _bad_request(kind: str, message: str, cause: LoomError | None = None) -> web
                               content_type="application/json")
 
 
-async def _read_json(request: web.Request, *, empty=None):
-    """The request body as strict JSON (``empty`` when there is none); 400 when it is not."""
+async def _read_json(request: web.Request, *, empty=None, locate=None):
+    """The request body as strict JSON (``empty`` when there is none); 400 when it is not. ``locate``
+    names where in the document a non-finite number is (see ``loads_strict``)."""
     data = await request.read()
     if not data.strip():
         return empty
     try:
-        return loads_strict(data, source="request body")
+        return loads_strict(data, source="request body", locate=locate)
     except WorkflowError as exc:
         raise _bad_request("invalid_json", str(exc), exc) from None
 
@@ -368,7 +370,7 @@ class Api:
         return web.json_response({"exec_info": {"queue_remaining": self.state.store.remaining()}})
 
     async def post_prompt(self, request):
-        body = await _read_json(request)
+        body = await _read_json(request, locate=functools.partial(locate_in_workflow, registry=self.rt.registry))
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
             return _error(400, "no_prompt", "No prompt provided",
                           "the body must be an object with 'prompt': an API-format workflow", node_errors={})

@@ -87,7 +87,7 @@ def _corpus(root: Path, model_files) -> list[tuple[str, list[str], int, str]]:
     workflow("huge-int.json", b'{"1": {"class_type": "LoadLoRA", "inputs": {"lora_name": ' + b"9" * 5000 + b"}}}")
     workflow("huge-float.json", b'{"1": {"class_type": "LoadLoRA", "inputs": {"lora_name": 1e999}}}')
     workflow("nan.json", b'{"1": {"class_type": "LoadLoRA", "inputs": {"lora_name": NaN}}}')
-    workflow("bom.json", b"\xef\xbb\xbf" + good)
+    workflow("bom.json", b"\xef\xbb\xbf" + good, code=0)  # as saved by a Windows editor
     workflow("latin1.json", b'{"1": {"class_type": "LoadLoRA", "inputs": {"lora_name": "caf\xe9"}}}')
     workflow("empty.json", b"")
     (wf_dir / "folder.json").mkdir()

@@ -241,7 +241,8 @@ async def test_error_fields_are_in_extra_info(serve):
         resp = await server.client.post("/api/prompt", data=text, headers={"Content-Type": "application/json"})
         error = (await resp.json())["error"]
         assert resp.status == 400 and error["type"] == "invalid_json"
-        assert error["extra_info"] == {"file": "request body", "value": "NaN", "kind": "not_finite",
+        assert error["extra_info"] == {"file": "request body", "node": "1", "class_type": "Const", "input": "value",
+                                       "value": "NaN", "kind": "not_finite",
                                        "message": "NaN is not a finite number; JSON workflows may hold only "
                                                   "finite numbers", "type": "loraloom.WorkflowError"}, error
 
