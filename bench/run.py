@@ -4,12 +4,12 @@ reference, target and PASS / MISS.
 
     python bench/run.py [--quick] [--only ROW,...] [--threads 1] [--json OUT]
 
-Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime. ``--quick`` (CI,
-about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods svd and cat
-only, and skips row 4 (cold torch.compile takes minutes on a CPU). It exists to keep the suite
-working; nothing asserts on timings. Without ``--quick`` the suite takes about 13 minutes on a
-2-core CPU with a warm inductor cache, about 6 minutes more the first time (row 4 compiles its
-graphs into ~/.cache/loraloom/bench-inductor; see bench_compile.py).
+Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime, 7 checks.
+``--quick`` (CI, about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods
+svd and cat only, a 64 MiB checkpoint in row 7, and skips row 4 (cold torch.compile takes minutes on
+a CPU). It exists to keep the suite working; nothing asserts on timings. Without ``--quick`` the
+suite takes about 13 minutes on a 2-core CPU with a warm inductor cache, about 6 minutes more the
+first time (row 4 compiles its graphs into ~/.cache/loraloom/bench-inductor; see bench_compile.py).
 
 Torch threads are set deliberately (``--threads``, default 1: on a shared 2-core machine one thread
 gave the steadiest ratios), through each row's ``--threads`` flag and OMP_NUM_THREADS for rows
@@ -53,6 +53,7 @@ ROWS = [
     Row(4, "compile", "Compile", "bench_compile.py", quick_args=None),
     Row(5, "loading", "Loading", "bench_lora_loading.py", threads_flag=False, json_flag=False),
     Row(6, "runtime", "Runtime overhead", "bench_runtime.py", threads_flag=False),
+    Row(7, "checks", "Base checkpoint checks", "bench_base_checks.py"),
 ]
 
 PASS, MISS, INFO = "PASS", "MISS", "-"
@@ -252,8 +253,20 @@ def lines_runtime(f: dict) -> list:
     ]
 
 
+def lines_checks(f: dict) -> list:
+    gib, peak = f["file_bytes"] / 2**30, f["peak_rss_mib"]
+    return [
+        (f"check (scan_file) vs safetensors load, {gib:.2f} GiB fp16", _fmt(f["check_s"], "s"),
+         f"load_file + copy {_fmt(f['load_s'], 's')}", _fmt(f["check_vs_load"], "x"), INFO, INFO),
+        ("content fingerprint (blake2b) vs the same load", _fmt(f["fingerprint_s"], "s"),
+         f"load_file + copy {_fmt(f['load_s'], 's')}", _fmt(f["fingerprint_vs_load"], "x"), INFO, INFO),
+        ("check peak RSS vs the load's", f"{peak['check']:.0f} MiB", f"{peak['load']:.0f} MiB",
+         _fmt(peak["check"] / max(peak["load"], 1e-9), "x"), INFO, INFO),
+    ]
+
+
 SUMMARIES = {"edit": lines_edit, "merge": lines_merge, "fuse": lines_fuse, "compile": lines_compile,
-             "loading": lines_loading, "runtime": lines_runtime}
+             "loading": lines_loading, "runtime": lines_runtime, "checks": lines_checks}
 
 
 def table(results: dict, quick: bool = False) -> str:
@@ -288,7 +301,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="small versions of every row, row 4 skipped (CI, ~2 min)")
-    parser.add_argument("--only", help="comma-separated rows (numbers or names: edit, merge, fuse, compile, loading, runtime)")
+    parser.add_argument("--only", help="comma-separated rows (numbers or names: edit, merge, fuse, compile, loading, runtime, checks)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every row (default: %(default)s; "
                         "0: torch's own choice)")
     parser.add_argument("--json", help="write every figure, the table and the machine here")
