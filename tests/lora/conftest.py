@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from loraloom.bases.presets import PRESETS as _PRESETS
+from loraloom.fixtures import PRESETS  # one seeded preset per architecture: the fixture LoRAs' bases
 from loraloom.lora.match import base_spec
 
-PRESETS = tuple(_PRESETS)  # tiny-sd15, tiny-sdxl
 
 
 @pytest.fixture(scope="session")

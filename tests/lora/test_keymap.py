@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraloom.bases.presets import PRESETS as _PRESETS
+from loraloom.fixtures import PRESETS  # one seeded preset per architecture: the fixture LoRAs' bases
 from loraloom.lora import keymap
 from loraloom.lora.keymap import UNetLayout, kohya_module_name, kohya_names_to_paths
 
-PRESETS = tuple(_PRESETS)  # tiny-sd15, tiny-sdxl
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraloom.bases.presets import PRESETS as _PRESETS
+from loraloom.fixtures import PRESETS  # one seeded preset per architecture: the fixture LoRAs' bases
 from loraloom.lora.errors import LoRAFormatError
 from loraloom.lora.match import check_lora
 from loraloom.lora.readers import lora_from_state_dict, read_lora
 
-PRESETS = tuple(_PRESETS)  # tiny-sd15, tiny-sdxl
 EXPECTED_FORMAT = {
     "diffusers": ("diffusers", "lora"),
     "diffusers-nometa": ("diffusers", "lora"),

@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 
-from loraloom.bases.presets import PRESETS as _PRESETS
+from loraloom.fixtures import PRESETS  # one seeded preset per architecture: the fixture LoRAs' bases
 from loraloom.lora import writers
 from loraloom.lora.canonical import LoRA
 from loraloom.lora.errors import LoRAFormatError
 from loraloom.lora.readers import read_lora
 from loraloom.lora.writers import write_diffusers, write_kohya
 
-PRESETS = tuple(_PRESETS)  # tiny-sd15, tiny-sdxl
 
 
 def _assert_same(a: LoRA, b: LoRA) -> None:
