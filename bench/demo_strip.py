@@ -1,6 +1,7 @@
 """Draw the README's side-by-side picture: the shipped `shapes_blend` workflow on `tiny-sdxl-shapes`
-run five ways — the base alone, each demo LoRA alone, both blended, and both merged into one LoRA
-(PeftMerge, svd) — one labelled strip.
+run seven ways — the base alone, each demo LoRA alone, both blended, the blend on the UNet's input
+blocks only and on its output blocks only (block weights, presets SDXL-INALL / SDXL-OUTALL), and both
+merged into one LoRA (PeftMerge, svd) — one labelled strip.
 
     python bench/demo_strip.py [OUT.png]      (default: docs/images/shapes_strip.png)
 
@@ -22,9 +23,9 @@ def variants() -> list[tuple[str, dict]]:
     """(label, API-format workflow) for each tile."""
     blend = json.loads(WORKFLOW.read_text())
 
-    def weighted(red: float, stripes: float) -> dict:
+    def weighted(red: float, stripes: float, block_weights: str = "") -> dict:
         wf = json.loads(json.dumps(blend))
-        wf["4"]["inputs"].update(weight=red, text_encoder_weight=red, weight_2=stripes)
+        wf["4"]["inputs"].update(weight=red, text_encoder_weight=red, weight_2=stripes, block_weights=block_weights)
         return wf
 
     merged = weighted(1.0, 0.0)
@@ -37,7 +38,8 @@ def variants() -> list[tuple[str, dict]]:
         merged["4"]["inputs"].pop(key)
     return [("base", weighted(0.0, 0.0)), ("+ demo-red", weighted(1.0, 0.0)),
             ("+ demo-stripes", weighted(0.0, 1.0)), ("blend 1.0 + 1.0", weighted(1.0, 1.0)),
-            ("merge (svd)", merged)]
+            ("blend, IN blocks", weighted(1.0, 1.0, "SDXL-INALL")),
+            ("blend, OUT blocks", weighted(1.0, 1.0, "SDXL-OUTALL")), ("merge (svd)", merged)]
 
 
 def main(argv: list[str]) -> int:

@@ -16,8 +16,9 @@ EXTRA = (2, 3, 4)
               weight_input("weight", "the LoRA's weight on the UNet (negative works)"),
               weight_input("text_encoder_weight", "the LoRA's weight on the text encoder(s)"),
               String("block_weights", "", tooltip="per-block weights: an A1111 lora-block-weight string "
-                     "(e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1) or preset (e.g. OUTALL), or a diffusers dict as JSON "
-                     "({\"down\": 0, \"up\": 1}); applies to every layer of a block, resnets included"),
+                     "(e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1 on SD1.5) or preset (e.g. OUTALL on SD1.5, SDXL-OUTALL "
+                     "on SDXL), or a diffusers dict as JSON ({\"unet\": {\"down\": 0, \"up\": 1}}); applies to "
+                     "every layer of a block, resnets included"),
               *[x for i in EXTRA for x in (Link(f"lora_{i}", LORA, optional=True),
                                            weight_input(f"weight_{i}", f"weight of lora_{i} (UNet and text encoders)",
                                                    optional=True))]],

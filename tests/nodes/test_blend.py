@@ -133,3 +133,19 @@ def test_long_blend_chain_does_linear_work(runtime):
     assert (single - plain).abs().max() > 0.01, "the summed weight must visibly change the image"
     assert torch.allclose(chained.value("5"), single, atol=1e-4), \
         f"chain differs from one blend by {(chained.value('5') - single).abs().max():.2e}"
+
+
+def test_every_block_weight_example_in_the_tooltip_is_accepted_where_it_says():
+    """The tooltip is what an editor user copies from: each example must parse for the architecture
+    it names (an SD1.5 preset on SDXL, or a bare {"down": ...} dict, is refused)."""
+    import re
+
+    from loraloom.lora.blocks import parse_block_weights
+    from loraloom.nodes.blend import WeightedBlend
+
+    tooltip = next(i.tooltip for i in WeightedBlend.SCHEMA.widgets if i.name == "block_weights")
+    examples = re.findall(r"(\{.*\}|[\d,]{20,}|[\w-]*ALL) on (SD1\.5|SDXL)", tooltip) + \
+        [(dict_, "SDXL") for dict_ in re.findall(r"\(([{].*[}])\)", tooltip)]
+    assert len(examples) >= 4, f"the examples were not found in {tooltip!r}"
+    for text, arch in examples:
+        parse_block_weights(text, {"SD1.5": "sd15", "SDXL": "sdxl"}[arch])  # raises BlockWeightError if refused
