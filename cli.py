@@ -1,4 +1,4 @@
-"""The ``loraloom`` command line: run, validate, nodes, convert.
+"""The ``loraloom`` command line: run, validate, nodes, convert, serve, cache.
 
 Exit codes: 0 success; 1 validation or execution error (printed); 2 usage error (a flag or argument
 that is malformed or names nothing: ``--set 5width=3``, ``--set 99.width=3`` on a workflow without
@@ -61,6 +61,33 @@ def _limit_args(parser: argparse.ArgumentParser) -> None:
                        help=f"nodes in one workflow (default {limits.DEFAULT_MAX_NODES})")
 
 
+def _disk_cache_args(parser: argparse.ArgumentParser, budget: bool = True) -> None:
+    from .graph_runtime.diskcache import DEFAULT_DISK_CACHE_BYTES
+
+    group = parser.add_argument_group("disk cache of merge results, shared by every process (else "
+                                      "LORALOOM_DISK_CACHE_DIR, LORALOOM_DISK_CACHE_BYTES, else "
+                                      "~/.cache/loraloom/results and the default shown)")
+    group.add_argument("--disk-cache-dir", metavar="DIR", help="the disk cache's folder")
+    if budget:
+        group.add_argument("--disk-cache-bytes", type=_whole(0), metavar="N",
+                           help=f"its byte budget, least recently used entries evicted beyond it; 0: off "
+                                f"(default {DEFAULT_DISK_CACHE_BYTES})")
+        group.add_argument("--no-disk-cache", action="store_true",
+                           help="neither read nor write the disk cache (the same as --disk-cache-bytes 0)")
+
+
+def _disk_cache_kwargs(args) -> dict:
+    """The Runtime keywords for the disk cache flags given (the others come from the environment)."""
+    extra = {}
+    if args.disk_cache_dir is not None:
+        extra["disk_cache_dir"] = args.disk_cache_dir
+    if args.no_disk_cache:
+        extra["disk_cache_bytes"] = 0
+    elif args.disk_cache_bytes is not None:
+        extra["disk_cache_bytes"] = args.disk_cache_bytes
+    return extra
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraloom",
@@ -85,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "`serve` always does; slower for large files)")
     _folder_args(run)
     _limit_args(run)
+    _disk_cache_args(run)
 
     val = sub.add_parser("validate", help="check a workflow without running it")
     val.add_argument("workflow")
@@ -131,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a request may take to send its body")
     _folder_args(serve)
     _limit_args(serve)
+    _disk_cache_args(serve)
+
+    cache = sub.add_parser("cache", help="show or clear the disk cache of merge results",
+                           description="The disk cache keeps the results of merges (PeftMerge) between "
+                                       "processes, so a second run of a workflow does not merge again.")
+    cache.add_argument("action", choices=["info", "clear"], help="info: its folder, entries, bytes and budget; "
+                                                                 "clear: delete every entry")
+    _disk_cache_args(cache, budget=False)
     return parser
 
 
@@ -247,13 +283,24 @@ class _LogLines:
     def __call__(self, event: dict) -> None:
         kind = event["event"]
         if kind == "execution_cached":
-            print(f"cached: node {', '.join(event['nodes'])}", file=sys.stderr, flush=True)
+            disk = event.get("disk", [])
+            memory = [n for n in event["nodes"] if n not in disk]
+            if memory:
+                print(f"cached: node {', '.join(memory)}", file=sys.stderr, flush=True)
+            if disk:
+                print(f"cached (disk): node {', '.join(disk)}", file=sys.stderr, flush=True)
         elif kind == "execution_plan":
             self.total = len(event["nodes"])
         elif kind == "executed":
             self.done += 1
             print(f"[{self.done}/{self.total}] node {event['node']} ({event['class_type']}) done in "
                   f"{event['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+
+def _print_note(event: dict) -> None:
+    """A disk cache note (an entry discarded, a result not stored): one line on stderr."""
+    if event["event"] == "cache_note":
+        print(f"note: node {event['node']} ({event['class_type']}): {event['message']}", file=sys.stderr, flush=True)
 
 
 def _print_jsonl(event: dict) -> None:
@@ -266,9 +313,9 @@ def cmd_run(args) -> int:
 
     overrides = dict(args.set)
     extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
-    rt = _runtime(args, strict_files=args.strict_files, **extra)
+    rt = _runtime(args, strict_files=args.strict_files, **extra, **_disk_cache_kwargs(args))
     bars = not args.no_progress and sys.stderr.isatty()
-    listeners = [] if args.no_progress else [_Bars() if bars else _LogLines()]
+    listeners = [_print_note] + ([] if args.no_progress else [_Bars() if bars else _LogLines()])
     if args.events == "jsonl":
         listeners.append(_print_jsonl)
 
@@ -289,7 +336,8 @@ def cmd_run(args) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     if args.events != "jsonl":
-        print(f"done: {len(result.executed)} executed, {len(result.cached)} cached")
+        disk = f" ({len(result.disk_cached)} from disk)" if result.disk_cached else ""
+        print(f"done: {len(result.executed)} executed, {len(result.cached)} cached{disk}")
         for line in describe_outputs(result.outputs, rt.folders):
             print(line)
     return EXIT_OK
@@ -400,6 +448,7 @@ def cmd_serve(args) -> int:
                                                                                   "max_connections")
                                            if getattr(args, name) is not None}))
     extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
+    extra.update(_disk_cache_kwargs(args))
     try:
         check_listen(config.listen, config.token)  # before loading anything
         # A server runs for days and shares its cache among clients: it trusts no file state (see README).
@@ -410,8 +459,26 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
+def cmd_cache(args) -> int:
+    from .graph_runtime.diskcache import DiskCache
+
+    store = DiskCache.configure(args.disk_cache_dir)
+    if args.action == "clear":
+        gone = store.clear()
+        print(f"cleared {store.root}: {gone.entries} entries, {_size(gone.nbytes)}")
+        return EXIT_OK
+    info = store.info()
+    state = "off (budget 0)" if not store.enabled else f"budget {_size(info.max_bytes)}"
+    print(f"disk cache: {info.root}\n  {info.entries} entries, {_size(info.nbytes)}; {state}")
+    return EXIT_OK
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB ({nbytes} bytes)"
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "convert": cmd_convert,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,10 @@ from typing import Any, Callable
 
 import networkx as nx
 
-from .cache import (DEFAULT_CACHE_BYTES, CacheStore, node_key, pinned_fingerprints, strict_fingerprints,
+from .cache import (DEFAULT_CACHE_BYTES, CacheStore, Entry, node_key, pinned_fingerprints, strict_fingerprints,
                     watch_files)
 from .context import ExecutionContext, reset_context, use_context
+from .diskcache import DiskCache, entry_key
 from .errors import ExecutionError, Interrupted, LoomError
 from .files import FileState, changed_while_reading, path_state
 from .graph import ValidPrompt, validate_prompt
@@ -37,11 +38,13 @@ Listener = Callable[[Event], None]
 @dataclass
 class RunResult:
     """What a run did. ``outputs`` maps output node ids to their UI output (also when cached);
-    ``values`` holds the output values of every node this run needed."""
+    ``values`` holds the output values of every node this run needed. ``disk_cached``: the nodes of
+    ``cached`` whose results came from the disk cache (computed by an earlier process)."""
 
     prompt_id: str
     executed: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
+    disk_cached: list[str] = field(default_factory=list)
     outputs: dict[str, dict] = field(default_factory=dict)
     values: dict[str, tuple] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -67,17 +70,23 @@ class Runtime:
     file's unchanged state (size, mtime, ctime, inode) for a digest computed earlier, and a node that
     reads a file whose content differs from what the run hashed for its key fails (the file changed
     while the run used it) instead of running on a possible mix of old and new bytes.
+
+    Nodes declared with ``persist`` also keep their results in a disk cache shared by every process
+    (see :mod:`.diskcache`): ``disk_cache_dir`` and ``disk_cache_bytes`` (0: off), else
+    ``LORALOOM_DISK_CACHE_DIR`` and ``LORALOOM_DISK_CACHE_BYTES``, else the defaults.
     """
 
     def __init__(self, *, registry: NodeRegistry | None = None, nodes=(), cache_bytes: int = DEFAULT_CACHE_BYTES,
                  lora_dirs=None, models_dir=None, output_dir=None, folders: Folders | None = None,
-                 limits: Limits | None = None, strict_files: bool = False):
+                 limits: Limits | None = None, strict_files: bool = False, disk_cache_dir=None,
+                 disk_cache_bytes: int | None = None):
         self.registry = registry.copy() if registry is not None else NodeRegistry()
         for cls in nodes:
             self.registry.register(cls)
         self.folders = folders or Folders.configure(lora_dirs, models_dir, output_dir)
         self.limits = limits or Limits.configure()
         self.cache = CacheStore(cache_bytes)
+        self.disk_cache = DiskCache.configure(disk_cache_dir, disk_cache_bytes)
         self.strict_files = strict_files
         self.resources: dict[str, Any] = {}
         self._interrupt = threading.Event()
@@ -237,6 +246,10 @@ class Runtime:
             if nid in hits or nid in dirty:
                 continue
             entry = self.cache.get(keys[nid])
+            if entry is None:
+                entry = self._disk_get(nid, valid, keys[nid], emit)
+                if entry is not None:
+                    result.disk_cached.append(nid)
             if entry is not None:
                 hits[nid] = entry
             else:
@@ -249,8 +262,9 @@ class Runtime:
             if entry.ui is not None and nid in targets:
                 result.outputs[nid] = entry.ui
         result.cached = sorted(hits, key=_order_key)
+        result.disk_cached.sort(key=_order_key)
         if hits:
-            emit({"event": "execution_cached", "nodes": list(result.cached)})
+            emit({"event": "execution_cached", "nodes": list(result.cached), "disk": list(result.disk_cached)})
 
         order = [n for n in valid.order if n in dirty]
         ctx_base = dict(folders=self.folders, prompt=wf.prompt, workflow=wf.ui, resources=self.resources,
@@ -284,11 +298,38 @@ class Runtime:
                 else:
                     keys[nid] = key
                     self.cache.put(key, outputs, ui)
+                    self._disk_put(nid, class_type, key, outputs, ui, emit)
             if ui is not None and nid in targets:
                 result.outputs[nid] = ui
             emit({"event": "executed", "node": nid, "class_type": class_type, "output": ui,
                   "seconds": result.timings[nid]})
         result.values = values
+
+    def _persist(self, class_type: str):
+        """The codec of a node kept in the disk cache, or None (not declared, or the cache is off)."""
+        return self.registry.get(class_type).SCHEMA.persist if self.disk_cache.enabled else None
+
+    def _note(self, emit, nid: str, class_type: str):
+        return lambda text: emit({"event": "cache_note", "node": nid, "class_type": class_type, "message": text})
+
+    def _disk_get(self, nid: str, valid: ValidPrompt, key: str, emit) -> Entry | None:
+        """A node's result from the disk cache, also put into the memory cache; None on a miss."""
+        class_type = valid.nodes[nid]["class_type"]
+        codec = self._persist(class_type)
+        disk_key = entry_key(key, codec) if codec is not None else None
+        if disk_key is None:
+            return None
+        found = self.disk_cache.get(disk_key, codec, self._note(emit, nid, class_type))
+        if found is None:
+            return None
+        self.cache.put(key, *found)
+        return Entry(found[0], found[1], 0)
+
+    def _disk_put(self, nid: str, class_type: str, key: str, outputs: tuple, ui: dict | None, emit) -> None:
+        codec = self._persist(class_type)
+        disk_key = entry_key(key, codec) if codec is not None else None
+        if disk_key is not None:
+            self.disk_cache.put(disk_key, codec, outputs, ui, self._note(emit, nid, class_type))
 
     def _call(self, nid: str, class_type: str, kwargs: dict, ctx: ExecutionContext) -> tuple[tuple, dict | None]:
         cls = self.registry.get(class_type)

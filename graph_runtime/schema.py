@@ -170,6 +170,8 @@ class NodeSchema:
     version: int = 1
     python_module: str = "custom_nodes.loraloom"
     fingerprint: Callable[[dict, Any], str | None] | None = field(default=None, compare=False)
+    persist: Any = field(default=None, compare=False)
+    """A codec (:class:`.diskcache.Codec`) when the node's results are kept in the disk cache too."""
 
     def input(self, name: str) -> Input | None:
         for inp in self.inputs:
@@ -237,6 +239,9 @@ def _check_schema(schema: NodeSchema, execute: Callable, where: str) -> None:
             problems.append(f"output {i} type {out.type!r} is not an UPPER_SNAKE socket type")
     if not schema.outputs and not schema.output_node:
         problems.append("a node with no outputs must be an output node (output_node=True)")
+    if schema.persist is not None and (schema.not_idempotent or not schema.outputs):
+        problems.append("persist (the disk cache) is for pure nodes with outputs: not with not_idempotent=True "
+                        "or without outputs")
 
     params = inspect.signature(execute).parameters
     names = [p for p in params if p != "self"]
@@ -298,7 +303,8 @@ def _check_widget(inp: Input) -> list[str]:
 def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), category: str,
          display_name: str | None = None, description: str | None = None, id: str | None = None,
          output_node: bool = False, not_idempotent: bool = False, version: int = 1,
-         fingerprint: Callable[[dict, Any], str | None] | None = None, comfy_export: bool = True):
+         fingerprint: Callable[[dict, Any], str | None] | None = None, comfy_export: bool = True,
+         persist=None):
     """Class decorator declaring a node. Checks the declaration and adds ComfyUI's V1 attributes.
 
     ``version`` joins the cache key: bump it when the node's results change for the same inputs.
@@ -306,6 +312,9 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
     inputs refer to); inputs with ``file_kind`` are fingerprinted without it.
     ``comfy_export=False`` keeps a node out of ComfyUI's mappings (e.g. our stand-ins for ComfyUI's
     own SaveImage/PreviewImage, which ComfyUI would drop anyway).
+    ``persist``: a codec (:class:`.diskcache.Codec`) that writes the node's outputs to a file and reads
+    them back: its results are then also kept in the disk cache, across processes. Only for pure,
+    expensive nodes (a merge), whose outputs the codec stores exactly.
 
     A class may define ``check_inputs(cls, constants) -> {input_name: problem}`` (a classmethod) for
     rules the widget specs cannot say (e.g. "a multiple of 8"); it runs during validation, beside the
@@ -333,6 +342,7 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
             python_module=_comfy_module(cls.__module__),
             fingerprint=fingerprint,
             comfy_export=comfy_export,
+            persist=persist,
         )
         _check_schema(schema, execute, where)
         cls.SCHEMA = schema

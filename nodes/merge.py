@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..graph_runtime import Combo, Float, Input, InputError, Int, Link, Output, current_context, node
 from ..lora.merge_methods import OPTIONS, PEFT_METHODS, REGISTRY, MergeOptions, users
+from ..lora.result_file import LoRAResults
 from .common import CATEGORY, LORA, lora_source_name, weight_input
 
 LETTERS = ("a", "b", "c", "d")
@@ -49,7 +50,9 @@ def _inputs():
 
 
 @node(category=f"{CATEGORY}/lora", display_name="Merge LoRAs (add_weighted_adapter)",
-      inputs=_inputs(), outputs=[Output(LORA, "lora")])
+      inputs=_inputs(), outputs=[Output(LORA, "lora")],
+      # A merge takes seconds to minutes at real sizes and is pure: kept on disk for the next process.
+      persist=LoRAResults(__file__))
 class PeftMerge:
     """Merge LoRAs into one portable LoRA with peft's add_weighted_adapter maths, directly on the LoRA
     factors: no PeftModel, no copy of the UNet. Also Model Breadcrumbs (breadcrumbs_svd), which peft

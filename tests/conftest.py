@@ -6,6 +6,8 @@ fixtures below hand out files only: treat those folders as read-only.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 
 import pytest
@@ -15,6 +17,13 @@ from loraloom.bases import presets
 from loraloom.fixtures import write_fixtures
 from loraloom.lora.canonical import delta
 from loraloom.lora.match import base_spec
+
+# The disk cache of merge results is off for the suite (each test starts from nothing, and no test
+# writes into the user's ~/.cache), also in the processes tests start; tests of the disk cache turn it
+# on in a folder of their own. The folder is set too, so a test that turns only the budget on still
+# writes into a temp folder.
+os.environ["LORALOOM_DISK_CACHE_BYTES"] = "0"
+os.environ["LORALOOM_DISK_CACHE_DIR"] = tempfile.mkdtemp(prefix="loraloom-test-disk-cache-")
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP workers
 # spinning against other processes made a 64 px sample 10-100x slower (0.2 s -> 2-28 s).
