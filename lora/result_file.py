@@ -111,7 +111,7 @@ class LoRAResults:
         try:
             manifest = json.loads(safe.metadata[MANIFEST_KEY])
             if manifest.get("format") != FORMAT:
-                raise ValueError(f"layout {manifest.get('format')!r}, not {FORMAT!r}")
+                raise _not_results(path, f"layout {manifest.get('format')!r}, not {FORMAT!r}")
             ui = json.loads(safe.metadata[UI_KEY])
             used = set()
             outputs = []
@@ -131,8 +131,15 @@ class LoRAResults:
                 outputs.append(LoRA(components, out["source_format"], out["metadata"], out["fingerprint"],
                                     out["path"], tuple(out["notes"])))
             if used != set(safe.tensors):
-                raise ValueError(f"{len(set(safe.tensors) - used)} tensor(s) that no module names")
+                raise _not_results(path, f"{len(set(safe.tensors) - used)} tensor(s) that no module names")
+        except LoRAFormatError:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise LoRAFormatError(f"not a LoRA results file: {type(exc).__name__}: {exc}", path=str(path)) from exc
+            raise _not_results(path, f"{type(exc).__name__}: {exc}") from exc
         stamp = {k.removeprefix(STAMP_PREFIX): v for k, v in safe.metadata.items() if k.startswith(STAMP_PREFIX)}
         return tuple(outputs), ui, stamp, safe.fingerprint
+
+
+def _not_results(path: Path, problem: str) -> LoRAFormatError:
+    return LoRAFormatError(f"not a LoRA results file of this version: {problem}", path=str(path),
+                           kind="bad_results_file")

@@ -6,7 +6,9 @@ fixtures below hand out files only: treat those folders as read-only.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -24,6 +26,7 @@ from loraloom.lora.match import base_spec
 # writes into a temp folder.
 os.environ["LORALOOM_DISK_CACHE_BYTES"] = "0"
 os.environ["LORALOOM_DISK_CACHE_DIR"] = tempfile.mkdtemp(prefix="loraloom-test-disk-cache-")
+atexit.register(shutil.rmtree, os.environ["LORALOOM_DISK_CACHE_DIR"], True)
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP workers
 # spinning against other processes made a 64 px sample 10-100x slower (0.2 s -> 2-28 s).
