@@ -4,7 +4,7 @@ reference, target and PASS / MISS.
 
     python bench/run.py [--quick] [--only ROW,...] [--threads 1] [--json OUT]
 
-Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime, 7 checks.
+Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime, 7 checks, 8 disk.
 ``--quick`` (CI, about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods
 svd and cat only, a 64 MiB checkpoint in row 7, and skips row 4 (cold torch.compile takes minutes on
 a CPU). It exists to keep the suite working; nothing asserts on timings. Without ``--quick`` the
@@ -54,6 +54,7 @@ ROWS = [
     Row(5, "loading", "Loading", "bench_lora_loading.py", threads_flag=False, json_flag=False),
     Row(6, "runtime", "Runtime overhead", "bench_runtime.py", threads_flag=False),
     Row(7, "checks", "Base checkpoint checks", "bench_base_checks.py"),
+    Row(8, "disk", "Repeated merge across processes", "bench_disk_cache.py"),
 ]
 
 PASS, MISS, INFO = "PASS", "MISS", "-"
@@ -265,8 +266,18 @@ def lines_checks(f: dict) -> list:
     ]
 
 
+def lines_disk(f: dict) -> list:
+    merged = "merged again" if f["second_merged"] else "no merge"
+    return [
+        ("merge workflow, 2nd CLI process vs one without the disk cache", _fmt(f["second_process_s"], "s"),
+         f"--no-disk-cache {_fmt(f['no_disk_cache_s'], 's')}", _fmt(f["second_vs_no_cache"], "x"), INFO, INFO),
+        ("2nd process: merges run (the merge itself takes)", merged, _fmt(f["merge_s"], "s"),
+         f"{f['entry_mib']:.0f} MiB entry", "no merge", MISS if f["second_merged"] else PASS),
+    ]
+
+
 SUMMARIES = {"edit": lines_edit, "merge": lines_merge, "fuse": lines_fuse, "compile": lines_compile,
-             "loading": lines_loading, "runtime": lines_runtime, "checks": lines_checks}
+             "loading": lines_loading, "runtime": lines_runtime, "checks": lines_checks, "disk": lines_disk}
 
 
 def table(results: dict, quick: bool = False) -> str:
@@ -301,7 +312,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="small versions of every row, row 4 skipped (CI, ~2 min)")
-    parser.add_argument("--only", help="comma-separated rows (numbers or names: edit, merge, fuse, compile, loading, runtime, checks)")
+    parser.add_argument("--only", help="comma-separated rows (numbers or names: edit, merge, fuse, compile, loading, runtime, "
+                        "checks, disk)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every row (default: %(default)s; "
                         "0: torch's own choice)")
     parser.add_argument("--json", help="write every figure, the table and the machine here")
