@@ -7,9 +7,10 @@ outputs to one file and reads them back with every check a file from disk deserv
 - **Keys** (:func:`entry_key`): the node's in-memory key (the Merkle signature over class, version,
   constants, file contents and ancestors, see :mod:`.cache`) joined with the codec's name and its
   code version, so a changed implementation never reads an old entry.
-- **Integrity**: an entry is written under a temp name in ``tmp/``, fsynced, hashed and renamed to
-  ``<key[:2]>/<key>.<digest><suffix>``: it appears whole or not at all, and two processes writing the
-  same entry at once each rename a whole file. On a read the codec reports the digest of the bytes it
+- **Integrity**: an entry is written under a temp name in ``tmp/``, hashed as it is written, and
+  renamed to ``<key[:2]>/<key>.<digest><suffix>``: it appears whole or not at all, and two processes
+  writing the same entry at once each rename a whole file. It is not fsynced: after a power loss an
+  entry may be missing or hold other bytes than its name says, and the read below catches that. On a read the codec reports the digest of the bytes it
   read and the key stamped inside the file; an entry whose digest or key differs from its name, or
   that the codec refuses (truncated, garbled), is deleted and recomputed, never used.
 - **Eviction**: least recently used first, by the file's mtime, which a hit sets (``utime``: the
@@ -30,9 +31,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, BinaryIO, Callable, Protocol
 
-from .cache import HASH_CHUNK_BYTES, file_hasher
+from .cache import file_hasher
 from .errors import InputError
 
 ENV_DISK_CACHE_DIR = "LORALOOM_DISK_CACHE_DIR"
@@ -62,8 +63,8 @@ class Codec(Protocol):
     def accepts(self, outputs: tuple, ui: dict | None) -> bool:
         """Whether these outputs can be stored (values it cannot write exactly never persist)."""
 
-    def save(self, outputs: tuple, ui: dict | None, path: Path, stamp: dict[str, str]) -> None:
-        """Write ``outputs``, ``ui`` and the ``stamp`` strings to ``path``."""
+    def save(self, outputs: tuple, ui: dict | None, f: BinaryIO, stamp: dict[str, str]) -> None:
+        """Write ``outputs``, ``ui`` and the ``stamp`` strings into the binary file ``f``."""
 
     def load(self, path: Path) -> tuple[tuple, dict | None, dict[str, str], str]:
         """``(outputs, ui, stamp, digest)`` read from ``path``, ``digest`` being the ``file_hasher``
@@ -212,10 +213,11 @@ class DiskCache:
         try:
             tmp_dir.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(dir=tmp_dir, prefix=f"{key[:16]}.{os.getpid()}.", suffix=codec.suffix)
-            os.close(fd)
             tmp = Path(name)
-            codec.save(outputs, ui, tmp, {"key": key})
-            size, digest = _digest(tmp)
+            with os.fdopen(fd, "wb") as f:
+                out = _HashingWriter(f)
+                codec.save(outputs, ui, out, {"key": key})
+            size, digest = out.size, out.hasher.hexdigest()
             if size > self.max_bytes:
                 note(f"a result of {size} bytes is larger than the disk cache's budget ({self.max_bytes} bytes): "
                      "not stored (raise it with --disk-cache-bytes or LORALOOM_DISK_CACHE_BYTES)")
@@ -224,7 +226,6 @@ class DiskCache:
             final.parent.mkdir(exist_ok=True)
             os.replace(tmp, final)
             tmp = None
-            _fsync_dir(final.parent)
         except Exception as exc:  # noqa: BLE001 - a cache that cannot write must not fail the run
             note(f"the result could not be stored in the disk cache {self.root}: {type(exc).__name__}: {exc}")
             return None
@@ -295,29 +296,19 @@ class _suppress_missing:
         return kind is not None and issubclass(kind, self.kinds)
 
 
-def _digest(path: Path) -> tuple[int, str]:
-    """Size and ``file_hasher`` digest of a written file (fsynced first: the entry is renamed next)."""
-    h = file_hasher()
-    size = 0
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
+class _HashingWriter:
+    """A binary file that hashes (``file_hasher``) and counts what is written through it: the entry's
+    digest without reading it back."""
 
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.hasher = file_hasher()
+        self.size = 0
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a folder; the rename is still atomic
-    finally:
-        os.close(fd)
+    def write(self, data) -> int:
+        self.hasher.update(data)
+        self.size += memoryview(data).nbytes
+        return self.f.write(data)
 
 
 __all__ = ["DEFAULT_DISK_CACHE_BYTES", "ENV_DISK_CACHE_BYTES", "ENV_DISK_CACHE_DIR", "Codec", "DiskCache",

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import LoRAFormatError
 
@@ -73,11 +73,11 @@ class LoRAResults:
             return False
         return True
 
-    def save(self, outputs: tuple, ui: dict | None, path: Path, stamp: dict[str, str]) -> None:
-        """Write ``outputs`` (LoRA values), ``ui`` and ``stamp`` to the safetensors file ``path``."""
+    def save(self, outputs: tuple, ui: dict | None, out: BinaryIO, stamp: dict[str, str]) -> None:
+        """Write ``outputs`` (LoRA values), ``ui`` and ``stamp`` as a safetensors file into ``out``."""
         import torch
 
-        from .writers import atomic_save
+        from .writers import write_safetensors
 
         tensors: dict[str, torch.Tensor] = {}
         manifest = []
@@ -98,7 +98,7 @@ class LoRAResults:
         metadata = {MANIFEST_KEY: json.dumps({"format": FORMAT, "outputs": manifest}, allow_nan=False),
                     UI_KEY: json.dumps(ui, allow_nan=False),
                     **{STAMP_PREFIX + k: v for k, v in stamp.items()}}
-        atomic_save(tensors, path, metadata)
+        write_safetensors(out, tensors, metadata)
 
     def load(self, path: Path) -> tuple[tuple, dict | None, dict[str, str], str]:
         """``(outputs, ui, stamp, digest)`` from an entry, read by the strict LoRA reader; raises a

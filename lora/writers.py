@@ -45,14 +45,20 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, me
     time instead of being assembled into one buffer first.
     """
     path = Path(path)
-    header, ordered = _header(tensors, metadata)
     with atomic_file(path) as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        for t in ordered:
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        write_safetensors(f, tensors, metadata)
     return path
+
+
+def write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file into the open binary file ``f``: the same bytes as `atomic_save`
+    (sorted header, tensors streamed one at a time), with no temp file or fsync of its own."""
+    header, ordered = _header(tensors, metadata)
+    f.write(len(header).to_bytes(8, "little"))
+    f.write(header)
+    for t in ordered:
+        if t.numel():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[torch.Tensor]]:

@@ -32,8 +32,8 @@ class JsonCodec:
     def accepts(self, outputs, ui):
         return all(isinstance(v, (str, int, list)) for v in outputs)
 
-    def save(self, outputs, ui, path, stamp):
-        Path(path).write_text(json.dumps({"outputs": list(outputs), "ui": ui, "stamp": stamp}))
+    def save(self, outputs, ui, f, stamp):
+        f.write(json.dumps({"outputs": list(outputs), "ui": ui, "stamp": stamp}).encode())
 
     def load(self, path):
         raw = Path(path).read_bytes()
@@ -155,7 +155,7 @@ def test_writers_of_one_entry_at_once_leave_one_whole_entry(tmp_path):
 
 def test_a_failing_write_is_a_note_not_an_error(tmp_path):
     class Broken(JsonCodec):
-        def save(self, outputs, ui, path, stamp):
+        def save(self, outputs, ui, f, stamp):
             raise OSError(28, "No space left on device")
 
     notes = []
