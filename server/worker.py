@@ -75,6 +75,9 @@ class _Run:
                                                        "executed": event["executed"]})
         elif kind == "execution_success":
             self.terminal = ("execution_success", {})
+        elif kind == "cache_note":  # a disk cache entry discarded or not stored: the run goes on
+            log.warning("prompt %s node %s (%s): %s", self.item.prompt_id, event["node"], event["class_type"],
+                        event["message"])
 
     def fail(self, exc: BaseException, node_id: str = "", node_type: str = "") -> None:
         """A failure outside any node (the prompt no longer validates, or the runtime itself raised)."""

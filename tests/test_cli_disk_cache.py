@@ -2,11 +2,14 @@
 nothing; `--disk-cache-dir`, `--disk-cache-bytes`, `--no-disk-cache` and their variables; a damaged
 entry is a note and a recomputed merge; `loraloom cache info|clear`."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from loraloom.cli import main
 
@@ -102,3 +105,15 @@ def test_cache_info_and_clear(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORALOOM_DISK_CACHE_BYTES", "0")
     assert main(["cache", "info"]) == 0
     assert "0 entries" in (out := capsys.readouterr().out) and "off (budget 0)" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="the server needs the editor extra")
+def test_serve_takes_the_disk_cache_flags(tmp_path, monkeypatch):
+    import loraloom.server
+
+    served = []
+    monkeypatch.setattr(loraloom.server, "serve", lambda runtime, config: served.append(runtime))
+    base = ["serve", "--port", "0", "--user-dir", str(tmp_path / "user"), "--output-dir", str(tmp_path / "out")]
+    assert main(base + ["--disk-cache-dir", str(tmp_path / "d"), "--disk-cache-bytes", "123"]) == 0
+    assert (served[-1].disk_cache.root, served[-1].disk_cache.max_bytes) == (tmp_path / "d", 123)
+    assert main(base + ["--no-disk-cache"]) == 0 and not served[-1].disk_cache.enabled
