@@ -23,6 +23,7 @@ outputs to one file and reads them back with every check a file from disk deserv
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -48,6 +49,11 @@ _KEY = re.compile(r"^[0-9a-f]{64}$")
 _ENTRY = re.compile(r"^(?P<key>[0-9a-f]{64})\.(?P<digest>[0-9a-f]{32})\.")
 
 Note = Callable[[str], None]
+
+
+def _missing():
+    """Ignore a file or folder that vanished meanwhile (another process evicted or cleared it)."""
+    return contextlib.suppress(FileNotFoundError, NotADirectoryError)
 
 
 class Codec(Protocol):
@@ -137,18 +143,16 @@ class DiskCache:
     # ------------------------------------------------------------------------------------ entries
 
     def _entries(self) -> list[tuple[Path, os.stat_result]]:
+        """Every entry with its stat; what another process removes meanwhile is left out."""
         found = []
-        if not self.root.is_dir():
-            return found
-        for shard in os.scandir(self.root):
-            if shard.name == TMP or not shard.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(shard.path):
-                if _ENTRY.match(entry.name) and entry.is_file(follow_symlinks=False):
-                    try:
-                        found.append((Path(entry.path), entry.stat(follow_symlinks=False)))
-                    except FileNotFoundError:  # evicted by another process meanwhile
-                        continue
+        with _missing():
+            shards = [s.path for s in os.scandir(self.root) if s.name != TMP and s.is_dir(follow_symlinks=False)]
+            for shard in shards:
+                with _missing():
+                    for entry in os.scandir(shard):
+                        if _ENTRY.match(entry.name) and entry.is_file(follow_symlinks=False):
+                            with _missing():
+                                found.append((Path(entry.path), entry.stat(follow_symlinks=False)))
         return found
 
     def _candidates(self, key: str) -> list[Path]:
@@ -157,7 +161,7 @@ class DiskCache:
         shard = self.root / key[:2]
         try:
             names = [e for e in os.scandir(shard) if e.name.startswith(key + ".") and _ENTRY.match(e.name)]
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:  # none yet, or a folder this user cannot read: a miss, never a failed run
             return []
         stamped = []
         for e in names:
@@ -226,13 +230,13 @@ class DiskCache:
             final.parent.mkdir(exist_ok=True)
             os.replace(tmp, final)
             tmp = None
+            self.evict(keep=final)
         except Exception as exc:  # noqa: BLE001 - a cache that cannot write must not fail the run
             note(f"the result could not be stored in the disk cache {self.root}: {type(exc).__name__}: {exc}")
             return None
         finally:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-        self.evict(keep=final)
         return final
 
     def evict(self, keep: Path | None = None) -> int:
@@ -255,9 +259,9 @@ class DiskCache:
                 continue
             total -= st.st_size
         now = time.time()
-        with _suppress_missing():
+        with _missing():
             for entry in os.scandir(self.root / TMP):
-                with _suppress_missing():
+                with _missing():
                     if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_S:
                         os.unlink(entry.path)
         return deleted
@@ -278,22 +282,9 @@ class DiskCache:
                 if shard.name == TMP and shard.is_dir(follow_symlinks=False):
                     shutil.rmtree(shard.path, ignore_errors=True)
                 elif re.fullmatch(r"[0-9a-f]{2}", shard.name) and shard.is_dir(follow_symlinks=False):
-                    with _suppress_missing(OSError):
+                    with contextlib.suppress(OSError):
                         os.rmdir(shard.path)  # only when empty
         return before
-
-
-class _suppress_missing:
-    """``with _suppress_missing():`` ignore a file or folder that vanished (another process)."""
-
-    def __init__(self, *extra: type[BaseException]):
-        self.kinds = (FileNotFoundError, NotADirectoryError, *extra)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        return kind is not None and issubclass(kind, self.kinds)
 
 
 class _HashingWriter:

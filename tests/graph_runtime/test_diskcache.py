@@ -205,3 +205,13 @@ def test_the_folder_and_budget_are_configured_as_documented(tmp_path):
     assert err.value.kind == "bad_cache_budget"
     with pytest.raises(InputError):
         DiskCache(tmp_path, -1)
+
+
+def test_a_cache_folder_that_is_a_file_is_a_miss_and_a_note(tmp_path):
+    (tmp_path / "cache").write_text("not a folder")
+    store = DiskCache(tmp_path / "cache", 10_000)
+    notes = []
+    assert store.get(KEY_A, JsonCodec(), notes.append) is None and notes == []
+    assert store.put(KEY_A, JsonCodec(), ("a",), None, notes.append) is None
+    assert len(notes) == 1 and "could not be stored" in notes[0]
+    assert store.info().entries == 0
