@@ -138,6 +138,7 @@ class DiskCache:
 
     @property
     def enabled(self) -> bool:
+        """False with a budget of 0: nothing is read or written."""
         return self.max_bytes > 0
 
     # ------------------------------------------------------------------------------------ entries
