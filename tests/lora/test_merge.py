@@ -200,7 +200,7 @@ def test_equal_ranks_match_peft(method, monkeypatch):
     assert {r.sources for r in result.report.modules} == {2, 3}, "partial modules should be in the test model"
     if method in SVD_METHODS and method != "svd":
         solvers = {r.path: r.solver for r in result.report.modules}
-        assert solvers["conv3"] == solvers["ff"] == "subspace-iteration", f"iterative SVD path not covered: {solvers}"
+        assert solvers["conv3"] == solvers["ff"] == "randomized", f"randomized SVD path not covered: {solvers}"
 
 
 @pytest.mark.parametrize("method", [m for m in ANY_RANK_METHODS if m in PEFT_METHODS])
