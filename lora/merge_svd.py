@@ -304,28 +304,26 @@ def full_delta_svd(
     coeffs: Sequence[tuple[float, float]],
     rank: int,
     *,
-    solver: str = "randomized",
+    reference: bool = False,
 ) -> SvdMerge:
     """The pruning SVD forms: `combine(deltas, weights)` the full deltas, then a top-`rank` SVD.
 
     `combine` is a method's combination with its options bound (see `merge_methods`); `coeffs`
     holds ``(weight, scale)`` per source. As in peft the scale goes into each delta and the weight
     into the combination (TIES elects signs on the scaled deltas). Random draws: one full delta per
-    source, in source order. `solver`: ``randomized`` (`randomized_svd`, started from the sources'
-    row spaces) or ``subspace`` (`top_svd`, the solver used before, for benchmarks).
+    source, in source order. The SVD is `randomized_svd`, started from the sources' row spaces;
+    `reference` runs `top_svd` instead, the solver used before (benchmarks compare the two).
     """
-    if solver not in ("randomized", "subspace"):
-        raise ValueError(f"full_delta_svd solver {solver!r} is not 'randomized' or 'subspace'")
     # The scale goes on the small factor (peft scales the product): same delta, one full-size pass less.
     deltas = [(u * s) @ a for u, a, (_, s) in zip(ups, downs, coeffs)]
     D = combine(deltas, [w for w, _ in coeffs])
     del deltas
     k = min(rank, *D.shape)
     block = max(k, sum(a.shape[0] for a in downs)) + OVERSAMPLE
-    if solver == "randomized":
-        top = randomized_svd(D, k, block, torch.cat(list(downs), dim=0).T)
-    else:
+    if reference:
         top = TopSvd(*top_svd(D, k, block))
+    else:
+        top = randomized_svd(D, k, block, torch.cat(list(downs), dim=0).T)
     total = float(torch.linalg.vector_norm(D)) ** 2
     down, up = _truncate(top.U, top.S, top.Vh, k)
     return SvdMerge(down, up, float(top.S.double().square().sum()), total, top.solver, top.bound)
