@@ -75,14 +75,17 @@ def magnitude_prune(tensor: torch.Tensor, density: float, *, select: str = "topk
         return tensor * torch.zeros_like(tensor)
     magnitudes = tensor.abs().reshape(-1)
     threshold, at_least = kth_largest_count(magnitudes, k)
-    if at_least == k and float(threshold) > 0:
-        # In place on the magnitudes (a fresh full-size tensor costs page faults at SDXL sizes): |t|
-        # above the float just below the threshold (so |t| >= threshold) stays, the rest becomes 0;
-        # copysign then gives t itself, or t * 0: the values of ``tensor * mask``.
-        below = float(torch.nextafter(threshold, threshold.new_zeros(())))
-        kept = torch.nn.functional.threshold_(magnitudes, below, 0.0)
-        return torch.copysign(kept, tensor.reshape(-1), out=kept).reshape(tensor.shape)
-    return tensor * top_mask(magnitudes, k).reshape(tensor.shape).to(tensor.dtype)
+    # Entries tying at the threshold beyond the k-th (common above ~5M entries: float32 has 2^23
+    # values per octave) are dropped from the end, so the first ones in row-major order stay.
+    ties = torch.nonzero(magnitudes == threshold).flatten() if at_least > k else None
+    # In place on the magnitudes (a fresh full-size tensor costs page faults at SDXL sizes): |t|
+    # above the float just below the threshold (so |t| >= threshold) stays, the rest becomes 0;
+    # copysign then gives t itself, or t * 0: the values of ``tensor * mask``.
+    below = float(torch.nextafter(threshold, threshold.new_zeros(()))) if float(threshold) > 0 else 0.0
+    kept = torch.nn.functional.threshold_(magnitudes, below, 0.0)
+    if ties is not None:
+        kept[ties[ties.numel() - (at_least - k):]] = 0
+    return torch.copysign(kept, tensor.reshape(-1), out=kept).reshape(tensor.shape)
 
 
 def top_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
@@ -136,13 +139,26 @@ def _count_above(values: torch.Tensor, bound: torch.Tensor | float) -> int:
     return int(torch.count_nonzero(values > bound))
 
 
+def sample_stride(n: int) -> int:
+    """The stride of `kth_largest`'s sample of n entries: the largest prime <= n / 2^16 (at least 13).
+
+    Prime, so that it shares no factor with a matrix's row length (2^a 3^b 5^c at SDXL sizes): a
+    stride of 200 on rows of 1280 visited only every 40th column, a biased sample whose bracket
+    missed the answer and sent a 10240x1280 delta to the full kthvalue (0.3 s instead of 0.07 s).
+    """
+    stride = max(n // _SAMPLE, 13)
+    while any(stride % d == 0 for d in range(2, math.isqrt(stride) + 1)):
+        stride -= 1
+    return stride
+
+
 def kth_largest_count(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     """`kth_largest` and how many entries are at least that value (``k`` unless values tie there)."""
     n = values.numel()
     if n <= 16 * _SAMPLE:
         value = torch.kthvalue(values, n - k + 1).values
         return value, int(torch.count_nonzero(values >= value))
-    sample = values[:: n // _SAMPLE]
+    sample = values[:: sample_stride(n)]
     s = sample.numel()
     below = (n - k) / n * s  # expected rank of the answer inside the sample
     margin = 6 * math.sqrt(max(below * (s - below) / s, 1.0)) + 8

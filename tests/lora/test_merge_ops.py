@@ -43,10 +43,19 @@ def test_kth_largest_equals_kthvalue(case):
     elif case == "sparse":
         values[torch.rand(n, generator=g) < 0.7] = 0
     elif case == "unlucky sample":
-        values[:: n // merge_ops._SAMPLE] = 0  # the sample sees only zeros: the plain kthvalue must run
+        values[:: merge_ops.sample_stride(n)] = 0  # the sample sees only zeros: the plain kthvalue must run
     for k in (1, 1000, n // 2, n - 5, n):
         got, want = merge_ops.kth_largest(values, k), torch.kthvalue(values, n - k + 1).values
         assert got.item() == want.item(), f"{case}, k={k}: {got.item()} != {want.item()}"
+
+
+def test_sample_stride_is_prime_and_visits_every_column():
+    # 10240x1280 (a GEGLU projection at SDXL size): n // 2^16 = 200 shares 40 with the row length.
+    n, row = 10240 * 1280, 1280
+    stride = merge_ops.sample_stride(n)
+    assert stride <= n // merge_ops._SAMPLE and all(stride % d for d in range(2, stride)), f"{stride} is not prime"
+    columns = {(i * stride) % row for i in range(n // stride)}
+    assert len(columns) == row, f"stride {stride} samples {len(columns)} of {row} columns"
 
 
 def test_dare_rescales_kept_entries():
