@@ -30,9 +30,9 @@ adapters on a bf16 model). The guide's merged adapter is stored in the model dty
 in fp32: that rounding is most of the difference for cat and dare_linear.
 
 The pruning SVD forms (ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd) also run ours
-a second time with the solver used before (`lora.merge_svd.top_svd`, block subspace iteration with
-a stopping heuristic), in its own process in the same run: "previous solver" vs "randomized" is the
-before -> after of the solver alone. Each side reports its error against the guide per module, and
+a second time as "before", in its own process in the same run: with ``--before DIR``, the previous
+version of the package found there; otherwise this version with the solver used before
+(`lora.merge_svd.top_svd`, block subspace iteration with a stopping heuristic), the solver alone. Each side reports its error against the guide per module, and
 ours the certified per-module bound of the randomized SVD (its largest, and how many modules fell
 back to the exact SVD).
 """
@@ -226,7 +226,7 @@ def ours_worker(spec: dict) -> dict:
     peak = step_peak_mb()
     compared = spec["compare_paths"]
     merged = {p: (result.modules[p].down, result.modules[p].up) for p in compared}
-    bounds = {p: result.modules[p].report.svd_bound for p in compared}
+    bounds = {p: getattr(result.modules[p].report, "svd_bound", None) for p in compared}
     state_file = workdir / f"rng_{spec['method']}.pt"
     if spec["method"].startswith("dare") and state_file.exists():
         dtype = getattr(torch, spec["guide_adapter_dtype"])
@@ -234,11 +234,11 @@ def ours_worker(spec: dict) -> dict:
         torch.set_rng_state(torch.load(state_file))
         again = merge_loras(spec["method"], compat, list(WEIGHTS), MergeOptions(density=DENSITY, seed=None))
         merged = {p: (again.modules[p].down, again.modules[p].up) for p in compared}
-        bounds = {p: again.modules[p].report.svd_bound for p in compared}
+        bounds = {p: getattr(again.modules[p].report, "svd_bound", None) for p in compared}
     save_merged(workdir / f"{spec['side']}_{spec['method']}.safetensors", merged)
     components = {c: {"rel_error": r.rel_error, "median": r.median_rel_error, "max": r.max_rel_error,
-                      "energy_kept": r.energy_kept, "max_svd_bound": r.max_svd_bound,
-                      "svd_fallbacks": r.svd_fallbacks} for c, r in result.report.components.items()}
+                      "energy_kept": r.energy_kept, "max_svd_bound": getattr(r, "max_svd_bound", None),
+                      "svd_fallbacks": getattr(r, "svd_fallbacks", 0)} for c, r in result.report.components.items()}
     solvers: dict[str, int] = {}
     for r in result.report.modules:
         solvers[str(r.solver)] = solvers.get(str(r.solver), 0) + 1
@@ -336,7 +336,11 @@ def run_worker(spec: dict) -> dict:
     """Run one side in a fresh interpreter (clean peak RSS) and return its JSON result."""
     spec_file = Path(spec["workdir"]) / f"spec_{spec['side']}_{spec['method']}.json"
     spec_file.write_text(json.dumps(spec))  # 722 module shapes are too long for a command line
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_file)], capture_output=True, text=True)
+    env = None
+    if spec.get("python_path"):  # the "before" side from another checkout of the package
+        env = os.environ | {"PYTHONPATH": spec["python_path"]}
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_file)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['side']} worker for {spec['method']} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -395,6 +399,10 @@ def main(argv=None) -> int:
                          "sides 3-10x slower, so 1 gives the steadier ratios")
     ap.add_argument("--repeat", type=int, help="merge runs per side, the fastest is shown (default: 3 with "
                     "--quick, else 1); the first run's captured RNG state and output are the ones compared")
+    ap.add_argument("--before", metavar="DIR", help="a folder holding a previous version of the package as "
+                    "loraloom/ (e.g. `git archive REV` unpacked into DIR/loraloom): the pruning SVD forms' "
+                    "'before' side runs that version, in the same run; default: this version with the previous "
+                    "solver (top_svd)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -451,7 +459,10 @@ def main(argv=None) -> int:
             if method in PRUNED_SVD_METHODS:
                 row["before"] = run_worker(common | {"side": "before", "paths": all_paths, "compare_paths": guide_paths,
                                                      "guide_adapter_dtype": guide["adapter_dtype"],
-                                                     "reference": True})
+                                                     "reference": not args.before,
+                                                     "python_path": str(Path(args.before).resolve()) if args.before
+                                                     else None})
+                row["before_label"] = f"version in {args.before}" if args.before else "previous solver"
                 row["before_diff"] = compare(workdir, method, guide_paths, rank, side="before")
             rows.append(row)
             print_row(row, len(targets))
@@ -490,15 +501,15 @@ def print_row(row: dict, n_modules: int) -> None:
     if "before" in row:
         b, bd = row["before"], row["before_diff"]
         bound = comp.get("max_svd_bound")
-        print(f"  solver: previous (subspace iteration) {b['merge_s']:.2f} s -> randomized {o['merge_s']:.2f} s: "
-              f"{b['merge_s'] / o['merge_s']:.2f}x faster; solvers used {o['solvers']}")
+        print(f"  before ({row['before_label']}) {b['merge_s']:.2f} s -> after {o['merge_s']:.2f} s: "
+              f"{b['merge_s'] / o['merge_s']:.2f}x faster; solvers used {o['solvers']} (before: {b['solvers']})")
         print(f"  certified bound vs the exact rank-k SVD: max {bound if bound is None else f'{bound:.2e}'} over "
               f"{o['modules']} modules, {comp.get('svd_fallbacks', 0)} fell back to the exact SVD")
-        print(f"  previous solver vs guide per module: max {bd['max_diff']:.2e}, median {bd['median_diff']:.2e}")
+        print(f"  before vs guide per module: max {bd['max_diff']:.2e}, median {bd['median_diff']:.2e}")
         for p, diff in list(d["per_module_diff"].items()) * (d["compared"] <= 16):
             bnd = o["compared_bounds"].get(p)
             print(f"    {p}: ours vs guide {diff:.2e} (bound {'exact SVD' if bnd is None else f'{bnd:.2e}'}), "
-                  f"previous solver vs guide {bd['per_module_diff'][p]:.2e}", flush=True)
+                  f"before vs guide {bd['per_module_diff'][p]:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,40 @@ def test_outlier_prune_breaks_ties_in_row_major_order():
     # k = 2 kept after 1 outlier; three entries tie at magnitude 2: the first is the outlier, the next two stay.
     out = merge_ops.outlier_prune(torch.tensor([[2.0, -2.0], [1.0, 2.0]]), 0.5, 0.25)
     assert out.tolist() == [[0.0, -2.0], [0.0, 2.0]], out.tolist()
+
+
+@pytest.mark.parametrize("combination", ["combine_ties", "combine_dare_ties", "combine_magnitude_prune",
+                                         "combine_dare_linear"])
+@pytest.mark.parametrize("density", [0.5, 1.0])
+def test_combinations_leave_their_inputs_alone(combination, density):
+    # The pruning and TIES steps work in place on their own temporaries only: the factor-wise
+    # methods pass the LoRA's own factors in.
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(40, 30, generator=g) for _ in range(3)]
+    copies = [t.clone() for t in tensors]
+    options = {"density": density}
+    if "ties" in combination:
+        options["majority_sign_method"] = "total"
+    if "dare" in combination:
+        options.update(generator=torch.Generator().manual_seed(1), mask_dtypes=None)
+    else:
+        options["select"] = "kth"
+    getattr(merge_ops, combination)(tensors, [1.0, -0.5, 0.7], **options)
+    assert all(torch.equal(t, c) for t, c in zip(tensors, copies)), f"{combination} changed its inputs"
+
+
+def test_magnitude_prune_kth_keeps_the_first_ties_in_row_major_order_at_scale():
+    # Above 2^20 entries (the sampled selection) with ties at the threshold: exactly k kept, the
+    # earlier tied entries first, the values and signs of the tensor itself.
+    n = 1_200_000
+    t = torch.arange(n, dtype=torch.float32).remainder_(1000).sub_(500.0)  # every magnitude appears ~2400 times
+    k = int(0.3 * n)
+    out = merge_ops.magnitude_prune(t, 0.3, select="kth")
+    kept = out != 0
+    assert int(kept.sum()) == k, f"kept {int(kept.sum())}, expected {k}"
+    threshold = t.abs()[kept].min()
+    assert bool((t.abs() > threshold).le(kept).all()), "every magnitude above the threshold is kept"
+    tied = torch.nonzero(t.abs() == threshold).flatten()
+    tied_kept = kept[tied]
+    assert bool(tied_kept[: int(tied_kept.sum())].all()), "ties are kept in row-major order"
+    assert torch.equal(out[kept], t[kept]), "kept entries are the tensor's own values"
