@@ -12,8 +12,9 @@ with two differences that matter here:
   `magnitude_prune`), 9x faster on a 10240x1280 delta (82 ms vs 743 ms).
 
 Full deltas are large (up to 13M entries at SDXL size), so the element-wise maths avoids boolean
-masks where it can: on this CPU a float mask or a float formulation (``hardshrink``, ``relu``,
-``sign``) runs 5-20x faster than ``tensor * bool_mask`` with the same values.
+masks where it can: on this CPU a float mask or a float formulation (``threshold``, ``copysign``,
+``relu``, ``sign``) runs 5-20x faster than ``tensor * bool_mask`` with the same values, and works
+in place on its own temporaries (a fresh 52 MB tensor costs page faults on every allocation).
 
 It also holds what peft lacks: Model Breadcrumbs' outlier pruning (`outlier_prune`). The
 ``combine_*`` functions at the end are the maths of the merge methods declared in `merge_methods`.
@@ -135,10 +136,6 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return kth_largest_count(values, k)[0]
 
 
-def _count_above(values: torch.Tensor, bound: torch.Tensor | float) -> int:
-    return int(torch.count_nonzero(values > bound))
-
-
 def sample_stride(n: int) -> int:
     """The stride of `kth_largest`'s sample of n entries: the largest prime <= n / 2^16 (at least 13).
 
@@ -164,7 +161,7 @@ def kth_largest_count(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     margin = 6 * math.sqrt(max(below * (s - below) / s, 1.0)) + 8
     lo = torch.kthvalue(sample, max(1, math.floor(below - margin))).values
     hi = torch.kthvalue(sample, min(s, math.ceil(below + margin) + 1)).values
-    above = _count_above(values, hi)
+    above = int(torch.count_nonzero(values > hi))  # count_nonzero: 30x faster than a bool sum
     band = values[(values >= lo) & (values <= hi)]
     if above < k <= above + band.numel():
         value = torch.kthvalue(band, band.numel() - (k - above) + 1).values
