@@ -223,7 +223,7 @@ def randomized_svd(D: torch.Tensor, rank: int, block: int, start: torch.Tensor |
             if bound <= tolerance:
                 return TopSvd(U[:, :rank], S[:rank], V[:, :rank].T, RANDOMIZED, bound, step + 1)
         f_norm = float(residual_sq[:rank].sum().sqrt())
-        if f_norm > 0.5 * last:  # stalled: the fp32 rounding floor, or a spectrum too flat to converge
+        if f_norm >= 0.5 * last:  # stalled: the fp32 rounding floor, a spectrum too flat to converge, D = 0
             return _thin_svd(D, rank, FALLBACK, step + 1)
         last = f_norm
         Q = torch.linalg.qr(W).Q  # W spans D D^T Q: the next power iteration's range
