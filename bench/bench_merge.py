@@ -28,6 +28,13 @@ with the guide by re-running it in peft-compatible mode (``seed=None``) from the
 the guide had at its first draw, with the factors in the guide's adapter dtype (peft keeps fp32
 adapters on a bf16 model). The guide's merged adapter is stored in the model dtype (bf16), ours
 in fp32: that rounding is most of the difference for cat and dare_linear.
+
+The pruning SVD forms (ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd) also run ours
+a second time as "before", in its own process in the same run: with ``--before DIR``, the previous
+version of the package found there; otherwise this version with the solver used before
+(`lora.merge_svd.top_svd`, block subspace iteration with a stopping heuristic), the solver alone. Each side reports its error against the guide per module, and
+ours the certified per-module bound of the randomized SVD (its largest, and how many modules fell
+back to the exact SVD).
 """
 from __future__ import annotations
 
@@ -60,6 +67,8 @@ QUICK_UNET = SDXL_UNET | {
 }
 TARGET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 METHODS = ("svd", "ties_svd", "dare_linear", "cat")
+PRUNED_SVD_METHODS = ("ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+"""peft's pruning SVD forms: the full delta is full rank; ours also runs with the previous solver."""
 WEIGHTS = (1.0, 0.8)
 ALPHAS = (16.0, 32.0)
 DENSITY = 0.5
@@ -189,8 +198,17 @@ def save_merged(path: Path, merged: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def ours_worker(spec: dict) -> dict:
-    """Time `merge_loras` on every module; for DARE also a peft-compatible run for the comparison."""
+    """Time `merge_loras` on every module; for DARE also a peft-compatible run for the comparison.
+
+    ``spec["reference"]``: the pruning SVD forms run the previous solver (`top_svd`)."""
+    import functools
+
+    from loraloom.lora import merge as merge_driver
+    from loraloom.lora import merge_svd
     from loraloom.lora.merge import Factors, MergeOptions, merge_loras
+
+    if spec.get("reference"):
+        merge_driver.full_delta_svd = functools.partial(merge_svd.full_delta_svd, reference=True)
 
     workdir = Path(spec["workdir"])
     loras = read_loras(workdir)
@@ -208,6 +226,7 @@ def ours_worker(spec: dict) -> dict:
     peak = step_peak_mb()
     compared = spec["compare_paths"]
     merged = {p: (result.modules[p].down, result.modules[p].up) for p in compared}
+    bounds = {p: getattr(result.modules[p].report, "svd_bound", None) for p in compared}
     state_file = workdir / f"rng_{spec['method']}.pt"
     if spec["method"].startswith("dare") and state_file.exists():
         dtype = getattr(torch, spec["guide_adapter_dtype"])
@@ -215,11 +234,16 @@ def ours_worker(spec: dict) -> dict:
         torch.set_rng_state(torch.load(state_file))
         again = merge_loras(spec["method"], compat, list(WEIGHTS), MergeOptions(density=DENSITY, seed=None))
         merged = {p: (again.modules[p].down, again.modules[p].up) for p in compared}
-    save_merged(workdir / f"ours_{spec['method']}.safetensors", merged)
+        bounds = {p: getattr(again.modules[p].report, "svd_bound", None) for p in compared}
+    save_merged(workdir / f"{spec['side']}_{spec['method']}.safetensors", merged)
     components = {c: {"rel_error": r.rel_error, "median": r.median_rel_error, "max": r.max_rel_error,
-                      "energy_kept": r.energy_kept} for c, r in result.report.components.items()}
+                      "energy_kept": r.energy_kept, "max_svd_bound": getattr(r, "max_svd_bound", None),
+                      "svd_fallbacks": getattr(r, "svd_fallbacks", 0)} for c, r in result.report.components.items()}
+    solvers: dict[str, int] = {}
+    for r in result.report.modules:
+        solvers[str(r.solver)] = solvers.get(str(r.solver), 0) + 1
     return {"merge_s": min(times), "merge_runs_s": times, "prep_s": 0.0, "peak_mb": peak, "baseline_mb": baseline,
-            "modules": len(modules), "components": components}
+            "modules": len(modules), "components": components, "solvers": solvers, "compared_bounds": bounds}
 
 
 def guide_worker(spec: dict) -> dict:
@@ -312,7 +336,11 @@ def run_worker(spec: dict) -> dict:
     """Run one side in a fresh interpreter (clean peak RSS) and return its JSON result."""
     spec_file = Path(spec["workdir"]) / f"spec_{spec['side']}_{spec['method']}.json"
     spec_file.write_text(json.dumps(spec))  # 722 module shapes are too long for a command line
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_file)], capture_output=True, text=True)
+    env = None
+    if spec.get("python_path"):  # the "before" side from another checkout of the package
+        env = os.environ | {"PYTHONPATH": spec["python_path"]}
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_file)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['side']} worker for {spec['method']} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -321,16 +349,17 @@ def run_worker(spec: dict) -> dict:
 # ------------------------------------------------------------------------------------ comparison
 
 
-def compare(workdir: Path, method: str, paths: list[str], rank: int) -> dict:
+def compare(workdir: Path, method: str, paths: list[str], rank: int, side: str = "ours") -> dict:
     """Per module: ours vs guide (relative difference of the merged deltas) and the guide's distance
-    from the exact weighted sum; all from small Gram matrices (`lowrank_distance`)."""
+    from the exact weighted sum; all from small Gram matrices (`lowrank_distance`). `side` names
+    our output file (``ours``, or ``before`` for the previous solver)."""
     from safetensors import safe_open
 
     from loraloom.lora.merge import lowrank_distance
 
     loras = read_loras(workdir)
     diffs, guide_errors, our_errors = [], [], []
-    with safe_open(str(workdir / f"ours_{method}.safetensors"), "pt") as ours, \
+    with safe_open(str(workdir / f"{side}_{method}.safetensors"), "pt") as ours, \
             safe_open(str(workdir / f"guide_{method}.safetensors"), "pt") as guide:
         for p in paths:
             g_down, g_up = guide.get_tensor(f"{p}.down"), guide.get_tensor(f"{p}.up")
@@ -345,6 +374,7 @@ def compare(workdir: Path, method: str, paths: list[str], rank: int) -> dict:
             t_norm, error = lowrank_distance(ups, downs, coeffs, o_up, o_down)
             our_errors.append(error / t_norm if t_norm else 0.0)
     return {"max_diff": max(diffs), "median_diff": statistics.median(diffs), "compared": len(diffs),
+            "per_module_diff": dict(zip(paths, diffs)),
             "guide_rel_error_median": statistics.median(guide_errors), "guide_rel_error_max": max(guide_errors),
             "ours_rel_error_median": statistics.median(our_errors), "ours_rel_error_max": max(our_errors)}
 
@@ -369,13 +399,17 @@ def main(argv=None) -> int:
                          "sides 3-10x slower, so 1 gives the steadier ratios")
     ap.add_argument("--repeat", type=int, help="merge runs per side, the fastest is shown (default: 3 with "
                     "--quick, else 1); the first run's captured RNG state and output are the ones compared")
+    ap.add_argument("--before", metavar="DIR", help="a folder holding a previous version of the package as "
+                    "loraloom/ (e.g. `git archive REV` unpacked into DIR/loraloom): the pruning SVD forms' "
+                    "'before' side runs that version, in the same run; default: this version with the previous "
+                    "solver (top_svd)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         spec = json.loads(Path(args.worker).read_text())
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
-        out = ours_worker(spec) if spec["side"] == "ours" else guide_worker(spec)
+        out = guide_worker(spec) if spec["side"] == "guide" else ours_worker(spec)
         print(json.dumps(out))
         return 0
 
@@ -422,6 +456,14 @@ def main(argv=None) -> int:
             if extrapolated:
                 guide["merge_est_s"] = extrapolate(guide["per_shape_s"], targets)
             row = {"method": method, "ours": ours, "guide": guide, "diff": diff, "extrapolated": extrapolated}
+            if method in PRUNED_SVD_METHODS:
+                row["before"] = run_worker(common | {"side": "before", "paths": all_paths, "compare_paths": guide_paths,
+                                                     "guide_adapter_dtype": guide["adapter_dtype"],
+                                                     "reference": not args.before,
+                                                     "python_path": str(Path(args.before).resolve()) if args.before
+                                                     else None})
+                row["before_label"] = f"version in {args.before}" if args.before else "previous solver"
+                row["before_diff"] = compare(workdir, method, guide_paths, rank, side="before")
             rows.append(row)
             print_row(row, len(targets))
     if args.json:
@@ -456,6 +498,18 @@ def print_row(row: dict, n_modules: int) -> None:
           + ("" if row["extrapolated"] else f", peak RSS rise {(g['peak_mb'] - g['baseline_mb']) / max(o['peak_mb'] - o['baseline_mb'], 1):.1f}x"))
     print(f"  ours vs guide, merged delta per module (relative): max {d['max_diff']:.2e}, median "
           f"{d['median_diff']:.2e} over {d['compared']} modules", flush=True)
+    if "before" in row:
+        b, bd = row["before"], row["before_diff"]
+        bound = comp.get("max_svd_bound")
+        print(f"  before ({row['before_label']}) {b['merge_s']:.2f} s -> after {o['merge_s']:.2f} s: "
+              f"{b['merge_s'] / o['merge_s']:.2f}x faster; solvers used {o['solvers']} (before: {b['solvers']})")
+        print(f"  certified bound vs the exact rank-k SVD: max {bound if bound is None else f'{bound:.2e}'} over "
+              f"{o['modules']} modules, {comp.get('svd_fallbacks', 0)} fell back to the exact SVD")
+        print(f"  before vs guide per module: max {bd['max_diff']:.2e}, median {bd['median_diff']:.2e}")
+        for p, diff in list(d["per_module_diff"].items()) * (d["compared"] <= 16):
+            bnd = o["compared_bounds"].get(p)
+            print(f"    {p}: ours vs guide {diff:.2e} (bound {'exact SVD' if bnd is None else f'{bnd:.2e}'}), "
+                  f"before vs guide {bd['per_module_diff'][p]:.2e}", flush=True)
 
 
 if __name__ == "__main__":

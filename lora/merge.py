@@ -73,7 +73,7 @@ from .merge_methods import (  # noqa: F401 - the method tables are part of this 
     MergeOptions,
     combinations,
 )
-from .merge_svd import SvdMerge, clamp, full_delta_svd, stacked_svd
+from .merge_svd import FALLBACK, SvdMerge, clamp, full_delta_svd, stacked_svd
 
 combinations()  # check every combination's signature against its declaration now, not at the first merge
 
@@ -125,7 +125,10 @@ class ModuleReport:
     error / ||T|| (0 when both are 0, inf when only T is). SVD forms: ``energy_kept`` = kept sum of
     squared singular values / total (``decomposed_energy``, the squared Frobenius norm of the matrix
     they decomposed: T itself for ``svd``, the pruned combination for the pruning forms), and
-    ``solver``, how the SVD was computed.
+    ``solver``, how the SVD was computed. ``svd_bound`` (randomized SVD only; None where the SVD was
+    exact up to float32 rounding) is the certified upper bound of the relative distance between the
+    merged delta and the exact best rank-k approximation of the decomposed matrix, which is peft's
+    result up to its own rounding (see `lora.merge_svd.randomized_svd`).
     """
 
     path: str
@@ -139,6 +142,7 @@ class ModuleReport:
     energy_kept: float | None = None
     decomposed_energy: float | None = None
     solver: str | None = None
+    svd_bound: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,6 +169,9 @@ class ComponentReport:
 
     ``rel_error`` is the aggregate ``sqrt(sum error^2 / sum ||T||^2)``; ``max_rel_error`` and
     ``median_rel_error`` are over modules; ``energy_kept`` (SVD forms) is sum kept / sum total.
+    Pruning SVD forms: ``max_svd_bound`` is the largest `ModuleReport.svd_bound` (None when no
+    module used the randomized SVD) and ``svd_fallbacks`` counts the modules where it could not
+    certify its result and the exact thin SVD ran instead.
     """
 
     component: str
@@ -173,6 +180,8 @@ class ComponentReport:
     max_rel_error: float
     median_rel_error: float
     energy_kept: float | None
+    max_svd_bound: float | None = None
+    svd_fallbacks: int = 0
 
 
 @dataclass(frozen=True)
@@ -199,6 +208,11 @@ class MergeReport:
                     f"(median {c.median_rel_error:.3g}, max {c.max_rel_error:.3g})")
             if c.energy_kept is not None:
                 line += f", SVD energy kept {c.energy_kept:.4f}"
+            if c.max_svd_bound is not None or c.svd_fallbacks:
+                bound = "" if c.max_svd_bound is None else f"within {c.max_svd_bound:.2g} of the exact SVD's (certified)"
+                line += f"; randomized SVD {bound}"
+                if c.svd_fallbacks:
+                    line += f"{', ' if bound else ''}{c.svd_fallbacks} module(s) by the exact SVD (not certified)"
             lines.append(line)
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} module(s) present in no LoRA")
@@ -382,7 +396,7 @@ def _merge_checked(
     # peft draws DARE masks in the adapter's own dtype; only the global-RNG (peft-compatible) mode copies that.
     mask_dtypes = [f.down.dtype for f, _ in present] if generator is None else None
     context = dict(generator=generator, mask_dtypes=mask_dtypes)
-    energy = decomposed = solver = None
+    energy = decomposed = solver = svd_bound = None
     if method.family is CAT:
         down, up = cat(downs, ups, coeffs)
     elif method.family is FACTORWISE:
@@ -398,7 +412,7 @@ def _merge_checked(
             merged = full_delta_svd(method.bind(options, select="kth", **context), downs, ups, coeffs, rank)
         if options.svd_clamp is not None:
             merged = clamp(merged, options.svd_clamp)
-        down, up, solver = merged.down, merged.up, merged.solver
+        down, up, solver, svd_bound = merged.down, merged.up, merged.solver, merged.bound
         decomposed = merged.total_energy
         energy = merged.kept_energy / decomposed if decomposed > 0 else 1.0
     if solver == "stacked-qr" and options.svd_clamp is None:
@@ -414,7 +428,7 @@ def _merge_checked(
         down = down.reshape(rank_out, *template.down.shape[1:])
         up = up.reshape(up.shape[0], rank_out, 1, 1)
     report = ModuleReport(path, component, applied, len(present), rank_out, norm, error, _relative(error, norm),
-                          energy, decomposed, solver)
+                          energy, decomposed, solver, svd_bound)
     return MergedModule(down.contiguous(), up.contiguous(), rank_out, report)
 
 
@@ -466,8 +480,10 @@ def _summarise(component: str, reports: list[ModuleReport]) -> ComponentReport:
     if decomposed:
         total = sum(r.decomposed_energy for r in decomposed)
         energy = sum(r.energy_kept * r.decomposed_energy for r in decomposed) / total if total > 0 else 1.0
+    bounds = [r.svd_bound for r in reports if r.svd_bound is not None]
     return ComponentReport(component, len(reports), _relative(math.sqrt(error_sq), math.sqrt(total_sq)),
-                           max(rel), statistics.median(rel), energy)
+                           max(rel), statistics.median(rel), energy, max(bounds) if bounds else None,
+                           sum(r.solver == FALLBACK for r in reports))
 
 
 def merge_loras(

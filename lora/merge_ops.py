@@ -11,6 +11,11 @@ with two differences that matter here:
   ``torch.topk(k)``: the same k entries unless magnitudes tie at the threshold (see
   `magnitude_prune`), 9x faster on a 10240x1280 delta (82 ms vs 743 ms).
 
+Full deltas are large (up to 13M entries at SDXL size), so the element-wise maths avoids boolean
+masks where it can: on this CPU a float mask or a float formulation (``threshold``, ``copysign``,
+``relu``, ``sign``) runs 5-20x faster than ``tensor * bool_mask`` with the same values, and works
+in place on its own temporaries (a fresh 52 MB tensor costs page faults on every allocation).
+
 It also holds what peft lacks: Model Breadcrumbs' outlier pruning (`outlier_prune`). The
 ``combine_*`` functions at the end are the maths of the merge methods declared in `merge_methods`.
 
@@ -52,9 +57,10 @@ def magnitude_prune(tensor: torch.Tensor, density: float, *, select: str = "topk
     ``select="topk"`` is peft's own ``torch.topk`` mask, including its choice among entries that tie
     at the threshold: factors read from bf16 files tie a lot (a 10240x32 factor had 797 entries at
     the median magnitude), so only topk itself keeps peft's entries there. ``select="kth"`` finds the
-    threshold with `kth_largest` and keeps ties in row-major order: 9x faster than topk on a
-    13M-entry delta, and the same entries wherever no two magnitudes tie at the threshold (the
-    case for full deltas, sums of products).
+    threshold with `kth_largest` and keeps ties in row-major order: the same entries wherever no two
+    magnitudes tie at the threshold (the case for full deltas, sums of products), and without ties
+    applies it with float ops in place (threshold, copysign), where multiplying by a boolean mask
+    took 10 ms on a 1280x1280 delta.
     """
     if density >= 1:
         return tensor
@@ -68,8 +74,19 @@ def magnitude_prune(tensor: torch.Tensor, density: float, *, select: str = "topk
         return tensor * mask.reshape(tensor.shape)
     if k <= 0:
         return tensor * torch.zeros_like(tensor)
-    # Multiplying by the boolean mask is peft's arithmetic, and faster than where() on a random mask.
-    return tensor * top_mask(tensor.abs().reshape(-1), k).reshape(tensor.shape)
+    magnitudes = tensor.abs().reshape(-1)
+    threshold, at_least = kth_largest_count(magnitudes, k)
+    # Entries tying at the threshold beyond the k-th (common above ~5M entries: float32 has 2^23
+    # values per octave) are dropped from the end, so the first ones in row-major order stay.
+    ties = torch.nonzero(magnitudes == threshold).flatten() if at_least > k else None
+    # In place on the magnitudes (a fresh full-size tensor costs page faults at SDXL sizes): |t|
+    # above the float just below the threshold (so |t| >= threshold) stays, the rest becomes 0;
+    # copysign then gives t itself, or t * 0: the values of ``tensor * mask``.
+    below = float(torch.nextafter(threshold, threshold.new_zeros(()))) if float(threshold) > 0 else 0.0
+    kept = torch.nn.functional.threshold_(magnitudes, below, 0.0)
+    if ties is not None:
+        kept[ties[ties.numel() - (at_least - k):]] = 0
+    return torch.copysign(kept, tensor.reshape(-1), out=kept).reshape(tensor.shape)
 
 
 def top_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,9 +95,9 @@ def top_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     smaller k is always inside the mask for a larger one."""
     if k <= 0:
         return torch.zeros_like(magnitudes, dtype=torch.bool)
-    threshold = kth_largest(magnitudes, k)
+    threshold, at_least = kth_largest_count(magnitudes, k)
     keep = magnitudes >= threshold
-    if int(torch.count_nonzero(keep)) > k:  # several entries share the threshold magnitude: keep the first
+    if at_least > k:  # several entries share the threshold magnitude: keep the first
         keep = magnitudes > threshold
         ties = torch.nonzero(magnitudes == threshold).flatten()[: k - int(torch.count_nonzero(keep))]
         keep[ties] = True
@@ -101,7 +118,8 @@ def outlier_prune(tensor: torch.Tensor, density: float, gamma: float) -> torch.T
     dropped = min(int(gamma * n), n - k)
     mag = tensor.abs().reshape(-1)
     keep = top_mask(mag, dropped + k).logical_and_(top_mask(mag, dropped).logical_not_())
-    return tensor * keep.reshape(tensor.shape)
+    # A float mask: multiplying by a boolean one is ~10x slower (same values).
+    return tensor * keep.reshape(tensor.shape).to(tensor.dtype)
 
 
 _SAMPLE = 1 << 16
@@ -115,10 +133,29 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     work at 13M entries). The counts prove the answer lies in the band; when an unlucky sample
     misses it, the plain kthvalue runs.
     """
+    return kth_largest_count(values, k)[0]
+
+
+def sample_stride(n: int) -> int:
+    """The stride of `kth_largest`'s sample of n entries: the largest prime <= n / 2^16 (at least 13).
+
+    Prime, so that it shares no factor with a matrix's row length (2^a 3^b 5^c at SDXL sizes): a
+    stride of 200 on rows of 1280 visited only every 40th column, a biased sample whose bracket
+    missed the answer and sent a 10240x1280 delta to the full kthvalue (0.3 s instead of 0.07 s).
+    """
+    stride = max(n // _SAMPLE, 13)
+    while any(stride % d == 0 for d in range(2, math.isqrt(stride) + 1)):
+        stride -= 1
+    return stride
+
+
+def kth_largest_count(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """`kth_largest` and how many entries are at least that value (``k`` unless values tie there)."""
     n = values.numel()
     if n <= 16 * _SAMPLE:
-        return torch.kthvalue(values, n - k + 1).values
-    sample = values[:: n // _SAMPLE]
+        value = torch.kthvalue(values, n - k + 1).values
+        return value, int(torch.count_nonzero(values >= value))
+    sample = values[:: sample_stride(n)]
     s = sample.numel()
     below = (n - k) / n * s  # expected rank of the answer inside the sample
     margin = 6 * math.sqrt(max(below * (s - below) / s, 1.0)) + 8
@@ -127,8 +164,10 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     above = int(torch.count_nonzero(values > hi))  # count_nonzero: 30x faster than a bool sum
     band = values[(values >= lo) & (values <= hi)]
     if above < k <= above + band.numel():
-        return torch.kthvalue(band, band.numel() - (k - above) + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+        value = torch.kthvalue(band, band.numel() - (k - above) + 1).values
+        return value, above + int(torch.count_nonzero(band >= value))
+    value = torch.kthvalue(values, n - k + 1).values
+    return value, int(torch.count_nonzero(values >= value))
 
 
 def random_prune(
@@ -148,11 +187,15 @@ def random_prune(
         return tensor
     p = torch.full(tensor.shape, density, dtype=mask_dtype or tensor.dtype, device=tensor.device)
     mask = torch.bernoulli(p, generator=generator).to(tensor.dtype)
-    return tensor * mask / density
+    del p
+    # In place on the fresh mask: mask * tensor is tensor * mask, then / density, as peft rounds it.
+    return mask.mul_(tensor).div_(density)
 
 
 def elect_positive(tensors: Sequence[torch.Tensor], method: str) -> torch.Tensor:
-    """TIES sign election: True where the elected sign is + (a tie or zero elects +, as in peft).
+    """TIES sign election: +1.0 where the elected sign is + (a tie or zero elects +, as in peft),
+    -1.0 elsewhere, in the tensors' dtype (float signs: the disjoint merge then needs no boolean
+    masks, which were most of its time).
 
     ``"total"`` elects the sign of the sum of the values, ``"frequency"`` the sign most sources hold.
     Sums run source by source in order: the same additions as peft's ``stack(...).sum(dim=0)``.
@@ -167,24 +210,33 @@ def elect_positive(tensors: Sequence[torch.Tensor], method: str) -> torch.Tensor
         acc = torch.sign(tensors[0])
         for t in tensors[1:]:
             acc += torch.sign(t)
-    return acc >= 0
+    return acc.ge_(0).mul_(2).sub_(1)
 
 
-def disjoint_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], positive: torch.Tensor) -> torch.Tensor:
+def disjoint_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], signs: torch.Tensor, *,
+                   consume: bool = False) -> torch.Tensor:
     """TIES disjoint merge: mean of ``weights[i] * tensors[i]`` over the sources whose sign agrees
-    with the elected one (`positive`); 0 where none does. Zero entries never agree (sign 0).
+    with the elected one (`signs`, +1/-1 from `elect_positive`); 0 where none does. Zero entries
+    never agree (sign 0). `consume`: the tensors are the caller's temporaries and may be overwritten
+    (no full-size allocation per source).
 
-    Same values as peft's stack / mask / sum / divide, one source at a time: no stacked copies, so
-    a 10240x1280 delta pair needs a third of peft's temporaries.
+    peft computes ``sum_i (t_i * w_i) * agree_i / count``. Here ``relu(t_i * sign)`` is ``|t_i|``
+    where t_i agrees and 0 elsewhere, so the sum is ``sign * sum_i |t_i| * w_i``: the same products
+    and additions up to the sign, which IEEE rounding ignores, so the same values (a zero may be
+    +0.0 where peft has -0.0). Float arithmetic throughout, one source at a time: 5x faster than
+    boolean masks on a 1280x1280 delta pair.
     """
-    mixed = count = None
+    mixed = count = kept = None
     for t, w in zip(tensors, weight_vector(weights, tensors[0]).flatten()):
-        # "sign agrees": (t > 0) == positive, and t is not 0; 8x faster than where() on a random mask
-        agree = (t > 0).eq_(positive).logical_and_(t != 0)
-        term = (t * agree).mul_(w)  # = t * w where agreeing, the same rounding as peft's (t * w) * mask
+        agreeing = (t.mul_(signs) if consume else torch.mul(t, signs)).relu_()
+        if count is None:
+            count = torch.sign(agreeing)
+        else:
+            kept = torch.sign(agreeing) if kept is None else torch.sign(agreeing, out=kept)
+            count.add_(kept)
+        term = agreeing.mul_(w)
         mixed = term if mixed is None else mixed.add_(term)
-        count = agree.to(t.dtype) if count is None else count.add_(agree)
-    return mixed / torch.clamp(count, min=1.0)
+    return mixed.div_(count.clamp_(min=1.0)).mul_(signs)
 
 
 # --- combinations: one per merge method's maths ------------------------------------------------
@@ -206,7 +258,8 @@ def combine_ties(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, d
                  majority_sign_method: str, select: str) -> torch.Tensor:
     """TIES: magnitude-prune each source, elect signs, mean of the agreeing weighted entries."""
     pruned = [magnitude_prune(t, density, select=select) for t in tensors]
-    return disjoint_merge(pruned, weights, elect_positive(pruned, majority_sign_method))
+    signs = elect_positive(pruned, majority_sign_method)
+    return disjoint_merge(pruned, weights, signs, consume=density < 1)
 
 
 def combine_magnitude_prune(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
@@ -232,7 +285,8 @@ def combine_dare_ties(tensors: Sequence[torch.Tensor], weights: Sequence[float],
                       mask_dtypes: Sequence[torch.dtype] | None) -> torch.Tensor:
     """DARE pruning, then TIES sign election and disjoint merge."""
     pruned = _dare(tensors, density, generator, mask_dtypes)
-    return disjoint_merge(pruned, weights, elect_positive(pruned, majority_sign_method))
+    signs = elect_positive(pruned, majority_sign_method)
+    return disjoint_merge(pruned, weights, signs, consume=density < 1)
 
 
 def combine_breadcrumbs(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,

@@ -35,6 +35,7 @@ import peft.utils.merge_utils as peft_merge_utils
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from loraloom.lora import merge_svd
 from loraloom.lora.merge import (
     ANY_RANK_METHODS,
     EQUAL_RANK_METHODS,
@@ -200,7 +201,30 @@ def test_equal_ranks_match_peft(method, monkeypatch):
     assert {r.sources for r in result.report.modules} == {2, 3}, "partial modules should be in the test model"
     if method in SVD_METHODS and method != "svd":
         solvers = {r.path: r.solver for r in result.report.modules}
-        assert solvers["conv3"] == solvers["ff"] == "subspace-iteration", f"iterative SVD path not covered: {solvers}"
+        assert solvers["conv3"] == solvers["ff"] == "randomized", f"randomized SVD path not covered: {solvers}"
+        check_bounds(method, theirs, result)
+
+
+def check_bounds(method, theirs, result):
+    """Every randomized module's certified bound holds against peft's dense SVD (whose own float32
+    rounding is ~1e-6 here, so 1e-5 of slack), is at most the solver's tolerance, and the report
+    carries the largest bound and the fallback count."""
+    for r in result.report.modules:
+        if r.solver != "randomized":
+            assert r.svd_bound is None, f"{method} {r.path}: {r.solver} reports a bound {r.svd_bound}"
+            continue
+        m, (p_down, p_up) = result.modules[r.path], theirs[r.path]
+        ref = product(p_down, p_up)
+        diff = float((product(m.down, m.up) - ref).norm() / ref.norm())
+        assert diff <= r.svd_bound + 1e-5 and r.svd_bound <= merge_svd.TOLERANCE, (
+            f"{method} {r.path}: {diff:.2e} from peft, certified bound {r.svd_bound:.2e}")
+    for c, summary in result.report.components.items():
+        bounds = [r.svd_bound for r in result.report.modules if r.component == c and r.svd_bound is not None]
+        fallbacks = sum(r.solver == merge_svd.FALLBACK for r in result.report.modules if r.component == c)
+        assert summary.max_svd_bound == max(bounds, default=None) and summary.svd_fallbacks == fallbacks, (
+            f"{method} {c}: {summary}")
+    if any(r.svd_bound is not None for r in result.report.modules):
+        assert "randomized SVD within" in result.report.summary(), result.report.summary()
 
 
 @pytest.mark.parametrize("method", [m for m in ANY_RANK_METHODS if m in PEFT_METHODS])
@@ -210,6 +234,8 @@ def test_unequal_ranks_match_peft(method, monkeypatch):
     theirs, state = peft_merge(monkeypatch, ranks, method, f"neq_{method}", **kwargs)
     result = ours(ranks, method, state, **kwargs)
     compare(method, theirs, result, bitwise=method in BITWISE, tolerance=TOLERANCE.get(method, 0.0))
+    if method in SVD_METHODS and method != "svd":
+        check_bounds(method, theirs, result)
     expected_rank = {"cat": None}.get(method, 12)
     for r in result.report.modules:
         if expected_rank is not None:

@@ -43,10 +43,19 @@ def test_kth_largest_equals_kthvalue(case):
     elif case == "sparse":
         values[torch.rand(n, generator=g) < 0.7] = 0
     elif case == "unlucky sample":
-        values[:: n // merge_ops._SAMPLE] = 0  # the sample sees only zeros: the plain kthvalue must run
+        values[:: merge_ops.sample_stride(n)] = 0  # the sample sees only zeros: the plain kthvalue must run
     for k in (1, 1000, n // 2, n - 5, n):
         got, want = merge_ops.kth_largest(values, k), torch.kthvalue(values, n - k + 1).values
         assert got.item() == want.item(), f"{case}, k={k}: {got.item()} != {want.item()}"
+
+
+def test_sample_stride_is_prime_and_visits_every_column():
+    # 10240x1280 (a GEGLU projection at SDXL size): n // 2^16 = 200 shares 40 with the row length.
+    n, row = 10240 * 1280, 1280
+    stride = merge_ops.sample_stride(n)
+    assert stride <= n // merge_ops._SAMPLE and all(stride % d for d in range(2, stride)), f"{stride} is not prime"
+    columns = {(i * stride) % row for i in range(n // stride)}
+    assert len(columns) == row, f"stride {stride} samples {len(columns)} of {row} columns"
 
 
 def test_dare_rescales_kept_entries():
@@ -73,3 +82,40 @@ def test_outlier_prune_breaks_ties_in_row_major_order():
     # k = 2 kept after 1 outlier; three entries tie at magnitude 2: the first is the outlier, the next two stay.
     out = merge_ops.outlier_prune(torch.tensor([[2.0, -2.0], [1.0, 2.0]]), 0.5, 0.25)
     assert out.tolist() == [[0.0, -2.0], [0.0, 2.0]], out.tolist()
+
+
+@pytest.mark.parametrize("combination", ["combine_ties", "combine_dare_ties", "combine_magnitude_prune",
+                                         "combine_dare_linear"])
+@pytest.mark.parametrize("density", [0.5, 1.0])
+def test_combinations_leave_their_inputs_alone(combination, density):
+    # The pruning and TIES steps work in place on their own temporaries only: the factor-wise
+    # methods pass the LoRA's own factors in.
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(40, 30, generator=g) for _ in range(3)]
+    copies = [t.clone() for t in tensors]
+    options = {"density": density}
+    if "ties" in combination:
+        options["majority_sign_method"] = "total"
+    if "dare" in combination:
+        options.update(generator=torch.Generator().manual_seed(1), mask_dtypes=None)
+    else:
+        options["select"] = "kth"
+    getattr(merge_ops, combination)(tensors, [1.0, -0.5, 0.7], **options)
+    assert all(torch.equal(t, c) for t, c in zip(tensors, copies)), f"{combination} changed its inputs"
+
+
+def test_magnitude_prune_kth_keeps_the_first_ties_in_row_major_order_at_scale():
+    # Above 2^20 entries (the sampled selection) with ties at the threshold: exactly k kept, the
+    # earlier tied entries first, the values and signs of the tensor itself.
+    n = 1_200_000
+    t = torch.arange(n, dtype=torch.float32).remainder_(1000).sub_(500.0)  # every magnitude appears ~2400 times
+    k = int(0.3 * n)
+    out = merge_ops.magnitude_prune(t, 0.3, select="kth")
+    kept = out != 0
+    assert int(kept.sum()) == k, f"kept {int(kept.sum())}, expected {k}"
+    threshold = t.abs()[kept].min()
+    assert bool((t.abs() > threshold).le(kept).all()), "every magnitude above the threshold is kept"
+    tied = torch.nonzero(t.abs() == threshold).flatten()
+    tied_kept = kept[tied]
+    assert bool(tied_kept[: int(tied_kept.sum())].all()), "ties are kept in row-major order"
+    assert torch.equal(out[kept], t[kept]), "kept entries are the tensor's own values"

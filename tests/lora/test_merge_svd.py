@@ -1,10 +1,13 @@
 """lora/merge_svd.py: the SVD solvers behind ``svd`` and the pruning ``*_svd`` forms, and peft's clamp."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from loraloom.lora import merge_ops
+from loraloom.lora import merge_svd
 from loraloom.lora.merge_svd import SvdMerge, clamp, full_delta_svd, stacked_svd, top_svd
 
 
@@ -52,3 +55,73 @@ def test_clamp_hand_computed():
     out = clamp(merged, 0.5)
     assert out.up.tolist() == [[0.75], [-0.75]] and out.down.tolist() == [[0.75, 0.5]], (out.up, out.down)
     assert (out.kept_energy, out.total_energy, out.solver) == (9.0, 10.0, "stacked-qr"), "the report is the SVD's"
+
+
+# ------------------------------------------------------------------ randomized SVD and its bound
+
+
+def _with_spectrum(spectrum: list[float], m: int = 400, n: int = 300, seed: int = 0) -> torch.Tensor:
+    """U diag(spectrum) V^T with random orthonormal U [m, r], V [n, r]: a matrix whose SVD is known."""
+    g = torch.Generator().manual_seed(seed)
+    r = len(spectrum)
+    U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+    return (U * torch.tensor(spectrum, dtype=torch.float64)) @ V.T, U, V
+
+
+def test_randomized_svd_recovers_a_known_spectrum():
+    # 20 large singular values 10..5.25, a gap, then a decaying tail of 0.5..0.05: the best rank-8
+    # approximation is U_8 S_8 V_8^T, written down from the construction.
+    spectrum = [10 - 0.25 * i for i in range(20)] + [0.5 * 0.97 ** i for i in range(75)]
+    D, U, V = _with_spectrum(spectrum)
+    top = merge_svd.randomized_svd(D.float(), 8, 40)
+    best = (U[:, :8] * torch.tensor(spectrum[:8], dtype=torch.float64)) @ V[:, :8].T
+    got = (top.U.double() * top.S.double()) @ top.Vh.double()
+    error = float((got - best).norm() / best.norm())
+    assert top.solver == merge_svd.RANDOMIZED and top.iterations <= 4, f"{top.solver} after {top.iterations}"
+    assert error <= top.bound <= merge_svd.TOLERANCE, f"error {error:.2e}, bound {top.bound:.2e}"
+    torch.testing.assert_close(top.S.double(), torch.tensor(spectrum[:8], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_randomized_svd_falls_back_where_singular_values_tie_at_k():
+    # sigma_8 == sigma_9: the best rank-8 approximation is not unique, no bound can certify one, so
+    # the exact thin SVD runs (and says so).
+    spectrum = [10.0 - i for i in range(7)] + [2.0, 2.0, 2.0] + [0.1] * 40
+    D, _, _ = _with_spectrum(spectrum)
+    top = merge_svd.randomized_svd(D.float(), 8, 40)
+    assert top.solver == merge_svd.FALLBACK and top.bound is None, f"{top.solver}, bound {top.bound}"
+    torch.testing.assert_close(top.S.double(), torch.tensor(spectrum[:8], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_randomized_svd_is_deterministic_and_leaves_the_global_rng_alone():
+    D, _, _ = _with_spectrum([5.0, 4.0, 3.0] + [0.3 * 0.9 ** i for i in range(60)])
+    first = merge_svd.randomized_svd(D.float(), 3, 16)
+    state = torch.get_rng_state()
+    torch.rand(1000)  # whatever ran before must not matter
+    second = merge_svd.randomized_svd(D.float(), 3, 16)
+    assert torch.equal(first.U, second.U) and torch.equal(first.Vh, second.Vh) and first.bound == second.bound
+    assert not torch.equal(torch.get_rng_state(), state), "sanity: the global RNG moved in between"
+    before = torch.get_rng_state()
+    merge_svd.randomized_svd(D.float(), 3, 16)
+    assert torch.equal(torch.get_rng_state(), before), "randomized_svd drew from torch's global RNG"
+
+
+def test_certified_bound_hand_computed():
+    S = torch.tensor([4.0, 3.0, 1.0], dtype=torch.float64)
+    # exact Ritz vectors (no residual): bound 0
+    assert merge_svd.certified_bound(S, torch.zeros(3, dtype=torch.float64), 2, 0.5) == 0.0
+    # ||F||_F = 0.01 (first two columns), no coupling; delta = 3 - max(1, sqrt(0^2 + 0.5^2)) = 2;
+    # bound = 2 * 0.01 * sqrt(16 + 0.25) / (2 * 5) = 0.00806...
+    residual = torch.tensor([0.0001 * 0.36, 0.0001 * 0.64, 0.0], dtype=torch.float64)
+    assert merge_svd.certified_bound(S, residual, 2, 0.5) == pytest.approx(2 * 0.01 * math.sqrt(16.25) / 10)
+    # a tail as large as sigma_k leaves no gap: nothing can be certified
+    assert merge_svd.certified_bound(S, residual, 2, 3.0) == math.inf
+
+
+def test_tail_norm_bound_is_an_upper_bound():
+    D, U, V = _with_spectrum([6.0, 5.0, 4.0, 1.5, 1.0, 0.5])
+    Q = U[:, :3].float()  # the exact top-3 range: the tail norm is sigma_4 = 1.5
+    bound = merge_svd.tail_norm_bound(D.float(), Q, torch.Generator().manual_seed(0))
+    # An upper bound, and not a loose one: 1.5 times the largest of 8 Gaussian components (~2) times
+    # the safety factor 7.98, all to the power 1/7.
+    assert 1.5 <= bound <= 1.5 * 1.7, f"tail bound {bound} for a tail norm of 1.5"
