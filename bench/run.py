@@ -258,7 +258,7 @@ def lines_checks(f: dict) -> list:
     return [
         (f"check (scan_file) vs safetensors load, {gib:.2f} GiB fp16", _fmt(f["check_s"], "s"),
          f"load_file + copy {_fmt(f['load_s'], 's')}", _fmt(f["check_vs_load"], "x"), INFO, INFO),
-        ("content fingerprint (blake2b) vs the same load", _fmt(f["fingerprint_s"], "s"),
+        ("content fingerprint (sha256) vs the same load", _fmt(f["fingerprint_s"], "s"),
          f"load_file + copy {_fmt(f['load_s'], 's')}", _fmt(f["fingerprint_vs_load"], "x"), INFO, INFO),
         ("check peak RSS vs the load's", f"{peak['check']:.0f} MiB", f"{peak['load']:.0f} MiB",
          _fmt(peak["check"] / max(peak["load"], 1e-9), "x"), INFO, INFO),

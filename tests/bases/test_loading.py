@@ -48,7 +48,7 @@ def test_fingerprints_follow_content(tiny_model_files, tmp_path):
     preset = load_base("tiny-sd15", dtype="fp32", device="cpu")
     assert preset.fingerprint == presets.PRESETS["tiny-sd15"].fingerprint
     folder = load_base(files["folder"], dtype="fp32", device="cpu")
-    assert folder.fingerprint.startswith("folder:blake2b:")
+    assert folder.fingerprint.startswith("folder:sha256:")
     copy = shutil.copytree(files["folder"], tmp_path / "elsewhere")
     assert load_base(copy, dtype="fp32", device="cpu").fingerprint == folder.fingerprint, "same content, same fingerprint"
     scheduler = copy / "scheduler" / "scheduler_config.json"
@@ -57,7 +57,7 @@ def test_fingerprints_follow_content(tiny_model_files, tmp_path):
     scheduler.write_text(json.dumps(config))
     assert load_base(copy, dtype="fp32", device="cpu").fingerprint != folder.fingerprint, "a changed config must change it"
     single = load_base(files["single_file"], config=files["config"], dtype="fp32", device="cpu")
-    assert single.fingerprint.startswith("single-file:blake2b:") and "+config:blake2b:" in single.fingerprint
+    assert single.fingerprint.startswith("single-file:sha256:") and "+config:sha256:" in single.fingerprint
 
 
 def test_single_file_without_config_says_how_to_fix(tiny_model_files):
