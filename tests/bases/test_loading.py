@@ -3,6 +3,7 @@ config folder; round trips are bit-identical; fingerprints; errors that say what
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -309,3 +310,23 @@ def test_a_fifo_in_a_folder_is_refused_not_waited_on(tiny_model_files, tmp_path,
 
     assert isinstance(outcome[0], BaseModelError), repr(outcome[0])
     assert outcome[0].file == str(folder / rel) and "named pipe" in str(outcome[0]), outcome[0].fields()
+
+
+def test_weights_are_read_once_for_their_check_and_the_fingerprint(tiny_model_files, monkeypatch):
+    from loraloom.bases import checks, loading
+    from loraloom.graph_runtime import cache, file_fingerprint
+
+    for module, name in ((checks, "_scanned"), (cache, "_fingerprints"), (loading, "_checked_folders")):
+        monkeypatch.setattr(module, name, {})
+    for module in (checks, cache):
+        monkeypatch.setattr(module, "RACY_NS", 0)  # the fixture's files may be younger than a timestamp tick
+    hashed = []
+    hash_open_file = cache._hash_open_file
+    monkeypatch.setattr(cache, "_hash_open_file", lambda f, state: hashed.append(state.inode) or hash_open_file(f, state))
+    folder = Path(tiny_model_files("tiny-sd15")["folder"])
+    weights = {p.stat().st_ino: p for p in folder.rglob("*.safetensors")}
+    loaded = load_base(folder, dtype="fp32", device="cpu")
+    assert weights and not [weights[i] for i in hashed if i in weights], "the check's read hashed them"
+    assert hashed, "the folder's other files are hashed by file_fingerprint itself"
+    monkeypatch.setattr(cache, "_fingerprints", {})
+    assert loaded.fingerprint == "folder:sha256:" + file_fingerprint(folder), "the same digest as a hash of its own"
