@@ -158,12 +158,18 @@ def measure(task: str, path: str, quick: bool) -> dict:
     return {"task": task, "seconds": seconds, "peak_rss_mb": max(0, peak - base_rss) / 1024, "bytes_read": _rchar() - base_read}
 
 
-def _run(task: str, path: Path, quick: bool) -> dict:
+def _run(task: str, path: Path, quick: bool, before: str | None = None) -> dict:
+    """One task in a fresh process; a task ending in ``-before`` runs on the loraloom at ``before``."""
+    env = dict(os.environ)
+    if task.endswith("-before"):
+        env["PYTHONPATH"] = before
+        task = task.removesuffix("-before")
     out = subprocess.run(
         [sys.executable, __file__, "--measure", task, str(path)] + (["--quick"] if quick else []),
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -173,6 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI mode: smaller LoRA, no model load")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians); --quick: 1")
+    parser.add_argument("--before", metavar="PYTHONPATH", help="also run our tasks on the loraloom found on this "
+                        "PYTHONPATH (another checkout, e.g. the commit before a change), side by side")
     parser.add_argument("--measure", nargs=2, metavar=("TASK", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -183,15 +191,16 @@ def main(argv=None) -> int:
         stats = make_file(path, args.rank, args.quick)
         mb = stats["file_bytes"] / 2**20
         print(f"LoRA: {stats['modules']} modules, rank {args.rank}, bf16, kohya SGM, {mb:.1f} MiB (written in {stats['write_s']:.2f} s)")
-        groups = [("ours-parse", "ours-parse-known", "diffusers-parse")]
+        before = ("ours-parse-before",) if args.before else ()
+        groups = [("ours-parse", "ours-parse-known", *before, "diffusers-parse")]
         if not args.quick:
-            groups.append(("ours-load", "diffusers-load"))
+            groups.append(("ours-load", *(("ours-load-before",) if args.before else ()), "diffusers-load"))
         rounds = 1 if args.quick else args.rounds
         for group in groups:
             runs = {task: [] for task in group}
             for _ in range(rounds):
                 for task in group:
-                    runs[task].append(_run(task, path, args.quick))
+                    runs[task].append(_run(task, path, args.quick, args.before))
             med = {task: {key: statistics.median(r[key] for r in results)
                           for key in ("seconds", "peak_rss_mb", "bytes_read")} for task, results in runs.items()}
             for task in group:

@@ -1027,6 +1027,11 @@ class _HashBeside:
     def update(self, data) -> None:
         self._queue.put(data)
 
+    def abandon(self) -> None:
+        """The read failed: end the worker without hashing what is still queued."""
+        self._failure = self._failure or RuntimeError("hashing abandoned")
+        self.close()
+
     def close(self) -> None:
         """Let the worker finish what it was handed, and end it."""
         if self._thread.is_alive():
@@ -1050,6 +1055,9 @@ def _hashing_beside(hasher, size: int):
     beside = _HashBeside(hasher)
     try:
         yield beside
+    except BaseException:
+        beside.abandon()
+        raise
     finally:
         beside.close()
 
