@@ -5,9 +5,9 @@ dtypes and shapes only); every base checkpoint's weights file passes ``scan_file
 opens it. All three treat the file as hostile: the header is size-checked before it is read, counted
 before it is parsed, and validated field by field before a byte of tensor data is read; tensor data
 is read once (hashed as it streams in, for LoRAs, by a worker thread beside the reads) and checked
-for NaN/Inf before anything is returned. Every failure names the file, the key, the offending value and the limit it broke, with a
-``Fix:`` where there is one: a ``LoRAFileError`` for LoRAs, the error class of the caller's
-:class:`FileRole` for other files.
+for NaN/Inf before anything is returned. Every failure names the file, the key, the offending
+value and the limit it broke, with a ``Fix:`` where there is one: a ``LoRAFileError`` for LoRAs,
+the error class of the caller's :class:`FileRole` for other files.
 
 safetensors layout (https://github.com/huggingface/safetensors#format): an 8-byte little-endian
 header length N, N bytes of UTF-8 JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},

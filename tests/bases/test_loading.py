@@ -322,7 +322,8 @@ def test_weights_are_read_once_for_their_check_and_the_fingerprint(tiny_model_fi
         monkeypatch.setattr(module, "RACY_NS", 0)  # the fixture's files may be younger than a timestamp tick
     hashed = []
     hash_open_file = cache._hash_open_file
-    monkeypatch.setattr(cache, "_hash_open_file", lambda f, state: hashed.append(state.inode) or hash_open_file(f, state))
+    monkeypatch.setattr(cache, "_hash_open_file",
+                        lambda f, state: hashed.append(state.inode) or hash_open_file(f, state))
     folder = Path(tiny_model_files("tiny-sd15")["folder"])
     weights = {p.stat().st_ino: p for p in folder.rglob("*.safetensors")}
     loaded = load_base(folder, dtype="fp32", device="cpu")
