@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..graph_runtime import FileState
+from ..graph_runtime import FileState, remember_fingerprint
 from ..graph_runtime.cache import RACY_NS
 from ..graph_runtime.errors import LoomError
 from ..graph_runtime.files import FileError, path_state, read_capped
@@ -99,7 +99,8 @@ _scanned_lock = threading.Lock()
 
 
 def check_weights(path: str | os.PathLike) -> Header:
-    """Check a weights file from header to last value (lora/safefile's ``scan_file``); remembered
+    """Check a weights file from header to last value (lora/safefile's ``scan_file``), hashing it on
+    the same read (its content fingerprint is remembered for ``file_fingerprint``); remembered
     per file state (size, mtime, ctime, inode), so an unchanged file is read through once. As for
     file fingerprints, a state is trusted only once its last change is RACY_NS old: a same-size
     write in the same timestamp tick would leave the state as it was."""
@@ -110,7 +111,10 @@ def check_weights(path: str | os.PathLike) -> Header:
     if known is not None:
         return known
     started = time.time_ns()
-    header = scan_file(path, CHECKPOINT, CHECKPOINT_LIMITS)
+    # Hashed on the same read: the content fingerprint a base's identity needs is then remembered,
+    # and file_fingerprint does not read the file a second time.
+    header = scan_file(path, CHECKPOINT, CHECKPOINT_LIMITS, fingerprint=True)
+    remember_fingerprint(real, header.digest, header.state, started)
     if started - header.state.ctime_ns >= RACY_NS:
         with _scanned_lock:
             _scanned[(real, header.state)] = header

@@ -27,8 +27,8 @@ class LoadedBase:
 
     pipeline: the diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline).
     arch: "sd15" or "sdxl". dtype / device: where its weights live.
-    fingerprint: "preset:<name>@<version>" for presets; "folder:blake2b:<hex>" or
-        "single-file:blake2b:<hex>+config:blake2b:<hex>" (content hashes, memoised on path, size
+    fingerprint: "preset:<name>@<version>" for presets; "folder:sha256:<hex>" or
+        "single-file:sha256:<hex>+config:sha256:<hex>" (content hashes, memoised on path, size
         and mtime by graph_runtime's file_fingerprint) for files, so it changes exactly when the weights
         or configs can.
     source: what was asked for (preset name or path), for messages.
@@ -144,6 +144,17 @@ def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path
     return arch, config
 
 
+def _check_weights_of(folder: Path) -> None:
+    """Check every value of a diffusers folder's weights files on the read that also hashes each
+    (``check_weights`` remembers the digest): the folder's fingerprint then reads no weights file
+    again, and ``load_base`` finds them checked. One read of each file for both, not two."""
+    components = checks.check_model_index(folder)
+    for name in checks.MODEL_COMPONENTS:
+        if components.get(name, (None, None)) != (None, None):
+            for path in checks.weight_files(folder, name):
+                checks.check_weights(path)
+
+
 def identify_base(
     source: str | Path,
     dtype: str | torch.dtype = "auto",
@@ -151,8 +162,9 @@ def identify_base(
     config: str | Path | None = None,
 ) -> BaseIdentity:
     """Check a base's arguments and say what it is, reading configs and hashing files (memoised)
-    but building nothing. Every config and weights header is checked here (see bases.checks; the
-    weights' values are checked by load_base). Arguments as for load_base; it raises the same errors."""
+    but building nothing. Every config and weights header is checked here, and every weights value,
+    on the read that hashes the file (see bases.checks). Arguments as for load_base; it raises the
+    same errors."""
     torch_dtype, torch_device = devices.resolve(dtype, device)
     name = str(source)
     if isinstance(source, str) and source in presets.PRESETS:
@@ -169,12 +181,14 @@ def identify_base(
                 "single-file checkpoints.", value=config, fix="drop config"
             )
         arch = arch_mod.detect_folder_arch(path)
+        _check_weights_of(path)
         digest = file_fingerprint(path)
         _check_folder(path, digest)
-        return BaseIdentity(name, "folder", arch, torch_dtype, torch_device, f"folder:blake2b:{digest}")
+        return BaseIdentity(name, "folder", arch, torch_dtype, torch_device, f"folder:sha256:{digest}")
     if path.is_file():
         arch, config = _check_single_file(path, config)
-        digest = f"single-file:blake2b:{file_fingerprint(path)}+config:blake2b:{file_fingerprint(config)}"
+        checks.check_weights(path)  # hashes as it checks: file_fingerprint(path) reads nothing again
+        digest = f"single-file:sha256:{file_fingerprint(path)}+config:sha256:{file_fingerprint(config)}"
         return BaseIdentity(name, "single-file", arch, torch_dtype, torch_device, digest, config)
     raise BaseModelError(
         f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder.",

@@ -227,7 +227,7 @@ class Preset:
         trained preset, the weights file's content hash is part of it)."""
         if self.weights_path is None:
             return f"preset:{self.name}@{self.version}"
-        return f"preset:{self.name}@{self.version}+weights:blake2b:{file_fingerprint(_existing(self.weights_path))}"
+        return f"preset:{self.name}@{self.version}+weights:sha256:{file_fingerprint(_existing(self.weights_path))}"
 
 
 def _build_sd15(configs: dict[str, dict[str, Any]]):

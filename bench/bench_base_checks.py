@@ -13,7 +13,7 @@ of the rounds:
   ``from_single_file`` does with each weight as it fills the model);
 - check: ``scan_file(path, CHECKPOINT, CHECKPOINT_LIMITS)``, what ``check_weights`` runs once per
   file state;
-- fingerprint: the blake2b content hash of the file (``file_fingerprint`` without its memo).
+- fingerprint: the SHA-256 content hash of the file (``file_fingerprint`` without its memo).
 
 Peak RSS is measured for each in a fresh subprocess (the peak, reset after imports, minus the RSS
 then): the check reads in slices into one 64 MiB buffer, so it should stay near that whatever the
@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
         "peak_rss_mib": {task: peaks[task]["peak_rss_mib"] for task in TASKS},
         "machine": machine(threads),
     }
-    labels = {"load": "load (load_file + copy)", "check": "check (scan_file)", "fingerprint": "fingerprint (blake2b)"}
+    labels = {"load": "load (load_file + copy)", "check": "check (scan_file)", "fingerprint": "fingerprint (sha256)"}
     for task in TASKS:
         print(f"  {labels[task]:<24} {med[task]:7.3g} s  {figures['gib_per_s'][task]:5.2f} GiB/s  "
               f"peak RSS +{figures['peak_rss_mib'][task]:7.1f} MiB  (rounds: {', '.join(f'{t:.3g}' for t in times[task])})")

@@ -7,9 +7,14 @@ written as a kohya SGM file (what kohya-ss writes for SDXL). Shapes come from th
 written out below, models built on the meta device: nothing is downloaded.
 
 Each measurement runs in a fresh subprocess, so its peak RSS (ru_maxrss minus the RSS after imports)
-and bytes read (/proc/self/io rchar) are its own. Run: ``python bench/bench_lora_loading.py
-[--quick] [--rank 32]``. ``--quick`` (CI): UNet attention + text encoder 1 only, no model load, < 60 s.
-No assertions on timings: it prints numbers and ratios.
+and bytes read (/proc/self/io rchar) are its own; tasks are interleaved over ``--rounds`` rounds and
+medians reported. ``ours-parse`` hashes the file (its content fingerprint, the cache's key);
+``ours-parse-known`` is the same read when the fingerprint is already known (the runtime hashed the
+file for its cache key and passes the digest: ``read_lora(known_fingerprint=...)``), the part that
+compares like for like with diffusers, which hashes nothing. Run: ``python
+bench/bench_lora_loading.py [--quick] [--rank 32] [--rounds 5]``. ``--quick`` (CI): UNet attention
++ text encoder 1 only, no model load, one round, < 60 s. No assertions on timings: it prints
+numbers and ratios.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,10 +132,17 @@ def measure(task: str, path: str, quick: bool) -> dict:
         with torch.device("meta"):
             unet = UNet2DConditionModel(**UNET_SDXL)
         unet = unet.to_empty(device="cpu").to(torch.bfloat16)  # real size, no init cost
+    known = None
+    if task == "ours-parse-known":  # hashed before the baseline, as the runtime does for its cache key
+        from loraloom.graph_runtime import file_fingerprint
+
+        known = file_fingerprint(path)
     base_rss, base_read = _rss_kb(), _rchar()
     start = time.perf_counter()
     if task == "ours-parse":
         check_lora(read_lora(path), spec)
+    elif task == "ours-parse-known":
+        check_lora(read_lora(path, known_fingerprint=known), spec)
     elif task == "diffusers-parse":
         StableDiffusionXLPipeline.lora_state_dict(path, unet_config=models["unet"].config)
     elif task == "ours-load":
@@ -145,12 +158,18 @@ def measure(task: str, path: str, quick: bool) -> dict:
     return {"task": task, "seconds": seconds, "peak_rss_mb": max(0, peak - base_rss) / 1024, "bytes_read": _rchar() - base_read}
 
 
-def _run(task: str, path: Path, quick: bool) -> dict:
+def _run(task: str, path: Path, quick: bool, before: str | None = None) -> dict:
+    """One task in a fresh process; a task ending in ``-before`` runs on the loraloom at ``before``."""
+    env = dict(os.environ)
+    if task.endswith("-before"):
+        env["PYTHONPATH"] = before
+        task = task.removesuffix("-before")
     out = subprocess.run(
         [sys.executable, __file__, "--measure", task, str(path)] + (["--quick"] if quick else []),
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -159,6 +178,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI mode: smaller LoRA, no model load")
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians); --quick: 1")
+    parser.add_argument("--before", metavar="PYTHONPATH", help="also run our tasks on the loraloom found on this "
+                        "PYTHONPATH (another checkout, e.g. the commit before a change), side by side")
     parser.add_argument("--measure", nargs=2, metavar=("TASK", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -169,18 +191,32 @@ def main(argv=None) -> int:
         stats = make_file(path, args.rank, args.quick)
         mb = stats["file_bytes"] / 2**20
         print(f"LoRA: {stats['modules']} modules, rank {args.rank}, bf16, kohya SGM, {mb:.1f} MiB (written in {stats['write_s']:.2f} s)")
-        pairs = [("ours-parse", "diffusers-parse")] + ([] if args.quick else [("ours-load", "diffusers-load")])
-        for ours_task, their_task in pairs:
-            ours, theirs = _run(ours_task, path, args.quick), _run(their_task, path, args.quick)
-            for r in (ours, theirs):
+        before = ("ours-parse-before",) if args.before else ()
+        groups = [("ours-parse", "ours-parse-known", *before, "diffusers-parse")]
+        if not args.quick:
+            groups.append(("ours-load", *(("ours-load-before",) if args.before else ()), "diffusers-load"))
+        rounds = 1 if args.quick else args.rounds
+        for group in groups:
+            runs = {task: [] for task in group}
+            for _ in range(rounds):
+                for task in group:
+                    runs[task].append(_run(task, path, args.quick, args.before))
+            med = {task: {key: statistics.median(r[key] for r in results)
+                          for key in ("seconds", "peak_rss_mb", "bytes_read")} for task, results in runs.items()}
+            for task in group:
+                r = med[task]
+                each = ", ".join(f"{x['seconds']:.3f}" for x in runs[task])
                 print(
-                    f"  {r['task']:<16} {r['seconds']:7.2f} s  peak RSS +{r['peak_rss_mb']:7.1f} MiB  "
-                    f"read {r['bytes_read'] / 2**20:7.1f} MiB ({r['bytes_read'] / stats['file_bytes']:.2f}x file)"
+                    f"  {task:<16} {r['seconds']:7.3f} s  peak RSS +{r['peak_rss_mb']:7.1f} MiB  "
+                    f"read {r['bytes_read'] / 2**20:7.1f} MiB ({r['bytes_read'] / stats['file_bytes']:.2f}x file)  "
+                    f"rounds: {each}"
                 )
-            print(
-                f"  ratio ours/diffusers: time {ours['seconds'] / theirs['seconds']:.2f}, "
-                f"peak RSS {ours['peak_rss_mb'] / max(theirs['peak_rss_mb'], 1e-9):.2f}"
-            )
+            theirs = med[group[-1]]
+            for task in group[:-1]:
+                print(
+                    f"  ratio {task}/diffusers: time {med[task]['seconds'] / theirs['seconds']:.2f}, "
+                    f"peak RSS {med[task]['peak_rss_mb'] / max(theirs['peak_rss_mb'], 1e-9):.2f}"
+                )
     return 0
 
 

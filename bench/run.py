@@ -4,9 +4,10 @@ reference, target and PASS / MISS.
 
     python bench/run.py [--quick] [--only ROW,...] [--threads 1] [--json OUT]
 
-Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime, 7 checks, 8 disk.
+Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime, 7 checks,
+8 disk, 9 baseload.
 ``--quick`` (CI, about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods
-svd and cat only, a 64 MiB checkpoint in row 7, and skips row 4 (cold torch.compile takes minutes on
+svd and cat only, a 64 MiB checkpoint in row 7, the tiny-sdxl preset as a folder in row 9, and skips row 4 (cold torch.compile takes minutes on
 a CPU). It exists to keep the suite working; nothing asserts on timings. Without ``--quick`` the
 suite takes about 13 minutes on a 2-core CPU with a warm inductor cache, about 6 minutes more the
 first time (row 4 compiles its graphs into ~/.cache/loraloom/bench-inductor; see bench_compile.py).
@@ -55,6 +56,7 @@ ROWS = [
     Row(6, "runtime", "Runtime overhead", "bench_runtime.py", threads_flag=False),
     Row(7, "checks", "Base checkpoint checks", "bench_base_checks.py"),
     Row(8, "disk", "Repeated merge across processes", "bench_disk_cache.py"),
+    Row(9, "baseload", "Base loading", "bench_base_loading.py"),
 ]
 
 PASS, MISS, INFO = "PASS", "MISS", "-"
@@ -245,15 +247,19 @@ def lines_compile(f: dict) -> list:
 def lines_loading(f: dict) -> list:
     out = []
     t = f["tasks"]
-    for what in ("parse", "load"):
-        o, d = t.get(f"ours-{what}"), t.get(f"diffusers-{what}")
+    for what, ours in (("parse", "ours-parse"), ("parse, fingerprint known", "ours-parse-known"), ("load", "ours-load")):
+        o, d = t.get(ours), t.get(f"diffusers-{what.split(',')[0]}")
         if not (o and d):
             continue
+        time_ratio = o["seconds"] / d["seconds"]
+        rss_ratio = o["peak_rss_mib"] / max(d["peak_rss_mib"], 1e-9)
+        # The target: reading + checking within 1.1x lora_state_dict's time and peak memory.
+        target = "<= 1.1x, 1.1x" if what.startswith("parse") else INFO
+        verdict = (PASS if time_ratio <= 1.1 and rss_ratio <= 1.1 else MISS) if target != INFO else INFO
         out.append((f"{what}: time, peak RSS, MiB read (ours vs diffusers)",
                     f"{o['seconds']:.3g} s, {o['peak_rss_mib']:.0f} MiB, {o['read_mib']:.0f}",
                     f"{d['seconds']:.3g} s, {d['peak_rss_mib']:.0f} MiB, {d['read_mib']:.0f}",
-                    f"time {o['seconds'] / d['seconds']:.3g}x, RSS {o['peak_rss_mib'] / max(d['peak_rss_mib'], 1e-9):.3g}x",
-                    INFO, INFO))
+                    f"time {time_ratio:.3g}x, RSS {rss_ratio:.3g}x", target, verdict))
     return out
 
 
@@ -269,12 +275,30 @@ def lines_runtime(f: dict) -> list:
     ]
 
 
+def lines_baseload(f: dict) -> list:
+    t = f["tasks"]
+    ours, gib = t["ours"], f["weights_bytes"] / 2**30
+    out = []
+    for task, what in (("diffusers", "from_pretrained (lazy)"), ("diffusers-touched", "from_pretrained + read")):
+        ref = t[task]
+        out.append((f"load_base vs {what}, SDXL {gib:.1f} GiB fp16: time, peak RSS",
+                    f"{ours['seconds']:.3g} s, {ours['peak_rss_mib'] / 1024:.3g} GiB",
+                    f"{ref['seconds']:.3g} s, {ref['peak_rss_mib'] / 1024:.3g} GiB",
+                    f"time {ours['seconds'] / ref['seconds']:.3g}x, "
+                    f"RSS {ours['peak_rss_mib'] / max(ref['peak_rss_mib'], 1e-9):.3g}x", INFO, INFO))
+    before = t.get("ours-before")
+    if before:
+        out.append(("load_base before -> after this change", f"{ours['seconds']:.3g} s",
+                    f"before {before['seconds']:.3g} s", _fmt(ours["seconds"] / before["seconds"], "x"), INFO, INFO))
+    return out
+
+
 def lines_checks(f: dict) -> list:
     gib, peak = f["file_bytes"] / 2**30, f["peak_rss_mib"]
     return [
         (f"check (scan_file) vs safetensors load, {gib:.2f} GiB fp16", _fmt(f["check_s"], "s"),
          f"load_file + copy {_fmt(f['load_s'], 's')}", _fmt(f["check_vs_load"], "x"), INFO, INFO),
-        ("content fingerprint (blake2b) vs the same load", _fmt(f["fingerprint_s"], "s"),
+        ("content fingerprint (sha256) vs the same load", _fmt(f["fingerprint_s"], "s"),
          f"load_file + copy {_fmt(f['load_s'], 's')}", _fmt(f["fingerprint_vs_load"], "x"), INFO, INFO),
         ("check peak RSS vs the load's", f"{peak['check']:.0f} MiB", f"{peak['load']:.0f} MiB",
          _fmt(peak["check"] / max(peak["load"], 1e-9), "x"), INFO, INFO),
@@ -292,7 +316,8 @@ def lines_disk(f: dict) -> list:
 
 
 SUMMARIES = {"edit": lines_edit, "merge": lines_merge, "fuse": lines_fuse, "compile": lines_compile,
-             "loading": lines_loading, "runtime": lines_runtime, "checks": lines_checks, "disk": lines_disk}
+             "loading": lines_loading, "runtime": lines_runtime, "checks": lines_checks, "disk": lines_disk,
+             "baseload": lines_baseload}
 
 
 def table(results: dict, quick: bool = False) -> str:

@@ -4,7 +4,7 @@ torch-free, and imports nothing of LoRA Loom beyond itself.
 """
 
 from .cache import (HASH_CHUNK_BYTES, CacheStore, Footprint, KnownFingerprint, estimate_nbytes, file_fingerprint,
-                    file_hasher, footprint, known_fingerprint)
+                    file_hasher, footprint, known_fingerprint, remember_fingerprint)
 from .context import ExecutionContext, current_context
 from .errors import (ExecutionError, InputError, Interrupted, LoomError, PathError, SchemaError, ValidationError,
                      WorkflowError)
@@ -21,5 +21,5 @@ __all__ = [
     "KnownFingerprint", "Limits", "Link", "LoomError", "NodeRegistry", "NodeSchema", "Output", "PathError",
     "RunResult", "Runtime", "SchemaError", "String", "ValidationError", "Workflow", "WorkflowError",
     "check_relative_name", "current_context", "estimate_nbytes", "file_fingerprint", "file_hasher", "footprint",
-    "known_fingerprint", "load_workflow", "node", "open_regular", "resolve_under",
+    "known_fingerprint", "load_workflow", "node", "open_regular", "remember_fingerprint", "resolve_under",
 ]

@@ -118,9 +118,12 @@ _pins: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loraloom_pi
 
 
 def file_hasher():
-    """A fresh hasher for file content: the one contract for every file fingerprint (blake2b with a
-    16-byte digest; its ``hexdigest()`` is the fingerprint)."""
-    return hashlib.blake2b(digest_size=16)
+    """A fresh hasher for file content: the one contract for every file fingerprint (SHA-256; its
+    ``hexdigest()`` is the fingerprint, what ``sha256sum`` prints). SHA-256 rather than blake2b:
+    on CPUs with SHA instructions (x86 since 2017-2019, ARMv8 with its crypto extension) hashlib's
+    OpenSSL SHA-256 runs 1.7 GiB/s against blake2b's 0.6 GiB/s, and the fingerprint is most of
+    what reading a LoRA or a base costs."""
+    return hashlib.sha256()
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,15 @@ def _remember(real: str, state: FileState, digest: str, started_ns: int) -> None
 
 def _real(path: str | os.PathLike) -> str:
     return os.path.realpath(path)  # unlike Path.resolve, never raises (a symlink loop stays as it is)
+
+
+def remember_fingerprint(path: str | os.PathLike, digest: str, state: FileState, started_ns: int) -> None:
+    """Remember ``digest`` as the fingerprint of the file at ``path`` in ``state``: for a reader that
+    hashed the whole file (``file_hasher``) on a read of its own that began at ``started_ns``
+    (``time.time_ns()``) and saw the state unchanged from opening to end, so the next
+    ``file_fingerprint`` need not read it again. The same rules as for digests hashed here apply
+    (strict runs, the RACY_NS age)."""
+    _remember(_real(path), state, digest, started_ns)
 
 
 def known_fingerprint(path: str | os.PathLike) -> KnownFingerprint | None:

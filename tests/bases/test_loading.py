@@ -3,6 +3,7 @@ config folder; round trips are bit-identical; fingerprints; errors that say what
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_fingerprints_follow_content(tiny_model_files, tmp_path):
     preset = load_base("tiny-sd15", dtype="fp32", device="cpu")
     assert preset.fingerprint == presets.PRESETS["tiny-sd15"].fingerprint
     folder = load_base(files["folder"], dtype="fp32", device="cpu")
-    assert folder.fingerprint.startswith("folder:blake2b:")
+    assert folder.fingerprint.startswith("folder:sha256:")
     copy = shutil.copytree(files["folder"], tmp_path / "elsewhere")
     assert load_base(copy, dtype="fp32", device="cpu").fingerprint == folder.fingerprint, "same content, same fingerprint"
     scheduler = copy / "scheduler" / "scheduler_config.json"
@@ -57,7 +58,7 @@ def test_fingerprints_follow_content(tiny_model_files, tmp_path):
     scheduler.write_text(json.dumps(config))
     assert load_base(copy, dtype="fp32", device="cpu").fingerprint != folder.fingerprint, "a changed config must change it"
     single = load_base(files["single_file"], config=files["config"], dtype="fp32", device="cpu")
-    assert single.fingerprint.startswith("single-file:blake2b:") and "+config:blake2b:" in single.fingerprint
+    assert single.fingerprint.startswith("single-file:sha256:") and "+config:sha256:" in single.fingerprint
 
 
 def test_single_file_without_config_says_how_to_fix(tiny_model_files):
@@ -309,3 +310,24 @@ def test_a_fifo_in_a_folder_is_refused_not_waited_on(tiny_model_files, tmp_path,
 
     assert isinstance(outcome[0], BaseModelError), repr(outcome[0])
     assert outcome[0].file == str(folder / rel) and "named pipe" in str(outcome[0]), outcome[0].fields()
+
+
+def test_weights_are_read_once_for_their_check_and_the_fingerprint(tiny_model_files, monkeypatch):
+    from loraloom.bases import checks, loading
+    from loraloom.graph_runtime import cache, file_fingerprint
+
+    for module, name in ((checks, "_scanned"), (cache, "_fingerprints"), (loading, "_checked_folders")):
+        monkeypatch.setattr(module, name, {})
+    for module in (checks, cache):
+        monkeypatch.setattr(module, "RACY_NS", 0)  # the fixture's files may be younger than a timestamp tick
+    hashed = []
+    hash_open_file = cache._hash_open_file
+    monkeypatch.setattr(cache, "_hash_open_file",
+                        lambda f, state: hashed.append(state.inode) or hash_open_file(f, state))
+    folder = Path(tiny_model_files("tiny-sd15")["folder"])
+    weights = {p.stat().st_ino: p for p in folder.rglob("*.safetensors")}
+    loaded = load_base(folder, dtype="fp32", device="cpu")
+    assert weights and not [weights[i] for i in hashed if i in weights], "the check's read hashed them"
+    assert hashed, "the folder's other files are hashed by file_fingerprint itself"
+    monkeypatch.setattr(cache, "_fingerprints", {})
+    assert loaded.fingerprint == "folder:sha256:" + file_fingerprint(folder), "the same digest as a hash of its own"

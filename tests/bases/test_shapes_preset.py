@@ -47,7 +47,7 @@ def test_the_shipped_weights_load_offline_and_bit_identically(shapes):
 def test_the_fingerprint_follows_the_weights_file(tmp_path, monkeypatch):
     shipped = presets.get_preset("tiny-sdxl-shapes")
     first = identify_base("tiny-sdxl-shapes").fingerprint
-    assert first.startswith("preset:tiny-sdxl-shapes@1+weights:blake2b:")
+    assert first.startswith("preset:tiny-sdxl-shapes@1+weights:sha256:")
     copy = tmp_path / shipped.weights
     shutil.copyfile(shipped.weights_path, copy)
     monkeypatch.setattr(presets, "WEIGHTS_DIR", tmp_path)

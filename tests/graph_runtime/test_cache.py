@@ -149,7 +149,7 @@ def test_file_fingerprint_is_the_one_hashing_contract(tmp_path):
     data = bytes(range(256)) * 50_000  # more than one read slice
     path.write_bytes(data)
     assert cache.HASH_CHUNK_BYTES < len(data)
-    assert file_fingerprint(path) == hashlib.blake2b(data, digest_size=16).hexdigest()
+    assert file_fingerprint(path) == hashlib.sha256(data).hexdigest()
     h = file_hasher()
     h.update(data[:100])
     h.update(data[100:])
@@ -215,7 +215,7 @@ def test_a_digest_is_not_remembered_for_a_file_changed_a_moment_ago(tmp_path):
     """A same-size write in the same timestamp tick would leave the state unchanged (racy clean)."""
     path = tmp_path / "fresh.bin"
     path.write_bytes(b"x" * 100)
-    assert file_fingerprint(path) == hashlib.blake2b(b"x" * 100, digest_size=16).hexdigest()
+    assert file_fingerprint(path) == hashlib.sha256(b"x" * 100).hexdigest()
     assert cache.known_fingerprint(path) is None, "hashed, but too fresh to vouch for later"
 
 

@@ -119,7 +119,7 @@ def test_round_trip_matches_safetensors_for_every_dtype(tmp_path):
     assert got.metadata == metadata
     assert got.size == path.stat().st_size
     assert got.format == "safetensors"
-    assert got.fingerprint == hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    assert got.fingerprint == hashlib.sha256(path.read_bytes()).hexdigest()
     assert got.fingerprint == file_fingerprint(path), "must agree with the graph runtime's file fingerprint"
 
 
@@ -744,3 +744,138 @@ def test_odd_files_are_refused_without_opening(tmp_path, make):
     err = refused(path)
     assert time.monotonic() - start < 2 and err.kind == "not_regular", err
     assert_names(err, path, says=["not a regular file"])
+
+
+# --------------------------------------------------------------------- the read path's parts
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["hash-beside", "hash-inline"])
+def test_every_fixture_reads_as_safetensors_does_with_its_sha256(lora_files, monkeypatch, overlap):
+    from loraloom.lora import safefile
+
+    # Fixtures are small: force (or forbid) the hashing thread that real-size files get.
+    monkeypatch.setattr(safefile, "_OVERLAP_MIN_BYTES", 0 if overlap else 2**62)
+    for name, path in lora_files.items():
+        path = Path(path)
+        if path.is_dir():
+            path = path / "adapter_model.safetensors"
+        got = read_lora_file(path)
+        want = safetensors.torch.load_file(path)
+        assert list(got.tensors) == sorted(want), name
+        assert all(same_tensor(got.tensors[k], want[k]) for k in want), name
+        assert got.fingerprint == hashlib.sha256(path.read_bytes()).hexdigest() == file_fingerprint(path), name
+
+
+def _hash_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "loraloom-hash"]
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16", "F64", "C64", "F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize("where", ["first", "chunk end", "chunk start", "last"])
+def test_non_finite_at_check_chunk_boundaries_refused_with_its_count(tmp_path, monkeypatch, dtype, where):
+    from loraloom.lora import safefile
+
+    monkeypatch.setattr(safefile, "_FINITE_CHUNK_ELEMENTS", 64)  # the bit test's chunk, made small
+    monkeypatch.setattr(safefile, "_OVERLAP_MIN_BYTES", 0)  # and the hashing thread on, as for real files
+    torch_dtype = SUPPORTED_DTYPES[dtype]
+    values = torch.ones(200, dtype=torch.float32).to(torch_dtype)
+    position = {"first": 0, "chunk end": 63, "chunk start": 64, "last": 199}[where]
+    if torch_dtype == torch.complex64:
+        values[position] = complex(1.0, NAN)
+        count, nans, infs = 200, 1, 0
+    else:
+        bad = NAN if dtype == "F8_E4M3" else INF  # e4m3fn has no infinity
+        values[position] = torch.tensor(bad).to(torch_dtype)
+        count, nans, infs = 200, int(bad != bad), int(bad == INF)
+    path = tmp_path / "lora.safetensors"
+    safetensors.torch.save_file({"ok": torch.ones(3), "w": values}, path)
+    assert_names(refused(path), path, key="w", value=1, limit=0,
+                 says=[f"{nans} NaN", f"{infs} infinite", f"out of {count}", dtype])
+    assert not _hash_threads(), "a refusal half-way ends the hashing thread"
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"])
+def test_the_bit_test_agrees_with_torch_on_every_bit_pattern(dtype):
+    from loraloom.lora.safefile import _bad_values, _maybe_bad
+
+    def refuses(raw, dtype):  # what _check_values decides: the bit test, then torch's count
+        return _maybe_bad(raw, dtype) and sum(_bad_values(raw.view(dtype), raw)) > 0
+
+    torch_dtype = SUPPORTED_DTYPES.get(dtype)
+    if torch_dtype is None:
+        pytest.skip(f"this torch has no {dtype}")
+    bits = torch.arange(2 ** (8 * torch_dtype.itemsize), dtype=torch.int32)
+    raw = (bits.to(torch.int16) if torch_dtype.itemsize == 2 else bits.to(torch.uint8)).view(torch.uint8)
+    values = raw.view(torch_dtype).float()
+    finite = values.isfinite()
+    ok = raw.view(torch_dtype)[finite].contiguous().reshape(-1).view(torch.uint8)
+    assert not refuses(ok, torch_dtype), f"every finite {dtype} pattern passes"
+    for pattern in bits[~finite].tolist():
+        one = torch.cat([ok[: 2 * torch_dtype.itemsize], raw.view(torch_dtype)[pattern:pattern + 1].view(torch.uint8)])
+        assert refuses(one, torch_dtype), f"{dtype} pattern {pattern:#x} is refused"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_the_bit_test_agrees_with_torch_on_wide_formats(dtype):
+    from loraloom.lora.safefile import _maybe_bad
+
+    info = torch.finfo(dtype if not dtype.is_complex else torch.float32)
+    edges = [0.0, -0.0, info.tiny, info.smallest_normal / 2, info.max, -info.max, 1.0, -1.0]
+    finite = torch.tensor(edges, dtype=dtype)
+    assert not _maybe_bad(finite.view(torch.uint8), dtype)
+    width = {torch.float32: torch.int32, torch.float64: torch.int64, torch.complex64: torch.int32}[dtype]
+    exponent = {torch.int32: 0x7F80_0000, torch.int64: 0x7FF0_0000_0000_0000}[width]
+    for extra in (0, 1, 12345, -1 - exponent + (2 ** (width.itemsize * 8 - 1))):  # inf, NaNs up to all ones
+        for sign in (1, -1):
+            bad = finite.clone()
+            flat = bad.view(width)
+            flat[3] = sign * (exponent + extra) if sign > 0 else -(2 ** (width.itemsize * 8 - 1)) + exponent + extra
+            assert not bad.view(width)[3:4].view(dtype if not dtype.is_complex else torch.float32).isfinite().all()
+            assert _maybe_bad(bad.view(torch.uint8), dtype), (dtype, sign, extra)
+
+
+def test_a_file_truncated_during_the_read_is_refused_not_a_crash(tmp_path, monkeypatch):
+    from loraloom.lora import safefile
+
+    monkeypatch.setattr(safefile, "_OVERLAP_MIN_BYTES", 0)
+    path = tmp_path / "lora.safetensors"
+    safetensors.torch.save_file({"a": torch.ones(1000), "b": torch.ones(1000)}, path)
+    check = safefile._check_values
+
+    def truncate_after_first(*args, **kwargs):
+        # Another program truncates the file (an mmap of it would now SIGBUS on the lost pages).
+        if args[1] == "a":
+            os.truncate(path, path.stat().st_size - 2000)
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(safefile, "_check_values", truncate_after_first)
+    err = refused(path)
+    assert err.kind == "changed_while_reading", err
+    assert not _hash_threads()
+
+
+def test_scan_file_hashes_on_its_read_as_file_fingerprint_does(tmp_path, monkeypatch):
+    from loraloom.lora import safefile
+
+    monkeypatch.setattr(safefile, "_SCAN_SLICE_BYTES", 96)  # many slices per tensor
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file({"a": torch.randn(100), "b": torch.randn(7, 9).half()}, path)
+    header = safefile.scan_file(path, safefile.LORA, fingerprint=True)
+    assert header.digest == hashlib.sha256(path.read_bytes()).hexdigest() == file_fingerprint(path)
+    assert safefile.scan_file(path, safefile.LORA).digest is None
+
+
+@pytest.mark.parametrize("position", [0, 23, 24, 99])
+def test_scan_file_refuses_non_finite_at_its_slice_boundaries(tmp_path, monkeypatch, position):
+    from loraloom.lora import safefile
+
+    monkeypatch.setattr(safefile, "_SCAN_SLICE_BYTES", 96)  # 24 float32 values per slice
+    values = torch.ones(100)
+    values[position] = NAN
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file({"w": values}, path)
+    with pytest.raises(LoRAFileError) as info:
+        safefile.scan_file(path, safefile.LORA, fingerprint=True)
+    assert_names(info.value, path, key="w", value=1, limit=0, says=["1 NaN", "out of 100"])
