@@ -1,7 +1,8 @@
 """What each command imports: the commands that build no model (``--help``, ``nodes``, ``convert``,
 ``validate`` of a graph without LoRA files) import no torch, a run of plugin nodes imports none of
 diffusers, transformers or torch, and the libraries' progress-bar switch still works on a library
-imported inside it. Each runs in a fresh interpreter: this test process has imported them all."""
+imported inside it; and ``loraloom run`` ends its process without the interpreter's teardown, its atexit
+handlers and output intact. Each runs in a fresh interpreter: this test process has imported them all."""
 
 import json
 import os
@@ -104,3 +105,45 @@ def test_library_bars_off_also_for_a_library_imported_inside_the_block(before):
     assert imported_inside == (before != "states()")
     assert inside == [False, False, False], "diffusers', transformers' and huggingface_hub's bars are off"
     assert after == [True, True, True], "and on again after the block, as they were"
+
+
+EXIT_PLUGIN = textwrap.dedent('''
+    import atexit, os
+    from loraloom import register_node
+    from loraloom.graph_runtime import Float, Output, node
+
+    OUT = os.environ["EXIT_PROBE_DIR"]
+    atexit.register(lambda: open(os.path.join(OUT, "atexit_ran"), "w").close())
+
+    class Teardown:
+        """Freed by the interpreter's teardown (module globals are cleared then), not by os._exit."""
+        def __del__(self, open=open, path=os.path.join(OUT, "teardown_ran")):  # globals may be gone by then
+            open(path, "w").close()
+
+    KEPT = Teardown()
+
+    @node(category="import-test", inputs=[Float("value", 1.0, max=5.0)], outputs=[], output_node=True)
+    class ExitProbeShow:
+        def execute(self, value):
+            return {"ui": {"value": [value]}}
+
+    register_node(ExitProbeShow)
+''')
+
+
+@pytest.mark.parametrize("value, code", [(2.0, 0), (9.0, 1)], ids=["success", "validation-error"])
+def test_run_ends_without_teardown_but_with_atexit_and_output(tmp_path, value, code):
+    (tmp_path / "exit_probe_nodes.py").write_text(EXIT_PLUGIN)
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": {"class_type": "ExitProbeShow", "inputs": {"value": value}}}))
+    env = dict(os.environ, EXIT_PROBE_DIR=str(tmp_path),
+               PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "loraloom.cli", "run", str(wf), "--nodes-module", "exit_probe_nodes",
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == code, proc.stderr
+    if code == 0:
+        assert proc.stdout.startswith("done: 1 executed") and "node 1:" in proc.stdout, "stdout is flushed"
+    else:
+        assert "is above max 5.0" in proc.stderr, "stderr is flushed"
+    assert (tmp_path / "atexit_ran").exists(), "atexit handlers (logging's, coverage's, the user's) still run"
+    assert not (tmp_path / "teardown_ran").exists(), "the interpreter's teardown is skipped"
