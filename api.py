@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.abc
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -75,35 +77,110 @@ def hide_torchvision_notice() -> None:
 hide_torchvision_notice()
 
 
+class _Switch:
+    """One library's progress-bar switch: the module that holds it and its functions to read it, turn
+    it off and turn it on."""
+
+    def __init__(self, module: str, is_on: str, off: str, on: str, inverted: bool = False):
+        self.module, self.is_on, self.off, self.on, self.inverted = module, is_on, off, on, inverted
+
+    def read(self, module) -> bool:
+        return getattr(module, self.is_on)() != self.inverted
+
+    def set(self, module, on: bool) -> None:
+        # huggingface_hub warns when its switch is overridden by HF_HUB_DISABLE_PROGRESS_BARS, which then wins
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            getattr(module, self.on if on else self.off)()
+
+
+# In this order: transformers' switch sets huggingface_hub's too, so hub's own state is set after it.
+_SWITCHES = (
+    _Switch("diffusers.utils.logging", "is_progress_bar_enabled", "disable_progress_bar", "enable_progress_bar"),
+    _Switch("transformers.utils.logging", "is_progress_bar_enabled", "disable_progress_bar", "enable_progress_bar"),
+    _Switch("huggingface_hub.utils", "are_progress_bars_disabled", "disable_progress_bars", "enable_progress_bars",
+            inverted=True),
+)
+
+
+class _BarsOff(importlib.abc.MetaPathFinder):
+    """The state of `library_progress_bars_off`, and its import hook: a switch module imported while it
+    is installed runs with every switch as it was before the block (transformers 5 starts its switch
+    from huggingface_hub's, which must not be read switched off by us), and when the outermost such
+    import is done, every loaded switch is recorded (the first time) and turned off."""
+
+    def __init__(self):
+        self.before: dict[str, bool] = {}  # module name -> its bars were on before the block
+        self.depth = 0  # switch modules being imported, one inside another
+
+    def all_off(self) -> None:
+        loaded = [(s, sys.modules[s.module]) for s in _SWITCHES if s.module in sys.modules]
+        self.before.update({s.module: s.read(m) for s, m in loaded if s.module not in self.before})
+        for switch, module in loaded:
+            switch.set(module, False)
+
+    def restore(self) -> None:
+        for switch in _SWITCHES:
+            if switch.module in self.before:
+                switch.set(sys.modules[switch.module], self.before[switch.module])
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in {s.module for s in _SWITCHES}:
+            return None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _LoaderInBlock(spec.loader, self)
+                    return spec
+        return None
+
+
+class _LoaderInBlock(importlib.abc.Loader):
+    """The real loader of a switch module, run inside `_BarsOff`'s before/after."""
+
+    def __init__(self, loader, block: _BarsOff):
+        self._loader, self._block = loader, block
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        block = self._block
+        if block.depth == 0:
+            block.restore()
+        block.depth += 1
+        try:
+            self._loader.exec_module(module)
+        finally:
+            block.depth -= 1
+            if block.depth == 0:
+                block.all_off()
+
+    def __getattr__(self, name):  # get_data, get_resource_reader, ...: the real loader's
+        return getattr(self._loader, name)
+
+
 @contextlib.contextmanager
 def library_progress_bars_off():
     """Within the block diffusers', transformers' and huggingface_hub's own progress bars ("Loading
     pipeline components", "Loading weights", "Writing model shards", "Fetching ... files") are off; after
     it they are as they were. The CLI uses it for ``--no-progress`` and when stderr is no terminal; the
     Python API leaves them alone unless asked: ``with library_progress_bars_off(): rt.run(...)``.
-    Imports those libraries (a few seconds, once)."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub import utils as hub_utils
-    from transformers.utils import logging as transformers_logging
 
-    before = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled(),
-              hub_utils.are_progress_bars_disabled())
-    # huggingface_hub warns when its switch is overridden by HF_HUB_DISABLE_PROGRESS_BARS, which then wins
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()  # huggingface_hub's bars too
+    It imports none of them: a library already imported is switched now, one imported inside the block
+    as soon as it is (an import hook), so a run that never uses them (a graph of plugin nodes) does not
+    pay the seconds their imports take."""
+    block = _BarsOff()
+    block.all_off()
+    sys.meta_path.insert(0, block)
     try:
         yield
     finally:
-        diffusers_on, transformers_on, hub_off = before
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if diffusers_on:
-                diffusers_logging.enable_progress_bar()
-            if transformers_on:
-                transformers_logging.enable_progress_bar()  # sets huggingface_hub's too: its own state next
-            (hub_utils.disable_progress_bars if hub_off else hub_utils.enable_progress_bars)()
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(block)
+        block.restore()
 
 
 class Runtime(graph_runtime.Runtime):

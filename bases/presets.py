@@ -14,20 +14,22 @@ its config or init changes: the version is part of the cache fingerprint.
 `tiny-sdxl-shapes` is the one trained preset: the tiny-sdxl architecture whose weights were trained
 by bases.training on generated pictures of shapes, shipped as bases/weights/tiny-sdxl-shapes.safetensors
 (fp16) and loaded over the seeded build; its fingerprint includes that file's content hash.
+
+Importing this module imports no torch (listing PRESETS is what validation needs); building does.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..graph_runtime import file_fingerprint
 from ..lora.arches import ARCHES
-from . import devices
 from .arch import BaseModelError
+
+if TYPE_CHECKING:
+    import torch
 
 # Real CLIP ids are 49406/49407 (vocab 49408); ours follow the tiny byte-level vocab built below.
 _BOS = "<|startoftext|>"
@@ -346,6 +348,8 @@ def get_preset(name: str) -> Preset:
 def build_skeleton(name: str):
     """Preset `name`'s pipeline at its seeded init (fp32, CPU, training mode), without any shipped
     weights: what build_pipeline starts from, and what bases.training trains."""
+    import torch
+
     preset = get_preset(name)
     # devices=[]: only the CPU generator is forked; init runs on the CPU and CUDA state is untouched.
     with torch.random.fork_rng(devices=[]):
@@ -363,6 +367,10 @@ def build_pipeline(name: str, dtype: str | torch.dtype = "auto", device: str | t
     its shipped weights file over them (every weight, strictly). The pipeline is then moved
     to `device` and cast to `dtype` (see bases.devices for the accepted values).
     """
+    import torch
+
+    from . import devices
+
     preset = get_preset(name)
     torch_dtype, torch_device = devices.resolve(dtype, device)
     weights = _existing(preset.weights_path) if preset.weights_path is not None else None

@@ -5,7 +5,7 @@ reference, target and PASS / MISS.
     python bench/run.py [--quick] [--only ROW,...] [--threads 1] [--json OUT]
 
 Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime, 7 checks,
-8 disk, 9 baseload.
+8 disk, 9 baseload, 10 first_image.
 ``--quick`` (CI, about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods
 svd and cat only, a 64 MiB checkpoint in row 7, the tiny-sdxl preset as a folder in row 9, and skips row 4 (cold torch.compile takes minutes on
 a CPU). It exists to keep the suite working; nothing asserts on timings. Without ``--quick`` the
@@ -57,6 +57,8 @@ ROWS = [
     Row(7, "checks", "Base checkpoint checks", "bench_base_checks.py"),
     Row(8, "disk", "Repeated merge across processes", "bench_disk_cache.py"),
     Row(9, "baseload", "Base loading", "bench_base_loading.py"),
+    # threads_flag off: the row measures what a user's `loraloom run` gets (torch's own thread count)
+    Row(10, "first_image", "First image", "bench_first_image.py", threads_flag=False),
 ]
 
 PASS, MISS, INFO = "PASS", "MISS", "-"
@@ -315,9 +317,29 @@ def lines_disk(f: dict) -> list:
     ]
 
 
+def lines_first_image(f: dict) -> list:
+    out = []
+    floor = f"import torch+diffusers+transformers+peft {_fmt(f['floor_s'], 's')}"
+    for name in ("blend", "shapes_blend"):
+        w = f["workflows"][name]
+        out.append((f"loraloom run workflows/{name}.json: spawn to exit", _fmt(w["wall_s"], "s"), floor,
+                    f"{w['wall_s'] / f['floor_s']:.3g}x the floor", f"< {f['target_s']:.0f} s",
+                    PASS if w["wall_s"] < f["target_s"] else MISS))
+    w, one = f["workflows"]["blend"], f["workflows"]["blend_1_thread"]
+    sample = next((s for node, s in w["nodes_s"].items() if node.endswith(" Sample")), math.nan)
+    base = next((s for node, s in w["nodes_s"].items() if node.endswith(" LoadBase")), math.nan)
+    out += [("blend: to the first node / LoadBase / Sample / exit",
+             " / ".join(_fmt(x, "s") for x in (w["to_start_s"], base, sample, w["exit_s"])), "", "", INFO, INFO),
+            ("blend with OMP_NUM_THREADS=1", _fmt(one["wall_s"], "s"), f"torch's threads {_fmt(w['wall_s'], 's')}",
+             _fmt(one["wall_s"] / w["wall_s"], "x"), INFO, INFO),
+            ("loraloom --help / validate shapes_blend.json", f"{_fmt(f['help_s'], 's')} / {_fmt(f['validate_s'], 's')}",
+             floor, "", INFO, INFO)]
+    return out
+
+
 SUMMARIES = {"edit": lines_edit, "merge": lines_merge, "fuse": lines_fuse, "compile": lines_compile,
              "loading": lines_loading, "runtime": lines_runtime, "checks": lines_checks, "disk": lines_disk,
-             "baseload": lines_baseload}
+             "baseload": lines_baseload, "first_image": lines_first_image}
 
 
 def table(results: dict, quick: bool = False) -> str:
@@ -353,7 +375,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="small versions of every row, row 4 skipped (CI, ~2 min)")
     parser.add_argument("--only", help="comma-separated rows (numbers or names: edit, merge, fuse, compile, loading, runtime, "
-                        "checks, disk)")
+                        "checks, disk, baseload, first_image)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every row (default: %(default)s; "
                         "0: torch's own choice)")
     parser.add_argument("--json", help="write every figure, the table and the machine here")
