@@ -155,6 +155,7 @@ class _Live:
     channels_last: bool = False
 
 
+@torch.no_grad()
 def patch_weight(weight: torch.Tensor, source: torch.Tensor, entries: tuple) -> int:
     """Write ``source + sum(coeff * delta(module))`` over ``entries`` (``(fingerprint, coeff,
     module)``) into ``weight``, in place; returns the number of module deltas computed.
