@@ -1,5 +1,6 @@
-"""Row 3, fusing: UNet step time of our fused model vs the plain base vs diffusers' unfused adapters,
-and how exactly the base comes back after fuse/restore cycles (ours vs diffusers' unfuse_lora).
+"""Row 3, fusing: what a weight edit costs (our re-patch, before and after the one-matmul patch),
+UNet step time of our fused model vs the plain base vs diffusers' unfused adapters, peak memory of
+each, and how exactly the base comes back after fuse/restore cycles (ours vs diffusers' unfuse_lora).
 
 Two scales: the tiny-sdxl preset's UNet, and the real SDXL UNet config with random weights; bf16
 on a CPU (fp16 has no fast CPU kernels), fp16 on CUDA. Two random LoRAs (rank 32 alpha 16, rank 16
@@ -7,12 +8,20 @@ alpha 16, weights 1.0 and 0.8) on every attention (to_q/k/v/out), feed-forward, 
 resnet conv layer. One step = one UNet forward, batch 2 (classifier-free guidance), at a 16x16
 (tiny) or 32x32 (SDXL, 256 px) latent. ``--quick``: the tiny scale only.
 
+Patching, one UNet, the pool's own maths against `reference_patch` (the per-delta fp32 maths the
+pool used before; both read the same backups):
+  first patch (it also takes the backups), each algorithm on a fresh pool;
+  weight edits (LoRA 0's weight alternates 1.0 / 0.9, so every layer is rewritten) in rounds ordered
+    before, after, after, before; medians, and the ratio;
+  on CUDA, also with the backups in pinned host memory and in GPU memory (``LORALOOM_BACKUPS``).
 Step time, side by side in rounds ordered plain, other, other, plain; medians:
-  phase 1 (no peft): the plain base; our pool fuses both LoRAs (patches W = W0 + sum w*delta in
-    place) and steps twice; the pool restores. Ratio fused / plain. Also the patch and restore times.
+  phase 1 (no peft): the plain base; our pool fuses both LoRAs and steps twice; the pool restores.
+    Ratio fused / plain. Peak memory (RSS on a CPU, allocated GPU memory on CUDA) from the first
+    patch to here: the blended model with its backups.
   phase 2 (same UNet, both LoRAs loaded through diffusers' own loader, set_adapters weights): steps
     with adapters disabled (the plain base behind peft's wrappers) and with both adapters active
-    (unfused). Ratio unfused / plain. Also fuse_lora, one fused step and unfuse_lora.
+    (unfused), and the peak memory of that. Ratio unfused / plain. Also fuse_lora, one fused step
+    and unfuse_lora.
 Restore: for fp16 and bf16, two LoRAs fused and restored 1 and 10 times, ours (pool) vs diffusers
 (fuse_lora / unfuse_lora); max abs difference of every touched weight from a copy of the original.
 On the tiny UNet they run on every target. At SDXL shapes the restore cycles run on the LoRA modules of down_blocks.1.attentions.0 (two
@@ -21,7 +30,10 @@ layer of down_blocks.2 and mid_block.resnets.0 (every distinct LoRA layer kind a
 inside the time budget: the rounding error is per element, so more modules of the same shapes change
 the time, not the figure. ``--restore-scope full`` runs them on every target.
 
-    python bench/bench_fuse.py [--quick] [--scales tiny,sdxl] [--threads 1] [--rounds 2] [--latent 32] [--json OUT]
+    python bench/bench_fuse.py [--quick] [--scales tiny,sdxl] [--threads 1] [--rounds 2] [--latent 32]
+                               [--patch-only] [--gpu] [--json OUT]
+
+``--gpu``: the GPU machine's one script: SDXL shapes on CUDA in fp16, no restore cycles.
 """
 from __future__ import annotations
 
