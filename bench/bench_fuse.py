@@ -126,7 +126,7 @@ def patch_times(pool, handle, loras, rounds: int, device, backups: tuple[str, ..
     pool's patch and the reference maths, side by side in rounds ordered before, after, after,
     before; medians. With backups on a GPU, also one round per backup place."""
     edits = [_recipe(handle, loras, WEIGHTS), _recipe(handle, loras, (0.9, WEIGHTS[1]))]
-    turn = iter(range(10**9))
+    turn = iter(range(1, 10**9))  # the pool holds edits[0] (the first patch's recipe): start from the other
     before, after = [], []
 
     def edit(patch):
@@ -166,6 +166,8 @@ def step_times(scale: str, latent: int, rounds: int, device, dtype, patch_only: 
            "dtype": str(dtype).replace("torch.", ""), "device": str(device), "rounds": rounds,
            "threads": torch.get_num_threads()}
     unet_mib = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
+    # what diffusers' adapters hold beside the UNet: the same factors, in the model's dtype
+    out["lora_mib"] = sum(lora.nbytes for lora in loras) / 2**20
     with torch.no_grad():
         if not patch_only:
             step()  # warm-up (allocator, kernels)
@@ -317,6 +319,8 @@ def report(scale: str, args, threads: int, device, dtype) -> dict:
           f"fuse_lora {s['diffusers_fuse_s']:.2f} s, unfuse_lora {s['diffusers_unfuse_s']:.2f} s, fused step "
           f"{s['diffusers_fused_step_s']:.3f} s; adapters in {s['diffusers_adapter_dtype']}; a re-patch costs what the "
           f"unfused adapters add to {s['repatch_break_even_steps']:.3g} steps", flush=True)
+    print(f"  held: UNet {s['unet_mib']:,.0f} MiB + our backups {s['backup_mib']:,.0f} MiB, or + diffusers' adapter "
+          f"factors {s['lora_mib']:,.0f} MiB")
     print(f"  peak {unit}: blended (ours, backups included) {s['ours_peak_mib']:,.0f} MiB, diffusers' adapters "
           f"{s['diffusers_peak_mib']:,.0f} MiB (UNet weights {s['unet_mib']:,.0f} MiB; in use before: ours "
           f"{s['ours_base_mib']:,.0f}, diffusers {s['diffusers_base_mib']:,.0f})", flush=True)
