@@ -4,8 +4,10 @@ Wires carry small immutable values (:class:`BaseModel`, :class:`ModelRecipe`); t
 one live pipeline per base and *materialises* a recipe on it with the least work:
 
 - every LoRA — blended (unfused) or fused — is applied by patching weights in place,
-  ``W = W0 + sum(coeff * delta)``, computed from the pristine backup ``W0`` in float32 and cast once;
-- the backup of a layer is taken the first time a layer is touched; restoring is a copy of it, so
+  ``W = W0 + sum(coeff * delta)``, computed from the pristine backup ``W0`` with fp32 accumulation and
+  rounded once (all LoRA pairs of a layer in one matmul: `patch_weight`);
+- the backup of a layer is taken the first time a layer is touched, in the weight's dtype (for GPU
+  weights in pinned host memory or, if allowed, GPU memory); restoring is a copy of it, so
   unfusing is bit-for-bit exact in every dtype, after any number of fuses of any number of LoRAs;
 - only layers whose patch changed are rewritten; in-place writes keep a compiled UNet's graph valid
   (parameters are graph inputs), so weight changes, LoRA swaps and re-fusing do not recompile;
@@ -26,6 +28,7 @@ from __future__ import annotations
 import copy
 import itertools
 import operator
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -164,8 +167,8 @@ def patch_weight(weight: torch.Tensor, source: torch.Tensor, entries: tuple) -> 
     A module applied several times (a chain of blends) counts once, with its coefficients summed.
     Every LoRA pair of the layer goes into one matmul (`stacked_factors`); LoHa and LoKr modules
     add their full delta. bf16 weights on a CPU take one bf16 ``addmm`` straight into the weight
-    (oneDNN accumulates in fp32 and rounds once, from fp32 factors split into bf16 pairs; 18x the
-    per-delta float32 maths at SDXL widths, and within one bf16 step of it); every other case runs
+    (oneDNN accumulates in fp32 and rounds once, from fp32 factors split into bf16 pairs; 7x the
+    per-delta float32 maths on the SDXL UNet, and within one bf16 step of it); every other case runs
     float32 maths in row chunks that stay in cache, then casts once. The result depends only on
     ``source`` and ``entries``, never on what the weight held before.
     """
@@ -214,8 +217,6 @@ def _combined(entries: tuple) -> list[tuple[float, Any]]:
 
 
 def _backup_place(place: str | None) -> str:
-    import os
-
     value = place if place is not None else os.environ.get(BACKUPS_ENV, "host")
     if value not in BACKUP_PLACES:
         where = "backups" if place is not None else BACKUPS_ENV
