@@ -4,8 +4,10 @@ Wires carry small immutable values (:class:`BaseModel`, :class:`ModelRecipe`); t
 one live pipeline per base and *materialises* a recipe on it with the least work:
 
 - every LoRA — blended (unfused) or fused — is applied by patching weights in place,
-  ``W = W0 + sum(coeff * delta)``, computed from the pristine backup ``W0`` in float32 and cast once;
-- the backup of a layer is taken the first time a layer is touched; restoring is a copy of it, so
+  ``W = W0 + sum(coeff * delta)``, computed from the pristine backup ``W0`` with fp32 accumulation and
+  rounded once (all LoRA pairs of a layer in one matmul: `patch_weight`);
+- the backup of a layer is taken the first time a layer is touched, in the weight's dtype (for GPU
+  weights in pinned host memory or, if allowed, GPU memory); restoring is a copy of it, so
   unfusing is bit-for-bit exact in every dtype, after any number of fuses of any number of LoRAs;
 - only layers whose patch changed are rewritten; in-place writes keep a compiled UNet's graph valid
   (parameters are graph inputs), so weight changes, LoRA swaps and re-fusing do not recompile;
@@ -26,6 +28,7 @@ from __future__ import annotations
 import copy
 import itertools
 import operator
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -33,13 +36,27 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..lora.canonical import LoRA, delta
+from ..lora.canonical import LoRA, LoRAModule, delta, stacked_factors
 from ..lora.match import base_spec
 from .arch import BaseModelError
 from .loading import BaseIdentity, LoadedBase, identify_base, load_base
 
 DEFAULT_MAX_BASES = 2
 _lora_of = operator.attrgetter("lora")
+
+BACKUPS_ENV = "LORALOOM_BACKUPS"
+BACKUP_PLACES = {
+    "host": "pinned host memory (page-locked, so copies back to the GPU run asynchronously)",
+    "device": "GPU memory while it has room (a re-patch then reads no host memory), else pinned host memory",
+}
+# GPU memory a device backup must leave free, for sampling (activations, the VAE).
+DEVICE_BACKUP_RESERVE = 4 << 30
+# Rows of a layer patched at once through the float32 path: 1 MiB of fp32, which stays in a CPU's
+# L2 cache between the read of the backup, the matmul and the write into the weight.
+CHUNK_BYTES = 1 << 20
+# Layers smaller than this take the float32 path on a CPU too: a bf16 matmul there costs ~0.1 ms of
+# set-up whatever its size, more than the float32 maths of a small layer.
+BF16_MIN_NUMEL = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -133,21 +150,163 @@ class _Live:
     spec: Any
     working: dict[str, Any]  # components a run changes, copied once so the base's own stay as loaded
     backups: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    # each patched layer's weight Parameter, looked up once (patches and memory-format changes keep
+    # the Parameter objects; only their values and layout change)
+    weights: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     applied: dict[tuple[str, str], tuple] = field(default_factory=dict)
     compiled: dict[CompileOptions, torch.nn.Module] = field(default_factory=dict)
     channels_last: bool = False
+
+
+@torch.no_grad()
+def patch_weight(weight: torch.Tensor, source: torch.Tensor, entries: tuple) -> int:
+    """Write ``source + sum(coeff * delta(module))`` over ``entries`` (``(fingerprint, coeff,
+    module)``) into ``weight``, in place; returns the number of module deltas computed.
+
+    ``source`` (the pristine weight, contiguous, on the weight's device) may be the weight itself.
+    A module applied several times (a chain of blends) counts once, with its coefficients summed.
+    Every LoRA pair of the layer goes into one matmul (`stacked_factors`); LoHa and LoKr modules
+    add their full delta. bf16 weights on a CPU take one bf16 ``addmm`` straight into the weight
+    (oneDNN accumulates in fp32 and rounds once, from fp32 factors split into bf16 pairs; 7x the
+    per-delta float32 maths on the SDXL UNet, and within one bf16 step of it); every other case runs
+    float32 maths in row chunks that stay in cache, then casts once. The result depends only on
+    ``source`` and ``entries``, never on what the weight held before.
+    """
+    terms = _combined(entries)
+    low = [(c, m) for c, m in terms if isinstance(m, LoRAModule)]
+    full = [(c, m) for c, m in terms if not isinstance(m, LoRAModule)]
+    device = weight.device
+    rows = weight.shape[0]
+    cols = weight.numel() // rows
+    in_place = weight.is_contiguous()  # row-major; a channels_last conv weight is written through a copy
+    out = weight.detach() if in_place else torch.empty(weight.shape, dtype=weight.dtype, device=device)
+    out2d, source2d = out.view(rows, cols), source.view(rows, cols)
+    if low and not full and weight.dtype == torch.bfloat16 and device.type == "cpu" and weight.numel() >= BF16_MIN_NUMEL:
+        up, down = stacked_factors(low, torch.bfloat16)
+        torch.addmm(source2d, up, down, out=out2d)
+    else:
+        up, down = stacked_factors(low) if low else (None, None)
+        if up is not None:
+            up, down = up.to(device), down.to(device)
+        deltas = [(c, delta(m, weight.shape).to(device).view(rows, cols)) for c, m in full]
+        # on a GPU one chunk: each is a few kernel launches, and a layer's fp32 copy is small there
+        step = rows if device.type != "cpu" else max(1, CHUNK_BYTES // (4 * cols))
+        buffer = (None if weight.dtype == torch.float32
+                  else torch.empty((min(step, rows), cols), dtype=torch.float32, device=device))
+        for start in range(0, rows, step):
+            chunk = out2d[start:start + step]
+            acc = chunk if buffer is None else buffer[:chunk.shape[0]]
+            acc.copy_(source2d[start:start + step])
+            if up is not None:
+                acc.addmm_(up[start:start + step], down)
+            for coeff, d in deltas:
+                acc.add_(d[start:start + step], alpha=coeff)
+            if acc is not chunk:
+                chunk.copy_(acc)
+    if not in_place:
+        weight.copy_(out)
+    return len(terms)
+
+
+def _combined(entries: tuple) -> list[tuple[float, Any]]:
+    """``(coeff, module)`` per distinct module, coefficients summed in order (zero sums dropped)."""
+    sums: dict[int, list] = {}
+    for _fp, coeff, module in entries:
+        sums.setdefault(id(module), [0.0, module])[0] += coeff
+    return [(coeff, module) for coeff, module in sums.values() if coeff != 0.0]
+
+
+def _backup_place(place: str | None) -> str:
+    value = place if place is not None else os.environ.get(BACKUPS_ENV, "host")
+    if value not in BACKUP_PLACES:
+        where = "backups" if place is not None else BACKUPS_ENV
+        raise BaseModelError(f"{where} {value!r} is not a backup place; valid: {', '.join(BACKUP_PLACES)}",
+                             key=where, value=value, limit=tuple(BACKUP_PLACES),
+                             fix=f"use one of: {', '.join(BACKUP_PLACES)}")
+    return value
+
+
+def _backup(weight: torch.Tensor, place: str) -> torch.Tensor:
+    """A contiguous copy of ``weight`` in its own dtype, where ``place`` says (GPU weights) or on the
+    host. Contiguous whatever the weight's layout: the patch reads it by rows."""
+    w = weight.detach()
+    if w.device.type != "cuda":
+        return w.to("cpu", copy=True, memory_format=torch.contiguous_format)
+    if place == "device":
+        free, _total = torch.cuda.mem_get_info(w.device)
+        if free - w.numel() * w.element_size() > DEVICE_BACKUP_RESERVE:
+            return w.clone(memory_format=torch.contiguous_format)
+    host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)  # pinning needs CUDA: only reached with it
+    host.copy_(w)
+    return host
+
+
+class _Staging:
+    """Host backups of GPU weights copied to the GPU one layer ahead, on a side stream, so the copy
+    of the next layer's backup overlaps this layer's maths. Off a GPU (or for backups already on
+    the weight's device) it hands the backup out as it is."""
+
+    def __init__(self, backups: Mapping[tuple[str, str], torch.Tensor]):
+        self._backups = backups
+        self._streams: dict[torch.device, Any] = {}
+        self._pending: dict[tuple[str, str], tuple[torch.Tensor, Any]] = {}
+
+    def start(self, key: tuple[str, str], weight: torch.Tensor) -> None:
+        """Begin copying ``key``'s backup to ``weight``'s GPU (no-op when there is nothing to copy)."""
+        backup = self._backups.get(key)
+        if backup is None or backup.device == weight.device or weight.device.type != "cuda":
+            return
+        stream = self._streams.get(weight.device)
+        if stream is None:
+            stream = self._streams[weight.device] = torch.cuda.Stream(weight.device)
+        with torch.cuda.stream(stream):
+            staged = backup.to(weight.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._pending[key] = (staged, done)
+
+    def take(self, key: tuple[str, str], weight: torch.Tensor) -> torch.Tensor:
+        """``key``'s backup on ``weight``'s device, ready to be read by the current stream."""
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            self.start(key, weight)
+            pending = self._pending.pop(key, None)
+        if pending is None:
+            backup = self._backups[key]
+            return backup if backup.device == weight.device else backup.to(weight.device)
+        staged, done = pending
+        current = torch.cuda.current_stream(weight.device)
+        current.wait_event(done)
+        # allocated on the side stream, used on this one: the allocator must wait for this stream too
+        staged.record_stream(current)
+        return staged
+
+    def __enter__(self) -> "_Staging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # wait for copies started but not taken (a patch that stopped early): none outlives it
+        for stream in self._streams.values():
+            stream.synchronize()
+        self._pending.clear()
 
 
 class ModelPool:
     """Live pipelines by base (fingerprint, dtype, device), least recently used first out.
 
     loader builds a base (load_base's signature); identify says what a base is without building it
-    (identify_base's), so a base already held is never built again."""
+    (identify_base's), so a base already held is never built again. backups says where the backups
+    of GPU weights live (`BACKUP_PLACES`; default: the ``LORALOOM_BACKUPS`` environment variable, else
+    "host"); CPU weights keep theirs in host memory."""
+
+    patch_weight = staticmethod(patch_weight)  # the per-layer maths (a benchmark swaps in its reference)
 
     def __init__(self, max_bases: int = DEFAULT_MAX_BASES,
                  loader: Callable[..., LoadedBase] = load_base,
-                 identify: Callable[..., BaseIdentity] = identify_base):
+                 identify: Callable[..., BaseIdentity] = identify_base,
+                 backups: str | None = None):
         self.max_bases = max_bases
+        self.backups = _backup_place(backups)
         self._loader = loader
         self._identify = identify
         self._live: OrderedDict[tuple, _Live] = OrderedDict()
@@ -246,29 +405,27 @@ class ModelPool:
                 weight.copy_(live.backups[(component, path)])
             del live.applied[(component, path)]
             self.stats["restored_layers"] += 1
-        for i, key in enumerate(changed):
-            if check_interrupt is not None and i % 16 == 0:
-                check_interrupt()
-            component, path = key
-            weight = _weight(pipe, spec, component, path)
-            backup = live.backups.get(key)
-            if backup is None:
-                backup = weight.detach().to("cpu", copy=True)
-                live.backups[key] = backup
-            with torch.no_grad():
-                new = backup.to(weight.device, torch.float32, copy=True)  # never add into the backup
-                # A chain of blends applies one LoRA many times: its delta is computed once per layer,
-                # and still added once per application, in order, so the sum is the same bit for bit.
-                deltas: dict[int, torch.Tensor] = {}
-                for _fp, coeff, module in target[key]:
-                    d = deltas.get(id(module))
-                    if d is None:
-                        d = deltas[id(module)] = delta(module, weight.shape).to(weight.device)
-                        self.stats["deltas"] += 1
-                    new.add_(d, alpha=coeff)
-                weight.copy_(new.to(weight.dtype))
-            live.applied[key] = target[key]
-            self.stats["patched_layers"] += 1
+        for key in changed:
+            if key not in live.weights:
+                live.weights[key] = _weight(pipe, spec, *key)
+        weights = [live.weights[key] for key in changed]
+        staging = _Staging(live.backups)
+        with torch.no_grad(), staging:
+            for i, (key, weight) in enumerate(zip(changed, weights)):
+                if check_interrupt is not None and i % 16 == 0:
+                    check_interrupt()
+                if key in live.backups:
+                    source = staging.take(key, weight)
+                else:
+                    # stored before the weight is written: a failure from here on restores it
+                    backup = live.backups[key] = _backup(weight, self.backups)
+                    # a backup kept on the host is not copied back: the weight is still pristine
+                    source = backup if backup.device == weight.device else weight.detach().contiguous()
+                if i + 1 < len(changed):  # the next layer's host->device copy runs while this one computes
+                    staging.start(changed[i + 1], weights[i + 1])
+                self.stats["deltas"] += self.patch_weight(weight, source, target[key])
+                live.applied[key] = target[key]
+                self.stats["patched_layers"] += 1
 
     def _restore_all(self, live: _Live) -> None:
         pipe = live.loaded.pipeline

@@ -1,5 +1,6 @@
-"""Row 3, fusing: UNet step time of our fused model vs the plain base vs diffusers' unfused adapters,
-and how exactly the base comes back after fuse/restore cycles (ours vs diffusers' unfuse_lora).
+"""Row 3, fusing: what a weight edit costs (our re-patch, before and after the one-matmul patch),
+UNet step time of our fused model vs the plain base vs diffusers' unfused adapters, peak memory of
+each, and how exactly the base comes back after fuse/restore cycles (ours vs diffusers' unfuse_lora).
 
 Two scales: the tiny-sdxl preset's UNet, and the real SDXL UNet config with random weights; bf16
 on a CPU (fp16 has no fast CPU kernels), fp16 on CUDA. Two random LoRAs (rank 32 alpha 16, rank 16
@@ -7,12 +8,20 @@ alpha 16, weights 1.0 and 0.8) on every attention (to_q/k/v/out), feed-forward, 
 resnet conv layer. One step = one UNet forward, batch 2 (classifier-free guidance), at a 16x16
 (tiny) or 32x32 (SDXL, 256 px) latent. ``--quick``: the tiny scale only.
 
+Patching, one UNet, the pool's own maths against `reference_patch` (the per-delta fp32 maths the
+pool used before; both read the same backups):
+  first patch (it also takes the backups), each algorithm on a fresh pool;
+  weight edits (LoRA 0's weight alternates 1.0 / 0.9, so every layer is rewritten) in rounds ordered
+    before, after, after, before; medians, and the ratio;
+  on CUDA, also with the backups in pinned host memory and in GPU memory (``LORALOOM_BACKUPS``).
 Step time, side by side in rounds ordered plain, other, other, plain; medians:
-  phase 1 (no peft): the plain base; our pool fuses both LoRAs (patches W = W0 + sum w*delta in
-    place) and steps twice; the pool restores. Ratio fused / plain. Also the patch and restore times.
+  phase 1 (no peft): the plain base; our pool fuses both LoRAs and steps twice; the pool restores.
+    Ratio fused / plain. Peak memory (RSS on a CPU, allocated GPU memory on CUDA) from the first
+    patch to here: the blended model with its backups.
   phase 2 (same UNet, both LoRAs loaded through diffusers' own loader, set_adapters weights): steps
     with adapters disabled (the plain base behind peft's wrappers) and with both adapters active
-    (unfused). Ratio unfused / plain. Also fuse_lora, one fused step and unfuse_lora.
+    (unfused), and the peak memory of that. Ratio unfused / plain. Also fuse_lora, one fused step
+    and unfuse_lora.
 Restore: for fp16 and bf16, two LoRAs fused and restored 1 and 10 times, ours (pool) vs diffusers
 (fuse_lora / unfuse_lora); max abs difference of every touched weight from a copy of the original.
 On the tiny UNet they run on every target. At SDXL shapes the restore cycles run on the LoRA modules of down_blocks.1.attentions.0 (two
@@ -21,7 +30,10 @@ layer of down_blocks.2 and mid_block.resnets.0 (every distinct LoRA layer kind a
 inside the time budget: the rounding error is per element, so more modules of the same shapes change
 the time, not the figure. ``--restore-scope full`` runs them on every target.
 
-    python bench/bench_fuse.py [--quick] [--scales tiny,sdxl] [--threads 1] [--rounds 2] [--latent 32] [--json OUT]
+    python bench/bench_fuse.py [--quick] [--scales tiny,sdxl] [--threads 1] [--rounds 2] [--latent 32]
+                               [--patch-only] [--gpu] [--json OUT]
+
+``--gpu``: the GPU machine's one script: SDXL shapes on CUDA in fp16, no restore cycles.
 """
 from __future__ import annotations
 
@@ -33,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_base_checks import _reset_peak, _status_kb  # noqa: E402
 from common import (add_common_args, load_into_diffusers, lora_targets, machine, median, pool_for,  # noqa: E402
                     random_lora, sdxl_device_dtype, sdxl_unet, setup_threads, timed, unet_inputs, write_json)
 
@@ -60,34 +73,139 @@ def _recipe(handle, loras, weights):
     return ModelRecipe(handle, fused=apps)
 
 
-def step_times(scale: str, latent: int, rounds: int, device, dtype) -> dict:
+def reference_patch(weight, source, entries) -> int:
+    """The per-layer maths before the one-matmul patch (the "before" of the re-patch figures): the
+    backup upcast to fp32, each module's full delta in fp32, added one by one, cast once."""
+    import torch
+
+    from loraloom.lora.canonical import delta
+
+    new = source.to(weight.device, torch.float32, copy=True)
+    deltas: dict[int, object] = {}
+    for _fp, coeff, module in entries:
+        d = deltas.get(id(module))
+        if d is None:
+            d = deltas[id(module)] = delta(module, weight.shape).to(weight.device)
+        new.add_(d, alpha=coeff)
+    weight.copy_(new.to(weight.dtype))
+    return len(deltas)
+
+
+def _use(pool, patch) -> None:
+    """Make `pool` patch layers with `patch` (None: its own maths); the backups stay shared."""
+    if patch is None:
+        pool.__dict__.pop("patch_weight", None)
+    else:
+        pool.patch_weight = patch
+
+
+def _peak(device) -> float:
+    """MiB: peak RSS since the last `_reset_peak` (CPU) or peak allocated GPU memory (CUDA)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _status_kb("VmHWM") / 1024
+
+
+def _reset(device) -> float:
+    """Start a peak-memory window; returns the memory in use now, MiB (RSS or allocated GPU memory)."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    _reset_peak()
+    return _status_kb("VmRSS") / 1024
+
+
+def patch_times(pool, handle, loras, rounds: int, device, backups: tuple[str, ...]) -> dict:
+    """Weight edits (every layer's coefficient changes: LoRA 0 between 1.0 and 0.9) through the
+    pool's patch and the reference maths, side by side in rounds ordered before, after, after,
+    before; medians. With backups on a GPU, also one round per backup place."""
+    edits = [_recipe(handle, loras, WEIGHTS), _recipe(handle, loras, (0.9, WEIGHTS[1]))]
+    turn = iter(range(1, 10**9))  # the pool holds edits[0] (the first patch's recipe): start from the other
+    before, after = [], []
+
+    def edit(patch):
+        _use(pool, patch)
+        recipe = edits[next(turn) % 2]
+        try:
+            return timed(lambda: pool.pipeline(recipe), device)[0]
+        finally:
+            _use(pool, None)
+
+    for _ in range(rounds):
+        before.append(edit(reference_patch))
+        after += [edit(None), edit(None)]
+        before.append(edit(reference_patch))
+    out = {"reference_repatch_s": before, "ours_edit_s": after,
+           "repatch_speedup": median(before) / median(after)}
+    if device.type == "cuda":
+        live = next(iter(pool._live.values()))
+        for place in backups:  # move the backups there, then time edits reading them
+            pool.backups = place
+            pool.plain(handle)
+            live.backups.clear()
+            out[f"first_patch_{place}_s"] = edit(None)
+            out[f"edit_{place}_s"] = median([edit(None) for _ in range(3)])
+            out[f"backups_on_device_{place}"] = sum(b.device.type == "cuda" for b in live.backups.values())
+    return out
+
+
+def step_times(scale: str, latent: int, rounds: int, device, dtype, patch_only: bool = False) -> dict:
     import torch
 
     unet = sdxl_unet(dtype, device, _config(scale))
     params = sum(p.numel() for p in unet.parameters())
     loras = [random_lora(unet, 32, 16.0, 1, dtype), random_lora(unet, 16, 16.0, 2, dtype)]
     step = unet_inputs(unet, latent, 2, dtype, device)
-    pool, handle = pool_for(unet, "step")
-    fused = _recipe(handle, loras, WEIGHTS)
     out = {"unet_params": params, "lora_modules": loras[0].n_modules, "latent": latent, "batch": 2,
-           "dtype": str(dtype).replace("torch.", ""), "device": str(device), "rounds": rounds}
-    plain, ours, patch, restore = [], [], [], []
+           "dtype": str(dtype).replace("torch.", ""), "device": str(device), "rounds": rounds,
+           "threads": torch.get_num_threads()}
+    unet_mib = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
+    # what diffusers' adapters hold beside the UNet: the same factors, in the model's dtype
+    out["lora_mib"] = sum(lora.nbytes for lora in loras) / 2**20
     with torch.no_grad():
-        step()  # warm-up (allocator, kernels)
-        for _ in range(rounds):  # plain, fused, fused, plain: each state's two steps bracket the other's
-            plain.append(timed(step, device)[0])
-            patch.append(timed(lambda: pool.pipeline(fused), device)[0])
-            ours += [timed(step, device)[0], timed(step, device)[0]]
-            restore.append(timed(lambda: pool.plain(handle), device)[0])
-            plain.append(timed(step, device)[0])
-    pool = None  # drops the backups
-    gc.collect()
-    # The first patch also copies the touched weights into the pool's backup; later ones rewrite
-    # W = W0 + sum(w * delta) from it, which is also what a LoRA weight edit costs.
-    out.update(plain_s=plain, ours_fused_s=ours, ours_first_patch_s=patch[0], ours_repatch_s=median(patch[1:]),
-               ours_restore_s=median(restore))
-    out["fused_vs_plain"] = median(ours) / median(plain)
+        if not patch_only:
+            step()  # warm-up (allocator, kernels)
+        for patch, name in ((reference_patch, "reference"), (None, "ours")):
+            # the first patch also copies every touched weight into the backup (a fresh pool each)
+            base_mib = _reset(device)
+            pool, handle = pool_for(unet, f"first-{name}")
+            _use(pool, patch)
+            out[f"{name}_first_patch_s"] = timed(lambda: pool.pipeline(_recipe(handle, loras, WEIGHTS)), device)[0]
+            _use(pool, None)
+            if patch is not None:
+                pool.plain(handle)
+                pool = None  # drops the backups
+        live = next(iter(pool._live.values()))
+        out["backup_mib"] = sum(b.numel() * b.element_size() for b in live.backups.values()) / 2**20
+        out["backup_dtypes"] = sorted({str(b.dtype).replace("torch.", "") for b in live.backups.values()})
+        out.update(patch_times(pool, handle, loras, rounds, device, ("host", "device")))
+        out["ours_repatch_s"] = median(out["ours_edit_s"])
+        if not patch_only:
+            fused = _recipe(handle, loras, WEIGHTS)
+            plain, ours, patch, restore = [], [], [], []
+            for _ in range(rounds):  # plain, fused, fused, plain: each state's two steps bracket the other's
+                plain.append(timed(step, device)[0])
+                patch.append(timed(lambda: pool.pipeline(fused), device)[0])
+                ours += [timed(step, device)[0], timed(step, device)[0]]
+                restore.append(timed(lambda: pool.plain(handle), device)[0])
+                plain.append(timed(step, device)[0])
+            out.update(plain_s=plain, ours_fused_s=ours, ours_restore_s=median(restore),
+                       fused_vs_plain=median(ours) / median(plain))
+        # what the blended model holds at its peak: UNet, backups, the patch's temporaries (and a step)
+        out["ours_peak_mib"], out["ours_base_mib"] = _peak(device), base_mib
+        pool.plain(handle)
+        pool = live = None  # drops the backups
+    if patch_only:
+        return out
+    out["unet_mib"] = unet_mib
 
+    base_mib = _reset(device)
     for i, lora in enumerate(loras):
         load_into_diffusers(unet, lora, f"lora{i}")
     names = [f"lora{i}" for i in range(len(loras))]
@@ -104,6 +222,7 @@ def step_times(scale: str, latent: int, rounds: int, device, dtype) -> dict:
             unet.disable_adapters()
             disabled.append(timed(step, device)[0])
         unet.enable_adapters()
+        out["diffusers_peak_mib"], out["diffusers_base_mib"] = _peak(device), base_mib
         out["diffusers_fuse_s"] = timed(lambda: unet.fuse_lora(), device)[0]
         out["diffusers_fused_step_s"] = timed(step, device)[0]
         out["diffusers_unfuse_s"] = timed(lambda: unet.unfuse_lora(), device)[0]
@@ -176,20 +295,35 @@ def report(scale: str, args, threads: int, device, dtype) -> dict:
 
     latent = 16 if scale == "tiny" else args.latent
     rounds = args.rounds * 5 if scale == "tiny" else args.rounds  # tiny steps take milliseconds: more rounds
-    s = step_times(scale, latent, rounds, device, dtype)
+    s = step_times(scale, latent, rounds, device, dtype, args.patch_only)
     gc.collect()
     print(f"fuse: {SCALES[scale]} ({s['unet_params'] / 1e6:,.0f}M params, {s['dtype']}, {s['device']}), "
           f"{s['lora_modules']} LoRA modules x 2, step = UNet forward at {latent}x{latent} latent, batch 2; "
           f"{threads} thread(s), medians over {s['rounds']} interleaved rounds", flush=True)
+    print(f"  weight edit (re-patch of every layer): before {median(s['reference_repatch_s']):.3f} s, after "
+          f"{s['ours_repatch_s']:.3f} s (x{s['repatch_speedup']:.2f} faster); first patch (+ backups, "
+          f"{s['backup_mib']:,.0f} MiB in {'/'.join(s['backup_dtypes'])}): before {s['reference_first_patch_s']:.2f} s, "
+          f"after {s['ours_first_patch_s']:.2f} s", flush=True)
+    for place in ("host", "device"):
+        if f"edit_{place}_s" in s:
+            print(f"  backups in {place} memory ({s[f'backups_on_device_{place}']} on the GPU): first patch "
+                  f"{s[f'first_patch_{place}_s']:.3f} s, edit {s[f'edit_{place}_s']:.3f} s")
+    result = {"scale": SCALES[scale], "step": s, "restore": {}}
+    if args.patch_only:
+        return result
+    unit = "allocated GPU memory" if device.type == "cuda" else "RSS"
     print(f"  plain {median(s['plain_s']):.3f} s | ours fused {median(s['ours_fused_s']):.3f} s "
           f"(x{s['fused_vs_plain']:.3f}) | diffusers unfused {median(s['diffusers_unfused_s']):.3f} s "
           f"(x{s['unfused_vs_plain']:.3f} of {median(s['plain_behind_peft_s']):.3f} s with adapters disabled)")
-    print(f"  ours: first patch {s['ours_first_patch_s']:.2f} s, re-patch (= a weight edit) {s['ours_repatch_s']:.2f} s, "
-          f"restore {s['ours_restore_s']:.2f} s; diffusers: set_adapters {s['diffusers_set_adapters_s']:.3f} s, "
+    print(f"  ours: restore {s['ours_restore_s']:.2f} s; diffusers: set_adapters {s['diffusers_set_adapters_s']:.3f} s, "
           f"fuse_lora {s['diffusers_fuse_s']:.2f} s, unfuse_lora {s['diffusers_unfuse_s']:.2f} s, fused step "
           f"{s['diffusers_fused_step_s']:.3f} s; adapters in {s['diffusers_adapter_dtype']}; a re-patch costs what the "
           f"unfused adapters add to {s['repatch_break_even_steps']:.3g} steps", flush=True)
-    result = {"scale": SCALES[scale], "step": s, "restore": {}}
+    print(f"  held: UNet {s['unet_mib']:,.0f} MiB + our backups {s['backup_mib']:,.0f} MiB, or + diffusers' adapter "
+          f"factors {s['lora_mib']:,.0f} MiB")
+    print(f"  peak {unit}: blended (ours, backups included) {s['ours_peak_mib']:,.0f} MiB, diffusers' adapters "
+          f"{s['diffusers_peak_mib']:,.0f} MiB (UNet weights {s['unet_mib']:,.0f} MiB; in use before: ours "
+          f"{s['ours_base_mib']:,.0f}, diffusers {s['diffusers_base_mib']:,.0f})", flush=True)
     if args.skip_restore:
         return result
     for restore_dtype in (torch.float16, torch.bfloat16):
@@ -217,8 +351,19 @@ def main(argv=None) -> int:
     parser.add_argument("--restore-scope", choices=("subset", "full"), default="subset",
                         help="SDXL restore cycles on one transformer layer and resnet per width (default) or every target")
     parser.add_argument("--skip-restore", action="store_true")
+    parser.add_argument("--patch-only", action="store_true",
+                        help="only the patch figures (first patch, weight edits before/after); no steps, no diffusers")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU run: SDXL scale on CUDA in fp16 (fails without CUDA), restore cycles skipped, "
+                             "backups in host and device memory")
     args = parser.parse_args(argv)
     scales = ["tiny"] if args.quick else [s.strip() for s in args.scales.split(",") if s.strip()]
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--gpu needs a CUDA device; this torch sees none")
+        scales, args.skip_restore = ["sdxl"], True
     unknown = [s for s in scales if s not in SCALES]
     if unknown:
         parser.error(f"unknown scale(s) {unknown}; valid: {', '.join(SCALES)}")

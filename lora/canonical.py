@@ -366,6 +366,44 @@ def delta(module: Module, shape: Sequence[int] | None = None, dtype: torch.dtype
     return out.reshape(target)
 
 
+def _split(t: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    # t (fp32) as a sum of `dtype` parts: the rounded value, then what rounding lost (left out when
+    # nothing was lost, e.g. a bf16 factor times a power of two). Two bf16 parts carry 16 bits of
+    # the 24: the pair's product is within 2^-16 of the fp32 product, far below a bf16 weight's step.
+    high = t.to(dtype)
+    low = (t - high.float()).to(dtype)
+    return [high, low] if bool(low.any()) else [high]
+
+
+def stacked_factors(terms: Sequence[tuple[float, LoRAModule]], dtype: torch.dtype = torch.float32
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)`` with ``up @ down == sum(coeff * delta(module))`` over `terms` (``(coeff,
+    LoRAModule)`` pairs), flattened to 2-D ``[out, k]`` and ``[k, in * kh * kw]``: one matmul for
+    every LoRA of a layer, the coefficients and ``alpha / rank`` folded into the up factors.
+
+    In float32 (the default) this is the fp32 maths of `delta`, up to the order of roundings. In
+    bfloat16 each scaled fp32 factor is split into a rounded part and its remainder (for a bf16
+    matmul, which accumulates in fp32: a product of two bf16 values is exact in fp32), so the
+    product keeps 16 bits of the fp32 one; ``k`` grows by up to 3x for it.
+    """
+    ups, downs = [], []
+    for coeff, module in terms:
+        up = module.up.flatten(1).to(torch.float32) * (coeff * module.scale)
+        down = module.down.flatten(1)
+        if dtype == torch.float32:
+            ups.append(up)
+            downs.append(down.to(dtype))
+            continue
+        up_parts = _split(up, dtype)
+        down_parts = [down] if down.dtype == dtype else _split(down.to(torch.float32), dtype)
+        # (u + u') (d + d') = u d + u' d + u d' (+ u' d', below the precision kept)
+        ups += [up_parts[0], *up_parts[1:], *([up_parts[0]] * (len(down_parts) - 1))]
+        downs += [down_parts[0], *([down_parts[0]] * (len(up_parts) - 1)), *down_parts[1:]]
+    if len(ups) == 1:
+        return ups[0], downs[0]
+    return torch.cat(ups, 1), torch.cat(downs, 0)
+
+
 def _frozen(components: Mapping[str, Mapping[str, Module]]) -> Mapping[str, Mapping[str, Module]]:
     # Sorted paths: the same LoRA read from any file layout lists its modules in the same order.
     return MappingProxyType({c: MappingProxyType(dict(sorted(mods.items()))) for c, mods in components.items()})

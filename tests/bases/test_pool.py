@@ -181,3 +181,186 @@ def test_channels_last_lasts_only_while_a_recipe_asks_for_it():
     assert all(p.is_contiguous() for p in plain.unet.parameters()), "dropping compile options restores the layout"
     assert all(torch.equal(p, v) for p, v in zip(convs, values)), "layout changes never change values"
     assert pool.stats["compiles"] == 2, "one wrapper per compile options, made once"
+
+
+# ------------------------------------------------------------------ the per-layer patch maths
+
+def per_delta(source, entries):
+    """The maths the patch must equal: fp32 backup plus each application's full fp32 delta, added in
+    order, cast once (the pool's maths before the one-matmul patch)."""
+    from loraloom.lora.canonical import delta
+
+    new = source.to(torch.float32, copy=True)
+    for _fp, coeff, module in entries:
+        new.add_(delta(module, source.shape), alpha=coeff)
+    return new.to(source.dtype)
+
+
+def within_one_step(got, want):
+    """Per element: got is want or one of its neighbours in their dtype (one rounding step apart)."""
+    bits = {torch.float16: 10, torch.bfloat16: 7}[want.dtype]
+    widest = torch.maximum(got.float().abs(), want.float().abs())
+    _mantissa, exponent = torch.frexp(widest)
+    step = torch.ldexp(torch.ones_like(widest), (exponent - 1 - bits).clamp(min=-24))
+    return (got.float() - want.float()).abs() <= step
+
+
+def layer_entries(shape, dtype, gen, mixed=True):
+    """Applications on one layer: two LoRAs of ranks 8 and 4, the first applied twice (a blend chain),
+    and (``mixed``) a LoHa and a LoKr beside them."""
+    from loraloom.lora.canonical import LoHaModule, LoKrModule
+
+    out, flat_in = shape[0], int(torch.tensor(shape[1:]).prod())
+
+    def lora(rank, alpha):
+        down = (torch.randn(rank, flat_in, generator=gen) / flat_in ** 0.5).to(dtype)
+        up = (torch.randn(out, rank, generator=gen) * 0.05).to(dtype)
+        if len(shape) == 4:
+            down, up = down.reshape(rank, *shape[1:]), up.reshape(out, rank, 1, 1)
+        return LoRAModule(down, up, alpha)
+
+    a, b = lora(8, 4.0), lora(4, 3.0)
+    entries = [("a", 0.7, a), ("b", -0.8, b), ("a", 0.3, a)]
+    if mixed:
+        r = lambda *s: (torch.randn(*s, generator=gen) * 0.1).to(dtype)  # noqa: E731
+        entries.append(("h", 0.6, LoHaModule(r(out, 2), r(2, flat_in), r(out, 2), r(2, flat_in), alpha=2.0)))
+        entries.append(("k", 0.5, LoKrModule(alpha=1.0, w1=r(2, 2), w2=r(out // 2, flat_in // 2))))
+    return tuple(entries)
+
+
+# a linear layer past the bf16 matmul's threshold, a small one, and a conv layer (flattened for the matmul)
+SHAPES = [(320, 256), (24, 40), (64, 128, 3, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mixed", [False, True], ids=["lora", "lora+loha+lokr"])
+def test_patch_equals_the_per_delta_maths(dtype, shape, mixed):
+    from loraloom.bases.pool import patch_weight
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    source = (torch.randn(*shape, generator=gen) * 0.05).to(dtype)
+    entries = layer_entries(shape, dtype, gen, mixed)
+    weight = torch.nn.Parameter(source.clone())
+    computed = patch_weight(weight, source, entries)
+    want = per_delta(source, entries)
+    assert computed == len(entries) - 1, "a module applied twice is computed once"
+    assert not torch.equal(weight.detach(), source), "the patch must change the weight"
+    if dtype == torch.float32:
+        torch.testing.assert_close(weight.detach(), want, atol=1e-6, rtol=1e-6)
+    else:  # one rounding of the same sum: at most one step apart, and rarely that
+        assert bool(within_one_step(weight.detach(), want).all()), f"{dtype} {shape}: over one step from the per-delta maths"
+        differ = float((weight.detach() != want).float().mean())
+        assert differ < 0.1, f"{dtype} {shape}: {differ:.1%} differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_result_depends_on_the_backup_and_recipe_only(dtype):
+    """What a weight held before (another recipe's patch, a channels_last layout) never shows."""
+    from loraloom.bases.pool import patch_weight
+
+    gen = torch.Generator().manual_seed(3)
+    shape = (64, 128, 3, 3)
+    source = (torch.randn(*shape, generator=gen) * 0.05).to(dtype)
+    entries, other = layer_entries(shape, dtype, gen, mixed=False), layer_entries(shape, dtype, gen, mixed=True)
+    fresh = torch.nn.Parameter(source.clone())
+    patch_weight(fresh, source, entries)
+    reused = torch.nn.Parameter(source.clone().to(memory_format=torch.channels_last))
+    patch_weight(reused, source, other)
+    patch_weight(reused, source, entries)
+    assert reused.is_contiguous(memory_format=torch.channels_last), "the patch keeps the weight's layout"
+    assert torch.equal(fresh.detach(), reused.detach()), "the same recipe must give the same bits"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_pool_fuse_equals_diffusers_set_adapters_and_fuse_lora(dtype):
+    """Two LoRAs at weights 1.0 and -0.6 on the tiny SDXL UNet: the pool's patched weights against
+    diffusers' set_adapters + fuse_lora, and both against the exact sum (float64). fp32: equal to
+    rounding. bf16: ours is the exact sum rounded once (within one step of it), never further from it
+    than diffusers' (which rounds its delta to bf16 before adding)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from loraloom.bases.adapters import peft_inputs
+    from loraloom.bases.presets import build_pipeline
+    from loraloom.lora.canonical import delta
+
+    pool = ModelPool()
+    base = pool.load("tiny-sdxl", dtype=dtype, device="cpu")
+    pipe = pool.plain(base)
+    original = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    loras = [random_lora(pipe, 1, rank=8, every=1), random_lora(pipe, 2, rank=4, every=2)]
+    loras = [LoRA({"unet": lora.components["unet"]}, "derived", fingerprint=lora.fingerprint) for lora in loras]
+    weights = (1.0, -0.6)
+    ref = build_pipeline("tiny-sdxl", dtype=dtype, device="cpu")
+    for i, lora in enumerate(loras):
+        tensors, metadata = peft_inputs(lora, {"unet": ref.unet})
+        StableDiffusionXLPipeline.load_lora_into_unet(tensors, None, ref.unet, adapter_name=f"l{i}", metadata=metadata)
+    ref.unet.set_adapters(["l0", "l1"], list(weights))
+    ref.unet.fuse_lora()
+    pool.pipeline(ModelRecipe(base, fused=tuple(Application(l, f"l{i}", w) for i, (l, w) in enumerate(zip(loras, weights)))))
+    mine = dict(pipe.unet.named_parameters())
+    compared = 0
+    for name, module in ref.unet.named_modules():
+        if not (hasattr(module, "base_layer") and hasattr(module, "lora_A") and len(module.lora_A)):
+            continue
+        got, theirs = mine[f"{name}.weight"].detach(), module.base_layer.weight.detach()
+        exact = original[f"{name}.weight"].double()
+        for lora, w in zip(loras, weights):
+            if name in lora.components["unet"]:
+                exact += w * delta(lora.components["unet"][name], exact.shape, dtype=torch.float64)
+        if dtype == "fp32":
+            torch.testing.assert_close(got, theirs, atol=1e-6, rtol=1e-5, msg=f"{name}: ours vs fuse_lora")
+        else:
+            assert bool(within_one_step(got, exact.to(got.dtype)).all()), f"{name}: over one bf16 step from the exact sum"
+            ours_err, their_err = (got.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+            assert ours_err <= their_err, f"{name}: ours {ours_err:.3g} from the exact sum, fuse_lora {their_err:.3g}"
+        compared += 1
+    assert compared == len(loras[0].components["unet"]), f"compared {compared} layers"
+
+
+def test_an_interrupt_mid_patch_leaves_the_plain_base_and_the_next_patch_is_the_same():
+    """check_interrupt raising partway through a re-patch (a weight edit) restores every layer; the
+    recipe applied afterwards gives the weights a pool that never saw the interrupt gives."""
+    pool = ModelPool()
+    base = pool.load("tiny-sdxl", dtype="bf16", device="cpu")
+    pipe = pool.plain(base)
+    original = snapshot(pipe)
+    a, b = random_lora(pipe, 1), random_lora(pipe, 2, every=2)
+    first = ModelRecipe(base, fused=(Application(a, "a", 0.7), Application(b, "b", -0.8)))
+    edited = ModelRecipe(base, fused=(Application(a, "a", 0.9), Application(b, "b", -0.8)))
+    pool.pipeline(first)
+    calls = []
+
+    def interrupt():
+        calls.append(pool.stats["patched_layers"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    before = pool.stats["patched_layers"]
+    with pytest.raises(KeyboardInterrupt):
+        pool.pipeline(edited, check_interrupt=interrupt)
+    assert pool.stats["patched_layers"] - before == 32, "the interrupt came midway, after 32 layers"
+    after = snapshot(pipe)
+    assert all(torch.equal(original[k], after[k]) for k in original), "an interrupted patch must leave the plain base"
+    pool.pipeline(edited)
+    fresh = ModelPool()
+    fresh_pipe = fresh.plain(fresh.load("tiny-sdxl", dtype="bf16", device="cpu"))
+    fresh.pipeline(ModelRecipe(fresh.load("tiny-sdxl", dtype="bf16", device="cpu"), fused=edited.fused))
+    differing = [k for k, v in snapshot(fresh_pipe).items() if not torch.equal(v, snapshot(pipe)[k])]
+    assert not differing, f"the same recipe must give the same bits after an interrupt: {differing[:3]}"
+
+
+def test_backups_keep_the_weights_dtype_and_a_bad_place_is_refused(monkeypatch):
+    from loraloom.bases.arch import BaseModelError
+    from loraloom.bases.pool import BACKUPS_ENV
+
+    pool = ModelPool(backups="device")  # GPU weights only: CPU weights keep host backups
+    base = pool.load("tiny-sd15", dtype="bf16", device="cpu")
+    pipe = pool.plain(base)
+    pool.pipeline(ModelRecipe(base, fused=(Application(random_lora(pipe, 1), "a"),)))
+    backups = next(iter(pool._live.values())).backups
+    assert backups and {b.dtype for b in backups.values()} == {torch.bfloat16}, "backups never wider than the weights"
+    assert all(b.is_contiguous() and b.device.type == "cpu" for b in backups.values())
+    monkeypatch.setenv(BACKUPS_ENV, "disk")
+    with pytest.raises(BaseModelError, match=f"{BACKUPS_ENV} 'disk' is not a backup place; valid: host, device"):
+        ModelPool()

@@ -46,3 +46,32 @@ def test_lycoris_delta_matches_peft_maths(fmt, lora_files, specs):
                 w2 = m.w2a @ m.w2b
             want = make_kron(w1, w2, scale=m.scale)
         torch.testing.assert_close(delta(m, shape), want.reshape(shape), atol=1e-6, rtol=1e-6, msg=f"{component}.{path}")
+
+
+def test_stacked_factors_put_every_lora_of_a_layer_into_one_matmul():
+    from loraloom.lora.canonical import stacked_factors
+
+    one = LoRAModule(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0], [2.0]]), alpha=1.0)
+    two = LoRAModule(torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0], [0.0]]), alpha=2.0)
+    up, down = stacked_factors([(0.5, one), (3.0, two)])
+    assert (up.shape, down.shape) == ((2, 2), (2, 2))
+    assert torch.equal(up @ down, torch.tensor([[7.5, 8.0], [3.0, 4.0]])), "0.5 * one + 3 * 2 * two"
+
+
+def test_stacked_factors_in_bf16_keep_16_bits_of_the_fp32_product():
+    from loraloom.lora.canonical import stacked_factors
+
+    gen = torch.Generator().manual_seed(0)
+    conv = LoRAModule(torch.randn(4, 8, 3, 3, generator=gen), torch.randn(16, 4, 1, 1, generator=gen).bfloat16(), alpha=3.0)
+    terms = [(0.1, conv), (-0.7, conv)]
+    up, down = stacked_factors(terms, torch.bfloat16)
+    assert up.dtype == down.dtype == torch.bfloat16 and down.shape[1] == 8 * 9
+    assert up.shape[1] == 4 * 3 * 2, "fp32 down and scaled up both split: three products per LoRA"
+    want = sum(c * delta(m, dtype=torch.float64) for c, m in terms).flatten(1)
+    got = up.double() @ down.double()
+    rel = float((got - want).abs().max() / want.abs().max())
+    assert rel < 2 ** -14, f"bf16 pairs off the fp64 product by {rel:.2g}"
+    up, down = stacked_factors(terms[:1], torch.bfloat16)
+    rounded = up[:, :4].double() @ down[:4].double()  # the rounded parts alone
+    want = 0.1 * delta(conv, dtype=torch.float64).flatten(1)
+    assert float((rounded - want).abs().max() / want.abs().max()) > 2 ** -12, "the remainders carry the precision"
