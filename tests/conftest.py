@@ -23,6 +23,16 @@ torch.set_num_threads(1)
 PRESET_NAMES = tuple(presets.PRESETS)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _inductor_cache(tmp_path_factory):
+    """torch.compile in tests, and in the processes they start, writes its cache into a folder of this
+    session, never into the user's (LoRA Loom's default, ~/.cache/loraloom/inductor, or torch's)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def tiny_pipeline():
     """Factory: `tiny_pipeline("tiny-sd15" | "tiny-sdxl", dtype="fp32", device="cpu")` -> a fresh
