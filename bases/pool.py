@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..graph_runtime import paths
 from ..lora.canonical import LoRA, delta
 from ..lora.match import base_spec
 from .arch import BaseModelError
@@ -156,7 +157,6 @@ class ModelPool:
         self._live: OrderedDict[tuple, _Live] = OrderedDict()
         self._lock = threading.RLock()
         self.stats = {"loads": 0, "patched_layers": 0, "restored_layers": 0, "compiles": 0, "deltas": 0}
-        use_inductor_cache_dir()  # before any base is built: building one imports torch._dynamo, which fixes it
 
     def load(self, source: str, dtype: str = "auto", device: str = "auto", config: str | None = None) -> BaseModel:
         """Load a base (preset name, diffusers folder or single file) and return its handle. The key
@@ -300,6 +300,7 @@ class ModelPool:
             return unet
         compiled = live.compiled.get(options)
         if compiled is None:
+            use_inductor_cache_dir()
             compiled = live.compiled[options] = torch.compile(
                 unet, mode=None if options.mode == "default" else options.mode,
                 fullgraph=options.fullgraph, dynamic=options.dynamic)
@@ -317,15 +318,15 @@ INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 def inductor_cache_dir() -> Path:
     """Where torch.compile's inductor cache (compiled graphs, generated kernels) lives for LoRA Loom:
-    ``$TORCHINDUCTOR_CACHE_DIR`` when set, else ``inductor`` in LoRA Loom's folder of the user's cache
-    (``$XDG_CACHE_HOME/loraloom``, ``~/.cache/loraloom``; ``%LOCALAPPDATA%/loraloom`` on Windows).
+    ``$TORCHINDUCTOR_CACHE_DIR`` as it was when LoRA Loom was imported, else ``inductor`` in LoRA
+    Loom's folder of the user's cache (``$XDG_CACHE_HOME/loraloom``, ``~/.cache/loraloom``;
+    ``%LOCALAPPDATA%/loraloom`` on Windows).
 
     Torch's own default is ``torchinductor_<user>`` in the temp folder, which many systems empty at
     every reboot (or keep in RAM): the next run would pay the cold compile again (about two minutes
-    for tiny-sdxl's UNet on one CPU thread, against about 20 s warm)."""
-    chosen = os.environ.get(INDUCTOR_CACHE_ENV)
-    if chosen:
-        return Path(chosen)
+    for tiny-sdxl's UNet on this 2-core CPU, against about 20 s warm)."""
+    if paths.INDUCTOR_CACHE_AT_IMPORT:
+        return Path(paths.INDUCTOR_CACHE_AT_IMPORT)
     if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
         root = Path(os.environ["LOCALAPPDATA"])
     else:
@@ -334,12 +335,12 @@ def inductor_cache_dir() -> Path:
 
 
 def use_inductor_cache_dir() -> Path:
-    """Point torch's inductor cache at :func:`inductor_cache_dir` for this process, unless the variable
-    is set already: by the user, or by torch itself, which writes its own default into it as soon as
-    ``torch._dynamo`` is imported (importing diffusers' pipelines does that; so may a host such as
-    ComfyUI). Torch's choice then stays: its dynamo cache is already bound to that folder, and moving
-    the rest midway would split one process's cache."""
-    return Path(os.environ.setdefault(INDUCTOR_CACHE_ENV, str(inductor_cache_dir())))
+    """Point torch's inductor cache at :func:`inductor_cache_dir` for this process, before a compile.
+    Torch reads the variable at every cache lookup and write, so setting it before the first call of
+    a compiled module is enough, even after torch wrote its own default into it."""
+    folder = inductor_cache_dir()
+    os.environ[INDUCTOR_CACHE_ENV] = str(folder)
+    return folder
 
 
 # Calling a transformers tokenizer records the padding and truncation it was asked for in its

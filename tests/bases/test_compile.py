@@ -31,10 +31,9 @@ def _sample(pipe):
                 generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
 
 
-def test_compiled_matches_eager_and_never_recompiles(tmp_path, monkeypatch):
+def test_compiled_matches_eager_and_never_recompiles():
     from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     pool = ModelPool()
     base = pool.load("tiny-sd15", dtype="fp32", device="cpu")
@@ -70,6 +69,7 @@ _COMPILE_RUN = """
 import json, os, tempfile
 import torch
 from loraloom import Runtime
+from torch._dynamo.utils import counters  # after loraloom, which reads the variable before torch sets it
 torch.set_num_threads(1)
 workflow = {
     "1": {"class_type": "LoadBase", "inputs": {"source": "tiny-sd15", "config": "auto", "dtype": "fp32", "device": "cpu"}},
@@ -81,7 +81,6 @@ workflow = {
     "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
 }
 Runtime(output_dir=tempfile.mkdtemp()).run(workflow)
-from torch._dynamo.utils import counters  # only now: importing torch._dynamo fixes the cache folder
 print(json.dumps({"cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "graphs": counters["stats"]["unique_graphs"],
                   **counters["inductor"], **counters["aot_autograd"]}))
 """
@@ -116,14 +115,17 @@ def test_the_inductor_cache_is_in_the_user_cache_and_the_next_process_reuses_it(
 
 
 def test_the_inductor_cache_goes_where_the_user_says(tmp_path, monkeypatch):
-    """$TORCHINDUCTOR_CACHE_DIR, when set, is left as it is; else the user's cache folder."""
+    """$TORCHINDUCTOR_CACHE_DIR as set when LoRA Loom was imported wins over whatever torch wrote
+    into it since; without it, the user's cache folder."""
     from loraloom.bases.pool import inductor_cache_dir, use_inductor_cache_dir
+    from loraloom.graph_runtime import paths
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(paths, "INDUCTOR_CACHE_AT_IMPORT", str(tmp_path / "mine"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_default")
     assert use_inductor_cache_dir() == tmp_path / "mine"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr(paths, "INDUCTOR_CACHE_AT_IMPORT", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert inductor_cache_dir() == tmp_path / "xdg" / "loraloom" / "inductor"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
