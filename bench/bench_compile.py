@@ -18,9 +18,14 @@ Paths, each in its own process (clean dynamo caches and counters):
 A "prompt edit" sample before the edits gives each path's steady sample time. Graphs compiled =
 the rise of torch._dynamo's ``unique_graphs`` counter.
 
-The inductor cache is kept in ~/.cache/loraloom/bench-inductor between runs (as torch's default
-cache in the temp folder is for a user, so a user's second session is warm); its hits and misses
-are reported. ``--cold`` uses an empty cache (each graph then takes about a minute here).
+The inductor cache is kept in ~/.cache/loraloom/bench-inductor between runs (as LoRA Loom's own
+~/.cache/loraloom/inductor is for a user, so a user's second session is warm); its hits and misses
+are reported. ``--cold`` uses an empty cache (each graph then takes one to two minutes here).
+
+First sample, cold vs warm (not with ``--quick``): our path's first sample (building the base,
+reading and fusing the LoRAs, compiling, 4 steps) in a process with an empty inductor cache
+(``ours-cold``), then in a second process given the cache the first one left (``ours-warm``), as a
+user's first and second ``loraloom run`` see it; each also times the prompt edit after it.
 
     python bench/bench_compile.py [--quick] [--threads 1] [--cold] [--paths ours,diffusers,diffusers-fused] [--json OUT]
 """
@@ -39,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, DEMO_LORAS, add_common_args, machine, setup_threads, timed, write_json  # noqa: E402
 
 PATHS = ("ours", "diffusers", "diffusers-fused")
+FIRST = ("ours-cold", "ours-warm")  # our first sample in two processes sharing an empty inductor cache
 WORKFLOW = REPO / "workflows" / "fuse_compile_api.json"
 CACHE = Path.home() / ".cache" / "loraloom" / "bench-inductor"
 SAMPLE = {"steps": 4, "width": 64, "height": 64}
@@ -74,7 +80,7 @@ def write_third_lora(folder: Path) -> Path:
     return write_kohya(third, folder / "demo-c.safetensors", arch="sdxl")
 
 
-def run_ours(tmp: Path) -> list:
+def run_ours(tmp: Path, edits: bool = True) -> list:
     from loraloom import Runtime
 
     wf = json.loads(WORKFLOW.read_text())
@@ -90,6 +96,8 @@ def run_ours(tmp: Path) -> list:
 
     _event(events, "first sample", run())
     _event(events, "prompt edit", run(**{"5__prompt": "a lighthouse in fog"}))
+    if not edits:
+        return events
     _event(events, "weight change", run(**{"4__weight": 0.5}))
     _event(events, "LoRA swap", run(**{"3__lora_name": "demo-c.safetensors"}))
     _event(events, "re-fuse", run(**{"6__lora_scale": 0.5}))
@@ -146,7 +154,10 @@ def run_diffusers(tmp: Path, fused: bool) -> list:
 def worker(path: str, tmp: Path, threads: int) -> dict:
     setup_threads(threads)
     print(f"  {path}:", file=sys.stderr, flush=True)
-    events = run_ours(tmp) if path == "ours" else run_diffusers(tmp, fused=path == "diffusers-fused")
+    if path in FIRST:
+        events = run_ours(tmp, edits=False)
+    else:
+        events = run_ours(tmp) if path == "ours" else run_diffusers(tmp, fused=path == "diffusers-fused")
     return {"path": path, "events": events}
 
 
@@ -192,8 +203,31 @@ def main(argv=None) -> int:
                                        for e in events)
               + f"; inductor cache hits {sum(e['cache_hits'] for e in events)}, misses "
                 f"{sum(e['cache_misses'] for e in events)}", flush=True)
+    if not args.quick:
+        result["first_sample"] = first_sample(tmp, args.threads)
     write_json(args.json, result)
     return 0
+
+
+def first_sample(tmp: Path, threads: int) -> dict:
+    """Our path's first sample in a process with an empty inductor cache, then in the next process
+    with the cache the first one left (what a user's second run sees), side by side in one run."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / "first-inductor"))
+    out = {}
+    for path in FIRST:
+        proc = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--worker", path, str(tmp)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"  {path}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+            return {"error": proc.stderr[-3000:]}
+        events = json.loads(proc.stdout.strip().splitlines()[-1])["events"]
+        out[path] = {e["event"]: e for e in events}
+    cold, warm = out["ours-cold"]["first sample"], out["ours-warm"]["first sample"]
+    steady = out["ours-warm"]["prompt edit"]["seconds"]
+    print(f"  first sample (import excluded): cold {cold['seconds']:.1f} s (cache misses {cold['cache_misses']}), "
+          f"warm {warm['seconds']:.1f} s (hits {warm['cache_hits']}, misses {warm['cache_misses']}); "
+          f"a prompt edit after it {steady:.2f} s", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -259,6 +259,16 @@ def lines_compile(f: dict) -> list:
                     str(o["graphs"]) if o else "n/a", "0", (PASS if o["graphs"] == 0 else MISS) if o else MISS))
     if ours is None:
         out.append(("ours", "failed", "", "", "0", MISS))
+    first = f.get("first_sample")
+    if first and "error" not in first:
+        cold, warm = first["ours-cold"]["first sample"], first["ours-warm"]["first sample"]
+        out.append(("first sample, next process: cache hits / misses (time)",
+                    f"{warm['cache_hits']} / {warm['cache_misses']} ({warm['seconds']:.3g} s)",
+                    f"empty cache: {cold['cache_hits']} / {cold['cache_misses']} ({cold['seconds']:.3g} s)",
+                    f"{cold['seconds'] / warm['seconds']:.3g}x faster", "0 misses",
+                    PASS if warm["cache_misses"] == 0 and warm["cache_hits"] > 0 else MISS))
+    elif first:
+        out.append(("first sample, cold vs warm", "failed", "", "", "0 misses", MISS))
     return out
 
 

@@ -17,6 +17,10 @@ from .errors import PathError
 ENV_LORA_DIRS = "LORALOOM_LORA_DIRS"
 ENV_MODELS_DIR = "LORALOOM_MODELS_DIR"
 ENV_OUTPUT_DIR = "LORALOOM_OUTPUT_DIR"
+# The folder the user chose for torch's inductor cache, read as LoRA Loom is imported (bases/pool.py
+# compiles there): importing torch._dynamo, which importing diffusers does, writes torch's own
+# default into the variable, so a later read could not tell the user's choice from torch's.
+INDUCTOR_CACHE_AT_IMPORT = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or None
 # Previews live in <output>/temp/: ComfyUI's file type "temp" (``/view?type=temp``), which the
 # preview nodes write and the server serves.
 TEMP_SUBFOLDER = "temp"

@@ -35,6 +35,20 @@ torch.set_num_threads(1)
 PRESET_NAMES = tuple(presets.PRESETS)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _inductor_cache(tmp_path_factory):
+    """torch.compile in tests, and in the processes they start, writes its cache into a folder of this
+    session, never into the user's (LoRA Loom's default, ~/.cache/loraloom/inductor, or torch's)."""
+    from loraloom.graph_runtime import paths
+
+    folder = str(tmp_path_factory.mktemp("inductor"))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TORCHINDUCTOR_CACHE_DIR", folder)
+    patch.setattr(paths, "INDUCTOR_CACHE_AT_IMPORT", folder)  # read as loraloom was imported, before this
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def tiny_pipeline():
     """Factory: `tiny_pipeline("tiny-sd15" | "tiny-sdxl", dtype="fp32", device="cpu")` -> a fresh

@@ -4,7 +4,7 @@
 It starts with no error of ours in its console and no request beyond this server; each shipped
 UI-format workflow loads through the page with no missing node type, and what the page would queue
 validates and means what our API file means; blend and merge_dare are queued and their images appear
-on the Save Image node. fuse_compile (about a minute of torch.compile on a CPU) is loaded and
+on the Save Image node. fuse_compile (about two minutes of torch.compile on a CPU) is loaded and
 validated, not run; after a run each node shows the text it reported (our editor extension). Every
 shipped workflow, and every node placed fresh from the node library, round-trips other values in
 every widget: saved, queued, and read back by our converter. With a token, the page works through
