@@ -29,7 +29,6 @@ import copy
 import itertools
 import operator
 import os
-import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -483,11 +482,7 @@ def inductor_cache_dir() -> Path:
     for tiny-sdxl's UNet on this 2-core CPU, against about 20 s warm)."""
     if paths.INDUCTOR_CACHE_AT_IMPORT:
         return Path(paths.INDUCTOR_CACHE_AT_IMPORT)
-    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
-        root = Path(os.environ["LOCALAPPDATA"])
-    else:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "loraloom" / "inductor"
+    return paths.user_cache_root() / "inductor"
 
 
 def use_inductor_cache_dir() -> Path:

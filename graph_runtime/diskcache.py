@@ -36,6 +36,7 @@ from typing import Any, BinaryIO, Callable, Protocol
 
 from .cache import file_hasher
 from .errors import InputError
+from .paths import user_cache_root
 
 ENV_DISK_CACHE_DIR = "LORALOOM_DISK_CACHE_DIR"
 ENV_DISK_CACHE_BYTES = "LORALOOM_DISK_CACHE_BYTES"
@@ -46,7 +47,7 @@ TMP = "tmp"
 # A temp file this old belongs to a writer that was killed: no entry takes an hour to write.
 STALE_TMP_S = 3600
 _KEY = re.compile(r"^[0-9a-f]{64}$")
-_ENTRY = re.compile(r"^(?P<key>[0-9a-f]{64})\.(?P<digest>[0-9a-f]{32})\.")
+_ENTRY = re.compile(r"^(?P<key>[0-9a-f]{64})\.(?P<digest>[0-9a-f]{64})\.")
 
 Note = Callable[[str], None]
 
@@ -91,8 +92,7 @@ def default_dir(env=None) -> Path:
     env = os.environ if env is None else env
     if env.get(ENV_DISK_CACHE_DIR):
         return Path(env[ENV_DISK_CACHE_DIR]).expanduser()
-    base = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "loraloom" / "results"
+    return user_cache_root(env) / "results"
 
 
 def _budget(value: Any, source: str) -> int:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Mapping
 
 from .errors import PathError
 
@@ -21,6 +23,18 @@ ENV_OUTPUT_DIR = "LORALOOM_OUTPUT_DIR"
 # compiles there): importing torch._dynamo, which importing diffusers does, writes torch's own
 # default into the variable, so a later read could not tell the user's choice from torch's.
 INDUCTOR_CACHE_AT_IMPORT = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or None
+
+
+def user_cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """LoRA Loom's folder in the user's cache, where its caches live (the disk cache of results,
+    torch.compile's inductor cache): ``%LOCALAPPDATA%/loraloom`` on Windows, else
+    ``$XDG_CACHE_HOME/loraloom``, else ``~/.cache/loraloom``. Never the temp folder, which many
+    systems empty at every reboot."""
+    env = os.environ if env is None else env
+    if sys.platform == "win32" and env.get("LOCALAPPDATA"):
+        return Path(env["LOCALAPPDATA"]) / "loraloom"
+    base = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "loraloom"
 # Previews live in <output>/temp/: ComfyUI's file type "temp" (``/view?type=temp``), which the
 # preview nodes write and the server serves.
 TEMP_SUBFOLDER = "temp"
