@@ -141,6 +141,6 @@ def test_the_codec_stores_every_module_kind_exactly(tmp_path, lora_files, kind):
     with open(tmp_path / "entry.safetensors", "wb") as f:
         codec.save((lora, lora), ui, f, {"key": "k"})
     outputs, ui_back, stamp, digest = codec.load(tmp_path / "entry.safetensors")
-    assert ui_back == ui and stamp == {"key": "k"} and len(digest) == 32
+    assert ui_back == ui and stamp == {"key": "k"} and len(digest) == 64
     for back in outputs:
         assert_identical(lora, back)
