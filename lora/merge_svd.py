@@ -201,11 +201,11 @@ def randomized_svd(D: torch.Tensor, rank: int, block: int, start: torch.Tensor |
     product after it, ``M Qz`` with ``Qz`` a basis of span(Z), gives their residuals
     (`certified_bound`) and the basis of the next step. So the bound is checked after every
     product, not every other one: a module certified half-way through a power iteration stops
-    there (measured: one product in seven less on most SDXL modules). Once the bound, with the tail
-    norm at its smallest, could pass, the tail norm is estimated (`tail_norm_bound`, on M); it
-    returns when the bound is at most `tolerance`. Falls back to
-    ``torch.linalg.svd(full_matrices=False)`` when the block is not much smaller than the matrix (no
-    gain), when the residual stops shrinking (less than halved over a power iteration: fp32
+    there (measured: one product less on 310 of SDXL's 722 modules, the larger ones: 6 instead of
+    7 on 10240x1280). Once the bound, with the tail norm at its smallest, could pass, the tail norm
+    is estimated (`tail_norm_bound`, on M); it returns when the bound is at most `tolerance`. Falls
+    back to ``torch.linalg.svd(full_matrices=False)`` when the block is not much smaller than the
+    matrix (no gain), when the residual stops shrinking (less than halved over a power iteration: fp32
     rounding, a flat spectrum) or after `MAX_POWER_ITERATIONS`; the solver name says which.
     """
     m, n = D.shape
