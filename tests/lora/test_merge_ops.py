@@ -119,3 +119,15 @@ def test_magnitude_prune_kth_keeps_the_first_ties_in_row_major_order_at_scale():
     tied_kept = kept[tied]
     assert bool(tied_kept[: int(tied_kept.sum())].all()), "ties are kept in row-major order"
     assert torch.equal(out[kept], t[kept]), "kept entries are the tensor's own values"
+
+
+def test_magnitude_prune_kth_equals_topk_on_a_full_delta():
+    # A sum of products (no tied magnitudes), above 2^20 entries: selection keeps topk's entries,
+    # with the delta's own values, and zeros elsewhere.
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(1100, 8, generator=g) @ torch.randn(8, 1000, generator=g)
+    for density in (0.1, 0.5, 0.9):
+        kth = merge_ops.magnitude_prune(delta, density, select="kth")
+        topk = merge_ops.magnitude_prune(delta, density, select="topk")
+        assert torch.equal(kth, topk), f"density {density}: kth and topk keep different entries"
+        assert int(torch.count_nonzero(kth)) == int(density * delta.numel())

@@ -78,9 +78,27 @@ def test_randomized_svd_recovers_a_known_spectrum():
     best = (U[:, :8] * torch.tensor(spectrum[:8], dtype=torch.float64)) @ V[:, :8].T
     got = (top.U.double() * top.S.double()) @ top.Vh.double()
     error = float((got - best).norm() / best.norm())
-    assert top.solver == merge_svd.RANDOMIZED and top.iterations <= 4, f"{top.solver} after {top.iterations}"
+    assert top.solver == merge_svd.RANDOMIZED and top.products <= 9, f"{top.solver} after {top.products} products"
     assert error <= top.bound <= merge_svd.TOLERANCE, f"error {error:.2e}, bound {top.bound:.2e}"
     torch.testing.assert_close(top.S.double(), torch.tensor(spectrum[:8], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_randomized_svd_stops_on_either_side_of_a_power_iteration():
+    # The bound is checked after every product, with D and with D^T: tolerances from loose to tight
+    # stop after odd and even product counts; either way the triplets are D's own (shapes, the
+    # product within its certified bound of the known best rank-8 approximation).
+    spectrum = [10 - 0.25 * i for i in range(20)] + [3.0 * 0.97 ** i for i in range(75)]
+    D, U, V = _with_spectrum(spectrum, m=500, n=260)
+    best = (U[:, :8] * torch.tensor(spectrum[:8], dtype=torch.float64)) @ V[:, :8].T
+    stops = set()
+    for tolerance in (1e-2, 3e-3, 3e-4, 1e-4):
+        top = merge_svd.randomized_svd(D.float(), 8, 40, tolerance=tolerance)
+        assert top.solver == merge_svd.RANDOMIZED, f"tolerance {tolerance}: {top.solver}"
+        assert (top.U.shape, top.Vh.shape) == ((500, 8), (8, 260)), f"{top.U.shape}, {top.Vh.shape}"
+        error = float(((top.U.double() * top.S.double()) @ top.Vh.double() - best).norm() / best.norm())
+        assert error <= top.bound <= tolerance, f"tolerance {tolerance}: error {error:.2e}, bound {top.bound:.2e}"
+        stops.add(top.products % 2)
+    assert stops == {0, 1}, f"every stop after the same parity of products: {stops}"
 
 
 def test_randomized_svd_falls_back_where_singular_values_tie_at_k():
