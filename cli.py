@@ -467,12 +467,16 @@ def cmd_cache(args) -> int:
     store = DiskCache.configure(args.disk_cache_dir)
     if args.action == "clear":
         gone = store.clear()
-        print(f"cleared {store.root}: {gone.entries} entries, {_size(gone.nbytes)}")
+        print(f"cleared {store.root}: {_entries(gone.entries)}, {_size(gone.nbytes)}")
         return EXIT_OK
     info = store.info()
     state = "off (budget 0)" if not store.enabled else f"budget {_size(info.max_bytes)}"
-    print(f"disk cache: {info.root}\n  {info.entries} entries, {_size(info.nbytes)}; {state}")
+    print(f"disk cache: {info.root}\n  {_entries(info.entries)}, {_size(info.nbytes)}; {state}")
     return EXIT_OK
+
+
+def _entries(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
 
 
 def _size(nbytes: int) -> str:

@@ -96,11 +96,11 @@ def test_cache_info_and_clear(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["cache", "info", "--disk-cache-dir", str(disk)]) == 0
     out = capsys.readouterr().out
-    assert f"disk cache: {disk}" in out and f"1 entries, {size / 2**20:.1f} MiB ({size} bytes)" in out
+    assert f"disk cache: {disk}" in out and f"1 entry, {size / 2**20:.1f} MiB ({size} bytes)" in out
     assert "budget 953.7 MiB (1000000000 bytes)" in out
     monkeypatch.setenv("LORALOOM_DISK_CACHE_DIR", str(disk))  # the variable names the folder too
     assert main(["cache", "clear"]) == 0
-    assert f"cleared {disk}: 1 entries" in capsys.readouterr().out
+    assert f"cleared {disk}: 1 entry," in capsys.readouterr().out
     assert entries(disk) == []
     monkeypatch.setenv("LORALOOM_DISK_CACHE_BYTES", "0")
     assert main(["cache", "info"]) == 0
