@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, setup_threads, write_json
+from common import machine, reset_peak, setup_threads, status_kb, write_json
 
 TASKS = ("load", "check", "fingerprint")
 
@@ -124,37 +124,18 @@ def task_fn(task: str, path: Path):
     return {"load": load, "check": check, "fingerprint": fingerprint}[task]
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: clear_refs 5); False if refused.
-    Imports peak above where they settle, and ru_maxrss would count that peak as the task's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_peak(task: str, path: Path) -> dict:
     """Run one task in this process (a fresh subprocess): its time and peak RSS over the baseline."""
     fn = task_fn(task, path)
     import safetensors.torch  # noqa: F401  (imports before the baseline, so only the task's memory counts)
     import torch  # noqa: F401
 
-    reset = _reset_peak()
-    base = _status_kb("VmRSS")
+    reset = reset_peak()
+    base = status_kb("VmRSS")
     start = time.perf_counter()
     fn()
     seconds = time.perf_counter() - start
-    peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"task": task, "seconds": seconds, "peak_rss_mib": max(0, peak - base) / 1024}
 
 

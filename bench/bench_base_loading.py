@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora_loading import CLIP_BIG_G, CLIP_L, UNET_SDXL, _rss_kb  # noqa: E402  (one copy of the SDXL shapes)
+from bench_lora_loading import CLIP_BIG_G, CLIP_L, UNET_SDXL  # noqa: E402  (one copy of the SDXL shapes)
+from common import status_kb  # noqa: E402
 
 VAE_SDXL = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 1024, "scaling_factor": 0.13025,
@@ -114,7 +115,7 @@ def measure(task: str, folder: str, threads: int) -> dict:
 
     if threads > 0:
         torch.set_num_threads(threads)
-    base_rss = _rss_kb()
+    base_rss = status_kb("VmRSS")
     start = time.perf_counter()
     if task.startswith("ours"):
         loaded = load_base(folder, dtype="fp16", device="cpu")

@@ -45,9 +45,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_base_checks import _reset_peak, _status_kb  # noqa: E402
 from common import (add_common_args, load_into_diffusers, lora_targets, machine, median, pool_for,  # noqa: E402
-                    random_lora, sdxl_device_dtype, sdxl_unet, setup_threads, timed, unet_inputs, write_json)
+                    random_lora, reset_peak, sdxl_device_dtype, sdxl_unet, setup_threads, status_kb, timed,
+                    unet_inputs, write_json)
 
 WEIGHTS = (1.0, 0.8)
 # One transformer layer and one resnet at each width (640, 1280), their attention's proj_in/out.
@@ -100,12 +100,12 @@ def _use(pool, patch) -> None:
 
 
 def _peak(device) -> float:
-    """MiB: peak RSS since the last `_reset_peak` (CPU) or peak allocated GPU memory (CUDA)."""
+    """MiB: peak RSS since the last `reset_peak` (CPU) or peak allocated GPU memory (CUDA)."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return _status_kb("VmHWM") / 1024
+    return status_kb("VmHWM") / 1024
 
 
 def _reset(device) -> float:
@@ -117,8 +117,8 @@ def _reset(device) -> float:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
-    _reset_peak()
-    return _status_kb("VmRSS") / 1024
+    reset_peak()
+    return status_kb("VmRSS") / 1024
 
 
 def patch_times(pool, handle, loras, rounds: int, device, backups: tuple[str, ...]) -> dict:

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import bytes_read, status_kb
+
 UNET_SDXL = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -98,22 +100,6 @@ def make_file(path: Path, rank: int, quick: bool) -> dict:
     return {"modules": lora.n_modules, "write_s": time.perf_counter() - start, "file_bytes": path.stat().st_size}
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _rchar() -> int:
-    try:
-        with open("/proc/self/io") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
-    except OSError:
-        return -1
-
-
 def measure(task: str, path: str, quick: bool) -> dict:
     """Run one task in this process (called in a fresh subprocess) and report time, RSS and bytes read."""
     import torch  # noqa: F401  (imports before the baseline, so only the task's memory counts)
@@ -137,7 +123,7 @@ def measure(task: str, path: str, quick: bool) -> dict:
         from loraloom.graph_runtime import file_fingerprint
 
         known = file_fingerprint(path)
-    base_rss, base_read = _rss_kb(), _rchar()
+    base_rss, base_read = status_kb("VmRSS"), bytes_read()
     start = time.perf_counter()
     if task == "ours-parse":
         check_lora(read_lora(path), spec)
@@ -155,7 +141,7 @@ def measure(task: str, path: str, quick: bool) -> dict:
         StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, unet, adapter_name="ref", low_cpu_mem_usage=True)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"task": task, "seconds": seconds, "peak_rss_mb": max(0, peak - base_rss) / 1024, "bytes_read": _rchar() - base_read}
+    return {"task": task, "seconds": seconds, "peak_rss_mb": max(0, peak - base_rss) / 1024, "bytes_read": bytes_read() - base_read}
 
 
 def _run(task: str, path: Path, quick: bool, before: str | None = None) -> dict:

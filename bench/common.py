@@ -116,6 +116,29 @@ def bytes_read() -> int:
         return -1
 
 
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in KiB (``VmRSS``: resident now; ``VmHWM``: peak); 0 off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: clear_refs 5); False if refused.
+    Imports peak above where they settle, and ru_maxrss would count that peak as the task's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def write_json(path: str | None, figures: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(figures, indent=1, default=str))
