@@ -29,7 +29,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora_loading import CLIP_BIG_G, CLIP_L, UNET_SDXL  # noqa: E402  (one copy of the SDXL shapes)
-from common import status_kb  # noqa: E402
+from common import run_measure, status_kb  # noqa: E402
 
 VAE_SDXL = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 1024, "scaling_factor": 0.13025,
@@ -137,15 +136,6 @@ def measure(task: str, folder: str, threads: int) -> dict:
             "fingerprint": fingerprint}
 
 
-def _run(task: str, folder: Path, threads: int, pythonpath: str | None) -> dict:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    out = subprocess.run([sys.executable, __file__, "--measure", task, str(folder), "--threads", str(threads)],
-                         check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI mode: the tiny-sdxl preset as a folder, one round")
@@ -170,7 +160,7 @@ def main(argv=None) -> int:
         runs: dict[str, list[dict]] = {task: [] for task, _ in tasks}
         for _ in range(rounds):
             for task, pythonpath in tasks:
-                runs[task].append(_run(task, folder, args.threads, pythonpath))
+                runs[task].append(run_measure(__file__, [task, str(folder), "--threads", str(args.threads)], pythonpath))
     figures = {"weights_bytes": sizes["weights_bytes"], "rounds": rounds, "tasks": {}}
     for task, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)

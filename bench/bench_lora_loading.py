@@ -23,13 +23,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import bytes_read, status_kb
+from common import bytes_read, run_measure, status_kb
 
 UNET_SDXL = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -146,18 +144,8 @@ def measure(task: str, path: str, quick: bool) -> dict:
 
 def _run(task: str, path: Path, quick: bool, before: str | None = None) -> dict:
     """One task in a fresh process; a task ending in ``-before`` runs on the loraloom at ``before``."""
-    env = dict(os.environ)
-    if task.endswith("-before"):
-        env["PYTHONPATH"] = before
-        task = task.removesuffix("-before")
-    out = subprocess.run(
-        [sys.executable, __file__, "--measure", task, str(path)] + (["--quick"] if quick else []),
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    pythonpath = before if task.endswith("-before") else None
+    return run_measure(__file__, [task.removesuffix("-before"), str(path)] + (["--quick"] if quick else []), pythonpath)
 
 
 def main(argv=None) -> int:

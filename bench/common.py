@@ -11,6 +11,7 @@ import math
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,17 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def run_measure(script: str, args: list[str], pythonpath: str | None = None) -> dict:
+    """``script --measure ARGS`` in a fresh process (its own peak RSS, nothing cached from earlier
+    tasks), on the loraloom found on ``pythonpath`` when given; returns the JSON it prints last."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    out = subprocess.run([sys.executable, script, "--measure", *args], check=True, capture_output=True, text=True,
+                         env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def write_json(path: str | None, figures: dict) -> None:
