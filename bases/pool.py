@@ -169,8 +169,9 @@ def patch_weight(weight: torch.Tensor, source: torch.Tensor, entries: tuple) -> 
     A module applied several times (a chain of blends) counts once, with its coefficients summed.
     Every LoRA pair of the layer goes into one matmul (`stacked_factors`); LoHa and LoKr modules
     add their full delta. bf16 weights on a CPU take one bf16 ``addmm`` straight into the weight
-    (oneDNN accumulates in fp32 and rounds once, from fp32 factors split into bf16 pairs; 7x the
-    per-delta float32 maths on the SDXL UNet, and within one bf16 step of it); every other case runs
+    (oneDNN accumulates in fp32, scales the sum by the widest LoRA's coefficient and rounds once;
+    other LoRAs' factors relative to it, split into bf16 pairs where not exact; ~10x the per-delta
+    float32 maths on the SDXL UNet, and within one bf16 step of it); every other case runs
     float32 maths in row chunks that stay in cache, then casts once. The result depends only on
     ``source`` and ``entries``, never on what the weight held before.
     """
@@ -184,10 +185,10 @@ def patch_weight(weight: torch.Tensor, source: torch.Tensor, entries: tuple) -> 
     out = weight.detach() if in_place else torch.empty(weight.shape, dtype=weight.dtype, device=device)
     out2d, source2d = out.view(rows, cols), source.view(rows, cols)
     if low and not full and weight.dtype == torch.bfloat16 and device.type == "cpu" and weight.numel() >= BF16_MIN_NUMEL:
-        up, down = stacked_factors(low, torch.bfloat16)
-        torch.addmm(source2d, up, down, out=out2d)
+        up, down, scale = stacked_factors(low, torch.bfloat16)
+        torch.addmm(source2d, up, down, alpha=scale, out=out2d)
     else:
-        up, down = stacked_factors(low) if low else (None, None)
+        up, down, _one = stacked_factors(low) if low else (None, None, 1.0)
         if up is not None:
             up, down = up.to(device), down.to(device)
         deltas = [(c, delta(m, weight.shape).to(device).view(rows, cols)) for c, m in full]

@@ -376,32 +376,37 @@ def _split(t: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def stacked_factors(terms: Sequence[tuple[float, LoRAModule]], dtype: torch.dtype = torch.float32
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(up, down)`` with ``up @ down == sum(coeff * delta(module))`` over `terms` (``(coeff,
-    LoRAModule)`` pairs), flattened to 2-D ``[out, k]`` and ``[k, in * kh * kw]``: one matmul for
-    every LoRA of a layer, the coefficients and ``alpha / rank`` folded into the up factors.
+                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(up, down, scale)`` with ``scale * (up @ down) == sum(coeff * delta(module))`` over `terms`
+    (``(coeff, LoRAModule)`` pairs), flattened to 2-D ``[out, k]`` and ``[k, in * kh * kw]``: one
+    matmul for every LoRA of a layer (``addmm(..., alpha=scale)``).
 
-    In float32 (the default) this is the fp32 maths of `delta`, up to the order of roundings. In
-    bfloat16 each scaled fp32 factor is split into a rounded part and its remainder (for a bf16
-    matmul, which accumulates in fp32: a product of two bf16 values is exact in fp32), so the
-    product keeps 16 bits of the fp32 one; ``k`` grows by up to 3x for it.
+    In float32 (the default) the coefficients and ``alpha / rank`` are folded into the up factors
+    and ``scale`` is 1.0: the fp32 maths of `delta`, up to the order of roundings. In bfloat16
+    ``scale`` is the folded coefficient of the LoRA with the largest rank, which the matmul applies
+    to its fp32 accumulator, so that LoRA's bf16 factors go in unchanged; the other LoRAs' up factors
+    carry their coefficient relative to it, and a scaled fp32 factor is split into a rounded part and
+    its remainder (a bf16 matmul accumulates in fp32, and a product of two bf16 values is exact in
+    fp32), so the product keeps 16 bits of the fp32 one; ``k`` grows by up to 3x for such a LoRA.
     """
-    ups, downs = [], []
-    for coeff, module in terms:
-        up = module.up.flatten(1).to(torch.float32) * (coeff * module.scale)
-        down = module.down.flatten(1)
-        if dtype == torch.float32:
-            ups.append(up)
-            downs.append(down.to(dtype))
-            continue
-        up_parts = _split(up, dtype)
-        down_parts = [down] if down.dtype == dtype else _split(down.to(torch.float32), dtype)
-        # (u + u') (d + d') = u d + u' d + u d' (+ u' d', below the precision kept)
-        ups += [up_parts[0], *up_parts[1:], *([up_parts[0]] * (len(down_parts) - 1))]
-        downs += [down_parts[0], *([down_parts[0]] * (len(up_parts) - 1)), *down_parts[1:]]
+    if dtype == torch.float32:
+        ups = [module.up.flatten(1).to(torch.float32) * (coeff * module.scale) for coeff, module in terms]
+        downs = [module.down.flatten(1).to(torch.float32) for _coeff, module in terms]
+        scale = 1.0
+    else:
+        # the widest LoRA unsplit: splitting it would cost the most (k grows by its rank)
+        scale = max(((coeff * module.scale, module.rank) for coeff, module in terms), key=lambda t: t[1])[0]
+        ups, downs = [], []
+        for coeff, module in terms:
+            up_parts = _split(module.up.flatten(1).to(torch.float32) * (coeff * module.scale / scale), dtype)
+            down = module.down.flatten(1)
+            down_parts = [down] if down.dtype == dtype else _split(down.to(torch.float32), dtype)
+            # (u + u') (d + d') = u d + u' d + u d' (+ u' d', below the precision kept)
+            ups += [up_parts[0], *up_parts[1:], *([up_parts[0]] * (len(down_parts) - 1))]
+            downs += [down_parts[0], *([down_parts[0]] * (len(up_parts) - 1)), *down_parts[1:]]
     if len(ups) == 1:
-        return ups[0], downs[0]
-    return torch.cat(ups, 1), torch.cat(downs, 0)
+        return ups[0], downs[0], scale
+    return torch.cat(ups, 1), torch.cat(downs, 0), scale
 
 
 def _frozen(components: Mapping[str, Mapping[str, Module]]) -> Mapping[str, Mapping[str, Module]]:

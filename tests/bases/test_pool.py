@@ -254,6 +254,32 @@ def test_patch_equals_the_per_delta_maths(dtype, shape, mixed):
         assert differ < 0.1, f"{dtype} {shape}: {differ:.1%} differ"
 
 
+@pytest.mark.parametrize("coeffs", [(0.9, 0.8), (1.0, 0.8), (0.45, -0.9)])
+def test_bf16_patch_is_the_exact_sum_rounded_once_but_for_a_tiny_fraction(coeffs):
+    """The bf16 matmul path at a real layer width (two LoRAs of ranks 32 and 16, as the bench's):
+    every weight within one step of the float64 sum rounded once, and under 0.05% of them off it
+    (rounding the scaled factors to bf16 without their remainders puts ~5% off)."""
+    from loraloom.bases.pool import patch_weight
+    from loraloom.lora.canonical import delta
+
+    gen = torch.Generator().manual_seed(12)
+    size = 1280
+    source = (torch.randn(size, size, generator=gen) * size ** -0.5).bfloat16()
+
+    def lora(rank, alpha):
+        return LoRAModule((torch.randn(rank, size, generator=gen) / size ** 0.5).bfloat16(),
+                          (torch.randn(size, rank, generator=gen) * 0.05 / rank ** 0.5).bfloat16(), alpha)
+
+    entries = tuple((f"l{i}", c, m) for i, (c, m) in enumerate(zip(coeffs, (lora(32, 16.0), lora(16, 16.0)))))
+    weight = torch.nn.Parameter(source.clone())
+    patch_weight(weight, source, entries)
+    exact = source.double() + sum(c * delta(m, dtype=torch.float64) for _fp, c, m in entries)
+    got, rounded = weight.detach(), exact.to(torch.bfloat16)
+    assert bool(within_one_step(got, rounded).all()), f"{coeffs}: over one bf16 step from the exact sum"
+    off = float((got != rounded).double().mean())
+    assert off < 5e-4, f"{coeffs}: {off:.3%} of weights off the exact sum rounded once"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patch_result_depends_on_the_backup_and_recipe_only(dtype):
     """What a weight held before (another recipe's patch, a channels_last layout) never shows."""

@@ -53,8 +53,8 @@ def test_stacked_factors_put_every_lora_of_a_layer_into_one_matmul():
 
     one = LoRAModule(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0], [2.0]]), alpha=1.0)
     two = LoRAModule(torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0], [0.0]]), alpha=2.0)
-    up, down = stacked_factors([(0.5, one), (3.0, two)])
-    assert (up.shape, down.shape) == ((2, 2), (2, 2))
+    up, down, scale = stacked_factors([(0.5, one), (3.0, two)])
+    assert (up.shape, down.shape, scale) == ((2, 2), (2, 2), 1.0), "fp32: coefficients folded into up"
     assert torch.equal(up @ down, torch.tensor([[7.5, 8.0], [3.0, 4.0]])), "0.5 * one + 3 * 2 * two"
 
 
@@ -64,14 +64,38 @@ def test_stacked_factors_in_bf16_keep_16_bits_of_the_fp32_product():
     gen = torch.Generator().manual_seed(0)
     conv = LoRAModule(torch.randn(4, 8, 3, 3, generator=gen), torch.randn(16, 4, 1, 1, generator=gen).bfloat16(), alpha=3.0)
     terms = [(0.1, conv), (-0.7, conv)]
-    up, down = stacked_factors(terms, torch.bfloat16)
+    up, down, scale = stacked_factors(terms, torch.bfloat16)
     assert up.dtype == down.dtype == torch.bfloat16 and down.shape[1] == 8 * 9
-    assert up.shape[1] == 4 * 3 * 2, "fp32 down and scaled up both split: three products per LoRA"
+    assert scale == 0.1 * conv.scale, "the first of the widest LoRAs gives the scale"
+    assert up.shape[1] == 4 * 2 + 4 * 3, "fp32 down split (two products); the up scaled by -7 split too (three)"
     want = sum(c * delta(m, dtype=torch.float64) for c, m in terms).flatten(1)
-    got = up.double() @ down.double()
+    got = scale * (up.double() @ down.double())
     rel = float((got - want).abs().max() / want.abs().max())
     assert rel < 2 ** -14, f"bf16 pairs off the fp64 product by {rel:.2g}"
-    up, down = stacked_factors(terms[:1], torch.bfloat16)
-    rounded = up[:, :4].double() @ down[:4].double()  # the rounded parts alone
+    up, down, scale = stacked_factors(terms[:1], torch.bfloat16)
+    rounded = scale * (up[:, :4].double() @ down[:4].double())  # the rounded parts alone
     want = 0.1 * delta(conv, dtype=torch.float64).flatten(1)
     assert float((rounded - want).abs().max() / want.abs().max()) > 2 ** -12, "the remainders carry the precision"
+
+
+def test_stacked_factors_in_bf16_leave_the_widest_loras_factors_unsplit():
+    """The widest LoRA's coefficient becomes the matmul's scale, so its bf16 factors go in as they
+    are (no remainder doubling its share of the inner size); a LoRA whose relative coefficient is a
+    power of two is not split either."""
+    from loraloom.lora.canonical import stacked_factors
+
+    gen = torch.Generator().manual_seed(1)
+
+    def lora(rank, alpha):
+        return LoRAModule(torch.randn(rank, 24, generator=gen).bfloat16(), torch.randn(40, rank, generator=gen).bfloat16(), alpha)
+
+    small, wide, other = lora(4, 4.0), lora(8, 4.0), lora(2, 2.0)
+    terms = [(0.8, small), (0.45, wide), (0.45, other)]
+    up, down, scale = stacked_factors(terms, torch.bfloat16)
+    assert scale == 0.45 * wide.scale
+    assert up.shape[1] == 4 * 2 + 8 + 2, "only the small LoRA (relative coefficient 0.8 / 0.225) is split"
+    assert torch.equal(up[:, 8:16], wide.up) and torch.equal(down[8:16], wide.down), "the widest LoRA goes in unchanged"
+    assert torch.equal(up[:, 16:], other.up * 2), "relative coefficient 2: exact in bf16"
+    want = sum(c * delta(m, dtype=torch.float64) for c, m in terms)
+    rel = float((scale * (up.double() @ down.double()) - want).abs().max() / want.abs().max())
+    assert rel < 2 ** -14, f"off the fp64 sum by {rel:.2g}"
