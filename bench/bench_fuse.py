@@ -31,7 +31,11 @@ inside the time budget: the rounding error is per element, so more modules of th
 the time, not the figure. ``--restore-scope full`` runs them on every target.
 
     python bench/bench_fuse.py [--quick] [--scales tiny,sdxl] [--threads 1] [--rounds 2] [--latent 32]
-                               [--patch-only] [--gpu] [--json OUT]
+                               [--patch-only] [--edit-threads 1,2] [--gpu] [--json OUT]
+
+``--edit-threads``: after the before/after edits, our weight edit and a sampling step side by side
+at each of these torch thread counts (default: 1 and the machine's cores), so "is an edit within
+one step" is answered at each thread count in one run.
 
 ``--gpu``: the GPU machine's one script: SDXL shapes on CUDA in fp16, no restore cycles.
 """
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -121,15 +126,14 @@ def _reset(device) -> float:
     return status_kb("VmRSS") / 1024
 
 
-def patch_times(pool, handle, loras, rounds: int, device, backups: tuple[str, ...]) -> dict:
-    """Weight edits (every layer's coefficient changes: LoRA 0 between 1.0 and 0.9) through the
-    pool's patch and the reference maths, side by side in rounds ordered before, after, after,
-    before; medians. With backups on a GPU, also one round per backup place."""
+def _editor(pool, handle, loras, device):
+    """``edit(patch)``: one weight edit (every layer's coefficient changes: LoRA 0 between 1.0 and
+    0.9) through `patch` (None: the pool's own maths); returns its seconds. The pool holds the first
+    patch's recipe when this is made, so the first edit asks for the other."""
     edits = [_recipe(handle, loras, WEIGHTS), _recipe(handle, loras, (0.9, WEIGHTS[1]))]
-    turn = iter(range(1, 10**9))  # the pool holds edits[0] (the first patch's recipe): start from the other
-    before, after = [], []
+    turn = iter(range(1, 10**9))
 
-    def edit(patch):
+    def edit(patch=None):
         _use(pool, patch)
         recipe = edits[next(turn) % 2]
         try:
@@ -137,9 +141,17 @@ def patch_times(pool, handle, loras, rounds: int, device, backups: tuple[str, ..
         finally:
             _use(pool, None)
 
+    return edit
+
+
+def patch_times(pool, handle, edit, rounds: int, device, backups: tuple[str, ...]) -> dict:
+    """Weight edits through the pool's patch and the reference maths, side by side in rounds
+    ordered before, after, after, before; medians. With backups on a GPU, also one round per backup
+    place."""
+    before, after = [], []
     for _ in range(rounds):
         before.append(edit(reference_patch))
-        after += [edit(None), edit(None)]
+        after += [edit(), edit()]
         before.append(edit(reference_patch))
     out = {"reference_repatch_s": before, "ours_edit_s": after,
            "repatch_speedup": median(before) / median(after)}
@@ -149,13 +161,33 @@ def patch_times(pool, handle, loras, rounds: int, device, backups: tuple[str, ..
             pool.backups = place
             pool.plain(handle)
             live.backups.clear()
-            out[f"first_patch_{place}_s"] = edit(None)
-            out[f"edit_{place}_s"] = median([edit(None) for _ in range(3)])
+            out[f"first_patch_{place}_s"] = edit()
+            out[f"edit_{place}_s"] = median([edit() for _ in range(3)])
             out[f"backups_on_device_{place}"] = sum(b.device.type == "cuda" for b in live.backups.values())
     return out
 
 
-def step_times(scale: str, latent: int, rounds: int, device, dtype, patch_only: bool = False) -> dict:
+def edit_and_step(edit, step, rounds: int, threads: int, device) -> dict:
+    """Our weight edit and one sampling step at `threads` torch threads, side by side in rounds
+    ordered edit, step, step, edit; medians: is an edit within one step's time?"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        step()  # warm-up at this thread count (oneDNN's per-thread-count kernels, the allocator)
+        edits, steps = [], []
+        for _ in range(rounds):
+            edits.append(edit())
+            steps += [timed(step, device)[0], timed(step, device)[0]]
+            edits.append(edit())
+    finally:
+        torch.set_num_threads(before)
+    return {"edit_s": median(edits), "step_s": median(steps), "edit_vs_step": median(edits) / median(steps)}
+
+
+def step_times(scale: str, latent: int, rounds: int, device, dtype, patch_only: bool = False,
+               edit_threads: tuple[int, ...] = ()) -> dict:
     import torch
 
     unet = sdxl_unet(dtype, device, _config(scale))
@@ -184,8 +216,10 @@ def step_times(scale: str, latent: int, rounds: int, device, dtype, patch_only: 
         live = next(iter(pool._live.values()))
         out["backup_mib"] = sum(b.numel() * b.element_size() for b in live.backups.values()) / 2**20
         out["backup_dtypes"] = sorted({str(b.dtype).replace("torch.", "") for b in live.backups.values()})
-        out.update(patch_times(pool, handle, loras, rounds, device, ("host", "device")))
+        edit = _editor(pool, handle, loras, device)
+        out.update(patch_times(pool, handle, edit, rounds, device, ("host", "device")))
         out["ours_repatch_s"] = median(out["ours_edit_s"])
+        out["by_threads"] = {n: edit_and_step(edit, step, rounds, n, device) for n in edit_threads}
         if not patch_only:
             fused = _recipe(handle, loras, WEIGHTS)
             plain, ours, patch, restore = [], [], [], []
@@ -295,7 +329,7 @@ def report(scale: str, args, threads: int, device, dtype) -> dict:
 
     latent = 16 if scale == "tiny" else args.latent
     rounds = args.rounds * 5 if scale == "tiny" else args.rounds  # tiny steps take milliseconds: more rounds
-    s = step_times(scale, latent, rounds, device, dtype, args.patch_only)
+    s = step_times(scale, latent, rounds, device, dtype, args.patch_only, args.edit_threads)
     gc.collect()
     print(f"fuse: {SCALES[scale]} ({s['unet_params'] / 1e6:,.0f}M params, {s['dtype']}, {s['device']}), "
           f"{s['lora_modules']} LoRA modules x 2, step = UNet forward at {latent}x{latent} latent, batch 2; "
@@ -304,6 +338,9 @@ def report(scale: str, args, threads: int, device, dtype) -> dict:
           f"{s['ours_repatch_s']:.3f} s (x{s['repatch_speedup']:.2f} faster); first patch (+ backups, "
           f"{s['backup_mib']:,.0f} MiB in {'/'.join(s['backup_dtypes'])}): before {s['reference_first_patch_s']:.2f} s, "
           f"after {s['ours_first_patch_s']:.2f} s", flush=True)
+    for n, t in s["by_threads"].items():
+        print(f"  at {n} thread(s), side by side: weight edit {t['edit_s']:.3f} s, sampling step {t['step_s']:.3f} s "
+              f"(edit / step x{t['edit_vs_step']:.2f})", flush=True)
     for place in ("host", "device"):
         if f"edit_{place}_s" in s:
             print(f"  backups in {place} memory ({s[f'backups_on_device_{place}']} on the GPU): first patch "
@@ -353,6 +390,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-restore", action="store_true")
     parser.add_argument("--patch-only", action="store_true",
                         help="only the patch figures (first patch, weight edits before/after); no steps, no diffusers")
+    parser.add_argument("--edit-threads", default=None,
+                        help="torch thread counts at which our weight edit and a sampling step are timed side by "
+                             "side, comma-separated (default: 1 and the machine's cores; --quick and --gpu: none)")
     parser.add_argument("--gpu", action="store_true",
                         help="the GPU run: SDXL scale on CUDA in fp16 (fails without CUDA), restore cycles skipped, "
                              "backups in host and device memory")
@@ -364,6 +404,14 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             parser.error("--gpu needs a CUDA device; this torch sees none")
         scales, args.skip_restore = ["sdxl"], True
+    if args.edit_threads is None:
+        args.edit_threads = "" if args.quick or args.gpu else f"1,{os.cpu_count()}"
+    try:
+        args.edit_threads = tuple(dict.fromkeys(int(n) for n in args.edit_threads.split(",") if n.strip()))
+    except ValueError:
+        parser.error(f"--edit-threads {args.edit_threads!r}: comma-separated thread counts, e.g. 1,2")
+    if any(n < 1 for n in args.edit_threads):
+        parser.error(f"--edit-threads {args.edit_threads}: thread counts start at 1")
     unknown = [s for s in scales if s not in SCALES]
     if unknown:
         parser.error(f"unknown scale(s) {unknown}; valid: {', '.join(SCALES)}")
