@@ -396,9 +396,12 @@ def stacked_factors(terms: Sequence[tuple[float, LoRAModule]], dtype: torch.dtyp
     else:
         # the widest LoRA unsplit: splitting it would cost the most (k grows by its rank)
         scale = max(((coeff * module.scale, module.rank) for coeff, module in terms), key=lambda t: t[1])[0]
+        folded = [coeff * module.scale for coeff, module in terms]
+        if scale == 0.0 or any(f != 0.0 and not 2.0 ** -32 <= abs(f / scale) <= 2.0 ** 32 for f in folded):
+            scale = 1.0  # a zero or extreme ratio could leave bf16's range: each up carries its own coefficient
         ups, downs = [], []
-        for coeff, module in terms:
-            up_parts = _split(module.up.flatten(1).to(torch.float32) * (coeff * module.scale / scale), dtype)
+        for f, (_coeff, module) in zip(folded, terms):
+            up_parts = _split(module.up.flatten(1).to(torch.float32) * (f / scale), dtype)
             down = module.down.flatten(1)
             down_parts = [down] if down.dtype == dtype else _split(down.to(torch.float32), dtype)
             # (u + u') (d + d') = u d + u' d + u d' (+ u' d', below the precision kept)

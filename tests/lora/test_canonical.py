@@ -99,3 +99,8 @@ def test_stacked_factors_in_bf16_leave_the_widest_loras_factors_unsplit():
     want = sum(c * delta(m, dtype=torch.float64) for c, m in terms)
     rel = float((scale * (up.double() @ down.double()) - want).abs().max() / want.abs().max())
     assert rel < 2 ** -14, f"off the fp64 sum by {rel:.2g}"
+    for coeffs in ((0.0, 0.8), (1e-30, 0.8)):  # a zero or extreme ratio: no scale, each up its own coefficient
+        up, down, scale = stacked_factors(list(zip(coeffs, (wide, small))), torch.bfloat16)
+        want = sum(c * delta(m, dtype=torch.float64) for c, m in zip(coeffs, (wide, small)))
+        assert scale == 1.0 and bool(torch.isfinite(up).all()), coeffs
+        assert float((up.double() @ down.double() - want).abs().max() / want.abs().max()) < 2 ** -14, coeffs
