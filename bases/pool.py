@@ -188,7 +188,7 @@ def patch_weight(weight: torch.Tensor, source: torch.Tensor, entries: tuple) -> 
         up, down, scale = stacked_factors(low, torch.bfloat16)
         torch.addmm(source2d, up, down, alpha=scale, out=out2d)
     else:
-        up, down, _one = stacked_factors(low) if low else (None, None, 1.0)
+        up, down, scale = stacked_factors(low) if low else (None, None, 1.0)
         if up is not None:
             up, down = up.to(device), down.to(device)
         deltas = [(c, delta(m, weight.shape).to(device).view(rows, cols)) for c, m in full]
@@ -201,7 +201,7 @@ def patch_weight(weight: torch.Tensor, source: torch.Tensor, entries: tuple) -> 
             acc = chunk if buffer is None else buffer[:chunk.shape[0]]
             acc.copy_(source2d[start:start + step])
             if up is not None:
-                acc.addmm_(up[start:start + step], down)
+                acc.addmm_(up[start:start + step], down, alpha=scale)
             for coeff, d in deltas:
                 acc.add_(d[start:start + step], alpha=coeff)
             if acc is not chunk:
