@@ -420,8 +420,13 @@ def combine_products(combine: Combine, ups: Sequence[torch.Tensor], downs: Seque
         return None
     step = max(1, ROW_CHUNK // n)
     formed = [_product_pruning(u, d, k, step) for u, d in zip(ups, downs)]
-    out = torch.empty(m, n, dtype=ups[0].dtype, device=ups[0].device)
+    # The result goes into the first product's rows once they are combined (no fresh full-size
+    # tensor, whose page faults cost more than the chunk maths); TIES' disjoint merge already
+    # leaves it there.
+    out = formed[0][0]
     for r in range(0, m, step):
         pruned = [p.apply(product[r:r + step]) for product, p in formed]
-        out[r:r + step] = after(pruned, weights, options)
+        rows = after(pruned, weights, options)
+        if rows.data_ptr() != pruned[0].data_ptr():
+            pruned[0].copy_(rows)
     return out
