@@ -326,13 +326,15 @@ def combine_breadcrumbs(tensors: Sequence[torch.Tensor], weights: Sequence[float
 # The pruning SVD forms combine full deltas ``B_i @ A_i`` (up to 10240x1280 at SDXL size, 52 MB
 # each). Formed whole, every element-wise step of pruning, sign election and disjoint merge is a
 # pass through main memory (about 30 of them for TIES on two sources, plus page faults on fresh
-# tensors). `combine_products` computes the same numbers from the factors: one pass per source finds
-# its magnitude threshold, then one pass recomputes each row chunk of every delta (a small matmul),
-# prunes, combines it with the same functions as above while it is in cache, and writes the result.
+# tensors). `combine_products` computes the same numbers with fewer passes: each source's delta is
+# formed once and its magnitude threshold found from 1 MB pieces of it; then pruning and the
+# combination (the same functions as above) run on 1 MB row chunks of all sources while they are in
+# cache, writing the result into the first delta's memory.
 
 ROW_CHUNK = 1 << 18
 """Entries per row chunk of `combine_products` (1 MB of float32). Measured for TIES at SDXL shapes (722
-modules): 2^18 and 2^20 entries 36 s and 35 s, 2^16 39 s, the unchunked maths 61 s."""
+modules, one thread, a loaded machine): 2^18 and 2^20 entries 36 s and 35 s, 2^16 39 s, the
+whole-tensor maths 61 s."""
 
 
 class _Pruning:
@@ -401,7 +403,7 @@ _AFTER_MAGNITUDE_PRUNING = {combine_ties: _ties_rows, combine_magnitude_prune: _
 
 def combine_products(combine: Combine, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor],
                      weights: Sequence[float]) -> torch.Tensor | None:
-    """``combine([up @ down for each source], weights)``, the same values, without forming the products.
+    """``combine([up @ down for each source], weights)``, the same values, in row chunks that stay in cache.
 
     `combine` is a combination with its options bound (``functools.partial``, see
     `merge_methods.MergeMethod.bind`); `ups` [m, r_i] and `downs` [r_i, n] are float32. Runs for

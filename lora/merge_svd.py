@@ -354,8 +354,9 @@ def full_delta_svd(
     holds ``(weight, scale)`` per source. As in peft the scale goes into each delta and the weight
     into the combination (TIES elects signs on the scaled deltas). Random draws: one full delta per
     source, in source order. TIES and magnitude pruning run row chunk by row chunk
-    (`merge_ops.combine_products`: the same values, 1.7x faster at SDXL shapes). The SVD is `randomized_svd`, started from the sources' row spaces;
-    `reference` runs `top_svd` instead, the solver used before (benchmarks compare the two).
+    (`merge_ops.combine_products`: the same values, 1.6x faster at SDXL shapes). The SVD is
+    `randomized_svd`, started from the sources' row spaces; `reference` runs `top_svd` instead, the
+    solver used before (benchmarks compare the two).
     """
     # The scale goes on the small factor (peft scales the product): same delta, one full-size pass less.
     scaled = [u * s for u, (_, s) in zip(ups, coeffs)]
