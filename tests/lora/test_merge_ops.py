@@ -2,6 +2,9 @@
 TIES, DARE, Model Breadcrumbs' outlier pruning, k-th largest selection), hand-computed."""
 from __future__ import annotations
 
+import functools
+
+import peft.utils.merge_utils as peft_merge_utils
 import pytest
 import torch
 
@@ -131,3 +134,87 @@ def test_magnitude_prune_kth_equals_topk_on_a_full_delta():
         topk = merge_ops.magnitude_prune(delta, density, select="topk")
         assert torch.equal(kth, topk), f"density {density}: kth and topk keep different entries"
         assert int(torch.count_nonzero(kth)) == int(density * delta.numel())
+
+
+def _bound(name, **options):
+    return functools.partial(getattr(merge_ops, name), **options)
+
+
+def test_combine_products_hand_computed(monkeypatch):
+    # One row per chunk, so the tie rule has to carry across chunks.
+    monkeypatch.setattr(merge_ops, "ROW_CHUNK", 2)
+    ups = [torch.tensor([[1.0], [2.0]]), torch.tensor([[-1.0], [1.0]])]
+    downs = [torch.tensor([[3.0, -1.0]]), torch.tensor([[1.0, 1.0]])]
+    # Products [[3, -1], [6, -2]] and [[-1, -1], [1, 1]]. Keeping 2 of 4: [[3, 0], [6, 0]], and of four
+    # tied magnitudes 1 the first two in row-major order, [[-1, -1], [0, 0]]. Elected signs (sum):
+    # +, -, +, + (a zero sum elects +). Agreeing means: 3, -1, 6, and 0 where none agrees.
+    ties = merge_ops.combine_products(_bound("combine_ties", density=0.5, majority_sign_method="total", select="kth"),
+                                      ups, downs, [1.0, 1.0])
+    assert ties.tolist() == [[3.0, -1.0], [6.0, 0.0]], f"got {ties.tolist()}"
+    summed = merge_ops.combine_products(_bound("combine_magnitude_prune", density=0.5, select="kth"),
+                                        ups, downs, [1.0, 0.5])
+    assert summed.tolist() == [[2.5, -0.5], [6.0, 0.0]], f"got {summed.tolist()}"
+
+
+PRODUCT_COMBINATIONS = [
+    ("combine_ties", dict(density=0.5, majority_sign_method="total")),
+    ("combine_ties", dict(density=0.2, majority_sign_method="frequency")),
+    ("combine_magnitude_prune", dict(density=0.7)),
+]
+
+
+@pytest.mark.parametrize("name, options", PRODUCT_COMBINATIONS)
+@pytest.mark.parametrize("shape, tied", [((37, 29), False), ((37, 29), True), ((1100, 1000), False),
+                                         ((1100, 1000), True), ((320, 576), False)])
+def test_combine_products_equals_the_combination_of_the_formed_products(name, options, shape, tied):
+    # Bit for bit, for three sources, below and above 2^20 entries (the sampled selection), with
+    # and without magnitudes tied at the threshold (small integer factors). At 320x576, 0.7 * 320
+    # * 576 rounds to one more kept entry than 0.7 * (320 * 576), magnitude_prune's count.
+    m, n = shape
+    g = torch.Generator().manual_seed(5)
+    ups, downs = [], []
+    for r in (4, 2, 3):
+        up, down = torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)
+        if tied:
+            up, down = up.mul(2).round(), down.mul(2).round()
+        ups.append(up)
+        downs.append(down)
+    combine = _bound(name, select="kth", **options)
+    products = [u @ d for u, d in zip(ups, downs)]
+    want = combine(products, [1.0, -0.5, 0.7])
+    got = merge_ops.combine_products(combine, ups, downs, [1.0, -0.5, 0.7])
+    assert torch.equal(got, want), f"{name} {options} {shape}: {(got - want).abs().max().item()} apart"
+    if tied:
+        magnitudes = products[0].abs().reshape(-1)
+        threshold = merge_ops.kth_largest(magnitudes, int(options["density"] * m * n))
+        assert int(torch.count_nonzero(magnitudes == threshold)) > 1, "the test needs ties at the threshold"
+
+
+def test_combine_products_matches_peft_merge_utils():
+    # peft's ties and magnitude pruning (topk masks) on the formed deltas: no tied magnitudes here.
+    g = torch.Generator().manual_seed(6)
+    ups = [torch.randn(40, 3, generator=g) for _ in range(2)]
+    downs = [torch.randn(3, 30, generator=g) for _ in range(2)]
+    deltas = [u @ d for u, d in zip(ups, downs)]
+    weights = torch.tensor([1.0, 0.6])
+    for method in ("total", "frequency"):
+        theirs = peft_merge_utils.ties(deltas, weights, 0.4, method)
+        ours = merge_ops.combine_products(_bound("combine_ties", density=0.4, majority_sign_method=method,
+                                                 select="kth"), ups, downs, weights.tolist())
+        assert torch.equal(ours, theirs), f"ties {method}: {(ours - theirs).abs().max().item()} from peft"
+    theirs = peft_merge_utils.magnitude_prune(deltas, weights, 0.4)
+    ours = merge_ops.combine_products(_bound("combine_magnitude_prune", density=0.4, select="kth"), ups, downs,
+                                      weights.tolist())
+    assert torch.equal(ours, theirs), f"magnitude_prune: {(ours - theirs).abs().max().item()} from peft"
+
+
+@pytest.mark.parametrize("name, options", [
+    ("combine_ties", dict(density=0.5, majority_sign_method="total", select="topk")),  # peft's topk ties
+    ("combine_ties", dict(density=1.0, majority_sign_method="total", select="kth")),  # prunes nothing
+    ("combine_magnitude_prune", dict(density=0.0, select="kth")),  # keeps nothing
+    ("combine_dare_ties", dict(density=0.5, majority_sign_method="total", generator=None, mask_dtypes=None)),
+    ("combine_linear", {}),
+])
+def test_combine_products_leaves_other_combinations_to_the_formed_products(name, options):
+    ups, downs = [torch.ones(4, 1)], [torch.ones(1, 4)]
+    assert merge_ops.combine_products(_bound(name, **options), ups, downs, [1.0]) is None

@@ -143,3 +143,19 @@ def test_tail_norm_bound_is_an_upper_bound():
     # An upper bound, and not a loose one: 1.5 times the largest of 8 Gaussian components (~2) times
     # the safety factor 7.98, all to the power 1/7.
     assert 1.5 <= bound <= 1.5 * 1.7, f"tail bound {bound} for a tail norm of 1.5"
+
+
+def test_a_bf16_power_step_saves_float32_products():
+    # The default bfloat16 step only moves the start: the result is still certified against the
+    # known best rank-8 approximation, with fewer float32 products (two of the count are bf16).
+    spectrum = [10 - 0.25 * i for i in range(20)] + [0.5 * 0.97 ** i for i in range(75)]
+    D, U, V = _with_spectrum(spectrum)
+    best = (U[:, :8] * torch.tensor(spectrum[:8], dtype=torch.float64)) @ V[:, :8].T
+    plain = merge_svd.randomized_svd(D.float(), 8, 40, warm_steps=0)
+    warmed = merge_svd.randomized_svd(D.float(), 8, 40)
+    for top in (plain, warmed):
+        error = float(((top.U.double() * top.S.double()) @ top.Vh.double() - best).norm() / best.norm())
+        assert top.solver == merge_svd.RANDOMIZED and error <= top.bound <= merge_svd.TOLERANCE, (
+            f"{top.solver}: error {error:.2e}, bound {top.bound}")
+    assert merge_svd.BF16_STEPS == 1 and warmed.products - 2 < plain.products, (
+        f"float32 products: {warmed.products - 2} after the bf16 step, {plain.products} without")
