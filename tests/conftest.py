@@ -80,9 +80,9 @@ def tiny_any(request, tiny_pipeline):
 
 @pytest.fixture(scope="session")
 def tiny_model_files(tmp_path_factory):
-    """Factory: `tiny_model_files("tiny-sd15" | "tiny-sdxl")` -> dict of paths to that preset
-    written as a diffusers folder ("folder"), a single-file checkpoint in the original SD/SGM layout
-    ("single_file") and its config skeleton ("config"). Written once per session; read-only."""
+    """Factory: `tiny_model_files(preset name)` -> dict of paths to that preset written as a
+    diffusers folder ("folder"), its config skeleton ("config") and, for UNet presets, a single-file
+    checkpoint in the original SD/SGM layout ("single_file"). Written once per session; read-only."""
     from loraloom.bases import export
 
     written: dict[str, dict[str, object]] = {}
@@ -91,14 +91,12 @@ def tiny_model_files(tmp_path_factory):
         if name not in written:
             root = tmp_path_factory.mktemp(name)
             pipe = presets.build_pipeline(name, dtype="fp32", device="cpu")
-            single_file, config = export.save_single_file_with_config(
-                pipe, root / f"{name}.safetensors", root / f"{name}-config"
-            )
             written[name] = {
                 "folder": export.save_diffusers_folder(pipe, root / f"{name}-diffusers"),
-                "single_file": single_file,
-                "config": config,
+                "config": export.save_config_skeleton(pipe, root / f"{name}-config"),
             }
+            if name in presets.preset_names("unet"):
+                written[name]["single_file"] = export.save_single_file(pipe, root / f"{name}.safetensors")
         return dict(written[name])
 
     return files

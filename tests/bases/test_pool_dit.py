@@ -1,0 +1,111 @@
+"""The model pool on transformer denoisers (Flux, SD3.5): a diffusers-format LoRA written by
+diffusers' own save_lora_weights, applied by weight patching, gives what diffusers'
+load_lora_weights + set_adapters gives; fusing matches fuse_lora; restore is bit-exact."""
+import pytest
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from loraloom.bases.pool import Application, ModelPool, ModelRecipe
+from loraloom.bases.presets import build_pipeline
+from loraloom.lora.canonical import LoRA, LoRAModule
+
+# The attention and MLP linears diffusers-format Flux / SD3 LoRAs train (AI-Toolkit, SimpleTuner).
+TARGETS = {
+    "tiny-flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                  "ff.net.2", "ff_context.net.2", "proj_mlp", "proj_out"],
+    "tiny-sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.2"],
+}
+RANK, ALPHA, WEIGHT = 4, 8.0, 0.7
+NEGATIVE = {"tiny-flux": {}, "tiny-sd3": {"negative_prompt": "blurry"}}
+
+
+def _lora_file(preset, folder):
+    """A LoRA on the preset's transformer, written by diffusers' save_lora_weights; peft's own init
+    (init_lora_weights=False: both factors random, drawn under a fixed seed)."""
+    pipe = build_pipeline(preset, dtype="fp32", device="cpu")
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS[preset], init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        pipe.transformer.add_adapter(config)
+    state = get_peft_model_state_dict(pipe.transformer)
+    type(pipe).save_lora_weights(folder, transformer_lora_layers=state,
+                                 transformer_lora_adapter_metadata=config.to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def _canonical(path):
+    """The file's LoRA as our canonical value (diffusers keys "transformer.<path>.lora_A/B.weight";
+    alpha from the adapter config the metadata carries)."""
+    tensors = load_file(str(path))
+    modules = {}
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+            modules[module] = LoRAModule(tensors[key], tensors[key.replace("lora_A", "lora_B")], ALPHA, key=key)
+    return LoRA({"transformer": modules}, "diffusers", fingerprint=f"test:{path}")
+
+
+def _sample(pipe, preset, seed=1):
+    return pipe("a red circle", num_inference_steps=2, guidance_scale=3.5, width=64, height=64,
+                generator=torch.Generator("cpu").manual_seed(seed), output_type="pt", max_sequence_length=32,
+                **NEGATIVE[preset]).images
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
+def case(request, tmp_path_factory):
+    preset = request.param
+    path = _lora_file(preset, tmp_path_factory.mktemp(preset))
+    return preset, path, _canonical(path), _diffusers_with(preset, path)
+
+
+def _diffusers_with(preset, path):
+    """The preset with the LoRA file loaded by diffusers' own loader, at WEIGHT."""
+    pipe = build_pipeline(preset, dtype="fp32", device="cpu")
+    pipe.load_lora_weights(str(path.parent), adapter_name="x")
+    pipe.set_adapters(["x"], [WEIGHT])
+    return pipe
+
+
+def test_patched_lora_samples_as_diffusers_adapters(case):
+    preset, _path, lora, reference = case
+    pool = ModelPool()
+    base = pool.load(preset, dtype="fp32", device="cpu")
+    assert base.arch == {"tiny-flux": "flux", "tiny-sd3": "sd3"}[preset]
+    plain = _sample(pool.plain(base), preset)
+    ours = _sample(pool.pipeline(ModelRecipe(base, adapters=(Application(lora, "x", WEIGHT),))), preset)
+    theirs = _sample(reference, preset)
+    assert len(lora.components["transformer"]) == len(
+        [m for m in reference.transformer.modules() if hasattr(m, "lora_A") and len(m.lora_A)]), "every module applied"
+    assert (theirs - plain).abs().max() > 0.02, "the LoRA must visibly change the image"
+    # patched weights (W + delta) vs diffusers' unfused branch (x A^T B^T): rounding differs, as on SDXL
+    assert torch.allclose(ours, theirs, atol=2e-4), f"pool differs from set_adapters by {(ours - theirs).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fuse_matches_fuse_lora_and_restore_is_bit_exact(case, dtype):
+    preset, path, lora, _reference = case
+    pool = ModelPool()
+    base = pool.load(preset, dtype=dtype, device="cpu")
+    transformer = pool.plain(base).transformer
+    original = {n: p.detach().clone() for n, p in transformer.named_parameters()}
+    for i in range(3):  # fuse cycles at changing weights, with an unfused LoRA on top
+        pool.pipeline(ModelRecipe(base, fused=(Application(lora, "x", WEIGHT + i / 10),),
+                                  adapters=(Application(lora, "y", -0.5),)), lora_scale=0.5)
+    pool.pipeline(ModelRecipe(base, fused=(Application(lora, "x", WEIGHT),)))
+    fused = {n: p.detach().clone() for n, p in transformer.named_parameters()}
+    if dtype == "fp32":
+        theirs = _diffusers_with(preset, path)
+        theirs.fuse_lora(components=["transformer"], adapter_names=["x"])
+        compared = 0
+        for name, module in theirs.transformer.named_modules():
+            if hasattr(module, "base_layer"):
+                torch.testing.assert_close(fused[f"{name}.weight"], module.base_layer.weight.detach(), atol=1e-6,
+                                           rtol=1e-5, msg=f"{name}: ours vs fuse_lora")
+                compared += 1
+        assert compared == len(lora.components["transformer"])
+    assert any(not torch.equal(fused[n], original[n]) for n in original), "fusing must change weights"
+    pool.plain(base)
+    changed = [n for n, p in transformer.named_parameters() if not torch.equal(p.detach(), original[n])]
+    assert not changed, f"{preset} {dtype}: {len(changed)} parameters differ after restore, e.g. {changed[:3]}"
