@@ -41,20 +41,27 @@ def schedulers_for(arch: str) -> dict:
     return FLOW_SCHEDULERS if ARCHES[arch].sampling.flow_matching else SCHEDULERS
 
 
-def make_scheduler(name: str, base_scheduler, arch: str = "sdxl"):
-    """The scheduler called ``name`` for architecture ``arch``, built from ``base_scheduler``'s config
-    ("default": that one). A name the architecture has no scheduler for raises an InputError."""
-    import diffusers
-
+def scheduler_entry(name: str, arch: str) -> tuple[str, dict] | None:
+    """The class name and config overrides of scheduler ``name`` on architecture ``arch`` (None:
+    the base's own). A name the architecture has no scheduler for raises an InputError."""
     table = schedulers_for(arch)
     if name not in table:
         raise InputError(
             f"scheduler {name!r} is for noise-prediction (UNet) models; {ARCHES[arch].label} is a flow-matching model "
             f"and samples with: {', '.join(table)}.", input="scheduler", value=name, limit=tuple(table),
             kind="value_not_in_list", fix=f"choose one of: {', '.join(table)}")
-    if table[name] is None:
+    return table[name]
+
+
+def make_scheduler(name: str, base_scheduler, arch: str = "sdxl"):
+    """The scheduler called ``name`` for architecture ``arch``, built from ``base_scheduler``'s config
+    ("default": that one); see scheduler_entry."""
+    import diffusers
+
+    entry = scheduler_entry(name, arch)
+    if entry is None:
         return base_scheduler
-    cls_name, extra = table[name]
+    cls_name, extra = entry
     return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
 
 
@@ -128,7 +135,9 @@ class Sample:
         ctx = current_context()
         # a view of the base for this sample alone: its scheduler is set here and nowhere else
         arch = model.base.arch
-        call = guidance_arguments(arch, guidance, negative_prompt)  # before any work: a refused input costs nothing
+        # refused inputs are refused before any work
+        call = guidance_arguments(arch, guidance, negative_prompt)
+        scheduler_entry(scheduler, arch)
         pipe = model_pool().pipeline(model, lora_scale=lora_scale, check_interrupt=ctx.check_interrupt)
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, arch)
 

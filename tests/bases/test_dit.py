@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from loraloom.bases import arch, load_base, presets
+from loraloom.bases import arch, export, load_base, presets
 from loraloom.bases.arch import BaseModelError
 from loraloom.lora.arches import ARCHES
 
@@ -135,3 +135,11 @@ def test_a_folder_naming_a_foreign_text_encoder_class_is_refused(tiny_model_file
                           text_encoder_3=["transformers", "UMT5EncoderModel"])
     with pytest.raises(BaseModelError, match="component 'text_encoder_3' names class \\['transformers', 'UMT5EncoderModel'\\]"):
         load_base(folder, dtype="fp32", device="cpu")
+
+
+@pytest.mark.parametrize("name", DIT_PRESETS)
+def test_single_file_export_is_refused_with_the_way_out(name, tiny_pipeline, tmp_path):
+    with pytest.raises(BaseModelError, match=f"architecture '{presets.PRESETS[name].arch}': single-file layout known "
+                                             "for sd15, sdxl.*Fix: save this pipeline as a diffusers folder"):
+        export.save_single_file(tiny_pipeline(name), tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir()), "nothing written"

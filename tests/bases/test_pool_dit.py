@@ -7,8 +7,11 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from loraloom.bases import load_base
+from loraloom.bases.export import save_diffusers_folder
 from loraloom.bases.pool import Application, ModelPool, ModelRecipe
-from loraloom.bases.presets import build_pipeline
+from loraloom.bases.presets import PRESETS, build_pipeline
+from loraloom.lora.arches import ARCHES
 from loraloom.lora.canonical import LoRA, LoRAModule
 
 # The attention and MLP linears diffusers-format Flux / SD3 LoRAs train (AI-Toolkit, SimpleTuner).
@@ -72,7 +75,7 @@ def test_patched_lora_samples_as_diffusers_adapters(case):
     preset, _path, lora, reference = case
     pool = ModelPool()
     base = pool.load(preset, dtype="fp32", device="cpu")
-    assert base.arch == {"tiny-flux": "flux", "tiny-sd3": "sd3"}[preset]
+    assert base.arch == PRESETS[preset].arch
     plain = _sample(pool.plain(base), preset)
     ours = _sample(pool.pipeline(ModelRecipe(base, adapters=(Application(lora, "x", WEIGHT),))), preset)
     theirs = _sample(reference, preset)
@@ -109,3 +112,29 @@ def test_fuse_matches_fuse_lora_and_restore_is_bit_exact(case, dtype):
     pool.plain(base)
     changed = [n for n, p in transformer.named_parameters() if not torch.equal(p.detach(), original[n])]
     assert not changed, f"{preset} {dtype}: {len(changed)} parameters differ after restore, e.g. {changed[:3]}"
+
+
+def test_the_pool_spec_is_the_transformer_and_the_loaders_arch(case):
+    preset, _path, lora, _reference = case
+    pool = ModelPool()
+    spec = pool.spec(pool.load(preset, dtype="fp32", device="cpu"))
+    assert spec.arch == PRESETS[preset].arch, "T5 as text_encoder_2 must not make Flux look like SDXL"
+    assert set(lora.components["transformer"]) <= set(spec.components["transformer"])
+    assert "unet" not in spec.components
+    assert set(spec.components) == {"transformer", *ARCHES[spec.arch].text_encoders}
+
+
+def test_saved_pipeline_holds_the_fused_transformer(case, tmp_path):
+    """pipeline_to_save (SavePipeline's view) writes the transformer with the LoRA fused; the folder
+    loads back through the checked path to exactly those weights."""
+    preset, _path, lora, _reference = case
+    pool = ModelPool()
+    base = pool.load(preset, dtype="fp32", device="cpu")
+    view = pool.pipeline_to_save(ModelRecipe(base, fused=(Application(lora, "x", WEIGHT),)))
+    fused = {n: t.detach().clone() for n, t in view.transformer.state_dict().items()}
+    folder = save_diffusers_folder(view, tmp_path / "saved")
+    loaded = load_base(folder, dtype="fp32", device="cpu").pipeline.transformer.state_dict()
+    assert loaded.keys() == fused.keys()
+    assert all(torch.equal(loaded[n], fused[n]) for n in fused), "the saved transformer is the fused one"
+    plain = build_pipeline(preset, dtype="fp32", device="cpu").transformer.state_dict()
+    assert any(not torch.equal(loaded[n], plain[n]) for n in plain), "the LoRA is in the saved weights"
