@@ -53,7 +53,7 @@ def scheduler_entry(name: str, arch: str) -> tuple[str, dict] | None:
     return table[name]
 
 
-def make_scheduler(name: str, base_scheduler, arch: str = "sdxl"):
+def make_scheduler(name: str, base_scheduler, arch: str):
     """The scheduler called ``name`` for architecture ``arch``, built from ``base_scheduler``'s config
     ("default": that one); see scheduler_entry."""
     import diffusers
