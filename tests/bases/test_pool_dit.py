@@ -3,51 +3,16 @@ diffusers' own save_lora_weights, applied by weight patching, gives what diffuse
 load_lora_weights + set_adapters gives; fusing matches fuse_lora; restore is bit-exact."""
 import pytest
 import torch
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
 
 from loraloom.bases import load_base
 from loraloom.bases.export import save_diffusers_folder
 from loraloom.bases.pool import Application, ModelPool, ModelRecipe
-from loraloom.bases.presets import PRESETS, build_pipeline
+from loraloom.bases.presets import PRESETS, build_pipeline, preset_names
 from loraloom.lora.arches import ARCHES
-from loraloom.lora.canonical import LoRA, LoRAModule
 
-# The attention and MLP linears diffusers-format Flux / SD3 LoRAs train (AI-Toolkit, SimpleTuner).
-TARGETS = {
-    "tiny-flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                  "ff.net.2", "ff_context.net.2", "proj_mlp", "proj_out"],
-    "tiny-sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.2"],
-}
-RANK, ALPHA, WEIGHT = 4, 8.0, 0.7
+WEIGHT = 0.7
 NEGATIVE = {"tiny-flux": {}, "tiny-sd3": {"negative_prompt": "blurry"}}
-
-
-def _lora_file(preset, folder):
-    """A LoRA on the preset's transformer, written by diffusers' save_lora_weights; peft's own init
-    (init_lora_weights=False: both factors random, drawn under a fixed seed)."""
-    pipe = build_pipeline(preset, dtype="fp32", device="cpu")
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS[preset], init_lora_weights=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        pipe.transformer.add_adapter(config)
-    state = get_peft_model_state_dict(pipe.transformer)
-    type(pipe).save_lora_weights(folder, transformer_lora_layers=state,
-                                 transformer_lora_adapter_metadata=config.to_dict())
-    return folder / "pytorch_lora_weights.safetensors"
-
-
-def _canonical(path):
-    """The file's LoRA as our canonical value (diffusers keys "transformer.<path>.lora_A/B.weight";
-    alpha from the adapter config the metadata carries)."""
-    tensors = load_file(str(path))
-    modules = {}
-    for key in tensors:
-        if key.endswith(".lora_A.weight"):
-            module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
-            modules[module] = LoRAModule(tensors[key], tensors[key.replace("lora_A", "lora_B")], ALPHA, key=key)
-    return LoRA({"transformer": modules}, "diffusers", fingerprint=f"test:{path}")
+DIT_PRESETS = preset_names("transformer")
 
 
 def _sample(pipe, preset, seed=1):
@@ -56,23 +21,10 @@ def _sample(pipe, preset, seed=1):
                 **NEGATIVE[preset]).images
 
 
-@pytest.fixture(scope="module", params=list(TARGETS))
-def case(request, tmp_path_factory):
-    preset = request.param
-    path = _lora_file(preset, tmp_path_factory.mktemp(preset))
-    return preset, path, _canonical(path), _diffusers_with(preset, path)
-
-
-def _diffusers_with(preset, path):
-    """The preset with the LoRA file loaded by diffusers' own loader, at WEIGHT."""
-    pipe = build_pipeline(preset, dtype="fp32", device="cpu")
-    pipe.load_lora_weights(str(path.parent), adapter_name="x")
-    pipe.set_adapters(["x"], [WEIGHT])
-    return pipe
-
-
-def test_patched_lora_samples_as_diffusers_adapters(case):
-    preset, _path, lora, reference = case
+@pytest.mark.parametrize("preset", DIT_PRESETS)
+def test_patched_lora_samples_as_diffusers_adapters(preset, dit_lora, diffusers_with_lora):
+    path, lora = dit_lora(preset)
+    reference = diffusers_with_lora(preset, path, WEIGHT)
     pool = ModelPool()
     base = pool.load(preset, dtype="fp32", device="cpu")
     assert base.arch == PRESETS[preset].arch
@@ -87,8 +39,9 @@ def test_patched_lora_samples_as_diffusers_adapters(case):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_fuse_matches_fuse_lora_and_restore_is_bit_exact(case, dtype):
-    preset, path, lora, _reference = case
+@pytest.mark.parametrize("preset", DIT_PRESETS)
+def test_fuse_matches_fuse_lora_and_restore_is_bit_exact(preset, dtype, dit_lora, diffusers_with_lora):
+    path, lora = dit_lora(preset)
     pool = ModelPool()
     base = pool.load(preset, dtype=dtype, device="cpu")
     transformer = pool.plain(base).transformer
@@ -99,8 +52,7 @@ def test_fuse_matches_fuse_lora_and_restore_is_bit_exact(case, dtype):
     pool.pipeline(ModelRecipe(base, fused=(Application(lora, "x", WEIGHT),)))
     fused = {n: p.detach().clone() for n, p in transformer.named_parameters()}
     if dtype == "fp32":
-        theirs = _diffusers_with(preset, path)
-        theirs.fuse_lora(components=["transformer"], adapter_names=["x"])
+        theirs = diffusers_with_lora(preset, path, WEIGHT, fuse=True)
         compared = 0
         for name, module in theirs.transformer.named_modules():
             if hasattr(module, "base_layer"):
@@ -114,20 +66,21 @@ def test_fuse_matches_fuse_lora_and_restore_is_bit_exact(case, dtype):
     assert not changed, f"{preset} {dtype}: {len(changed)} parameters differ after restore, e.g. {changed[:3]}"
 
 
-def test_the_pool_spec_is_the_transformer_and_the_loaders_arch(case):
-    preset, _path, lora, _reference = case
+@pytest.mark.parametrize("preset", DIT_PRESETS)
+def test_the_pool_spec_is_the_transformer_and_the_loaders_arch(preset, dit_lora):
+    _path, lora = dit_lora(preset)
     pool = ModelPool()
     spec = pool.spec(pool.load(preset, dtype="fp32", device="cpu"))
     assert spec.arch == PRESETS[preset].arch, "T5 as text_encoder_2 must not make Flux look like SDXL"
     assert set(lora.components["transformer"]) <= set(spec.components["transformer"])
-    assert "unet" not in spec.components
     assert set(spec.components) == {"transformer", *ARCHES[spec.arch].text_encoders}
 
 
-def test_saved_pipeline_holds_the_fused_transformer(case, tmp_path):
+@pytest.mark.parametrize("preset", DIT_PRESETS)
+def test_saved_pipeline_holds_the_fused_transformer(preset, dit_lora, tmp_path):
     """pipeline_to_save (SavePipeline's view) writes the transformer with the LoRA fused; the folder
     loads back through the checked path to exactly those weights."""
-    preset, _path, lora, _reference = case
+    _path, lora = dit_lora(preset)
     pool = ModelPool()
     base = pool.load(preset, dtype="fp32", device="cpu")
     view = pool.pipeline_to_save(ModelRecipe(base, fused=(Application(lora, "x", WEIGHT),)))
