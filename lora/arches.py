@@ -45,15 +45,18 @@ class Sampling:
 
     ``negative_prompt``: whether guidance_scale is classifier-free guidance with a negative prompt
     (the model runs on the prompt and the negative prompt, guidance_scale mixes them), or, False,
-    Flux's distilled guidance (dev: guidance_scale is an input of the model, one run per step; schnell
-    ignores it) and the pipeline call takes no negative prompt. ``flow_matching``: a velocity (rectified-flow) model, sampled by flow-matching
-    schedulers, not noise-prediction ones. ``max_sequence_length``: the T5 prompt length the
-    pipeline pads to by default.
+    Flux's distilled guidance (dev: guidance_scale is an input of the model, one run per step;
+    schnell ignores it) and the pipeline call takes no negative prompt. ``flow_matching``: a
+    velocity (rectified-flow) model, sampled by flow-matching schedulers, not noise-prediction ones.
+    ``max_sequence_length``: the T5 prompt length the pipeline pads to by default.
+    ``pixel_multiple``: what image width and height must be multiples of: the VAE's 8x8 pixel
+    blocks, times 2 where the transformer takes 2x2 latent patches (Flux packs them; SD3 embeds them).
     """
 
     negative_prompt: bool = True
     flow_matching: bool = False
     max_sequence_length: int | None = None
+    pixel_multiple: int = 8
 
 
 @dataclass(frozen=True)
@@ -101,12 +104,13 @@ ARCHES: dict[str, Arch] = {
     # trained for, so Sample does not offer it.
     "flux": Arch("flux", "Flux", "FluxPipeline", "transformer", "FluxTransformer2DModel",
                  ("text_encoder", "text_encoder_2"),
-                 Sampling(negative_prompt=False, flow_matching=True, max_sequence_length=512),
+                 Sampling(negative_prompt=False, flow_matching=True, max_sequence_length=512, pixel_multiple=16),
                  blocks=(BlockFamily("double", "transformer_blocks", 19),
                          BlockFamily("single", "single_transformer_blocks", 38))),
     # SD3.5: CLIP ViT-L, OpenCLIP ViT-bigG and T5-XXL; classifier-free guidance with a negative prompt.
     "sd3": Arch("sd3", "SD3.5", "StableDiffusion3Pipeline", "transformer", "SD3Transformer2DModel",
-                ("text_encoder", "text_encoder_2", "text_encoder_3"), Sampling(flow_matching=True, max_sequence_length=256),
+                ("text_encoder", "text_encoder_2", "text_encoder_3"),
+                Sampling(flow_matching=True, max_sequence_length=256, pixel_multiple=16),
                 blocks=(BlockFamily("joint", "transformer_blocks", 38),)),
 }
 ARCH_NAMES = tuple(ARCHES)

@@ -80,6 +80,19 @@ def guidance_arguments(arch: str, guidance: float, negative_prompt: str) -> dict
     return {"guidance_scale": guidance}
 
 
+def check_size(arch: str, width: int, height: int) -> None:
+    """Raise an InputError when width or height is not a multiple of what architecture ``arch``
+    needs (Flux's pipeline would silently resize the image, SD3's raise)."""
+    multiple = ARCHES[arch].sampling.pixel_multiple
+    for name, value in (("width", width), ("height", height)):
+        if value % multiple:
+            raise InputError(
+                f"{value} is not a multiple of {multiple}: {ARCHES[arch].label} works on {multiple}x{multiple} pixel "
+                "blocks (8x8 for the VAE, then 2x2 latent patches).", input=name, value=value,
+                limit=f"a multiple of {multiple}", kind=f"not_multiple_of_{multiple}",
+                fix=f"use {value - value % multiple} or {value - value % multiple + multiple}")
+
+
 @node(category=f"{CATEGORY}/sampling", display_name="Sample",
       inputs=[Link("model", MODEL),
               String("prompt", "a photo of a cat", multiline=True),
@@ -97,7 +110,8 @@ def guidance_arguments(arch: str, guidance: float, negative_prompt: str) -> dict
 class Sample:
     """Generate images. Same inputs, same image; progress per step; interruptible between steps.
     On Flux, guidance is the distilled guidance (3.5 is dev's usual value) and the negative prompt
-    must be empty; Flux and SD3.5 take the flow-matching schedulers (default, euler)."""
+    must be empty; Flux and SD3.5 take the flow-matching schedulers (default, euler) and sizes that
+    are multiples of 16."""
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:
@@ -136,6 +150,7 @@ class Sample:
         # a view of the base for this sample alone: its scheduler is set here and nowhere else
         arch = model.base.arch
         # refused inputs are refused before any work
+        check_size(arch, width, height)
         call = guidance_arguments(arch, guidance, negative_prompt)
         scheduler_entry(scheduler, arch)
         pipe = model_pool().pipeline(model, lora_scale=lora_scale, check_interrupt=ctx.check_interrupt)

@@ -73,7 +73,7 @@ def test_the_pool_spec_is_the_transformer_and_the_loaders_arch(preset, dit_lora)
     spec = pool.spec(pool.load(preset, dtype="fp32", device="cpu"))
     assert spec.arch == PRESETS[preset].arch, "T5 as text_encoder_2 must not make Flux look like SDXL"
     assert set(lora.components["transformer"]) <= set(spec.components["transformer"])
-    assert set(spec.components) == {"transformer", *ARCHES[spec.arch].text_encoders}
+    assert set(spec.components) == set(ARCHES[spec.arch].components) == {"transformer", *ARCHES[spec.arch].text_encoders}
 
 
 @pytest.mark.parametrize("preset", DIT_PRESETS)

@@ -64,3 +64,10 @@ def test_noise_prediction_schedulers_are_refused_on_flow_models(rt, preset, labe
                                              f"models; {label} is a flow-matching model and samples with: "
                                              f"{', '.join(FLOW_SCHEDULERS)}"):
         _run(rt, preset, scheduler="ddim")
+
+
+@pytest.mark.parametrize("preset", ["tiny-flux", "tiny-sd3"])
+def test_sizes_must_be_multiples_of_16(rt, preset):
+    with pytest.raises(ExecutionError, match="input 'height': 72 is not a multiple of 16: .* works on 16x16 pixel "
+                                             "blocks.*Fix: use 64 or 80"):
+        _run(rt, preset, height=72)
