@@ -1,8 +1,8 @@
-"""Tell SD1.5 from SDXL: from a live pipeline, a diffusers folder's configs, or a single-file
-checkpoint's key names (read from the safetensors header, no tensor loaded).
+"""Tell SD1.5, SDXL, Flux and SD3.5 apart: from a live pipeline, a diffusers folder's configs, or (SD1.5
+and SDXL) a single-file checkpoint's key names (read from the safetensors header, no tensor loaded).
 
-Only the two architectures LoRA Loom supports are named; anything else (SD2, refiner, inpainting,
-non-SD pipelines) raises a ValueError that says what was found.
+Only the architectures LoRA Loom supports are named; anything else (SD2, refiner, inpainting, Flux
+Fill / Depth / Kontext, non-SD pipelines) raises a ValueError that says what was found.
 """
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ class BaseModelError(LoomError, ValueError):
 
 
 PIPELINE_CLASSES = {name: arch.pipeline_class for name, arch in _DESCRIPTIONS.items()}
+# transformer model class -> (architecture, the in_channels of its text-to-image models: Flux packs
+# 2x2 patches of 16 latent channels; Fill (384) and Depth / Canny (128) take extra image channels)
+_TRANSFORMERS = {arch.denoiser_class: name for name, arch in _DESCRIPTIONS.items() if arch.denoiser == "transformer"}
+_TRANSFORMER_IN_CHANNELS = {"flux": 64, "sd3": 16}
 
 # Where the original single-file layouts keep each part (read by detection here, written by ldm_keys).
 UNET_PREFIX = "model.diffusion_model."
@@ -55,11 +59,30 @@ def arch_from_unet_config(unet_config: Mapping[str, Any], where: str) -> str:
     )
 
 
+def arch_from_transformer_config(class_name: str | None, config: Mapping[str, Any], where: str) -> str:
+    """Architecture implied by a transformer denoiser's class name and config; `where` names its source."""
+    arch = _TRANSFORMERS.get(class_name)
+    if arch is None:
+        raise BaseModelError(
+            f"{where}: transformer class {class_name!r} is not supported; supported: "
+            + ", ".join(f"{c} ({_DESCRIPTIONS[a].label})" for c, a in _TRANSFORMERS.items()),
+            value=class_name, limit=tuple(_TRANSFORMERS), kind="unsupported_arch")
+    expected = _TRANSFORMER_IN_CHANNELS[arch]
+    if config.get("in_channels") != expected:
+        raise BaseModelError(
+            f"{where}: {class_name} has in_channels {config.get('in_channels')} (Fill, Depth, Canny or another "
+            f"variant that takes extra image channels); only plain text-to-image {_DESCRIPTIONS[arch].label} "
+            f"(in_channels {expected}) is supported", value=config.get("in_channels"), limit=expected,
+            kind="unsupported_arch")
+    return arch
+
+
 def _check_class(class_name: str | None, arch: str, where: str, bases: Iterable[str] = ()) -> str:
     # `bases` lets subclasses of the pipeline classes (img2img variants, community pipelines) pass.
     if PIPELINE_CLASSES[arch] != class_name and PIPELINE_CLASSES[arch] not in set(bases):
         raise BaseModelError(
-            f"{where}: pipeline class {class_name!r} does not match its {arch} UNet; expected "
+            f"{where}: pipeline class {class_name!r} does not match its {arch} "
+            f"{'UNet' if _DESCRIPTIONS[arch].denoiser == 'unet' else _DESCRIPTIONS[arch].denoiser_class}; expected "
             f"{PIPELINE_CLASSES[arch]!r}. Supported: "
             + ", ".join(f"{a} ({c})" for a, c in PIPELINE_CLASSES.items())
         )
@@ -67,12 +90,17 @@ def _check_class(class_name: str | None, arch: str, where: str, bases: Iterable[
 
 
 def detect_pipeline_arch(pipe) -> str:
-    """"sd15" or "sdxl" for a live diffusers pipeline (its class and UNet config must agree)."""
+    """"sd15", "sdxl", "flux" or "sd3" for a live diffusers pipeline (its class and its denoiser's
+    class and config must agree)."""
     where = f"pipeline {type(pipe).__name__}"
     unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise BaseModelError(f"{where} has no UNet; supported: " + ", ".join(PIPELINE_CLASSES.values()))
-    arch = arch_from_unet_config(dict(unet.config), where)
+    transformer = getattr(pipe, "transformer", None)
+    if unet is not None:
+        arch = arch_from_unet_config(dict(unet.config), where)
+    elif transformer is not None:
+        arch = arch_from_transformer_config(type(transformer).__name__, dict(transformer.config), where)
+    else:
+        raise BaseModelError(f"{where} has no UNet or transformer; supported: " + ", ".join(PIPELINE_CLASSES.values()))
     return _check_class(type(pipe).__name__, arch, where, [cls.__name__ for cls in type(pipe).__mro__])
 
 
@@ -90,7 +118,7 @@ def read_config(path: Path, what: str, max_bytes: int = MAX_CONFIG_JSON_BYTES) -
         raise BaseModelError(
             f"{path.parent}: no {path.name}; expected a diffusers folder ({what}).", value=str(path),
             kind="not_found", fix="point at the folder that save_pretrained wrote (it holds model_index.json and "
-                                  "unet/config.json)"
+                                  "unet/config.json or transformer/config.json)"
         )
     try:
         value = loads_strict(read_capped(path, max_bytes, "config file"), source=str(path), max_bytes=max_bytes)
@@ -105,18 +133,43 @@ def read_config(path: Path, what: str, max_bytes: int = MAX_CONFIG_JSON_BYTES) -
 
 
 def detect_folder_arch(folder: str | Path) -> str:
-    """"sd15" or "sdxl" for a diffusers folder or config skeleton, from model_index.json and
-    unet/config.json only (no weights read)."""
+    """"sd15", "sdxl", "flux" or "sd3" for a diffusers folder or config skeleton, from
+    model_index.json and the denoiser's config.json (unet/ or transformer/) only (no weights read)."""
     folder = Path(folder)
     index = read_config(folder / "model_index.json", "model_index.json names the pipeline class")
-    unet_config = read_config(folder / "unet" / "config.json", "unet/config.json describes the UNet")
-    arch = arch_from_unet_config(unet_config, str(folder))
+    if "transformer" in index and "unet" not in index:
+        config = read_config(folder / "transformer" / "config.json", "transformer/config.json describes the transformer")
+        arch = arch_from_transformer_config(config.get("_class_name"), config, str(folder))
+    else:
+        unet_config = read_config(folder / "unet" / "config.json", "unet/config.json describes the UNet")
+        arch = arch_from_unet_config(unet_config, str(folder))
     return _check_class(index.get("_class_name"), arch, str(folder))
+
+
+SINGLE_FILE_ARCHES = ("sd15", "sdxl")  # the architectures whose single-file (LDM / SGM) layout is read and written
+# Block names of the original DiT layouts (BFL / ComfyUI Flux, SD3's MMDiT), bare or under UNET_PREFIX.
+_DIT_BLOCKS = {"double_blocks.": "flux", "single_blocks.": "flux", "joint_blocks.": "sd3"}
+
+
+def _dit_checkpoint(keys: set[str]) -> str | None:
+    for key in keys:
+        bare = key.removeprefix(UNET_PREFIX)
+        for block, arch in _DIT_BLOCKS.items():
+            if bare.startswith(block):
+                return arch
+    return None
 
 
 def detect_checkpoint_arch(keys: Iterable[str], where: str) -> str:
     """"sd15" or "sdxl" from the key names of an original-layout (LDM / SGM) single-file checkpoint."""
     keys = set(keys)
+    dit = _dit_checkpoint(keys)
+    if dit is not None:
+        raise BaseModelError(
+            f"{where}: this is a single-file {_DESCRIPTIONS[dit].label} checkpoint (original key layout); "
+            f"single files are read for {', '.join(_DESCRIPTIONS[a].label for a in SINGLE_FILE_ARCHES)} only so far.",
+            value=_DESCRIPTIONS[dit].label, limit=SINGLE_FILE_ARCHES, kind="unsupported_arch",
+            fix=f"load a diffusers folder of the model ({_DESCRIPTIONS[dit].pipeline_class}.save_pretrained writes one)")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         sample = ", ".join(sorted(keys)[:3])
         raise BaseModelError(
@@ -136,7 +189,7 @@ def detect_checkpoint_arch(keys: Iterable[str], where: str) -> str:
         found = "no known text encoder keys"
     raise BaseModelError(
         f"{where}: found {found}; expected SD1.5 ('{SD15_TEXT_KEY}') or SDXL ('{SDXL_TEXT_KEY}'). "
-        f"Supported architectures: {', '.join(ARCHES)}"
+        f"Supported architectures: {', '.join(SINGLE_FILE_ARCHES)}"
     )
 
 

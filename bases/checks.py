@@ -52,28 +52,37 @@ CHECKPOINT_LIMITS = Limits(max_file_bytes=32 * 2**30)
 
 # Pipeline components diffusers may load from a folder, and the (library, class) each may name:
 # diffusers imports the library and calls the class, so nothing else is allowed.
-_TOKENIZERS = {("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")}
+# Flux: CLIPTextModel + T5 (text_encoder_2); SD3.5: two CLIPTextModelWithProjection + T5 (text_encoder_3).
+_TOKENIZERS = {("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast"),
+               ("transformers", "T5Tokenizer"), ("transformers", "T5TokenizerFast")}
+_T5 = ("transformers", "T5EncoderModel")
 COMPONENT_CLASSES: dict[str, set[tuple[str | None, str | None]]] = {
     "unet": {("diffusers", "UNet2DConditionModel")},
+    "transformer": {("diffusers", "FluxTransformer2DModel"), ("diffusers", "SD3Transformer2DModel")},
     "vae": {("diffusers", "AutoencoderKL")},
-    "text_encoder": {("transformers", "CLIPTextModel")},
-    "text_encoder_2": {("transformers", "CLIPTextModelWithProjection")},
+    "text_encoder": {("transformers", "CLIPTextModel"), ("transformers", "CLIPTextModelWithProjection")},
+    "text_encoder_2": {("transformers", "CLIPTextModelWithProjection"), _T5},
+    "text_encoder_3": {_T5},
     "tokenizer": _TOKENIZERS,
     "tokenizer_2": _TOKENIZERS,
+    "tokenizer_3": _TOKENIZERS,
     "safety_checker": {(None, None), ("stable_diffusion", "StableDiffusionSafetyChecker")},
     "feature_extractor": {(None, None), ("transformers", "CLIPImageProcessor"),
                           ("transformers", "CLIPFeatureExtractor")},
     "image_encoder": {(None, None)},
 }
 _SCHEDULER = re.compile(r"[A-Z][A-Za-z0-9]*Scheduler")  # any diffusers scheduler class, checked to exist
-MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 # Bounds on model config fields that set how many modules are built or how large the pipeline's
-# defaults are; far above SD1.5 and SDXL (in brackets), far below what would exhaust a machine.
+# defaults are; far above SD1.5, SDXL, Flux and SD3.5 (in brackets), far below what would exhaust a machine.
 COUNT_LIMITS = {
     "layers_per_block": 16,  # [2]
     "transformer_layers_per_block": 64,  # [10]
     "num_hidden_layers": 128,  # [32, OpenCLIP bigG]
+    "num_layers": 256,  # [38 SD3.5 Large joint blocks, 19 Flux double blocks, 24 T5-XXL layers]
+    "num_single_layers": 256,  # [38 Flux single blocks]
+    "num_decoder_layers": 256,  # [24 T5-XXL; the encoder-only model builds none]
     "block_out_channels": 8192,  # [1280]
     "sample_size": 4096,  # [128 UNet, 1024 VAE]
 }
@@ -140,7 +149,7 @@ def unchanged_since_checked(headers: Iterable[Header]) -> None:
 
 
 def check_model_index(folder: Path) -> dict[str, tuple[str | None, str | None]]:
-    """model_index.json's components, each naming only a class SD1.5 / SDXL pipelines use."""
+    """model_index.json's components, each naming only a class the supported pipelines use."""
     path = folder / "model_index.json"
     index = read_config(path, "model_index.json names the pipeline class")
     components = {}
@@ -158,12 +167,12 @@ def check_model_index(folder: Path) -> dict[str, tuple[str | None, str | None]]:
         else:
             ok = allowed is not None and pair in allowed
             allowed_text = " or ".join(f"[{a!r}, {c!r}]" for a, c in sorted(allowed, key=str)) if allowed else \
-                f"no {name!r} component (SD1.5 and SDXL pipelines know {', '.join(COMPONENT_CLASSES)}, scheduler)"
+                f"no {name!r} component (the supported pipelines know {', '.join(COMPONENT_CLASSES)}, scheduler)"
         if not ok:
             raise _refuse(path, f"component {name!r} names class {list(pair)}; allowed: {allowed_text}. diffusers "
                                 "imports and calls the class a folder names, so no other is loaded.",
                           key=name, value=list(pair), limit=allowed_text, kind="unknown_class",
-                          fix="use a diffusers folder written by save_pretrained for SD1.5 or SDXL")
+                          fix="use a diffusers folder written by save_pretrained for SD1.5, SDXL, Flux or SD3.5")
         components[name] = pair
     return components
 

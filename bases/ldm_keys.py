@@ -16,7 +16,7 @@ import torch
 
 from ..lora.errors import LoRAFormatError
 from ..lora.keymap import UNetLayout, diffusers_to_sgm
-from .arch import ARCHES, OPEN_CLIP_PREFIX, TEXT_PREFIXES, UNET_PREFIX, BaseModelError
+from .arch import OPEN_CLIP_PREFIX, SINGLE_FILE_ARCHES, TEXT_PREFIXES, UNET_PREFIX, BaseModelError
 
 VAE_PREFIX = "first_stage_model."
 _DIFFUSERS_INSTEAD = "save this pipeline as a diffusers folder instead"
@@ -186,9 +186,9 @@ def pipeline_to_original(pipe, arch: str) -> dict[str, torch.Tensor]:
 
     Tensors are made contiguous CPU copies so the dict can be handed straight to safetensors.
     """
-    if arch not in ARCHES:
-        raise BaseModelError(f"architecture {arch!r}: single-file layout known for {', '.join(ARCHES)}.", value=arch,
-                             limit=ARCHES, fix=_DIFFUSERS_INSTEAD, kind="unsupported_arch")
+    if arch not in SINGLE_FILE_ARCHES:
+        raise BaseModelError(f"architecture {arch!r}: single-file layout known for {', '.join(SINGLE_FILE_ARCHES)}.",
+                             value=arch, limit=SINGLE_FILE_ARCHES, fix=_DIFFUSERS_INSTEAD, kind="unsupported_arch")
     out = unet_to_original(pipe.unet.state_dict(), pipe.unet.config)
     out.update(vae_to_original(pipe.vae.state_dict(), pipe.vae.config))
     out.update(clip_to_original(pipe.text_encoder.state_dict(), TEXT_PREFIXES[(arch, "text_encoder")]))

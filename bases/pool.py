@@ -9,13 +9,16 @@ one live pipeline per base and *materialises* a recipe on it with the least work
 - the backup of a layer is taken the first time a layer is touched, in the weight's dtype (for GPU
   weights in pinned host memory or, if allowed, GPU memory); restoring is a copy of it, so
   unfusing is bit-for-bit exact in every dtype, after any number of fuses of any number of LoRAs;
-- only layers whose patch changed are rewritten; in-place writes keep a compiled UNet's graph valid
+- only layers whose patch changed are rewritten; in-place writes keep a compiled denoiser's graph valid
   (parameters are graph inputs), so weight changes, LoRA swaps and re-fusing do not recompile;
 - everything else a recipe or a caller sets up belongs to one use, never to the base: each call
-  returns a new view of the pipeline (its own scheduler; working tokenizers; the compiled UNet where
-  the recipe asks for it), and the UNet's memory format follows the recipe. The base keeps its own
-  scheduler, tokenizers and eager UNet, so what one node ran before never shows in what another
-  samples or saves.
+  returns a new view of the pipeline (its own scheduler; working tokenizers; the compiled denoiser
+  where the recipe asks for it), and the denoiser's memory format follows the recipe. The base keeps
+  its own scheduler, tokenizers and eager denoiser, so what one node ran before never shows in what
+  another samples or saves.
+
+The denoiser is the pipeline component the architecture names (`lora.arches`): the UNet of SD1.5 /
+SDXL, the transformer of Flux / SD3.5; weights are found by module path in either the same way.
 
 Why patch instead of diffusers' adapters: patched sampling runs at the plain base's speed, covers
 every layer kind (LoCon, LoHa, LoKr, per-block weights on resnets too), and makes restore exact;
@@ -26,6 +29,7 @@ what ``set_adapters`` + ``fuse_lora`` mean (tests compare against them).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import operator
 import os
@@ -38,6 +42,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..graph_runtime import paths
+from ..lora.arches import ARCHES, DENOISERS
 from ..lora.canonical import LoRA, LoRAModule, delta, stacked_factors
 from ..lora.match import base_spec
 from .arch import BaseModelError
@@ -79,8 +84,8 @@ class BaseModel:
 
 @dataclass(frozen=True)
 class Application:
-    """One LoRA applied to a model: its weight on the UNet, on the text encoders, and optional
-    per-module multipliers (block weights) ``{component: {module_path: scale}}``."""
+    """One LoRA applied to a model: its weight on the denoiser (UNet or transformer), on the text
+    encoders, and optional per-module multipliers (block weights) ``{component: {module_path: scale}}``."""
 
     lora: LoRA
     name: str
@@ -90,7 +95,7 @@ class Application:
 
     def coefficient(self, component: str, path: str) -> float:
         scale = self.module_scales.get(component, {}).get(path, 1.0)
-        return (self.weight if component == "unet" else self.text_encoder_weight) * scale
+        return (self.weight if component in DENOISERS else self.text_encoder_weight) * scale
 
     def __loraloom_parts__(self) -> tuple:
         """What the runtime's cache counts: the LoRA (its tensors are shared, not copied)."""
@@ -99,7 +104,7 @@ class Application:
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """``torch.compile`` options for the UNet."""
+    """``torch.compile`` options for the denoiser (UNet or transformer)."""
 
     mode: str = "default"
     fullgraph: bool = False
@@ -158,6 +163,11 @@ class _Live:
     applied: dict[tuple[str, str], tuple] = field(default_factory=dict)
     compiled: dict[CompileOptions, torch.nn.Module] = field(default_factory=dict)
     channels_last: bool = False
+
+    @property
+    def denoiser(self) -> str:
+        """The pipeline component that denoises: "unet" or "transformer"."""
+        return ARCHES[self.loaded.arch].denoiser
 
 
 @torch.no_grad()
@@ -338,7 +348,9 @@ class ModelPool:
                 raise BaseModelError(
                     f"base {base.source}: its files changed since it was identified", file=base.source,
                     value=loaded.fingerprint, limit=base.fingerprint, fix="run again, so LoadBase reads it anew")
-            live = self._live[base.key] = _Live(loaded, base_spec(loaded.pipeline), _working_copies(loaded.pipeline))
+            # the architecture is the loader's (checked against the files), not base_spec's guess from names
+            spec = dataclasses.replace(base_spec(loaded.pipeline), arch=loaded.arch)
+            live = self._live[base.key] = _Live(loaded, spec, _working_copies(loaded.pipeline))
             self.stats["loads"] += 1
         self._live.move_to_end(base.key)
         return live
@@ -355,33 +367,33 @@ class ModelPool:
         Each call returns a new view of the base's pipeline: it shares the base's modules, whose
         weights the pool patches in place (only layers whose patch changed are written), and has its
         own fresh scheduler, the pool's working copies of the tokenizers and, under compile options,
-        the compiled UNet. Whatever a caller sets on the view (a scheduler for one sample) never
+        the compiled denoiser. Whatever a caller sets on the view (a scheduler for one sample) never
         reaches the base or another caller. If anything fails midway the base is restored to its
         plain weights, so the pool stays in a known state."""
         with self._lock:
             live = self._get(recipe.base)
-            unet = self._materialise(live, recipe, lora_scale, check_interrupt)
-            return _view(live.loaded.pipeline, unet=unet, **live.working)
+            denoiser = self._materialise(live, recipe, lora_scale, check_interrupt)
+            return _view(live.loaded.pipeline, live.denoiser, denoiser, **live.working)
 
     def pipeline_to_save(self, recipe: ModelRecipe, check_interrupt: Callable[[], None] | None = None):
         """A view of the base with every LoRA of ``recipe`` at its full weight, as ``save_pretrained``
-        should write it: the base's own tokenizers (never run), scheduler config and eager UNet,
+        should write it: the base's own tokenizers (never run), scheduler config and eager denoiser,
         whatever ran on the pool before."""
         with self._lock:
             live = self._get(recipe.base)
             self._materialise(live, recipe, 1.0, check_interrupt)
-            return _view(live.loaded.pipeline, unet=live.loaded.pipeline.unet)
+            return _view(live.loaded.pipeline, live.denoiser, getattr(live.loaded.pipeline, live.denoiser))
 
     def plain(self, base: BaseModel):
         """A view of the base with every touched layer restored to its original weights."""
         return self.pipeline(ModelRecipe(base))
 
     def _materialise(self, live: _Live, recipe: ModelRecipe, lora_scale: float, check_interrupt) -> torch.nn.Module:
-        """Bring the base's weights and memory format to ``recipe``; returns the UNet to run."""
+        """Bring the base's weights and memory format to ``recipe``; returns the denoiser to run."""
         target = self._target(recipe, lora_scale)
         try:
             self._apply(live, target, check_interrupt)
-            return self._unet(live, recipe.compile)
+            return self._denoiser(live, recipe.compile)
         except BaseException:
             self._restore_all(live)
             raise
@@ -437,28 +449,29 @@ class ModelPool:
                 _weight(pipe, live.spec, component, path).copy_(backup)
         live.applied.clear()
 
-    def _unet(self, live: _Live, options: CompileOptions | None) -> torch.nn.Module:
-        """The UNet to run under ``options``, its parameters in the memory format they ask for.
+    def _denoiser(self, live: _Live, options: CompileOptions | None) -> torch.nn.Module:
+        """The denoiser to run under ``options``, its parameters in the memory format they ask for.
 
         ``torch.compile(module)`` returns a wrapper that shares the module's parameters and leaves
-        the module itself eager, so the base keeps its eager UNet and each options value gets its
+        the module itself eager, so the base keeps its eager denoiser and each options value gets its
         own wrapper, made once (compiling happens at its first call). The memory format belongs to
-        the shared parameters, so it follows every recipe: channels_last only while one asks for it.
+        the shared parameters, so it follows every recipe: channels_last only while one asks for it
+        (it changes only 4-D weights: a transformer's patch embedding, a UNet's convolutions).
         """
-        unet = live.loaded.pipeline.unet
+        denoiser = getattr(live.loaded.pipeline, live.denoiser)
         channels_last = options is not None and options.channels_last
         if channels_last != live.channels_last:
             # Module.to rewrites each 4-D parameter's .data in place: the weights stay the same
             # Parameter objects, and the pool's backups hold values, not layouts.
-            unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            denoiser.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             live.channels_last = channels_last
         if options is None:
-            return unet
+            return denoiser
         compiled = live.compiled.get(options)
         if compiled is None:
             use_inductor_cache_dir()
             compiled = live.compiled[options] = torch.compile(
-                unet, mode=None if options.mode == "default" else options.mode,
+                denoiser, mode=None if options.mode == "default" else options.mode,
                 fullgraph=options.fullgraph, dynamic=options.dynamic)
             self.stats["compiles"] += 1
         return compiled
@@ -498,7 +511,7 @@ def use_inductor_cache_dir() -> Path:
 # Calling a transformers tokenizer records the padding and truncation it was asked for in its
 # backend, and save_pretrained writes that into tokenizer.json: a base's tokenizers that sampled once
 # would save differently from ones that never ran. Runs use copies; the base's own are only saved.
-_TOKENIZERS = ("tokenizer", "tokenizer_2")
+_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 def _working_copies(pipe) -> dict[str, Any]:
@@ -506,17 +519,18 @@ def _working_copies(pipe) -> dict[str, Any]:
     return {name: copy.deepcopy(getattr(pipe, name)) for name in _TOKENIZERS if getattr(pipe, name, None) is not None}
 
 
-def _view(pipe, unet: torch.nn.Module, **parts):
-    """A shallow copy of ``pipe`` that shares its modules, with ``unet``, a fresh scheduler and
-    ``parts`` (components by name) in place of the base's.
+def _view(pipe, name: str, denoiser: torch.nn.Module, **parts):
+    """A shallow copy of ``pipe`` that shares its modules, with ``denoiser`` as its component
+    ``name`` ("unet" or "transformer"), a fresh scheduler and ``parts`` (components by name) in
+    place of the base's.
 
     The copy has its own attribute table, and diffusers replaces (never edits) a pipeline's config
-    dict when a component is assigned, so setting the view's scheduler or UNet leaves ``pipe`` as
+    dict when a component is assigned, so setting the view's scheduler or denoiser leaves ``pipe`` as
     it was. A fresh scheduler from the base's config: schedulers keep per-run state (step index,
     multistep history) that must not carry from one sample to the next.
     """
     view = copy.copy(pipe)
-    view.unet = unet
+    setattr(view, name, denoiser)
     for name, part in parts.items():
         setattr(view, name, part)
     scheduler = getattr(pipe, "scheduler", None)  # a stand-in holding only a UNet has none

@@ -7,6 +7,13 @@ module path a real LoRA file names (down_blocks.1.attentions.0.transformer_block
 kohya's input_blocks_4_1 ...) exists here, and block-weight maps see the real layout. Only the
 tensor shapes are tiny (a few MB), which is what lets the tests sample a 64 px image in a fraction of a second.
 
+`tiny-flux` (FluxPipeline: 19 double-stream + 38 single-stream blocks, guidance embedding as in
+Flux dev, CLIP-L + T5 text encoders) and `tiny-sd3` (StableDiffusion3Pipeline: 38 joint blocks with
+RMS q/k norms as in SD3.5 Large, CLIP-L + CLIP-G + T5) do the same for the DiTs: real block and
+text-encoder layer counts, 16-channel VAEs with the real latent scale and shift, the real
+flow-matching scheduler configs, tiny widths. Their T5 tokenizer is a Unigram vocabulary built in
+memory, like the CLIP one.
+
 Weights come from a seeded build inside `torch.random.fork_rng`, so two builds are bit-identical and
 the caller's global RNG state is neither used nor changed. Bump a preset's `version` whenever
 its config or init changes: the version is part of the cache fingerprint.
@@ -89,13 +96,38 @@ def build_tokenizer(pad_token: str = _EOS):
     )
 
 
-def _vae_config(scaling_factor: float, force_upcast: bool) -> dict[str, Any]:
+# T5 (sentencepiece Unigram): <pad> 0, </s> 1, <unk> 2, then pieces with their log-probabilities.
+# Whole words score above word-initial letters, which score above bare characters, so the tokenizer
+# does real segmentation work; anything else (non-ASCII) becomes <unk>.
+_T5_WORDS = ("the", "a", "of", "and", "photo", "cat", "dog", "red", "blue", "circle", "square", "striped")
+_T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"-()"
+_T5_VOCAB = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+             + [("\u2581" + w, -2.0) for w in _T5_WORDS]
+             + [("\u2581" + c, -6.0) for c in _T5_CHARS]
+             + [(c, -8.0) for c in _T5_CHARS])
+
+
+def build_t5_tokenizer(max_length: int):
+    """A T5 tokenizer (Unigram, as sentencepiece's) built in memory, no files, no hub; `max_length`
+    is its model_max_length (the pipelines pass their own max_sequence_length anyway)."""
+    from transformers import T5Tokenizer
+
+    # extra_ids=0: the 100 <extra_id_N> sentinels are for T5's span-corruption training only
+    return T5Tokenizer(vocab=list(_T5_VOCAB), extra_ids=0, model_max_length=max_length)
+
+
+def _vae_config(scaling_factor: float, force_upcast: bool, latent_channels: int = 4,
+                shift_factor: float | None = None) -> dict[str, Any]:
     # Four blocks keep the real x8 latent scale; the 2-block VAE of diffusers' tests gives x2 and
     # makes the UNet run on 4x more positions (3-9x slower).
+    dit = {} if shift_factor is None else {
+        # the Flux / SD3 VAEs: 16 latent channels, latents shifted then scaled, no quant convs
+        "shift_factor": shift_factor, "use_quant_conv": False, "use_post_quant_conv": False}
     return {
+        **dit,
         "in_channels": 3,
         "out_channels": 3,
-        "latent_channels": 4,
+        "latent_channels": latent_channels,
         "down_block_types": ["DownEncoderBlock2D"] * 4,
         "up_block_types": ["UpDecoderBlock2D"] * 4,
         "block_out_channels": [8, 16, 32, 32],
@@ -198,6 +230,71 @@ SHAPES_VAE_SCALING = 0.27681
 VAE_SHAPES = {**_vae_config(SHAPES_VAE_SCALING, force_upcast=True), "block_out_channels": [16, 32, 32, 32],
               "norm_num_groups": 4}
 UNET_SHAPES = {**UNET_SDXL, "norm_num_groups": 2}
+
+# Flux and SD3.5. Real T5-XXL: 4096 wide, 24 layers, 64 heads of 64, gated-GELU feed-forward 10240.
+# SD3 pads the CLIP-L + CLIP-G hidden states (32 + 48 here) to T5's width, so it must be at least 80.
+T5_WIDTH = 96
+TEXT_T5: dict[str, Any] = {
+    "vocab_size": len(_T5_VOCAB),
+    "d_model": T5_WIDTH,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 24,
+    "num_heads": 4,
+    "feed_forward_proj": "gated-gelu",  # T5 v1.1, as Flux's and SD3's encoders
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+_FLUX_BLOCKS = {family.name: family.count for family in ARCHES["flux"].blocks}
+TRANSFORMER_FLUX: dict[str, Any] = {
+    # Real Flux dev: 24 heads of 128 (3072 wide), rope axes (16, 56, 56), T5 4096 -> context,
+    # CLIP-L pooled 768 -> the time/guidance/text vector. Here 2 heads of 16.
+    "patch_size": 1,
+    "in_channels": 64,  # 16 latent channels packed in 2x2 patches
+    "num_layers": _FLUX_BLOCKS["double"],
+    "num_single_layers": _FLUX_BLOCKS["single"],
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": T5_WIDTH,
+    "pooled_projection_dim": TEXT_SD15["hidden_size"],
+    "guidance_embeds": True,  # dev's distilled guidance (schnell has none)
+    "axes_dims_rope": [4, 6, 6],  # sums to attention_head_dim
+}
+TEXT_SD3_1 = {**TEXT_SDXL_1, "projection_dim": TEXT_PROJECTION_SDXL}  # CLIP-L, with its projection in SD3
+TEXT_SD3_2 = TEXT_SDXL_2  # OpenCLIP bigG
+TRANSFORMER_SD3: dict[str, Any] = {
+    # Real SD3.5 Large: 38 joint blocks of 38 heads of 64 (2432 wide), RMS q/k norms, 2x2 patches,
+    # positional embedding up to 192 patches a side. Here 4 heads of 8.
+    "sample_size": 8,  # latent size: the pipeline's default image is 8 * 8 = 64 px
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": ARCHES["sd3"].blocks[0].count,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": T5_WIDTH,
+    "caption_projection_dim": 32,  # = heads x head dim
+    "pooled_projection_dim": 2 * TEXT_PROJECTION_SDXL,  # CLIP-L and CLIP-G pooled projections
+    "pos_embed_max_size": 96,  # 96 patches of 16 px: images up to 1536 px a side
+    "qk_norm": "rms_norm",
+    "dual_attention_layers": [],  # SD3.5 Medium's MMDiT-X layers; Large has none
+}
+VAE_FLUX = _vae_config(0.3611, force_upcast=True, latent_channels=16, shift_factor=0.1159)
+VAE_SD3 = _vae_config(1.5305, force_upcast=True, latent_channels=16, shift_factor=0.0609)
+SCHEDULER_FLUX: dict[str, Any] = {
+    # Flux dev's: the sigma shift grows with the image's token count (resolution-dependent shift)
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+SCHEDULER_SD3: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}  # SD3.5 Large's
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # the models a weights file holds, keyed "<component>.<parameter name>"
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -206,7 +303,7 @@ WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 @dataclass(frozen=True)
 class Preset:
     """One built-in base model: its name, architecture, version, seed and component configs
-    ("unet", "vae", "text_encoder", optionally "text_encoder_2", "scheduler"). `weights`: a file
+    (the denoiser's: "unet" or "transformer"; "vae", the text encoders', "scheduler"). `weights`: a file
     in bases/weights/ holding trained weights for every model (see load_weights); None: the seeded
     init is the model."""
 
@@ -273,7 +370,48 @@ def _build_sdxl(configs: dict[str, dict[str, Any]]):
     )
 
 
-_BUILDERS = {"sd15": _build_sd15, "sdxl": _build_sdxl}
+def _build_flux(configs: dict[str, dict[str, Any]]):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    transformer = FluxTransformer2DModel(**configs["transformer"])  # same order rule as _build_sd15
+    vae = AutoencoderKL(**configs["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    text_encoder_2 = T5EncoderModel(T5Config(**configs["text_encoder_2"]))
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**configs["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_t5_tokenizer(ARCHES["flux"].sampling.max_sequence_length),
+        transformer=transformer,
+    )
+
+
+def _build_sd3(configs: dict[str, dict[str, Any]]):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    transformer = SD3Transformer2DModel(**configs["transformer"])  # same order rule as _build_sd15
+    vae = AutoencoderKL(**configs["vae"])
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder"]))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
+    text_encoder_3 = T5EncoderModel(T5Config(**configs["text_encoder_3"]))
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**configs["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tokenizer(pad_token="!"),  # as SDXL's OpenCLIP tokenizer
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=build_t5_tokenizer(ARCHES["sd3"].sampling.max_sequence_length),
+    )
+
+
+_BUILDERS = {"sd15": _build_sd15, "sdxl": _build_sdxl, "flux": _build_flux, "sd3": _build_sd3}
 
 PRESETS: dict[str, Preset] = {
     preset.name: preset
@@ -303,6 +441,29 @@ PRESETS: dict[str, Preset] = {
                 "scheduler": SCHEDULER_CONFIG,
             },
             weights="tiny-sdxl-shapes.safetensors",
+        ),
+        Preset(
+            "tiny-flux", "flux", 1, 2000,
+            "FluxPipeline, real Flux dev layout (19 double + 38 single blocks, guidance embedding), tiny widths",
+            {
+                "transformer": TRANSFORMER_FLUX,
+                "vae": VAE_FLUX,
+                "text_encoder": TEXT_SD15,
+                "text_encoder_2": TEXT_T5,
+                "scheduler": SCHEDULER_FLUX,
+            },
+        ),
+        Preset(
+            "tiny-sd3", "sd3", 1, 3000,
+            "StableDiffusion3Pipeline, real SD3.5 Large layout (38 joint blocks), three text encoders, tiny widths",
+            {
+                "transformer": TRANSFORMER_SD3,
+                "vae": VAE_SD3,
+                "text_encoder": TEXT_SD3_1,
+                "text_encoder_2": TEXT_SD3_2,
+                "text_encoder_3": TEXT_T5,
+                "scheduler": SCHEDULER_SD3,
+            },
         ),
     )
 }
@@ -335,6 +496,13 @@ def load_weights(pipe, path: str | Path):
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         getattr(pipe, component).load_state_dict(state, strict=True)  # casts to the model's dtype
     return pipe
+
+
+def preset_names(denoiser: str | None = None) -> tuple[str, ...]:
+    """The presets' names, all or those whose architecture's denoiser is `denoiser` ("unet",
+    "transformer")."""
+    return tuple(name for name, preset in PRESETS.items()
+                 if denoiser is None or ARCHES[preset.arch].denoiser == denoiser)
 
 
 def get_preset(name: str) -> Preset:
@@ -391,7 +559,7 @@ def build_pipeline(name: str, dtype: str | torch.dtype = "auto", device: str | t
 
 
 def preset_configs(name: str) -> dict[str, dict[str, Any]]:
-    """A copy of the component configs of preset `name` ("unet", "vae", "text_encoder",
-    "text_encoder_2" on SDXL, "scheduler"), e.g. to build one component alone."""
+    """A copy of the component configs of preset `name` (by pipeline component: the denoiser, "vae",
+    the text encoders, "scheduler"), e.g. to build one component alone."""
     return copy.deepcopy(get_preset(name).configs)
 

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
-from .arches import ARCH_NAMES as ARCHES
+from .arches import UNET_ARCH_NAMES as ARCHES
 from .arches import ARCHES as _LAYOUTS
 from .errors import LoRAError
 

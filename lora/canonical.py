@@ -37,7 +37,7 @@ import torch
 
 from .errors import LoRAFormatError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 """Components a LoRA can touch, in the order files and reports list them."""
 
 

@@ -65,7 +65,8 @@ class UNetLayout:
         return cls(int(get("layers_per_block", 2)), tuple("CrossAttn" in t for t in get("up_block_types")))
 
 
-LAYOUTS = {name: UNetLayout(arch.layers_per_block, arch.up_attention) for name, arch in ARCHES.items()}
+LAYOUTS = {name: UNetLayout(arch.layers_per_block, arch.up_attention) for name, arch in ARCHES.items()
+           if arch.denoiser == "unet"}
 
 
 def normalize_te_path(path: str) -> str:

@@ -13,7 +13,7 @@ EXTRA = (2, 3, 4)
 
 @node(category=f"{CATEGORY}/lora", display_name="Weighted Blend (set_adapters)",
       inputs=[Link("model", MODEL), Link("lora", LORA),
-              weight_input("weight", "the LoRA's weight on the UNet (negative works)"),
+              weight_input("weight", "the LoRA's weight on the UNet or transformer (negative works)"),
               weight_input("text_encoder_weight", "the LoRA's weight on the text encoder(s)"),
               String("block_weights", "", tooltip="per-block weights: an A1111 lora-block-weight string "
                      "(e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1 on SD1.5) or preset (e.g. OUTALL on SD1.5, SDXL-OUTALL "

@@ -1,8 +1,17 @@
-"""Sample: materialise a model recipe in the pool and run the diffusers pipeline."""
+"""Sample: materialise a model recipe in the pool and run the diffusers pipeline.
+
+How each architecture's pipeline is called differs in three ways, all decided here from its
+description (`lora.arches`, ``Arch.sampling``): which schedulers fit (noise-prediction UNets take
+the classic ones; Flux and SD3.5 are flow-matching models and take flow-matching ones), what
+``guidance`` means (classifier-free guidance with the negative prompt; Flux dev's distilled guidance,
+an input of the model, one model run per step) and whether a negative prompt is taken (not by Flux:
+its pipeline would only use one for "true CFG", which these models were not trained for).
+"""
 
 from __future__ import annotations
 
 from ..graph_runtime import Combo, Float, InputError, Int, Link, Output, String, current_context, node
+from ..lora.arches import ARCHES
 from .common import CATEGORY, IMAGE, MODEL, model_pool, weight_input
 
 SCHEDULERS = {
@@ -18,16 +27,70 @@ SCHEDULERS = {
     "pndm": ("PNDMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
 }
+# The schedulers of flow-matching models (Flux, SD3.5), under the same names. Both pipelines hand
+# the scheduler their own sigmas (and Flux a resolution-dependent shift, mu), which only these take;
+# the classic schedulers above would build a noise-prediction schedule for a velocity model.
+FLOW_SCHEDULERS = {
+    "default": None,
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
 
 
-def make_scheduler(name: str, base_scheduler):
-    """The scheduler called ``name``, built from ``base_scheduler``'s config ("default": that one)."""
+def schedulers_for(arch: str) -> dict:
+    """The scheduler table of architecture ``arch``: by name, the class and config overrides."""
+    return FLOW_SCHEDULERS if ARCHES[arch].sampling.flow_matching else SCHEDULERS
+
+
+def scheduler_entry(name: str, arch: str) -> tuple[str, dict] | None:
+    """The class name and config overrides of scheduler ``name`` on architecture ``arch`` (None:
+    the base's own). A name the architecture has no scheduler for raises an InputError."""
+    table = schedulers_for(arch)
+    if name not in table:
+        raise InputError(
+            f"scheduler {name!r} is for noise-prediction (UNet) models; {ARCHES[arch].label} is a flow-matching model "
+            f"and samples with: {', '.join(table)}.", input="scheduler", value=name, limit=tuple(table),
+            kind="value_not_in_list", fix=f"choose one of: {', '.join(table)}")
+    return table[name]
+
+
+def make_scheduler(name: str, base_scheduler, arch: str):
+    """The scheduler called ``name`` for architecture ``arch``, built from ``base_scheduler``'s config
+    ("default": that one); see scheduler_entry."""
     import diffusers
 
-    if SCHEDULERS[name] is None:
+    entry = scheduler_entry(name, arch)
+    if entry is None:
         return base_scheduler
-    cls_name, extra = SCHEDULERS[name]
+    cls_name, extra = entry
     return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
+
+
+def guidance_arguments(arch: str, guidance: float, negative_prompt: str) -> dict:
+    """The pipeline-call arguments for ``guidance`` and ``negative_prompt`` on architecture ``arch``:
+    guidance_scale is classifier-free guidance, or Flux's distilled guidance (the model's guidance
+    input); a negative prompt where the architecture takes none is an InputError, never ignored."""
+    sampling = ARCHES[arch].sampling
+    if sampling.negative_prompt:
+        return {"guidance_scale": guidance, "negative_prompt": negative_prompt or None}
+    if negative_prompt:
+        raise InputError(
+            f"{ARCHES[arch].label} takes no negative prompt: its guidance is distilled into the model (the "
+            "guidance input), one model run per step without an unconditional one.", input="negative_prompt",
+            value=negative_prompt[:80], kind="not_supported", fix="leave negative_prompt empty")
+    return {"guidance_scale": guidance}
+
+
+def check_size(arch: str, width: int, height: int) -> None:
+    """Raise an InputError when width or height is not a multiple of what architecture ``arch``
+    needs (Flux's pipeline would silently resize the image, SD3's raise)."""
+    multiple = ARCHES[arch].sampling.pixel_multiple
+    for name, value in (("width", width), ("height", height)):
+        if value % multiple:
+            raise InputError(
+                f"{value} is not a multiple of {multiple}: {ARCHES[arch].label} works on {multiple}x{multiple} pixel "
+                "blocks (8x8 for the VAE, then 2x2 latent patches).", input=name, value=value,
+                limit=f"a multiple of {multiple}", kind=f"not_multiple_of_{multiple}",
+                fix=f"use {value - value % multiple} or {value - value % multiple + multiple}")
 
 
 @node(category=f"{CATEGORY}/sampling", display_name="Sample",
@@ -45,7 +108,10 @@ def make_scheduler(name: str, base_scheduler):
                            tooltip="multiplies the LoRAs that are not fused (diffusers' cross_attention_kwargs scale)")],
       outputs=[Output(IMAGE, "image")])
 class Sample:
-    """Generate images. Same inputs, same image; progress per step; interruptible between steps."""
+    """Generate images. Same inputs, same image; progress per step; interruptible between steps.
+    On Flux, guidance is the distilled guidance (3.5 is dev's usual value) and the negative prompt
+    must be empty; Flux and SD3.5 take the flow-matching schedulers (default, euler) and sizes that
+    are multiples of 16."""
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:
@@ -82,16 +148,21 @@ class Sample:
 
         ctx = current_context()
         # a view of the base for this sample alone: its scheduler is set here and nowhere else
+        arch = model.base.arch
+        # refused inputs are refused before any work
+        check_size(arch, width, height)
+        call = guidance_arguments(arch, guidance, negative_prompt)
+        scheduler_entry(scheduler, arch)
         pipe = model_pool().pipeline(model, lora_scale=lora_scale, check_interrupt=ctx.check_interrupt)
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler)
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, arch)
 
         def on_step(_pipe, i, _t, kwargs):
             ctx.progress(i + 1, steps)
             return kwargs
 
         with torch.inference_mode():
-            out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                       guidance_scale=guidance, width=width, height=height, num_images_per_prompt=batch_size,
+            out = pipe(prompt=prompt, num_inference_steps=steps, **call, width=width, height=height,
+                       num_images_per_prompt=batch_size,
                        generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
                        callback_on_step_end=on_step)
         images = out.images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()

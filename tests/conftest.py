@@ -80,9 +80,9 @@ def tiny_any(request, tiny_pipeline):
 
 @pytest.fixture(scope="session")
 def tiny_model_files(tmp_path_factory):
-    """Factory: `tiny_model_files("tiny-sd15" | "tiny-sdxl")` -> dict of paths to that preset
-    written as a diffusers folder ("folder"), a single-file checkpoint in the original SD/SGM layout
-    ("single_file") and its config skeleton ("config"). Written once per session; read-only."""
+    """Factory: `tiny_model_files(preset name)` -> dict of paths to that preset written as a
+    diffusers folder ("folder"), its config skeleton ("config") and, for UNet presets, a single-file
+    checkpoint in the original SD/SGM layout ("single_file"). Written once per session; read-only."""
     from loraloom.bases import export
 
     written: dict[str, dict[str, object]] = {}
@@ -91,14 +91,12 @@ def tiny_model_files(tmp_path_factory):
         if name not in written:
             root = tmp_path_factory.mktemp(name)
             pipe = presets.build_pipeline(name, dtype="fp32", device="cpu")
-            single_file, config = export.save_single_file_with_config(
-                pipe, root / f"{name}.safetensors", root / f"{name}-config"
-            )
             written[name] = {
                 "folder": export.save_diffusers_folder(pipe, root / f"{name}-diffusers"),
-                "single_file": single_file,
-                "config": config,
+                "config": export.save_config_skeleton(pipe, root / f"{name}-config"),
             }
+            if name in presets.preset_names("unet"):
+                written[name]["single_file"] = export.save_single_file(pipe, root / f"{name}.safetensors")
         return dict(written[name])
 
     return files
@@ -186,3 +184,67 @@ def base_sample(sample):
         return cache[preset]
 
     return get
+
+
+# Flux / SD3.5: a diffusers-format LoRA on the preset's transformer, written by diffusers itself.
+
+DIT_LORA_TARGETS = {
+    # the attention and MLP linears diffusers-format Flux / SD3 LoRAs train (AI-Toolkit, SimpleTuner)
+    "tiny-flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                  "ff.net.2", "ff_context.net.2", "proj_mlp", "proj_out"],
+    "tiny-sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.2"],
+}
+DIT_LORA_RANK, DIT_LORA_ALPHA = 4, 8.0
+
+
+@pytest.fixture(scope="session")
+def dit_lora(tmp_path_factory):
+    """Factory: `dit_lora("tiny-flux" | "tiny-sd3")` -> (path, LoRA): a LoRA file on the preset's
+    transformer written by diffusers' save_lora_weights from peft's own init (init_lora_weights=False:
+    both factors random, drawn under a fixed seed; alpha 8 at rank 4, in the adapter metadata), and
+    the same LoRA as our canonical value (built from the file's tensors: "transformer.<path>.lora_A/B")."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from loraloom.lora.canonical import LoRA, LoRAModule
+
+    made: dict[str, tuple] = {}
+
+    def make(preset: str):
+        if preset not in made:
+            folder = tmp_path_factory.mktemp(f"{preset}-lora")
+            pipe = presets.build_pipeline(preset, dtype="fp32", device="cpu")
+            config = LoraConfig(r=DIT_LORA_RANK, lora_alpha=DIT_LORA_ALPHA, target_modules=DIT_LORA_TARGETS[preset],
+                                init_lora_weights=False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(7)
+                pipe.transformer.add_adapter(config)
+            type(pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                         transformer_lora_adapter_metadata=config.to_dict())
+            path = folder / "pytorch_lora_weights.safetensors"
+            tensors = load_file(str(path))
+            modules = {
+                key.removeprefix("transformer.").removesuffix(".lora_A.weight"): LoRAModule(
+                    tensors[key], tensors[key.replace("lora_A", "lora_B")], DIT_LORA_ALPHA, key=key)
+                for key in tensors if key.endswith(".lora_A.weight")
+            }
+            made[preset] = (path, LoRA({"transformer": modules}, "diffusers", fingerprint=f"test:{preset}-lora"))
+        return made[preset]
+
+    return make
+
+
+@pytest.fixture
+def diffusers_with_lora():
+    """Function: `diffusers_with_lora(preset, path, weight, fuse=False)` -> the preset with the LoRA file
+    loaded by diffusers' own load_lora_weights, at `weight` (set_adapters), fused if asked (fuse_lora)."""
+    def load(preset: str, path, weight: float, fuse: bool = False):
+        pipe = presets.build_pipeline(preset, dtype="fp32", device="cpu")
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="x")
+        pipe.set_adapters(["x"], [weight])
+        if fuse:
+            pipe.fuse_lora(components=["transformer"], adapter_names=["x"])
+        return pipe
+
+    return load

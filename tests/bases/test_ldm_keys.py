@@ -92,7 +92,7 @@ def test_kohya_sgm_block_names_map_to_the_same_modules_as_in_real_sdxl():
         assert original_unet_key(diffusers_name, config) == original, f"{diffusers_name} should be {original}"
 
 
-@pytest.mark.parametrize("name", list(presets.PRESETS))
+@pytest.mark.parametrize("name", presets.preset_names("unet"))
 def test_diffusers_converters_give_every_weight_back_bit_exact(name, tiny_pipeline):
     """Our original-layout dict, read back by the converters from_single_file uses, is the pipeline's
     own state, key for key (nothing dropped, nothing extra) and bit for bit."""

@@ -9,7 +9,7 @@ from loraloom.lora.blocks import block_of
 from loraloom.lora.keymap import LAYOUTS, UNetLayout
 
 
-@pytest.mark.parametrize("name", list(presets.PRESETS))
+@pytest.mark.parametrize("name", presets.preset_names("unet"))
 def test_presets_are_built_from_the_description(name, tiny_pipeline):
     pipe = tiny_pipeline(name)
     arch = ARCHES[presets.get_preset(name).arch]
@@ -23,7 +23,7 @@ def test_presets_are_built_from_the_description(name, tiny_pipeline):
     assert (pipe.unet.config.addition_embed_type == "text_time") == arch.add_embedding
 
 
-@pytest.mark.parametrize("name", list(presets.PRESETS))
+@pytest.mark.parametrize("name", presets.preset_names("unet"))
 def test_block_units_and_single_file_numbering_agree(name, tiny_pipeline):
     """Block weights (A1111's IN/OUT numbers) and the single-file export number the UNet alike."""
     unet = tiny_pipeline(name).unet
