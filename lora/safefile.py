@@ -1100,7 +1100,7 @@ class _HashBeside:
     """Hashes, in a worker thread and in order, the buffers a reader hands it, so hashing runs beside
     the reads and value checks instead of after each: hashlib releases the GIL while it hashes a
     buffer over 2 KiB, and readinto and numpy release it too. A buffer must not change once handed
-    over (each tensor's storage, the header's bytes: neither is written again)."""
+    over (slices of the data buffer, the header's bytes: neither is written again)."""
 
     def __init__(self, hasher):
         self._hasher = hasher
