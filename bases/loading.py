@@ -7,6 +7,7 @@ description.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 from dataclasses import dataclass
@@ -59,20 +60,83 @@ def _extra_kwargs(arch: str) -> dict[str, Any]:
     return {"safety_checker": None, "requires_safety_checker": False} if arch == "sd15" else {}
 
 
-def _own_memory(pipe) -> None:
-    """Copy every weight into memory the process owns.
+def _own_memory(pipe, checked: list) -> None:
+    """Give every CPU weight memory the process owns, each byte read once and held once.
 
-    safetensors loads can leave CPU tensors as views into the memory-mapped file: a later rewrite
-    of that file would change a live model under the pool, and unaligned views even change float
-    results (a different BLAS path: 2e-7 on the SDXL text projection). On other devices `.to()`
-    already copied them.
+    safetensors loads leave CPU tensors as views into the memory-mapped file: a later rewrite of
+    that file would change a live model under the pool, and a truncation SIGBUSes the process at
+    the next touch (as lora/safefile explains). So each checked weights file (``checked``: the
+    headers ``check_weights`` returned) that the pipeline views is read into one owned buffer
+    (``read_checked_file``: refused if the file is no longer in the state it was checked in; each
+    tensor 64-byte aligned, as a fresh tensor is, since unaligned views change float results: a
+    different BLAS path, 2e-7 on the SDXL text projection), and each weight that views the file
+    takes the same bytes from that buffer: bit for bit what diffusers loaded. Which weight views
+    which bytes is read from the process's own memory map (Linux's /proc/self/maps: the file's
+    device and inode, and the offset in it), never guessed from names. Anything else is copied on
+    its own, as are the weights of a file the pipeline views less than 90% of (its buffer would hold
+    the rest for nothing). On other devices `.to()` already copied them.
     """
-    for component in pipe.components.values():
-        if not isinstance(component, torch.nn.Module):
+    from ..lora.safefile import read_checked_file
+
+    tensors = {id(t): t for component in pipe.components.values() if isinstance(component, torch.nn.Module)
+               for t in itertools.chain(component.parameters(), component.buffers()) if t.device.type == "cpu"}
+    for header, placed in _file_views(list(tensors.values()), checked):
+        owned = read_checked_file(header, checks.CHECKPOINT)
+        for tensor, key in placed:
+            tensor.data = owned[key]
+            del tensors[id(tensor)]
+    for tensor in tensors.values():
+        tensor.data = tensor.data.clone()
+
+
+def _file_views(tensors: list, checked: list) -> list:
+    """[(header, [(tensor, key)])]: the tensors that are exactly the tensor ``key`` of a checked file
+    as mapped into this process (same device, inode, offset, dtype and shape), for the files they
+    make up at least 90% of. Empty where the process's memory map cannot be read."""
+    header_of = {(h.state.device, h.state.inode): h for h in checked if h.state is not None}
+    maps = _mapped_files(set(header_of))
+    if not maps:
+        return []
+    starts = [m[0] for m in maps]
+    # file offset -> (key, info) of the tensor the header declares there, per file
+    declared = {file: {h.data_start + info.data_offsets[0]: (key, info) for key, info in h.tensors.items() if info.nbytes}
+                for file, h in header_of.items()}
+    found: dict[tuple[int, int], list] = {}
+    for tensor in tensors:
+        address = tensor.data_ptr()
+        i = bisect.bisect_right(starts, address) - 1
+        if i < 0 or not tensor.is_contiguous() or address + tensor.nbytes > maps[i][1]:
             continue
-        for tensor in itertools.chain(component.parameters(), component.buffers()):
-            if tensor.device.type == "cpu":
-                tensor.data = tensor.data.clone()
+        start, _, offset, file = maps[i]
+        key, info = declared[file].get(offset + address - start, (None, None))
+        if info is not None and info.torch_dtype == tensor.dtype and info.shape == tuple(tensor.shape):
+            found.setdefault(file, []).append((tensor, key))
+    return [(header_of[file], placed) for file, placed in found.items()
+            if sum(t.nbytes for t, _ in placed) >= 0.9 * (header_of[file].size - header_of[file].data_start)]
+
+
+def _mapped_files(files: set) -> list[tuple[int, int, int, tuple[int, int]]]:
+    """(start, end, file offset, (device, inode)) of this process's mappings of ``files`` (a set of
+    (device, inode)), by start address; [] where /proc/self/maps cannot be read."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    maps = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5 or fields[4] == "0":
+            continue
+        try:
+            major, minor = (int(x, 16) for x in fields[3].split(":"))
+            key = (os.makedev(major, minor), int(fields[4]))
+            if key in files:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                maps.append((start, end, int(fields[2], 16), key))
+        except ValueError:
+            continue
+    return sorted(maps)
 
 
 @dataclass(frozen=True)
@@ -241,6 +305,6 @@ def load_base(
         raise BaseModelError(f"{identity.source}: files describe {identity.arch} but diffusers built a {loaded_arch} "
                              "pipeline", value=loaded_arch, limit=identity.arch)
     pipe = pipe.to(identity.device)
-    _own_memory(pipe)
+    _own_memory(pipe, scanned)
     pipe.set_progress_bar_config(disable=True)  # progress goes through the runtime's events
     return LoadedBase(pipe, identity.arch, identity.dtype, identity.device, identity.fingerprint, identity.source)

@@ -20,19 +20,22 @@ Pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are refused unless t
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import os
 import queue
+import re
 import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 from ..graph_runtime import HASH_CHUNK_BYTES, FileError, KnownFingerprint, file_hasher, open_regular
 from ..graph_runtime.errors import InputError, LoomError
@@ -51,6 +54,7 @@ __all__ = [
     "LORA",
     "TensorInfo",
     "inspect_header",
+    "read_checked_file",
     "read_lora_file",
     "scan_file",
 ]
@@ -66,61 +70,66 @@ _OVERLAP_MIN_BYTES = 16 * 2**20
 _SCAN_SLICE_BYTES = 64 * 2**20
 
 
-def _optional_dtypes(**names: str) -> dict[str, torch.dtype]:
-    return {code: getattr(torch, attr) for code, attr in names.items() if hasattr(torch, attr)}
+# safetensors dtype codes this reader accepts (the set safetensors.torch itself maps): code -> (torch
+# dtype name, bytes per element); every one exists in torch>=2.4, which pyproject requires. Header
+# checks need only this table, so checking a header (``inspect_header``: what ``loraloom validate``
+# does to a workflow's LoRA files) imports neither torch nor numpy; reading values does.
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "C64": ("complex64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1), "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
+}  # fmt: skip
 
 
-SUPPORTED_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "C64": torch.complex64,
-    # Present since torch 2.1 / 2.3; pyproject allows torch>=2.4, but a missing one must not break import.
-    **_optional_dtypes(
-        F8_E4M3="float8_e4m3fn",
-        F8_E4M3FNUZ="float8_e4m3fnuz",
-        F8_E5M2="float8_e5m2",
-        F8_E5M2FNUZ="float8_e5m2fnuz",
-        U16="uint16",
-        U32="uint32",
-        U64="uint64",
-    ),
-}
-"""safetensors dtype codes this reader accepts, mapped to torch dtypes (the set safetensors.torch
-itself maps, where this torch has the dtype)."""
+@dataclass(frozen=True)
+class _TorchTables:
+    """The dtype tables that need torch: built on first use (``_tables``)."""
 
-_DTYPE_CODES = {dtype: code for code, dtype in SUPPORTED_DTYPES.items()}
-# torch has no aminmax/isfinite kernels for these on the CPU; their NaN scan upcasts slices to float32.
-_UPCAST_FOR_FINITE = frozenset(
-    SUPPORTED_DTYPES[c] for c in ("F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ") if c in SUPPORTED_DTYPES
-)
+    dtypes: dict  # code -> torch dtype: SUPPORTED_DTYPES
+    codes: dict  # torch dtype -> code
+    upcast_for_finite: frozenset
+    nonfinite_bits: dict
 
-# The NaN/Inf test on bit patterns. With the sign bit masked off, a value of these formats is NaN
-# or infinite exactly when its bits are at least the all-ones exponent (IEEE 754; bf16 is float32's
-# top half; float8 e4m3fn has no infinity and one NaN pattern per sign, 0x7f; e5m2 is IEEE-like).
-# So, without building the masked copy: read as signed integers, the positive non-finite patterns
-# are the largest values; read as unsigned, the negative ones are. Two max reductions over the
-# bytes as they are. numpy runs them on one thread: torch's aminmax splits any tensor over 32,768
-# elements across its threads, and on a busy 2-core machine each of a LoRA's ~3,000 tensors then
-# waited for a descheduled thread (2.5-13 s for an SDXL LoRA, against 0.04 s here).
-# (signed type, unsigned type, first non-finite pattern without its sign); complex64 is two float32s.
-# The rest (the fnuz float8s, whose NaN is the negative-zero pattern) take torch's count directly.
-_NONFINITE_BITS: dict[torch.dtype, tuple[Any, Any, int]] = {
-    torch.float64: (np.int64, np.uint64, 0x7FF0_0000_0000_0000),
-    torch.float32: (np.int32, np.uint32, 0x7F80_0000),
-    torch.complex64: (np.int32, np.uint32, 0x7F80_0000),
-    torch.float16: (np.int16, np.uint16, 0x7C00),
-    torch.bfloat16: (np.int16, np.uint16, 0x7F80),
-    **{SUPPORTED_DTYPES[code]: (np.int8, np.uint8, first) for code, first in (("F8_E4M3", 0x7F), ("F8_E5M2", 0x7C))
-       if code in SUPPORTED_DTYPES},
-}
+
+@functools.cache
+def _tables() -> _TorchTables:
+    import numpy as np
+    import torch
+
+    dtypes = {code: getattr(torch, name) for code, (name, _) in _DTYPES.items()}
+    # The NaN/Inf test on bit patterns. With the sign bit masked off, a value of these formats is
+    # NaN or infinite exactly when its bits are at least the all-ones exponent (IEEE 754; bf16 is
+    # float32's top half; float8 e4m3fn has no infinity and one NaN pattern per sign, 0x7f; e5m2 is
+    # IEEE-like). So, without building the masked copy: read as signed integers, the positive
+    # non-finite patterns are the largest values; read as unsigned, the negative ones are. Two max
+    # reductions over the bytes as they are. numpy runs them on one thread: torch's aminmax splits
+    # any tensor over 32,768 elements across its threads, and on a busy 2-core machine each of a
+    # LoRA's ~3,000 tensors then waited for a descheduled thread (2.5-13 s for an SDXL LoRA, against
+    # 0.04 s here). (signed type, unsigned type, first non-finite pattern without its sign);
+    # complex64 is two float32s. The rest (the fnuz float8s, whose NaN is the negative-zero pattern)
+    # take torch's count directly.
+    nonfinite_bits = {
+        torch.float64: (np.int64, np.uint64, 0x7FF0_0000_0000_0000),
+        torch.float32: (np.int32, np.uint32, 0x7F80_0000),
+        torch.complex64: (np.int32, np.uint32, 0x7F80_0000),
+        torch.float16: (np.int16, np.uint16, 0x7C00),
+        torch.bfloat16: (np.int16, np.uint16, 0x7F80),
+        torch.float8_e4m3fn: (np.int8, np.uint8, 0x7F),
+        torch.float8_e5m2: (np.int8, np.uint8, 0x7C),
+    }
+    # torch has no aminmax/isfinite kernels for float8 on the CPU; their count upcasts slices to float32.
+    upcast = frozenset(dtypes[c] for c in ("F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ"))
+    return _TorchTables(dtypes, {dtype: code for code, dtype in dtypes.items()}, upcast, nonfinite_bits)
+
+
+def __getattr__(name: str) -> Any:
+    # SUPPORTED_DTYPES: the safetensors dtype codes this reader accepts, mapped to torch dtypes (the
+    # set safetensors.torch itself maps). Built on first use: importing this module imports no torch.
+    if name == "SUPPORTED_DTYPES":
+        return _tables().dtypes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -233,7 +242,7 @@ class TensorInfo:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The torch dtype of ``dtype``."""
-        return SUPPORTED_DTYPES[self.dtype]
+        return _tables().dtypes[self.dtype]
 
     @property
     def numel(self) -> int:
@@ -375,6 +384,35 @@ def scan_file(path: str | os.PathLike, role: FileRole, limits: Limits = DEFAULT_
     return replace(header, state=state, digest=hasher.hexdigest() if fingerprint else None)
 
 
+def read_checked_file(header: Header, role: FileRole) -> dict[str, torch.Tensor]:
+    """The tensors of the file ``scan_file`` returned ``header`` for, read into memory the process
+    owns: one buffer, each tensor a view of it starting 64-byte aligned (as a fresh tensor does:
+    unaligned data can take another BLAS path and change float results), read in file order, each
+    byte once. Refused (as a file that changed while it was read) unless the file is in the state it
+    was checked in (``header.state``) from opening to the last byte, so these are the checked values.
+    Read with readinto, for the reasons ``_read_data`` gives."""
+    import torch
+
+    src = Source(header.path, role)
+    order = sorted(header.tensors.items(), key=lambda item: item[1].data_offsets)
+    places, end = [], 0
+    for _, info in order:
+        places.append(end)
+        end += -(-info.nbytes // 64) * 64
+    with _open_checked(src, replace(DEFAULT_LIMITS, max_file_bytes=max(header.size, 1))) as (f, state):
+        if state != header.state:
+            raise _changed_while_reading(src)
+        data = torch.empty(end, dtype=torch.uint8)  # torch's CPU allocations are 64-byte aligned
+        view = memoryview(data.numpy())
+        f.seek(header.data_start)
+        for (_, info), place in zip(order, places):
+            _read_into(f, view[place : place + info.nbytes], src, _NO_HASH)
+        if f.read(1) or state_of(f) != state:
+            raise _changed_while_reading(src)
+    return {key: data[place : place + info.nbytes].view(info.torch_dtype).view(info.shape)
+            for (key, info), place in zip(order, places)}
+
+
 @contextmanager
 def _open_checked(src: Source, limits: Limits):
     """Open a regular file unbuffered (graph_runtime's ``open_regular``: never a FIFO or device), check
@@ -510,6 +548,9 @@ def _read_header(f, src: Source, size: int, limits: Limits, hasher) -> Header:
     return Header(src.path, size, 8 + length, tensors, metadata)
 
 
+_STRINGS = re.compile(rb'"[^"]*(?:"|\Z)')
+
+
 def _check_header_counts(src: Source, raw: bytearray, limits: Limits) -> None:
     """Bound what ``json.loads`` will build, before it builds anything.
 
@@ -528,13 +569,13 @@ def _check_header_counts(src: Source, raw: bytearray, limits: Limits) -> None:
     max_strings = 5 * limits.max_tensors + 2 * limits.max_metadata_entries + 4
     if strings > max_strings:
         raise _header_bomb(src, f"{strings} strings", strings, max_strings, limits)
-    # Even parts lie outside strings; counting them one by one avoids joining another copy.
-    outside = unescaped.split(b'"')[0::2]
-    objects = sum(part.count(b"{") for part in outside)
+    # What lies outside the strings, in one C pass (an unclosed last string runs to the end).
+    outside = _STRINGS.sub(b"", unescaped)
+    objects = outside.count(b"{")
     max_objects = limits.max_tensors + 2
     if objects > max_objects:
         raise _header_bomb(src, f"{objects} JSON objects", objects, max_objects, limits)
-    items = sum(part.count(b",") + part.count(b"[") for part in outside) + objects
+    items = outside.count(b",") + outside.count(b"[") + objects
     # Per tensor: a top-level comma, its object and two commas, a shape list with max_dims - 1
     # commas, an offsets list with one comma.
     max_items = limits.max_tensors * (limits.max_dims + 6) + limits.max_metadata_entries + 16
@@ -688,17 +729,17 @@ def _check_entry(src: Source, key: str, entry: Any, data_size: int, limits: Limi
             limit=list(_ENTRY_FIELDS),
         )
     dtype = entry["dtype"]
-    if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise src.refuse(
-            f"dtype {_show(dtype)} is not supported; supported dtypes: {', '.join(SUPPORTED_DTYPES)}.",
+            f"dtype {_show(dtype)} is not supported; supported dtypes: {', '.join(_DTYPES)}.",
             key=key,
             value=dtype,
-            limit=list(SUPPORTED_DTYPES),
+            limit=list(_DTYPES),
         )
     shape = _check_shape(src, key, entry["shape"], limits)
     begin, end = _check_offsets(src, key, entry["data_offsets"])
     numel = math.prod(shape)
-    expected = numel * SUPPORTED_DTYPES[dtype].itemsize
+    expected = numel * _DTYPES[dtype][1]
     if end - begin != expected:
         raise src.refuse(
             f"data_offsets [{begin}, {end}] span {end - begin} bytes, but dtype {dtype} with shape "
@@ -807,7 +848,8 @@ def _check_layout(src: Source, tensors: dict[str, TensorInfo], data_size: int) -
 
 
 def _read_data(f, src: Source, header: Header, hasher) -> dict[str, torch.Tensor]:
-    """Read each tensor straight into its own storage: one copy in memory, each tensor freeable alone.
+    """Read the data section into one buffer the reader owns, checking each slice as it arrives;
+    each tensor is a view of its own bytes in it.
 
     Read with readinto, not memory-mapped. Tensors that view a mapping of the file (safetensors'
     way) would save the copy, but a private mapping still shows later writes to pages it has not
@@ -815,25 +857,65 @@ def _read_data(f, src: Source, header: Header, hasher) -> dict[str, torch.Tensor
     program turns the next touch of a lost page into SIGBUS, which kills the process wherever that
     touch happens (a merge, a sample), with no Python error to catch. Copying out of a mapping has
     the same SIGBUS window during the copy. readinto copies once too, from the page cache into the
-    tensor, at memcpy speed; a truncated file is a short read, refused as a changed file, and
+    buffer, at memcpy speed; a truncated file is a short read, refused as a changed file, and
     values are checked in the copy nobody else can write.
+
+    One buffer, not one allocation per tensor: a LoRA's ~3,000 tensors then cost one allocation,
+    reads of ``HASH_CHUNK_BYTES`` and one value test per slice of a run of same-dtype tensors
+    (checked while the slice is still in cache), instead of three calls per tensor. The tensors
+    are used together, so they are freed together: the buffer lives while any of them does.
     """
+    import torch
+
+    order = sorted(header.tensors.items(), key=lambda item: item[1].data_offsets)
+    data = torch.empty(header.size - header.data_start, dtype=torch.uint8)
+    view = memoryview(data.numpy())
     loaded = {}
-    for key, info in sorted(header.tensors.items(), key=lambda item: item[1].data_offsets):
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
-            _read_into(f, memoryview(raw.numpy()), src, hasher)
-        tensor = raw.view(info.torch_dtype).reshape(info.shape)
-        _check_values(src, key, tensor, raw)
-        loaded[key] = tensor
+    for run in _same_dtype_runs(order):
+        dtype = run[0][1].torch_dtype
+        begin, end = run[0][1].data_offsets[0], run[-1][1].data_offsets[1]
+        step = max(HASH_CHUNK_BYTES // dtype.itemsize, 1) * dtype.itemsize  # whole elements per slice
+        suspect = False
+        for position in range(begin, end, step):
+            stop = min(position + step, end)
+            _read_into(f, view[position:stop], src, hasher)
+            suspect = _maybe_bad(data[position:stop], dtype) or suspect
+        for key, info in run:
+            loaded[key] = _tensor_at(data, info)
+            if suspect:  # count and name the refused values tensor by tensor
+                _check_values(src, key, loaded[key], data[slice(*info.data_offsets)])
     if f.read(1):
         raise _changed_while_reading(src)
     return {key: loaded[key] for key in header.tensors}
 
 
+def _same_dtype_runs(order: list[tuple[str, TensorInfo]]) -> list[list[tuple[str, TensorInfo]]]:
+    """``order`` (tensors in file order) cut into runs of neighbours with one dtype: each run is one
+    contiguous byte range (the layout check made the tensors tile the data section)."""
+    runs: list[list[tuple[str, TensorInfo]]] = []
+    for item in order:
+        if runs and runs[-1][-1][1].dtype == item[1].dtype:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def _tensor_at(data: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """The tensor ``info`` declares, viewing its bytes in ``data``; a copy of them for data not
+    aligned to its element size (hand-written files), which torch cannot view in place."""
+    begin, end = info.data_offsets
+    raw = data[begin:end]
+    if begin % info.torch_dtype.itemsize:
+        raw = raw.clone()
+    return raw.view(info.torch_dtype).reshape(info.shape)
+
+
 def _scan_data(f, src: Source, header: Header, hasher) -> None:
     """Check every tensor's values as ``_read_data`` does, a slice at a time into one reused buffer
     (hashing each slice into ``hasher`` as it goes)."""
+    import torch
+
     buffer = torch.empty(min(_SCAN_SLICE_BYTES, max((i.nbytes for i in header.tensors.values()), default=0)),
                          dtype=torch.uint8)
     view = memoryview(buffer.numpy())
@@ -867,6 +949,8 @@ def _check_values(src: Source, key: str, tensor: torch.Tensor, raw: torch.Tensor
     """Finite floats only; booleans stored as 0/1 only (other bytes are undefined behaviour in torch).
     ``raw``: the tensor's bytes as a flat uint8 tensor, when the caller has them."""
     if raw is None:
+        import torch
+
         raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
     if _maybe_bad(raw, tensor.dtype):
         _refuse_bad_values(src, key, tensor.dtype, list(tensor.shape), tensor.numel(), *_bad_values(tensor, raw))
@@ -874,24 +958,28 @@ def _check_values(src: Source, key: str, tensor: torch.Tensor, raw: torch.Tensor
 
 def _maybe_bad(raw: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the bytes ``raw`` (flat uint8) of a ``dtype`` tensor may hold a refused value: exact
-    (False means none) for the formats of ``_NONFINITE_BITS`` and booleans; True for other float
+    (False means none) for the formats of ``_tables().nonfinite_bits`` and booleans; True for other float
     formats, which ``_bad_values`` then counts."""
+    import torch
+
     if raw.numel() == 0:
         return False
     if dtype == torch.bool:
         return bool(raw.numpy().max() > 1)
-    rule = _NONFINITE_BITS.get(dtype)
+    rule = _tables().nonfinite_bits.get(dtype)
     if rule is None:
         return dtype.is_floating_point or dtype.is_complex
     signed, unsigned, first = rule
     data = raw.numpy()
-    sign = 1 << (8 * np.dtype(unsigned).itemsize - 1)
+    sign = 1 << (8 * unsigned(0).itemsize - 1)
     return bool(data.view(signed).max() >= first or data.view(unsigned).max() >= sign | first)
 
 
 def _bad_values(tensor: torch.Tensor, raw: torch.Tensor | None = None) -> tuple[int, int]:
     """(NaNs, infinities) of a float or complex tensor; (bytes other than 0 or 1, 0) of a bool one.
     The count for a refusal (and the test for formats ``_maybe_bad`` has no bit rule for)."""
+    import torch
+
     if tensor.dtype == torch.bool:
         raw = tensor.reshape(-1).view(torch.uint8) if raw is None else raw
         return int((raw > 1).sum()), 0
@@ -901,7 +989,7 @@ def _bad_values(tensor: torch.Tensor, raw: torch.Tensor | None = None) -> tuple[
     for part in tensor.reshape(-1).split(_FINITE_CHUNK_ELEMENTS):
         if part.is_complex():
             part = torch.view_as_real(part)
-        elif part.dtype in _UPCAST_FOR_FINITE:
+        elif part.dtype in _tables().upcast_for_finite:
             part = part.float()
         # aminmax propagates NaN and surfaces +-Inf, and runs 5-70x faster than isfinite().all()
         # on this CPU; counting happens only for a part that holds a refused value.
@@ -915,7 +1003,7 @@ def _bad_values(tensor: torch.Tensor, raw: torch.Tensor | None = None) -> tuple[
 
 def _refuse_bad_values(src: Source, key: str, dtype: torch.dtype, shape: list, numel: int, nans: int,
                        infs: int) -> None:
-    if dtype == torch.bool and nans:
+    if dtype is _tables().dtypes["BOOL"] and nans:
         raise src.refuse(
             f"BOOL tensor holds {nans} bytes other than 0 or 1 out of {numel} (limit 0).",
             key=key,
@@ -924,7 +1012,7 @@ def _refuse_bad_values(src: Source, key: str, dtype: torch.dtype, shape: list, n
         )
     if nans or infs:
         raise src.refuse(
-            f"{_DTYPE_CODES[dtype]} tensor of shape {shape} holds {nans + infs} "
+            f"{_tables().codes[dtype]} tensor of shape {shape} holds {nans + infs} "
             f"non-finite values ({nans} NaN, {infs} infinite) out of {numel} (limit 0).",
             key=key,
             value=nans + infs,
@@ -937,6 +1025,8 @@ def _refuse_bad_values(src: Source, key: str, dtype: torch.dtype, shape: list, n
 
 
 def _read_pickle(f, src: Source, state, limits: Limits) -> SafeFile:
+    import torch
+
     size = state.size
     hasher = file_hasher()
     buffer = io.BytesIO()
@@ -966,6 +1056,9 @@ def _read_pickle(f, src: Source, state, limits: Limits) -> SafeFile:
 
 
 def _check_pickled(src: Source, loaded: Any, limits: Limits) -> dict[str, torch.Tensor]:
+    import torch
+
+    codes = _tables().codes
     if not isinstance(loaded, dict):
         raise src.refuse(
             f"the checkpoint holds a {type(loaded).__name__}, not a dict of tensors.",
@@ -986,13 +1079,13 @@ def _check_pickled(src: Source, loaded: Any, limits: Limits) -> dict[str, torch.
                 key=key,
                 value=type(tensor).__name__,
             )
-        if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.dtype not in _DTYPE_CODES:
+        if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.dtype not in codes:
             raise src.refuse(
                 f"the tensor is {tensor.layout} {tensor.dtype} on {tensor.device}; supported: dense CPU "
-                f"tensors of {', '.join(str(d) for d in _DTYPE_CODES)}.",
+                f"tensors of {', '.join(str(d) for d in codes)}.",
                 key=key,
                 value=str(tensor.dtype),
-                limit=list(SUPPORTED_DTYPES),
+                limit=list(_DTYPES),
             )
         _check_shape(src, key, list(tensor.shape), limits)
         _check_values(src, key, tensor)
@@ -1007,7 +1100,7 @@ class _HashBeside:
     """Hashes, in a worker thread and in order, the buffers a reader hands it, so hashing runs beside
     the reads and value checks instead of after each: hashlib releases the GIL while it hashes a
     buffer over 2 KiB, and readinto and numpy release it too. A buffer must not change once handed
-    over (each tensor's storage, the header's bytes: neither is written again)."""
+    over (slices of the data buffer, the header's bytes: neither is written again)."""
 
     def __init__(self, hasher):
         self._hasher = hasher

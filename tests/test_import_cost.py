@@ -67,6 +67,27 @@ def test_validate_of_a_base_and_its_save_imports_no_torch(tmp_path):
     assert heavy_imports(["validate", str(wf)]) == []
 
 
+def test_validate_of_a_graph_with_a_lora_file_imports_no_torch(tmp_path):
+    # LoadLoRA checks the file's header at validation; the header checks need no torch (they did:
+    # lora/safefile's dtype table was made of torch dtypes). A bad header is still refused.
+    import safetensors.torch
+    import torch
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    safetensors.torch.save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4, dtype=torch.bfloat16)},
+                                loras / "a.safetensors")
+    (loras / "bad.safetensors").write_bytes((8).to_bytes(8, "little") + b'{"a": 1}')
+    for name, says in (("a.safetensors", "valid"), ("bad.safetensors", "header entry")):
+        wf = tmp_path / f"{name}.json"
+        wf.write_text(json.dumps({"1": {"class_type": "LoadLoRA", "inputs": {"lora_name": name}},
+                                  "2": {"class_type": "SaveLoRA", "inputs": {"lora": ["1", 0]}}}))
+        proc = subprocess.run([sys.executable, "-c", PROBE, "validate", str(wf), "--lora-dir", str(loras)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert says in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        assert json.loads(proc.stdout.splitlines()[-1]) == [], name
+
+
 def test_a_run_of_plugin_nodes_imports_no_model_library(tmp_path):
     # A run whose stderr is no terminal switches diffusers' and transformers' bars off; it must not
     # import them to do so (it did, about 4 s) when no node uses them.

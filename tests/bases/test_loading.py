@@ -331,3 +331,24 @@ def test_weights_are_read_once_for_their_check_and_the_fingerprint(tiny_model_fi
     assert hashed, "the folder's other files are hashed by file_fingerprint itself"
     monkeypatch.setattr(cache, "_fingerprints", {})
     assert loaded.fingerprint == "folder:sha256:" + file_fingerprint(folder), "the same digest as a hash of its own"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc to see file mappings")
+def test_weights_are_read_once_into_one_owned_buffer_per_file_bit_for_bit(tiny_model_files):
+    # Each weights file is read whole into one buffer and the weights view it (no copy per weight),
+    # each 64-byte aligned: what diffusers loaded, bit for bit, in memory the process owns.
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tiny_model_files("tiny-sdxl")["folder"]
+    base = load_base(folder, dtype="fp32", device="cpu")
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    for name in COMPONENTS:
+        ours, theirs = getattr(base.pipeline, name).state_dict(), getattr(reference, name).state_dict()
+        assert list(ours) == list(theirs), name
+        for key in theirs:
+            assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), f"{name}.{key}"
+        (weights,) = (Path(folder) / name).glob("*.safetensors")
+        storages = {t.untyped_storage().data_ptr() for t in ours.values() if t.numel()}
+        assert len(storages) == 1, f"{name}: one buffer for its one weights file"
+        assert all(t.data_ptr() % 64 == 0 for t in ours.values()), name
+        assert next(iter(ours.values())).untyped_storage().nbytes() < weights.stat().st_size + 64 * len(ours)

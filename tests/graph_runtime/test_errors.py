@@ -308,6 +308,7 @@ PROGRAMMER_ERRORS = {
     ("__init__.py", "__getattr__", "AttributeError"),
     ("lora/__init__.py", "__getattr__", "AttributeError"),
     ("bases/__init__.py", "__getattr__", "AttributeError"),
+    ("lora/safefile.py", "__getattr__", "AttributeError"),
     # at() is called by our own code with field names; an unknown one is a typo in that code
     ("graph_runtime/errors.py", "at", "TypeError"),
     # `select` is a value the merge driver passes (merge_methods.CONTEXT), never a user's option

@@ -150,8 +150,31 @@ def test_tensors_own_their_storage(tmp_path):
     safetensors.torch.save_file({"a": torch.ones(4), "b": torch.ones(4)}, path)
     got = read_lora_file(path).tensors
     got["a"].zero_()
-    assert torch.equal(got["b"], torch.ones(4)), "tensors must not share one buffer"
-    assert got["b"].untyped_storage().nbytes() == 16, "each tensor holds only its own bytes"
+    assert torch.equal(got["b"], torch.ones(4)), "tensors must not overlap"
+    # One buffer for the data section, owned by the reader: no bytes beyond the file's tensors.
+    assert got["b"].untyped_storage().nbytes() == 32
+    assert got["a"].untyped_storage().data_ptr() == got["b"].untyped_storage().data_ptr()
+    path.write_bytes(b"\0" * path.stat().st_size)
+    assert torch.equal(got["b"], torch.ones(4)), "what was read is a copy, not a view of the file"
+
+
+@pytest.mark.parametrize("position", [0, 31, 32, 99, 100, 131, 299])
+def test_non_finite_in_a_run_of_tensors_names_its_tensor(tmp_path, monkeypatch, position):
+    # Neighbours of one dtype are read and checked a slice at a time, across tensor boundaries;
+    # the refusal still names the tensor and counts its own bad values.
+    from loraloom.lora import safefile
+
+    monkeypatch.setattr(safefile, "HASH_CHUNK_BYTES", 64)  # 32 bf16 values per slice
+    values = {name: torch.ones(100, dtype=torch.bfloat16) for name in ("a", "b", "c")}
+    key = "abc"[position // 100]
+    values[key][position % 100] = float("nan")
+    path = tmp_path / "lora.safetensors"
+    safetensors.torch.save_file({**values, "alpha": torch.tensor(4.0)}, path)
+    assert_names(refused(path), path, key=key, value=1, limit=0, says=["1 NaN", "out of 100", "BF16"])
+    values[key][position % 100] = 1.0
+    safetensors.torch.save_file({**values, "alpha": torch.tensor(4.0)}, path)
+    got = read_lora_file(path).tensors
+    assert all(torch.equal(got[k], values[k]) for k in values) and got["alpha"].item() == 4.0
 
 
 def test_safetensors_content_loads_whatever_the_name(tmp_path):
@@ -700,23 +723,24 @@ def test_a_same_size_rewrite_during_the_read_is_refused_not_mixed(tmp_path, monk
     rewritten = tmp_path / "new.safetensors"
     safetensors.torch.save_file({"a": torch.full((1000,), 2.0), "b": torch.full((1000,), 2.0)}, rewritten)
     assert rewritten.stat().st_size == path.stat().st_size
-    check = safefile._check_values
+    monkeypatch.setattr(safefile, "HASH_CHUNK_BYTES", 4000)  # one tensor per slice read
+    check = safefile._maybe_bad
     seen = []
 
-    def writer_between_tensors(*args, **kwargs):
+    def writer_between_slices(raw, dtype):
         # Another program rewrites the file in place after the first tensor was read.
         if not seen:
             time.sleep(0.02)  # past the filesystem's timestamp tick
             with open(path, "r+b") as f:
                 f.write(rewritten.read_bytes())
-        seen.append(args[1])
-        return check(*args, **kwargs)
+        seen.append(raw.view(dtype)[0].item())
+        return check(raw, dtype)
 
-    monkeypatch.setattr(safefile, "_check_values", writer_between_tensors)
+    monkeypatch.setattr(safefile, "_maybe_bad", writer_between_slices)
     err = refused(path)
     assert err.kind == "changed_while_reading", err
     assert_names(err, path, says=["changed while it was being read", "mix of old and new"])
-    assert seen == ["a", "b"], "the second tensor came from the new bytes: only the state shows it"
+    assert seen == [1.0, 2.0], "the second tensor came from the new bytes: only the state shows it"
 
 
 def test_known_fingerprint_for_another_state_is_not_used(tmp_path):
@@ -842,15 +866,18 @@ def test_a_file_truncated_during_the_read_is_refused_not_a_crash(tmp_path, monke
     monkeypatch.setattr(safefile, "_OVERLAP_MIN_BYTES", 0)
     path = tmp_path / "lora.safetensors"
     safetensors.torch.save_file({"a": torch.ones(1000), "b": torch.ones(1000)}, path)
-    check = safefile._check_values
+    monkeypatch.setattr(safefile, "HASH_CHUNK_BYTES", 4000)  # one tensor per slice read
+    check = safefile._maybe_bad
+    seen = []
 
-    def truncate_after_first(*args, **kwargs):
+    def truncate_after_first(raw, dtype):
         # Another program truncates the file (an mmap of it would now SIGBUS on the lost pages).
-        if args[1] == "a":
+        if not seen:
             os.truncate(path, path.stat().st_size - 2000)
-        return check(*args, **kwargs)
+        seen.append(dtype)
+        return check(raw, dtype)
 
-    monkeypatch.setattr(safefile, "_check_values", truncate_after_first)
+    monkeypatch.setattr(safefile, "_maybe_bad", truncate_after_first)
     err = refused(path)
     assert err.kind == "changed_while_reading", err
     assert not _hash_threads()

@@ -12,6 +12,7 @@ from loraloom.lora import writers
 from loraloom.lora.canonical import LoRA
 from loraloom.lora.errors import LoRAFormatError
 from loraloom.lora.readers import read_lora
+from loraloom.lora.safefile import read_lora_file
 from loraloom.lora.writers import write_diffusers, write_kohya
 
 
@@ -69,3 +70,18 @@ def test_write_is_atomic(lora_files, tmp_path, monkeypatch):
         write_kohya(lora, target, provenance={"method": "other"})
     assert target.read_bytes() == before, "the old file survives a failed write"
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"], "no temp file left behind"
+
+
+def test_data_is_aligned_and_grouped_by_dtype_with_a_sorted_header(tmp_path):
+    # Name order would put "b" (4 bytes wide) at byte 6, after three bf16 values of "a".
+    tensors = {"a": torch.ones(3, dtype=torch.bfloat16), "b": torch.ones(2), "c": torch.ones(1, dtype=torch.float16),
+               "d": torch.ones(5, dtype=torch.bfloat16), "e": torch.ones(1, dtype=torch.float64)}
+    path = writers.atomic_save(tensors, tmp_path / "x.safetensors", {"z": "1", "a": "2"})
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert list(header) == ["__metadata__", "a", "b", "c", "d", "e"], "the header stays sorted by name"
+    placed = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+    assert [k for _, k in placed] == ["e", "b", "a", "d", "c"], "widest first, then one run per dtype"
+    assert all(begin % tensors[k].element_size() == 0 for (begin, _), k in placed)
+    got = read_lora_file(path).tensors
+    assert all(torch.equal(got[k], t) and got[k].dtype == t.dtype for k, t in tensors.items())

@@ -25,11 +25,14 @@ def test_estimates_for_real_values():
 
 def test_lora_values_report_their_size(lora_files):
     from loraloom.lora.readers import read_lora
+    from loraloom.lora.safefile import inspect_header
 
     root, names = lora_files
     lora = read_lora(root / names["tiny-sdxl/kohya"])
     again = read_lora(root / names["tiny-sdxl/kohya"])  # the same file read twice: two sets of tensors
-    assert estimate_nbytes(lora) == lora.nbytes > 0
+    # The reader's one buffer holds the file's whole data section: the factors and the .alpha scalars.
+    header = inspect_header(root / names["tiny-sdxl/kohya"])
+    assert estimate_nbytes(lora) == header.size - header.data_start > lora.nbytes > 0
     store = CacheStore(max_bytes=lora.nbytes * 2 - 1)
     store.put("a", (lora,), None)
     store.put("b", (again,), None)
@@ -75,6 +78,7 @@ def test_load_blend_and_fuse_outputs_count_the_lora_once(runtime):
 
 def test_eviction_keeps_shared_bytes_while_another_entry_holds_them(lora_files):
     from loraloom.lora.readers import read_lora
+    from loraloom.lora.safefile import inspect_header
 
     root, names = lora_files
     lora = read_lora(root / names["tiny-sdxl/diffusers"])
@@ -99,6 +103,7 @@ def test_a_long_blend_chain_sizes_each_value_once(lora_files):
     application, yet the LoRA's tensors are resolved once and each new value is sized once, so the
     work grows linearly with the chain, not with its square times the LoRA's tensor count."""
     from loraloom.lora.readers import read_lora
+    from loraloom.lora.safefile import inspect_header
 
     root, names = lora_files
     lora = read_lora(root / names["tiny-sdxl/diffusers"])
