@@ -22,6 +22,7 @@ module's input width (the hidden size for every fused projection here).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -256,13 +257,47 @@ def fuse_modules(parts: Sequence[tuple[Target, Module | None]], key: str) -> Mod
     first = present[0][1]
     if isinstance(first, LoRAModule):
         return _fuse_lora(parts, key)
-    raise LoRAFormatError(
-        f"fused module {key!r}: {first.kind} parts are written unfused only; a fused original weight "
-        f"needs them as one {first.kind} module",
-        key=key,
-        value=first.kind,
-        fix="convert the LoRA with loraloom.lora.convert.as_lora first, or write it in diffusers layout.",
-    )
+    return _fuse_lycoris(parts, key)
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+
+
+def _fuse_lycoris(parts: Sequence[tuple[Target, Module | None]], key: str) -> Module:
+    # LoHa parts re-fuse when they share w1b, w2b and alpha (rows of w1a / w2a stack); LoKr parts
+    # when they share w2 (or w2a, w2b), w1b and alpha (rows of w1 / w1a stack, in w2-high blocks).
+    present = [m for _, m in parts if m is not None]
+    first = present[0]
+    if isinstance(first, LoHaModule):
+        names, row_factors = ("w1b", "w2b", "t1", "t2"), ("w1a", "w2a")
+        unit, block = int(first.w1b.shape[1]), 1
+    else:
+        names, row_factors = ("w2", "w2a", "w2b", "t2", "w1b"), (("w1",) if first.w1 is not None else ("w1a",))
+        unit, block = int(first.shape[1]), int(first._factor_shapes()[1][0])
+    shared = all(m.alpha == first.alpha and all(_same(getattr(m, n), getattr(first, n)) for n in names)
+                 and all(getattr(m, f) is not None for f in row_factors) for m in present)  # fmt: skip
+    if not shared:
+        raise LoRAFormatError(
+            f"fused module {key!r}: its {first.kind} parts do not share their "
+            f"{', '.join(n for n in names if getattr(first, n) is not None)} factors and alpha, so no single "
+            f"{first.kind} module on the fused weight equals them",
+            key=key,
+            value=first.kind,
+            fix="convert the LoRA with loraloom.lora.convert.as_lora first, or write it in diffusers layout.",
+        )
+    total = _fused_rows(parts, unit)
+    fused = {}
+    for f in row_factors:
+        dest = getattr(first, f).new_zeros(total // block, getattr(first, f).shape[1])
+        for target, m in parts:
+            if m is not None:
+                rows = [(a // block, b // block) for a, b in _part_rows(target, unit, total)]
+                _put(dest, getattr(m, f), rows)
+        fused[f] = dest
+    return dataclasses.replace(first, key=key, shape_hint=None, **fused)
 
 
 def _part_rows(target: Target, unit: int, total: int) -> list[tuple[int, int]]:
@@ -327,6 +362,73 @@ def _put(dest: torch.Tensor, rows_value: torch.Tensor, rows: list[tuple[int, int
     for a, b in rows:
         dest[a:b] = rows_value[offset : offset + b - a]
         offset += b - a
+
+
+def split_stacked(module: LoRAModule, targets: Sequence[Target], parts: Sequence[tuple[int, float]], key: str
+                  ) -> list[LoRAModule | None]:
+    """The parts of a fused LoRA written with stacked downs and a block-diagonal up (`fuse_modules`
+    of parts with different downs): `parts` gives (rank, alpha) per target, rank 0 for an absent
+    part. Raises LoRAFormatError when the ranks do not add up or the up is not block-diagonal."""
+    if sum(r for r, _ in parts) != module.rank or len(parts) != len(targets):
+        raise LoRAFormatError(
+            f"module {key!r}: the recorded part ranks {[r for r, _ in parts]} do not add up to its rank "
+            f"{module.rank} over {len(targets)} parts",
+            key=key,
+            value=[r for r, _ in parts],
+            limit=module.rank,
+        )
+    unit, total = int(module.down.shape[1]), int(module.up.shape[0])
+    out: list[LoRAModule | None] = []
+    col = 0
+    for target, (rank, alpha) in zip(targets, parts):
+        rows = _rows(target.segments, unit, total, key)
+        mask = torch.ones(total, dtype=torch.bool)
+        for a, b in rows:
+            mask[a:b] = False
+        if rank and bool(module.up[mask][:, col : col + rank].any()):
+            raise LoRAFormatError(
+                f"module {key!r}: its up is not block-diagonal over the recorded parts (rank columns "
+                f"{col}..{col + rank} reach outside {target.path}'s rows)",
+                key=key,
+            )
+        if rank and not math.isclose(alpha / rank, module.scale, rel_tol=1e-6):
+            raise LoRAFormatError(
+                f"module {key!r}: recorded part alpha {alpha} / rank {rank} disagrees with the file's scale "
+                f"{module.scale}",
+                key=key,
+                value=alpha / rank,
+                limit=module.scale,
+            )
+        part = None
+        if rank:
+            up = _take(module.up[:, col : col + rank], rows)
+            part = LoRAModule(down=module.down[col : col + rank], up=up, alpha=float(alpha), key=key)
+        out.append(part)
+        col += rank
+    return out
+
+
+def diffusers_to_original(path: str, arch: str) -> tuple[str, tuple[Target, ...]] | None:
+    """(dotted original name, targets) of the original module a diffusers transformer module path
+    belongs to (``transformer_blocks.3.attn.to_k`` -> ``double_blocks.3.img_attn.qkv``), or None."""
+    m = _DIFFUSERS_BLOCK.match(path)
+    if m:
+        blocks = _BLOCK_OF[arch].get(m.group(1))
+        inner = _REVERSE[arch].get(blocks, {}).get(m.group(3))
+        return None if inner is None else original_targets(f"{blocks}.{m.group(2)}.{inner}", arch)
+    name = _REVERSE_TOP[arch].get(path)
+    return None if name is None else original_targets(name, arch)
+
+
+_DIFFUSERS_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+_BLOCK_OF = {arch: {DIFFUSERS_BLOCKS[b]: b for b in tables} for arch, tables in BLOCKS.items()}
+# diffusers inner path -> original inner name ("linear1_qkv" is XLabs' alias of linear1's q/k/v rows)
+_REVERSE = {
+    arch: {b: {t.path: inner for inner, ts in table.items() if inner != "linear1_qkv" for t in ts}
+           for b, table in tables.items()}
+    for arch, tables in BLOCKS.items()
+}  # fmt: skip
+_REVERSE_TOP = {arch: {t.path: name for name, ts in table.items() for t in ts} for arch, table in TOP.items()}
 
 
 def original_name_table(arch: str, n_blocks: Mapping[str, int]) -> Iterable[tuple[str, tuple[Target, ...]]]:

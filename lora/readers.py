@@ -68,6 +68,9 @@ FORMATS = {
 """Format name -> what its keys look like."""
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+FUSED_PARTS_KEY = "loraloom.fused_parts"
+"""Metadata of a kohya Flux / SD3 file written by LoRA Loom: {fused module: [[rank, alpha] per part]}
+for fused modules written with stacked downs, so reading splits them back exactly."""
 PEFT_PREFIX = "base_model.model."
 _DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _CONFIG_MAX_BYTES = 4 * 2**20
@@ -296,7 +299,7 @@ def lora_from_state_dict(
         located: dict[tuple[str, str], tuple[str, dict[str, torch.Tensor]]] = {}
         configs: dict[str, Mapping[str, Any]] = {}
         if fmt in _DIT_FORMATS:
-            components, alpha_sources = _read_dit(tensors, fmt, path, notes)
+            components, alpha_sources = _read_dit(tensors, fmt, metadata, path, notes)
         elif fmt.startswith("kohya"):
             grouped = _group_kohya(tensors, path)
             names = kohya_names_to_paths(grouped, layers_per_block=layers_per_block, path=path)
@@ -415,14 +418,15 @@ _Source = tuple[str, dict[str, torch.Tensor], list[tuple[str, Any]], "str | None
 
 
 def _read_dit(
-    tensors: Mapping[str, torch.Tensor], fmt: str, path: str | None, notes: list[str]
+    tensors: Mapping[str, torch.Tensor], fmt: str, metadata: Mapping[str, str], path: str | None, notes: list[str]
 ) -> tuple[dict[str, dict[str, Module]], set[str]]:
     """(modules, alpha sources) of a Flux / SD3 file in an original layout (kohya, BFL / ComfyUI,
     XLabs), each fused original module split exactly onto diffusers' separate ones
     (`dit_keys.split_module`)."""
-    from .dit_keys import split_module, targets_for
+    from .dit_keys import split_module, split_stacked, targets_for
 
     arch = "sd3" if fmt in ("kohya-sd3", "sd3-original") else "flux"
+    stacked = _fused_parts(metadata, path)
     components: dict[str, dict[str, Module]] = {}
     owner: dict[tuple[str, str], str] = {}
     alpha_sources: set[str] = set()
@@ -434,8 +438,13 @@ def _read_dit(
         if name is not None:
             fitted = targets_for(name, tuple(t for _, t in targets), module.shape)
             targets = [(component, t) for t in fitted]
-        for comp, target in targets:
-            part = split_module(module, target.segments, key)
+        if key in stacked and isinstance(module, LoRAModule):
+            pieces = split_stacked(module, [t for _, t in targets], stacked[key], key)
+        else:
+            pieces = [split_module(module, t.segments, key) for _, t in targets]
+        for (comp, target), part in zip(targets, pieces):
+            if part is None:
+                continue
             if len(targets) > 1 and _is_zero(part):
                 # An all-zero part changes nothing; kohya / ComfyUI files written from LoRAs that
                 # lack some of q/k/v carry zero rows for them, and reading those back must not add modules.
@@ -455,6 +464,27 @@ def _read_dit(
     if skipped:
         notes.append(f"{len(skipped)} all-zero part(s) of fused modules not kept, first: {skipped[0]}")
     return components, alpha_sources
+
+
+def _fused_parts(metadata: Mapping[str, str], path: str | None) -> dict[str, list[tuple[int, float]]]:
+    raw = metadata.get(FUSED_PARTS_KEY)
+    if raw is None:
+        return {}
+    data = _json(raw, f"metadata {FUSED_PARTS_KEY!r}", path=path, key=FUSED_PARTS_KEY)
+    ok = isinstance(data, dict) and all(
+        isinstance(parts, list) and all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+            and p[0] >= 0 and isinstance(p[1], (int, float)) and not isinstance(p[1], bool) for p in parts)
+        for parts in data.values()
+    )  # fmt: skip
+    if not ok:
+        raise LoRAFormatError(
+            f"metadata {FUSED_PARTS_KEY!r} is not a map of module name -> [[rank, alpha], ...]",
+            path=path,
+            key=FUSED_PARTS_KEY,
+            value=raw[:200],
+        )
+    return {name: [(int(r), float(a)) for r, a in parts] for name, parts in data.items()}
 
 
 def _is_zero(module: Module) -> bool:
@@ -505,14 +535,14 @@ def _dit_sources(tensors: Mapping[str, torch.Tensor], fmt: str, arch: str, path:
                 if sm is None:
                     unknown.append(key)
                     continue
-                role, name = _role(sm, key, path), sm.group("module")
-                te = next((p for p in te_prefixes if name.startswith(p)), None)
+                role, module = _role(sm, key, path), sm.group("module")
+                name = key[: len(key) - len(stripped)] + module  # the file's module name, prefix kept
+                te = next((p for p in te_prefixes if module.startswith(p)), None)
                 if te is not None:
-                    found = (None, (Target(normalize_te_path(name[len(te) :])),))
-                    located.setdefault(name, ([(te_prefixes[te], found[1][0])], None))
+                    located.setdefault(name, ([(te_prefixes[te], Target(normalize_te_path(module[len(te) :])))], None))
                     grouped.setdefault(name, {})[role] = tensor
                     continue
-                found = original_targets(name, arch)
+                found = original_targets(module, arch)
             if found is None:
                 unknown.append(key)
                 continue
@@ -579,7 +609,7 @@ def _config_alpha(config: Mapping[str, Any], component: str, module_path: str, r
 
     if config.get("use_dora"):
         raise _unsupported(key, "DoRA (use_dora in the adapter config)", path)
-    names = [module_path] if component == "unet" else [module_path, "text_model." + module_path]
+    names = [module_path] if component not in TEXT_ENCODERS else [module_path, "text_model." + module_path]
     alpha_pattern = config.get("alpha_pattern") or {}
     alpha = config.get("lora_alpha", 8)
     for name in names:

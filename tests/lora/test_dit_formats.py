@@ -21,30 +21,6 @@ FLUX_BLOCKS = {"double_blocks": 19, "single_blocks": 38}
 SD3_BLOCKS = {"joint_blocks": 38}
 
 
-@pytest.fixture(scope="module")
-def flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=19, num_single_layers=38, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=38, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-        pos_embed_max_size=16,
-    ).eval()  # fmt: skip
-
-
 def _weights(model) -> dict[str, torch.Tensor]:
     """Linear / conv weights by module path (peft-wrapped layers report their base layer)."""
     out = {}
