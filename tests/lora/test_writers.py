@@ -160,19 +160,25 @@ def test_dit_kohya_file_reads_in_diffusers(dit_files, flux, tmp_path):
     assert n == 4 * 14  # 4 blocks x (to_q/k/v, to_out.0, add_q/k/v, to_add_out, ff x 2, ff_context x 2, norm1, norm1_context)
 
 
-def test_dit_diffusers_file_loads_in_diffusers(dit_files, flux, tmp_path):
+@pytest.mark.parametrize("preset", ["tiny-flux", "tiny-sd3"])
+def test_dit_diffusers_file_loads_in_diffusers(preset, dit_files, flux, sd3, tmp_path):
     import copy
 
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    lora = read_lora(dit_files["tiny-flux/kohya"])
+    lora = read_lora(dit_files[f"{preset}/kohya"])
     path = write_diffusers(lora, tmp_path / "d.safetensors")
-    ref = copy.deepcopy(flux)
-    sd, alphas, metadata = FluxPipeline.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)
-    FluxPipeline.load_lora_into_transformer(sd, network_alphas=alphas, transformer=ref, adapter_name="ref",
-                                            metadata=metadata)  # fmt: skip
+    base = flux if preset == "tiny-flux" else sd3
+    ref = copy.deepcopy(base)
+    if preset == "tiny-flux":
+        sd, alphas, metadata = FluxPipeline.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)
+        FluxPipeline.load_lora_into_transformer(sd, network_alphas=alphas, transformer=ref, adapter_name="ref",
+                                                metadata=metadata)  # fmt: skip
+    else:
+        sd, metadata = StableDiffusion3Pipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        StableDiffusion3Pipeline.load_lora_into_transformer(sd, transformer=ref, adapter_name="ref", metadata=metadata)
     ref.fuse_lora()
     for module_path, module in lora.components["transformer"].items():
         layer = ref.get_submodule(module_path)
-        want = flux.get_submodule(module_path).weight + delta(module)
+        want = base.get_submodule(module_path).weight + delta(module, base.get_submodule(module_path).weight.shape)
         torch.testing.assert_close(getattr(layer, "base_layer", layer).weight, want, atol=2e-6, rtol=0, msg=module_path)
