@@ -431,6 +431,27 @@ _REVERSE = {
 _REVERSE_TOP = {arch: {t.path: name for name, ts in table.items() for t in ts} for arch, table in TOP.items()}
 
 
+def diffusers_path_of_underscored(name: str) -> str | None:
+    """The diffusers transformer module path of an underscored one (OneTrainer's
+    ``lora_transformer_`` and SimpleTuner's ``lycoris_`` names without their prefix:
+    ``single_transformer_blocks_7_proj_mlp`` -> ``single_transformer_blocks.7.proj_mlp``), or None."""
+    m = _UNDERSCORED_BLOCK.match(name)
+    if m:
+        inner = _UNDERSCORED_INNER[m.group(1)].get(m.group(3))
+        return None if inner is None else f"{m.group(1)}.{m.group(2)}.{inner}"
+    return _UNDERSCORED_TOP.get(name)
+
+
+_UNDERSCORED_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)$")
+# every module path the tables name, both architectures: diffusers' names do not depend on the arch
+_UNDERSCORED_INNER: dict[str, dict[str, str]] = {}
+for _arch, _tables in BLOCKS.items():
+    for _blocks, _table in _tables.items():
+        _inner = _UNDERSCORED_INNER.setdefault(DIFFUSERS_BLOCKS[_blocks], {})
+        _inner.update({t.path.replace(".", "_"): t.path for ts in _table.values() for t in ts})
+_UNDERSCORED_TOP = {t.path.replace(".", "_"): t.path for table in TOP.values() for ts in table.values() for t in ts}
+
+
 def original_name_table(arch: str, n_blocks: Mapping[str, int]) -> Iterable[tuple[str, tuple[Target, ...]]]:
     """Every (dotted original name, targets) of `arch` with `n_blocks` blocks per block list."""
     for blocks, table in BLOCKS[arch].items():

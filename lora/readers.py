@@ -27,7 +27,9 @@ Flux and SD3 (component ``transformer``, canonical paths = diffusers' module pat
   ``lora_te1_`` CLIP-L, ``lora_te2_`` T5 (Flux) or CLIP-G (SD3), ``lora_te3_`` T5 (SD3);
 - ``bfl`` / ``sd3-original``: the original names with dots, as ComfyUI writes them
   (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``, ``text_encoders.clip_l.transformer.``);
-- ``xlabs``: ``double_blocks.0.processor.qkv_lora1.down.weight`` and friends.
+- ``xlabs``: ``double_blocks.0.processor.qkv_lora1.down.weight`` and friends;
+- ``onetrainer`` / ``simpletuner-lycoris``: kohya-style keys on underscored diffusers paths
+  (``lora_transformer_single_transformer_blocks_0_proj_mlp``, ``lycoris_transformer_blocks_0_attn_to_q``).
 
 Fused original projections (qkv, Flux's single-block ``linear1``) are split exactly onto diffusers'
 separate modules; a key that names no module of the layout is an error naming it.
@@ -64,6 +66,8 @@ FORMATS = {
     "single_blocks.N.linear1, text_encoders.clip_l.transformer.",
     "sd3-original": "SD3 original (ComfyUI) names: [diffusion_model.]joint_blocks.N.x_block.attn.qkv.lora_A.weight",
     "xlabs": "XLabs Flux: double_blocks.N.processor.qkv_lora1.down.weight, proj_lora1/2, single_blocks qkv_lora",
+    "onetrainer": "OneTrainer Flux / SD3: lora_transformer_<diffusers path with _>.lora_down.weight, lora_te1_ ...",
+    "simpletuner-lycoris": "SimpleTuner LyCORIS: lycoris_<diffusers transformer path with _>.lokr_w1 ...",
 }
 """Format name -> what its keys look like."""
 
@@ -108,7 +112,9 @@ _FOREIGN = (
     (("joint_blocks", "context_embedder"), "SD3"),
     (("transformer_blocks.0.attn.add_q_proj",), "a DiT model (Flux/SD3)"),
 )
-_DIT_FORMATS = ("kohya-flux", "kohya-sd3", "bfl", "sd3-original", "xlabs")
+_DIT_FORMATS = ("kohya-flux", "kohya-sd3", "bfl", "sd3-original", "xlabs", "onetrainer", "simpletuner-lycoris")
+# kohya-style prefixes before an underscored diffusers transformer path (ComfyUI reads both)
+_DIFFUSERS_KOHYA = {"lora_transformer_": "onetrainer", "lycoris_": "simpletuner-lycoris"}
 _ORIGINAL_PREFIX = "diffusion_model."
 # ComfyUI's text-encoder names in the original layouts -> component, per architecture
 _ORIGINAL_TE = {
@@ -196,6 +202,16 @@ def detect_format(keys: list[str] | Any, *, path: str | None = None) -> str:
     keys = list(keys)
     if not keys:
         raise LoRAFormatError("the file holds no tensors", path=path, value=0, limit=">= 1 tensor")
+    for prefix, fmt in _DIFFUSERS_KOHYA.items():
+        if any(k.startswith(prefix) for k in keys):
+            others = [k for k in keys if not k.startswith((prefix, *KOHYA_PREFIXES))]
+            if others:
+                raise LoRAFormatError(
+                    f"{fmt} keys ({prefix}...) mixed with {len(others)} other key(s), first {others[:3]}",
+                    path=path,
+                    key=others[0],
+                )
+            return fmt
     kohya = [k for k in keys if k.startswith(tuple(KOHYA_PREFIXES))]
     if kohya:
         kohya_set = set(kohya)
@@ -425,7 +441,7 @@ def _read_dit(
     (`dit_keys.split_module`)."""
     from .dit_keys import split_module, split_stacked, targets_for
 
-    arch = "sd3" if fmt in ("kohya-sd3", "sd3-original") else "flux"
+    arch = _dit_arch_of(fmt, tensors)
     stacked = _fused_parts(metadata, path)
     components: dict[str, dict[str, Module]] = {}
     owner: dict[tuple[str, str], str] = {}
@@ -466,6 +482,20 @@ def _read_dit(
     return components, alpha_sources
 
 
+def _dit_arch_of(fmt: str, keys: Any) -> str:
+    """"flux" or "sd3": from the format, or for diffusers-named kohya-style files (OneTrainer,
+    SimpleTuner LyCORIS) from their module names (SD3's T5 is lora_te3_; only Flux has single blocks)."""
+    if fmt in ("kohya-sd3", "sd3-original"):
+        return "sd3"
+    if fmt in _DIFFUSERS_KOHYA.values():
+        names = list(keys)
+        if any("single_transformer_blocks_" in k for k in names):
+            return "flux"
+        if any(k.startswith("lora_te3_") or "_attn2_" in k or "pos_embed_" in k for k in names):
+            return "sd3"
+    return "flux"
+
+
 def _fused_parts(metadata: Mapping[str, str], path: str | None) -> dict[str, list[tuple[int, float]]]:
     raw = metadata.get(FUSED_PARTS_KEY)
     if raw is None:
@@ -497,15 +527,23 @@ def _is_zero(module: Module) -> bool:
 
 
 def _dit_sources(tensors: Mapping[str, torch.Tensor], fmt: str, arch: str, path: str | None) -> list[_Source]:
-    from .dit_keys import Target, original_targets
+    from .dit_keys import Target, diffusers_path_of_underscored, original_targets
 
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     located: dict[str, tuple[list[tuple[str, Any]], str | None]] = {}
     unknown: list[str] = []
-    if fmt.startswith("kohya"):
+    if fmt.startswith("kohya") or fmt in _DIFFUSERS_KOHYA.values():
         grouped = _group_kohya(tensors, path)
         clip = []
         for name in grouped:
+            prefix = next((p for p in _DIFFUSERS_KOHYA if name.startswith(p)), None)
+            if prefix is not None:
+                module_path = diffusers_path_of_underscored(name[len(prefix) :])
+                if module_path is None:
+                    unknown.append(name)
+                else:
+                    located[name] = ([("transformer", Target(module_path))], None)
+                continue
             if name.startswith("lora_unet_"):
                 found = original_targets(name[len("lora_unet_") :], arch, underscored=True)
                 if found is None:

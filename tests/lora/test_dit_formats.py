@@ -393,3 +393,53 @@ def test_kohya_sd3_splits_exactly_and_diffusers_drops_it(sd3):
 def test_tables_name_every_block_module():
     assert set(BLOCKS) == set(TOP) == {"flux", "sd3"}
     assert len(list(original_name_table("flux", FLUX_BLOCKS))) == 19 * 10 + 38 * 4 + 10
+
+
+def _underscored_file(lora, prefix):
+    """`lora` (canonical) as a kohya-style file on underscored diffusers paths."""
+    from loraloom.lora.writers import to_kohya_state_dict
+
+    sd = {}
+    for component, path, module in lora.modules():
+        if component != "transformer":
+            continue
+        name = prefix + path.replace(".", "_")
+        for role, tensor in module.tensors().items():
+            sd[f"{name}.{ {'down': 'lora_down.weight', 'up': 'lora_up.weight'}.get(role, role)}"] = tensor
+        sd[f"{name}.alpha"] = torch.tensor(module.alpha)
+    te = {k: v for k, v in to_kohya_state_dict(lora, arch="flux").items() if k.startswith("lora_te")}
+    return {**sd, **te}
+
+
+def test_onetrainer_layout_reads_and_diffusers_mangles_it(dit_files, flux, base_weights):
+    from loraloom.lora.readers import read_lora
+
+    lora = read_lora(dit_files["tiny-flux/kohya"])
+    sd = _underscored_file(lora, "lora_transformer_")
+    back = lora_from_state_dict(sd)
+    assert back.source_format == "onetrainer"
+    assert [(c, p) for c, p, _ in back.modules()] == [(c, p) for c, p, _ in lora.modules()]
+    for (_, p, m), (_, _, n) in zip(lora.modules(), back.modules()):
+        assert torch.equal(m.up, n.up) and torch.equal(m.down, n.down) and m.alpha == n.alpha, p
+    # diffusers' converter for these names maps attention projections only: a feed-forward, norm or
+    # single-block proj_mlp / proj_out LoRA is renamed to its whole block, every one of a block onto
+    # the same key ("transformer.transformer_blocks.0.lora_A.weight", each overwriting the last)
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    ff = {k: v for k, v in sd.items() if k.startswith("lora_transformer_transformer_blocks_0_")}
+    converted = _convert_kohya_flux_lora_to_diffusers(dict(ff))
+    assert "transformer.transformer_blocks.0.lora_A.weight" in converted
+    attn_only = {k: v for k, v in sd.items() if k.startswith("lora_transformer_") and "_attn_" in k}
+    ours = _ours_fused(flux, lora_from_state_dict(attn_only))
+    _assert_weights_equal(ours, _diffusers_fused(flux, attn_only), "onetrainer attention")
+
+
+def test_simpletuner_lycoris_layout_reads(dit_files):
+    from loraloom.lora.readers import read_lora
+
+    lora = read_lora(dit_files["tiny-flux/lokr"])
+    back = lora_from_state_dict({k: v for k, v in _underscored_file(lora, "lycoris_").items() if k.startswith("lycoris_")})
+    assert back.source_format == "simpletuner-lycoris" and back.algorithm == "lokr"
+    assert [(c, p) for c, p, _ in back.modules()] == [(c, p) for c, p, _ in lora.modules()]
+    for (_, p, m), (_, _, n) in zip(lora.modules(), back.modules()):
+        assert all(torch.equal(t, u) for t, u in zip(m.tensors().values(), n.tensors().values())), p
