@@ -128,8 +128,15 @@ _ORIGINAL_BLOCK = re.compile(r"^(double_blocks|single_blocks|joint_blocks)\.(\d+
 _KOHYA_BLOCK = re.compile(r"^(double_blocks|single_blocks|joint_blocks)_(\d+)_(.+)$")
 
 
+_UNDERSCORED: dict[int, dict[str, str]] = {}
+
+
 def _underscored(table: Mapping[str, tuple[Target, ...]]) -> dict[str, str]:
-    return {name.replace(".", "_"): name for name in table}
+    """kohya spelling -> dotted name of a table's names (built once per table: files have thousands of keys)."""
+    found = _UNDERSCORED.get(id(table))
+    if found is None:
+        found = _UNDERSCORED[id(table)] = {name.replace(".", "_"): name for name in table}
+    return found
 
 
 def original_archs(name: str) -> frozenset[str]:

@@ -11,6 +11,11 @@
   component) so every module's alpha and rank survive. LoHa/LoKr cannot be expressed there: convert
   them with `convert.as_lora` first.
 
+Flux and SD3 LoRAs (a "transformer" component) are written in diffusers' layout (``transformer.``
+keys) or in the original layout (`to_original_state_dict`: kohya names, which kohya-ss writes and
+ComfyUI's loader reads, or ComfyUI's dotted ``diffusion_model.`` names), where the parts of a fused
+original weight (q/k/v, Flux's single-block ``linear1``) are fused again exactly.
+
 Round trips are exact: writing and reading back gives the same tensors (same dtype, same bytes),
 the same alphas and the same module paths.
 """
@@ -115,7 +120,8 @@ def _arch(lora: LoRA, arch: str | None) -> str:
 def to_kohya_state_dict(
     lora: LoRA, *, arch: str | None = None, unet_names: str = "auto", layout: UNetLayout | None = None
 ) -> dict[str, torch.Tensor]:
-    """The kohya state dict of `lora` (tensors shared, not copied).
+    """The kohya state dict of `lora` (tensors shared, not copied; for a Flux / SD3 LoRA see
+    `to_original_state_dict`, which also returns the fused-part record `write_kohya` stores).
 
     `arch` ("sd15" | "sdxl", guessed from the module paths by default) picks the text-encoder prefix
     (``lora_te_`` vs ``lora_te1_``) and, with ``unet_names="auto"``, the UNet naming: diffusers-style

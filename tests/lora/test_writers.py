@@ -182,3 +182,20 @@ def test_dit_diffusers_file_loads_in_diffusers(preset, dit_files, flux, sd3, tmp
         layer = ref.get_submodule(module_path)
         want = base.get_submodule(module_path).weight + delta(module, base.get_submodule(module_path).weight.shape)
         torch.testing.assert_close(getattr(layer, "base_layer", layer).weight, want, atol=2e-6, rtol=0, msg=module_path)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux/kohya", "tiny-flux/comfyui", "tiny-sd3/kohya"])
+def test_dit_bf16_file_round_trips_bit_for_bit(name, dit_files, tmp_path):
+    from safetensors.torch import load_file
+
+    bf16 = {k: v if k.endswith(".alpha") else v.to(torch.bfloat16) for k, v in load_file(dit_files[name]).items()}
+    writers.atomic_save(bf16, tmp_path / "bf16.safetensors", {"format": "pt"})
+    lora = read_lora(tmp_path / "bf16.safetensors")
+    assert {t.dtype for _, _, m in lora.modules() for t in m.tensors().values()} == {torch.bfloat16}
+    arch = name.split("/")[0][len("tiny-"):]
+    path = write_kohya(lora, tmp_path / "back.safetensors", arch=arch)
+    _assert_same(lora, read_lora(path))
+    written = load_file(path)
+    for key, tensor in bf16.items():
+        if key.startswith("lora_unet_"):
+            assert torch.equal(written[key], tensor) and written[key].dtype == tensor.dtype, key
