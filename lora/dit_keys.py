@@ -181,6 +181,22 @@ def targets_for(name: str, targets: tuple[Target, ...], shape: Sequence[int]) ->
     return targets
 
 
+def check_tiling(targets: Sequence[Target], shape: Sequence[int], key: str) -> None:
+    """Raise LoRAFormatError unless `targets` take every output row of a fused module of weight
+    `shape` exactly once (a qkv LoRA must be 3 x its input width high: more rows would be lost)."""
+    unit, total = int(shape[1]), int(shape[0])
+    rows = sorted(r for t in targets for r in _rows(t.segments, unit, total, key))
+    edges = [0] + [b for _, b in rows]
+    if any(a != edges[i] for i, (a, _) in enumerate(rows)) or edges[-1] != total:
+        raise LoRAFormatError(
+            f"module {key!r}: its output has {total} rows; the fused layout of "
+            f"{', '.join(t.path for t in targets)} takes {edges[-1]} rows of a {unit}-wide model",
+            key=key,
+            value=total,
+            limit=edges[-1],
+        )
+
+
 def _rows(segments: Segments, unit: int, total: int, key: str) -> list[tuple[int, int]]:
     out = []
     for start, stop in segments:

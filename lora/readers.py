@@ -439,7 +439,7 @@ def _read_dit(
     """(modules, alpha sources) of a Flux / SD3 file in an original layout (kohya, BFL / ComfyUI,
     XLabs), each fused original module split exactly onto diffusers' separate ones
     (`dit_keys.split_module`)."""
-    from .dit_keys import split_module, split_stacked, targets_for
+    from .dit_keys import check_tiling, split_module, split_stacked, targets_for
 
     arch = _dit_arch_of(fmt, tensors)
     stacked = _fused_parts(metadata, path)
@@ -454,6 +454,8 @@ def _read_dit(
         if name is not None:
             fitted = targets_for(name, tuple(t for _, t in targets), module.shape)
             targets = [(component, t) for t in fitted]
+        if len(targets) > 1 or targets[0][1].segments != ((0, None),):
+            check_tiling([t for _, t in targets], module.shape, key)
         if key in stacked and isinstance(module, LoRAModule):
             pieces = split_stacked(module, [t for _, t in targets], stacked[key], key)
         else:

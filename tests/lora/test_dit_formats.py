@@ -443,3 +443,11 @@ def test_simpletuner_lycoris_layout_reads(dit_files):
     assert [(c, p) for c, p, _ in back.modules()] == [(c, p) for c, p, _ in lora.modules()]
     for (_, p, m), (_, _, n) in zip(lora.modules(), back.modules()):
         assert all(torch.equal(t, u) for t, u in zip(m.tensors().values(), n.tensors().values())), p
+
+
+def test_fused_module_of_the_wrong_height_is_an_error():
+    # a qkv LoRA 4 x hidden high: splitting it into q / k / v would silently lose a quarter of it
+    sd = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, H),
+          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(4 * H, 4)}  # fmt: skip
+    with pytest.raises(LoRAFormatError, match=r"output has 64 rows; the fused layout of .*to_q.* takes 48 rows"):
+        lora_from_state_dict(sd, path="x.safetensors")
