@@ -239,6 +239,10 @@ def test_bfl_layout_splits_exactly_and_equals_kohya(flux, base_weights):
         bfl[f"diffusion_model.{dotted}.{role}"] = t
     a, b = lora_from_state_dict(kohya), lora_from_state_dict(bfl)
     assert b.source_format == "bfl"
+    # ComfyUI's loader also takes kohya's lora_down / lora_up spelling after the dotted names
+    c = lora_from_state_dict({k.replace("lora_A.weight", "lora_down.weight").replace("lora_B.weight", "lora_up.weight"): v
+                              for k, v in bfl.items()})  # fmt: skip
+    assert c.source_format == "bfl" and [p for _, p, _ in c.modules()] == [p for _, p, _ in b.modules()]
     assert [(c, p) for c, p, _ in a.modules()] == [(c, p) for c, p, _ in b.modules()]
     for (_, p, m), (_, _, n) in zip(a.modules(), b.modules()):
         assert torch.equal(m.up, n.up) and torch.equal(m.down, n.down) and m.alpha == n.alpha, p
