@@ -308,29 +308,31 @@ def test_keys_matching_nothing_are_named():
     assert info.value.path == "x.safetensors" and info.value.key == "lora_unet_double_blocks_0_img_attn_qkvx"
 
 
-def test_flux_text_encoders_kohya():
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    clip = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
-                                        vocab_size=100, projection_dim=16))  # fmt: skip
-    t5 = T5EncoderModel(T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, vocab_size=100,
-                                 feed_forward_proj="gated-gelu"))  # fmt: skip
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_text_encoders_kohya(arch, text_encoders):
+    clip, t5 = text_encoders
     gen = torch.Generator().manual_seed(8)
+    # Flux: lora_te1_ CLIP-L, lora_te2_ T5; SD3: lora_te1_ CLIP-L, lora_te2_ CLIP-G, lora_te3_ T5
+    encoders = {"flux": (("lora_te1_text_model_", clip, "text_encoder"), ("lora_te2_", t5, "text_encoder_2")),
+                "sd3": (("lora_te1_text_model_", clip, "text_encoder"), ("lora_te2_text_model_", clip, "text_encoder_2"),
+                        ("lora_te3_", t5, "text_encoder_3"))}[arch]  # fmt: skip
     sd = {}
-    for prefix, model in (("lora_te1_text_model_", clip), ("lora_te2_", t5)):
+    for prefix, model, _ in encoders:
         for name, sub in model.named_modules():
             if isinstance(sub, torch.nn.Linear) and (".layers.0." in name or ".block.1." in name):
                 down, up = _random_pair(gen, sub.weight.shape[0], sub.weight.shape[1], 4)
                 key = prefix + name.replace("text_model.", "").replace(".", "_")
                 sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
-    sd["lora_unet_img_in.lora_down.weight"] = torch.zeros(4, 8)
-    sd["lora_unet_img_in.lora_up.weight"] = torch.zeros(H, 4)
+    top = "img_in" if arch == "flux" else "context_embedder"
+    sd[f"lora_unet_{top}.lora_down.weight"] = torch.zeros(4, 8)
+    sd[f"lora_unet_{top}.lora_up.weight"] = torch.zeros(H, 4)
     lora = lora_from_state_dict(sd)
-    assert lora.source_format == "kohya-flux"
+    assert lora.source_format == f"kohya-{arch}"
     # CLIP layer 0: q, k, v, out, fc1, fc2; T5 block 1: q, k, v, o, wi_0, wi_1, wo
-    assert len(lora.components["text_encoder"]) == 6 and len(lora.components["text_encoder_2"]) == 7
-    report = check_lora(lora, {"text_encoder": clip, "text_encoder_2": t5}, min_fraction=0.9)
-    assert len(report.matched) == 13 and report.unmatched[0][1] == "x_embedder"  # no transformer given
+    assert {c: len(m) for c, m in lora.components.items() if c != "transformer"} == {
+        component: 7 if model is t5 else 6 for _, model, component in encoders}
+    report = check_lora(lora, {component: model for _, model, component in encoders}, min_fraction=0.9)
+    assert report.total - len(report.matched) == 1  # the transformer module: no transformer given
 
 
 # --- SD3 --------------------------------------------------------------------------------------------
@@ -455,3 +457,25 @@ def test_fused_module_of_the_wrong_height_is_an_error():
           "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(4 * H, 4)}  # fmt: skip
     with pytest.raises(LoRAFormatError, match=r"output has 64 rows; the fused layout of .*to_q.* takes 48 rows"):
         lora_from_state_dict(sd, path="x.safetensors")
+
+
+def test_kohya_alpha_kept_where_diffusers_bakes_it_into_bf16_factors():
+    # diffusers' kohya Flux converter multiplies alpha / rank into the (bf16) factors and drops the
+    # alpha: the stored tensors change (rounded to bf16) and the alpha cannot be written back. We keep
+    # the file's tensors and alpha, and apply the scale in fp32.
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    gen = torch.Generator().manual_seed(12)
+    key = "lora_unet_double_blocks_0_img_attn_proj"
+    down = torch.randn(4, H, generator=gen).to(torch.bfloat16)
+    up = torch.randn(H, 4, generator=gen).to(torch.bfloat16)
+    sd = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(3.3)}
+    theirs = _convert_kohya_flux_lora_to_diffusers(dict(sd))
+    a = theirs["transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight"]
+    b = theirs["transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight"]
+    exact = up.float() @ down.float() * (float(sd[f"{key}.alpha"]) / 4)
+    assert a.dtype == torch.bfloat16 and not torch.equal(a, down), "diffusers rescaled the bf16 down"
+    assert (b.float() @ a.float() - exact).abs().max() > 0, "and the rounding changed the delta"
+    ours = lora_from_state_dict(sd).components["transformer"]["transformer_blocks.0.attn.to_out.0"]
+    assert ours.down is down and ours.up is up and ours.alpha == float(sd[f"{key}.alpha"])
+    assert torch.equal(delta(ours), exact)
