@@ -439,7 +439,7 @@ def _read_dit(
     """(modules, alpha sources) of a Flux / SD3 file in an original layout (kohya, BFL / ComfyUI,
     XLabs), each fused original module split exactly onto diffusers' separate ones
     (`dit_keys.split_module`)."""
-    from .dit_keys import check_tiling, split_module, split_stacked, targets_for
+    from .dit_keys import WHOLE, check_tiling, split_module, split_stacked, targets_for
 
     arch = _dit_arch_of(fmt, tensors)
     stacked = _fused_parts(metadata, path)
@@ -454,7 +454,7 @@ def _read_dit(
         if name is not None:
             fitted = targets_for(name, tuple(t for _, t in targets), module.shape)
             targets = [(component, t) for t in fitted]
-        if len(targets) > 1 or targets[0][1].segments != ((0, None),):
+        if len(targets) > 1 or targets[0][1].segments != WHOLE:
             check_tiling([t for _, t in targets], module.shape, key)
         if key in stacked and isinstance(module, LoRAModule):
             pieces = split_stacked(module, [t for _, t in targets], stacked[key], key)
@@ -529,6 +529,8 @@ def _is_zero(module: Module) -> bool:
 
 
 def _dit_sources(tensors: Mapping[str, torch.Tensor], fmt: str, arch: str, path: str | None) -> list[_Source]:
+    """Group a DiT file's keys by module and name each module's targets; every key that names no
+    module of the layout is collected and raised together (the first five named)."""
     from .dit_keys import Target, diffusers_path_of_underscored, original_targets
 
     grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -590,9 +592,9 @@ def _dit_sources(tensors: Mapping[str, torch.Tensor], fmt: str, arch: str, path:
             grouped.setdefault(name, {})[role] = tensor
     if unknown:
         label = {"flux": "Flux", "sd3": "SD3"}[arch]
+        layout = "transformer" if fmt in _DIFFUSERS_KOHYA.values() else "original layout"
         raise LoRAFormatError(
-            f"{len(unknown)} key(s) match no module of {label}'s original layout ({fmt}), first: "
-            f"{unknown[:5]}",
+            f"{len(unknown)} key(s) match no module of {label}'s {layout} ({fmt}), first: {unknown[:5]}",
             path=path,
             key=unknown[0],
             value=len(unknown),
