@@ -16,6 +16,10 @@ format (keys ``"<preset>/<format>"`` of the returned dict):
 - ``locon``: kohya LoRA on attention and conv layers (3x3 and 1x1 kernels);
 - ``loha`` / ``lokr``: LyCORIS modules, plain and Tucker forms, full and decomposed LoKr factors.
 
+`write_dit_fixtures(out_dir, spec, arch, name)` does the same for a Flux or SD3 base (any
+transformer module set, given as a `BaseSpec`): diffusers, kohya, ComfyUI, XLabs, LoHa and LoKr
+files (see `DIT_FORMATS`).
+
 Modules cover attention (to_q/k/v/out, on SDXL also transformer_blocks.1), feed-forward, proj_in/out,
 resnet convs, time_emb_proj and both text encoders; ranks 4 and 8; alphas differ from ranks and
 between modules. Weights are random at a scale that visibly changes a sampled image. Everything is
@@ -230,6 +234,132 @@ def write_fixtures(out_dir: str | Path, presets: Sequence[str] = PRESETS, seed: 
         written[f"{preset}/locon"] = write_kohya(_make(spec, attn_conv, base_seed + 4, _lora_module, "locon"), target("locon"))
         written[f"{preset}/loha"] = write_kohya(_make(spec, attn_conv + [c for c in attn if c[0] != "unet"], base_seed + 5, _loha_module, "loha"), target("loha"))
         written[f"{preset}/lokr"] = write_kohya(_make(spec, attn_conv + [c for c in attn if c[0] != "unet"], base_seed + 6, _lokr_module, "lokr"), target("lokr"))
+    return written
+
+
+DIT_FORMATS = {
+    "flux": ("diffusers", "kohya", "comfyui", "xlabs", "loha", "lokr"),
+    "sd3": ("diffusers", "kohya", "comfyui"),
+}
+"""Fixture formats per DiT architecture (`write_dit_fixtures`)."""
+# Blocks the DiT fixtures cover: first, second, a two-digit one and the last of each block list.
+_DIT_BLOCKS = {"flux": {"double_blocks": (0, 1, 10, 18), "single_blocks": (0, 1, 10, 37)},
+               "sd3": {"joint_blocks": (0, 1, 10, 37)}}  # fmt: skip
+_T5 = re.compile(r"encoder\.block\.(0|1)\.layer\.\d\.(SelfAttention\.[qkvo]|DenseReluDense\.(wi_0|wi_1|wi|wo))$")
+
+
+def _dit_originals(spec: BaseSpec, arch: str) -> list[tuple[str, tuple[Any, ...], tuple[int, ...]]]:
+    """(original module name, targets, fused weight shape) of the covered original modules the
+    base has (the fused shape: the targets' rows stacked)."""
+    from .lora.dit_keys import original_name_table, targets_for
+
+    have = spec.components["transformer"]
+    blocks = _DIT_BLOCKS[arch]
+    chosen = []
+    for name, targets in original_name_table(arch, {b: max(i) + 1 for b, i in blocks.items()}):
+        head = name.split(".")
+        if head[0] in blocks and int(head[1]) not in blocks[head[0]]:
+            continue
+        if name.endswith("linear1_qkv") or any(t.path not in have for t in targets):
+            continue
+        shapes = [have[t.path].shape for t in targets]
+        shape = (sum(sh[0] for sh in shapes), *shapes[0][1:]) if len(targets) > 1 else tuple(shapes[0])
+        chosen.append((name, targets_for(name, targets, shape), tuple(shape)))
+    return chosen
+
+
+def _fused_lora(spec: BaseSpec, arch: str, seed: int, maker: Callable[..., Module], fmt: str, te: bool = True) -> LoRA:
+    """A LoRA made on the original (fused) modules and split onto diffusers' paths, as a file in an
+    original layout reads: every part of a fused weight shares its down (LyCORIS: its shared factors)."""
+    from .lora.dit_keys import split_module
+    from .lora.errors import LoRAFormatError
+
+    gen = torch.Generator().manual_seed(seed)
+    modules: dict[str, dict[str, Module]] = {}
+    for index, (name, targets, shape) in enumerate(_dit_originals(spec, arch)):
+        fused = maker(gen, shape, index)
+        try:
+            parts = [(t.path, split_module(fused, t.segments, name)) for t in targets]
+        except LoRAFormatError:
+            continue  # a LoKr whose Kronecker blocks straddle q / k / v (see dit_keys.split_module)
+        modules.setdefault("transformer", {}).update(parts)
+    if te:
+        gen_te = torch.Generator().manual_seed(seed + 50)
+        for index, (component, path) in enumerate(_dit_te(spec)):
+            modules.setdefault(component, {})[path] = maker(gen_te, spec.components[component][path].shape, index)
+    return LoRA(modules, source_format="derived", fingerprint=derived_fingerprint("fixture", [], {"format": fmt, "seed": seed}))
+
+
+def _dit_te(spec: BaseSpec) -> list[tuple[str, str]]:
+    chosen = []
+    for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        chosen += [(component, p) for p in spec.components.get(component, {}) if _TE.search(p) or _T5.search(p)]
+    return chosen
+
+
+def _xlabs_tensors(spec: BaseSpec, seed: int) -> dict[str, torch.Tensor]:
+    """An XLabs Flux LoRA (x-flux's processor names, no alpha: x-flux applies up @ down as is)."""
+    procs = {"img_attn.qkv": "qkv_lora1", "txt_attn.qkv": "qkv_lora2", "img_attn.proj": "proj_lora1",
+             "txt_attn.proj": "proj_lora2", "linear2": "proj_lora"}  # fmt: skip
+    have = spec.components["transformer"]
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for index, (name, targets, shape) in enumerate(_dit_originals(spec, "flux")):
+        if not name.startswith(("double_blocks.", "single_blocks.")):
+            continue  # x-flux has LoRA processors in the blocks only
+        blocks, number, inner = name.split(".", 2)
+        if inner == "linear1":  # x-flux's qkv_lora covers linear1's q / k / v rows only
+            inner, shape = "linear1_qkv", (3 * have[targets[0].path].shape[0], shape[1])
+        proc = procs.get(inner, "qkv_lora" if inner == "linear1_qkv" else None)
+        if proc is None:
+            continue
+        module = _lora_module(gen, shape, index)
+        out[f"{blocks}.{number}.processor.{proc}.down.weight"] = module.down
+        out[f"{blocks}.{number}.processor.{proc}.up.weight"] = module.up
+    return out
+
+
+def write_dit_fixtures(out_dir: str | Path, spec: BaseSpec, arch: str, name: str, seed: int = 0) -> dict[str, Path]:
+    """Write the fixture LoRAs of a Flux (`arch` "flux") or SD3 ("sd3") base, given as a `BaseSpec`
+    with a "transformer" component (and text encoders), one file per format of `DIT_FORMATS`, as
+    ``<name>-<format>.safetensors``; return ``{"<name>/<format>": path}``. Deterministic.
+
+    - ``diffusers``: separate LoRAs (own downs, ranks 4 / 8, per-module alphas) on diffusers'
+      modules, with ``lora_adapter_metadata``;
+    - ``kohya`` / ``comfyui``: LoRAs on the original fused modules (qkv, Flux's ``linear1``, the
+      final modulation) with kohya names or ComfyUI's dotted ``diffusion_model.`` names, text
+      encoders included;
+    - ``xlabs`` (Flux): XLabs' processor LoRAs on the double blocks' qkv / proj and the single
+      blocks' qkv / linear2;
+    - ``loha`` / ``lokr`` (Flux): LyCORIS modules on the original modules, kohya names.
+    """
+    from .lora.writers import to_original_state_dict, write_diffusers
+
+    out_dir = _out_dir(out_dir)
+    written: dict[str, Path] = {}
+
+    def target(fmt: str) -> Path:
+        return out_dir / f"{name}-{fmt}.safetensors"
+
+    for index, fmt in enumerate(DIT_FORMATS[arch]):
+        fmt_seed = seed * 1000 + 500 + index
+        if fmt == "diffusers":
+            chosen = [("transformer", t.path) for _, targets, _ in _dit_originals(spec, arch) for t in targets]
+            chosen += _dit_te(spec)
+            written[f"{name}/{fmt}"] = write_diffusers(_make(spec, chosen, fmt_seed, _lora_module, fmt), target(fmt))
+        elif fmt in ("kohya", "comfyui"):
+            lora = _fused_lora(spec, arch, fmt_seed, _lora_module, fmt)
+            if fmt == "kohya":
+                written[f"{name}/{fmt}"] = write_kohya(lora, target(fmt), arch=arch)
+            else:
+                tensors, _ = to_original_state_dict(lora, arch=arch, naming="comfyui")
+                written[f"{name}/{fmt}"] = atomic_save(tensors, target(fmt), {"format": "pt"})
+        elif fmt == "xlabs":
+            written[f"{name}/{fmt}"] = atomic_save(_xlabs_tensors(spec, fmt_seed), target(fmt), {"format": "pt"})
+        else:
+            maker = _loha_module if fmt == "loha" else _lokr_module
+            lora = _fused_lora(spec, arch, fmt_seed, maker, fmt, te=False)
+            written[f"{name}/{fmt}"] = write_kohya(lora, target(fmt), arch=arch)
     return written
 
 

@@ -30,6 +30,7 @@ _LAZY = {
     "detect_format": "readers",
     "write_kohya": "writers",
     "write_diffusers": "writers",
+    "to_original_state_dict": "writers",
     "atomic_save": "writers",
     # against a base
     "BaseSpec": "match",

@@ -1,7 +1,8 @@
 """The one in-memory LoRA value every reader produces and every writer, merger and applier consumes.
 
-A `LoRA` holds, per component ("unet", "text_encoder", "text_encoder_2") and per module (the
-diffusers module path, e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``), one
+A `LoRA` holds, per component (`COMPONENTS`: "unet" or "transformer", and the text encoders) and
+per module (the diffusers module path, e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``
+or Flux's ``single_transformer_blocks.7.proj_mlp``), one
 module value:
 
 - `LoRAModule`: the classic pair, ``delta = alpha / rank * up @ down`` (LoCon conv layers keep
@@ -38,7 +39,11 @@ import torch
 from .errors import LoRAFormatError
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-"""Components a LoRA can touch, in the order files and reports list them."""
+"""Components a LoRA can touch, in the order files and reports list them: diffusers' pipeline
+attribute names (SD1.5/SDXL: unet and one or two CLIP encoders; Flux: transformer, CLIP-L, T5;
+SD3.5: transformer, CLIP-L, CLIP-G, T5)."""
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+"""The text-encoder components (their module paths are canonicalised without ``text_model.``)."""
 
 
 def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .arches import ARCHES
+from .canonical import TEXT_ENCODERS
 from .errors import LoRAFormatError
 
 KOHYA_PREFIXES = {
@@ -37,11 +38,13 @@ KOHYA_PREFIXES = {
     "lora_te_": "text_encoder",
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_3",
 }
 """kohya module-name prefix -> component."""
 
 TEXT_MODEL = "text_model."
 _TE_TOP_LEVEL = ("text_projection",)  # CLIPTextModelWithProjection modules outside text_model
+_T5_PATHS = ("encoder.block.", "encoder.final_layer_norm", "shared")  # T5EncoderModel has no text_model
 
 _SGM_BLOCK = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_")
 _SGM_UPSAMPLER_AT_1 = re.compile(r"^(lora_unet_output_blocks_\d+)_1_conv$")
@@ -77,7 +80,7 @@ def normalize_te_path(path: str) -> str:
 def te_model_path(path: str, has_text_model: bool) -> str:
     """The module name a live text encoder uses for canonical `path` (adds ``text_model.`` back
     when the model has that submodule and the module lives under it)."""
-    if has_text_model and path not in _TE_TOP_LEVEL:
+    if has_text_model and path not in _TE_TOP_LEVEL and not path.startswith(_T5_PATHS):
         return TEXT_MODEL + path
     return path
 
@@ -153,11 +156,11 @@ def _resnet_rest(rest: list[str]) -> list[str]:
 def kohya_module_name(component: str, path: str, *, te_prefix: str = "lora_te_", sgm_layout: UNetLayout | None = None) -> str:
     """kohya name of a canonical module: ``lora_unet_down_blocks_0_...`` (or SGM names when
     `sgm_layout` is given), ``lora_te_text_model_encoder_...`` with `te_prefix` for text_encoder,
-    ``lora_te2_...`` for text_encoder_2."""
+    ``lora_te2_...`` / ``lora_te3_...`` for text_encoder_2 / _3 (T5 paths without ``text_model_``)."""
     if component == "unet":
         name = diffusers_to_sgm(path, sgm_layout) if sgm_layout is not None else path
         return "lora_unet_" + name.replace(".", "_")
-    prefix = {"text_encoder": te_prefix, "text_encoder_2": "lora_te2_"}[component]
+    prefix = {"text_encoder": te_prefix, "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}[component]
     return prefix + te_model_path(path, True).replace(".", "_")
 
 
@@ -272,7 +275,7 @@ def _peft_module_paths(converted: Mapping[str, torch.Tensor], component: str) ->
     for key, tag in part.items():
         if key.endswith(".lora_A.weight"):
             module_path = key[: -len(".lora_A.weight")]
-            if component != "unet":
+            if component in TEXT_ENCODERS:
                 module_path = normalize_te_path(module_path)
             out[module_path] = int(tag.item())
     return out

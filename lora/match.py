@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .arches import ARCHES
-from .canonical import COMPONENTS, LoRA, LoRAModule, Module
+from .canonical import COMPONENTS, TEXT_ENCODERS, LoRA, LoRAModule, Module
 from .errors import LoRAMatchError
 from .keymap import TEXT_MODEL, UNetLayout, normalize_te_path, te_model_path
 
@@ -45,7 +45,7 @@ class BaseSpec:
 
     def model_name(self, component: str, path: str) -> str:
         """The module's name inside the live component (text_model. added back where needed)."""
-        if component == "unet":
+        if component not in TEXT_ENCODERS:
             return path
         return te_model_path(path, self.has_text_model.get(component, False))
 
@@ -65,7 +65,7 @@ def _module_specs(module: Any, component: str) -> tuple[dict[str, ModuleSpec], b
             kind = "conv2d"
         else:
             continue
-        if component != "unet":
+        if component in TEXT_ENCODERS:
             has_text_model = has_text_model or name.startswith(TEXT_MODEL)
             name = normalize_te_path(name)
         specs[name] = ModuleSpec(kind, tuple(int(d) for d in layer.weight.shape))
@@ -91,7 +91,7 @@ def base_spec(base: Any) -> BaseSpec:
             continue
         if isinstance(part, Mapping):
             components[component] = {
-                normalize_te_path(p) if component != "unet" else p: ModuleSpec(
+                normalize_te_path(p) if component in TEXT_ENCODERS else p: ModuleSpec(
                     "conv2d" if len(s) == 4 else "linear", tuple(int(d) for d in s)
                 )
                 for p, s in part.items()
@@ -103,7 +103,9 @@ def base_spec(base: Any) -> BaseSpec:
                 layout = UNetLayout.from_config(part.config)
     unet = components.get("unet", {})
     arch = None
-    if "text_encoder_2" in components or "add_embedding.linear_1" in unet:
+    if "transformer" in components:
+        arch = _dit_arch(components["transformer"])
+    elif "text_encoder_2" in components or "add_embedding.linear_1" in unet:
         arch = "sdxl"
     elif "down_blocks.0.attentions.0.proj_in" in unet and unet["down_blocks.0.attentions.0.proj_in"].kind == "conv2d":
         arch = "sd15"
@@ -179,8 +181,36 @@ def _fits(module: Module, spec: ModuleSpec) -> str | None:
     return None
 
 
+def _dit_arch(paths: Mapping[str, Any]) -> str | None:
+    """"flux" or "sd3" from a transformer's module paths, None when they do not tell."""
+    if any(p.startswith(("single_transformer_blocks.", "time_text_embed.guidance_embedder.")) for p in paths):
+        return "flux"
+    if any(p.startswith("pos_embed.") or ".attn2." in p for p in paths):
+        return "sd3"
+    # Flux has 19 double-stream blocks (0..18); SD3.5 large has 38 joint blocks
+    if any(int(m.group(1)) >= 19 for m in map(_DIT_BLOCK.match, paths) if m):
+        return "sd3"
+    return None
+
+
+_DIT_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
+
+
+def arch_label(arch: str) -> str:
+    """How users write an architecture ("SDXL", "Flux"), from `arches.ARCHES`; the bare name for one
+    not described there."""
+    return ARCHES[arch].label if arch in ARCHES else arch
+
+
 def guess_architecture(lora: LoRA) -> tuple[str | None, tuple[str, ...]]:
-    """("sd15" | "sdxl" | None, reasons) from the LoRA's module paths alone."""
+    """("sd15" | "sdxl" | "flux" | "sd3" | None, reasons) from the LoRA's module paths alone."""
+    if "transformer" in lora.components:
+        modules = lora.components["transformer"]
+        arch = _dit_arch(modules)
+        if arch is None:
+            return None, ()
+        first = next((p for p in modules if _dit_arch([p]) == arch), next(iter(modules)))
+        return arch, (f"{arch_label(arch)} module path {first} ({modules[first].key})",)
     sdxl: list[str] = []
     sd15: list[str] = []
     if "text_encoder_2" in lora.components:
@@ -229,11 +259,11 @@ def check_lora(lora: LoRA, base: Any, *, min_fraction: float = 1.0) -> MatchRepo
     made_for = ""
     if report.lora_arch and report.base_arch and report.lora_arch != report.base_arch:
         made_for = (
-            f" This LoRA looks made for {ARCHES[report.lora_arch].label}, the base is "
-            f"{ARCHES[report.base_arch].label}: " + "; ".join(report.hints) + "."
+            f" This LoRA looks made for {arch_label(report.lora_arch)}, the base is "
+            f"{arch_label(report.base_arch)}: " + "; ".join(report.hints) + "."
         )
     fix = (
-        f"load it on an {ARCHES[report.lora_arch].label} base."
+        f"load it on an {arch_label(report.lora_arch)} base."
         if made_for
         else "check that the LoRA was trained for this base model."
     )

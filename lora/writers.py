@@ -11,6 +11,11 @@
   component) so every module's alpha and rank survive. LoHa/LoKr cannot be expressed there: convert
   them with `convert.as_lora` first.
 
+Flux and SD3 LoRAs (a "transformer" component) are written in diffusers' layout (``transformer.``
+keys) or in the original layout (`to_original_state_dict`: kohya names, which kohya-ss writes and
+ComfyUI's loader reads, or ComfyUI's dotted ``diffusion_model.`` names), where the parts of a fused
+original weight (q/k/v, Flux's single-block ``linear1``) are fused again exactly.
+
 Round trips are exact: writing and reading back gives the same tensors (same dtype, same bytes),
 the same alphas and the same module paths.
 """
@@ -25,11 +30,11 @@ from typing import Any, Mapping
 import torch
 
 from ..atomic import atomic_file
-from .canonical import LoRA, LoRAModule, Module
+from .canonical import TEXT_ENCODERS, LoRA, LoRAModule, Module
 from .errors import LoRAFormatError
 from .keymap import LAYOUTS, UNetLayout, kohya_module_name, te_model_path
 from .match import guess_architecture
-from .readers import ADAPTER_METADATA_KEY
+from .readers import ADAPTER_METADATA_KEY, FUSED_PARTS_KEY
 
 PROVENANCE_PREFIX = "loraloom."
 _OWNED_KEYS = ("format", ADAPTER_METADATA_KEY)  # rewritten by every writer
@@ -120,7 +125,8 @@ def _arch(lora: LoRA, arch: str | None) -> str:
 def to_kohya_state_dict(
     lora: LoRA, *, arch: str | None = None, unet_names: str = "auto", layout: UNetLayout | None = None
 ) -> dict[str, torch.Tensor]:
-    """The kohya state dict of `lora` (tensors shared, not copied).
+    """The kohya state dict of `lora` (tensors shared, not copied; for a Flux / SD3 LoRA see
+    `to_original_state_dict`, which also returns the fused-part record `write_kohya` stores).
 
     `arch` ("sd15" | "sdxl", guessed from the module paths by default) picks the text-encoder prefix
     (``lora_te_`` vs ``lora_te1_``) and, with ``unet_names="auto"``, the UNet naming: diffusers-style
@@ -131,21 +137,105 @@ def to_kohya_state_dict(
         raise LoRAFormatError(
             f"unet_names {unet_names!r} is not one of auto, diffusers, sgm", value=unet_names, limit=("auto", "diffusers", "sgm")
         )
+    if "transformer" in lora.components:
+        return to_original_state_dict(lora, arch=arch)[0]
     arch = _arch(lora, arch)
     use_sgm = unet_names == "sgm" or (unet_names == "auto" and arch == "sdxl")
     sgm_layout = (layout or LAYOUTS[arch]) if use_sgm else None
     te_prefix = "lora_te1_" if arch == "sdxl" else "lora_te_"
     out: dict[str, torch.Tensor] = {}
     for component, path, module in lora.modules():
-        name = kohya_module_name(component, path, te_prefix=te_prefix, sgm_layout=sgm_layout)
-        if isinstance(module, LoRAModule):
-            out[f"{name}.lora_down.weight"] = module.down
-            out[f"{name}.lora_up.weight"] = module.up
-        else:
-            for suffix, tensor in module.tensors().items():
-                out[f"{name}.{suffix}"] = tensor
-        out[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+        _put_kohya(out, kohya_module_name(component, path, te_prefix=te_prefix, sgm_layout=sgm_layout), module)
     return out
+
+
+def _put_kohya(out: dict[str, torch.Tensor], name: str, module: Module, naming: str = "kohya") -> None:
+    if isinstance(module, LoRAModule):
+        down, up = ("lora_down", "lora_up") if naming == "kohya" else ("lora_A", "lora_B")
+        out[f"{name}.{down}.weight"] = module.down
+        out[f"{name}.{up}.weight"] = module.up
+    else:
+        for suffix, tensor in module.tensors().items():
+            out[f"{name}.{suffix}"] = tensor
+    out[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+
+
+def _dit_arch(lora: LoRA, arch: str | None) -> str:
+    if arch is None:
+        arch, _ = guess_architecture(lora)
+    if arch not in ("flux", "sd3"):
+        raise LoRAFormatError(
+            f"a transformer LoRA is written for arch 'flux' or 'sd3', not {arch!r}"
+            + ("" if arch else " (its module paths do not tell which)"),
+            value=arch,
+            limit=("flux", "sd3"),
+            fix="pass arch='flux' or arch='sd3'.",
+        )
+    return arch
+
+
+_COMFY_TE = {"flux": {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"},
+             "sd3": {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"}}  # fmt: skip
+
+
+def to_original_state_dict(
+    lora: LoRA, *, arch: str | None = None, naming: str = "kohya"
+) -> tuple[dict[str, torch.Tensor], dict[str, list[list[float]]]]:
+    """(state dict, fused-part record) of a Flux / SD3 LoRA in the original layout: the
+    transformer's modules under their original names, the parts of a fused original weight fused
+    again (`dit_keys.fuse_modules`).
+
+    `naming` "kohya" (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ``.alpha``; CLIP
+    encoders ``lora_te1_`` / ``lora_te2_`` (SD3's CLIP-G), T5 ``lora_te2_`` (Flux) or ``lora_te3_``
+    (SD3)) is what kohya-ss writes and ComfyUI's loader reads; "comfyui" writes ComfyUI's dotted
+    names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``,
+    ``text_encoders.clip_l.transformer.``). `arch` ("flux" | "sd3") is guessed from the paths by
+    default. The record names, per fused module written with stacked downs, each part's (rank,
+    alpha), so reading splits it back exactly (`dit_keys.split_stacked`).
+    """
+    from .dit_keys import WHOLE, diffusers_to_original, fuse_modules, targets_for
+
+    if naming not in ("kohya", "comfyui"):
+        raise LoRAFormatError(f"naming {naming!r} is not one of kohya, comfyui", value=naming, limit=("kohya", "comfyui"))
+    arch = _dit_arch(lora, arch)
+
+    groups: dict[str, tuple[tuple[Any, ...], dict[str, Module]]] = {}
+    for path, module in lora.components["transformer"].items():
+        found = diffusers_to_original(path, arch)
+        if found is None:
+            raise LoRAFormatError(
+                f"transformer module {path!r} ({module.key}) has no name in the {arch} original layout",
+                key=module.key,
+                value=path,
+                fix="write it with write_diffusers (ComfyUI reads that layout too).",
+            )
+        groups.setdefault(found[0], (found[1], {}))[1][path] = module
+    out: dict[str, torch.Tensor] = {}
+    record: dict[str, list[list[float]]] = {}
+    for name, (targets, modules) in groups.items():
+        key = "lora_unet_" + name.replace(".", "_") if naming == "kohya" else "diffusion_model." + name
+        some = next(iter(modules.values()))
+        targets = targets_for(name, targets, some.shape)
+        parts = [(t, modules.get(t.path)) for t in targets]
+        if len(targets) == 1 and targets[0].segments == WHOLE:
+            fused = some
+        else:
+            fused = fuse_modules(parts, key)
+            if isinstance(fused, LoRAModule) and not any(m is not None and fused.down is m.down for _, m in parts):
+                record[key] = [[m.rank, m.alpha] if m is not None else [0, 0.0] for _, m in parts]
+        _put_kohya(out, key, fused, naming)
+    for component, path, module in lora.modules():
+        if component == "transformer":
+            continue
+        if component not in _COMFY_TE[arch]:
+            raise LoRAFormatError(f"{arch} has no {component}", key=module.key, value=component,
+                                  limit=tuple(_COMFY_TE[arch]))  # fmt: skip
+        if naming == "kohya":
+            name = kohya_module_name(component, path, te_prefix="lora_te1_")
+        else:
+            name = f"text_encoders.{_COMFY_TE[arch][component]}.transformer.{te_model_path(path, True)}"
+        _put_kohya(out, name, module, naming)
+    return out, record
 
 
 def write_kohya(
@@ -159,6 +249,12 @@ def write_kohya(
     """Write `lora` as a kohya file (see `to_kohya_state_dict`), atomically. `provenance` entries
     become ``loraloom.<key>`` metadata (strings as is, anything else as JSON); the source file's
     other metadata (kohya's ``ss_*`` keys, ...) is kept."""
+    if "transformer" in lora.components:
+        tensors, record = to_original_state_dict(lora, arch=arch)
+        meta = _metadata(lora, "kohya", provenance)
+        if record:
+            meta[FUSED_PARTS_KEY] = json.dumps(record, sort_keys=True)
+        return atomic_save(tensors, path, meta)
     tensors = to_kohya_state_dict(lora, arch=arch, unet_names=unet_names)
     return atomic_save(tensors, path, _metadata(lora, "kohya", provenance))
 
@@ -173,17 +269,22 @@ def _most_common(values: list[Any]) -> Any:
 def adapter_config(lora: LoRA, component: str) -> dict[str, Any]:
     """diffusers/peft LoraConfig fields for one component: r and lora_alpha (the most common
     values), rank_pattern and alpha_pattern (every module that differs, by full canonical path,
-    which peft matches as a suffix of the live module name), target_modules (sorted)."""
+    which peft matches as a suffix of the live module name; "^"-anchored for a transformer),
+    target_modules (sorted)."""
     modules = lora.components[component]
     ranks = {p: m.rank for p, m in modules.items()}
     alphas = {p: m.alpha for p, m in modules.items()}
     r = _most_common(list(ranks.values()))
     alpha = _most_common(list(alphas.values()))
+    # peft takes the first pattern key that matches the end of a module name, so a top-level path
+    # ("proj_out") would also claim every "*.proj_out" of a transformer (Flux's 38 single blocks).
+    # A transformer's paths are its live module names: anchored with "^" they match only themselves.
+    anchor = "^" if component == "transformer" else ""
     return {
         "r": r,
         "lora_alpha": alpha,
-        "rank_pattern": {p: v for p, v in sorted(ranks.items()) if v != r},
-        "alpha_pattern": {p: v for p, v in sorted(alphas.items()) if v != alpha},
+        "rank_pattern": {anchor + p: v for p, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {anchor + p: v for p, v in sorted(alphas.items()) if v != alpha},
         "target_modules": sorted(modules),
         "use_dora": False,
         "use_rslora": False,
@@ -211,7 +312,7 @@ def to_diffusers_state_dict(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[s
     adapter_meta: dict[str, Any] = {}
     for component, path, module in lora.modules():
         require_lora_module(component, path, module, "diffusers' LoRA format cannot hold it", "or write kohya format.")
-        name = path if component == "unet" else te_model_path(path, True)
+        name = path if component not in TEXT_ENCODERS else te_model_path(path, True)
         tensors[f"{component}.{name}.lora_A.weight"] = module.down
         tensors[f"{component}.{name}.lora_B.weight"] = module.up
     for component in lora.components:

@@ -248,3 +248,58 @@ def diffusers_with_lora():
         return pipe
 
     return load
+
+
+@pytest.fixture(scope="session")
+def flux():
+    """A tiny FluxTransformer2DModel with Flux's real block counts (19 double, 38 single; hidden 16,
+    guidance embedding as in dev); read-only (deepcopy it to load adapters)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=19, num_single_layers=38, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def sd3():
+    """A tiny SD3Transformer2DModel with SD3.5 large's 38 joint blocks (hidden 16); read-only."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=38, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def text_encoders():
+    """Tiny CLIP-L-like and T5-like text encoders (hidden 16, 12 and 2 layers); read-only."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                        num_hidden_layers=12, vocab_size=100, projection_dim=16))  # fmt: skip
+    t5 = T5EncoderModel(T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, vocab_size=100,
+                                 feed_forward_proj="gated-gelu"))  # fmt: skip
+    return clip.eval(), t5.eval()
+
+
+@pytest.fixture(scope="session")
+def dit_files(tmp_path_factory, flux, sd3, text_encoders):
+    """{"tiny-flux/<format>" | "tiny-sd3/<format>": path} of the DiT fixture LoRAs (the tiny models
+    above stand in for the presets); read-only."""
+    from loraloom.fixtures import write_dit_fixtures
+
+    clip, t5 = text_encoders
+    out = tmp_path_factory.mktemp("dit-fixtures")
+    files = write_dit_fixtures(out, base_spec({"transformer": flux, "text_encoder": clip, "text_encoder_2": t5}),
+                               "flux", "tiny-flux")  # fmt: skip
+    files.update(write_dit_fixtures(out, base_spec({"transformer": sd3, "text_encoder": clip, "text_encoder_3": t5}),
+                                    "sd3", "tiny-sd3"))  # fmt: skip
+    return files

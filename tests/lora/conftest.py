@@ -15,3 +15,4 @@ def specs():
     from loraloom.bases.presets import build_pipeline
 
     return {p: base_spec(build_pipeline(p, dtype="fp32", device="cpu")) for p in PRESETS}
+

@@ -91,7 +91,7 @@ def test_ranks_disagree_names_key_and_both_ranks():
         (["lora_unet_conv_in.lora_down.weight", "lora_unet_conv_in.dora_scale"], "DoRA"),
         (["unet.conv_in.lora_A.weight", "unet.conv_in.lora_magnitude_vector"], "DoRA"),
         (["lora_unet_conv_in.lora_mid.weight"], "Tucker"),
-        (["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"], "Flux"),
+        (["diffusion_model.double_blocks.0.img_attn.qkv_typo.lora_A.weight"], "match no module of Flux's original layout"),
         (["foo.bar"], "unknown LoRA key format"),
         (["lora_unet_conv_in.lora_down.weight", "unet.conv_in.lora_A.weight"], "mixed"),
         (["lora_unet_conv_in.lora_down.weight"], "no up"),

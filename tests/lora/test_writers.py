@@ -9,8 +9,9 @@ import torch
 
 from loraloom.fixtures import PRESETS  # one seeded preset per architecture: the fixture LoRAs' bases
 from loraloom.lora import writers
-from loraloom.lora.canonical import LoRA
+from loraloom.lora.canonical import LoRA, LoRAModule, delta
 from loraloom.lora.errors import LoRAFormatError
+from loraloom.lora.match import check_lora
 from loraloom.lora.readers import read_lora
 from loraloom.lora.safefile import read_lora_file
 from loraloom.lora.writers import write_diffusers, write_kohya
@@ -85,3 +86,132 @@ def test_data_is_aligned_and_grouped_by_dtype_with_a_sorted_header(tmp_path):
     assert all(begin % tensors[k].element_size() == 0 for (begin, _), k in placed)
     got = read_lora_file(path).tensors
     assert all(torch.equal(got[k], t) and got[k].dtype == t.dtype for k, t in tensors.items())
+
+
+# --- Flux / SD3 --------------------------------------------------------------------------------------
+
+DIT_EXPECTED = {
+    "tiny-flux/diffusers": ("diffusers", "lora"),
+    "tiny-flux/kohya": ("kohya-flux", "lora"),
+    "tiny-flux/comfyui": ("bfl", "lora"),
+    "tiny-flux/xlabs": ("xlabs", "lora"),
+    "tiny-flux/loha": ("kohya-flux", "loha"),
+    "tiny-flux/lokr": ("kohya-flux", "lokr"),
+    "tiny-sd3/diffusers": ("diffusers", "locon"),
+    "tiny-sd3/kohya": ("kohya-sd3", "locon"),
+    "tiny-sd3/comfyui": ("sd3-original", "locon"),
+}
+
+
+def _dit_base(name, flux, sd3, text_encoders):
+    clip, t5 = text_encoders
+    if name.startswith("tiny-flux"):
+        return {"transformer": flux, "text_encoder": clip, "text_encoder_2": t5}
+    return {"transformer": sd3, "text_encoder": clip, "text_encoder_3": t5}
+
+
+@pytest.mark.parametrize("name", list(DIT_EXPECTED))
+def test_dit_fixtures_read_match_and_round_trip(name, dit_files, flux, sd3, text_encoders, tmp_path):
+    lora = read_lora(dit_files[name])
+    fmt, algorithm = DIT_EXPECTED[name]
+    assert (lora.source_format, lora.algorithm) == (fmt, algorithm)
+    report = check_lora(lora, _dit_base(name, flux, sd3, text_encoders))
+    assert report.fraction == 1.0 and report.total > 40, report.summary()
+    arch = "flux" if name.startswith("tiny-flux") else "sd3"
+    if name.endswith("/diffusers"):
+        # separate LoRAs with different alpha / rank on q, k and v: no single fused LoRA holds them
+        with pytest.raises(LoRAFormatError, match="different scales.*Fix: write it in diffusers layout"):
+            write_kohya(lora, tmp_path / "k.safetensors", arch=arch)
+        assert not (tmp_path / "k.safetensors").exists()
+    else:
+        _assert_same(lora, read_lora(write_kohya(lora, tmp_path / "k.safetensors", arch=arch)))
+    if lora.kinds == ("lora",):
+        _assert_same(lora, read_lora(write_diffusers(lora, tmp_path / "d.safetensors")))
+
+
+def test_separate_qkv_loras_fuse_exactly_with_stacked_downs(flux, tmp_path):
+    gen = torch.Generator().manual_seed(11)
+    modules = {}
+    for path, rank in (("transformer_blocks.3.attn.to_q", 4), ("transformer_blocks.3.attn.to_v", 2),
+                       ("single_transformer_blocks.5.attn.to_k", 2), ("single_transformer_blocks.5.proj_mlp", 4)):
+        out = flux.get_submodule(path).weight.shape[0]
+        modules[path] = LoRAModule(down=torch.randn(rank, 16, generator=gen), up=torch.randn(out, rank, generator=gen),
+                                   alpha=rank / 2)  # fmt: skip
+    lora = LoRA({"transformer": modules}, source_format="derived", fingerprint="f" * 64)
+    path = write_kohya(lora, tmp_path / "stacked.safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    down = tensors["lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight"]
+    up = tensors["lora_unet_double_blocks_3_img_attn_qkv.lora_up.weight"]
+    assert down.shape == (6, 16) and up.shape == (48, 6), "downs stacked, up block-diagonal"
+    fused = up @ down * float(tensors["lora_unet_double_blocks_3_img_attn_qkv.alpha"]) / 6
+    q, v = modules["transformer_blocks.3.attn.to_q"], modules["transformer_blocks.3.attn.to_v"]
+    torch.testing.assert_close(fused, torch.cat([delta(q), torch.zeros(16, 16), delta(v)]), atol=1e-6, rtol=0)
+    back = read_lora(path)
+    _assert_same(lora, back)  # the part ranks recorded in the metadata split it back exactly
+
+
+def test_dit_kohya_file_reads_in_diffusers(dit_files, flux, tmp_path):
+    # diffusers' kohya converter reads our fused double-block modules with the same deltas (its
+    # top-level modules and tiny-width linear1 it cannot read: see test_dit_formats.py)
+    from safetensors.torch import load_file
+
+    tensors = {k: v for k, v in load_file(dit_files["tiny-flux/kohya"]).items() if "double_blocks" in k}
+    ours = read_lora(dit_files["tiny-flux/kohya"])
+    from diffusers import FluxPipeline
+
+    import copy
+
+    ref = copy.deepcopy(flux)
+    sd, alphas = FluxPipeline.lora_state_dict(tensors, return_alphas=True)
+    FluxPipeline.load_lora_into_transformer(sd, network_alphas=alphas, transformer=ref, adapter_name="ref")
+    ref.fuse_lora()
+    n = 0
+    for path, module in ours.components["transformer"].items():
+        if path.startswith("transformer_blocks."):
+            want = flux.get_submodule(path).weight + delta(module)
+            torch.testing.assert_close(ref.get_submodule(path).base_layer.weight, want, atol=2e-6, rtol=0, msg=path)
+            n += 1
+    assert n == 4 * 14  # 4 blocks x (to_q/k/v, to_out.0, add_q/k/v, to_add_out, ff x 2, ff_context x 2, norm1, norm1_context)
+
+
+@pytest.mark.parametrize("preset", ["tiny-flux", "tiny-sd3"])
+def test_dit_diffusers_file_loads_in_diffusers(preset, dit_files, flux, sd3, tmp_path):
+    import copy
+
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    lora = read_lora(dit_files[f"{preset}/kohya"])
+    path = write_diffusers(lora, tmp_path / "d.safetensors")
+    base = flux if preset == "tiny-flux" else sd3
+    ref = copy.deepcopy(base)
+    if preset == "tiny-flux":
+        sd, alphas, metadata = FluxPipeline.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)
+        FluxPipeline.load_lora_into_transformer(sd, network_alphas=alphas, transformer=ref, adapter_name="ref",
+                                                metadata=metadata)  # fmt: skip
+    else:
+        sd, metadata = StableDiffusion3Pipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        StableDiffusion3Pipeline.load_lora_into_transformer(sd, transformer=ref, adapter_name="ref", metadata=metadata)
+    ref.fuse_lora()
+    for module_path, module in lora.components["transformer"].items():
+        layer = ref.get_submodule(module_path)
+        want = base.get_submodule(module_path).weight + delta(module, base.get_submodule(module_path).weight.shape)
+        torch.testing.assert_close(getattr(layer, "base_layer", layer).weight, want, atol=2e-6, rtol=0, msg=module_path)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux/kohya", "tiny-flux/comfyui", "tiny-sd3/kohya"])
+def test_dit_bf16_file_round_trips_bit_for_bit(name, dit_files, tmp_path):
+    from safetensors.torch import load_file
+
+    bf16 = {k: v if k.endswith(".alpha") else v.to(torch.bfloat16) for k, v in load_file(dit_files[name]).items()}
+    writers.atomic_save(bf16, tmp_path / "bf16.safetensors", {"format": "pt"})
+    lora = read_lora(tmp_path / "bf16.safetensors")
+    assert {t.dtype for _, _, m in lora.modules() for t in m.tensors().values()} == {torch.bfloat16}
+    arch = name.split("/")[0][len("tiny-"):]
+    path = write_kohya(lora, tmp_path / "back.safetensors", arch=arch)
+    _assert_same(lora, read_lora(path))
+    written = load_file(path)
+    for key, tensor in bf16.items():
+        if key.startswith("lora_unet_"):
+            assert torch.equal(written[key], tensor) and written[key].dtype == tensor.dtype, key
