@@ -415,10 +415,11 @@ class NodeRegistry:
         return cls
 
     def get(self, class_type: str) -> type | None:
-        return self._classes.get(class_type)
+        # A workflow from a stranger may hold any JSON value where a node id belongs.
+        return self._classes.get(class_type) if isinstance(class_type, str) else None
 
     def __contains__(self, class_type: str) -> bool:
-        return class_type in self._classes
+        return isinstance(class_type, str) and class_type in self._classes
 
     def __iter__(self):
         return iter(sorted(self._classes))

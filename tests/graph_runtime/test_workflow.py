@@ -367,3 +367,15 @@ def test_a_non_finite_number_is_named_by_node_and_input(stubs, tmp_path, literal
     chunk = f" ({form.removesuffix('.png')})" if form.endswith(".png") else ""
     assert str(info.value).startswith(f"{path}{chunk}: {where}: "), str(info.value)
     assert literal in str(info.value) and info.value.kind == kind and info.value.value == literal
+
+
+@pytest.mark.parametrize("node_type", [[], {}, 7, None])
+def test_a_non_finite_number_beside_a_node_type_that_is_not_a_string_is_our_error(stubs, tmp_path, node_type):
+    # Locating the bad number asks the registry for the node's type, which a stranger's file may make any value.
+    path = tmp_path / "ui.json"
+    path.write_text(json.dumps({"nodes": [{"id": 0, "type": node_type, "mode": 0, "inputs": [],
+                                           "widgets_values": ["BAD"]}], "links": []}).replace('"BAD"', "Infinity"))
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(path, stubs.registry)
+    assert "'$.nodes[0].widgets_values[0]': Infinity is not a finite number" in str(info.value), str(info.value)
+    assert not stubs.registry.get(node_type) and node_type not in stubs.registry
