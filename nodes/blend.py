@@ -27,7 +27,10 @@ EXTRA = (2, 3, 4)
       outputs=[Output(MODEL, "model")])
 class WeightedBlend:
     """Apply LoRAs with weights, unfused: chain the node ComfyUI-style, or give it up to four LoRAs.
-    Each LoRA is checked against the base (every key and shape) before anything touches the model."""
+    Each LoRA is checked against the base (every key and shape) before anything touches the model.
+    Block weights scale the first LoRA per block; their BASE value covers everything outside the
+    numbered blocks: the text encoders, and the embedders and final layer of the UNet or
+    transformer (Flux, SD3.5: x/context/time-text embedders, norm_out and proj_out)."""
 
     def execute(self, model, lora, weight, text_encoder_weight, block_weights, lora_2=None, weight_2=1.0,
                 lora_3=None, weight_3=1.0, lora_4=None, weight_4=1.0):
