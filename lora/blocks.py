@@ -511,6 +511,10 @@ def _from_vector(text: str, arch: str, source: str, a: float | None, b: float | 
     if len(tokens) not in layouts:
         other = [x for x in ARCHES if x != arch and len(tokens) in LBW_LAYOUTS[x]]
         hint = f" {len(tokens)} values is a {other[0]} layout: is the base model {other[0]}?" if other else ""
+        short = layouts.get(len(tokens) + 1)
+        if short and short[1][0] == "BASE":
+            # one value per block and no BASE: the usual slip on a DiT (57 values for Flux's 57 blocks)
+            hint += f" {len(tokens)} is one per block without the leading BASE value: is it missing?"
         raise BlockWeightError(
             f"block weights {source}: {len(tokens)} values; {arch} accepts {_layouts_text(arch)}.{hint}",
             value=len(tokens),

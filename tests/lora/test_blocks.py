@@ -701,11 +701,13 @@ def test_flux_wrong_count_names_the_expected_counts(count):
     with pytest.raises(BlockWeightError) as err:
         parse_block_weights(",".join(["1"] * count), "flux")
     assert (err.value.value, err.value.limit) == (count, (58, 61))
+    assert ("without the leading BASE value" in message) == (count == 57), message
 
 
 def test_dit_wrong_count_and_foreign_layouts():
     message = _raises(",".join(["1"] * 38), "sd3")
     assert "38 values; sd3 accepts 39 = joint-block layout (BASE, J00-J37)" in message, message
+    assert "38 is one per block without the leading BASE value" in message, message
     assert "58 values is a flux layout: is the base model flux?" in _raises(",".join(["1"] * 58), "sd3")
     assert "17 values is a sd15 layout" in _raises(",".join(["1"] * 17), "flux")
     assert "is for sd15, not flux" in _raises("ALL", "flux") and "FLUX-DBL-ALL" in _raises("ALL", "flux")
