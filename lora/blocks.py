@@ -73,8 +73,11 @@ Notations (`parse_block_weights`):
   For a DiT, ``{"transformer": {"transformer_blocks": .., "single_transformer_blocks": ..},
   "text_encoder": ..}``: each family (keyed by its diffusers ModuleList name) takes one number for
   all its blocks, a list with one value per block (or a 1-list), or ``{"block_3": ..}``. diffusers
-  itself has no per-block dict for transformers (its `set_adapters` takes one number per adapter
-  there), so this follows the shape of its UNet dict.
+  has no per-block dict for transformers: its `set_adapters` hands a transformer's dict to a
+  substring match over module names (``"transformer_blocks.1"`` also scales blocks 10-18 and
+  ``single_transformer_blocks.1``, 10-19), and a module no key matches and whose path has fewer than
+  four parts (``single_transformer_blocks.0.proj_mlp``) makes it raise IndexError; so this follows
+  the shape of its UNet dict instead.
 - Unit dicts ``{"BASE": 0, "IN04": 0.5, "M00": 1}`` or ``{"BASE": 0, "S07": 0}`` (aliases first,
   then single units; the rest 1.0), and either dict as JSON text.
 

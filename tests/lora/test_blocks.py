@@ -768,3 +768,29 @@ def test_block_scales_on_flux_modules():
     lacking = {"transformer": ["transformer_blocks.0.attn.to_q"]}
     assert block_scales("FLUX-DBL-ALL", "flux", lacking) == {"transformer": {"transformer_blocks.0.attn.to_q": 1.0}}, \
         "a LoRA that has only some blocks takes the values of those blocks"
+
+
+def test_diffusers_transformer_dict_is_a_substring_match_and_ours_is_by_block():
+    """Why the transformer dict is ours: diffusers' set_adapters, given a dict on a transformer,
+    scales every module whose name contains a key (block 1 takes blocks 10-18 and single blocks
+    along) and raises IndexError on a short module path no key names."""
+    import diffusers
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from loraloom.bases.presets import preset_configs
+
+    def adapted(targets):
+        model = diffusers.FluxTransformer2DModel(**preset_configs("tiny-flux")["transformer"])
+        model.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=targets), adapter_name="x")
+        return model
+
+    model = adapted(["to_q"])
+    model.set_adapters(["x"], [{"transformer_blocks.1": 0.5}])
+    theirs = {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and m.scaling["x"] == 0.5}
+    assert {"transformer_blocks.10.attn.to_q", "single_transformer_blocks.1.attn.to_q"} <= theirs, sorted(theirs)
+    ours = block_scales({"transformer": {"transformer_blocks": {"block_1": 0.5}}}, "flux",
+                        {"transformer": [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]})
+    assert {p for p, v in ours["transformer"].items() if v == 0.5} == {"transformer_blocks.1.attn.to_q"}
+    with pytest.raises(IndexError):
+        adapted(["proj_mlp"]).set_adapters(["x"], [{"transformer_blocks.1": 0.5}])

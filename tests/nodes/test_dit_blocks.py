@@ -27,17 +27,23 @@ class BlockTestLoRA:
 
 
 @pytest.fixture(scope="module")
-def flux(dit_lora, tmp_path_factory):
-    """(runtime, LoRA value) for tiny-flux; the runtime knows the BlockTestLoRA node."""
+def runtime(tmp_path_factory):
+    """A runtime that knows the BlockTestLoRA node."""
+    root = tmp_path_factory.mktemp("dit-blocks")
+    return Runtime(models_dir=root / "models", output_dir=root / "out", nodes=[BlockTestLoRA])
+
+
+@pytest.fixture(scope="module")
+def flux(runtime, dit_lora):
+    """(runtime, LoRA value) for tiny-flux."""
     _, lora = dit_lora("tiny-flux")
     BlockTestLoRA.values["tiny-flux"] = lora
-    root = tmp_path_factory.mktemp("dit-blocks")
-    return Runtime(models_dir=root / "models", output_dir=root / "out", nodes=[BlockTestLoRA]), lora
+    return runtime, lora
 
 
-def _blend(blocks: str) -> dict:
-    return {"1": {"class_type": "LoadBase", "inputs": {"source": "tiny-flux", "dtype": "fp32", "device": "cpu"}},
-            "2": {"class_type": "BlockTestLoRA", "inputs": {"preset": "tiny-flux"}},
+def _blend(blocks: str, preset: str = "tiny-flux") -> dict:
+    return {"1": {"class_type": "LoadBase", "inputs": {"source": preset, "dtype": "fp32", "device": "cpu"}},
+            "2": {"class_type": "BlockTestLoRA", "inputs": {"preset": preset}},
             "4": {"class_type": "WeightedBlend", "inputs": {"model": ["1", 0], "lora": ["2", 0], "weight": WEIGHT,
                                                             "text_encoder_weight": 1.0, "block_weights": blocks}},
             # an output node, so the workflow validates; the tests run only up to the blend (outputs=["4"])
@@ -46,9 +52,9 @@ def _blend(blocks: str) -> dict:
             "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}}
 
 
-def _patched(rt, blocks: str) -> dict[str, torch.Tensor]:
+def _patched(rt, blocks: str, preset: str = "tiny-flux") -> dict[str, torch.Tensor]:
     """The transformer's weights as the pool patches them for the blend (a copy of each)."""
-    recipe = rt.run(_blend(blocks), outputs=["4"]).value("4")
+    recipe = rt.run(_blend(blocks, preset), outputs=["4"]).value("4")
     pipe = pool_from(rt.resources).pipeline(recipe)
     return {name: p.detach().clone() for name, p in pipe.transformer.named_parameters() if name.endswith("weight")}
 
@@ -99,3 +105,17 @@ def test_wrong_length_names_node_input_value_and_count(flux):
     assert (err.node_id, err.class_type, err.input) == ("4", "WeightedBlend", "block_weights"), text
     assert "input 'block_weights'" in text and "57 values" in text and "58 = Inspire Pack layout" in text, text
     assert err.value == 57 and err.limit == (58, 61), (err.value, err.limit)
+
+
+def test_sd3_tail_changes_exactly_the_second_half_of_the_joint_blocks(runtime, dit_lora):
+    _, lora = dit_lora("tiny-sd3")
+    BlockTestLoRA.values["tiny-sd3"] = lora
+    plain = _patched(runtime, "SD3-NONE", "tiny-sd3")
+    tail = _patched(runtime, "SD3-TAIL", "tiny-sd3")
+    modules = lora.components["transformer"]
+    for path, module in modules.items():
+        key = f"{path}.weight"
+        coefficient = WEIGHT if int(path.split(".")[1]) >= 19 else 0.0
+        want = plain[key] + coefficient * delta(module, plain[key].shape)
+        assert torch.allclose(tail[key], want, atol=1e-6), f"{path}: off by {(tail[key] - want).abs().max():.2e}"
+    assert any(int(p.split(".")[1]) < 19 for p in modules) and any(int(p.split(".")[1]) >= 19 for p in modules)
