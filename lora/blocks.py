@@ -498,7 +498,7 @@ def _runs(ids: Iterable[str]) -> str:
         if m and out and out[-1][0] == m[1] and out[-1][2] + 1 == int(m[2]):
             out[-1][2], out[-1][4] = int(m[2]), unit
         else:
-            out.append([m[1], int(m[2]), int(m[2]), unit, unit] if m else [None, 0, -9, unit, unit])
+            out.append([m[1], int(m[2]), int(m[2]), unit, unit] if m else [None, 0, 0, unit, unit])
     return ", ".join(
         f"{first}-{last}" if b - a >= 2 else (f"{first}, {last}" if b > a else first) for _, a, b, first, last in out
     )
