@@ -16,20 +16,25 @@ EXTRA = (2, 3, 4)
               weight_input("weight", "the LoRA's weight on the UNet or transformer (negative works)"),
               weight_input("text_encoder_weight", "the LoRA's weight on the text encoder(s)"),
               String("block_weights", "", tooltip="per-block weights: an A1111 lora-block-weight string "
-                     "(e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1 on SD1.5) or preset (e.g. OUTALL on SD1.5, SDXL-OUTALL "
-                     "on SDXL), or a diffusers dict as JSON ({\"unet\": {\"down\": 0, \"up\": 1}}); applies to "
-                     "every layer of a block, resnets included"),
+                     "(e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1 on SD1.5; on Flux base + 19 double + 38 single = 58 "
+                     "values, on SD3.5 base + 38 joint = 39) or preset (e.g. OUTALL on SD1.5, SDXL-OUTALL "
+                     "on SDXL, FLUX-DBL-ALL on Flux, SD3-FRONT on SD3.5), or a diffusers dict as JSON "
+                     "({\"unet\": {\"down\": 0, \"up\": 1}}, or on a DiT {\"transformer\": "
+                     "{\"single_transformer_blocks\": 0}}); applies to every layer of a block, resnets included"),
               *[x for i in EXTRA for x in (Link(f"lora_{i}", LORA, optional=True),
                                            weight_input(f"weight_{i}", f"weight of lora_{i} (UNet and text encoders)",
                                                    optional=True))]],
       outputs=[Output(MODEL, "model")])
 class WeightedBlend:
     """Apply LoRAs with weights, unfused: chain the node ComfyUI-style, or give it up to four LoRAs.
-    Each LoRA is checked against the base (every key and shape) before anything touches the model."""
+    Each LoRA is checked against the base (every key and shape) before anything touches the model.
+    Block weights scale the first LoRA per block; their BASE value covers everything outside the
+    numbered blocks: the text encoders, and the embedders and final layer of the UNet or
+    transformer (Flux, SD3.5: x/context/time-text embedders, norm_out and proj_out)."""
 
     def execute(self, model, lora, weight, text_encoder_weight, block_weights, lora_2=None, weight_2=1.0,
                 lora_3=None, weight_3=1.0, lora_4=None, weight_4=1.0):
-        from ..lora.blocks import block_scales
+        from ..lora.blocks import BlockWeightError, block_scales
         from ..lora.match import check_lora
         from ..bases.pool import Application
 
@@ -41,7 +46,10 @@ class WeightedBlend:
             if value is None:
                 continue
             check_lora(value, spec)
-            scales = block_scales(blocks, model.base.arch, value.components) if blocks.strip() else {}
+            try:
+                scales = block_scales(blocks, model.base.arch, value.components) if blocks.strip() else {}
+            except BlockWeightError as exc:
+                raise exc.at(input="block_weights") from None
             name = Path(value.path).stem if value.path else value.fingerprint[:12]
             apps.append(Application(value, name, w, te_w, scales))
         recipe = dataclasses.replace(model, adapters=model.adapters + tuple(apps))

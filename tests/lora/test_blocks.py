@@ -1,6 +1,7 @@
 """Per-block LoRA weights: the block of every UNet module (checked against diffusers' own SGM/LDM
-converter and the real tiny UNets), every accepted notation with written-out expectations, the
-diffusers dict form against diffusers' `set_adapters`, and the refusals.
+converter and the real tiny UNets) and of every Flux / SD3.5 transformer module (against the real
+tiny transformers), every accepted notation with written-out expectations, the diffusers dict form
+against diffusers' `set_adapters`, and the refusals.
 """
 from __future__ import annotations
 
@@ -127,6 +128,12 @@ def test_block_of_sdxl(component, path, unit):
         ("sdxl", "unet", "encoder_hid_proj", ["encoder_hid_proj"]),
         ("sd15", "text_encoder_2", "text_projection", ["text_encoder_2", "unet, text_encoder"]),
         ("sdxl", "vae", "decoder.conv_in", ["vae", "text_encoder_2"]),
+        ("flux", "transformer", "transformer_blocks.19.attn.to_q", ["transformer_blocks.19", "transformer_blocks.0-18"]),
+        ("flux", "transformer", "single_transformer_blocks.38.proj_mlp", ["single_transformer_blocks.0-37"]),
+        ("sd3", "transformer", "single_transformer_blocks.0.proj_mlp", ["single_transformer_blocks.0", "sd3"]),
+        ("flux", "unet", "conv_in", ["'unet'", "transformer, text_encoder, text_encoder_2"]),
+        ("flux", "text_encoder_3", "x", ["text_encoder_3"]),
+        ("sd15", "transformer", "transformer_blocks.0.attn.to_q", ["'transformer'", "unet, text_encoder"]),
     ],
 )
 def test_block_of_refuses_modules_the_arch_lacks(arch, component, path, words):
@@ -137,10 +144,10 @@ def test_block_of_refuses_modules_the_arch_lacks(arch, component, path, words):
 
 
 def test_unknown_arch_lists_the_valid_ones():
-    with pytest.raises(BlockWeightError, match="sd15, sdxl"):
-        block_of("unet", "conv_in", "flux")
-    with pytest.raises(BlockWeightError, match="sd15, sdxl"):
-        parse_block_weights("ALL", "sd3")
+    with pytest.raises(BlockWeightError, match="sd15, sdxl, flux, sd3"):
+        block_of("unet", "conv_in", "sd2")
+    with pytest.raises(BlockWeightError, match="sd15, sdxl, flux, sd3"):
+        parse_block_weights("ALL", "sd21")
 
 
 # Every SGM/LDM block-level name of the original UNets, written from the LDM layout: input block
@@ -404,7 +411,8 @@ def test_unknown_and_foreign_presets():
     message = _raises("ALL", "sdxl")
     assert "'ALL'" in message and "is for sd15, not sdxl" in message and "SDXL-ALL" in message, message
     assert "is for sdxl" in _raises("SDXL-NONE", "sd15")
-    assert "unknown" in _raises("FLUX-DBL-FRONT")
+    assert "is for flux, not sd15" in _raises("FLUX-DBL-FRONT")
+    assert "unknown" in _raises("FLUX-DBL-EVERYTHING", "flux")
 
 
 def test_inspire_percent_spec_is_refused():
@@ -568,3 +576,221 @@ def test_block_weights_rejects_a_wrong_length():
         BlockWeights("sd15", (1.0, 1.0, 1.0))
     with pytest.raises(BlockWeightError, match="IN00: inf is not finite"):
         BlockWeights("sd15", (1.0, 1.0, float("inf")) + (1.0,) * 27)
+
+
+# --------------------------------------------------------------------------- DiTs (Flux, SD3.5)
+
+FLUX_ALL = ["TE1", "TE2", "EMB", *[f"D{i:02d}" for i in range(19)], *[f"S{i:02d}" for i in range(38)], "FINAL"]
+SD3_ALL = ["TE1", "TE2", "TE3", "EMB", *[f"J{i:02d}" for i in range(38)], "FINAL"]
+
+DIT_MODULES = [
+    ("flux", "transformer", "x_embedder", "EMB"),
+    ("flux", "transformer", "context_embedder", "EMB"),
+    ("flux", "transformer", "time_text_embed.guidance_embedder.linear_1", "EMB"),
+    ("flux", "transformer", "time_text_embed.text_embedder.linear_2", "EMB"),
+    ("flux", "transformer", "transformer_blocks.0.attn.to_q", "D00"),
+    ("flux", "transformer", "transformer_blocks.18.ff_context.net.2", "D18"),
+    ("flux", "transformer", "transformer_blocks.7.norm1_context.linear", "D07"),
+    ("flux", "transformer", "single_transformer_blocks.0.proj_mlp", "S00"),
+    ("flux", "transformer", "single_transformer_blocks.37.proj_out", "S37"),
+    ("flux", "transformer", "single_transformer_blocks.12.attn.to_k", "S12"),
+    ("flux", "transformer", "norm_out.linear", "FINAL"),
+    ("flux", "transformer", "proj_out", "FINAL"),
+    ("flux", "text_encoder", "text_model.encoder.layers.0.self_attn.q_proj", "TE1"),
+    ("flux", "text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q", "TE2"),
+    ("sd3", "transformer", "pos_embed.proj", "EMB"),
+    ("sd3", "transformer", "time_text_embed.timestep_embedder.linear_1", "EMB"),
+    ("sd3", "transformer", "transformer_blocks.0.attn.add_q_proj", "J00"),
+    ("sd3", "transformer", "transformer_blocks.37.ff.net.2", "J37"),
+    ("sd3", "transformer", "norm_out.linear", "FINAL"),
+    ("sd3", "text_encoder_3", "encoder.block.1.layer.1.DenseReluDense.wo", "TE3"),
+]
+
+
+@pytest.mark.parametrize("arch, component, path, unit", DIT_MODULES)
+def test_block_of_dit(arch, component, path, unit):
+    assert block_of(component, path, arch) == unit, f"{arch} {component}.{path} should lie in {unit}"
+
+
+@pytest.mark.parametrize("preset, arch", [("tiny-flux", "flux"), ("tiny-sd3", "sd3")])
+def test_every_transformer_layer_has_a_block(preset, arch):
+    """The real transformer classes at the presets' (real) block counts: every weight layer lies in a
+    unit, every unit of the denoiser has layers, every table prefix is a module."""
+    import diffusers
+    import torch
+
+    from loraloom.bases.presets import preset_configs
+    from loraloom.lora.arches import ARCHES as LAYOUTS
+
+    model = getattr(diffusers, LAYOUTS[arch].denoiser_class)(**preset_configs(preset)["transformer"])
+    names = {name for name, _ in model.named_modules()}
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    units = {block_of("transformer", n, arch) for n in layers}
+    denoiser_units = {u for u in block_units(arch) if not u.startswith("TE")}
+    assert units == denoiser_units, f"{arch}: units without layers {denoiser_units - units}, unknown {units - denoiser_units}"
+    # Flux's pos_embed has no weights; SD3 has no x_embedder (its pos_embed is the patch embedding)
+    absent = {"flux": {"pos_embed"}, "sd3": {"x_embedder"}}[arch]
+    missing = [p for p in block_table(arch) if p not in names and p not in absent]
+    assert not missing, f"{arch}: table prefixes that are no module of the real layout: {missing}"
+
+
+def test_flux_inspire_vector_written_out():
+    """58 values: BASE, D00-D18, S00-S37; BASE also sets both text encoders, EMB and FINAL."""
+    values = [0.5] + [round(0.1 * i, 1) for i in range(19)] + [-0.25 * i for i in range(38)]
+    got = parse_block_weights(",".join(f"{v:g}" for v in values), "flux").weights
+    expected = {"TE1": 0.5, "TE2": 0.5, "EMB": 0.5, "FINAL": 0.5}
+    expected.update({f"D{i:02d}": round(0.1 * i, 1) for i in range(19)})
+    expected.update({f"S{i:02d}": -0.25 * i for i in range(38)})
+    assert got == pytest.approx(expected) and list(got) == FLUX_ALL, got
+
+
+def test_flux_a1111_vector_written_out():
+    """61 values, A1111's BLOCKIDFLUX order: CLIP, T5, IN, D00-D18, S00-S37, OUT."""
+    values = [0.1, 0.2, 0.3] + [1.0] * 19 + [0.0] * 38 + [0.4]
+    got = parse_block_weights(",".join(map(str, values)), "flux").weights
+    assert (got["TE1"], got["TE2"], got["EMB"], got["FINAL"]) == (0.1, 0.2, 0.3, 0.4), got
+    assert {got[f"D{i:02d}"] for i in range(19)} == {1.0} and {got[f"S{i:02d}"] for i in range(38)} == {0.0}
+
+
+def test_sd3_vector_written_out():
+    values = [2.0] + [float(i) / 10 for i in range(38)]
+    got = parse_block_weights(",".join(map(str, values)), "sd3").weights
+    expected = {"TE1": 2.0, "TE2": 2.0, "TE3": 2.0, "EMB": 2.0, "FINAL": 2.0}
+    expected.update({f"J{i:02d}": i / 10 for i in range(38)})
+    assert got == pytest.approx(expected) and list(got) == SD3_ALL, got
+
+
+def test_dit_preset_values_written_out():
+    base = {"TE1", "TE2", "EMB", "FINAL"}
+    doubles = {f"D{i:02d}" for i in range(19)}
+    singles = {f"S{i:02d}" for i in range(38)}
+    on = {
+        "FLUX-ALL": base | doubles | singles,
+        "FLUXALL": base | doubles | singles,
+        "FLUX-NONE": set(),
+        "FLUX-DBL-ALL": base | doubles,
+        "FLUX-SGL-ALL": base | singles,
+        # Inspire Pack's 18-value lines as its loader spreads them over a LoRA with all 57 blocks
+        "FLUX-DBL-FRONT": base | {f"D{i:02d}" for i in range(5)},
+        "FLUX-DBL-MID": {f"D{i:02d}" for i in range(5, 11)},
+        "FLUX-DBL-TAIL": {f"D{i:02d}" for i in range(11, 19)} | singles,
+    }
+    for name, units in on.items():
+        got = parse_block_weights(name, "flux").weights
+        assert got == {u: 1.0 if u in units else 0.0 for u in FLUX_ALL}, f"{name}: {got}"
+    assert parse_block_weights("FLUX-ALL", "flux").is_identity and parse_block_weights("FLUXALL", "flux").is_identity
+    sd3_base = {"TE1", "TE2", "TE3", "EMB", "FINAL"}
+    for name, units in {
+        "SD3-ALL": sd3_base | {f"J{i:02d}" for i in range(38)},
+        "SD3-NONE": set(),
+        "SD3-FRONT": sd3_base | {f"J{i:02d}" for i in range(19)},
+        "SD3-TAIL": sd3_base | {f"J{i:02d}" for i in range(19, 38)},
+    }.items():
+        got = parse_block_weights(name, "sd3").weights
+        assert got == {u: 1.0 if u in units else 0.0 for u in SD3_ALL}, f"{name}: {got}"
+    assert parse_block_weights("flux-dbl-all", "flux") == parse_block_weights("FLUX-DBL-ALL", "flux")
+    assert parse_block_weights("FLUX-DBL-ALL", "flux").describe() == "TE1-TE2=1, EMB=1, D00-D18=1, S00-S37=0, FINAL=1"
+
+
+@pytest.mark.parametrize("count", [1, 19, 38, 57, 59, 60, 62])
+def test_flux_wrong_count_names_the_expected_counts(count):
+    message = _raises(",".join(["1"] * count), "flux")
+    for word in [f"{count} values", "flux accepts 58 = Inspire Pack layout (BASE, D00-D18, S00-S37)",
+                 "61 = A1111 Flux layout", "CLIP, T5, IN and OUT"]:
+        assert word in message, f"missing {word!r}: {message}"
+    with pytest.raises(BlockWeightError) as err:
+        parse_block_weights(",".join(["1"] * count), "flux")
+    assert (err.value.value, err.value.limit) == (count, (58, 61))
+    assert ("without the leading BASE value" in message) == (count == 57), message
+
+
+def test_dit_wrong_count_and_foreign_layouts():
+    message = _raises(",".join(["1"] * 38), "sd3")
+    assert "38 values; sd3 accepts 39 = joint-block layout (BASE, J00-J37)" in message, message
+    assert "38 is one per block without the leading BASE value" in message, message
+    assert "58 values is a flux layout: is the base model flux?" in _raises(",".join(["1"] * 58), "sd3")
+    assert "17 values is a sd15 layout" in _raises(",".join(["1"] * 17), "flux")
+    assert "is for sd15, not flux" in _raises("ALL", "flux") and "FLUX-DBL-ALL" in _raises("ALL", "flux")
+    assert "is for flux, not sd3" in _raises("FLUX-ALL", "sd3")
+    assert "for flux used on sd3" in _raises(parse_block_weights("FLUX-ALL", "flux"), "sd3")
+
+
+def test_transformer_dict_written_out():
+    spec = {"transformer": {"transformer_blocks": {"block_3": 0.5, "block_18": 2},
+                            "single_transformer_blocks": 0}, "text_encoder_2": 0.25}
+    got = parse_block_weights(spec, "flux").weights
+    expected = dict.fromkeys(FLUX_ALL, 1.0)
+    expected.update({"D03": 0.5, "D18": 2.0, "TE2": 0.25})
+    expected.update({f"S{i:02d}": 0.0 for i in range(38)})
+    assert got == expected, got
+    assert parse_block_weights(json.dumps(spec), "flux") == parse_block_weights(spec, "flux")
+
+    per_block = [i / 100 for i in range(38)]
+    got = parse_block_weights({"transformer": {"transformer_blocks": per_block}, "text_encoder_3": 0}, "sd3").weights
+    assert [got[f"J{i:02d}"] for i in range(38)] == per_block and got["TE3"] == 0.0 and got["EMB"] == 1.0, got
+    got = parse_block_weights({"transformer": 0.3}, "sd3").weights
+    assert got == {u: 1.0 if u.startswith("TE") else 0.3 for u in SD3_ALL}, "a number sets EMB, blocks and FINAL"
+    got = parse_block_weights({"BASE": 0, "S07": 0.5, "TE1": 1}, "flux").weights
+    assert (got["TE1"], got["TE2"], got["EMB"], got["FINAL"], got["S07"], got["S08"]) == (1, 0, 0, 0, 0.5, 1), got
+
+
+@pytest.mark.parametrize(
+    "spec, arch, words",
+    [
+        ({"transformer": {"double": 0}}, "flux", ["unknown key(s) ['double']", "transformer_blocks, single_transformer_blocks"]),
+        ({"transformer": {"transformer_blocks": {"block_19": 0}}}, "flux", ["block_19", "block_0, block_1", "block_18"]),
+        ({"transformer": {"transformer_blocks": [1, 0]}}, "flux", ["transformer.transformer_blocks", "2 scales",
+                                                                   "expected 19 (one per block)"]),
+        ({"transformer": {"single_transformer_blocks": [1]}}, "sd3", ["single_transformer_blocks", "transformer_blocks"]),
+        ({"unet": 1}, "flux", ["unknown key(s) ['unet']", "transformer, text_encoder"]),
+        ({"D19": 0}, "flux", ["D19", "D00-D18, S00-S37"]),
+        ({"M00": 0}, "flux", ["M00"]),
+        ({"transformer": {"transformer_blocks": {"block_0": "x"}}}, "sd3", ["transformer.transformer_blocks.block_0",
+                                                                            "not a number"]),
+    ],
+)
+def test_bad_transformer_dicts_are_refused(spec, arch, words):
+    message = _raises(spec, arch)
+    for word in words:
+        assert word in message, f"{spec}: missing {word!r} in {message}"
+
+
+def test_block_scales_on_flux_modules():
+    modules = {"transformer": ["transformer_blocks.2.attn.to_q", "single_transformer_blocks.5.proj_mlp", "proj_out",
+                               "context_embedder"],
+               "text_encoder": ["text_model.encoder.layers.0.mlp.fc1"]}
+    values = ["0.5"] + ["1"] * 19 + ["0"] * 38
+    values[1 + 2] = "2"  # D02
+    got = block_scales(",".join(values), "flux", modules)
+    assert got == {"transformer": {"transformer_blocks.2.attn.to_q": 2.0, "single_transformer_blocks.5.proj_mlp": 0.0,
+                                   "proj_out": 0.5, "context_embedder": 0.5},
+                   "text_encoder": {"text_model.encoder.layers.0.mlp.fc1": 0.5}}, got
+    lacking = {"transformer": ["transformer_blocks.0.attn.to_q"]}
+    assert block_scales("FLUX-DBL-ALL", "flux", lacking) == {"transformer": {"transformer_blocks.0.attn.to_q": 1.0}}, \
+        "a LoRA that has only some blocks takes the values of those blocks"
+
+
+def test_diffusers_transformer_dict_is_a_substring_match_and_ours_is_by_block():
+    """Why the transformer dict is ours: diffusers' set_adapters, given a dict on a transformer,
+    scales every module whose name contains a key (block 1 takes blocks 10-18 and single blocks
+    along) and raises IndexError on a short module path no key names."""
+    import diffusers
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from loraloom.bases.presets import preset_configs
+
+    def adapted(targets):
+        model = diffusers.FluxTransformer2DModel(**preset_configs("tiny-flux")["transformer"])
+        model.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=targets), adapter_name="x")
+        return model
+
+    model = adapted(["to_q"])
+    model.set_adapters(["x"], [{"transformer_blocks.1": 0.5}])
+    theirs = {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and m.scaling["x"] == 0.5}
+    assert {"transformer_blocks.10.attn.to_q", "single_transformer_blocks.1.attn.to_q"} <= theirs, sorted(theirs)
+    ours = block_scales({"transformer": {"transformer_blocks": {"block_1": 0.5}}}, "flux",
+                        {"transformer": [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]})
+    assert {p for p, v in ours["transformer"].items() if v == 0.5} == {"transformer_blocks.1.attn.to_q"}
+    with pytest.raises(IndexError):
+        adapted(["proj_mlp"]).set_adapters(["x"], [{"transformer_blocks.1": 0.5}])

@@ -144,8 +144,10 @@ def test_every_block_weight_example_in_the_tooltip_is_accepted_where_it_says():
     from loraloom.nodes.blend import WeightedBlend
 
     tooltip = next(i.tooltip for i in WeightedBlend.SCHEMA.widgets if i.name == "block_weights")
-    examples = re.findall(r"(\{.*\}|[\d,]{20,}|[\w-]*ALL) on (SD1\.5|SDXL)", tooltip) + \
-        [(dict_, "SDXL") for dict_ in re.findall(r"\(([{].*[}])\)", tooltip)]
-    assert len(examples) >= 4, f"the examples were not found in {tooltip!r}"
+    examples = re.findall(r"([\d,]{20,}|[\w-]*(?:ALL|FRONT)) on (SD1\.5|SDXL|Flux|SD3\.5)", tooltip) + \
+        [(dict_, "SDXL") for dict_ in re.findall(r"\((\{.*?\}\})", tooltip)] + \
+        [(dict_, "Flux") for dict_ in re.findall(r"on a DiT (\{.*?\}\})", tooltip)]
+    assert len(examples) >= 7, f"the examples were not found in {tooltip!r}: {examples}"
+    arches = {"SD1.5": "sd15", "SDXL": "sdxl", "Flux": "flux", "SD3.5": "sd3"}
     for text, arch in examples:
-        parse_block_weights(text, {"SD1.5": "sd15", "SDXL": "sdxl"}[arch])  # raises BlockWeightError if refused
+        parse_block_weights(text, arches[arch])  # raises BlockWeightError if refused
