@@ -122,7 +122,7 @@ def tiny_sample():
 def lora_files(tmp_path_factory):
     """{"<preset>/<format>": path} of every fixture LoRA; read-only. (tests/nodes has its own
     `lora_files`, the same files as a (root, relative names) pair for a Runtime's folders.)"""
-    return write_fixtures(tmp_path_factory.mktemp("lora-fixtures"))
+    return write_fixtures(tmp_path_factory.mktemp("lora-fixtures"), presets=presets.preset_names("unet"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -291,15 +291,21 @@ def text_encoders():
 
 
 @pytest.fixture(scope="session")
-def dit_files(tmp_path_factory, flux, sd3, text_encoders):
-    """{"tiny-flux/<format>" | "tiny-sd3/<format>": path} of the DiT fixture LoRAs (the tiny models
-    above stand in for the presets); read-only."""
+def dit_pipelines():
+    """{"tiny-flux" | "tiny-sd3": pipeline} of the DiT presets, built once; read-only (deepcopy a
+    component to load adapters into it)."""
+    return {name: presets.build_pipeline(name, dtype="fp32", device="cpu") for name in presets.preset_names("transformer")}
+
+
+@pytest.fixture(scope="session")
+def dit_files(tmp_path_factory, dit_pipelines):
+    """{"tiny-flux/<format>" | "tiny-sd3/<format>": path} of the DiT fixture LoRAs, on the presets'
+    own modules (what `loraloom fixtures` writes for them); read-only."""
     from loraloom.fixtures import write_dit_fixtures
 
-    clip, t5 = text_encoders
     out = tmp_path_factory.mktemp("dit-fixtures")
-    files = write_dit_fixtures(out, base_spec({"transformer": flux, "text_encoder": clip, "text_encoder_2": t5}),
-                               "flux", "tiny-flux")  # fmt: skip
-    files.update(write_dit_fixtures(out, base_spec({"transformer": sd3, "text_encoder": clip, "text_encoder_3": t5}),
-                                    "sd3", "tiny-sd3"))  # fmt: skip
+    files = {}
+    for name, pipe in dit_pipelines.items():
+        spec = base_spec(pipe)
+        files.update(write_dit_fixtures(out, spec, spec.arch, name))
     return files
