@@ -291,7 +291,8 @@ def check_lora(lora: LoRA, base: Any, *, min_fraction: float = 1.0) -> MatchRepo
             f"{arch_label(report.base_arch)}: " + "; ".join(report.hints) + "."
         )
     fix = (
-        f"load it on an {arch_label(report.lora_arch)} base."
+        # "an SDXL" / "an SD3.5" (said "ess-dee"), "a Flux"
+        f"load it on {'an' if arch_label(report.lora_arch).startswith('SD') else 'a'} {arch_label(report.lora_arch)} base."
         if made_for
         else "check that the LoRA was trained for this base model."
     )
