@@ -125,6 +125,25 @@ def lora_files(tmp_path_factory):
     return write_fixtures(tmp_path_factory.mktemp("lora-fixtures"), presets=presets.preset_names("unet"))
 
 
+@pytest.fixture
+def peft_dare_state(monkeypatch):
+    """A list that receives torch's global RNG state at peft's first DARE draw (merge_utils'
+    random_pruning) in this test: restored before a merge with seed=None, our DARE draws peft's masks.
+    Clear it before each add_weighted_adapter whose draws you want."""
+    import peft.utils.merge_utils as peft_merge_utils
+
+    captured: list[torch.Tensor] = []
+    original = peft_merge_utils.random_pruning
+
+    def spy(tensor, density, rescale):
+        if not captured:
+            captured.append(torch.get_rng_state())
+        return original(tensor, density, rescale)
+
+    monkeypatch.setattr(peft_merge_utils, "random_pruning", spy)
+    return captured
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_diffusers():
     from diffusers.utils import logging as diffusers_logging
