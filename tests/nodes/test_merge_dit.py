@@ -1,7 +1,7 @@
-"""PeftMerge on Flux (tiny-flux): transformer LoRAs merged through the nodes equal peft's own
-add_weighted_adapter on the preset's FluxTransformer2DModel, for LoRAs of equal ranks on different
-target sets and of different ranks on different target sets; DARE equals peft given peft's RNG state;
-SaveLoRA writes the merge in diffusers and kohya layouts that read back equal."""
+"""PeftMerge on Flux and SD3.5 (tiny-flux, tiny-sd3): transformer LoRAs merged through the nodes equal
+peft's own add_weighted_adapter on the preset's transformer, for LoRAs of equal ranks on different
+target sets and of different ranks on different target sets; DARE on Flux equals peft given peft's RNG
+state; SaveLoRA writes a Flux merge in diffusers and kohya layouts that read back equal."""
 
 import copy
 import math
@@ -15,36 +15,48 @@ from loraloom.lora.canonical import LoRA, LoRAModule
 from loraloom.lora.readers import read_lora
 from loraloom.lora.writers import write_diffusers
 
-PRESET, DENSITY, WEIGHTS = "tiny-flux", 0.5, (1.0, -0.6)
+DENSITY, WEIGHTS = 0.5, (1.0, -0.6)
+# the pair of LoRAs of different ranks on different targets, per preset (file names in `pairs`)
+UNEQUAL = {"tiny-flux": ("diffusers.safetensors", "xlabs.safetensors"),
+           "tiny-sd3": ("diffusers.safetensors", "second.safetensors")}  # fmt: skip
+EQUAL = ("first.safetensors", "second.safetensors")
 
 
 @pytest.fixture(scope="module")
 def pairs(dit_lora, dit_files, dit_pipelines, tmp_path_factory):
-    """{"equal": (folder, names), "unequal": (folder, names)}: two LoRA files each.
+    """pairs(preset) -> a folder holding, for that preset: ``first``: diffusers' own rank-4 file
+    (alpha 8); ``second``: a rank-4 LoRA (alpha 2) without the first's feed-forward and single-block
+    MLP modules, plus two modules the first lacks; ``diffusers``: the diffusers-layout fixture (ranks 4
+    and 8); ``xlabs`` (Flux): the XLabs fixture (attention only). EQUAL and UNEQUAL name the pairs."""
+    made = {}
 
-    equal: diffusers' own rank-4 file (alpha 8) and a rank-4 LoRA (alpha 2) without its feed-forward
-    and single-block MLP modules, plus two modules the first lacks; unequal: the diffusers-layout
-    fixture (ranks 4 and 8, 90 transformer modules) and the XLabs one (48, attention only)."""
-    path, first = dit_lora(PRESET)
-    folder = tmp_path_factory.mktemp("flux-merge")
-    gen = torch.Generator().manual_seed(21)
-    modules = {}
-    for p, m in first.components["transformer"].items():
-        if ".ff." in p or "proj_mlp" in p:
-            continue
-        modules[p] = LoRAModule(down=torch.randn(m.down.shape, generator=gen) / math.sqrt(m.down.shape[1]),
-                                up=torch.randn(m.up.shape, generator=gen) * 0.3, alpha=2.0)
-    transformer = dit_pipelines[PRESET].transformer
-    for p in ("x_embedder", "transformer_blocks.0.norm1.linear"):
-        rows, cols = transformer.get_submodule(p).weight.shape
-        modules[p] = LoRAModule(down=torch.randn(4, cols, generator=gen) / math.sqrt(cols),
-                                up=torch.randn(rows, 4, generator=gen) * 0.3, alpha=2.0)
-    second = LoRA({"transformer": modules}, source_format="derived", fingerprint="b" * 64)
-    (folder / path.name).write_bytes(path.read_bytes())
-    write_diffusers(second, folder / "second.safetensors")
-    unequal = dit_files[f"{PRESET}/diffusers"].parent
-    return {"equal": (folder, (path.name, "second.safetensors")),
-            "unequal": (unequal, (f"{PRESET}-diffusers.safetensors", f"{PRESET}-xlabs.safetensors"))}
+    def get(preset):
+        if preset in made:
+            return made[preset]
+        path, first = dit_lora(preset)
+        folder = tmp_path_factory.mktemp(f"{preset}-merge")
+        gen = torch.Generator().manual_seed(21)
+        modules = {}
+        for p, m in first.components["transformer"].items():
+            if ".ff." in p or "proj_mlp" in p:
+                continue
+            modules[p] = LoRAModule(down=torch.randn(m.down.shape, generator=gen) / math.sqrt(m.down.shape[1]),
+                                    up=torch.randn(m.up.shape, generator=gen) * 0.3, alpha=2.0)
+        transformer = dit_pipelines[preset].transformer
+        for p in ("context_embedder", "transformer_blocks.0.norm1.linear"):
+            rows, cols = transformer.get_submodule(p).weight.shape
+            modules[p] = LoRAModule(down=torch.randn(4, cols, generator=gen) / math.sqrt(cols),
+                                    up=torch.randn(rows, 4, generator=gen) * 0.3, alpha=2.0)
+        write_diffusers(LoRA({"transformer": modules}, source_format="derived", fingerprint="b" * 64),
+                        folder / "second.safetensors")
+        (folder / "first.safetensors").write_bytes(path.read_bytes())
+        for fmt in ("diffusers", "xlabs"):
+            if f"{preset}/{fmt}" in dit_files:
+                (folder / f"{fmt}.safetensors").write_bytes(dit_files[f"{preset}/{fmt}"].read_bytes())
+        made[preset] = folder
+        return folder
+
+    return get
 
 
 def _merge_wf(names, method):
@@ -57,12 +69,12 @@ def _merge_wf(names, method):
                                                        "format": "diffusers", "dtype": "fp32"}}}
 
 
-def _peft_model(loras, dit_pipelines):
+def _peft_model(preset, loras, dit_pipelines):
     """The preset's transformer as a PeftModel with each LoRA's transformer modules as an adapter
     (its own ranks and alphas per module)."""
     from peft import LoraConfig, get_peft_model
 
-    transformer = copy.deepcopy(dit_pipelines[PRESET].transformer)
+    transformer = copy.deepcopy(dit_pipelines[preset].transformer)
     model = None
     for name, lora in zip(("one", "two"), loras):  # not "a"/"b": substrings of peft's "lora_" prefix
         mods = lora.components["transformer"]
@@ -88,7 +100,7 @@ def _peft_deltas(model, method, paths):
     out = {}
     for path in paths:
         layer = model.base_model.model.get_submodule(path)
-        out[path] = (layer.lora_B["m"].weight @ layer.lora_A["m"].weight) * layer.scaling["m"]
+        out[path] = (layer.lora_B["m"].weight.flatten(1) @ layer.lora_A["m"].weight.flatten(1)) * layer.scaling["m"]
     return out
 
 
@@ -97,34 +109,36 @@ def _worst(merged, theirs):
     worst = 0.0
     for path, expected in theirs.items():
         m = merged.components["transformer"][path]
-        ours = m.up @ m.down * (m.alpha / m.rank)
+        ours = m.up.flatten(1) @ m.down.flatten(1) * (m.alpha / m.rank)
         worst = max(worst, ((ours - expected).norm() / expected.norm().clamp_min(1e-12)).item())
     return worst
 
 
-@pytest.mark.parametrize("pair,method", [("equal", "linear"), ("equal", "cat"), ("equal", "svd"), ("equal", "ties"),
-                                         ("equal", "ties_svd"), ("unequal", "cat"), ("unequal", "svd"),
-                                         ("unequal", "ties_svd")])
-def test_flux_merge_matches_peft_add_weighted_adapter(pair, method, pairs, dit_pipelines, tmp_path):
-    folder, names = pairs[pair]
-    rt = Runtime(lora_dirs=[folder], models_dir=tmp_path / "models", output_dir=tmp_path / "out")
+CASES = [("tiny-flux", "equal", m) for m in ("linear", "cat", "svd", "ties", "ties_svd")] + \
+        [("tiny-flux", "unequal", m) for m in ("cat", "svd", "ties_svd")] + \
+        [("tiny-sd3", "equal", m) for m in ("linear", "svd", "ties_svd")] + [("tiny-sd3", "unequal", m) for m in ("cat", "svd")]
+
+
+@pytest.mark.parametrize("preset,pair,method", CASES)
+def test_dit_merge_matches_peft_add_weighted_adapter(preset, pair, method, pairs, dit_pipelines, tmp_path):
+    names = EQUAL if pair == "equal" else UNEQUAL[preset]
+    rt = Runtime(lora_dirs=[pairs(preset)], models_dir=tmp_path / "models", output_dir=tmp_path / "out")
     result = rt.run(_merge_wf(names, method))
     a, b = result.value("1"), result.value("2")
     ta, tb = set(a.components["transformer"]), set(b.components["transformer"])
     assert ta != tb and ta & tb, "the two LoRAs target different, overlapping module sets"
     ranks = {m.rank for lora in (a, b) for m in lora.components["transformer"].values()}
     assert (len(ranks) > 1) == (pair == "unequal"), ranks
-    theirs = _peft_deltas(_peft_model((a, b), dit_pipelines), method, sorted(ta | tb))
+    theirs = _peft_deltas(_peft_model(preset, (a, b), dit_pipelines), method, sorted(ta | tb))
     worst = _worst(result.value("3"), theirs)
-    assert worst < 1e-3, f"{pair} {method}: worst relative difference from peft per module {worst:.2e}"
+    assert worst < 1e-3, f"{preset} {pair} {method}: worst relative difference from peft per module {worst:.2e}"
 
 
 def test_flux_dare_linear_matches_peft_given_its_rng_state(pairs, dit_pipelines, peft_dare_state):
     from loraloom.lora.merge import Factors, MergeOptions, merge_loras
 
-    folder, names = pairs["equal"]
-    a, b = (read_lora(folder / n) for n in names)
-    model = _peft_model((a, b), dit_pipelines)
+    a, b = (read_lora(pairs("tiny-flux") / n) for n in EQUAL)
+    model = _peft_model("tiny-flux", (a, b), dit_pipelines)
     torch.manual_seed(99)
     paths = [n for n, _ in model.base_model.model.named_modules()
              if n in a.components["transformer"] or n in b.components["transformer"]]  # peft's draw order
@@ -146,9 +160,8 @@ def test_flux_dare_linear_matches_peft_given_its_rng_state(pairs, dit_pipelines,
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_saved_flux_merge_reads_back_equal(fmt, pairs, tmp_path):
-    folder, names = pairs["unequal"]
-    rt = Runtime(lora_dirs=[folder], models_dir=tmp_path / "models", output_dir=tmp_path / "out")
-    wf = _merge_wf(names, "svd")
+    rt = Runtime(lora_dirs=[pairs("tiny-flux")], models_dir=tmp_path / "models", output_dir=tmp_path / "out")
+    wf = _merge_wf(UNEQUAL["tiny-flux"], "svd")
     wf["4"]["inputs"]["format"] = fmt
     result = rt.run(wf)
     merged = result.value("3")
