@@ -3,7 +3,7 @@
 This module sits above `lora` and `bases`: it builds the preset pipelines (`bases.presets`) to learn
 their layer shapes and to have diffusers write its own format, and makes LoRA values (`lora`) to fit.
 
-`write_fixtures(out_dir)` writes, for each preset (``tiny-sd15``, ``tiny-sdxl``), one file per
+`write_fixtures(out_dir)` writes, for each UNet preset (``tiny-sd15``, ``tiny-sdxl``), one file per
 format (keys ``"<preset>/<format>"`` of the returned dict):
 
 - ``diffusers``: written by diffusers' own ``save_lora_weights`` with ``lora_adapter_metadata`` as
@@ -18,7 +18,8 @@ format (keys ``"<preset>/<format>"`` of the returned dict):
 
 `write_dit_fixtures(out_dir, spec, arch, name)` does the same for a Flux or SD3 base (any
 transformer module set, given as a `BaseSpec`): diffusers, kohya, ComfyUI, XLabs, LoHa and LoKr
-files (see `DIT_FORMATS`).
+files (see `DIT_FORMATS`); `write_fixtures` calls it for ``tiny-flux`` and ``tiny-sd3`` with the
+preset's own modules.
 
 Modules cover attention (to_q/k/v/out, on SDXL also transformer_blocks.1), feed-forward, proj_in/out,
 resnet convs, time_emb_proj and both text encoders; ranks 4 and 8; alphas differ from ranks and
@@ -42,7 +43,9 @@ from .lora.canonical import LoHaModule, LoKrModule, LoRA, LoRAModule, Module, de
 from .lora.match import BaseSpec, base_spec
 from .lora.writers import adapter_config, atomic_save, to_kohya_state_dict, write_kohya
 
-PRESETS = ("tiny-sd15", "tiny-sdxl")
+UNET_PRESETS = ("tiny-sd15", "tiny-sdxl")
+DIT_PRESETS = ("tiny-flux", "tiny-sd3")
+PRESETS = UNET_PRESETS + DIT_PRESETS
 FORMATS = ("diffusers", "diffusers-nometa", "peft", "kohya", "kohya-sgm", "kohya-noalpha", "locon", "loha", "lokr")
 RANKS = (4, 8)
 ALPHAS = (2.0, 3.0, 6.0)  # never equal to a rank: scale != 1 everywhere
@@ -211,6 +214,9 @@ def write_fixtures(out_dir: str | Path, presets: Sequence[str] = PRESETS, seed: 
     for p_index, preset in enumerate(presets):
         pipe = build_pipeline(preset, dtype="fp32", device="cpu")
         spec = base_spec(pipe)
+        if spec.arch in DIT_FORMATS:  # Flux / SD3.5: the transformer layouts, on the preset's own modules
+            written.update(write_dit_fixtures(out_dir, spec, spec.arch, preset, seed))
+            continue
         base_seed = seed * 1000 + p_index * 100
         attn = _select(spec, [_ATTN, _PROJ], te=True)
         attn_conv = _select(spec, [_ATTN, _CONV, _PROJ], te=False)

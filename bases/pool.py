@@ -29,7 +29,6 @@ what ``set_adapters`` + ``fuse_lora`` mean (tests compare against them).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import operator
 import os
@@ -348,8 +347,7 @@ class ModelPool:
                 raise BaseModelError(
                     f"base {base.source}: its files changed since it was identified", file=base.source,
                     value=loaded.fingerprint, limit=base.fingerprint, fix="run again, so LoadBase reads it anew")
-            # the architecture is the loader's (checked against the files), not base_spec's guess from names
-            spec = dataclasses.replace(base_spec(loaded.pipeline), arch=loaded.arch)
+            spec = base_spec(loaded.pipeline)  # its arch: the pipeline class's, as the loader checked it
             live = self._live[base.key] = _Live(loaded, spec, _working_copies(loaded.pipeline))
             self.stats["loads"] += 1
         self._live.move_to_end(base.key)

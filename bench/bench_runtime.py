@@ -100,7 +100,7 @@ def blend_chain_run(n: int) -> tuple[float, int]:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        lora = write_fixtures(root / "loras")["tiny-sd15/diffusers"].relative_to(root / "loras").as_posix()
+        lora = write_fixtures(root / "loras", presets=("tiny-sd15",))["tiny-sd15/diffusers"].relative_to(root / "loras").as_posix()
         wf = {"1": {"class_type": "LoadBase", "inputs": {"source": "tiny-sd15", "dtype": "fp32", "device": "cpu"}},
               "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}}}
         prev = "1"

@@ -101,17 +101,9 @@ def base_spec(base: Any) -> BaseSpec:
             components[component], has_text_model[component] = _module_specs(part, component)
             if component == "unet" and getattr(part, "config", None) is not None:
                 layout = UNetLayout.from_config(part.config)
-    unet = components.get("unet", {})
-    arch = None
-    if "transformer" in components:
-        arch = _dit_arch(components["transformer"])
-    elif "text_encoder_2" in components or "add_embedding.linear_1" in unet:
-        arch = "sdxl"
-    elif "down_blocks.0.attentions.0.proj_in" in unet and unet["down_blocks.0.attentions.0.proj_in"].kind == "conv2d":
-        arch = "sd15"
     return BaseSpec(
         components=MappingProxyType({c: MappingProxyType(m) for c, m in components.items()}),
-        arch=arch,
+        arch=_described_arch(base, parts) or _arch_from_names(components),
         has_text_model=MappingProxyType(has_text_model),
         unet_layout=layout,
     )
@@ -178,6 +170,42 @@ def _fits(module: Module, spec: ModuleSpec) -> str | None:
         return f"{module.kind} delta is {tuple(shape)}, the base weight {base}"
     if len(shape) == 4 and len(base) == 4 and tuple(shape) != base:
         return f"{module.kind} kernel {tuple(shape[2:])}, base kernel {base[2:]}"
+    return None
+
+
+def _arch_from_names(components: Mapping[str, Mapping[str, ModuleSpec]]) -> str | None:
+    """The architecture a base's module names point to (bases given as names and shapes only)."""
+    unet = components.get("unet", {})
+    if "transformer" in components:
+        return _dit_arch(components["transformer"])
+    if "text_encoder_2" in components or "add_embedding.linear_1" in unet:
+        return "sdxl"
+    if "down_blocks.0.attentions.0.proj_in" in unet and unet["down_blocks.0.attentions.0.proj_in"].kind == "conv2d":
+        return "sd15"
+    return None
+
+
+def _class_names(obj: Any) -> set[str]:
+    return {cls.__name__ for cls in type(obj).__mro__}
+
+
+def _described_arch(base: Any, parts: Mapping[str, Any]) -> str | None:
+    """The architecture whose description (`arches.ARCHES`) names the pipeline's class (subclasses
+    too), or the denoiser component's model class where one architecture alone has it (Flux's and
+    SD3's transformers; SD1.5 and SDXL share UNet2DConditionModel, their module names tell them apart).
+    None for shape mappings and for classes no description names."""
+    if not isinstance(base, Mapping):
+        names = _class_names(base)
+        for arch in ARCHES.values():
+            if arch.pipeline_class in names:
+                return arch.name
+    for arch in ARCHES.values():
+        model = parts.get(arch.denoiser)
+        if model is None or isinstance(model, Mapping):
+            continue
+        if sum(a.denoiser_class == arch.denoiser_class for a in ARCHES.values()) == 1 and \
+                arch.denoiser_class in _class_names(model):
+            return arch.name
     return None
 
 
@@ -263,7 +291,8 @@ def check_lora(lora: LoRA, base: Any, *, min_fraction: float = 1.0) -> MatchRepo
             f"{arch_label(report.base_arch)}: " + "; ".join(report.hints) + "."
         )
     fix = (
-        f"load it on an {arch_label(report.lora_arch)} base."
+        # "an SDXL" / "an SD3.5" (said "ess-dee"), "a Flux"
+        f"load it on {'an' if arch_label(report.lora_arch).startswith('SD') else 'a'} {arch_label(report.lora_arch)} base."
         if made_for
         else "check that the LoRA was trained for this base model."
     )

@@ -122,7 +122,26 @@ def tiny_sample():
 def lora_files(tmp_path_factory):
     """{"<preset>/<format>": path} of every fixture LoRA; read-only. (tests/nodes has its own
     `lora_files`, the same files as a (root, relative names) pair for a Runtime's folders.)"""
-    return write_fixtures(tmp_path_factory.mktemp("lora-fixtures"))
+    return write_fixtures(tmp_path_factory.mktemp("lora-fixtures"), presets=presets.preset_names("unet"))
+
+
+@pytest.fixture
+def peft_dare_state(monkeypatch):
+    """A list that receives torch's global RNG state at peft's first DARE draw (merge_utils'
+    random_pruning) in this test: restored before a merge with seed=None, our DARE draws peft's masks.
+    Clear it before each add_weighted_adapter whose draws you want."""
+    import peft.utils.merge_utils as peft_merge_utils
+
+    captured: list[torch.Tensor] = []
+    original = peft_merge_utils.random_pruning
+
+    def spy(tensor, density, rescale):
+        if not captured:
+            captured.append(torch.get_rng_state())
+        return original(tensor, density, rescale)
+
+    monkeypatch.setattr(peft_merge_utils, "random_pruning", spy)
+    return captured
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -291,15 +310,21 @@ def text_encoders():
 
 
 @pytest.fixture(scope="session")
-def dit_files(tmp_path_factory, flux, sd3, text_encoders):
-    """{"tiny-flux/<format>" | "tiny-sd3/<format>": path} of the DiT fixture LoRAs (the tiny models
-    above stand in for the presets); read-only."""
+def dit_pipelines():
+    """{"tiny-flux" | "tiny-sd3": pipeline} of the DiT presets, built once; read-only (deepcopy a
+    component to load adapters into it)."""
+    return {name: presets.build_pipeline(name, dtype="fp32", device="cpu") for name in presets.preset_names("transformer")}
+
+
+@pytest.fixture(scope="session")
+def dit_files(tmp_path_factory, dit_pipelines):
+    """{"tiny-flux/<format>" | "tiny-sd3/<format>": path} of the DiT fixture LoRAs, on the presets'
+    own modules (what `loraloom fixtures` writes for them); read-only."""
     from loraloom.fixtures import write_dit_fixtures
 
-    clip, t5 = text_encoders
     out = tmp_path_factory.mktemp("dit-fixtures")
-    files = write_dit_fixtures(out, base_spec({"transformer": flux, "text_encoder": clip, "text_encoder_2": t5}),
-                               "flux", "tiny-flux")  # fmt: skip
-    files.update(write_dit_fixtures(out, base_spec({"transformer": sd3, "text_encoder": clip, "text_encoder_3": t5}),
-                                    "sd3", "tiny-sd3"))  # fmt: skip
+    files = {}
+    for name, pipe in dit_pipelines.items():
+        spec = base_spec(pipe)
+        files.update(write_dit_fixtures(out, spec, spec.arch, name))
     return files

@@ -141,14 +141,14 @@ def test_comfyui_hooks(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def models_folder(tmp_path_factory):
     """A models folder holding a diffusers folder, a single-file checkpoint and our fixture LoRAs."""
-    from loraloom.fixtures import write_fixtures
+    from loraloom.fixtures import UNET_PRESETS, write_fixtures
 
     models = tmp_path_factory.mktemp("models")
     (models / "sd15-folder").mkdir(parents=True)
     (models / "sd15-folder" / "model_index.json").write_text("{}")  # listed only, never read here
     (models / "checkpoints").mkdir()
     (models / "checkpoints" / "model.safetensors").write_bytes(b"")
-    names = {k: p.relative_to(models / "loras").as_posix() for k, p in write_fixtures(models / "loras").items()}
+    names = {k: p.relative_to(models / "loras").as_posix() for k, p in write_fixtures(models / "loras", presets=UNET_PRESETS).items()}
     return models, names
 
 
@@ -298,14 +298,14 @@ def comfyui(tmp_path_factory):
     import socket
     import time
 
-    from loraloom.fixtures import write_fixtures
+    from loraloom.fixtures import UNET_PRESETS, write_fixtures
 
     folder = Path(COMFYUI).resolve()
     base = tmp_path_factory.mktemp("comfyui-base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "loraloom").symlink_to(ROOT, target_is_directory=True)
     models = base / "models"
-    names = {k: p.relative_to(models / "loras").as_posix() for k, p in write_fixtures(models / "loras").items()}
+    names = {k: p.relative_to(models / "loras").as_posix() for k, p in write_fixtures(models / "loras", presets=UNET_PRESETS).items()}
     (models / "diffusers" / "sd15").mkdir(parents=True)
     (models / "diffusers" / "sd15" / "model_index.json").write_text("{}")  # listed, never read
     (models / "checkpoints").mkdir()

@@ -13,13 +13,19 @@ def test_fixtures_are_deterministic(lora_files, tmp_path):
             assert new.read_bytes() == old.read_bytes(), f"{name}: {new.name} differs between two runs"
 
 
-def test_dit_fixtures_are_deterministic(dit_files, flux, text_encoders, tmp_path):
-    from loraloom.fixtures import write_dit_fixtures
-    from loraloom.lora.match import base_spec
-
-    clip, t5 = text_encoders
-    again = write_dit_fixtures(tmp_path, base_spec({"transformer": flux, "text_encoder": clip, "text_encoder_2": t5}),
-                               "flux", "tiny-flux")  # fmt: skip
-    assert set(again) == {f"tiny-flux/{fmt}" for fmt in ("diffusers", "kohya", "comfyui", "xlabs", "loha", "lokr")}
+def test_dit_fixtures_are_deterministic(dit_files, tmp_path):
+    # `loraloom fixtures` builds the presets itself: the same bytes as the suite's files, every format
+    again = write_fixtures(tmp_path, presets=("tiny-flux", "tiny-sd3"))
+    assert set(again) == {f"tiny-flux/{fmt}" for fmt in ("diffusers", "kohya", "comfyui", "xlabs", "loha", "lokr")} | {
+        f"tiny-sd3/{fmt}" for fmt in ("diffusers", "kohya", "comfyui")}
     for name, path in again.items():
         assert path.read_bytes() == dit_files[name].read_bytes(), f"{name} differs between two runs"
+
+
+def test_cli_writes_the_dit_presets(tmp_path, capsys):
+    from loraloom.fixtures import PRESETS, main
+
+    assert main([str(tmp_path), "--preset", "tiny-flux", "--preset", "tiny-sd3"]) == 0
+    printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert {"tiny-flux/xlabs", "tiny-flux/lokr", "tiny-sd3/comfyui"} <= set(printed)
+    assert set(PRESETS) == {"tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3"}

@@ -417,8 +417,12 @@ def _underscored_file(lora, prefix):
     return {**sd, **te}
 
 
-def test_onetrainer_layout_reads_and_diffusers_mangles_it(dit_files, flux, base_weights):
+def test_onetrainer_layout_reads_and_diffusers_mangles_it(dit_files, dit_pipelines):
     from loraloom.lora.readers import read_lora
+
+    flux = dit_pipelines["tiny-flux"].transformer  # the fixture files are on the preset's modules
+    _BASE.clear()
+    _BASE.update(_weights(flux))
 
     lora = read_lora(dit_files["tiny-flux/kohya"])
     sd = _underscored_file(lora, "lora_transformer_")

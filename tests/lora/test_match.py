@@ -53,13 +53,35 @@ def test_min_fraction_allows_a_partial_match(lora_files, specs):
     assert report.unmatched[0][1] == "some_block.not_in_base" and report.fraction > 0.9
 
 
-def test_flux_lora_on_sdxl_base_names_flux(dit_files, specs, flux, sd3):
+def test_flux_lora_on_sdxl_base_names_flux(dit_files, specs):
     lora = read_lora(dit_files["tiny-flux/kohya"])
     with pytest.raises(LoRAMatchError) as info:
         check_lora(lora, specs["tiny-sdxl"])
     text = str(info.value)
     # the architecture label comes from lora.arches once Flux is described there
     assert "looks made for" in text and "flux" in text.lower() and "single_transformer_blocks" in text, text
-    assert check_lora(lora, {"transformer": flux}, min_fraction=0.5).base_arch == "flux"
+    assert check_lora(lora, specs["tiny-flux"]).base_arch == "flux"
     with pytest.raises(LoRAMatchError, match="do not fit the base's shapes|modules .* match the base"):
-        check_lora(read_lora(dit_files["tiny-sd3/kohya"]), {"transformer": flux})
+        check_lora(read_lora(dit_files["tiny-sd3/kohya"]), specs["tiny-flux"])
+
+
+def test_base_spec_names_the_architecture_from_its_description(dit_pipelines, tiny_sd15):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from loraloom.lora.match import base_spec
+
+    assert base_spec(dit_pipelines["tiny-flux"]).arch == "flux", "T5 as text_encoder_2 is not SDXL's"
+    assert base_spec(dit_pipelines["tiny-sd3"]).arch == "sd3"
+    assert base_spec(tiny_sd15).arch == "sd15"
+    # module names alone cannot tell these apart (no single-stream blocks, no guidance, few blocks;
+    # no SD3 positional embedding): the transformer's class, as the arch description names it, does
+    flux_like = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=0, attention_head_dim=8,
+                                       num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                       axes_dims_rope=(2, 2, 4))  # fmt: skip
+    assert base_spec({"transformer": flux_like}).arch == "flux"
+    sd3_like = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                     num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                     pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)  # fmt: skip
+    assert base_spec({"transformer": sd3_like}).arch == "sd3"
+    shapes = {"transformer": {p: s.shape for p, s in base_spec({"transformer": flux_like}).components["transformer"].items()}}
+    assert base_spec(shapes).arch is None, "names and shapes alone: no guess from a class"

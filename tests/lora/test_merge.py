@@ -31,7 +31,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import peft.utils.merge_utils as peft_merge_utils
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
@@ -122,18 +121,11 @@ def peft_world(ranks=(8, 8, 8)):
     return _MODELS[ranks]
 
 
-def peft_merge(monkeypatch, ranks, method, name, weights=WEIGHTS, adapters=tuple(ALPHAS), **kwargs):
-    """Run peft's add_weighted_adapter; return ({path: (down, up)}, rng state at its first DARE draw)."""
+def peft_merge(captured, ranks, method, name, weights=WEIGHTS, adapters=tuple(ALPHAS), **kwargs):
+    """Run peft's add_weighted_adapter; return ({path: (down, up)}, rng state at its first DARE draw).
+    `captured`: the peft_dare_state fixture's list."""
     model, layers, _ = peft_world(ranks)
-    captured = []
-    original = peft_merge_utils.random_pruning
-
-    def spy(tensor, density, rescale):
-        if not captured:
-            captured.append(torch.get_rng_state())
-        return original(tensor, density, rescale)
-
-    monkeypatch.setattr(peft_merge_utils, "random_pruning", spy)
+    captured.clear()
     torch.manual_seed(99)
     model.add_weighted_adapter(list(adapters), list(weights), name, combination_type=method, **kwargs)
     out = {}
@@ -192,9 +184,9 @@ def _kwargs(method, **extra):
 
 
 @pytest.mark.parametrize("method", PEFT_METHODS)
-def test_equal_ranks_match_peft(method, monkeypatch):
+def test_equal_ranks_match_peft(method, peft_dare_state):
     kwargs = _kwargs(method)
-    theirs, state = peft_merge(monkeypatch, (8, 8, 8), method, f"eq_{method}", **kwargs)
+    theirs, state = peft_merge(peft_dare_state, (8, 8, 8), method, f"eq_{method}", **kwargs)
     assert (state is not None) == (method in PEFT_DARE), f"{method}: peft's DARE draws were not observed"
     result = ours((8, 8, 8), method, state, **kwargs)
     compare(method, theirs, result, bitwise=method in BITWISE, tolerance=TOLERANCE.get(method, 0.0))
@@ -228,10 +220,10 @@ def check_bounds(method, theirs, result):
 
 
 @pytest.mark.parametrize("method", [m for m in ANY_RANK_METHODS if m in PEFT_METHODS])
-def test_unequal_ranks_match_peft(method, monkeypatch):
+def test_unequal_ranks_match_peft(method, peft_dare_state):
     ranks = (8, 4, 12)
     kwargs = _kwargs(method)
-    theirs, state = peft_merge(monkeypatch, ranks, method, f"neq_{method}", **kwargs)
+    theirs, state = peft_merge(peft_dare_state, ranks, method, f"neq_{method}", **kwargs)
     result = ours(ranks, method, state, **kwargs)
     compare(method, theirs, result, bitwise=method in BITWISE, tolerance=TOLERANCE.get(method, 0.0))
     if method in SVD_METHODS and method != "svd":
@@ -243,27 +235,27 @@ def test_unequal_ranks_match_peft(method, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["ties", "ties_svd", "dare_ties", "dare_ties_svd"])
-def test_frequency_sign_election_matches_peft(method, monkeypatch):
+def test_frequency_sign_election_matches_peft(method, peft_dare_state):
     kwargs = _kwargs(method, majority_sign_method="frequency", density=0.7)
-    theirs, state = peft_merge(monkeypatch, (8, 8, 8), method, f"freq_{method}", **kwargs)
+    theirs, state = peft_merge(peft_dare_state, (8, 8, 8), method, f"freq_{method}", **kwargs)
     compare(method, theirs, ours((8, 8, 8), method, state, **kwargs), bitwise=method in BITWISE,
             tolerance=TOLERANCE.get(method, 0.0))
 
 
 @pytest.mark.parametrize("method", ["svd", "magnitude_prune_svd"])
-def test_svd_rank_matches_peft(method, monkeypatch):
+def test_svd_rank_matches_peft(method, peft_dare_state):
     kwargs = _kwargs(method, svd_rank=5)
-    theirs, _ = peft_merge(monkeypatch, (8, 4, 12), method, f"rank5_{method}", **kwargs)
+    theirs, _ = peft_merge(peft_dare_state, (8, 4, 12), method, f"rank5_{method}", **kwargs)
     result = ours((8, 4, 12), method, None, **kwargs)
     compare(method, theirs, result, bitwise=False, tolerance=TOLERANCE[method])
     assert {r.rank for r in result.report.modules} == {5}, "svd_rank=5 should give rank 5 everywhere"
 
 
 @pytest.mark.parametrize("method", ["svd", "ties_svd"])
-def test_svd_clamp_matches_peft(method, monkeypatch):
+def test_svd_clamp_matches_peft(method, peft_dare_state):
     kwargs = _kwargs(method, svd_clamp=0.9)
-    theirs, _ = peft_merge(monkeypatch, (8, 8, 8), method, f"clamp_{method}", **kwargs)
-    their_free, _ = peft_merge(monkeypatch, (8, 8, 8), method, f"noclamp_{method}", **_kwargs(method))
+    theirs, _ = peft_merge(peft_dare_state, (8, 8, 8), method, f"clamp_{method}", **kwargs)
+    their_free, _ = peft_merge(peft_dare_state, (8, 8, 8), method, f"noclamp_{method}", **_kwargs(method))
     clamped = ours((8, 8, 8), method, None, **kwargs)
     free = ours((8, 8, 8), method, None, **_kwargs(method))
     aligned = {}
@@ -286,25 +278,25 @@ def test_svd_clamp_matches_peft(method, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "ties_svd", "magnitude_prune_svd"])
-def test_bf16_valued_factors_match_peft(method, monkeypatch):
+def test_bf16_valued_factors_match_peft(method, peft_dare_state):
     # bf16 values tie at the pruning threshold: the factor-wise forms must break ties as topk does.
     world = (8, 8, 8, "bf16")
     kwargs = _kwargs(method)
-    theirs, state = peft_merge(monkeypatch, world, method, f"bf16_{method}", **kwargs)
+    theirs, state = peft_merge(peft_dare_state, world, method, f"bf16_{method}", **kwargs)
     compare(method, theirs, ours(world, method, state, **kwargs), bitwise=method in BITWISE,
             tolerance=TOLERANCE.get(method, 0.0))
 
 
-def test_single_lora_is_linear_as_in_peft(monkeypatch):
-    theirs, _ = peft_merge(monkeypatch, (8, 8, 8), "svd", "single_svd", weights=[0.7], adapters=("one",))
+def test_single_lora_is_linear_as_in_peft(peft_dare_state):
+    theirs, _ = peft_merge(peft_dare_state, (8, 8, 8), "svd", "single_svd", weights=[0.7], adapters=("one",))
     result = ours((8, 8, 8), "svd", None, weights=[0.7], adapters=("one",))
     assert result.report.method_applied == "linear", "one LoRA: peft always merges with linear"
     compare("svd", theirs, result, bitwise=True)
 
 
-def test_peft_refuses_unequal_ranks_and_so_do_we(monkeypatch):
+def test_peft_refuses_unequal_ranks_and_so_do_we(peft_dare_state):
     with pytest.raises(ValueError, match="same r"):
-        peft_merge(monkeypatch, (8, 4, 12), "linear", "neq_linear_refused")
+        peft_merge(peft_dare_state, (8, 4, 12), "linear", "neq_linear_refused")
     with pytest.raises(MergeError, match="different ranks"):
         ours((8, 4, 12), "linear", None)
 

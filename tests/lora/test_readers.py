@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraloom.fixtures import PRESETS  # one seeded preset per architecture: the fixture LoRAs' bases
+from loraloom.fixtures import UNET_PRESETS as PRESETS  # the UNet fixture LoRAs' bases (DiTs: dit_files)
 from loraloom.lora.errors import LoRAFormatError
 from loraloom.lora.match import check_lora
 from loraloom.lora.readers import lora_from_state_dict, read_lora

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from loraloom.fixtures import PRESETS  # one seeded preset per architecture: the fixture LoRAs' bases
+from loraloom.fixtures import UNET_PRESETS as PRESETS  # the UNet fixture LoRAs' bases (DiTs: dit_files)
 from loraloom.lora import writers
 from loraloom.lora.canonical import LoRA, LoRAModule, delta
 from loraloom.lora.errors import LoRAFormatError
@@ -103,19 +103,12 @@ DIT_EXPECTED = {
 }
 
 
-def _dit_base(name, flux, sd3, text_encoders):
-    clip, t5 = text_encoders
-    if name.startswith("tiny-flux"):
-        return {"transformer": flux, "text_encoder": clip, "text_encoder_2": t5}
-    return {"transformer": sd3, "text_encoder": clip, "text_encoder_3": t5}
-
-
 @pytest.mark.parametrize("name", list(DIT_EXPECTED))
-def test_dit_fixtures_read_match_and_round_trip(name, dit_files, flux, sd3, text_encoders, tmp_path):
+def test_dit_fixtures_read_match_and_round_trip(name, dit_files, dit_pipelines, tmp_path):
     lora = read_lora(dit_files[name])
     fmt, algorithm = DIT_EXPECTED[name]
     assert (lora.source_format, lora.algorithm) == (fmt, algorithm)
-    report = check_lora(lora, _dit_base(name, flux, sd3, text_encoders))
+    report = check_lora(lora, dit_pipelines[name.split("/")[0]])
     assert report.fraction == 1.0 and report.total > 40, report.summary()
     arch = "flux" if name.startswith("tiny-flux") else "sd3"
     if name.endswith("/diffusers"):
@@ -152,7 +145,7 @@ def test_separate_qkv_loras_fuse_exactly_with_stacked_downs(flux, tmp_path):
     _assert_same(lora, back)  # the part ranks recorded in the metadata split it back exactly
 
 
-def test_dit_kohya_file_reads_in_diffusers(dit_files, flux, tmp_path):
+def test_dit_kohya_file_reads_in_diffusers(dit_files, dit_pipelines, tmp_path):
     # diffusers' kohya converter reads our fused double-block modules with the same deltas (its
     # top-level modules and tiny-width linear1 it cannot read: see test_dit_formats.py)
     from safetensors.torch import load_file
@@ -163,6 +156,7 @@ def test_dit_kohya_file_reads_in_diffusers(dit_files, flux, tmp_path):
 
     import copy
 
+    flux = dit_pipelines["tiny-flux"].transformer
     ref = copy.deepcopy(flux)
     sd, alphas = FluxPipeline.lora_state_dict(tensors, return_alphas=True)
     FluxPipeline.load_lora_into_transformer(sd, network_alphas=alphas, transformer=ref, adapter_name="ref")
@@ -177,14 +171,14 @@ def test_dit_kohya_file_reads_in_diffusers(dit_files, flux, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["tiny-flux", "tiny-sd3"])
-def test_dit_diffusers_file_loads_in_diffusers(preset, dit_files, flux, sd3, tmp_path):
+def test_dit_diffusers_file_loads_in_diffusers(preset, dit_files, dit_pipelines, tmp_path):
     import copy
 
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     lora = read_lora(dit_files[f"{preset}/kohya"])
     path = write_diffusers(lora, tmp_path / "d.safetensors")
-    base = flux if preset == "tiny-flux" else sd3
+    base = dit_pipelines[preset].transformer
     ref = copy.deepcopy(base)
     if preset == "tiny-flux":
         sd, alphas, metadata = FluxPipeline.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)

@@ -10,7 +10,7 @@ from loraloom.graph_runtime import Int, Output, String, node
 
 @pytest.fixture(scope="session")
 def lora_files(tmp_path_factory):
-    """LoRA fixture files for both presets, in every format (read-only: copy before editing)."""
+    """LoRA fixture files for every preset, in every format (read-only: copy before editing)."""
     from loraloom.fixtures import write_fixtures
 
     root = tmp_path_factory.mktemp("loras")
