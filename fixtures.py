@@ -254,13 +254,17 @@ _DIT_BLOCKS = {"flux": {"double_blocks": (0, 1, 10, 18), "single_blocks": (0, 1,
 _T5 = re.compile(r"encoder\.block\.(0|1)\.layer\.\d\.(SelfAttention\.[qkvo]|DenseReluDense\.(wi_0|wi_1|wi|wo))$")
 
 
-def _dit_originals(spec: BaseSpec, arch: str) -> list[tuple[str, tuple[Any, ...], tuple[int, ...]]]:
+def _dit_originals(spec: BaseSpec, arch: str, every_block: bool = False) -> list[tuple[str, tuple[Any, ...], tuple[int, ...]]]:
     """(original module name, targets, fused weight shape) of the covered original modules the
-    base has (the fused shape: the targets' rows stacked)."""
-    from .lora.dit_keys import original_name_table, targets_for
+    base has (the fused shape: the targets' rows stacked); `every_block`: in every block, not only
+    the `_DIT_BLOCKS` sample."""
+    from .lora.dit_keys import DIFFUSERS_BLOCKS, original_name_table, targets_for
 
     have = spec.components["transformer"]
     blocks = _DIT_BLOCKS[arch]
+    if every_block:
+        blocks = {b: range(1 + max(int(p.split(".")[1]) for p in have if p.startswith(f"{DIFFUSERS_BLOCKS[b]}.")))
+                  for b in blocks}
     chosen = []
     for name, targets in original_name_table(arch, {b: max(i) + 1 for b, i in blocks.items()}):
         head = name.split(".")
@@ -274,7 +278,8 @@ def _dit_originals(spec: BaseSpec, arch: str) -> list[tuple[str, tuple[Any, ...]
     return chosen
 
 
-def _fused_lora(spec: BaseSpec, arch: str, seed: int, maker: Callable[..., Module], fmt: str, te: bool = True) -> LoRA:
+def _fused_lora(spec: BaseSpec, arch: str, seed: int, maker: Callable[..., Module], fmt: str, te: bool = True,
+                every_block: bool = False) -> LoRA:
     """A LoRA made on the original (fused) modules and split onto diffusers' paths, as a file in an
     original layout reads: every part of a fused weight shares its down (LyCORIS: its shared factors)."""
     from .lora.dit_keys import split_module
@@ -282,7 +287,7 @@ def _fused_lora(spec: BaseSpec, arch: str, seed: int, maker: Callable[..., Modul
 
     gen = torch.Generator().manual_seed(seed)
     modules: dict[str, dict[str, Module]] = {}
-    for index, (name, targets, shape) in enumerate(_dit_originals(spec, arch)):
+    for index, (name, targets, shape) in enumerate(_dit_originals(spec, arch, every_block)):
         fused = maker(gen, shape, index)
         try:
             parts = [(t.path, split_module(fused, t.segments, name)) for t in targets]
@@ -393,6 +398,41 @@ def write_demo_loras(out_dir: str | Path, preset: str = "tiny-sdxl") -> dict[str
     return written
 
 
+FLUX_DEMO_LORAS = {"demo-flux-kohya": "kohya", "demo-flux-diffusers": "diffusers"}
+"""The flux_blend / flux_merge demo LoRAs for ``tiny-flux`` and the layout each ships in."""
+
+
+def write_flux_demo_loras(out_dir: str | Path) -> dict[str, Path]:
+    """The demo LoRAs of the shipped Flux workflows, for ``tiny-flux``, in two layouts users meet:
+    ``demo-flux-kohya`` (kohya's Flux names on the original fused modules: each double block's qkv,
+    each single block's linear1, split onto diffusers' q / k / v / proj_mlp when read; CLIP and T5
+    included) and ``demo-flux-diffusers`` (``transformer.…`` keys on diffusers' separate modules with
+    ``lora_adapter_metadata``, as AI-Toolkit writes them). Rank 8 on every module of all 19 double
+    and 38 single blocks (block weights have something to act on; every merge method applies).
+    Deterministic."""
+    from .bases.presets import build_pipeline
+    from .lora.writers import write_diffusers
+
+    out_dir = _out_dir(out_dir)
+    spec = base_spec(build_pipeline("tiny-flux", dtype="fp32", device="cpu"))
+
+    def rank8(gen: torch.Generator, shape: tuple[int, ...], index: int) -> LoRAModule:
+        return _lora_module(gen, shape, index, DEMO_RANK)
+
+    written = {}
+    for i, (name, fmt) in enumerate(FLUX_DEMO_LORAS.items()):
+        provenance = {"demo": f"{name} for tiny-flux, written by loraloom fixtures --demo"}
+        path = out_dir / f"{name}.safetensors"
+        if fmt == "kohya":
+            lora = _fused_lora(spec, "flux", 7100 + i, rank8, name, every_block=True)
+            written[name] = write_kohya(lora, path, arch="flux", provenance=provenance)
+        else:
+            chosen = [("transformer", t.path) for _, targets, _ in _dit_originals(spec, "flux", every_block=True)
+                      for t in targets] + _dit_te(spec)
+            written[name] = write_diffusers(_make(spec, chosen, 7100 + i, rank8, name), path, provenance=provenance)
+    return written
+
+
 def _kohya_dict(lora: LoRA) -> dict[str, torch.Tensor]:
     return to_kohya_state_dict(lora, unet_names="diffusers")
 
@@ -403,10 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder to write into (created if missing)")
     parser.add_argument("--preset", action="append", choices=PRESETS, help="preset(s) to cover (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--demo", action="store_true", help="write the demo LoRAs of the shipped workflows instead")
+    parser.add_argument("--demo", action="store_true", help="write the demo LoRAs of the shipped workflows instead (the random ones: demo-a, demo-b, "
+                        "demo-flux-kohya, demo-flux-diffusers)")
     args = parser.parse_args(argv)
     if args.demo:
-        written = write_demo_loras(args.out_dir)
+        written = {**write_demo_loras(args.out_dir), **write_flux_demo_loras(args.out_dir)}
     else:
         written = write_fixtures(args.out_dir, presets=tuple(args.preset or PRESETS), seed=args.seed)
     for name, path in written.items():

@@ -13,7 +13,7 @@ NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("
 
 
 def test_every_workflow_ships_in_both_formats():
-    assert {"blend", "merge_dare", "fuse_compile"} <= set(NAMES), NAMES
+    assert {"blend", "merge_dare", "fuse_compile", "flux_blend", "flux_merge"} <= set(NAMES), NAMES
     for name in NAMES:
         assert (WORKFLOWS / f"{name}_api.json").is_file(), f"{name}: API format missing"
 
@@ -52,8 +52,9 @@ def test_demo_loras_stay_out_of_a_users_lora_list(tmp_path):
     assert options == ["mine.safetensors"], options
     demo = Runtime(lora_dirs=[tmp_path], output_dir=tmp_path / "out", demo_loras=True)
     with demo.context():
-        assert list_loras() == ["demo-a.safetensors", "demo-b.safetensors", "demo-red.safetensors",
-                                "demo-stripes.safetensors", "mine.safetensors"]
+        assert list_loras() == ["demo-a.safetensors", "demo-b.safetensors", "demo-flux-diffusers.safetensors",
+                                "demo-flux-kohya.safetensors", "demo-red.safetensors", "demo-stripes.safetensors",
+                                "mine.safetensors"]
     assert own.folders.lora_dirs == [tmp_path], "turning demo LoRAs on elsewhere must not change this runtime"
 
 
