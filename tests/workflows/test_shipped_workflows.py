@@ -79,3 +79,36 @@ def test_cli_finds_demo_loras_for_shipped_workflows_only(tmp_path, monkeypatch, 
     assert main(["validate", str(copy)]) == 1, "a user's own workflow sees only the user's LoRA folders"
     assert "demo-a.safetensors" in capsys.readouterr().err
     assert main(["validate", str(copy), "--lora-dir", str(WORKFLOWS / "loras")]) == 0, capsys.readouterr().err
+
+
+def test_the_flux_demo_loras_are_what_fixtures_demo_writes_in_two_layouts(tmp_path):
+    from loraloom.fixtures import FLUX_DEMO_LORAS, main as fixtures_main
+    from loraloom.lora.readers import read_lora
+
+    assert fixtures_main([str(tmp_path), "--demo"]) == 0
+    for name in ["demo-a", "demo-b", *FLUX_DEMO_LORAS]:
+        assert (tmp_path / f"{name}.safetensors").read_bytes() == (WORKFLOWS / "loras" / f"{name}.safetensors").read_bytes(), \
+            f"workflows/loras/{name}.safetensors is stale: regenerate with `loraloom fixtures workflows/loras --demo`"
+    kohya, diffusers = (read_lora(WORKFLOWS / "loras" / f"{name}.safetensors") for name in FLUX_DEMO_LORAS)
+    assert (kohya.source_format, diffusers.source_format) == ("kohya-flux", "diffusers")
+    blocks = {p.split(".")[0] + "." + p.split(".")[1] for p in kohya.components["transformer"] if "blocks." in p}
+    assert len(blocks) == 19 + 38, "every double and single block, so block weights have something to act on"
+
+
+@pytest.mark.parametrize("name, sampler", [("flux_blend", "5"), ("flux_merge", "7")])
+def test_the_flux_workflows_run_headless_as_shipped(name, sampler, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from loraloom.lora.readers import read_lora
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", str(WORKFLOWS / f"{name}.json"), "--no-progress", "--set", f"{sampler}.steps=2",
+                 "--set", f"{sampler}.width=64", "--set", f"{sampler}.height=64"])
+    assert code == 0, capsys.readouterr().err
+    image = Image.open(tmp_path / "output" / f"{name}_00001_.png")
+    assert image.size == (64, 64)
+    assert json.loads(image.text["prompt"])["1"]["inputs"]["source"] == "tiny-flux"
+    if name == "flux_merge":
+        merged = read_lora(tmp_path / "output" / "loras" / "demo-flux-merged_00001_.safetensors")
+        assert merged.source_format == "kohya-flux", "SaveLoRA kohya writes kohya's Flux layout"
+        assert set(merged.components) == {"transformer", "text_encoder", "text_encoder_2"}
