@@ -254,7 +254,8 @@ _DIT_BLOCKS = {"flux": {"double_blocks": (0, 1, 10, 18), "single_blocks": (0, 1,
 _T5 = re.compile(r"encoder\.block\.(0|1)\.layer\.\d\.(SelfAttention\.[qkvo]|DenseReluDense\.(wi_0|wi_1|wi|wo))$")
 
 
-def _dit_originals(spec: BaseSpec, arch: str, every_block: bool = False) -> list[tuple[str, tuple[Any, ...], tuple[int, ...]]]:
+def _dit_originals(spec: BaseSpec, arch: str,
+                   every_block: bool = False) -> list[tuple[str, tuple[Any, ...], tuple[int, ...]]]:
     """(original module name, targets, fused weight shape) of the covered original modules the
     base has (the fused shape: the targets' rows stacked); `every_block`: in every block, not only
     the `_DIT_BLOCKS` sample."""
@@ -443,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder to write into (created if missing)")
     parser.add_argument("--preset", action="append", choices=PRESETS, help="preset(s) to cover (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--demo", action="store_true", help="write the demo LoRAs of the shipped workflows instead (the random ones: demo-a, demo-b, "
+    parser.add_argument("--demo", action="store_true",
+                        help="write the demo LoRAs of the shipped workflows instead (the random ones: demo-a, demo-b, "
                         "demo-flux-kohya, demo-flux-diffusers)")
     args = parser.parse_args(argv)
     if args.demo:

@@ -87,7 +87,8 @@ def test_the_flux_demo_loras_are_what_fixtures_demo_writes_in_two_layouts(tmp_pa
 
     assert fixtures_main([str(tmp_path), "--demo"]) == 0
     for name in ["demo-a", "demo-b", *FLUX_DEMO_LORAS]:
-        assert (tmp_path / f"{name}.safetensors").read_bytes() == (WORKFLOWS / "loras" / f"{name}.safetensors").read_bytes(), \
+        shipped = (WORKFLOWS / "loras" / f"{name}.safetensors").read_bytes()
+        assert (tmp_path / f"{name}.safetensors").read_bytes() == shipped, \
             f"workflows/loras/{name}.safetensors is stale: regenerate with `loraloom fixtures workflows/loras --demo`"
     kohya, diffusers = (read_lora(WORKFLOWS / "loras" / f"{name}.safetensors") for name in FLUX_DEMO_LORAS)
     assert (kohya.source_format, diffusers.source_format) == ("kohya-flux", "diffusers")
