@@ -76,6 +76,14 @@ def test_single_file_loads_back_bit_exact(name, layout, tiny_model_files, tiny_p
     assert loaded.arch == presets.PRESETS[name].arch and arch.detect_file_arch(path) == loaded.arch
     assert loaded.fingerprint.startswith("single-file:sha256:") and "+config:sha256:" in loaded.fingerprint
     _same(tiny_pipeline(name), loaded.pipeline, f"{name} {layout}")
+    # No weight may view a mapped file (a rewrite of the file would change the live model).
+    roots = (str(tmp_path), str(files["single_file"]))
+    with open("/proc/self/maps") as maps:
+        ranges = [tuple(int(x, 16) for x in f[0].split("-")) for f in map(str.split, maps)
+                  if len(f) >= 6 and f[5].startswith(roots)]
+    views = [f"{c}.{k}" for c in MODULES if getattr(loaded.pipeline, c, None) is not None
+             for k, t in getattr(loaded.pipeline, c).state_dict().items() if any(a <= t.data_ptr() < b for a, b in ranges)]
+    assert not views, f"{len(views)} weights view a mapped file, e.g. {views[:3]}"
 
 
 def test_flux_file_has_the_real_key_names_and_fused_rows(tiny_model_files, tiny_pipeline):
