@@ -80,10 +80,29 @@ def _segment_rows(target: dit_keys.Target, unit: int, height: int) -> list[tuple
     return rows
 
 
+# Where all-in-one files (ComfyUI's flux1-dev-fp8, SD3 files with clips / VAE) keep the other parts.
+_OTHER_PARTS = {"first_stage_model.": "VAE", "vae.": "VAE", "text_encoders.": "text encoder",
+                "cond_stage_model.": "text encoder", "conditioner.": "text encoder"}
+
+
+def _refuse_other_parts(keys, where: str) -> None:
+    for key in sorted(keys):
+        part = next((what for prefix, what in _OTHER_PARTS.items() if key.startswith(prefix)), None)
+        if part is not None:
+            raise BaseModelError(
+                f"{where}: holds {part} weights besides the transformer (e.g. {key!r}); from a Flux / SD3.5 "
+                "single file only the transformer is read so far, and nothing is dropped silently.", file=where,
+                key=key, value=part, limit="the transformer alone", kind="unsupported_layout",
+                fix="use the transformer-only file (ComfyUI: the diffusion model) and pass a diffusers folder with "
+                    "the text encoders and VAE as config")
+
+
 def to_diffusers(tensors: Mapping[str, torch.Tensor], arch: str, where: str) -> dict[str, torch.Tensor]:
     """The diffusers transformer state dict of an original-layout one (keys bare or under
-    ``model.diffusion_model.``); `where` names the file in errors. Values are slices of the
-    given tensors (cloned where a slice is not the whole)."""
+    ``model.diffusion_model.``); `where` names the file in errors. Values are the given tensors or
+    row ranges of them (views: a row range of a row-major tensor is contiguous, so a fused weight's
+    memory is shared, not held twice), new tensors only where rows are reordered."""
+    _refuse_other_parts(tensors, where)
     bare = {key.removeprefix(UNET_PREFIX): value for key, value in tensors.items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in bare.items():
@@ -107,7 +126,8 @@ def to_diffusers(tensors: Mapping[str, torch.Tensor], arch: str, where: str) -> 
             raise BaseModelError(f"{where}: {exc}", file=where, key=key, value=total, kind="bad_shape") from None
         for target in targets:
             rows = [(a * unit, total if b is None else b * unit) for a, b in target.segments]
-            out[f"{target.path}.{param}"] = torch.cat([value[a:b] for a, b in rows]).clone()
+            out[f"{target.path}.{param}"] = value[rows[0][0]:rows[0][1]] if len(rows) == 1 else \
+                torch.cat([value[a:b] for a, b in rows])
     return out
 
 

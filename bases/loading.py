@@ -187,6 +187,7 @@ def _config_check(config: Path, arch: str) -> checks.CheckedFolder:
     (as flux1-dev.safetensors ships), so the folder must bring every other component's weights and
     only the transformer's config; an SD1.5 / SDXL file holds the whole pipeline."""
     if _is_dit(arch):
+        _check_weights_of(config, ("transformer",))  # before the fingerprint, which then reads nothing again
         return _check_folder(config, file_fingerprint(config), weights=True, config_only=("transformer",))
     return _check_folder(config, file_fingerprint(config), weights=False)
 
@@ -233,13 +234,14 @@ def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path
     return arch, config
 
 
-def _check_weights_of(folder: Path) -> None:
+def _check_weights_of(folder: Path, config_only: tuple[str, ...] = ()) -> None:
     """Check every value of a diffusers folder's weights files on the read that also hashes each
     (``check_weights`` remembers the digest): the folder's fingerprint then reads no weights file
-    again, and ``load_base`` finds them checked. One read of each file for both, not two."""
+    again, and ``load_base`` finds them checked. One read of each file for both, not two.
+    Components in ``config_only`` (a single file's transformer) need no weights here."""
     components = checks.check_model_index(folder)
     for name in checks.MODEL_COMPONENTS:
-        if components.get(name, (None, None)) != (None, None):
+        if name not in config_only and components.get(name, (None, None)) != (None, None):
             for path in checks.weight_files(folder, name):
                 checks.check_weights(path)
 

@@ -143,7 +143,7 @@ def test_file_of_another_arch_is_refused(tiny_model_files, tmp_path):
     assert (err.value, err.limit) == ("flux", "sdxl"), err.fields()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "nan", "missing key", "extra key", "other width"])
+@pytest.mark.parametrize("damage", ["truncated", "nan", "missing key", "extra key", "vae inside", "other width"])
 def test_damaged_flux_file_is_refused_naming_what(damage, tiny_model_files, tmp_path):
     files = tiny_model_files("tiny-flux")
     path = tmp_path / "flux.safetensors"
@@ -156,6 +156,8 @@ def test_damaged_flux_file_is_refused_naming_what(damage, tiny_model_files, tmp_
         elif damage == "missing key":
             del tensors["single_blocks.5.norm.key_norm.scale"]
         elif damage == "extra key":
+            tensors["double_blocks.0.img_attn.lora_up.weight"] = torch.zeros(1)
+        elif damage == "vae inside":
             tensors["vae.decoder.conv_in.weight"] = torch.zeros(1)
         else:
             tensors["double_blocks.0.img_mlp.0.weight"] = torch.zeros(7, 32)
@@ -167,7 +169,11 @@ def test_damaged_flux_file_is_refused_naming_what(damage, tiny_model_files, tmp_
     elif damage == "missing key":
         assert err.key == "single_transformer_blocks.5.attn.norm_k.weight" and "lacks" in str(err), str(err)
     elif damage == "extra key":
-        assert err.key == "vae.decoder.conv_in.weight" and "refused rather than dropped" in str(err), str(err)
+        assert err.key == "double_blocks.0.img_attn.lora_up.weight" and "refused rather than dropped" in str(err), \
+            str(err)
+    elif damage == "vae inside":
+        assert err.key == "vae.decoder.conv_in.weight" and "holds VAE weights besides the transformer" in str(err), \
+            str(err)
     elif damage == "other width":
         assert err.key == "transformer_blocks.0.ff.net.0.proj.weight" and err.value == [7, 32], err.fields()
 
