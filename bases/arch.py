@@ -1,5 +1,5 @@
-"""Tell SD1.5, SDXL, Flux and SD3.5 apart: from a live pipeline, a diffusers folder's configs, or (SD1.5
-and SDXL) a single-file checkpoint's key names (read from the safetensors header, no tensor loaded).
+"""Tell SD1.5, SDXL, Flux and SD3.5 apart: from a live pipeline, a diffusers folder's configs, or a
+single-file checkpoint's key names (read from the safetensors header, no tensor loaded).
 
 Only the architectures LoRA Loom supports are named; anything else (SD2, refiner, inpainting, Flux
 Fill / Depth / Kontext, non-SD pipelines) raises a ValueError that says what was found.
@@ -146,7 +146,7 @@ def detect_folder_arch(folder: str | Path) -> str:
     return _check_class(index.get("_class_name"), arch, str(folder))
 
 
-SINGLE_FILE_ARCHES = ("sd15", "sdxl")  # the architectures whose single-file (LDM / SGM) layout is read and written
+SINGLE_FILE_ARCHES = ("sd15", "sdxl")  # the architectures whose LDM / SGM single-file layout bases.ldm_keys writes
 # Block names of the original DiT layouts (BFL / ComfyUI Flux, SD3's MMDiT), bare or under UNET_PREFIX.
 _DIT_BLOCKS = {"double_blocks.": "flux", "single_blocks.": "flux", "joint_blocks.": "sd3"}
 
@@ -161,19 +161,18 @@ def _dit_checkpoint(keys: set[str]) -> str | None:
 
 
 def detect_checkpoint_arch(keys: Iterable[str], where: str) -> str:
-    """"sd15" or "sdxl" from the key names of an original-layout (LDM / SGM) single-file checkpoint."""
+    """"sd15", "sdxl", "flux" or "sd3" from the key names of an original-layout single-file
+    checkpoint (LDM / SGM for the UNets; BFL / ComfyUI / MMDiT block names for the transformers,
+    whose files hold the transformer alone)."""
     keys = set(keys)
     dit = _dit_checkpoint(keys)
     if dit is not None:
-        raise BaseModelError(
-            f"{where}: this is a single-file {_DESCRIPTIONS[dit].label} checkpoint (original key layout); "
-            f"single files are read for {', '.join(_DESCRIPTIONS[a].label for a in SINGLE_FILE_ARCHES)} only so far.",
-            value=_DESCRIPTIONS[dit].label, limit=SINGLE_FILE_ARCHES, kind="unsupported_arch",
-            fix=f"load a diffusers folder of the model ({_DESCRIPTIONS[dit].pipeline_class}.save_pretrained writes one)")
+        return dit
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         sample = ", ".join(sorted(keys)[:3])
         raise BaseModelError(
-            f"{where}: no '{UNET_PREFIX}*' keys, so this is not a full SD/SDXL single-file checkpoint "
+            f"{where}: no '{UNET_PREFIX}*' keys, so this is not a full SD/SDXL single-file checkpoint, and no "
+            f"{', '.join(repr(b + 'N.') for b in _DIT_BLOCKS)} keys, so not a Flux / SD3.5 transformer either "
             f"(first keys: {sample}). A LoRA or a diffusers-format weights file?", value=sample,
             fix="load a diffusers folder by its directory, or a complete original-layout .safetensors checkpoint"
         )
@@ -194,7 +193,7 @@ def detect_checkpoint_arch(keys: Iterable[str], where: str) -> str:
 
 
 def detect_file_arch(path: str | Path) -> str:
-    """"sd15" or "sdxl" for a single-file .safetensors checkpoint, reading only its header (checked
+    """"sd15", "sdxl", "flux" or "sd3" for a single-file .safetensors checkpoint, reading only its header (checked
     as strictly as a LoRA's: see bases.checks)."""
     from .checks import weights_header
 

@@ -311,10 +311,12 @@ class CheckedFolder:
     shapes: dict[str, tuple]
 
 
-def check_folder(folder: Path, weights: bool = True) -> CheckedFolder:
+def check_folder(folder: Path, weights: bool = True, config_only: Iterable[str] = ()) -> CheckedFolder:
     """Check a diffusers folder (or, with ``weights=False``, a config folder for a single file)
     before diffusers opens it: model_index.json, every JSON and text file, each model config against
-    its weights' headers."""
+    its weights' headers. Components in ``config_only`` (a Flux / SD3.5 single file's transformer,
+    which the file brings) are checked as with ``weights=False`` while the others need weights."""
+    config_only = set(config_only)
     components = check_model_index(folder)
     check_config_files(folder, components)
     check_scheduler_config(folder)
@@ -325,7 +327,7 @@ def check_folder(folder: Path, weights: bool = True) -> CheckedFolder:
         config_path = folder / name / "config.json"
         config = check_model_config(config_path, name)
         shapes = model_shapes(config_path, name, *components[name], config)
-        if weights:
+        if weights and name not in config_only:
             found = [weights_header(path) for path in weight_files(folder, name)]
             check_budget(config_path, f"the {name}", shapes,
                          (info for header in found for info in header.tensors.values()), found[0].path)

@@ -1,7 +1,7 @@
 """Write a pipeline out in the forms `load_base` reads: a diffusers folder, a single-file
-checkpoint in the original SD/SGM key layout (what A1111, ComfyUI and diffusers' ``from_single_file``
-load; the SaveCheckpoint node), and a config skeleton (JSON + tokenizers, no weights) that
-single-file loading needs to stay offline.
+checkpoint in the original key layout (SD/SGM, or a Flux / SD3.5 transformer's BFL / MMDiT names:
+what A1111, ComfyUI and diffusers' ``from_single_file`` load; the SaveCheckpoint node), and a
+config skeleton (JSON + tokenizers, no weights) that single-file loading needs to stay offline.
 
 Every writer goes through `atomic`: the output is built beside the target and renamed into place,
 so a crash never leaves a half-written model that a later load would take for a whole one.
@@ -13,7 +13,8 @@ from pathlib import Path
 from ..atomic import TargetExistsError, atomic_dir
 from ..lora.writers import atomic_save
 from . import arch as arch_mod
-from . import ldm_keys
+from ..lora.arches import ARCHES
+from . import dit_file, ldm_keys
 from .arch import BaseModelError
 
 SINGLE_FILE_FORMAT = "loraloom-single-file"
@@ -52,9 +53,12 @@ def save_config_skeleton(pipe, folder: str | Path) -> Path:
 
 
 def save_single_file(pipe, path: str | Path) -> Path:
-    """Save `pipe` as one .safetensors checkpoint with the original SD1.5 (LDM) / SDXL (SGM) key
-    names; weights keep their dtype. Returns the path. Load it with `load_base(path, config=...)`
-    and a config folder (see save_config_skeleton)."""
+    """Save `pipe` as one .safetensors checkpoint with the original key names: the whole SD1.5
+    (LDM) / SDXL (SGM) pipeline; for Flux and SD3.5 the transformer alone (BFL / MMDiT names, as
+    flux1-dev.safetensors ships and ComfyUI's diffusion-model loader reads). Weights keep their
+    dtype. Returns the path. Load it with `load_base(path, config=...)` and a config folder (see
+    save_config_skeleton; for Flux / SD3.5 a diffusers folder, which brings the text encoders and
+    VAE)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise BaseModelError("single-file checkpoints are written as .safetensors.", file=path, value=path.suffix,
@@ -63,7 +67,10 @@ def save_single_file(pipe, path: str | Path) -> Path:
         raise TargetExistsError("already exists.", file=path, value="a file" if path.is_file() else "a folder",
                                 limit="a new name", fix="choose a new path or remove it first")
     arch = arch_mod.detect_pipeline_arch(pipe)
-    tensors = ldm_keys.pipeline_to_original(pipe, arch)
+    if ARCHES[arch].denoiser == "transformer":
+        tensors = dit_file.to_original(pipe.transformer.state_dict(), arch)
+    else:
+        tensors = ldm_keys.pipeline_to_original(pipe, arch)
     return atomic_save(tensors, path, {"format": "pt", "writer": SINGLE_FILE_FORMAT, "arch": arch})
 
 

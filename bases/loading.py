@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..graph_runtime import file_fingerprint
+from ..lora.arches import ARCHES
 from . import arch as arch_mod
 from .arch import BaseModelError
 from . import checks, devices, presets
@@ -26,8 +27,8 @@ from . import checks, devices, presets
 class LoadedBase:
     """A loaded base model.
 
-    pipeline: the diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline).
-    arch: "sd15" or "sdxl". dtype / device: where its weights live.
+    pipeline: the diffusers pipeline (of lora.arches' pipeline_class for its arch).
+    arch: "sd15", "sdxl", "flux" or "sd3". dtype / device: where its weights live.
     fingerprint: "preset:<name>@<version>" for presets; "folder:sha256:<hex>" or
         "single-file:sha256:<hex>+config:sha256:<hex>" (content hashes, memoised on path, size
         and mtime by graph_runtime's file_fingerprint) for files, so it changes exactly when the weights
@@ -60,7 +61,7 @@ def _extra_kwargs(arch: str) -> dict[str, Any]:
     return {"safety_checker": None, "requires_safety_checker": False} if arch == "sd15" else {}
 
 
-def _own_memory(pipe, checked: list) -> None:
+def _own_memory(pipe, checked: list, skip: torch.nn.Module | None = None) -> None:
     """Give every CPU weight memory the process owns, each byte read once and held once.
 
     safetensors loads leave CPU tensors as views into the memory-mapped file: a later rewrite of
@@ -74,11 +75,13 @@ def _own_memory(pipe, checked: list) -> None:
     which bytes is read from the process's own memory map (Linux's /proc/self/maps: the file's
     device and inode, and the offset in it), never guessed from names. Anything else is copied on
     its own, as are the weights of a file the pipeline views less than 90% of (its buffer would hold
-    the rest for nothing). On other devices `.to()` already copied them.
+    the rest for nothing). On other devices `.to()` already copied them. ``skip``: a component whose
+    weights are already in owned memory (a transformer read from a single file).
     """
     from ..lora.safefile import read_checked_file
 
-    tensors = {id(t): t for component in pipe.components.values() if isinstance(component, torch.nn.Module)
+    tensors = {id(t): t for component in pipe.components.values()
+               if isinstance(component, torch.nn.Module) and component is not skip
                for t in itertools.chain(component.parameters(), component.buffers()) if t.device.type == "cpu"}
     for header, placed in _file_views(list(tensors.values()), checked):
         owned = read_checked_file(header, checks.CHECKPOINT)
@@ -166,12 +169,27 @@ class BaseIdentity:
 _checked_folders: dict[tuple[str, str], checks.CheckedFolder] = {}
 
 
-def _check_folder(path: Path, fingerprint: str, weights: bool = True) -> checks.CheckedFolder:
+def _check_folder(path: Path, fingerprint: str, weights: bool = True, config_only: tuple[str, ...] = ()
+                  ) -> checks.CheckedFolder:
     """checks.check_folder, remembered by content fingerprint: a folder is checked once per content."""
-    key = (os.path.realpath(path), f"{fingerprint}:{weights}")
+    key = (os.path.realpath(path), f"{fingerprint}:{weights}:{','.join(config_only)}")
     if key not in _checked_folders:
-        _checked_folders[key] = checks.check_folder(path, weights)
+        _checked_folders[key] = checks.check_folder(path, weights, config_only)
     return _checked_folders[key]
+
+
+def _is_dit(arch: str) -> bool:
+    return ARCHES[arch].denoiser == "transformer"
+
+
+def _config_check(config: Path, arch: str) -> checks.CheckedFolder:
+    """The config folder of a single file, checked. A Flux / SD3.5 file holds the transformer alone
+    (as flux1-dev.safetensors ships), so the folder must bring every other component's weights and
+    only the transformer's config; an SD1.5 / SDXL file holds the whole pipeline."""
+    if _is_dit(arch):
+        _check_weights_of(config, ("transformer",))  # before the fingerprint, which then reads nothing again
+        return _check_folder(config, file_fingerprint(config), weights=True, config_only=("transformer",))
+    return _check_folder(config, file_fingerprint(config), weights=False)
 
 
 def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path]:
@@ -186,6 +204,13 @@ def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path
     header = checks.weights_header(path)
     arch = arch_mod.detect_checkpoint_arch(header.tensors, str(path))
     if config is None:
+        if _is_dit(arch):
+            raise BaseModelError(
+                f"single-file checkpoint {path} holds a {ARCHES[arch].label} transformer alone; it needs a config "
+                "folder with the transformer's config and the text encoders, tokenizers and VAE (loading is "
+                "offline, so they cannot come from the Hugging Face hub).",
+                fix=f"pass config=<folder>: a diffusers folder of a {ARCHES[arch].label} pipeline "
+                    f"({ARCHES[arch].pipeline_class}.save_pretrained writes one; its transformer weights may be absent)")
         raise BaseModelError(
             f"single-file checkpoint {path} needs a config folder: its configs and tokenizers would "
             f"otherwise come from the Hugging Face hub, and loading is offline.",
@@ -203,18 +228,20 @@ def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path
             f"single-file checkpoint {path} is {arch}, but config folder {config} describes {config_arch}.",
             value=config_arch, limit=arch, fix=f"pass a config folder of an {arch} pipeline"
         )
-    shapes = _check_folder(config, file_fingerprint(config), weights=False).shapes
-    checks.check_budget(config, "the pipeline", shapes, header.tensors.values(), path)
+    shapes = _config_check(config, arch).shapes
+    checks.check_budget(config, f"the {'transformer' if _is_dit(arch) else 'pipeline'}", shapes,
+                        header.tensors.values(), path)
     return arch, config
 
 
-def _check_weights_of(folder: Path) -> None:
+def _check_weights_of(folder: Path, config_only: tuple[str, ...] = ()) -> None:
     """Check every value of a diffusers folder's weights files on the read that also hashes each
     (``check_weights`` remembers the digest): the folder's fingerprint then reads no weights file
-    again, and ``load_base`` finds them checked. One read of each file for both, not two."""
+    again, and ``load_base`` finds them checked. One read of each file for both, not two.
+    Components in ``config_only`` (a single file's transformer) need no weights here."""
     components = checks.check_model_index(folder)
     for name in checks.MODEL_COMPONENTS:
-        if components.get(name, (None, None)) != (None, None):
+        if name not in config_only and components.get(name, (None, None)) != (None, None):
             for path in checks.weight_files(folder, name):
                 checks.check_weights(path)
 
@@ -261,6 +288,40 @@ def identify_base(
     )
 
 
+def _transformer_from_file(header, identity: BaseIdentity) -> torch.nn.Module:
+    """The Flux / SD3.5 transformer of an original-layout single file (checked header ``header``):
+    the checked bytes read into owned memory, renamed and split to diffusers' keys (bases.dit_file),
+    every key and shape compared with the model the config folder describes, then placed into that
+    model (built on the meta device, so nothing is allocated twice). diffusers' own single-file
+    loader is not used: its Flux converter assumes the real model's width (see bases.dit_file)."""
+    import diffusers
+
+    from ..lora.safefile import read_checked_file
+    from . import dit_file
+
+    path = Path(identity.source)
+    state = dit_file.to_diffusers(read_checked_file(header, checks.CHECKPOINT), identity.arch, str(path))
+    cls = getattr(diffusers, ARCHES[identity.arch].denoiser_class)
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(identity.config / "transformer", local_files_only=True))
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    for key in sorted(set(expected) ^ set(state)):
+        where = "lacks" if key in expected else "has, and the config's model has no,"
+        raise BaseModelError(
+            f"{path}: the file {where} transformer weight {key!r} ({len(state)} weights in the file, {len(expected)} "
+            f"in the model of {identity.config}): file and config are of different models.", file=path, key=key,
+            value=len(state), limit=len(expected), kind="config_mismatch",
+            fix="use the config folder that came with these weights")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise BaseModelError(
+                f"{path}: transformer weight {key!r} has shape {list(state[key].shape)}; the config in "
+                f"{identity.config} describes {list(shape)}.", file=path, key=key, value=list(state[key].shape),
+                limit=list(shape), kind="config_mismatch", fix="use the config folder that came with these weights")
+    model.load_state_dict({key: value.to(identity.dtype) for key, value in state.items()}, strict=True, assign=True)
+    return model.eval()
+
+
 def load_base(
     source: str | Path,
     dtype: str | torch.dtype = "auto",
@@ -270,9 +331,12 @@ def load_base(
     """Load a base model, offline.
 
     source: a preset name (see presets.PRESETS), a diffusers folder (model_index.json inside), or a
-        single-file .safetensors checkpoint in the original SD1.5 / SDXL layout.
+        single-file .safetensors checkpoint in the original layout: SD1.5 (LDM) / SDXL (SGM) whole
+        pipelines; Flux (BFL names, bare or under ComfyUI's "model.diffusion_model.") / SD3.5
+        (MMDiT names) transformers alone.
     config: for a single file only, the local folder with model_index.json, component configs and
-        tokenizers (a diffusers folder of the same architecture, or a config skeleton).
+        tokenizers (a diffusers folder of the same architecture, or a config skeleton); for a Flux /
+        SD3.5 transformer file it must hold the text encoders' and VAE's weights too.
     dtype: "auto" | "fp32" | "fp16" | "bf16"; device: "auto" | "cpu" | "cuda" | "cuda:N".
         "auto" means cuda + fp16 when CUDA is available, else cpu + fp32.
     """
@@ -289,12 +353,20 @@ def load_base(
         weights = [header.path for header in checked.headers]
     else:
         weights = [Path(identity.source)]
+        if _is_dit(identity.arch):
+            weights += [header.path for header in _config_check(identity.config, identity.arch).headers]
     scanned = [checks.check_weights(path) for path in weights]
+    own = None
     try:
         if identity.kind == "folder":
             pipe = cls.from_pretrained(identity.source, use_safetensors=True, **common)
+        elif _is_dit(identity.arch):
+            own = _transformer_from_file(scanned[0], identity)
+            pipe = cls.from_pretrained(identity.config, transformer=own, use_safetensors=True, **common)
         else:
             pipe = cls.from_single_file(identity.source, config=str(identity.config), **common)
+    except BaseModelError:
+        raise
     except Exception as exc:  # what the checks above could not foresee: the library's own words, as ours
         raise BaseModelError(f"diffusers could not load this base: {type(exc).__name__}: {str(exc)[:500]}",
                              file=identity.source, value=type(exc).__name__, kind="load_failed") from None
@@ -305,6 +377,6 @@ def load_base(
         raise BaseModelError(f"{identity.source}: files describe {identity.arch} but diffusers built a {loaded_arch} "
                              "pipeline", value=loaded_arch, limit=identity.arch)
     pipe = pipe.to(identity.device)
-    _own_memory(pipe, scanned)
+    _own_memory(pipe, scanned, skip=own)
     pipe.set_progress_bar_config(disable=True)  # progress goes through the runtime's events
     return LoadedBase(pipe, identity.arch, identity.dtype, identity.device, identity.fingerprint, identity.source)

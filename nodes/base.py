@@ -28,13 +28,14 @@ def _base_fingerprint(inputs: dict, f) -> str | None:
       inputs=[Combo("source", list_bases, "tiny-sdxl", tooltip="a built-in preset, a diffusers folder or a "
                     ".safetensors checkpoint under the models folder"),
               Combo("config", list_config_folders, "auto", tooltip="single-file checkpoints only: the diffusers "
-                    "folder (or config skeleton) whose configs and tokenizers to use"),
+                    "folder (or config skeleton) whose configs and tokenizers to use; for a Flux / SD3.5 "
+                    "transformer file, a diffusers folder that brings the text encoders and VAE"),
               Combo("dtype", ["auto", "fp32", "fp16", "bf16"], "auto", tooltip="auto: fp16 on a GPU, fp32 on CPU"),
               Combo("device", ["auto", "cpu", "cuda"], "auto")],
       outputs=[Output(MODEL, "model")], fingerprint=_base_fingerprint)
 class LoadBase:
-    """Load a base model (SD1.5 or SDXL). The live pipeline stays in the model pool; the wire
-    carries a recipe of the plain base."""
+    """Load a base model (SD1.5, SDXL, Flux or SD3.5). The live pipeline stays in the model pool;
+    the wire carries a recipe of the plain base."""
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:

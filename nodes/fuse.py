@@ -43,8 +43,9 @@ class Fuse:
               Boolean("channels_last", False, tooltip="NHWC memory layout (faster convolutions on GPUs)")],
       outputs=[Output(MODEL, "model")])
 class Compile:
-    """torch.compile the UNet once per base and options. Later weight changes, LoRA swaps and re-fusing
-    write the weights in place and do not recompile."""
+    """torch.compile the denoiser (the UNet of SD1.5 / SDXL, the transformer of Flux / SD3.5) once
+    per base and options. Later weight changes, LoRA swaps and re-fusing write the weights in place
+    and do not recompile."""
 
     def execute(self, model, mode, fullgraph, dynamic, channels_last):
         from ..bases.pool import CompileOptions

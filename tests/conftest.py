@@ -81,8 +81,9 @@ def tiny_any(request, tiny_pipeline):
 @pytest.fixture(scope="session")
 def tiny_model_files(tmp_path_factory):
     """Factory: `tiny_model_files(preset name)` -> dict of paths to that preset written as a
-    diffusers folder ("folder"), its config skeleton ("config") and, for UNet presets, a single-file
-    checkpoint in the original SD/SGM layout ("single_file"). Written once per session; read-only."""
+    diffusers folder ("folder"), its config skeleton ("config") and a single-file checkpoint in the
+    original layout ("single_file": the whole SD/SGM pipeline; a Flux / SD3.5 transformer alone).
+    Written once per session; read-only."""
     from loraloom.bases import export
 
     written: dict[str, dict[str, object]] = {}
@@ -95,8 +96,7 @@ def tiny_model_files(tmp_path_factory):
                 "folder": export.save_diffusers_folder(pipe, root / f"{name}-diffusers"),
                 "config": export.save_config_skeleton(pipe, root / f"{name}-config"),
             }
-            if name in presets.preset_names("unet"):
-                written[name]["single_file"] = export.save_single_file(pipe, root / f"{name}.safetensors")
+            written[name]["single_file"] = export.save_single_file(pipe, root / f"{name}.safetensors")
         return dict(written[name])
 
     return files

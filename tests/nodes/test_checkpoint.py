@@ -66,3 +66,23 @@ def test_prefix_outside_the_output_folder_is_refused(runtime):
 
     with pytest.raises(ValidationError, match="filename_prefix"):
         runtime.run(checkpoint_workflow("tiny-sd15", runtime.names["tiny-sd15/kohya"], prefix="../escape"))
+
+
+@pytest.mark.parametrize("preset", presets.preset_names("transformer"))
+def test_dit_checkpoint_is_the_fused_transformer_and_loads_back_bit_exactly(runtime, tmp_path, preset):
+    """On Flux / SD3.5 the file holds the transformer alone, in the original layout; LoadBase reads it
+    with a diffusers folder that brings the text encoders and VAE."""
+    from loraloom.bases import load_base
+
+    result = runtime.run(checkpoint_workflow(preset, runtime.names[f"{preset}/kohya"]))
+    path = tmp_path / "out" / "checkpoints" / "fused_00001_.safetensors"
+    fused = pool_from(runtime.resources).pipeline(result.value("4"))
+    plain = presets.build_pipeline(preset, dtype="fp32", device="cpu")
+    loaded = load_base(path, config=export.save_diffusers_folder(plain, tmp_path / "config"), dtype="fp32",
+                       device="cpu").pipeline
+    want, got = fused.transformer.state_dict(), loaded.transformer.state_dict()
+    assert want.keys() == got.keys() and not [k for k in want if not torch.equal(want[k], got[k])]
+    assert [k for k, v in plain.transformer.state_dict().items() if not torch.equal(v, want[k])], "fused weights"
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["arch"] == presets.PRESETS[preset].arch
+        assert not [k for k in f.keys() if k.startswith(("vae.", "text_encoder", "first_stage_model."))]

@@ -50,3 +50,32 @@ def test_saved_folder_and_files_get_the_modes_the_umask_gives(runtime, tmp_path)
         assert saved in modes, "\n".join(sorted(modes))
     wrong = {name: f"{mode:o}" for name, mode in modes.items() if mode != (0o755 if (out / name).is_dir() else 0o644)}
     assert not wrong, f"folders must be 755 and files 644 under umask 022: {wrong}"
+
+
+def test_saved_flux_pipeline_loads_in_diffusers_and_samples_as_the_fused_model(runtime, tmp_path):
+    """diffusers' own FluxPipeline.from_pretrained reads the SavePipeline folder of a fused tiny-flux
+    (no LoRA Loom code on the way back) and samples what the Sample node samples from the recipe."""
+    from diffusers import FluxPipeline
+
+    prompt = "a photo of a cat"
+    wf = {
+        "1": {"class_type": "LoadBase", "inputs": {"source": "tiny-flux", "dtype": "fp32", "device": "cpu"}},
+        "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": runtime.names["tiny-flux/kohya"]}},
+        "3": {"class_type": "WeightedBlend", "inputs": {"model": ["1", 0], "lora": ["2", 0], "weight": 0.8}},
+        "4": {"class_type": "Fuse", "inputs": {"model": ["3", 0]}},
+        "5": {"class_type": "SavePipeline", "inputs": {"model": ["4", 0], "filename_prefix": "pipes/flux"}},
+        "6": {"class_type": "Sample", "inputs": {"model": ["4", 0], "prompt": prompt, "steps": 2, "guidance": 3.5,
+                                                 "width": 64, "height": 64}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+        "8": {"class_type": "Sample", "inputs": {"model": ["1", 0], "prompt": prompt, "steps": 2, "guidance": 3.5,
+                                                 "width": 64, "height": 64}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    result = runtime.run(wf)
+    ref = result.outputs["5"]["pipelines"][0]
+    pipe = FluxPipeline.from_pretrained(tmp_path / "out" / ref["subfolder"] / ref["filename"], local_files_only=True)
+    image = pipe(prompt=prompt, num_inference_steps=2, width=64, height=64, guidance_scale=3.5,
+                 generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images.permute(0, 2, 3, 1)
+    assert torch.allclose(image, result.value("6"), atol=1e-5), \
+        f"the saved pipeline samples what the recipe samples: {(image - result.value('6')).abs().max():.2e} off"
+    assert not torch.allclose(result.value("6"), result.value("8"), atol=1e-3), "the LoRA must change the image"
