@@ -13,6 +13,8 @@ svd and cat only, a 64 MiB checkpoint in row 7, the tiny-sdxl preset as a folder
 a CPU). It exists to keep the suite working; nothing asserts on timings. Without ``--quick`` the
 suite takes about 13 minutes on a 2-core CPU with a warm inductor cache, about 6 minutes more the
 first time (row 4 compiles its graphs into ~/.cache/loraloom/bench-inductor; see bench_compile.py).
+The Flux rows 11-13 add about 15 minutes (row 11's guide takes peft's full SVD of one module per
+shape, ~5 minutes) and 1-3 minutes to ``--quick``.
 
 Torch threads are set deliberately (``--threads``, default 1: on a shared 2-core machine one thread
 gave the steadiest ratios), through each row's ``--threads`` flag and OMP_NUM_THREADS for rows
