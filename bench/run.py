@@ -321,14 +321,14 @@ def lines_loading(f: dict) -> list:
 def lines_flux_loading(f: dict) -> list:
     out = []
     for fmt, r in f["formats"].items():
-        o, d = r["tasks"]["ours-parse"], r["tasks"]["diffusers-parse"]
+        o, d = r["tasks"]["ours-parse-known"], r["tasks"]["diffusers-parse"]
         ours = f"{o['seconds']:.3g} s, {o['peak_rss_mb']:.0f} MiB"
         if d["error"]:
-            out.append((f"{fmt} ({r['file_mib']:.0f} MiB): read + check vs lora_state_dict", ours,
+            out.append((f"{fmt} ({r['file_mib']:.0f} MiB): read + check (hash known) vs lora_state_dict", ours,
                         f"fails ({d['error'][:40]})", "", INFO, INFO))
             continue
         time_ratio, rss_ratio = o["seconds"] / d["seconds"], o["peak_rss_mb"] / max(d["peak_rss_mb"], 1e-9)
-        out.append((f"{fmt} ({r['file_mib']:.0f} MiB): read + check vs lora_state_dict", ours,
+        out.append((f"{fmt} ({r['file_mib']:.0f} MiB): read + check (hash known) vs lora_state_dict", ours,
                     f"{d['seconds']:.3g} s, {d['peak_rss_mb']:.0f} MiB", f"time {time_ratio:.3g}x, RSS {rss_ratio:.3g}x",
                     INFO, INFO))
     return out
