@@ -309,14 +309,14 @@ def _dit_te(spec: BaseSpec) -> list[tuple[str, str]]:
     return chosen
 
 
-def _xlabs_tensors(spec: BaseSpec, seed: int) -> dict[str, torch.Tensor]:
+def _xlabs_tensors(spec: BaseSpec, seed: int, rank: int | None = None, every_block: bool = False) -> dict[str, torch.Tensor]:
     """An XLabs Flux LoRA (x-flux's processor names, no alpha: x-flux applies up @ down as is)."""
     procs = {"img_attn.qkv": "qkv_lora1", "txt_attn.qkv": "qkv_lora2", "img_attn.proj": "proj_lora1",
              "txt_attn.proj": "proj_lora2", "linear2": "proj_lora"}  # fmt: skip
     have = spec.components["transformer"]
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for index, (name, targets, shape) in enumerate(_dit_originals(spec, "flux")):
+    for index, (name, targets, shape) in enumerate(_dit_originals(spec, "flux", every_block)):
         if not name.startswith(("double_blocks.", "single_blocks.")):
             continue  # x-flux has LoRA processors in the blocks only
         blocks, number, inner = name.split(".", 2)
@@ -325,13 +325,14 @@ def _xlabs_tensors(spec: BaseSpec, seed: int) -> dict[str, torch.Tensor]:
         proc = procs.get(inner, "qkv_lora" if inner == "linear1_qkv" else None)
         if proc is None:
             continue
-        module = _lora_module(gen, shape, index)
+        module = _lora_module(gen, shape, index, rank)
         out[f"{blocks}.{number}.processor.{proc}.down.weight"] = module.down
         out[f"{blocks}.{number}.processor.{proc}.up.weight"] = module.up
     return out
 
 
-def write_dit_fixtures(out_dir: str | Path, spec: BaseSpec, arch: str, name: str, seed: int = 0) -> dict[str, Path]:
+def write_dit_fixtures(out_dir: str | Path, spec: BaseSpec, arch: str, name: str, seed: int = 0,
+                       rank: int | None = None, every_block: bool = False) -> dict[str, Path]:
     """Write the fixture LoRAs of a Flux (`arch` "flux") or SD3 ("sd3") base, given as a `BaseSpec`
     with a "transformer" component (and text encoders), one file per format of `DIT_FORMATS`, as
     ``<name>-<format>.safetensors``; return ``{"<name>/<format>": path}``. Deterministic.
@@ -344,6 +345,10 @@ def write_dit_fixtures(out_dir: str | Path, spec: BaseSpec, arch: str, name: str
     - ``xlabs`` (Flux): XLabs' processor LoRAs on the double blocks' qkv / proj and the single
       blocks' qkv / linear2;
     - ``loha`` / ``lokr`` (Flux): LyCORIS modules on the original modules, kohya names.
+
+    `rank`: every LoRA module of that rank instead (LyCORIS modules keep theirs); `every_block`:
+    modules in every block of the base, not only in blocks 0, 1, 10 and the last. The benchmarks
+    write real-size files with them.
     """
     from .lora.writers import to_original_state_dict, write_diffusers
 
@@ -353,24 +358,27 @@ def write_dit_fixtures(out_dir: str | Path, spec: BaseSpec, arch: str, name: str
     def target(fmt: str) -> Path:
         return out_dir / f"{name}-{fmt}.safetensors"
 
+    def lora_module(gen: torch.Generator, shape: tuple[int, ...], index: int) -> LoRAModule:
+        return _lora_module(gen, shape, index, rank)
+
     for index, fmt in enumerate(DIT_FORMATS[arch]):
         fmt_seed = seed * 1000 + 500 + index
         if fmt == "diffusers":
-            chosen = [("transformer", t.path) for _, targets, _ in _dit_originals(spec, arch) for t in targets]
+            chosen = [("transformer", t.path) for _, targets, _ in _dit_originals(spec, arch, every_block) for t in targets]
             chosen += _dit_te(spec)
-            written[f"{name}/{fmt}"] = write_diffusers(_make(spec, chosen, fmt_seed, _lora_module, fmt), target(fmt))
+            written[f"{name}/{fmt}"] = write_diffusers(_make(spec, chosen, fmt_seed, lora_module, fmt), target(fmt))
         elif fmt in ("kohya", "comfyui"):
-            lora = _fused_lora(spec, arch, fmt_seed, _lora_module, fmt)
+            lora = _fused_lora(spec, arch, fmt_seed, lora_module, fmt, every_block=every_block)
             if fmt == "kohya":
                 written[f"{name}/{fmt}"] = write_kohya(lora, target(fmt), arch=arch)
             else:
                 tensors, _ = to_original_state_dict(lora, arch=arch, naming="comfyui")
                 written[f"{name}/{fmt}"] = atomic_save(tensors, target(fmt), {"format": "pt"})
         elif fmt == "xlabs":
-            written[f"{name}/{fmt}"] = atomic_save(_xlabs_tensors(spec, fmt_seed), target(fmt), {"format": "pt"})
+            written[f"{name}/{fmt}"] = atomic_save(_xlabs_tensors(spec, fmt_seed, rank, every_block), target(fmt), {"format": "pt"})
         else:
             maker = _loha_module if fmt == "loha" else _lokr_module
-            lora = _fused_lora(spec, arch, fmt_seed, maker, fmt, te=False)
+            lora = _fused_lora(spec, arch, fmt_seed, maker, fmt, te=False, every_block=every_block)
             written[f"{name}/{fmt}"] = write_kohya(lora, target(fmt), arch=arch)
     return written
 

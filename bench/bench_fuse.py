@@ -30,7 +30,13 @@ layer of down_blocks.2 and mid_block.resnets.0 (every distinct LoRA layer kind a
 inside the time budget: the rounding error is per element, so more modules of the same shapes change
 the time, not the figure. ``--restore-scope full`` runs them on every target.
 
-    python bench/bench_fuse.py [--quick] [--scales tiny,sdxl] [--threads 1] [--rounds 2] [--latent 32]
+Scale ``flux`` (``--scales flux``; not in the default set): the restore cycles only, in bf16, on a
+Flux transformer of FLUX.1 dev's width with 2 double-stream and 2 single-stream blocks (random
+weights; every attention and MLP linear of those blocks, `common.FLUX_TARGETS`: 34 modules, all
+four real Flux LoRA shapes), ours vs diffusers' fuse_lora / unfuse_lora on the same transformer;
+the LoRAs loaded through FluxPipeline's own loader. With ``--quick``, the same blocks at a tiny width.
+
+    python bench/bench_fuse.py [--quick] [--scales tiny,sdxl,flux] [--threads 1] [--rounds 2] [--latent 32]
                                [--patch-only] [--edit-threads 1,2] [--gpu] [--json OUT]
 
 ``--edit-threads``: after the before/after edits, our weight edit and a sampling step side by side
@@ -50,9 +56,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (add_common_args, load_into_diffusers, lora_targets, machine, median, pool_for,  # noqa: E402
-                    random_lora, reset_peak, sdxl_device_dtype, sdxl_unet, setup_threads, status_kb, timed,
-                    unet_inputs, write_json)
+from common import (FLUX_DEV, FLUX_QUICK, add_common_args, flux_transformer, load_into_diffusers,  # noqa: E402
+                    lora_targets, machine, median, pool_for, random_lora, reset_peak, sdxl_device_dtype, sdxl_unet,
+                    setup_threads, status_kb, timed, unet_inputs, write_json)
 
 WEIGHTS = (1.0, 0.8)
 # One transformer layer and one resnet at each width (640, 1280), their attention's proj_in/out.
@@ -60,7 +66,9 @@ RESTORE_SUBSET = ("down_blocks.1.attentions.0.", "down_blocks.1.resnets.0.",
                   "down_blocks.2.attentions.0.transformer_blocks.0.", "mid_block.resnets.0.")
 
 
-SCALES = {"tiny": "tiny-sdxl UNet", "sdxl": "real SDXL UNet, random weights"}
+SCALES = {"tiny": "tiny-sdxl UNet", "sdxl": "real SDXL UNet, random weights",
+          "flux": "Flux transformer, 2 double + 2 single blocks at FLUX.1 dev's width, random weights"}
+FLUX_BLOCKS = {"num_layers": 2, "num_single_layers": 2}  # the restore cycles' blocks: every real Flux LoRA shape
 
 
 def _config(scale: str):
@@ -273,10 +281,14 @@ def _max_abs(weights: dict, reference: dict) -> float:
     return max(float((weights[p].detach().float() - reference[p].float()).abs().max()) for p in reference)
 
 
-def restore_errors(scale: str, whole: bool, cycles: int, device, dtype) -> dict:
-    """Fuse both LoRAs and restore, `cycles` times, ours then diffusers', on a fresh UNet; on every
-    LoRA target (`whole`) or on RESTORE_SUBSET."""
-    unet = sdxl_unet(dtype, device, _config(scale))
+def restore_errors(scale: str, whole: bool, cycles: int, device, dtype, quick: bool = False) -> dict:
+    """Fuse both LoRAs and restore, `cycles` times, ours then diffusers', on a fresh UNet (Flux
+    transformer blocks for scale "flux", tiny ones when `quick`); on every LoRA target (`whole`) or
+    on RESTORE_SUBSET."""
+    if scale == "flux":
+        unet = flux_transformer((FLUX_QUICK if quick else FLUX_DEV) | FLUX_BLOCKS, device, dtype, seed=0)
+    else:
+        unet = sdxl_unet(dtype, device, _config(scale))
     scope = [p for p in lora_targets(unet) if whole or p.startswith(RESTORE_SUBSET)]
     loras = [random_lora(unet, 32, 16.0, 1, dtype, paths=set(scope)), random_lora(unet, 16, 16.0, 2, dtype, paths=set(scope))]
     layers = {p: unet.get_submodule(p) for p in scope}
@@ -287,7 +299,8 @@ def restore_errors(scale: str, whole: bool, cycles: int, device, dtype) -> dict:
     original = {p: w.detach().clone() for p, w in weights().items()}
     touched = sum(w.numel() for w in original.values())
     out = {"dtype": str(dtype).replace("torch.", ""), "modules": len(scope), "weights_touched": touched,
-           "cycles": cycles, "scope": "every LoRA target" if whole else "one transformer layer and resnet per width"}
+           "cycles": cycles, "scope": ("every LoRA target" if whole else "one transformer layer and resnet per width")
+           + (" of 2 double + 2 single blocks" if scale == "flux" else "")}
     pool, handle = pool_for(unet, f"restore-{out['dtype']}")
     fused = _recipe(handle, loras, WEIGHTS)
     ours_errors, ours_fused, ours_times = {}, None, []
@@ -327,6 +340,8 @@ def restore_errors(scale: str, whole: bool, cycles: int, device, dtype) -> dict:
 def report(scale: str, args, threads: int, device, dtype) -> dict:
     import torch
 
+    if scale == "flux":  # the restore cycles only, in bf16 (what Flux checkpoints ship in)
+        return {"scale": SCALES[scale], "restore": {"bfloat16": restore_flux(args, device)}}
     latent = 16 if scale == "tiny" else args.latent
     rounds = args.rounds * 5 if scale == "tiny" else args.rounds  # tiny steps take milliseconds: more rounds
     s = step_times(scale, latent, rounds, device, dtype, args.patch_only, args.edit_threads)
@@ -376,10 +391,25 @@ def report(scale: str, args, threads: int, device, dtype) -> dict:
     return result
 
 
+def restore_flux(args, device) -> dict:
+    import torch
+
+    r = restore_errors("flux", True, args.cycles, device, torch.bfloat16, quick=args.quick)
+    gc.collect()
+    print(f"fuse: {SCALES['flux']}{' (tiny width: --quick)' if args.quick else ''}")
+    print(f"  restore {r['dtype']} ({r['modules']} modules, {r['weights_touched'] / 1e6:.0f}M weights, {r['scope']}): "
+          f"max abs diff after 1 / {r['cycles']} cycles: ours {r['ours_after_1']:.3g} / {r['ours_after_n']:.3g}, "
+          f"diffusers {r['diffusers_after_1']:.3g} / {r['diffusers_after_n']:.3g} (weights up to "
+          f"{r['weight_max_abs']:.3g}); cycle ours {r['ours_cycle_s']:.2f} s, diffusers {r['diffusers_cycle_s']:.2f} s; "
+          f"fused weights ours vs diffusers {r['fused_ours_vs_diffusers_max_abs']:.3g}", flush=True)
+    return r
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, "the tiny-sdxl UNet only (CI)")
-    parser.add_argument("--scales", default="tiny,sdxl", help="tiny, sdxl or both (default: %(default)s; --quick: tiny)")
+    parser.add_argument("--scales", help="tiny, sdxl, flux, comma-separated (default: tiny,sdxl; --quick: tiny; flux: "
+                        "restore cycles only)")
     parser.add_argument("--rounds", type=int, default=2, help="SDXL timing rounds, each plain-other-other-plain "
                         "(default: %(default)s; tiny: 5x as many)")
     parser.add_argument("--latent", type=int, default=32, help="SDXL latent size of the timed step (default: "
@@ -397,7 +427,7 @@ def main(argv=None) -> int:
                         help="the GPU run: SDXL scale on CUDA in fp16 (fails without CUDA), restore cycles skipped, "
                              "backups in host and device memory")
     args = parser.parse_args(argv)
-    scales = ["tiny"] if args.quick else [s.strip() for s in args.scales.split(",") if s.strip()]
+    scales = [s.strip() for s in (args.scales or ("tiny" if args.quick else "tiny,sdxl")).split(",") if s.strip()]
     if args.gpu:
         import torch
 

@@ -15,6 +15,18 @@ compares like for like with diffusers, which hashes nothing. Run: ``python
 bench/bench_lora_loading.py [--quick] [--rank 32] [--rounds 5]``. ``--quick`` (CI): UNet attention
 + text encoder 1 only, no model load, one round, < 60 s. No assertions on timings: it prints
 numbers and ratios.
+
+``--arch flux``: reading a real-shape Flux LoRA in each format the fixture writers write
+(`fixtures.write_dit_fixtures` on the real FLUX.1 dev transformer's modules, built on the meta
+device: every block, rank ``--rank``, fp32 tensors as the writers make them): diffusers (PEFT
+names, metadata), kohya, BFL / ComfyUI (fused qkv and linear1), XLabs, LyCORIS LoHa and LoKr. Per
+format, ``ours-parse`` (read + check against the transformer's modules; with the file's content
+hash, ``ours-parse-known`` with it already known) against diffusers' ``FluxPipeline.lora_state_dict``
+(which converts the non-diffusers layouts; for a file it need not convert it returns the
+safetensors' memory-mapped tensors, read later, when used), interleaved rounds,
+medians; a format diffusers cannot read is reported as its error. ``--quick``: the same blocks at a
+tiny width, one round, every task in this one process (CI: it shows the row works; peak RSS is then
+meaningless). ``--json OUT`` writes the figures (Flux only).
 """
 from __future__ import annotations
 
@@ -27,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import bytes_read, run_measure, status_kb
+from common import FLUX_DEV, FLUX_QUICK, bytes_read, flux_transformer, reset_peak, run_measure, status_kb
 
 UNET_SDXL = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -98,6 +110,84 @@ def make_file(path: Path, rank: int, quick: bool) -> dict:
     return {"modules": lora.n_modules, "write_s": time.perf_counter() - start, "file_bytes": path.stat().st_size}
 
 
+def write_flux_files(folder: Path, rank: int, quick: bool) -> dict[str, Path]:
+    """The fixture writers' Flux LoRA in every format, on every block of the real (or `quick`: tiny)
+    Flux transformer, rank `rank`; {format: path}."""
+    from loraloom.fixtures import write_dit_fixtures
+    from loraloom.lora.match import base_spec
+
+    spec = base_spec({"transformer": flux_transformer(FLUX_QUICK if quick else FLUX_DEV)})
+    written = write_dit_fixtures(folder, spec, "flux", "flux", rank=rank, every_block=True)
+    return {key.split("/", 1)[1]: path for key, path in written.items()}
+
+
+def measure_flux(task: str, path: str, quick: bool) -> dict:
+    """One Flux reading task (fresh subprocess): ours (read + check) or diffusers' lora_state_dict."""
+    import torch  # noqa: F401  (imports before the baseline, so only the task's memory counts)
+    from diffusers import FluxPipeline
+
+    import diffusers.loaders.lora_conversion_utils  # noqa: F401  (lazy imports outside the timing)
+    from loraloom.lora.match import base_spec, check_lora
+    from loraloom.lora.readers import read_lora
+
+    spec = base_spec({"transformer": flux_transformer(FLUX_QUICK if quick else FLUX_DEV)})
+    known = None
+    if task == "ours-parse-known":  # hashed before the baseline, as the runtime does for its cache key
+        from loraloom.graph_runtime import file_fingerprint
+
+        known = file_fingerprint(path)
+    reset_peak()  # building the spec peaked above where it settles: the task's own peak from here
+    base_rss, base_read = status_kb("VmRSS"), bytes_read()
+    start = time.perf_counter()
+    error = None
+    if task.startswith("ours-parse"):
+        lora = read_lora(path, known_fingerprint=known)
+        check_lora(lora, spec)
+        modules = lora.n_modules
+    else:
+        try:
+            out = FluxPipeline.lora_state_dict(path)
+            modules = len(out[0] if isinstance(out, tuple) else out)
+        except Exception as exc:  # noqa: BLE001  (the figure is that diffusers fails, and how)
+            error, modules = f"{type(exc).__name__}: {str(exc)[:200]}", 0
+    seconds = time.perf_counter() - start
+    peak = status_kb("VmHWM")
+    return {"task": task, "seconds": seconds, "peak_rss_mb": max(0, peak - base_rss) / 1024,
+            "bytes_read": bytes_read() - base_read, "modules": modules, "error": error}  # modules: diffusers' tensors
+
+
+def flux_main(args) -> int:
+    """Every Flux format: ours-parse vs diffusers-parse, interleaved rounds, medians."""
+    rounds = 1 if args.quick else args.rounds
+    figures = {"arch": "flux", "rank": args.rank, "rounds": rounds, "formats": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        files = write_flux_files(Path(tmp), args.rank, args.quick)
+        print(f"Flux LoRAs ({'tiny width' if args.quick else 'FLUX.1 dev shapes'}, every block, rank {args.rank}, "
+              f"fp32): {len(files)} formats written in {time.perf_counter() - start:.1f} s", flush=True)
+        runs: dict = {fmt: {"ours-parse": [], "ours-parse-known": [], "diffusers-parse": []} for fmt in files}
+        for _ in range(rounds):
+            for fmt, path in files.items():
+                for task in runs[fmt]:
+                    # --quick (CI) runs the tasks in this process: it shows the row works, its peak RSS means nothing
+                    runs[fmt][task].append(measure_flux(task, str(path), True) if args.quick else
+                                           run_measure(__file__, [task, str(path), "--arch", "flux"]))
+        for fmt, tasks in runs.items():
+            med = {task: {key: statistics.median(r[key] for r in results) for key in ("seconds", "peak_rss_mb", "bytes_read")}
+                   | {"modules": results[0]["modules"], "error": results[0]["error"]} for task, results in tasks.items()}
+            mib = files[fmt].stat().st_size / 2**20
+            figures["formats"][fmt] = {"file_mib": mib, "tasks": med}
+            o, k, d = med["ours-parse"], med["ours-parse-known"], med["diffusers-parse"]
+            print(f"  {fmt:<10} {mib:7.1f} MiB  ours {o['seconds']:.3f} s (fingerprint known {k['seconds']:.3f} s), "
+                  f"+{o['peak_rss_mb']:.0f} MiB, read {o['bytes_read'] / 2**20:.0f} MiB, {o['modules']} modules | diffusers " + (f"fails: {d['error']}" if d["error"] else
+                                             f"{d['seconds']:.3f} s, +{d['peak_rss_mb']:.0f} MiB, read "
+                                             f"{d['bytes_read'] / 2**20:.0f} MiB, {d['modules']} tensors | time {o['seconds'] / d['seconds']:.2f}x, peak RSS "
+                                             f"{o['peak_rss_mb'] / max(d['peak_rss_mb'], 1e-9):.2f}x"), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    return 0
+
+
 def measure(task: str, path: str, quick: bool) -> dict:
     """Run one task in this process (called in a fresh subprocess) and report time, RSS and bytes read."""
     import torch  # noqa: F401  (imports before the baseline, so only the task's memory counts)
@@ -155,11 +245,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians); --quick: 1")
     parser.add_argument("--before", metavar="PYTHONPATH", help="also run our tasks on the loraloom found on this "
                         "PYTHONPATH (another checkout, e.g. the commit before a change), side by side")
+    parser.add_argument("--arch", choices=("sdxl", "flux"), default="sdxl",
+                        help="SDXL (kohya SGM file) or Flux (every format) (default: %(default)s)")
+    parser.add_argument("--json", help="also write the figures here (--arch flux)")
     parser.add_argument("--measure", nargs=2, metavar=("TASK", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.measure[0], args.measure[1], args.quick)))
+        run = measure_flux if args.arch == "flux" else measure
+        print(json.dumps(run(args.measure[0], args.measure[1], args.quick)))
         return 0
+    if args.arch == "flux":
+        return flux_main(args)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sdxl-rank.safetensors"
         stats = make_file(path, args.rank, args.quick)

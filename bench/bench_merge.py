@@ -3,8 +3,8 @@ UNet -> get_peft_model -> load two adapters -> add_weighted_adapter), for svd, t
 dare_linear and cat. Prints time, peak RSS and how far the merged deltas are apart per module,
 measured side by side in one run, plus each side's distance from the exact weighted sum.
 
-    python bench/bench_merge.py [--quick | --full] [--methods svd,ties_svd,dare_linear,cat] [--threads N]
-                                [--repeat N] [--json OUT]
+    python bench/bench_merge.py [--quick | --full] [--arch sdxl|flux] [--methods svd,ties_svd,dare_linear,cat]
+                                [--threads N] [--repeat N] [--json OUT]
 
 Modes:
   --quick  a small SDXL-like UNet (132 modules, rank 16 + 16): every side runs in full, fastest of
@@ -17,6 +17,14 @@ Modes:
            made of just those layers, and its total is EXTRAPOLATED from those per-module times by
            shape counts: printed as "est.", with no peak RSS.
   --full   the guide runs every method on the full UNet (svd alone ~9 minutes and ~18 GB).
+
+``--arch flux``: the same on the real Flux transformer's shapes (FLUX.1 dev's config on the meta
+device: 418 modules, every attention and MLP linear of the 19 double-stream and 38 single-stream
+blocks; `common.flux_targets`). The transformer is 11.9B parameters, 22 GiB in bf16: the guide's
+deep copy of it alone does not fit next to the base in 24 GiB, so without --quick the guide runs
+every method on one module per shape (4 shapes) and its merge time is EXTRAPOLATED by shape
+counts; its peak is given as a floor (base + deep copy, 2 x 22.2 GiB), not measured. --quick: the
+real block structure at a tiny width (2 heads of 16), everything in full.
 
 Both sides run with 1 torch thread unless --threads says otherwise: on a shared 2-core machine,
 2 threads made small ops stall (up to 100x) and both sides 3-10x slower, so ratios wandered.
@@ -55,6 +63,7 @@ import torch
 
 # The real SDXL UNet config, written out once in bench_lora_loading (no download).
 from bench_lora_loading import UNET_SDXL as SDXL_UNET  # noqa: E402
+from common import FLUX_DEV, FLUX_QUICK, flux_targets, flux_transformer, is_flux  # noqa: E402
 
 QUICK_UNET = SDXL_UNET | {
     "sample_size": 32,
@@ -124,12 +133,16 @@ def available_gb() -> float:
 
 
 def build_unet(config: dict, device: str):
-    """The UNet of `config`: on the meta device (shapes only), or on the CPU in bf16, zero weights.
+    """The UNet (or Flux transformer) of `config`: on the meta device (shapes only), or on the CPU
+    in bf16, zero weights.
 
     The base weights play no part in a LoRA merge, so they are allocated uninitialised and zeroed
     rather than drawn at random (seconds instead of a minute at SDXL size).
     """
     from diffusers import UNet2DConditionModel
+
+    if is_flux(config):
+        return flux_transformer(config, device)
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
@@ -143,7 +156,9 @@ def build_unet(config: dict, device: str):
 
 
 def targets_of(config: dict) -> list[tuple[str, int, int]]:
-    """(module path, out, in) of every LoRA target, in the UNet's module order (peft's merge order)."""
+    """(module path, out, in) of every LoRA target, in the model's module order (peft's merge order)."""
+    if is_flux(config):
+        return flux_targets(config)
     unet = build_unet(config, "meta")
     return [
         (name, m.out_features, m.in_features)
@@ -379,8 +394,14 @@ def compare(workdir: Path, method: str, paths: list[str], rank: int, side: str =
             "ours_rel_error_median": statistics.median(our_errors), "ours_rel_error_max": max(our_errors)}
 
 
-def extrapolate(per_shape: dict[str, float], targets) -> float:
-    return sum(per_shape[f"{o}x{i}"] for _, o, i in targets)
+def extrapolate(guide: dict, subset, targets) -> float:
+    """The guide's merge time on `targets` from its run on `subset`: by its per-module time per shape;
+    where it merges without a per-module call (cat concatenates the factors inline), its subset time
+    scaled by the factors' size (cat's cost is a copy of them)."""
+    per_shape = guide["per_shape_s"]
+    if all(f"{o}x{i}" in per_shape for _, o, i in targets):
+        return sum(per_shape[f"{o}x{i}"] for _, o, i in targets)
+    return guide["merge_s"] * sum(o + i for _, o, i in targets) / sum(o + i for _, o, i in subset)
 
 
 # ------------------------------------------------------------------------------------ main
@@ -391,6 +412,8 @@ def main(argv=None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small UNet, everything in full (CI)")
     mode.add_argument("--full", action="store_true", help="the guide's SVD forms on the full SDXL UNet too (slow)")
+    ap.add_argument("--arch", choices=("sdxl", "flux"), default="sdxl",
+                    help="the model's shapes: SDXL's UNet or FLUX.1 dev's transformer (default: %(default)s)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--threads", type=int, default=1,
@@ -419,13 +442,21 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in PEFT_METHODS]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; valid (peft's, the guide's side needs them): {', '.join(PEFT_METHODS)}")
-    config, rank = (QUICK_UNET, 16) if args.quick else (SDXL_UNET, 32)
+    flux = args.arch == "flux"
+    if flux and args.full:
+        ap.error("--full --arch flux: the guide's flow on the full Flux transformer needs over 44 GiB (base + deep "
+                 "copy); without --full it runs on one module per shape and is extrapolated")
+    configs = {"sdxl": (QUICK_UNET, SDXL_UNET), "flux": (FLUX_QUICK, FLUX_DEV)}[args.arch]
+    config, rank = (configs[0], 16) if args.quick else (configs[1], 32)
     repeat = args.repeat or (3 if args.quick else 1)
     threads = args.threads
     label = "quick" if args.quick else ("full" if args.full else "default")
     targets = targets_of(config)
     subset = one_per_shape(targets)
-    print(f"merge bench ({label}): {len(targets)} modules, {len(subset)} shapes, ranks {rank}+{rank}, bf16 inputs, "
+    floor_mb = None
+    if flux and label == "default":  # the guide deep-copies the base it holds: two bf16 transformers at least
+        floor_mb = 2 * 2 * sum(p.numel() for p in build_unet(config, "meta").parameters()) / 2**20
+    print(f"merge bench ({label}, {args.arch}): {len(targets)} modules, {len(subset)} shapes, ranks {rank}+{rank}, bf16 inputs, "
           f"weights {WEIGHTS}, alphas {ALPHAS}, density {DENSITY}; torch threads {threads or torch.get_num_threads()}, "
           f"fastest of {repeat} run(s); load average {os.getloadavg()[0]:.1f}", flush=True)
     cores = os.cpu_count() or 1
@@ -438,7 +469,8 @@ def main(argv=None) -> int:
         write_loras(targets, rank, workdir)
         all_paths = [p for p, _, _ in targets]
         for method in methods:
-            extrapolated = method in SVD_METHODS and label == "default"
+            # Flux: the full transformer does not fit twice in memory, so every method is extrapolated
+            extrapolated = label == "default" and (flux or method in SVD_METHODS)
             guide_targets = subset if extrapolated else targets
             guide_paths = [p for p, _, _ in guide_targets]
             need = 0.0 if extrapolated or label == "quick" else (
@@ -454,7 +486,7 @@ def main(argv=None) -> int:
                                         "guide_adapter_dtype": guide["adapter_dtype"]})
             diff = compare(workdir, method, guide_paths, rank)
             if extrapolated:
-                guide["merge_est_s"] = extrapolate(guide["per_shape_s"], targets)
+                guide["merge_est_s"] = extrapolate(guide, guide_targets, targets)
             row = {"method": method, "ours": ours, "guide": guide, "diff": diff, "extrapolated": extrapolated}
             if method in PRUNED_SVD_METHODS:
                 row["before"] = run_worker(common | {"side": "before", "paths": all_paths, "compare_paths": guide_paths,
@@ -466,8 +498,12 @@ def main(argv=None) -> int:
                 row["before_diff"] = compare(workdir, method, guide_paths, rank, side="before")
             rows.append(row)
             print_row(row, len(targets))
+            if floor_mb:
+                print(f"  guide peak RSS: at least {floor_mb / 1024:.1f} GiB (the base + its deep copy, not run); ours "
+                      f"{ours['peak_mb'] / 1024:.2f} GiB = {ours['peak_mb'] / floor_mb:.3f}x that floor", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"mode": label, "modules": len(targets), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"mode": label, "arch": args.arch, "modules": len(targets),
+                                                   "guide_peak_floor_mb": floor_mb, "rows": rows}, indent=1))
     return 0
 
 

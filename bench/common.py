@@ -176,11 +176,17 @@ def sdxl_unet(dtype, device, config: dict | None = None, seed: int = 0):
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**(config or UNET_SDXL))
-    unet = unet.to(dtype).to_empty(device=device)
+    return random_weights(unet.to(dtype).to_empty(device=device), device, seed).eval()
+
+
+def random_weights(model, device, seed: int = 0):
+    """Fill an uninitialised `model` (see `sdxl_unet`) with random-looking deterministic weights."""
+    import torch
+
     pool = torch.randn(_POOL_SIZE, generator=torch.Generator().manual_seed(seed)).to(device)
     offset = 0
     with torch.no_grad():
-        for name, p in unet.named_parameters():
+        for name, p in model.named_parameters():
             flat = p.view(-1)
             if p.ndim >= 2:
                 done = 0
@@ -195,10 +201,10 @@ def sdxl_unet(dtype, device, config: dict | None = None, seed: int = 0):
                 flat.fill_(1.0)
             else:
                 flat.zero_()
-        for b in unet.buffers():
+        for b in model.buffers():
             if not torch.isfinite(b).all():
                 b.zero_()
-    return unet.eval()
+    return model
 
 
 def unet_inputs(unet, latent: int, batch: int, dtype, device):
@@ -221,11 +227,19 @@ def unet_inputs(unet, latent: int, batch: int, dtype, device):
     return lambda: unet(x, t, enc, **kwargs).sample
 
 
+def denoiser_name(model) -> str:
+    """The pipeline component `model` is: "transformer" for a Flux transformer, else "unet"."""
+    return "transformer" if is_flux(model.config) else "unet"
+
+
 def lora_targets(unet) -> dict:
-    """{module path: ModuleSpec} of every `UNET_TARGETS` layer of `unet`."""
+    """{module path: ModuleSpec} of every `UNET_TARGETS` layer of `unet` (`FLUX_TARGETS` of a Flux
+    transformer)."""
     from loraloom.lora.match import base_spec
 
-    return {p: m for p, m in base_spec({"unet": unet}).components["unet"].items() if UNET_TARGETS.search(p)}
+    component = denoiser_name(unet)
+    pattern = FLUX_TARGETS if component == "transformer" else UNET_TARGETS
+    return {p: m for p, m in base_spec({component: unet}).components[component].items() if pattern.search(p)}
 
 
 def random_lora(unet, rank: int, alpha: float, seed: int, dtype, paths=None):
@@ -246,29 +260,36 @@ def random_lora(unet, rank: int, alpha: float, seed: int, dtype, paths=None):
         if module.kind == "conv2d":
             down, up = down.reshape(rank, *module.shape[1:]), up.reshape(out, rank, 1, 1)
         modules[path] = LoRAModule(down, up, alpha)
-    return LoRA({"unet": modules}, source_format="derived",
+    return LoRA({denoiser_name(unet): modules}, source_format="derived",
                 fingerprint=derived_fingerprint("bench-random", [], {"seed": seed, "rank": rank, "n": len(modules)}))
 
 
 def load_into_diffusers(unet, lora, name: str) -> None:
-    """Load a LoRA value into `unet` as peft adapter `name` through diffusers' own
-    ``load_lora_into_unet`` (what ``load_lora_weights`` calls), alpha carried in the metadata."""
-    from diffusers import StableDiffusionXLPipeline
+    """Load a LoRA value into `unet` (or a Flux transformer) as peft adapter `name` through diffusers'
+    own ``load_lora_into_unet`` / ``load_lora_into_transformer`` (what ``load_lora_weights`` calls),
+    alpha carried in the metadata."""
+    from diffusers import FluxPipeline, StableDiffusionXLPipeline
 
     from loraloom.bases.adapters import peft_inputs
 
-    tensors, metadata = peft_inputs(lora, {"unet": unet})
+    component = denoiser_name(unet)
+    tensors, metadata = peft_inputs(lora, {component: unet})
     device = next(unet.parameters()).device
     tensors = {k: v.to(device) for k, v in tensors.items()}
+    if component == "transformer":
+        FluxPipeline.load_lora_into_transformer(tensors, None, unet, adapter_name=name, metadata=metadata,
+                                                low_cpu_mem_usage=True)
+        return
     StableDiffusionXLPipeline.load_lora_into_unet(tensors, None, unet, adapter_name=name, metadata=metadata,
                                                   low_cpu_mem_usage=True)
 
 
 class UNetOnly:
-    """A pipeline stand-in holding only a UNet, for the model pool (which patches ``pipe.unet``)."""
+    """A pipeline stand-in holding only a UNet (or a Flux transformer), for the model pool (which
+    patches ``pipe.unet`` / ``pipe.transformer``)."""
 
     def __init__(self, unet):
-        self.unet = unet
+        setattr(self, denoiser_name(unet), unet)
 
 
 def pool_for(unet, label: str):
@@ -277,12 +298,72 @@ def pool_for(unet, label: str):
     from loraloom.bases.pool import ModelPool
 
     param = next(unet.parameters())
+    arch = "flux" if denoiser_name(unet) == "transformer" else "sdxl"
 
     def identify(source, dtype=None, device=None, config=None):
-        return BaseIdentity(label, "bench", "sdxl", param.dtype, param.device, f"bench:{label}")
+        return BaseIdentity(label, "bench", arch, param.dtype, param.device, f"bench:{label}")
 
     def loader(source, dtype=None, device=None, config=None):
-        return LoadedBase(UNetOnly(unet), "sdxl", param.dtype, param.device, f"bench:{label}", label)
+        return LoadedBase(UNetOnly(unet), arch, param.dtype, param.device, f"bench:{label}", label)
 
     pool = ModelPool(loader=loader, identify=identify)
     return pool, pool.load(label)
+
+
+# ------------------------------------------------------------------------- real-shape Flux transformer
+
+# FluxTransformer2DModel's config of FLUX.1 [dev] (black-forest-labs/FLUX.1-dev, transformer/config.json;
+# written out here, no download): 24 heads of 128 = 3072 wide, 19 double-stream and 38 single-stream
+# blocks, MLP ratio 4 (12288), T5 4096 -> context, CLIP-L pooled 768, distilled guidance.
+FLUX_DEV = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+# The same block structure at a tiny width (2 heads of 16): the --quick shape set.
+FLUX_QUICK = FLUX_DEV | {"attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 64,
+                         "pooled_projection_dim": 32, "axes_dims_rope": [4, 6, 6]}
+
+# LoRA targets on the Flux transformer: every attention and MLP linear of the blocks. Double blocks:
+# to_q/k/v, to_out.0 (image stream), add_q/k/v_proj, to_add_out (text stream), ff and ff_context
+# (3072 -> 12288 -> 3072). Single blocks: to_q/k/v, proj_mlp (3072 -> 12288), proj_out
+# (attention + MLP concatenated, 15360 -> 3072). The adaLN modulation linears (norm*.linear) are not.
+FLUX_TARGETS = re.compile(
+    r"^(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff(_context)?\.net\.(0\.proj|2))"
+    r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))$"
+)
+
+
+def is_flux(config: dict) -> bool:
+    """Whether a model config is a Flux transformer's (it has single-stream blocks)."""
+    return "num_single_layers" in config
+
+
+def flux_transformer(config: dict | None = None, device: str = "meta", dtype=None, seed: int | None = None):
+    """FluxTransformer2DModel of `config` (default: FLUX.1 dev's real sizes): on the meta device
+    (shapes only), or allocated uninitialised on `device` in `dtype` and zeroed (the base weights
+    play no part in a LoRA merge or a read), or filled by `random_weights` given a `seed`."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**(config or FLUX_DEV))
+    if device == "meta":
+        return model
+    model = model.to(dtype or torch.bfloat16).to_empty(device=device)
+    if seed is not None:
+        return random_weights(model, device, seed).eval()
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.zero_()
+    return model
+
+
+def flux_targets(config: dict | None = None) -> list[tuple[str, int, int]]:
+    """(module path, out, in) of every `FLUX_TARGETS` linear of the Flux transformer of `config`
+    (default: FLUX.1 dev), in module order; read from the model built on the meta device."""
+    import torch
+
+    return [(name, m.out_features, m.in_features) for name, m in flux_transformer(config).named_modules()
+            if isinstance(m, torch.nn.Linear) and FLUX_TARGETS.search(name)]

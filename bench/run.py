@@ -5,12 +5,16 @@ reference, target and PASS / MISS.
     python bench/run.py [--quick] [--only ROW,...] [--threads 1] [--json OUT]
 
 Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime, 7 checks,
-8 disk, 9 baseload, 10 first_image.
+8 disk, 9 baseload, 10 first_image, 11 flux_merge,
+12 flux_fuse, 13 flux_loading (the Flux rows: FLUX.1 dev shapes; with --quick the same blocks at a tiny
+width).
 ``--quick`` (CI, about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods
 svd and cat only, a 64 MiB checkpoint in row 7, the tiny-sdxl preset as a folder in row 9, and skips row 4 (cold torch.compile takes minutes on
 a CPU). It exists to keep the suite working; nothing asserts on timings. Without ``--quick`` the
 suite takes about 13 minutes on a 2-core CPU with a warm inductor cache, about 6 minutes more the
 first time (row 4 compiles its graphs into ~/.cache/loraloom/bench-inductor; see bench_compile.py).
+The Flux rows 11-13 add about 15 minutes (row 11's guide takes peft's full SVD of one module per
+shape, ~5 minutes) and 1-3 minutes to ``--quick``.
 
 Torch threads are set deliberately (``--threads``, default 1: on a shared 2-core machine one thread
 gave the steadiest ratios), through each row's ``--threads`` flag and OMP_NUM_THREADS for rows
@@ -59,6 +63,12 @@ ROWS = [
     Row(9, "baseload", "Base loading", "bench_base_loading.py"),
     # threads_flag off: the row measures what a user's `loraloom run` gets (torch's own thread count)
     Row(10, "first_image", "First image", "bench_first_image.py", threads_flag=False),
+    Row(11, "flux_merge", "Flux merging", "bench_merge.py", full_args=["--arch", "flux", "--methods", "svd,cat"],
+        quick_args=["--quick", "--arch", "flux", "--methods", "svd", "--repeat", "1"]),
+    Row(12, "flux_fuse", "Flux fuse/restore", "bench_fuse.py", full_args=["--scales", "flux"],
+        quick_args=["--quick", "--scales", "flux"]),
+    Row(13, "flux_loading", "Flux LoRA reading", "bench_lora_loading.py", full_args=["--arch", "flux", "--rounds", "1"],
+        quick_args=["--quick", "--arch", "flux"], threads_flag=False),
 ]
 
 PASS, MISS, INFO = "PASS", "MISS", "-"
@@ -163,7 +173,9 @@ def lines_merge(f: dict) -> list:
         guide_s = g.get("merge_est_s", g["merge_s"]) + g["prep_s"]
         speed = guide_s / o["merge_s"] if o["merge_s"] else math.inf
         est = "est. " if r["extrapolated"] else ""
-        if r["extrapolated"]:  # the guide's peak on the full UNet was not measured in this mode
+        if r["extrapolated"] and f.get("guide_peak_floor_mb"):  # Flux: the guide's base + deep copy, not run
+            guide_peak, peak_note = f["guide_peak_floor_mb"], "floor: base + deep copy"
+        elif r["extrapolated"]:  # the guide's peak on the full UNet was not measured in this mode
             # svd: the issue's anchor, measured on the full UNet (18.0 GiB); other SVD forms: at least the
             # deep-copy preparation every method shares, measured in this run.
             guide_peak = 18.0 * 1024 if method == "svd" else (max(measured_peaks) if measured_peaks else math.nan)
@@ -208,7 +220,11 @@ def lines_merge(f: dict) -> list:
 def lines_fuse(f: dict) -> list:
     out = []
     for scale, part in f["scales"].items():
-        s, tag = part["step"], f"{scale}: "
+        tag = f"{scale}: "
+        if "step" not in part:  # the flux scale: restore cycles only
+            out += restore_lines(tag, part)
+            continue
+        s = part["step"]
         out += [
             (tag + "step time, ours fused / plain base", _fmt(statistics.median(s["ours_fused_s"]), "s"),
              _fmt(statistics.median(s["plain_s"]), "s"), _fmt(s["fused_vs_plain"], "x"), "<= 1.02x",
@@ -239,11 +255,17 @@ def lines_fuse(f: dict) -> list:
         ours_held, theirs_held = s["unet_mib"] + s["backup_mib"], s["unet_mib"] + s["lora_mib"]
         out.append((tag + "memory held: UNet + backups / UNet + adapters", f"{ours_held / 1024:.2f} GiB",
                     f"{theirs_held / 1024:.2f} GiB", _fmt(ours_held / theirs_held, "x"), INFO, INFO))
-        for dtype, r in part["restore"].items():
-            ours = (r["ours_after_1"], r["ours_after_n"])
-            out.append((tag + f"restore {dtype}, max abs diff after 1 / {r['cycles']} cycles", f"{ours[0]:.3g} / {ours[1]:.3g}",
-                        f"unfuse_lora {r['diffusers_after_1']:.3g} / {r['diffusers_after_n']:.3g}", "", "ours 0",
-                        PASS if max(ours) == 0 else MISS))
+        out += restore_lines(tag, part)
+    return out
+
+
+def restore_lines(tag: str, part: dict) -> list:
+    out = []
+    for dtype, r in part["restore"].items():
+        ours = (r["ours_after_1"], r["ours_after_n"])
+        out.append((tag + f"restore {dtype}, max abs diff after 1 / {r['cycles']} cycles", f"{ours[0]:.3g} / {ours[1]:.3g}",
+                    f"unfuse_lora {r['diffusers_after_1']:.3g} / {r['diffusers_after_n']:.3g}", "", "ours 0",
+                    PASS if max(ours) == 0 else MISS))
     return out
 
 
@@ -293,6 +315,22 @@ def lines_loading(f: dict) -> list:
                     f"{o['seconds']:.3g} s, {o['peak_rss_mib']:.0f} MiB, {o['read_mib']:.0f}",
                     f"{d['seconds']:.3g} s, {d['peak_rss_mib']:.0f} MiB, {d['read_mib']:.0f}",
                     f"time {time_ratio:.3g}x, RSS {rss_ratio:.3g}x", target, verdict))
+    return out
+
+
+def lines_flux_loading(f: dict) -> list:
+    out = []
+    for fmt, r in f["formats"].items():
+        o, d = r["tasks"]["ours-parse-known"], r["tasks"]["diffusers-parse"]
+        ours = f"{o['seconds']:.3g} s, {o['peak_rss_mb']:.0f} MiB"
+        if d["error"]:
+            out.append((f"{fmt} ({r['file_mib']:.0f} MiB): read + check (hash known) vs lora_state_dict", ours,
+                        f"fails ({d['error'][:40]})", "", INFO, INFO))
+            continue
+        time_ratio, rss_ratio = o["seconds"] / d["seconds"], o["peak_rss_mb"] / max(d["peak_rss_mb"], 1e-9)
+        out.append((f"{fmt} ({r['file_mib']:.0f} MiB): read + check (hash known) vs lora_state_dict", ours,
+                    f"{d['seconds']:.3g} s, {d['peak_rss_mb']:.0f} MiB", f"time {time_ratio:.3g}x, RSS {rss_ratio:.3g}x",
+                    INFO, INFO))
     return out
 
 
@@ -368,7 +406,7 @@ def lines_first_image(f: dict) -> list:
     return out
 
 
-SUMMARIES = {"edit": lines_edit, "merge": lines_merge, "fuse": lines_fuse, "compile": lines_compile,
+SUMMARIES = {"edit": lines_edit, "merge": lines_merge, "flux_merge": lines_merge, "fuse": lines_fuse, "flux_fuse": lines_fuse, "flux_loading": lines_flux_loading, "compile": lines_compile,
              "loading": lines_loading, "runtime": lines_runtime, "checks": lines_checks, "disk": lines_disk,
              "baseload": lines_baseload, "first_image": lines_first_image}
 
@@ -406,7 +444,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="small versions of every row, row 4 skipped (CI, ~2 min)")
     parser.add_argument("--only", help="comma-separated rows (numbers or names: edit, merge, fuse, compile, loading, runtime, "
-                        "checks, disk, baseload, first_image)")
+                        "checks, disk, baseload, first_image, flux_merge, flux_fuse, flux_loading)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every row (default: %(default)s; "
                         "0: torch's own choice)")
     parser.add_argument("--json", help="write every figure, the table and the machine here")

@@ -29,3 +29,25 @@ def test_cli_writes_the_dit_presets(tmp_path, capsys):
     printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
     assert {"tiny-flux/xlabs", "tiny-flux/lokr", "tiny-sd3/comfyui"} <= set(printed)
     assert set(PRESETS) == {"tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3"}
+
+
+def test_dit_fixtures_at_a_chosen_rank_in_every_block(flux, tmp_path):
+    # The benchmarks' real-size files: every block of the transformer, one rank everywhere; read back
+    # through the readers (fused qkv / linear1 split) onto diffusers' modules.
+    from loraloom.fixtures import write_dit_fixtures
+    from loraloom.lora.match import base_spec, check_lora
+    from loraloom.lora.readers import read_lora
+
+    spec = base_spec({"transformer": flux})
+    files = write_dit_fixtures(tmp_path, spec, "flux", "big", rank=16, every_block=True)
+    for fmt in ("diffusers", "kohya", "comfyui", "xlabs"):
+        lora = read_lora(files[f"big/{fmt}"])
+        check_lora(lora, spec)
+        paths = lora.components["transformer"]
+        blocks = {p.split(".")[1] for p in paths if p.startswith("transformer_blocks.")}
+        singles = {p.split(".")[1] for p in paths if p.startswith("single_transformer_blocks.")}
+        assert (len(blocks), len(singles)) == (19, 38), fmt
+        assert {m.down.shape[0] for m in paths.values()} == {16}, fmt
+    default = write_dit_fixtures(tmp_path / "default", spec, "flux", "small")
+    paths = read_lora(default["small/comfyui"]).components["transformer"]
+    assert {p.split(".")[1] for p in paths if p.startswith("single_transformer_blocks.")} == {"0", "1", "10", "37"}
