@@ -20,9 +20,10 @@ ALLOWED = {
     "nodes": {"atomic", "graph_runtime", "lora", "bases"},
     "fixtures": {"atomic", "lora", "bases"},
     "comfy_integration": {"graph_runtime"},
-    "api": {"graph_runtime", "nodes"},
-    "server": {"atomic", "graph_runtime", "nodes", "api"},
-    "cli": {"atomic", "graph_runtime", "nodes", "api", "fixtures", "server"},
+    "sweep": {"atomic", "graph_runtime", "nodes"},
+    "api": {"graph_runtime", "nodes", "sweep"},
+    "server": {"atomic", "graph_runtime", "nodes", "api", "sweep"},
+    "cli": {"atomic", "graph_runtime", "nodes", "api", "fixtures", "server", "sweep"},
     "__init__": {"comfy_integration", "nodes", "api", "graph_runtime", "lora", "bases", "server"},
 }
 THIRD_PARTY_BANNED = {"graph_runtime": {"torch", "diffusers", "peft", "transformers", "safetensors"}}
