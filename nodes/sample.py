@@ -27,18 +27,48 @@ SCHEDULERS = {
     "pndm": ("PNDMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
 }
-# The schedulers of flow-matching models (Flux, SD3.5), under the same names. Both pipelines hand
-# the scheduler their own sigmas (and Flux a resolution-dependent shift, mu), which only these take;
-# the classic schedulers above would build a noise-prediction schedule for a velocity model.
+# The schedulers of flow-matching models (Flux, SD3.5), under the UNet names where the method is the
+# same. The classic schedulers above would build a noise-prediction schedule for a velocity model.
+# Each must sample the schedule the pipeline means, shift included: SD3.5's is a static shift (its
+# scheduler config's "shift", 3.0); FluxPipeline computes a resolution-dependent one (mu, from the
+# latent token count and the config's base_shift/max_shift/base/max_image_seq_len) and passes it to
+# set_timesteps, with its own sigmas where the scheduler is not in a flow-sigmas mode.
+# - euler: FlowMatchEulerDiscreteScheduler, the base's own (takes sigmas and mu).
+# - dpm++_2m, unipc: DPM-Solver++ 2M and UniPC in their flow mode (use_flow_sigmas, flow_prediction).
+#   FluxPipeline then passes mu and no sigmas; with the base's use_dynamic_shifting (copied by
+#   from_config) both shift their flow grid by exp(mu) exactly as FlowMatchEuler does (DPM sets
+#   flow_shift = exp(mu), UniPC calls the same time_shift). Their static shift is named flow_shift,
+#   not shift: make_scheduler copies it, else SD3.5 would sample unshifted.
+# - heun: FlowMatchHeunDiscreteScheduler; its set_timesteps takes neither sigmas nor mu, so it only
+#   fits a static shift (not on Flux, see Sampling.resolution_shift).
+# Not offered: FlowMatchEuler's stochastic_sampling (diffusers' pipelines call scheduler.step without
+# the generator, so its noise would not follow the seed) and the karras/exponential/beta sigma
+# conversions (they keep only the shifted schedule's end points).
+_FLOW_SOLVER = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 FLOW_SCHEDULERS = {
     "default": None,
     "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", _FLOW_SOLVER),
+    "unipc": ("UniPCMultistepScheduler", _FLOW_SOLVER),
 }
+STATIC_SHIFT_ONLY = frozenset({"heun"})
+"""Flow schedulers that cannot take a resolution-dependent shift (mu)."""
+# FluxPipeline passes mu also for a base without dynamic shifting (schnell), where FlowMatchEuler and
+# UniPC ignore it (keeping the static shift, as meant) but DPM-Solver asserts.
+_MU_NEEDS_DYNAMIC = frozenset({"dpm++_2m"})
+# The scheduler config keys FluxPipeline (and SD3's dynamic shifting) compute mu from.
+_MU_KEYS = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 
 
 def schedulers_for(arch: str) -> dict:
     """The scheduler table of architecture ``arch``: by name, the class and config overrides."""
-    return FLOW_SCHEDULERS if ARCHES[arch].sampling.flow_matching else SCHEDULERS
+    sampling = ARCHES[arch].sampling
+    if not sampling.flow_matching:
+        return SCHEDULERS
+    if sampling.resolution_shift:
+        return {name: entry for name, entry in FLOW_SCHEDULERS.items() if name not in STATIC_SHIFT_ONLY}
+    return FLOW_SCHEDULERS
 
 
 def scheduler_entry(name: str, arch: str) -> tuple[str, dict] | None:
@@ -46,23 +76,41 @@ def scheduler_entry(name: str, arch: str) -> tuple[str, dict] | None:
     the base's own). A name the architecture has no scheduler for raises an InputError."""
     table = schedulers_for(arch)
     if name not in table:
-        raise InputError(
-            f"scheduler {name!r} is for noise-prediction (UNet) models; {ARCHES[arch].label} is a flow-matching model "
-            f"and samples with: {', '.join(table)}.", input="scheduler", value=name, limit=tuple(table),
-            kind="value_not_in_list", fix=f"choose one of: {', '.join(table)}")
+        label = ARCHES[arch].label
+        why = (f"scheduler {name!r} cannot take {label}'s resolution-dependent shift" if name in FLOW_SCHEDULERS
+               else f"scheduler {name!r} is for noise-prediction (UNet) models; {label} is a flow-matching model")
+        raise InputError(f"{why} and samples with: {', '.join(table)}.", input="scheduler", value=name,
+                         limit=tuple(table), kind="value_not_in_list", fix=f"choose one of: {', '.join(table)}")
     return table[name]
 
 
 def make_scheduler(name: str, base_scheduler, arch: str):
     """The scheduler called ``name`` for architecture ``arch``, built from ``base_scheduler``'s config
-    ("default": that one); see scheduler_entry."""
+    ("default": that one); see scheduler_entry. A flow scheduler that would not follow this base's
+    shift raises an InputError."""
     import diffusers
 
     entry = scheduler_entry(name, arch)
     if entry is None:
         return base_scheduler
     cls_name, extra = entry
-    return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
+    config = base_scheduler.config
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    refusal = None
+    if name in STATIC_SHIFT_ONLY and dynamic:
+        refusal = "it cannot take the resolution-dependent shift this base's scheduler config asks for"
+    elif name in _MU_NEEDS_DYNAMIC and ARCHES[arch].sampling.resolution_shift and not dynamic:
+        refusal = "DPM-Solver takes the pipeline's shift only from a base with dynamic shifting (as dev has)"
+    if refusal:
+        choices = [n for n in schedulers_for(arch) if n != name]
+        raise InputError(f"scheduler {name!r} does not fit this {ARCHES[arch].label} base: {refusal}.",
+                         input="scheduler", value=name, kind="not_supported", fix=f"choose one of: {', '.join(choices)}")
+    if extra.get("use_flow_sigmas"):
+        extra = {**extra, "flow_shift": config.get("shift", 1.0)}
+    scheduler = getattr(diffusers, cls_name).from_config(config, **extra)
+    # the pipeline computes mu from these; a class that does not declare them must still carry the base's
+    scheduler.register_to_config(**{key: config[key] for key in _MU_KEYS if key in config})
+    return scheduler
 
 
 def guidance_arguments(arch: str, guidance: float, negative_prompt: str) -> dict:
@@ -110,8 +158,8 @@ def check_size(arch: str, width: int, height: int) -> None:
 class Sample:
     """Generate images. Same inputs, same image; progress per step; interruptible between steps.
     On Flux, guidance is the distilled guidance (3.5 is dev's usual value) and the negative prompt
-    must be empty; Flux and SD3.5 take the flow-matching schedulers (default, euler) and sizes that
-    are multiples of 16."""
+    must be empty; Flux and SD3.5 take the flow-matching schedulers (default, euler, dpm++_2m,
+    unipc; heun on SD3.5, whose shift is static) and sizes that are multiples of 16."""
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:
@@ -156,8 +204,9 @@ class Sample:
         pipe = model_pool().pipeline(model, lora_scale=lora_scale, check_interrupt=ctx.check_interrupt)
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, arch)
 
-        def on_step(_pipe, i, _t, kwargs):
-            ctx.progress(i + 1, steps)
+        def on_step(pipe_, i, _t, kwargs):
+            # the model runs per step: two for heun's steps but the first
+            ctx.progress(i + 1, pipe_.num_timesteps)
             return kwargs
 
         with torch.inference_mode():

@@ -1,13 +1,19 @@
 """Sample on Flux and SD3.5: the node's image is what FluxPipeline / StableDiffusion3Pipeline give
 for the same inputs; Flux's guidance is its distilled guidance and it takes no negative prompt; both
 take the flow-matching schedulers only."""
+import functools
+import math
+import re
+
+import diffusers
 import pytest
 import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from loraloom.api import Runtime
 from loraloom.bases.presets import build_pipeline
-from loraloom.graph_runtime import ExecutionError
-from loraloom.nodes.sample import FLOW_SCHEDULERS
+from loraloom.graph_runtime import ExecutionError, InputError, ValidationError
+from loraloom.nodes.sample import make_scheduler, schedulers_for
 
 STEPS, SIZE, SEED = 3, 64, 5
 
@@ -28,8 +34,10 @@ def _run(rt, preset, **inputs):
     return rt.run(wf).value("2")
 
 
-def _diffusers(preset, **call):
+def _diffusers(preset, prepare=None, **call):
     pipe = build_pipeline(preset, dtype="fp32", device="cpu")
+    if prepare is not None:
+        prepare(pipe)
     out = pipe(prompt="a red circle", num_inference_steps=STEPS, width=SIZE, height=SIZE,
                generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt", **call)
     return out.images.float().clamp(0, 1).permute(0, 2, 3, 1)
@@ -58,11 +66,11 @@ def test_flux_refuses_a_negative_prompt(rt):
         _run(rt, "tiny-flux", negative_prompt="blurry")
 
 
-@pytest.mark.parametrize("preset, label", [("tiny-flux", "Flux"), ("tiny-sd3", "SD3.5")])
-def test_noise_prediction_schedulers_are_refused_on_flow_models(rt, preset, label):
-    with pytest.raises(ExecutionError, match=f"input 'scheduler': scheduler 'ddim' is for noise-prediction \\(UNet\\) "
-                                             f"models; {label} is a flow-matching model and samples with: "
-                                             f"{', '.join(FLOW_SCHEDULERS)}"):
+@pytest.mark.parametrize("preset, arch, label", [("tiny-flux", "flux", "Flux"), ("tiny-sd3", "sd3", "SD3.5")])
+def test_noise_prediction_schedulers_are_refused_on_flow_models(rt, preset, arch, label):
+    with pytest.raises(ExecutionError, match=re.escape(f"input 'scheduler': scheduler 'ddim' is for noise-prediction "
+                                                       f"(UNet) models; {label} is a flow-matching model and samples "
+                                                       f"with: {', '.join(schedulers_for(arch))}")):
         _run(rt, preset, scheduler="ddim")
 
 
@@ -71,3 +79,98 @@ def test_sizes_must_be_multiples_of_16(rt, preset):
     with pytest.raises(ExecutionError, match="input 'height': 72 is not a multiple of 16: .* works on 16x16 pixel "
                                              "blocks.*Fix: use 64 or 80"):
         _run(rt, preset, height=72)
+
+
+# What each flow scheduler is in diffusers' terms, written out here (not taken from the node) so a
+# wrong override in the node shows as a different image.
+_FLOW_SOLVER = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
+BY_HAND = {"euler": ("FlowMatchEulerDiscreteScheduler", {}), "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+           "dpm++_2m": ("DPMSolverMultistepScheduler", _FLOW_SOLVER),
+           "unipc": ("UniPCMultistepScheduler", _FLOW_SOLVER)}
+OFFERED = [("tiny-flux", name) for name in ("euler", "dpm++_2m", "unipc")] + \
+          [("tiny-sd3", name) for name in ("euler", "heun", "dpm++_2m", "unipc")]
+
+
+def test_the_offered_flow_schedulers_are_these():
+    assert sorted(schedulers_for("flux")) == sorted(["default"] + [n for p, n in OFFERED if p == "tiny-flux"])
+    assert sorted(schedulers_for("sd3")) == sorted(["default"] + [n for p, n in OFFERED if p == "tiny-sd3"])
+
+
+@pytest.mark.parametrize("preset, name", OFFERED)
+def test_each_flow_scheduler_is_the_pipeline_called_with_it(rt, preset, name):
+    call = {"guidance_scale": 3.5}
+    ours = _run(rt, preset, scheduler=name)
+    cls_name, overrides = BY_HAND[name]
+
+    def swap(pipe):
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+
+    want = _diffusers(preset, prepare=swap, **call)
+    assert torch.equal(ours, want), f"{name}: differs from the pipeline by {(ours - want).abs().max():.2e}"
+    if name != "euler":  # the base's own
+        rt.cache.clear()
+        assert not torch.equal(ours, _run(rt, preset)), f"{name} is not the default scheduler"
+
+
+def _used_sigmas(pipe, scheduler):
+    """The sigmas ``scheduler`` samples with in ``pipe`` at the test's size, and the arguments the
+    pipeline gave its set_timesteps."""
+    calls = []
+    original = scheduler.set_timesteps
+
+    @functools.wraps(original)  # the pipeline reads its signature (does it take sigmas?)
+    def recorded(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    scheduler.set_timesteps = recorded
+    pipe.scheduler = scheduler
+    pipe(prompt="a red circle", num_inference_steps=STEPS, width=SIZE, height=SIZE, output_type="latent",
+         generator=torch.Generator("cpu").manual_seed(SEED))
+    return scheduler.sigmas.clone(), calls[0]
+
+
+@pytest.mark.parametrize("preset, name", OFFERED)
+def test_each_flow_scheduler_samples_the_shifted_schedule(preset, name):
+    arch = {"tiny-flux": "flux", "tiny-sd3": "sd3"}[preset]
+    pipe = build_pipeline(preset, dtype="fp32", device="cpu")
+    base = pipe.scheduler.config
+    used, (args, kwargs) = _used_sigmas(pipe, make_scheduler(name, pipe.scheduler, arch))
+    if arch == "flux":  # the resolution-dependent shift, from the latent tokens: (64 / 16) ** 2
+        shift = math.exp(calculate_shift(16, base["base_image_seq_len"], base["max_image_seq_len"],
+                                         base["base_shift"], base["max_shift"]))
+        assert kwargs["mu"] == pytest.approx(math.log(shift)), "FluxPipeline passed this shift"
+    else:  # SD3.5's static shift
+        assert not base["use_dynamic_shifting"] and "mu" not in kwargs
+        shift = base["shift"]
+    # the same scheduler with that shift as a static one, and unshifted, called as the pipeline called it
+    cls_name, overrides = BY_HAND[name]
+
+    def static(value):
+        fixed = getattr(diffusers, cls_name).from_config(
+            base, **{**overrides, "use_dynamic_shifting": False, ("flow_shift" if overrides else "shift"): value})
+        fixed.set_timesteps(*args, **{k: v for k, v in kwargs.items() if k != "mu"})
+        return fixed.sigmas
+
+    want = static(shift)
+    assert shift > 1.2 and not torch.allclose(static(1.0), want, atol=1e-3), "the shift moves the schedule"
+    torch.testing.assert_close(used, want, atol=1e-6, rtol=0, msg=f"{name}: not the shifted schedule")
+
+
+def test_heun_is_not_offered_on_flux(rt):
+    with pytest.raises(ExecutionError, match="input 'scheduler': scheduler 'heun' cannot take Flux's "
+                                              "resolution-dependent shift and samples with: default, euler, "
+                                              "dpm\\+\\+_2m, unipc"):
+        _run(rt, "tiny-flux", scheduler="heun")
+
+
+def test_a_flow_scheduler_that_would_miss_the_base_shift_is_refused():
+    schnell_like = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    with pytest.raises(InputError, match="'dpm\\+\\+_2m' does not fit this Flux base.*Fix: choose one of: "
+                                         "default, euler, unipc"):
+        make_scheduler("dpm++_2m", schnell_like, "flux")
+    assert make_scheduler("unipc", schnell_like, "flux").config.flow_shift == 1.0, "unipc keeps the static shift"
+    dynamic = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    with pytest.raises(InputError, match="'heun' does not fit this SD3.5 base: it cannot take the "
+                                         "resolution-dependent shift"):
+        make_scheduler("heun", dynamic, "sd3")
