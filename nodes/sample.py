@@ -116,29 +116,41 @@ def make_scheduler(name: str, base_scheduler, arch: str):
 def guidance_arguments(arch: str, guidance: float, negative_prompt: str) -> dict:
     """The pipeline-call arguments for ``guidance`` and ``negative_prompt`` on architecture ``arch``:
     guidance_scale is classifier-free guidance, or Flux's distilled guidance (the model's guidance
-    input); a negative prompt where the architecture takes none is an InputError, never ignored."""
-    sampling = ARCHES[arch].sampling
-    if sampling.negative_prompt:
+    input). A negative prompt where the architecture takes none is refused by sampling_problems."""
+    if ARCHES[arch].sampling.negative_prompt:
         return {"guidance_scale": guidance, "negative_prompt": negative_prompt or None}
-    if negative_prompt:
-        raise InputError(
-            f"{ARCHES[arch].label} takes no negative prompt: its guidance is distilled into the model (the "
-            "guidance input), one model run per step without an unconditional one.", input="negative_prompt",
-            value=negative_prompt[:80], kind="not_supported", fix="leave negative_prompt empty")
     return {"guidance_scale": guidance}
 
 
-def check_size(arch: str, width: int, height: int) -> None:
-    """Raise an InputError when width or height is not a multiple of what architecture ``arch``
-    needs (Flux's pipeline would silently resize the image, SD3's raise)."""
-    multiple = ARCHES[arch].sampling.pixel_multiple
-    for name, value in (("width", width), ("height", height)):
-        if value % multiple:
-            raise InputError(
-                f"{value} is not a multiple of {multiple}: {ARCHES[arch].label} works on {multiple}x{multiple} pixel "
+def sampling_problems(arch: str, inputs: dict) -> dict[str, InputError]:
+    """What architecture ``arch`` refuses among a Sample's ``inputs``, by input name: a width or height
+    that is no multiple of its pixel blocks (Flux's pipeline would silently resize the image, SD3's
+    raise), a negative prompt where it takes none (never ignored), a scheduler it has none of.
+    An input absent from ``inputs`` is not judged. Validation runs this where the base's architecture
+    is known before anything runs; Sample runs it again on the loaded base."""
+    described, sampling = ARCHES[arch], ARCHES[arch].sampling
+    problems = {}
+    multiple = sampling.pixel_multiple
+    for name in ("width", "height"):
+        value = inputs.get(name)
+        if isinstance(value, int) and value % multiple:
+            problems[name] = InputError(
+                f"{value} is not a multiple of {multiple}: {described.label} works on {multiple}x{multiple} pixel "
                 "blocks (8x8 for the VAE, then 2x2 latent patches).", input=name, value=value,
                 limit=f"a multiple of {multiple}", kind=f"not_multiple_of_{multiple}",
                 fix=f"use {value - value % multiple} or {value - value % multiple + multiple}")
+    negative = inputs.get("negative_prompt")
+    if not sampling.negative_prompt and isinstance(negative, str) and negative:
+        problems["negative_prompt"] = InputError(
+            f"{described.label} takes no negative prompt: its guidance is distilled into the model (the "
+            "guidance input), one model run per step without an unconditional one.", input="negative_prompt",
+            value=negative[:80], kind="not_supported", fix="leave negative_prompt empty")
+    if isinstance(inputs.get("scheduler"), str):
+        try:
+            scheduler_entry(inputs["scheduler"], arch)
+        except InputError as exc:
+            problems["scheduler"] = exc
+    return problems
 
 
 @node(category=f"{CATEGORY}/sampling", display_name="Sample",
@@ -174,6 +186,11 @@ class Sample:
                                            "take", value=constants["steps"], limit=4, kind="too_few_steps")
         return problems
 
+    @classmethod
+    def check_upstream(cls, constants: dict, upstream: dict) -> dict:
+        arch = upstream.get("model", {}).get("arch")
+        return sampling_problems(arch, constants) if arch in ARCHES else {}
+
     @staticmethod
     def _check_pixels(constants: dict) -> dict:
         # Memory and time grow with the pixels made at once; the runtime's limits bound them.
@@ -197,10 +214,12 @@ class Sample:
         ctx = current_context()
         # a view of the base for this sample alone: its scheduler is set here and nowhere else
         arch = model.base.arch
-        # refused inputs are refused before any work
-        check_size(arch, width, height)
+        # refused inputs are refused before any work (validation did where it knew the architecture)
+        problems = sampling_problems(arch, {"width": width, "height": height, "negative_prompt": negative_prompt,
+                                            "scheduler": scheduler})
+        if problems:
+            raise next(iter(problems.values()))
         call = guidance_arguments(arch, guidance, negative_prompt)
-        scheduler_entry(scheduler, arch)
         pipe = model_pool().pipeline(model, lora_scale=lora_scale, check_interrupt=ctx.check_interrupt)
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, arch)
 

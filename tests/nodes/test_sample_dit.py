@@ -2,6 +2,7 @@
 for the same inputs; Flux's guidance is its distilled guidance and it takes no negative prompt; both
 take the flow-matching schedulers only."""
 import functools
+import json
 import math
 import re
 
@@ -12,7 +13,8 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from loraloom.api import Runtime
 from loraloom.bases.presets import build_pipeline
-from loraloom.graph_runtime import ExecutionError, InputError, ValidationError
+from loraloom.graph_runtime import ExecutionError, InputError, Link, Output, ValidationError, node
+from loraloom.nodes.common import MODEL
 from loraloom.nodes.sample import make_scheduler, schedulers_for
 
 STEPS, SIZE, SEED = 3, 64, 5
@@ -24,14 +26,22 @@ def rt(tmp_path_factory):
     return Runtime(models_dir=root / "models", output_dir=root / "out")
 
 
-def _run(rt, preset, **inputs):
+def _workflow(source, model_nodes=(), config="auto", **inputs):
+    """LoadBase (node 1) -> the ``model_nodes`` (nodes 10, 11, ...: class and inputs) -> Sample (2) -> PreviewImage."""
     sample = {"model": ["1", 0], "prompt": "a red circle", "negative_prompt": "", "steps": STEPS, "width": SIZE,
-              "height": SIZE, "seed": SEED, "guidance": 3.5}
-    sample.update(inputs)
-    wf = {"1": {"class_type": "LoadBase", "inputs": {"source": preset, "dtype": "fp32", "device": "cpu"}},
-          "2": {"class_type": "Sample", "inputs": sample},
-          "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
-    return rt.run(wf).value("2")
+              "height": SIZE, "seed": SEED, "guidance": 3.5, **inputs}
+    wf = {"1": {"class_type": "LoadBase", "inputs": {"source": source, "config": config, "dtype": "fp32",
+                                                     "device": "cpu"}}}
+    for i, (class_type, node_inputs) in enumerate(model_nodes, start=10):
+        wf[str(i)] = {"class_type": class_type, "inputs": {"model": sample["model"], **node_inputs}}
+        sample["model"] = [str(i), 0]
+    wf["2"] = {"class_type": "Sample", "inputs": sample}
+    wf["3"] = {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
+    return wf
+
+
+def _run(rt, preset, **inputs):
+    return rt.run(_workflow(preset, **inputs)).value("2")
 
 
 def _diffusers(preset, prepare=None, **call):
@@ -60,25 +70,92 @@ def test_sd3_sample_is_sd3_pipeline_with_cfg_and_negative_prompt(rt):
     assert torch.equal(_run(rt, "tiny-sd3", negative_prompt="blurry", guidance=5.0), ours), "same seed, same image"
 
 
-def test_flux_refuses_a_negative_prompt(rt):
+REFUSED_ON_FLUX = {"negative_prompt": "blurry", "width": 72, "scheduler": "ddim"}
+REFUSALS = ["node 2 (Sample) input 'width': 72 is not a multiple of 16: Flux works on 16x16 pixel blocks",
+            "node 2 (Sample) input 'negative_prompt': Flux takes no negative prompt",
+            "node 2 (Sample) input 'scheduler': scheduler 'ddim' is for noise-prediction (UNet) models; Flux is a "
+            "flow-matching model"]
+
+
+def _problems(error: ValidationError) -> list[str]:
+    return [line.strip() for line in str(error).splitlines()[1:]]
+
+
+def test_flux_refusals_are_validation_errors_all_at_once_before_anything_runs(rt):
+    events = []
+    with pytest.raises(ValidationError) as info:
+        rt.run(_workflow("tiny-flux", **REFUSED_ON_FLUX), on_event=events.append)
+    problems = _problems(info.value)
+    assert len(problems) == 3 and all(any(p.startswith(want) for p in problems) for want in REFUSALS), problems
+    assert "Fix: leave negative_prompt empty" in str(info.value) and "Fix: use 64 or 80" in str(info.value)
+    errors = info.value.node_errors["2"]["errors"]
+    fields = {e["extra_info"]["input_name"]: e["extra_info"] for e in errors}
+    assert fields["width"]["limit"] == "a multiple of 16" and fields["width"]["value"] == 72
+    assert list(fields["scheduler"]["limit"]) == list(schedulers_for("flux"))
+    assert not [e for e in events if e["event"] in ("executing", "executed")], "nothing ran"
+
+
+def test_sd3_takes_a_negative_prompt_and_refuses_the_rest_at_validation(rt):
+    with pytest.raises(ValidationError) as info:
+        rt.validate(_workflow("tiny-sd3", **REFUSED_ON_FLUX))
+    problems = _problems(info.value)
+    assert len(problems) == 2 and not any("negative_prompt" in p for p in problems), problems
+
+
+def test_the_base_architecture_is_known_through_model_nodes(rt):
+    chain = [("Compile", {}), ("Fuse", {})]
+    with pytest.raises(ValidationError, match="node 2 \\(Sample\\) input 'negative_prompt': Flux takes no"):
+        rt.validate(_workflow("tiny-flux", chain, negative_prompt="blurry"))
+    rt.validate(_workflow("tiny-sdxl", chain, negative_prompt="blurry", width=72))  # a UNet takes both
+
+
+def test_the_architecture_of_a_folder_or_single_file_base_is_read_without_loading(tmp_path):
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    from loraloom.bases.export import save_config_skeleton
+
+    models = tmp_path / "models"
+    save_config_skeleton(build_pipeline("tiny-flux", dtype="fp32", device="cpu"), models / "flux-configs")
+    (models / "checkpoints").mkdir()
+    save_file({"double_blocks.0.img_attn.qkv.weight": np.zeros((3, 1), np.float32)},
+              str(models / "checkpoints" / "flux1.safetensors"))
+    rt_files = Runtime(models_dir=models, output_dir=tmp_path / "out")
+    for source, config in [("flux-configs", "auto"), ("checkpoints/flux1.safetensors", "flux-configs")]:
+        with pytest.raises(ValidationError) as info:
+            rt_files.validate(_workflow(source, config=config, **REFUSED_ON_FLUX))
+        assert len(_problems(info.value)) == 3, (source, _problems(info.value))
+
+
+def test_the_cli_validate_reports_every_flux_refusal(tmp_path, capsys):
+    from loraloom.cli import EXIT_FAIL, main
+
+    path = tmp_path / "flux.json"
+    path.write_text(json.dumps(_workflow("tiny-flux", **REFUSED_ON_FLUX)))
+    assert main(["validate", str(path)]) == EXIT_FAIL
+    err = capsys.readouterr().err
+    assert all(want in err for want in REFUSALS) and "Traceback" not in err, err
+    assert main(["validate", str(path), "--json"]) == EXIT_FAIL
+    body = json.loads(capsys.readouterr().out)
+    inputs = [e["extra_info"]["input_name"] for e in body["node_errors"]["2"]["errors"]]
+    assert sorted(inputs) == ["negative_prompt", "scheduler", "width"], body
+
+
+@node(category="test", inputs=[Link("model", MODEL)], outputs=[Output(MODEL, "model")])
+class OpaqueModelPass:
+    """A third-party node that says nothing of its model: validation cannot know the architecture."""
+
+    def execute(self, model):
+        return (model,)
+
+
+def test_where_validation_cannot_know_the_architecture_the_run_refuses(tmp_path):
+    opaque = Runtime(models_dir=tmp_path / "models", output_dir=tmp_path / "out", nodes=[OpaqueModelPass])
+    workflow = _workflow("tiny-flux", [("OpaqueModelPass", {})], negative_prompt="blurry")
+    opaque.validate(workflow)
     with pytest.raises(ExecutionError, match="input 'negative_prompt': Flux takes no negative prompt.*Fix: leave "
                                              "negative_prompt empty"):
-        _run(rt, "tiny-flux", negative_prompt="blurry")
-
-
-@pytest.mark.parametrize("preset, arch, label", [("tiny-flux", "flux", "Flux"), ("tiny-sd3", "sd3", "SD3.5")])
-def test_noise_prediction_schedulers_are_refused_on_flow_models(rt, preset, arch, label):
-    with pytest.raises(ExecutionError, match=re.escape(f"input 'scheduler': scheduler 'ddim' is for noise-prediction "
-                                                       f"(UNet) models; {label} is a flow-matching model and samples "
-                                                       f"with: {', '.join(schedulers_for(arch))}")):
-        _run(rt, preset, scheduler="ddim")
-
-
-@pytest.mark.parametrize("preset", ["tiny-flux", "tiny-sd3"])
-def test_sizes_must_be_multiples_of_16(rt, preset):
-    with pytest.raises(ExecutionError, match="input 'height': 72 is not a multiple of 16: .* works on 16x16 pixel "
-                                             "blocks.*Fix: use 64 or 80"):
-        _run(rt, preset, height=72)
+        opaque.run(workflow)
 
 
 # What each flow scheduler is in diffusers' terms, written out here (not taken from the node) so a
@@ -158,7 +235,7 @@ def test_each_flow_scheduler_samples_the_shifted_schedule(preset, name):
 
 
 def test_heun_is_not_offered_on_flux(rt):
-    with pytest.raises(ExecutionError, match="input 'scheduler': scheduler 'heun' cannot take Flux's "
+    with pytest.raises(ValidationError, match="input 'scheduler': scheduler 'heun' cannot take Flux's "
                                               "resolution-dependent shift and samples with: default, euler, "
                                               "dpm\\+\\+_2m, unipc"):
         _run(rt, "tiny-flux", scheduler="heun")
