@@ -142,6 +142,7 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
     graph = nx.DiGraph()
     nodes: dict[str, dict] = {}
     options_cache: dict = {}
+    linked_checks = False  # whether a node's rules also see what is known upstream (after this loop)
 
     for node_id, entry in prompt.items():
         class_type = entry["class_type"]
@@ -226,23 +227,13 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
             # misread or crash on it; a rule over several inputs skips when one of them is absent).
             failed = {problem["extra_info"].get("input_name") for problem in problems}
             constants = {k: v for k, v in inputs.items() if not is_link(v) and k not in failed}
-            try:
-                found = check(constants) or {}
-            except LoomError as exc:  # a check may raise its problem instead of returning it
-                found = {exc.input: exc}
-            except Exception as exc:  # noqa: BLE001 - a broken checker is reported, not raised
-                # ... unless it was not given every value: one that assumed an input present (a refused
-                # one, already reported) is not broken, and its crash would only add noise.
-                found = {} if failed else {None: f"check_inputs raised {type(exc).__name__}: {exc}"}
-            for name, problem in found.items():
-                if isinstance(problem, LoomError):
-                    problems.append(_err_from("invalid_input", "Invalid input", problem, node_id, class_type, name))
-                else:
-                    problems.append(_err("invalid_input", "Invalid input",
-                                         f"{_title(node_id, class_type, name)}: {problem}", name))
+            problems.extend(_run_check(lambda: check(constants), bool(failed), node_id, class_type, "check_inputs"))
+        linked_checks = linked_checks or hasattr(cls, "check_upstream")
         nodes[node_id] = {"class_type": class_type, "inputs": inputs}
 
     _check_cycles(graph, prompt, errors)
+    if linked_checks and nx.is_directed_acyclic_graph(graph):
+        _check_upstream(graph, nodes, registry, errors)
     outputs = [nid for nid, e in prompt.items()
                if (cls := registry.get(e["class_type"])) is not None and cls.SCHEMA.output_node]
     node_errors = {nid: errs for nid, errs in errors.items() if errs}
@@ -254,6 +245,60 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, folders: Folders | Non
         raise ValidationError(_err("prompt_outputs_failed_validation", "Prompt outputs failed validation", ""),
                               _shape(node_errors, prompt, graph, outputs))
     return ValidPrompt(nodes, graph, outputs, list(nx.topological_sort(graph)))
+
+
+def _run_check(check, partial: bool, node_id: str, class_type: str, name: str) -> list[dict]:
+    """The node errors of one of a node class's rules (``check()``: {input name: problem})."""
+    try:
+        found = check() or {}
+    except LoomError as exc:  # a check may raise its problem instead of returning it
+        found = {exc.input: exc}
+    except Exception as exc:  # noqa: BLE001 - a broken checker is reported, not raised
+        # ... unless it was not given every value: one that assumed an input present (a refused
+        # one, already reported) is not broken, and its crash would only add noise.
+        found = {} if partial else {None: f"{name} raised {type(exc).__name__}: {exc}"}
+    problems = []
+    for input_name, problem in found.items():
+        if isinstance(problem, LoomError):
+            problems.append(_err_from("invalid_input", "Invalid input", problem, node_id, class_type, input_name))
+        else:
+            problems.append(_err("invalid_input", "Invalid input",
+                                 f"{_title(node_id, class_type, input_name)}: {problem}", input_name))
+    return problems
+
+
+def _check_upstream(graph: nx.DiGraph, nodes: dict, registry: NodeRegistry, errors: dict) -> None:
+    """The rules that depend on what feeds a node (e.g. which architecture a model is), before anything runs.
+
+    A node class may say what is known of its outputs without running (``output_facts(constants,
+    upstream) -> dict | None``, e.g. {"arch": "flux"}) and check its inputs against what is known of
+    its links (``check_upstream(constants, upstream) -> {input: problem}``, like check_inputs).
+    ``upstream`` maps each linked input to the facts of the node it is linked to (absent: unknown);
+    ``constants`` are the node's constant inputs that no earlier check refused. Facts flow in
+    dependency order, so a node that passes its model through (``output_facts`` returning
+    ``upstream.get("model")``) hands its base's facts on. Working a fact out may fail (a file that is
+    not what it claims): the fact is then unknown, and the node's own run reports the problem."""
+    facts: dict[str, dict] = {}
+    for node_id in nx.topological_sort(graph):
+        cls = registry.get(nodes[node_id]["class_type"]) if node_id in nodes else None
+        describe, check = getattr(cls, "output_facts", None), getattr(cls, "check_upstream", None)
+        if describe is None and check is None:
+            continue
+        inputs = nodes[node_id]["inputs"]
+        refused = {problem["extra_info"].get("input_name") for problem in errors.get(node_id, ())}
+        constants = {k: v for k, v in inputs.items() if not is_link(v) and k not in refused}
+        upstream = {k: facts[v[0]] for k, v in inputs.items() if is_link(v) and v[0] in facts}
+        if describe is not None:
+            try:
+                found = describe(constants, upstream)
+            except Exception:  # noqa: BLE001 - unknown, not wrong: the run reports what this tripped on
+                found = None
+            if found:
+                facts[node_id] = found
+        if check is not None and upstream:
+            errors.setdefault(node_id, []).extend(
+                _run_check(lambda: check(constants, upstream), bool(refused), node_id, nodes[node_id]["class_type"],
+                           "check_upstream"))
 
 
 def _refusal(folders: Folders, kind: str, name) -> PathError | None:

@@ -321,7 +321,9 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
     widget checks, on the constant inputs that passed them: a linked input, or one refused by its own
     spec, is absent from ``constants``, and a rule over it should then say nothing. A problem
     is a message, or better one of our errors (``InputError(message, value=..., limit=..., fix=...)``),
-    whose fields then reach the validation error's ``extra_info``.
+    whose fields then reach the validation error's ``extra_info``. Rules that depend on what feeds a
+    link (which architecture a model is) go in ``output_facts`` / ``check_upstream``, which
+    validation runs in dependency order (see graph._check_upstream).
     """
 
     def wrap(cls):

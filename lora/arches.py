@@ -51,12 +51,18 @@ class Sampling:
     ``max_sequence_length``: the T5 prompt length the pipeline pads to by default.
     ``pixel_multiple``: what image width and height must be multiples of: the VAE's 8x8 pixel
     blocks, times 2 where the transformer takes 2x2 latent patches (Flux packs them; SD3 embeds them).
+    ``resolution_shift``: the pipeline always computes a resolution-dependent shift of the flow
+    schedule (``mu``, from the image's latent token count) and hands it to the scheduler's
+    set_timesteps (FluxPipeline does; StableDiffusion3Pipeline only when the scheduler's config asks
+    for dynamic shifting, and SD3.5's asks for a static shift of 3.0 instead). A scheduler that cannot
+    take ``mu`` would sample with a different schedule, so Sample does not offer it there.
     """
 
     negative_prompt: bool = True
     flow_matching: bool = False
     max_sequence_length: int | None = None
     pixel_multiple: int = 8
+    resolution_shift: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,8 @@ ARCHES: dict[str, Arch] = {
     # trained for, so Sample does not offer it.
     "flux": Arch("flux", "Flux", "FluxPipeline", "transformer", "FluxTransformer2DModel",
                  ("text_encoder", "text_encoder_2"),
-                 Sampling(negative_prompt=False, flow_matching=True, max_sequence_length=512, pixel_multiple=16),
+                 Sampling(negative_prompt=False, flow_matching=True, max_sequence_length=512, pixel_multiple=16,
+                          resolution_shift=True),
                  blocks=(BlockFamily("double", "transformer_blocks", 19),
                          BlockFamily("single", "single_transformer_blocks", 38))),
     # SD3.5: CLIP ViT-L, OpenCLIP ViT-bigG and T5-XXL; classifier-free guidance with a negative prompt.

@@ -53,6 +53,22 @@ class LoadBase:
                                          fix="choose the diffusers folder of the same architecture")}
         return {}
 
+    @classmethod
+    def output_facts(cls, constants: dict, upstream: dict) -> dict | None:
+        """What validation knows of the model before loading it: its architecture, from the preset, the
+        diffusers folder's model_index.json and denoiser config, or the checkpoint's header (small
+        reads, no torch)."""
+        from ..bases.arch import detect_file_arch, detect_folder_arch
+        from ..bases.presets import PRESETS
+
+        source = constants.get("source")
+        if not isinstance(source, str):
+            return None
+        if source in PRESETS:
+            return {"arch": PRESETS[source].arch}
+        path = folders().find("models", source)
+        return {"arch": detect_file_arch(path) if path.is_file() else detect_folder_arch(path)}
+
     def execute(self, source, config, dtype, device):
         from ..bases.pool import ModelRecipe
         from ..bases.presets import PRESETS

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..graph_runtime import Link, Output, String, node
-from .common import CATEGORY, LORA, MODEL, model_pool, weight_input
+from .common import CATEGORY, LORA, MODEL, model_pool, same_base, weight_input
 
 EXTRA = (2, 3, 4)
 
@@ -31,6 +31,8 @@ class WeightedBlend:
     Block weights scale the first LoRA per block; their BASE value covers everything outside the
     numbered blocks: the text encoders, and the embedders and final layer of the UNet or
     transformer (Flux, SD3.5: x/context/time-text embedders, norm_out and proj_out)."""
+
+    output_facts = classmethod(same_base)
 
     def execute(self, model, lora, weight, text_encoder_weight, block_weights, lora_2=None, weight_2=1.0,
                 lora_3=None, weight_3=1.0, lora_4=None, weight_4=1.0):

@@ -27,6 +27,12 @@ LORA_SUFFIXES = (".safetensors",)
 MAX_WEIGHT = 10.0
 
 
+def same_base(cls, constants: dict, upstream: dict) -> dict | None:
+    """``output_facts`` of a node whose MODEL output is its ``model`` input with LoRAs applied, fused
+    or compiled: the same base, so what validation knows of it (its architecture) carries on."""
+    return upstream.get("model")
+
+
 def weight_input(name: str, tooltip: str = "", optional: bool = False):
     """A LoRA weight or scale widget: default 1.0, within +-MAX_WEIGHT, negative allowed."""
     return Float(name, 1.0, min=-MAX_WEIGHT, max=MAX_WEIGHT, step=0.05, tooltip=tooltip, optional=optional)

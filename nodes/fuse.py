@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..graph_runtime import Boolean, Combo, InputError, Link, Output, String, node
-from .common import CATEGORY, MODEL, weight_input
+from .common import CATEGORY, MODEL, same_base, weight_input
 
 
 @node(category=f"{CATEGORY}/model", display_name="Fuse LoRAs",
@@ -19,6 +19,8 @@ class Fuse:
     """What fuse_lora(adapter_names, lora_scale) means: bake LoRAs into the weights. Sampling then runs
     at the plain base's speed, sample-time lora_scale no longer touches them, and the base is restored
     bit-for-bit whenever a later recipe needs it."""
+
+    output_facts = classmethod(same_base)
 
     def execute(self, model, lora_scale, adapter_names):
         wanted = [n.strip() for n in adapter_names.split(",") if n.strip()]
@@ -46,6 +48,8 @@ class Compile:
     """torch.compile the denoiser (the UNet of SD1.5 / SDXL, the transformer of Flux / SD3.5) once
     per base and options. Later weight changes, LoRA swaps and re-fusing write the weights in place
     and do not recompile."""
+
+    output_facts = classmethod(same_base)
 
     def execute(self, model, mode, fullgraph, dynamic, channels_last):
         from ..bases.pool import CompileOptions

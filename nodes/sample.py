@@ -27,18 +27,48 @@ SCHEDULERS = {
     "pndm": ("PNDMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
 }
-# The schedulers of flow-matching models (Flux, SD3.5), under the same names. Both pipelines hand
-# the scheduler their own sigmas (and Flux a resolution-dependent shift, mu), which only these take;
-# the classic schedulers above would build a noise-prediction schedule for a velocity model.
+# The schedulers of flow-matching models (Flux, SD3.5), under the UNet names where the method is the
+# same. The classic schedulers above would build a noise-prediction schedule for a velocity model.
+# Each must sample the schedule the pipeline means, shift included: SD3.5's is a static shift (its
+# scheduler config's "shift", 3.0); FluxPipeline computes a resolution-dependent one (mu, from the
+# latent token count and the config's base_shift/max_shift/base/max_image_seq_len) and passes it to
+# set_timesteps, with its own sigmas where the scheduler is not in a flow-sigmas mode.
+# - euler: FlowMatchEulerDiscreteScheduler, the base's own (takes sigmas and mu).
+# - dpm++_2m, unipc: DPM-Solver++ 2M and UniPC in their flow mode (use_flow_sigmas, flow_prediction).
+#   FluxPipeline then passes mu and no sigmas; with the base's use_dynamic_shifting (copied by
+#   from_config) both shift their flow grid by exp(mu) exactly as FlowMatchEuler does (DPM sets
+#   flow_shift = exp(mu), UniPC calls the same time_shift). Their static shift is named flow_shift,
+#   not shift: make_scheduler copies it, else SD3.5 would sample unshifted.
+# - heun: FlowMatchHeunDiscreteScheduler; its set_timesteps takes neither sigmas nor mu, so it only
+#   fits a static shift (not on Flux, see Sampling.resolution_shift).
+# Not offered: FlowMatchEuler's stochastic_sampling (diffusers' pipelines call scheduler.step without
+# the generator, so its noise would not follow the seed) and the karras/exponential/beta sigma
+# conversions (they keep only the shifted schedule's end points).
+_FLOW_SOLVER = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 FLOW_SCHEDULERS = {
     "default": None,
     "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", _FLOW_SOLVER),
+    "unipc": ("UniPCMultistepScheduler", _FLOW_SOLVER),
 }
+STATIC_SHIFT_ONLY = frozenset({"heun"})
+"""Flow schedulers that cannot take a resolution-dependent shift (mu)."""
+# FluxPipeline passes mu also for a base without dynamic shifting (schnell), where FlowMatchEuler and
+# UniPC ignore it (keeping the static shift, as meant) but DPM-Solver asserts.
+_MU_NEEDS_DYNAMIC = frozenset({"dpm++_2m"})
+# The scheduler config keys FluxPipeline (and SD3's dynamic shifting) compute mu from.
+_MU_KEYS = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 
 
 def schedulers_for(arch: str) -> dict:
     """The scheduler table of architecture ``arch``: by name, the class and config overrides."""
-    return FLOW_SCHEDULERS if ARCHES[arch].sampling.flow_matching else SCHEDULERS
+    sampling = ARCHES[arch].sampling
+    if not sampling.flow_matching:
+        return SCHEDULERS
+    if sampling.resolution_shift:
+        return {name: entry for name, entry in FLOW_SCHEDULERS.items() if name not in STATIC_SHIFT_ONLY}
+    return FLOW_SCHEDULERS
 
 
 def scheduler_entry(name: str, arch: str) -> tuple[str, dict] | None:
@@ -46,51 +76,81 @@ def scheduler_entry(name: str, arch: str) -> tuple[str, dict] | None:
     the base's own). A name the architecture has no scheduler for raises an InputError."""
     table = schedulers_for(arch)
     if name not in table:
-        raise InputError(
-            f"scheduler {name!r} is for noise-prediction (UNet) models; {ARCHES[arch].label} is a flow-matching model "
-            f"and samples with: {', '.join(table)}.", input="scheduler", value=name, limit=tuple(table),
-            kind="value_not_in_list", fix=f"choose one of: {', '.join(table)}")
+        label = ARCHES[arch].label
+        why = (f"scheduler {name!r} cannot take {label}'s resolution-dependent shift" if name in FLOW_SCHEDULERS
+               else f"scheduler {name!r} is for noise-prediction (UNet) models; {label} is a flow-matching model")
+        raise InputError(f"{why} and samples with: {', '.join(table)}.", input="scheduler", value=name,
+                         limit=tuple(table), kind="value_not_in_list", fix=f"choose one of: {', '.join(table)}")
     return table[name]
 
 
 def make_scheduler(name: str, base_scheduler, arch: str):
     """The scheduler called ``name`` for architecture ``arch``, built from ``base_scheduler``'s config
-    ("default": that one); see scheduler_entry."""
+    ("default": that one); see scheduler_entry. A flow scheduler that would not follow this base's
+    shift raises an InputError."""
     import diffusers
 
     entry = scheduler_entry(name, arch)
     if entry is None:
         return base_scheduler
     cls_name, extra = entry
-    return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
+    config = base_scheduler.config
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    refusal = None
+    if name in STATIC_SHIFT_ONLY and dynamic:
+        refusal = "it cannot take the resolution-dependent shift this base's scheduler config asks for"
+    elif name in _MU_NEEDS_DYNAMIC and ARCHES[arch].sampling.resolution_shift and not dynamic:
+        refusal = "DPM-Solver takes the pipeline's shift only from a base with dynamic shifting (as dev has)"
+    if refusal:
+        choices = [n for n in schedulers_for(arch) if n != name]
+        raise InputError(f"scheduler {name!r} does not fit this {ARCHES[arch].label} base: {refusal}.",
+                         input="scheduler", value=name, kind="not_supported", fix=f"choose one of: {', '.join(choices)}")
+    if extra.get("use_flow_sigmas"):
+        extra = {**extra, "flow_shift": config.get("shift", 1.0)}
+    scheduler = getattr(diffusers, cls_name).from_config(config, **extra)
+    # the pipeline computes mu from these; a class that does not declare them must still carry the base's
+    scheduler.register_to_config(**{key: config[key] for key in _MU_KEYS if key in config})
+    return scheduler
 
 
 def guidance_arguments(arch: str, guidance: float, negative_prompt: str) -> dict:
     """The pipeline-call arguments for ``guidance`` and ``negative_prompt`` on architecture ``arch``:
     guidance_scale is classifier-free guidance, or Flux's distilled guidance (the model's guidance
-    input); a negative prompt where the architecture takes none is an InputError, never ignored."""
-    sampling = ARCHES[arch].sampling
-    if sampling.negative_prompt:
+    input). A negative prompt where the architecture takes none is refused by sampling_problems."""
+    if ARCHES[arch].sampling.negative_prompt:
         return {"guidance_scale": guidance, "negative_prompt": negative_prompt or None}
-    if negative_prompt:
-        raise InputError(
-            f"{ARCHES[arch].label} takes no negative prompt: its guidance is distilled into the model (the "
-            "guidance input), one model run per step without an unconditional one.", input="negative_prompt",
-            value=negative_prompt[:80], kind="not_supported", fix="leave negative_prompt empty")
     return {"guidance_scale": guidance}
 
 
-def check_size(arch: str, width: int, height: int) -> None:
-    """Raise an InputError when width or height is not a multiple of what architecture ``arch``
-    needs (Flux's pipeline would silently resize the image, SD3's raise)."""
-    multiple = ARCHES[arch].sampling.pixel_multiple
-    for name, value in (("width", width), ("height", height)):
-        if value % multiple:
-            raise InputError(
-                f"{value} is not a multiple of {multiple}: {ARCHES[arch].label} works on {multiple}x{multiple} pixel "
+def sampling_problems(arch: str, inputs: dict) -> dict[str, InputError]:
+    """What architecture ``arch`` refuses among a Sample's ``inputs``, by input name: a width or height
+    that is no multiple of its pixel blocks (Flux's pipeline would silently resize the image, SD3's
+    raise), a negative prompt where it takes none (never ignored), a scheduler it has none of.
+    An input absent from ``inputs`` is not judged. Validation runs this where the base's architecture
+    is known before anything runs; Sample runs it again on the loaded base."""
+    described, sampling = ARCHES[arch], ARCHES[arch].sampling
+    problems = {}
+    multiple = sampling.pixel_multiple
+    for name in ("width", "height"):
+        value = inputs.get(name)
+        if isinstance(value, int) and value % multiple:
+            problems[name] = InputError(
+                f"{value} is not a multiple of {multiple}: {described.label} works on {multiple}x{multiple} pixel "
                 "blocks (8x8 for the VAE, then 2x2 latent patches).", input=name, value=value,
                 limit=f"a multiple of {multiple}", kind=f"not_multiple_of_{multiple}",
                 fix=f"use {value - value % multiple} or {value - value % multiple + multiple}")
+    negative = inputs.get("negative_prompt")
+    if not sampling.negative_prompt and isinstance(negative, str) and negative:
+        problems["negative_prompt"] = InputError(
+            f"{described.label} takes no negative prompt: its guidance is distilled into the model (the "
+            "guidance input), one model run per step without an unconditional one.", input="negative_prompt",
+            value=negative[:80], kind="not_supported", fix="leave negative_prompt empty")
+    if isinstance(inputs.get("scheduler"), str):
+        try:
+            scheduler_entry(inputs["scheduler"], arch)
+        except InputError as exc:
+            problems["scheduler"] = exc
+    return problems
 
 
 @node(category=f"{CATEGORY}/sampling", display_name="Sample",
@@ -110,8 +170,8 @@ def check_size(arch: str, width: int, height: int) -> None:
 class Sample:
     """Generate images. Same inputs, same image; progress per step; interruptible between steps.
     On Flux, guidance is the distilled guidance (3.5 is dev's usual value) and the negative prompt
-    must be empty; Flux and SD3.5 take the flow-matching schedulers (default, euler) and sizes that
-    are multiples of 16."""
+    must be empty; Flux and SD3.5 take the flow-matching schedulers (default, euler, dpm++_2m,
+    unipc; heun on SD3.5, whose shift is static) and sizes that are multiples of 16."""
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:
@@ -125,6 +185,11 @@ class Sample:
             problems["steps"] = InputError(f"{constants['steps']} is below 4, the fewest steps the pndm scheduler can "
                                            "take", value=constants["steps"], limit=4, kind="too_few_steps")
         return problems
+
+    @classmethod
+    def check_upstream(cls, constants: dict, upstream: dict) -> dict:
+        arch = upstream.get("model", {}).get("arch")
+        return sampling_problems(arch, constants) if arch in ARCHES else {}
 
     @staticmethod
     def _check_pixels(constants: dict) -> dict:
@@ -149,15 +214,18 @@ class Sample:
         ctx = current_context()
         # a view of the base for this sample alone: its scheduler is set here and nowhere else
         arch = model.base.arch
-        # refused inputs are refused before any work
-        check_size(arch, width, height)
+        # refused inputs are refused before any work (validation did where it knew the architecture)
+        problems = sampling_problems(arch, {"width": width, "height": height, "negative_prompt": negative_prompt,
+                                            "scheduler": scheduler})
+        if problems:
+            raise next(iter(problems.values()))
         call = guidance_arguments(arch, guidance, negative_prompt)
-        scheduler_entry(scheduler, arch)
         pipe = model_pool().pipeline(model, lora_scale=lora_scale, check_interrupt=ctx.check_interrupt)
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, arch)
 
-        def on_step(_pipe, i, _t, kwargs):
-            ctx.progress(i + 1, steps)
+        def on_step(pipe_, i, _t, kwargs):
+            # the model runs per step: two for heun's steps but the first
+            ctx.progress(i + 1, pipe_.num_timesteps)
             return kwargs
 
         with torch.inference_mode():

@@ -67,6 +67,16 @@ def test_validate_of_a_base_and_its_save_imports_no_torch(tmp_path):
     assert heavy_imports(["validate", str(wf)]) == []
 
 
+def test_validate_of_a_sample_on_a_flux_base_imports_no_torch(tmp_path):
+    # validation works out the base's architecture for Sample's checks (and refuses this width) without torch
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": {"class_type": "LoadBase", "inputs": {"source": "tiny-flux"}},
+                              "2": {"class_type": "Fuse", "inputs": {"model": ["1", 0]}},
+                              "3": {"class_type": "Sample", "inputs": {"model": ["2", 0], "width": 72}},
+                              "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}))
+    assert heavy_imports(["validate", str(wf)]) == []
+
+
 def test_validate_of_a_graph_with_a_lora_file_imports_no_torch(tmp_path):
     # LoadLoRA checks the file's header at validation; the header checks need no torch (they did:
     # lora/safefile's dtype table was made of torch dtypes). A bad header is still refused.

@@ -222,6 +222,29 @@ async def test_invalid_prompts_are_400_with_node_errors(serve, helpers):
         assert (await (await server.client.get("/api/queue")).json())["queue_pending"] == [], "nothing was queued"
 
 
+async def test_a_flux_sample_the_base_cannot_take_is_refused_at_queue_time(serve, tmp_path):
+    """What the base feeding a Sample cannot take (here Flux: a negative prompt, a width that is no
+    multiple of 16, a UNet scheduler) is in node_errors, every problem at once, and nothing runs."""
+    from loraloom.api import Runtime as NodesRuntime
+
+    rt = NodesRuntime(models_dir=tmp_path / "models", output_dir=tmp_path / "output")
+    prompt = {"1": {"class_type": "LoadBase", "inputs": {"source": "tiny-flux"}},
+              "2": {"class_type": "Sample", "inputs": {"model": ["1", 0], "negative_prompt": "blurry", "width": 72,
+                                                       "scheduler": "ddim", "steps": 2}},
+              "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    async with serve(runtime=rt) as server:
+        resp = await server.client.post("/prompt", json={"prompt": prompt})
+        data = await resp.json()
+        assert resp.status == 400 and list(data["node_errors"]) == ["2"], data
+        errors = data["node_errors"]["2"]["errors"]
+        assert sorted(e["extra_info"]["input_name"] for e in errors) == ["negative_prompt", "scheduler", "width"]
+        width = next(e for e in errors if e["extra_info"]["input_name"] == "width")
+        assert (width["extra_info"]["value"], width["extra_info"]["limit"]) == (72, "a multiple of 16")
+        assert "node 2 (Sample) input 'width'" in width["details"] and "Fix: use 64 or 80" in width["details"]
+        assert (await (await server.client.get("/api/queue")).json())["queue_pending"] == [], "nothing was queued"
+        assert server.started == [], "nothing ran"
+
+
 @pytest.mark.parametrize("text, problem", [
     ('{"prompt": {', "invalid JSON"),
     ('{"prompt": {"1": {"class_type": "Const", "inputs": {"value": NaN}}}}', "finite"),
