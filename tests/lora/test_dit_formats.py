@@ -294,8 +294,9 @@ def _straddling_lokrs(gen):
         return torch.randn(*dims, generator=gen, dtype=torch.float64).float()
 
     return {
-        # w2 12 rows high: the q / k / v boundaries (16, 32) cut Kronecker blocks
-        "double_blocks.0.img_attn.qkv": LoKrModule(alpha=3.0, w1=r(4, 2), w2a=r(12, 2), w2b=r(2, 8)),
+        # w2 12 rows high: the q / k / v boundaries (16, 32) cut Kronecker blocks (the shapes peft's
+        # LoKr makes for a 48 x 16 weight with decompose_factor 4 and r 2)
+        "double_blocks.0.img_attn.qkv": LoKrModule(alpha=3.0, w1=r(4, 4), w2a=r(12, 2), w2b=r(2, 4)),
         # linear1: 112 = 8 x 14 rows (LyCORIS' own factors at this size), boundaries 16, 32, 48
         "single_blocks.5.linear1": LoKrModule(alpha=2.0, w1a=r(8, 3), w1b=r(3, 4), w2=r(14, 4)),
         # (shift, scale) -> (scale, shift): one w2 block 32 rows high, cut in the middle
@@ -347,6 +348,26 @@ def test_lokr_straddling_part_boundaries_reads_and_patches_exactly(flux, tmp_pat
             torch.testing.assert_close(weight.double(), weights[target.path].double() + want, atol=1e-6, rtol=1e-6)
             # and bit for bit the fp32 product's rows: each element is the same single product
             assert torch.equal(delta(part), torch.cat([delta(module)[a:b] for a, b in rows])), target.path
+    # peft's LoKr on diffusers' own fused q / k / v projection (attn.fuse_projections) of block 0
+    # changes it as our three parts change to_q / to_k / to_v
+    from peft import LoKrConfig, inject_adapter_in_model
+
+    qkv = modules["double_blocks.0.img_attn.qkv"]
+    ref = copy.deepcopy(flux)
+    ref.transformer_blocks[0].attn.fuse_projections()
+    inject_adapter_in_model(LoKrConfig(r=2, alpha=qkv.alpha, decompose_factor=4,
+                                       target_modules=["transformer_blocks.0.attn.to_qkv"]), ref)  # fmt: skip
+    layer = ref.transformer_blocks[0].attn.to_qkv
+    with torch.no_grad():
+        for name in ("w1", "w2_a", "w2_b"):
+            getattr(layer, f"lokr_{name}")["default"].copy_(getattr(qkv, name.replace("_", "")))
+    layer.merge()
+    ours = []
+    for path in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"):
+        weight = weights[path].clone()
+        patch_weight(weight, weights[path], (("f", 1.0, lora.components["transformer"][path]),))
+        ours.append(weight)
+    torch.testing.assert_close(layer.base_layer.weight.detach(), torch.cat(ours), atol=2e-6, rtol=0)
     # written back in the original layout: the file's modules, bit for bit
     back = load_file(write_kohya(lora, tmp_path / "k.safetensors", arch="flux"))
     assert back.keys() == sd.keys()
