@@ -18,10 +18,11 @@ factors Flux's ``linear1`` (21504 = 3 * 3072 + 12288 rows) as w1 128 x 48, w2 16
 is no multiple of 168. The final layer's modulation is stored (shift, scale) in the original and
 (scale, shift) in diffusers: a row permutation, exact the same way.
 
-Row selection was chosen over an exact factorisation of each part (``kron(w1, I) @ kron(I, w2)``
-restricted to its rows is a LoRA of rank 168 * 48 = 8064 on a 3072-wide input at linear1's real
-size: wider than the weight, 2.6 times its memory per part): the parts keep the file's small
-factors, and the writer re-fuses them into the file's module bit for bit.
+Row selection was chosen over an exact factorisation of each part: ``kron(w1, w2) =
+kron(w1, I) @ kron(I, w2)``, restricted to a part's rows, is a LoRA of rank 48 * 168 = 8064 on
+linear1's 3072-wide input, its down 8064 x 3072 and its up 2.6 times the part's own weight (3 times
+all of linear1's dense weight for the four parts, against 17K values in the file's two factors).
+The parts keep the file's factors, and the writer re-fuses them into the file's module bit for bit.
 
 A `Target` says which rows of the original output a diffusers module takes, in units of the
 module's input width (the hidden size for every fused projection here).
@@ -277,7 +278,7 @@ def fuse_modules(parts: Sequence[tuple[Target, Module | None]], key: str) -> Mod
     their alpha re-fuse with those shared tensors, and LoKr parts that select rows of one product
     re-fuse into that product, so a fused module read, split and written again comes back bit for
     bit. LoRA parts with different downs (or alphas) fuse as stacked downs with a block-diagonal
-    up and one alpha (`stacked_scale`): each part's up block carries its scale's ratio to the fused
+    up and one alpha (`_stacked_scale`): each part's up block carries its scale's ratio to the fused
     module's scale, exact when every ratio is 1 or a power of two, else one rounding of the up (in
     its dtype) per element. Raises LoRAFormatError where no single module can hold the parts.
     """
@@ -388,7 +389,7 @@ def _fuse_lora(parts: Sequence[tuple[Target, LoRAModule | None]], key: str) -> L
         return LoRAModule(down=first.down, up=up, alpha=first.alpha, key=key)
     downs = [m.down.to(dtype) if m.down.dtype != dtype else m.down for m in present]
     rank = sum(m.rank for m in present)
-    alpha, scale = stacked_scale([(m.rank, m.alpha) for m in present])
+    alpha, scale = _stacked_scale([(m.rank, m.alpha) for m in present])
     up = first.up.new_zeros(total, rank)
     col = 0
     for target, m in parts:
@@ -406,7 +407,7 @@ def _ratio(scale: float, over: float) -> float:
     return 1.0 if scale == over or over == 0.0 else scale / over
 
 
-def stacked_scale(parts: Sequence[tuple[int, float]]) -> tuple[float, float]:
+def _stacked_scale(parts: Sequence[tuple[int, float]]) -> tuple[float, float]:
     """(alpha, scale) of a fused LoRA with stacked downs over `parts` ((rank, alpha) of each present
     part): the scale of the parts holding the most rank (ties: the first), whose ups then go in
     unchanged; alpha = scale * total rank, rounded to float32 as a file stores it, and scale =
