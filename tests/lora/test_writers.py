@@ -285,3 +285,15 @@ def test_dit_bf16_file_round_trips_bit_for_bit(name, dit_files, tmp_path):
     for key, tensor in bf16.items():
         if key.startswith("lora_unet_"):
             assert torch.equal(written[key], tensor) and written[key].dtype == tensor.dtype, key
+
+
+def test_lokr_rows_alone_are_refused_by_the_kohya_writer(tmp_path):
+    # rows of a product stand only beside their sibling parts (a fused Flux weight); written alone,
+    # the factors would give the whole product
+    from loraloom.lora.canonical import LoKrModule
+
+    part = LoKrModule(alpha=1.0, w1=torch.ones(2, 1), w2=torch.ones(3, 4), rows=((2, 5),), key="k")
+    lora = LoRA({"unet": {"down_blocks.0.attentions.0.proj_in": part}}, source_format="derived", fingerprint="r" * 64)
+    with pytest.raises(LoRAFormatError, match=r"rows \[\(2, 5\)\] of a LoKr's Kronecker product.*Fix: write it with"):
+        write_kohya(lora, tmp_path / "k.safetensors", arch="sd15")
+    assert not (tmp_path / "k.safetensors").exists()
