@@ -611,3 +611,15 @@ def test_kohya_alpha_kept_where_diffusers_bakes_it_into_bf16_factors():
     ours = lora_from_state_dict(sd).components["transformer"]["transformer_blocks.0.attn.to_out.0"]
     assert ours.down is down and ours.up is up and ours.alpha == float(sd[f"{key}.alpha"])
     assert torch.equal(delta(ours), exact)
+
+
+def test_split_of_a_lokr_row_selection_selects_rows_of_its_rows():
+    from loraloom.lora.dit_keys import split_module
+
+    gen = torch.Generator().manual_seed(9)
+    lokr = LoKrModule(alpha=1.0, w1=torch.randn(3, 2, generator=gen), w2=torch.randn(10, 4, generator=gen))  # 30 x 8
+    full = delta(lokr)
+    swapped = split_module(lokr, ((2, 3), (0, 2)), "k")  # rows 16..24 then 0..16 (units of 8)
+    assert swapped.rows == ((16, 24), (0, 16)) and torch.equal(delta(swapped), torch.cat([full[16:24], full[0:16]]))
+    inner = split_module(swapped, ((0, 2),), "k")  # its first 16 rows: 16..24 and 0..8 of the product
+    assert inner.rows == ((16, 24), (0, 8)) and torch.equal(delta(inner), torch.cat([full[16:24], full[0:8]]))
