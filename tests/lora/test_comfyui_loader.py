@@ -1,5 +1,7 @@
 """Our kohya-layout Flux files through ComfyUI's own LoRA loader (comfy.lora in the real ComfyUI 0.3.64):
-every key loads and each fused weight gets exactly our delta. Opt-in: needs the ComfyUI environment
+every key loads and each fused weight gets exactly our delta (LoKr on linear1 with Kronecker blocks
+straddling q / k / v / mlp included), or, for q / k / v parts whose scales are not powers of two
+apart, our delta within fp32 rounding. Opt-in: needs the ComfyUI environment
 that /work/shared/comfyui/setup.sh makes (set LORALOOM_COMFYUI to its DEST); skipped without it."""
 from __future__ import annotations
 
