@@ -19,7 +19,8 @@ format (keys ``"<preset>/<format>"`` of the returned dict):
 `write_dit_fixtures(out_dir, spec, arch, name)` does the same for a Flux or SD3 base (any
 transformer module set, given as a `BaseSpec`): diffusers, kohya, ComfyUI, XLabs, LoHa and LoKr
 files (see `DIT_FORMATS`); `write_fixtures` calls it for ``tiny-flux`` and ``tiny-sd3`` with the
-preset's own modules.
+preset's own modules. The LoKr file's single-block ``linear1`` modules have Kronecker blocks that
+straddle the q / k / v / mlp boundaries, as LyCORIS' own factors do at Flux's real size.
 
 Modules cover attention (to_q/k/v/out, on SDXL also transformer_blocks.1), feed-forward, proj_in/out,
 resnet convs, time_emb_proj and both text encoders; ranks 4 and 8; alphas differ from ranks and
@@ -98,11 +99,11 @@ def _loha_module(gen: torch.Generator, shape: tuple[int, ...], index: int) -> Lo
     )  # fmt: skip
 
 
-def _lokr_module(gen: torch.Generator, shape: tuple[int, ...], index: int) -> LoKrModule:
+def _lokr_module(gen: torch.Generator, shape: tuple[int, ...], index: int, factor: int = -1) -> LoKrModule:
     from peft.tuners.lokr.layer import factorization
 
     rank = RANKS[index % 2]
-    out_l, out_k = factorization(shape[0], -1)
+    out_l, out_k = factorization(shape[0], factor)
     in_m, in_n = factorization(shape[1], -1)
     kernel = tuple(shape[2:])
     small = 0.6 / math.sqrt(math.prod(shape[1:]))
@@ -284,22 +285,30 @@ def _fused_lora(spec: BaseSpec, arch: str, seed: int, maker: Callable[..., Modul
     """A LoRA made on the original (fused) modules and split onto diffusers' paths, as a file in an
     original layout reads: every part of a fused weight shares its down (LyCORIS: its shared factors)."""
     from .lora.dit_keys import split_module
-    from .lora.errors import LoRAFormatError
 
     gen = torch.Generator().manual_seed(seed)
     modules: dict[str, dict[str, Module]] = {}
     for index, (name, targets, shape) in enumerate(_dit_originals(spec, arch, every_block)):
-        fused = maker(gen, shape, index)
-        try:
-            parts = [(t.path, split_module(fused, t.segments, name)) for t in targets]
-        except LoRAFormatError:
-            continue  # a LoKr whose Kronecker blocks straddle q / k / v (see dit_keys.split_module)
-        modules.setdefault("transformer", {}).update(parts)
+        if maker is _lokr_module and name.endswith("linear1"):
+            fused = _lokr_module(gen, shape, index, _straddling_factor(shape))
+        else:
+            fused = maker(gen, shape, index)
+        modules.setdefault("transformer", {}).update((t.path, split_module(fused, t.segments, name)) for t in targets)
     if te:
         gen_te = torch.Generator().manual_seed(seed + 50)
         for index, (component, path) in enumerate(_dit_te(spec)):
             modules.setdefault(component, {})[path] = maker(gen_te, spec.components[component][path].shape, index)
     return LoRA(modules, source_format="derived", fingerprint=derived_fingerprint("fixture", [], {"format": fmt, "seed": seed}))
+
+
+def _straddling_factor(shape: tuple[int, ...]) -> int:
+    """A LoKr factor for Flux's ``linear1`` (rows q, k, v, mlp, each part a multiple of the width)
+    whose Kronecker blocks straddle the part boundaries, as LyCORIS' own choice does at the real
+    size (21504 rows as w1 128 x w2 168, and 3072 is no multiple of 168): LyCORIS' default (-1)
+    where it straddles, else 8 (tiny-flux's 224 rows: 14 x 16 tiles its 32-row parts, 8 x 28 not)."""
+    from peft.tuners.lokr.layer import factorization
+
+    return -1 if shape[1] % factorization(shape[0], -1)[1] else 8
 
 
 def _dit_te(spec: BaseSpec) -> list[tuple[str, str]]:

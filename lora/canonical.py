@@ -10,7 +10,8 @@ module value:
 - `LoHaModule`: LyCORIS LoHa, ``delta = alpha / rank * (w1a @ w1b) * (w2a @ w2b)`` (Tucker form
   with ``t1``/``t2`` for conv layers);
 - `LoKrModule`: LyCORIS LoKr, ``delta = scale * kron(w1, w2)`` with either factor full or
-  decomposed (``w1a @ w1b``, ``w2a @ w2b`` or Tucker ``t2``).
+  decomposed (``w1a @ w1b``, ``w2a @ w2b`` or Tucker ``t2``), or selected ``rows`` of that product
+  (the part of a LoKr on a fused Flux / SD3 weight that lands on one diffusers module).
 
 `delta(module)` turns any of them into the full-rank weight delta, so blending, fusing and merging
 work on all kinds alike.
@@ -216,6 +217,11 @@ class LoKrModule:
     in Tucker form with ``t2``. The scale is ``alpha / rank`` where rank is the inner dimension of the
     decomposed factor (w2's if decomposed, else w1's); with both factors full it is 1, exactly as
     LyCORIS, ComfyUI and A1111 apply it.
+
+    ``rows`` (row ranges ``(start, stop)`` of the full product, concatenated) makes the delta those
+    rows of ``scale * kron(w1, w2)`` only: the part of a LoKr on a fused original-layout weight (Flux's
+    ``linear1``) whose Kronecker blocks straddle the part boundaries (`dit_keys.split_module`). The
+    factors stay the fused module's (shared by every part, never a dense delta per part); None: all rows.
     """
 
     alpha: float
@@ -228,6 +234,7 @@ class LoKrModule:
     t2: torch.Tensor | None = None
     shape_hint: tuple[int, ...] | None = None
     key: str = ""
+    rows: tuple[tuple[int, int], ...] | None = None
     kind: ClassVar[str] = "lokr"
 
     def __post_init__(self):
@@ -259,6 +266,17 @@ class LoKrModule:
                     limit=self.w2b.shape[0],
                 )
         _check_alpha(self.alpha, key)
+        if self.rows is not None:
+            height = self.kron_rows
+            if not self.rows or any(not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b <= height)
+                                    for a, b in self.rows):  # fmt: skip
+                raise LoRAFormatError(
+                    f"module {key!r}: LoKr rows {list(self.rows)} are not ranges within its Kronecker "
+                    f"product's {height} rows",
+                    key=key,
+                    value=list(self.rows),
+                    limit=height,
+                )
 
     @property
     def rank(self) -> int | None:
@@ -285,17 +303,25 @@ class LoKrModule:
         return (int(w1[0]), int(w1[1])), tuple(int(d) for d in w2)
 
     @property
+    def kron_rows(self) -> int:
+        """Rows of the full Kronecker product (``rows`` selects among them)."""
+        (a, _), w2 = self._factor_shapes()
+        return a * w2[0]
+
+    @property
     def is_conv(self) -> bool:
         """True when the target is known to be a conv layer."""
         return len(self.shape) == 4
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Target weight shape: ``shape_hint`` if known, else the Kronecker product's shape."""
+        """Target weight shape: ``shape_hint`` if known, else the Kronecker product's shape (its
+        selected ``rows``)."""
         if self.shape_hint is not None:
             return tuple(self.shape_hint)
         (a, b), w2 = self._factor_shapes()
-        return (a * w2[0], b * w2[1], *w2[2:])
+        out = a * w2[0] if self.rows is None else sum(stop - start for start, stop in self.rows)
+        return (out, b * w2[1], *w2[2:])
 
     @property
     def nbytes(self) -> int:
@@ -323,6 +349,25 @@ MODULE_KINDS = ("lora", "loha", "lokr")
 def _tucker(t: torch.Tensor, wb: torch.Tensor, wa: torch.Tensor) -> torch.Tensor:
     # LyCORIS' Tucker rebuild (same contraction as LyCORIS, ComfyUI and peft): [out, in, kh, kw].
     return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa)
+
+
+def _kron_rows(w1: torch.Tensor, w2: torch.Tensor, rows: Sequence[tuple[int, int]] | None) -> torch.Tensor:
+    """``kron(w1, w2)``, or its `rows` concatenated, from only the rows of w1 they touch (row r of
+    the product is row ``r // k`` of w1 times row ``r % k`` of w2, k = w2's height): each element is
+    the same single product ``w1[i, j] * w2[p, q]`` as in the full product, so the rows are bit for
+    bit those of the full product, at the cost of at most two extra w2-high blocks per range."""
+    if w2.ndim == 4:
+        w1 = w1.reshape(*w1.shape, 1, 1)
+    # kron views its inputs internally and fails on non-contiguous ones (Tucker einsum output)
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    if rows is None:
+        return torch.kron(w1, w2)
+    k = w2.shape[0]
+    parts = []
+    for start, stop in rows:
+        lo, hi = start // k, -(-stop // k)
+        parts.append(torch.kron(w1[lo:hi].contiguous(), w2)[start - lo * k : stop - lo * k])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
 
 def delta(module: Module, shape: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -354,10 +399,7 @@ def delta(module: Module, shape: Sequence[int] | None = None, dtype: torch.dtype
             w2 = _tucker(f(module.t2), f(module.w2b), f(module.w2a))
         else:
             w2 = f(module.w2a) @ f(module.w2b)
-        if w2.ndim == 4:
-            w1 = w1.reshape(*w1.shape, 1, 1)
-        # kron views its inputs internally and fails on non-contiguous ones (Tucker einsum output)
-        out = torch.kron(w1.contiguous(), w2.contiguous()) * module.scale
+        out = _kron_rows(w1, w2, module.rows) * module.scale
     else:
         raise TypeError(f"delta() takes a LoRAModule, LoHaModule or LoKrModule, not {type(module).__name__}")
     if out.numel() != math.prod(target):

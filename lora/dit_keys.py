@@ -12,9 +12,17 @@ rows are ``[q; k; v]`` (``[q; k; v; mlp]`` for ``linear1``).
 A delta on a fused weight splits exactly by output rows: row block i of ``up @ down`` is
 ``up[rows_i] @ down``. So a LoRA on ``qkv`` becomes three LoRAs with the same ``down`` and alpha
 and the up's row slices; a LoHa keeps ``w1b`` / ``w2b`` and slices ``w1a`` / ``w2a``; a LoKr
-``kron(w1, w2)`` slices ``w1`` when the part boundaries fall on multiples of ``w2``'s row count
-(and cannot be split exactly otherwise). The final layer's modulation is stored (shift, scale) in
-the original and (scale, shift) in diffusers: a row permutation, exact the same way.
+``kron(w1, w2)`` slices ``w1`` when the part boundaries fall on multiples of ``w2``'s row count,
+and otherwise keeps both factors and selects its rows of the product (`LoKrModule.rows`): LyCORIS
+factors Flux's ``linear1`` (21504 = 3 * 3072 + 12288 rows) as w1 128 x 48, w2 168 x 64, and 3072
+is no multiple of 168. The final layer's modulation is stored (shift, scale) in the original and
+(scale, shift) in diffusers: a row permutation, exact the same way.
+
+Row selection was chosen over an exact factorisation of each part: ``kron(w1, w2) =
+kron(w1, I) @ kron(I, w2)``, restricted to a part's rows, is a LoRA of rank 48 * 168 = 8064 on
+linear1's 3072-wide input, its down 8064 x 3072 and its up 2.6 times the part's own weight (3 times
+all of linear1's dense weight for the four parts, against 17K values in the file's two factors).
+The parts keep the file's factors, and the writer re-fuses them into the file's module bit for bit.
 
 A `Target` says which rows of the original output a diffusers module takes, in units of the
 module's input width (the hidden size for every fused projection here).
@@ -22,7 +30,6 @@ module's input width (the hidden size for every fused projection here).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -221,8 +228,8 @@ def _take(t: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor:
 
 def split_module(module: Module, segments: Segments, key: str) -> Module:
     """The part of `module` (a delta on a fused weight ``[out, unit]``-wide) that lands on the rows
-    `segments` (in units of the input width): exact, see the module docstring. Raises
-    LoRAFormatError for a LoKr whose Kronecker blocks straddle a part boundary."""
+    `segments` (in units of the input width): exact, see the module docstring (a LoKr whose
+    Kronecker blocks straddle a part boundary selects its rows of the product)."""
     if segments == WHOLE:
         return module
     if isinstance(module, LoRAModule):
@@ -236,24 +243,31 @@ def split_module(module: Module, segments: Segments, key: str) -> Module:
         return dataclasses.replace(module, w1a=_take(module.w1a, rows), w2a=_take(module.w2a, rows))
     (out_l, _), w2_shape = module._factor_shapes()
     out_k = w2_shape[0]
-    total, unit = out_l * out_k, module.shape[1]
+    total, unit = module.shape[0], module.shape[1]
     rows = _rows(segments, unit, total, key)
-    bad = [r for ab in rows for r in ab if r % out_k]
-    if bad:
-        raise LoRAFormatError(
-            f"LoKr module {key!r} cannot be split exactly onto diffusers' separate projections: its delta "
-            f"is kron(w1, w2) with w2 {out_k} rows high, and the part boundary at row {bad[0]} is not a "
-            f"multiple of {out_k}, so the part is no single Kronecker product",
-            key=key,
-            value=bad[0],
-            limit=f"a multiple of {out_k}",
-            fix="convert the file to LoRA with LyCORIS' or kohya's tools (or extract a LoRA from it), then load that.",
-        )
+    if module.rows is not None or any(r % out_k for ab in rows for r in ab):
+        # shape_hint dropped: the part's shape is its rows'
+        return dataclasses.replace(module, rows=_select(module.rows or ((0, out_l * out_k),), rows), shape_hint=None)
     w1_rows = [(a // out_k, b // out_k) for a, b in rows]
-    # shape_hint dropped: the part's shape is its Kronecker product's
     if module.w1 is not None:
         return dataclasses.replace(module, w1=_take(module.w1, w1_rows), shape_hint=None)
     return dataclasses.replace(module, w1a=_take(module.w1a, w1_rows), shape_hint=None)
+
+
+def _select(ranges: Sequence[tuple[int, int]], rows: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """`rows` (ranges of the concatenation of `ranges`) as ranges of what `ranges` index."""
+    out: list[tuple[int, int]] = []
+    for a, b in rows:
+        offset = 0
+        for start, stop in ranges:
+            lo, hi = max(a, offset), min(b, offset + stop - start)
+            if lo < hi:
+                piece = (start + lo - offset, start + hi - offset)
+                if out and out[-1][1] == piece[0]:
+                    piece = (out.pop()[0], piece[1])
+                out.append(piece)
+            offset += stop - start
+    return tuple(out)
 
 
 def fuse_modules(parts: Sequence[tuple[Target, Module | None]], key: str) -> Module:
@@ -261,10 +275,12 @@ def fuse_modules(parts: Sequence[tuple[Target, Module | None]], key: str) -> Mod
     weight, in order; None where the LoRA has no module): the inverse of `split_module`.
 
     Parts that share their ``down`` (LoRA), ``w1b``/``w2b`` (LoHa) or ``w2`` factors (LoKr) and
-    their alpha re-fuse with those shared tensors, so a fused module read, split and written again
-    comes back bit for bit. LoRA parts with different downs (or alphas) fuse exactly as stacked
-    downs with a block-diagonal up (parts keep their own scale through the alpha of the fused
-    module when all scales agree). Raises LoRAFormatError where no single module can hold them.
+    their alpha re-fuse with those shared tensors, and LoKr parts that select rows of one product
+    re-fuse into that product, so a fused module read, split and written again comes back bit for
+    bit. LoRA parts with different downs (or alphas) fuse as stacked downs with a block-diagonal
+    up and one alpha (`_stacked_scale`): each part's up block carries its scale's ratio to the fused
+    module's scale, exact when every ratio is 1 or a power of two, else one rounding of the up (in
+    its dtype) per element. Raises LoRAFormatError where no single module can hold the parts.
     """
     present = [(t, m) for t, m in parts if m is not None]
     if not present:
@@ -294,6 +310,8 @@ def _fuse_lycoris(parts: Sequence[tuple[Target, Module | None]], key: str) -> Mo
     # when they share w2 (or w2a, w2b), w1b and alpha (rows of w1 / w1a stack, in w2-high blocks).
     present = [m for _, m in parts if m is not None]
     first = present[0]
+    if any(isinstance(m, LoKrModule) and m.rows is not None for m in present):
+        return _fuse_lokr_rows(parts, key)
     if isinstance(first, LoHaModule):
         names, row_factors = ("w1b", "w2b", "t1", "t2"), ("w1a", "w2a")
         unit, block = int(first.w1b.shape[1]), 1
@@ -323,6 +341,34 @@ def _fuse_lycoris(parts: Sequence[tuple[Target, Module | None]], key: str) -> Mo
     return dataclasses.replace(first, key=key, shape_hint=None, **fused)
 
 
+def _fuse_lokr_rows(parts: Sequence[tuple[Target, Module | None]], key: str) -> LoKrModule:
+    # Parts that select rows of one Kronecker product (split_module of a LoKr whose blocks straddle
+    # the part boundaries) are that product again when every part is there, with the same factors
+    # and alpha, each selecting exactly its target's rows: the file's module, its tensors unchanged.
+    first = next(m for _, m in parts if m is not None)
+    names = ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2")
+    total, unit = first.kron_rows, int(first.shape[1])
+    problem = None
+    for target, m in parts:
+        if m is None:
+            problem = f"it has no part for {target.path}"
+        elif not (m.alpha == first.alpha and all(_same(getattr(m, n), getattr(first, n)) for n in names)):
+            problem = f"its part for {target.path} has other factors or alpha than the first"
+        elif tuple(m.rows or ()) != tuple(_part_rows(target, unit, total)):
+            problem = f"its part for {target.path} selects rows {list(m.rows or ())} of the product, not its own"
+        if problem:
+            break
+    if problem is None:
+        return dataclasses.replace(first, key=key, rows=None, shape_hint=None)
+    raise LoRAFormatError(
+        f"fused module {key!r}: its LoKr parts select rows of one Kronecker product whose blocks straddle "
+        f"the parts' boundaries, and {problem}; only the whole product can be written on the fused weight",
+        key=key,
+        value=problem,
+        fix="convert the LoRA with loraloom.lora.convert.as_lora first (exact), or keep every part of the module unchanged.",
+    )
+
+
 def _part_rows(target: Target, unit: int, total: int) -> list[tuple[int, int]]:
     return _rows(target.segments, unit, total, target.path)
 
@@ -341,26 +387,40 @@ def _fuse_lora(parts: Sequence[tuple[Target, LoRAModule | None]], key: str) -> L
             if m is not None:
                 _put(up, m.up, _part_rows(target, unit, total))
         return LoRAModule(down=first.down, up=up, alpha=first.alpha, key=key)
-    scales = {m.scale for m in present}
-    if len(scales) > 1:
-        raise LoRAFormatError(
-            f"fused module {key!r}: its parts have different scales (alpha / rank: "
-            f"{sorted(scales)}), which one fused LoRA cannot hold without changing the tensors",
-            key=key,
-            value=sorted(scales),
-            fix="write it in diffusers layout (separate projections), or give the parts one alpha / rank.",
-        )
     downs = [m.down.to(dtype) if m.down.dtype != dtype else m.down for m in present]
     rank = sum(m.rank for m in present)
+    alpha, scale = _stacked_scale([(m.rank, m.alpha) for m in present])
     up = first.up.new_zeros(total, rank)
     col = 0
     for target, m in parts:
         if m is None:
             continue
         block = up[:, col : col + m.rank]
-        _put(block, m.up, _part_rows(target, unit, total))
+        ratio = _ratio(m.scale, scale)
+        _put(block, m.up if ratio == 1.0 else m.up * ratio, _part_rows(target, unit, total))
         col += m.rank
-    return LoRAModule(down=torch.cat(downs, 0), up=up, alpha=first.scale * rank, key=key)
+    return LoRAModule(down=torch.cat(downs, 0), up=up, alpha=alpha, key=key)
+
+
+def _ratio(scale: float, over: float) -> float:
+    # a zero scale (alpha 0) part: its block is zero whatever the ratio; 1 where nothing can divide
+    return 1.0 if scale == over or over == 0.0 else scale / over
+
+
+def _stacked_scale(parts: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(alpha, scale) of a fused LoRA with stacked downs over `parts` ((rank, alpha) of each present
+    part): the scale of the parts holding the most rank (ties: the first), whose ups then go in
+    unchanged; alpha = scale * total rank, rounded to float32 as a file stores it, and scale =
+    that alpha / total rank, what a loader computes from the file (the ratio each part's up block
+    carries is its own scale over this one)."""
+    by_scale: dict[float, int] = {}
+    for rank, alpha in parts:
+        by_scale[alpha / rank] = by_scale.get(alpha / rank, 0) + rank
+    # max keeps the first of equal counts; a zero scale only when every part has one
+    chosen = max(by_scale, key=lambda s: (s != 0.0, by_scale[s]))
+    rank = sum(r for r, _ in parts)
+    alpha = float(torch.tensor(chosen * rank, dtype=torch.float32))
+    return alpha, alpha / rank
 
 
 def _fused_rows(parts: Sequence[tuple[Target, Module | None]], unit: int) -> int:
@@ -391,7 +451,10 @@ def split_stacked(module: LoRAModule, targets: Sequence[Target], parts: Sequence
                   ) -> list[LoRAModule | None]:
     """The parts of a fused LoRA written with stacked downs and a block-diagonal up (`fuse_modules`
     of parts with different downs): `parts` gives (rank, alpha) per target, rank 0 for an absent
-    part. Raises LoRAFormatError when the ranks do not add up or the up is not block-diagonal."""
+    part. A part whose scale differs from the file's gets its up block divided by the ratio the
+    writer baked in: its original up bit for bit when the ratio is a power of two, else within two
+    roundings of the up's dtype (one each way). Raises LoRAFormatError when the ranks do not add up
+    or the up is not block-diagonal."""
     if sum(r for r, _ in parts) != module.rank or len(parts) != len(targets):
         raise LoRAFormatError(
             f"module {key!r}: the recorded part ranks {[r for r, _ in parts]} do not add up to its rank "
@@ -414,17 +477,12 @@ def split_stacked(module: LoRAModule, targets: Sequence[Target], parts: Sequence
                 f"{col}..{col + rank} reach outside {target.path}'s rows)",
                 key=key,
             )
-        if rank and not math.isclose(alpha / rank, module.scale, rel_tol=1e-6):
-            raise LoRAFormatError(
-                f"module {key!r}: recorded part alpha {alpha} / rank {rank} disagrees with the file's scale "
-                f"{module.scale}",
-                key=key,
-                value=alpha / rank,
-                limit=module.scale,
-            )
         part = None
         if rank:
             up = _take(module.up[:, col : col + rank], rows)
+            ratio = _ratio(module.scale, alpha / rank)
+            if ratio != 1.0:  # the writer multiplied the part's up by the inverse ratio
+                up = up * ratio
             part = LoRAModule(down=module.down[col : col + rank], up=up, alpha=float(alpha), key=key)
         out.append(part)
         col += rank

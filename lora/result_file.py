@@ -122,6 +122,8 @@ class LoRAResults:
                     fields = dict(plain)
                     if "shape_hint" in fields:
                         fields["shape_hint"] = tuple(fields["shape_hint"])
+                    if "rows" in fields:  # JSON lists back to the LoKr's row ranges
+                        fields["rows"] = tuple(tuple(r) for r in fields["rows"])
                     for f in dataclasses.fields(cls):
                         name = f"{slot}/{component}/{module_path}/{f.name}"
                         if name in safe.tensors:

@@ -14,7 +14,8 @@
 Flux and SD3 LoRAs (a "transformer" component) are written in diffusers' layout (``transformer.``
 keys) or in the original layout (`to_original_state_dict`: kohya names, which kohya-ss writes and
 ComfyUI's loader reads, or ComfyUI's dotted ``diffusion_model.`` names), where the parts of a fused
-original weight (q/k/v, Flux's single-block ``linear1``) are fused again exactly.
+original weight (q/k/v, Flux's single-block ``linear1``) are fused again: exactly, except where parts
+with different scales (alpha / rank) share one alpha, see `dit_keys.fuse_modules`.
 
 Round trips are exact: writing and reading back gives the same tensors (same dtype, same bytes),
 the same alphas and the same module paths.
@@ -150,6 +151,15 @@ def to_kohya_state_dict(
 
 
 def _put_kohya(out: dict[str, torch.Tensor], name: str, module: Module, naming: str = "kohya") -> None:
+    if getattr(module, "rows", None) is not None:
+        # its factors are a whole fused module's: written as they are, they would change every row
+        raise LoRAFormatError(
+            f"module {name!r} ({module.key}) is rows {list(module.rows)} of a LoKr's Kronecker product (a "
+            "part of a LoKr on a fused weight): no LoKr file module holds only some rows of a product",
+            key=module.key,
+            value=list(module.rows),
+            fix="write it with all its sibling parts in the original layout, or convert it with loraloom.lora.convert.as_lora first.",
+        )
     if isinstance(module, LoRAModule):
         down, up = ("lora_down", "lora_up") if naming == "kohya" else ("lora_A", "lora_B")
         out[f"{name}.{down}.weight"] = module.down
@@ -191,7 +201,8 @@ def to_original_state_dict(
     names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``,
     ``text_encoders.clip_l.transformer.``). `arch` ("flux" | "sd3") is guessed from the paths by
     default. The record names, per fused module written with stacked downs, each part's (rank,
-    alpha), so reading splits it back exactly (`dit_keys.split_stacked`).
+    alpha), so reading splits it back into the same parts (`dit_keys.split_stacked`), also where the
+    parts' scales differ and the file's one alpha gives each part's delta through its up block.
     """
     from .dit_keys import WHOLE, diffusers_to_original, fuse_modules, targets_for
 
@@ -245,16 +256,21 @@ def write_kohya(
     arch: str | None = None,
     unet_names: str = "auto",
     provenance: Mapping[str, Any] | None = None,
+    naming: str = "kohya",
 ) -> Path:
     """Write `lora` as a kohya file (see `to_kohya_state_dict`), atomically. `provenance` entries
     become ``loraloom.<key>`` metadata (strings as is, anything else as JSON); the source file's
-    other metadata (kohya's ``ss_*`` keys, ...) is kept."""
+    other metadata (kohya's ``ss_*`` keys, ...) is kept. A Flux / SD3 LoRA takes `naming` "comfyui"
+    for ComfyUI's dotted original-layout names (`to_original_state_dict`)."""
     if "transformer" in lora.components:
-        tensors, record = to_original_state_dict(lora, arch=arch)
+        tensors, record = to_original_state_dict(lora, arch=arch, naming=naming)
         meta = _metadata(lora, "kohya", provenance)
         if record:
             meta[FUSED_PARTS_KEY] = json.dumps(record, sort_keys=True)
         return atomic_save(tensors, path, meta)
+    if naming != "kohya":
+        raise LoRAFormatError(f"naming {naming!r} is for Flux / SD3 LoRAs; an SD LoRA is written with kohya names",
+                              value=naming, limit="kohya")  # fmt: skip
     tensors = to_kohya_state_dict(lora, arch=arch, unet_names=unet_names)
     return atomic_save(tensors, path, _metadata(lora, "kohya", provenance))
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from loraloom.lora.canonical import LoHaModule, LoKrModule, LoRAModule, delta
+from loraloom.lora.errors import LoRAFormatError
 from loraloom.lora.readers import read_lora
 
 
@@ -20,6 +21,17 @@ def test_delta_hand_computed():
     assert torch.equal(delta(lokr), torch.tensor([[6.0, 12.0]]))  # 3/1 * kron([[1,2]], [[2]])
     full = LoKrModule(alpha=7.0, w1=torch.tensor([[2.0]]), w2=torch.tensor([[1.0, 3.0]]))
     assert torch.equal(delta(full), torch.tensor([[2.0, 6.0]])), "both factors full: scale 1, alpha ignored"
+
+
+def test_lokr_rows_select_rows_of_the_product():
+    w1, w2 = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # product 6 x 2
+    full = torch.kron(w1, w2)
+    part = LoKrModule(alpha=1.0, w1=w1, w2=w2, rows=((3, 5), (0, 1)))  # cuts w2-high blocks, reordered
+    assert part.shape == (3, 2) and part.kron_rows == 6
+    assert torch.equal(delta(part), torch.cat([full[3:5], full[0:1]]))
+    for rows in ((), ((2, 2),), ((0, 7),), ((-1, 2),)):
+        with pytest.raises(LoRAFormatError, match="are not ranges within its Kronecker product's 6 rows"):
+            LoKrModule(alpha=1.0, w1=w1, w2=w2, rows=rows, key="k")
 
 
 @pytest.mark.parametrize("fmt", ["loha", "lokr"])

@@ -287,13 +287,137 @@ def test_lycoris_on_fused_qkv_splits_exactly(flux, base_weights):
     assert all(torch.equal(theirs[p], base_weights[p]) for p in base_weights)
 
 
-def test_lokr_that_cannot_split_exactly_is_an_error():
-    gen = torch.Generator().manual_seed(7)
-    # w2 is 12 rows high: the q / k boundary at row 16 cuts a Kronecker block
-    lokr = LoKrModule(alpha=1.0, w1=torch.randn(4, 1, generator=gen), w2=torch.randn(12, 16, generator=gen))
-    sd = {f"lora_unet_double_blocks_0_img_attn_qkv.{k}": v for k, v in lokr.tensors().items()}
-    with pytest.raises(LoRAFormatError, match=r"cannot be split exactly.*row 16 is not a multiple of 12"):
-        lora_from_state_dict(sd, path="x.safetensors")
+def _straddling_lokrs(gen):
+    """LoKr modules on fused weights whose Kronecker blocks straddle the part boundaries, as
+    LyCORIS' factors of Flux's linear1 do (w2 168 rows high, parts 3072 rows)."""
+    def r(*dims):
+        return torch.randn(*dims, generator=gen, dtype=torch.float64).float()
+
+    return {
+        # w2 12 rows high: the q / k / v boundaries (16, 32) cut Kronecker blocks (the shapes peft's
+        # LoKr makes for a 48 x 16 weight with decompose_factor 4 and r 2)
+        "double_blocks.0.img_attn.qkv": LoKrModule(alpha=3.0, w1=r(4, 4), w2a=r(12, 2), w2b=r(2, 4)),
+        # linear1: 112 = 8 x 14 rows (LyCORIS' own factors at this size), boundaries 16, 32, 48
+        "single_blocks.5.linear1": LoKrModule(alpha=2.0, w1a=r(8, 3), w1b=r(3, 4), w2=r(14, 4)),
+        # (shift, scale) -> (scale, shift): one w2 block 32 rows high, cut in the middle
+        "final_layer.adaLN_modulation.1": LoKrModule(alpha=1.0, w1=r(1, 4), w2=r(32, 4)),
+    }
+
+
+def _lycoris_file(modules):
+    sd = {}
+    for name, module in modules.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        sd.update({f"{key}.{k}": v for k, v in module.tensors().items()})
+        sd[f"{key}.alpha"] = torch.tensor(module.alpha)
+    return sd
+
+
+def _kron64(module):
+    """scale * kron(w1, w2) of a LoKr, in float64, by hand."""
+    f = {k: v.double() for k, v in module.tensors().items()}
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+    return torch.kron(w1, w2) * module.scale
+
+
+def test_lokr_straddling_part_boundaries_reads_and_patches_exactly(flux, tmp_path):
+    from safetensors.torch import load_file
+
+    from loraloom.bases.pool import patch_weight
+    from loraloom.lora.writers import write_kohya
+
+    modules = _straddling_lokrs(torch.Generator().manual_seed(7))
+    sd = _lycoris_file(modules)
+    lora = lora_from_state_dict(sd, path="x.safetensors")
+    assert lora.source_format == "kohya-flux" and lora.algorithm == "lokr"
+    assert check_lora(lora, {"transformer": flux}).fraction == 1.0
+    weights = _weights(flux)
+    table = dict(original_name_table("flux", FLUX_BLOCKS))
+    for name, module in modules.items():
+        reference = _kron64(module)
+        unit = reference.shape[1]
+        for target in table[name]:
+            part = lora.components["transformer"][target.path]
+            assert part.rows is not None, target.path
+            assert all(t is u for t, u in zip(part.tensors().values(), module.tensors().values())), "factors shared"
+            rows = [(a * unit, reference.shape[0] if b is None else b * unit) for a, b in target.segments]
+            want = torch.cat([reference[a:b] for a, b in rows])  # the dense product's rows, sliced by hand
+            weight = weights[target.path].clone()
+            patch_weight(weight, weights[target.path], (("f", 1.0, part),))
+            torch.testing.assert_close(weight.double(), weights[target.path].double() + want, atol=1e-6, rtol=1e-6)
+            # and bit for bit the fp32 product's rows: each element is the same single product
+            assert torch.equal(delta(part), torch.cat([delta(module)[a:b] for a, b in rows])), target.path
+    # peft's LoKr on diffusers' own fused q / k / v projection (attn.fuse_projections) of block 0
+    # changes it as our three parts change to_q / to_k / to_v
+    from peft import LoKrConfig, inject_adapter_in_model
+
+    qkv = modules["double_blocks.0.img_attn.qkv"]
+    ref = copy.deepcopy(flux)
+    ref.transformer_blocks[0].attn.fuse_projections()
+    inject_adapter_in_model(LoKrConfig(r=2, alpha=qkv.alpha, decompose_factor=4,
+                                       target_modules=["transformer_blocks.0.attn.to_qkv"]), ref)  # fmt: skip
+    layer = ref.transformer_blocks[0].attn.to_qkv
+    with torch.no_grad():
+        for name in ("w1", "w2_a", "w2_b"):
+            getattr(layer, f"lokr_{name}")["default"].copy_(getattr(qkv, name.replace("_", "")))
+    layer.merge()
+    ours = []
+    for path in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"):
+        weight = weights[path].clone()
+        patch_weight(weight, weights[path], (("f", 1.0, lora.components["transformer"][path]),))
+        ours.append(weight)
+    torch.testing.assert_close(layer.base_layer.weight.detach(), torch.cat(ours), atol=2e-6, rtol=0)
+    # written back in the original layout: the file's modules, bit for bit
+    back = load_file(write_kohya(lora, tmp_path / "k.safetensors", arch="flux"))
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
+
+
+def test_fixture_lokr_straddles_linear1_and_reads_exactly(dit_files):
+    from safetensors.torch import load_file
+
+    from loraloom.lora.readers import read_lora
+
+    tensors = load_file(dit_files["tiny-flux/lokr"])
+    lora = read_lora(dit_files["tiny-flux/lokr"])
+    checked = 0
+    for name, targets in original_name_table("flux", FLUX_BLOCKS):
+        key = "lora_unet_" + name.replace(".", "_")
+        if not name.endswith(".linear1") or f"{key}.alpha" not in tensors:
+            continue
+        roles = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(key + ".")}
+        module = LoKrModule(alpha=float(roles.pop("alpha")), **{_LOKR_FIELDS[k]: v for k, v in roles.items()})
+        reference = _kron64(module)
+        parts = [lora.components["transformer"][t.path] for t in targets]
+        assert all(p.rows is not None for p in parts), f"{name}: its Kronecker blocks straddle the parts"
+        torch.testing.assert_close(torch.cat([delta(p) for p in parts]).double(), reference, atol=1e-6, rtol=1e-6)
+        checked += 1
+    assert checked == 4
+
+
+_LOKR_FIELDS = {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a",
+                "lokr_w2_b": "w2b"}  # fmt: skip
+
+
+def test_lokr_straddling_parts_that_cannot_be_one_product_are_an_error(tmp_path):
+    from safetensors.torch import load_file
+
+    from loraloom.lora.convert import as_lora
+    from loraloom.lora.writers import write_kohya
+
+    lora = lora_from_state_dict(_lycoris_file(_straddling_lokrs(torch.Generator().manual_seed(8))))
+    mods = dict(lora.components["transformer"])
+    del mods["single_transformer_blocks.5.attn.to_k"]
+    partial = lora.replace(components={"transformer": mods})
+    with pytest.raises(LoRAFormatError, match=r"straddle the parts' boundaries, and it has no part for "
+                       r"single_transformer_blocks.5.attn.to_k.*Fix: convert the LoRA with .*as_lora"):  # fmt: skip
+        write_kohya(partial, tmp_path / "k.safetensors", arch="flux")
+    assert not (tmp_path / "k.safetensors").exists()
+    # converted to exact LoRA pairs it writes, with the same deltas
+    exact = lora_from_state_dict(load_file(write_kohya(as_lora(partial), tmp_path / "e.safetensors", arch="flux")))
+    for path, module in mods.items():
+        assert torch.equal(delta(exact.components["transformer"][path]), delta(module)), path
 
 
 def test_keys_matching_nothing_are_named():
@@ -448,6 +572,10 @@ def test_simpletuner_lycoris_layout_reads(dit_files):
     from loraloom.lora.readers import read_lora
 
     lora = read_lora(dit_files["tiny-flux/lokr"])
+    # SimpleTuner trains one LoKr per diffusers module: never rows of a fused module's product
+    whole = {p: m for p, m in lora.components["transformer"].items() if m.rows is None}
+    assert len(whole) < len(lora.components["transformer"])
+    lora = lora.replace(components={"transformer": whole})
     back = lora_from_state_dict({k: v for k, v in _underscored_file(lora, "lycoris_").items() if k.startswith("lycoris_")})
     assert back.source_format == "simpletuner-lycoris" and back.algorithm == "lokr"
     assert [(c, p) for c, p, _ in back.modules()] == [(c, p) for c, p, _ in lora.modules()]
@@ -483,3 +611,15 @@ def test_kohya_alpha_kept_where_diffusers_bakes_it_into_bf16_factors():
     ours = lora_from_state_dict(sd).components["transformer"]["transformer_blocks.0.attn.to_out.0"]
     assert ours.down is down and ours.up is up and ours.alpha == float(sd[f"{key}.alpha"])
     assert torch.equal(delta(ours), exact)
+
+
+def test_split_of_a_lokr_row_selection_selects_rows_of_its_rows():
+    from loraloom.lora.dit_keys import split_module
+
+    gen = torch.Generator().manual_seed(9)
+    lokr = LoKrModule(alpha=1.0, w1=torch.randn(3, 2, generator=gen), w2=torch.randn(10, 4, generator=gen))  # 30 x 8
+    full = delta(lokr)
+    swapped = split_module(lokr, ((2, 3), (0, 2)), "k")  # rows 16..24 then 0..16 (units of 8)
+    assert swapped.rows == ((16, 24), (0, 16)) and torch.equal(delta(swapped), torch.cat([full[16:24], full[0:16]]))
+    inner = split_module(swapped, ((0, 2),), "k")  # its first 16 rows: 16..24 and 0..8 of the product
+    assert inner.rows == ((16, 24), (0, 8)) and torch.equal(delta(inner), torch.cat([full[16:24], full[0:8]]))

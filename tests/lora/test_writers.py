@@ -3,6 +3,7 @@ load in diffusers, and are written atomically."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from loraloom.lora.writers import write_diffusers, write_kohya
 def _assert_same(a: LoRA, b: LoRA) -> None:
     assert [(c, p) for c, p, _ in a.modules()] == [(c, p) for c, p, _ in b.modules()]
     for (c, p, m), (_, _, n) in zip(a.modules(), b.modules()):
-        assert type(m) is type(n) and m.alpha == n.alpha, f"{c}.{p}"
+        assert type(m) is type(n) and m.alpha == n.alpha and getattr(m, "rows", None) == getattr(n, "rows", None), f"{c}.{p}"
         for (k, t), (_, u) in zip(m.tensors().items(), n.tensors().items()):
             assert t.dtype == u.dtype and torch.equal(t, u), f"{c}.{p}.{k} changed in the round trip"
 
@@ -112,14 +113,96 @@ def test_dit_fixtures_read_match_and_round_trip(name, dit_files, dit_pipelines, 
     assert report.fraction == 1.0 and report.total > 40, report.summary()
     arch = "flux" if name.startswith("tiny-flux") else "sd3"
     if name.endswith("/diffusers"):
-        # separate LoRAs with different alpha / rank on q, k and v: no single fused LoRA holds them
-        with pytest.raises(LoRAFormatError, match="different scales.*Fix: write it in diffusers layout"):
-            write_kohya(lora, tmp_path / "k.safetensors", arch=arch)
-        assert not (tmp_path / "k.safetensors").exists()
+        # separate LoRAs with different alpha / rank on q, k and v: one alpha, the scale ratios in the ups
+        _assert_same_parts(lora, read_lora(write_kohya(lora, tmp_path / "k.safetensors", arch=arch)))
     else:
         _assert_same(lora, read_lora(write_kohya(lora, tmp_path / "k.safetensors", arch=arch)))
     if lora.kinds == ("lora",):
         _assert_same(lora, read_lora(write_diffusers(lora, tmp_path / "d.safetensors")))
+
+
+def _power_of_two(x: float) -> bool:
+    return x != 0.0 and math.frexp(abs(x))[0] == 0.5
+
+
+def _assert_same_parts(a: LoRA, b: LoRA, scale_ratios: dict[str, float] | None = None) -> None:
+    """`b` (read back from a file where parts of one fused weight with different scales share one
+    alpha) has `a`'s modules: paths, ranks, alphas and downs exact; ups bit for bit where the part's
+    scale over the file's (`scale_ratios`, by path; unknown: any) is a power of two, else within
+    eps + 2^-21 relative (eps of the up's dtype): the writer's and the reader's rounding of the up
+    by the ratio and its inverse (eps / 2 each), and of each ratio to float32 (2^-24 each)."""
+    assert [(c, p) for c, p, _ in a.modules()] == [(c, p) for c, p, _ in b.modules()]
+    for (c, p, m), (_, _, n) in zip(a.modules(), b.modules()):
+        assert m.alpha == n.alpha and torch.equal(m.down, n.down) and m.up.dtype == n.up.dtype, f"{c}.{p}"
+        ratio = (scale_ratios or {}).get(p)
+        if ratio is not None and _power_of_two(ratio):
+            assert torch.equal(m.up, n.up), f"{c}.{p}: ratio {ratio}"
+        else:
+            rtol = torch.finfo(m.up.dtype).eps + 2**-21
+            torch.testing.assert_close(n.up, m.up, atol=0, rtol=rtol, msg=f"{c}.{p}")
+
+
+def _scale_parts(flux, specs, gen, dtype):
+    modules = {}
+    for path, rank, alpha in specs:
+        out = flux.get_submodule(path).weight.shape[0]
+        modules[path] = LoRAModule(down=torch.randn(rank, 16, generator=gen).to(dtype),
+                                   up=torch.randn(out, rank, generator=gen).to(dtype), alpha=alpha)  # fmt: skip
+    return modules
+
+
+# (path, rank, alpha): scales 0.5, 2, 0.25 (powers of two apart), and 0.75, 0.25, 1.5 (3x, 6x apart)
+_SCALE_PARTS = (("transformer_blocks.3.attn.to_q", 4, 2.0), ("transformer_blocks.3.attn.to_k", 2, 4.0),
+                ("transformer_blocks.3.attn.to_v", 4, 1.0), ("single_transformer_blocks.5.attn.to_q", 4, 3.0),
+                ("single_transformer_blocks.5.attn.to_k", 8, 2.0), ("single_transformer_blocks.5.proj_mlp", 4, 6.0))
+
+
+@pytest.mark.parametrize("naming,dtype", [("kohya", torch.float32), ("comfyui", torch.float32),
+                                          ("kohya", torch.bfloat16)])  # fmt: skip
+def test_parts_with_different_scales_write_one_alpha_and_read_back(flux, tmp_path, naming, dtype):
+    from safetensors.torch import load_file
+
+    from loraloom.lora.readers import FUSED_PARTS_KEY
+
+    modules = _scale_parts(flux, _SCALE_PARTS, torch.Generator().manual_seed(12), dtype)
+    lora = LoRA({"transformer": modules}, source_format="derived", fingerprint="f" * 64)
+    path = write_kohya(lora, tmp_path / "scales.safetensors", naming=naming)
+    tensors = load_file(path)
+    prefix = "lora_unet_{}_{}" if naming == "kohya" else "diffusion_model.{}.{}"
+    down_up = ("lora_down", "lora_up") if naming == "kohya" else ("lora_A", "lora_B")
+    ratios = {}
+    for blocks, index, inner, parts in (("double_blocks", 3, "img_attn.qkv", _SCALE_PARTS[:3]),
+                                        ("single_blocks", 5, "linear1", _SCALE_PARTS[3:])):
+        key = prefix.format(f"{blocks}_{index}" if naming == "kohya" else f"{blocks}.{index}",
+                            inner.replace(".", "_") if naming == "kohya" else inner)
+        down, up = tensors[f"{key}.{down_up[0]}.weight"], tensors[f"{key}.{down_up[1]}.weight"]
+        assert down.shape[0] == sum(rank for _, rank, _ in parts), "downs stacked"
+        # the delta as ComfyUI's loader computes it from the file: up @ down * alpha / rank
+        file_scale = float(tensors[f"{key}.alpha"]) / down.shape[0]
+        assert up.dtype == dtype
+        fused = up.float() @ down.float() * file_scale
+        rows = {p: delta(modules[p]) for p, _, _ in parts}
+        height = {"linear1": 7 * 16, "img_attn.qkv": 3 * 16}[inner]
+        want, bound = torch.zeros(height, 16), torch.zeros(height, 16)
+        for p, d in rows.items():
+            start = {"to_q": 0, "to_k": 16, "to_v": 32, "proj_mlp": 48}[p.rsplit(".", 1)[1]]
+            want[start : start + d.shape[0]] = d
+            m = modules[p]
+            # one rounding of each up element (eps / 2 relative), and fp32 maths
+            bound[start : start + d.shape[0]] = (torch.finfo(dtype).eps / 2 + 1e-6) * (
+                m.up.float().abs() @ m.down.float().abs() * abs(m.scale))
+            ratios[p] = m.scale / file_scale
+        assert bool(((fused - want).abs() <= bound + 1e-7).all()), key
+        if all(_power_of_two(ratios[p]) for p in rows):
+            assert torch.equal(fused, want), f"{key}: power-of-two ratios are exact"
+    # the file takes the scale of the parts with the most rank (to_q's of qkv: the first of a tie,
+    # to_k's of linear1), whose ups go in unchanged; linear1's to_q and proj_mlp are 3x and 6x it
+    assert ratios == {"transformer_blocks.3.attn.to_q": 1.0, "transformer_blocks.3.attn.to_k": 4.0,
+                      "transformer_blocks.3.attn.to_v": 0.5, "single_transformer_blocks.5.attn.to_q": 3.0,
+                      "single_transformer_blocks.5.attn.to_k": 1.0, "single_transformer_blocks.5.proj_mlp": 6.0}
+    record = json.loads(read_lora_file(path).metadata[FUSED_PARTS_KEY])
+    assert sorted(record.values()) == [[[4, 2.0], [2, 4.0], [4, 1.0]], [[4, 3.0], [8, 2.0], [0, 0.0], [4, 6.0]]]
+    _assert_same_parts(lora, read_lora(path), ratios)
 
 
 def test_separate_qkv_loras_fuse_exactly_with_stacked_downs(flux, tmp_path):
@@ -209,3 +292,15 @@ def test_dit_bf16_file_round_trips_bit_for_bit(name, dit_files, tmp_path):
     for key, tensor in bf16.items():
         if key.startswith("lora_unet_"):
             assert torch.equal(written[key], tensor) and written[key].dtype == tensor.dtype, key
+
+
+def test_lokr_rows_alone_are_refused_by_the_kohya_writer(tmp_path):
+    # rows of a product stand only beside their sibling parts (a fused Flux weight); written alone,
+    # the factors would give the whole product
+    from loraloom.lora.canonical import LoKrModule
+
+    part = LoKrModule(alpha=1.0, w1=torch.ones(2, 1), w2=torch.ones(3, 4), rows=((2, 5),), key="k")
+    lora = LoRA({"unet": {"down_blocks.0.attentions.0.proj_in": part}}, source_format="derived", fingerprint="r" * 64)
+    with pytest.raises(LoRAFormatError, match=r"rows \[\(2, 5\)\] of a LoKr's Kronecker product.*Fix: write it with"):
+        write_kohya(lora, tmp_path / "k.safetensors", arch="sd15")
+    assert not (tmp_path / "k.safetensors").exists()

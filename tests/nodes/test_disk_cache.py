@@ -47,6 +47,7 @@ def assert_identical(a, b, notes=True):
     assert [(c, p) for c, p, _ in a.modules()] == [(c, p) for c, p, _ in b.modules()]
     for (_, path, m), (_, _, n) in zip(a.modules(), b.modules()):
         assert type(m) is type(n) and (m.alpha, m.key) == (n.alpha, n.key), path
+        assert getattr(m, "rows", None) == getattr(n, "rows", None), path
         assert m.tensors().keys() == n.tensors().keys(), path
         for role, t in m.tensors().items():
             u = n.tensors()[role]
@@ -144,3 +145,13 @@ def test_the_codec_stores_every_module_kind_exactly(tmp_path, lora_files, kind):
     assert ui_back == ui and stamp == {"key": "k"} and len(digest) == 64
     for back in outputs:
         assert_identical(lora, back)
+
+
+def test_the_codec_stores_lokr_row_selections(tmp_path, dit_files):
+    # Flux's linear1 LoKr parts select rows of the shared Kronecker product (dit_keys.split_module)
+    lora = read_lora(dit_files["tiny-flux/lokr"])
+    assert any(m.rows is not None for _, _, m in lora.modules())
+    with open(tmp_path / "entry.safetensors", "wb") as f:
+        LoRAResults().save((lora,), None, f, {})
+    (back,), _, _, _ = LoRAResults().load(tmp_path / "entry.safetensors")
+    assert_identical(lora, back)
