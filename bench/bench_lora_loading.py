@@ -222,7 +222,7 @@ def print_flux_format(fmt: str, mib: float, med: dict) -> None:
     print(f"             {d['converted']} of its {d['modules']} tensors name diffusers' modules: "
           + ("converted, like for like with the line above" if whole else
              "not converted, no like-for-like reference (load_lora_weights loads nothing from it)" if not d["converted"]
-             else "partly converted"), flush=True)
+             else "partly converted (the rest: keys its loader skips)"), flush=True)
 
 
 def measure(task: str, path: str, quick: bool) -> dict:

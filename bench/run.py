@@ -337,7 +337,8 @@ def lines_flux_loading(f: dict) -> list:
                         f"time {time_ratio:.3g}x, RSS {rss_ratio:.3g}x", INFO, INFO))
         if d.get("converted") is not None and d["converted"] < d["modules"]:
             out.append((f"{fmt}: lora_state_dict's keys on diffusers' modules", f"{o['modules']} modules",
-                        f"{d['converted']} of {d['modules']} keys", "no like-for-like reference", INFO, INFO))
+                        f"{d['converted']} of {d['modules']} keys",
+                        "partly converted" if d["converted"] else "no like-for-like reference", INFO, INFO))
     return out
 
 
