@@ -502,7 +502,7 @@ def _passive_threads() -> None:
     """``OMP_WAIT_POLICY=PASSIVE`` unless the user set it, before torch (and its OpenMP runtime, which
     reads it once, when loaded) is imported. By default an OpenMP thread that reaches the end of an op
     spins for its siblings; on a CPU whose cores other processes also use, a sibling is often not
-    running, and the spinning holds the core it needs: a 20-step tiny-flux sample took 145-267 s on a
+    running, and the spinning holds the core it needs: a 20-step tiny-flux sample took 78-267 s on a
     busy 2-core machine against 3-6 s with passive waits at the same load. The number of threads and
     how work is split among them stay as they are, so images are bit for bit the same (checked on
     workflows/flux_blend.json); on an idle machine a waiting thread sleeps instead of spinning and is
