@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora_loading import CLIP_BIG_G, CLIP_L, UNET_SDXL  # noqa: E402  (one copy of the SDXL shapes)
-from common import run_measure, status_kb  # noqa: E402
+from common import run_measure, status_kb, touch  # noqa: E402
 
 VAE_SDXL = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 1024, "scaling_factor": 0.13025,
@@ -123,13 +123,9 @@ def measure(task: str, folder: str, threads: int) -> dict:
         pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float16, local_files_only=True,
                                                          use_safetensors=True)
         fingerprint = None
-        if task == "diffusers-touched":
-            # from_pretrained's tensors are views of the mapped files: nothing is read until used.
-            # One pass over every weight's bytes is what the first sample pages in.
+        if task == "diffusers-touched":  # what the first sample pages in
             for model in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-                for tensor in list(model.parameters()) + list(model.buffers()):
-                    if tensor.numel():
-                        tensor.detach().reshape(-1).view(torch.uint8).numpy().max()
+                touch(list(model.parameters()) + list(model.buffers()))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"task": task, "seconds": seconds, "peak_rss_mib": max(0, peak - base_rss) / 1024,

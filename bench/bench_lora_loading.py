@@ -22,8 +22,14 @@ device: every block, rank ``--rank``, fp32 tensors as the writers make them): di
 names, metadata), kohya, BFL / ComfyUI (fused qkv and linear1), XLabs, LyCORIS LoHa and LoKr. Per
 format, ``ours-parse`` (read + check against the transformer's modules; with the file's content
 hash, ``ours-parse-known`` with it already known) against diffusers' ``FluxPipeline.lora_state_dict``
-(which converts the non-diffusers layouts; for a file it need not convert it returns the
-safetensors' memory-mapped tensors, read later, when used), interleaved rounds,
+(``diffusers-parse``: it returns the safetensors' memory-mapped tensors, read later, when used, or
+the converted copies of the layouts it converts: kohya's lora_down / lora_up names, XLabs) and
+against the same plus one pass over every returned tensor's bytes (``diffusers-touched``: what the
+loader pages in; with the file converted onto diffusers' modules, the like-for-like reference of
+our read). For each format the row also counts the keys lora_state_dict returned onto diffusers'
+modules (``transformer.<module>.lora_A/B.weight``): the ComfyUI lora_A / lora_B layout and the
+LyCORIS files come back unconverted (no converter reads them; ``load_lora_weights`` then loads
+nothing from them), and for those there is no like-for-like reference. Interleaved rounds,
 medians; a format diffusers cannot read is reported as its error. ``--quick``: the same blocks at a
 tiny width, one round, every task in this one process (CI: it shows the row works; peak RSS is then
 meaningless). ``--json OUT`` writes the figures (Flux only).
@@ -39,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import FLUX_DEV, FLUX_QUICK, bytes_read, flux_transformer, reset_peak, run_measure, status_kb
+from common import FLUX_DEV, FLUX_QUICK, bytes_read, flux_transformer, reset_peak, run_measure, status_kb, touch
 
 UNET_SDXL = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -147,13 +153,29 @@ def measure_flux(task: str, path: str, quick: bool) -> dict:
     else:
         try:
             out = FluxPipeline.lora_state_dict(path)
-            modules = len(out[0] if isinstance(out, tuple) else out)
+            state = out[0] if isinstance(out, tuple) else out
+            if task == "diffusers-touched":
+                touch(state.values())
+            modules = len(state)
         except Exception as exc:  # noqa: BLE001  (the figure is that diffusers fails, and how)
-            error, modules = f"{type(exc).__name__}: {str(exc)[:200]}", 0
+            error, modules, state = f"{type(exc).__name__}: {str(exc)[:200]}", 0, {}
     seconds = time.perf_counter() - start
     peak = status_kb("VmHWM")
+    converted = None if task.startswith("ours") else sum(1 for key in state if _onto_diffusers(key, spec))
     return {"task": task, "seconds": seconds, "peak_rss_mb": max(0, peak - base_rss) / 1024,
-            "bytes_read": bytes_read() - base_read, "modules": modules, "error": error}  # modules: diffusers' tensors
+            "bytes_read": bytes_read() - base_read, "modules": modules, "error": error,  # modules: diffusers' tensors
+            "converted": converted}
+
+
+def _onto_diffusers(key: str, spec) -> bool:
+    """Whether a key lora_state_dict returned names a LoRA factor of a diffusers module: a transformer
+    module of `spec` or a text encoder's (``text_encoder.…``), as ``load_lora_weights`` takes them."""
+    component, _, rest = key.partition(".")
+    for suffix in (".lora_A.weight", ".lora_B.weight"):
+        if rest.endswith(suffix):
+            path = rest.removesuffix(suffix)
+            return component == "text_encoder" or (component == "transformer" and path in spec.components["transformer"])
+    return False
 
 
 def flux_main(args) -> int:
@@ -165,7 +187,8 @@ def flux_main(args) -> int:
         files = write_flux_files(Path(tmp), args.rank, args.quick)
         print(f"Flux LoRAs ({'tiny width' if args.quick else 'FLUX.1 dev shapes'}, every block, rank {args.rank}, "
               f"fp32): {len(files)} formats written in {time.perf_counter() - start:.1f} s", flush=True)
-        runs: dict = {fmt: {"ours-parse": [], "ours-parse-known": [], "diffusers-parse": []} for fmt in files}
+        runs: dict = {fmt: {"ours-parse": [], "ours-parse-known": [], "diffusers-parse": [], "diffusers-touched": []}
+                      for fmt in files}
         for _ in range(rounds):
             for fmt, path in files.items():
                 for task in runs[fmt]:
@@ -174,18 +197,32 @@ def flux_main(args) -> int:
                                            run_measure(__file__, [task, str(path), "--arch", "flux"]))
         for fmt, tasks in runs.items():
             med = {task: {key: statistics.median(r[key] for r in results) for key in ("seconds", "peak_rss_mb", "bytes_read")}
-                   | {"modules": results[0]["modules"], "error": results[0]["error"]} for task, results in tasks.items()}
+                   | {key: results[0][key] for key in ("modules", "error", "converted")} for task, results in tasks.items()}
             mib = files[fmt].stat().st_size / 2**20
             figures["formats"][fmt] = {"file_mib": mib, "tasks": med}
-            o, k, d = med["ours-parse"], med["ours-parse-known"], med["diffusers-parse"]
-            print(f"  {fmt:<10} {mib:7.1f} MiB  ours {o['seconds']:.3f} s (fingerprint known {k['seconds']:.3f} s), "
-                  f"+{o['peak_rss_mb']:.0f} MiB, read {o['bytes_read'] / 2**20:.0f} MiB, {o['modules']} modules | diffusers " + (f"fails: {d['error']}" if d["error"] else
-                                             f"{d['seconds']:.3f} s, +{d['peak_rss_mb']:.0f} MiB, read "
-                                             f"{d['bytes_read'] / 2**20:.0f} MiB, {d['modules']} tensors | time {o['seconds'] / d['seconds']:.2f}x, peak RSS "
-                                             f"{o['peak_rss_mb'] / max(d['peak_rss_mb'], 1e-9):.2f}x"), flush=True)
+            print_flux_format(fmt, mib, med)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0
+
+
+def print_flux_format(fmt: str, mib: float, med: dict) -> None:
+    """One format's figures: ours, lora_state_dict as it returns, and with its tensors paged in."""
+    o, k, d, t = med["ours-parse"], med["ours-parse-known"], med["diffusers-parse"], med["diffusers-touched"]
+    print(f"  {fmt:<10} {mib:7.1f} MiB  ours {o['seconds']:.3f} s (fingerprint known {k['seconds']:.3f} s), "
+          f"+{o['peak_rss_mb']:.0f} MiB, read {o['bytes_read'] / 2**20:.0f} MiB, {o['modules']} modules", flush=True)
+    if d["error"]:
+        print(f"             lora_state_dict fails: {d['error']}", flush=True)
+        return
+    for name, r in (("lora_state_dict", d), ("+ every byte paged in", t)):
+        print(f"             {name:<22} {r['seconds']:.3f} s, +{r['peak_rss_mb']:.0f} MiB, read "
+              f"{r['bytes_read'] / 2**20:.0f} MiB | ours (hash known) / it: time {k['seconds'] / r['seconds']:.2f}x, "
+              f"peak RSS {k['peak_rss_mb'] / max(r['peak_rss_mb'], 1e-9):.2f}x", flush=True)
+    whole = d["converted"] == d["modules"]
+    print(f"             {d['converted']} of its {d['modules']} tensors name diffusers' modules: "
+          + ("converted, like for like with the line above" if whole else
+             "not converted, no like-for-like reference (load_lora_weights loads nothing from it)" if not d["converted"]
+             else "partly converted (the rest: keys its loader skips)"), flush=True)
 
 
 def measure(task: str, path: str, quick: bool) -> dict:

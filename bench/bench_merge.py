@@ -4,7 +4,7 @@ dare_linear and cat. Prints time, peak RSS and how far the merged deltas are apa
 measured side by side in one run, plus each side's distance from the exact weighted sum.
 
     python bench/bench_merge.py [--quick | --full] [--arch sdxl|flux] [--methods svd,ties_svd,dare_linear,cat]
-                                [--threads N] [--repeat N] [--json OUT]
+                                [--threads N] [--repeat N] [--before DIR | --no-before] [--json OUT]
 
 Modes:
   --quick  a small SDXL-like UNet (132 modules, rank 16 + 16): every side runs in full, fastest of
@@ -40,9 +40,11 @@ in fp32: that rounding is most of the difference for cat and dare_linear.
 The pruning SVD forms (ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd) also run ours
 a second time as "before", in its own process in the same run: with ``--before DIR``, the previous
 version of the package found there; otherwise this version with the solver used before
-(`lora.merge_svd.top_svd`, block subspace iteration with a stopping heuristic), the solver alone. Each side reports its error against the guide per module, and
-ours the certified per-module bound of the randomized SVD (its largest, and how many modules fell
-back to the exact SVD).
+(`lora.merge_svd.top_svd`, block subspace iteration with a stopping heuristic), the solver alone.
+``--no-before`` skips that side (at Flux shapes ours takes about 10 minutes for ties_svd, and a
+second run would only time the solver's history). Each side reports its error against the guide
+per module, and ours the certified per-module bound of the randomized SVD (its
+largest, and how many modules fell back to the exact SVD).
 """
 from __future__ import annotations
 
@@ -422,7 +424,10 @@ def main(argv=None) -> int:
                          "sides 3-10x slower, so 1 gives the steadier ratios")
     ap.add_argument("--repeat", type=int, help="merge runs per side, the fastest is shown (default: 3 with "
                     "--quick, else 1); the first run's captured RNG state and output are the ones compared")
-    ap.add_argument("--before", metavar="DIR", help="a folder holding a previous version of the package as "
+    before = ap.add_mutually_exclusive_group()
+    before.add_argument("--no-before", action="store_true", help="the pruning SVD forms run ours once, without the "
+                        "'before' side (the certified bound is still reported)")
+    before.add_argument("--before", metavar="DIR", help="a folder holding a previous version of the package as "
                     "loraloom/ (e.g. `git archive REV` unpacked into DIR/loraloom): the pruning SVD forms' "
                     "'before' side runs that version, in the same run; default: this version with the previous "
                     "solver (top_svd)")
@@ -487,8 +492,9 @@ def main(argv=None) -> int:
             diff = compare(workdir, method, guide_paths, rank)
             if extrapolated:
                 guide["merge_est_s"] = extrapolate(guide, guide_targets, targets)
-            row = {"method": method, "ours": ours, "guide": guide, "diff": diff, "extrapolated": extrapolated}
-            if method in PRUNED_SVD_METHODS:
+            row = {"method": method, "ours": ours, "guide": guide, "diff": diff, "extrapolated": extrapolated,
+                   "pruned_svd": method in PRUNED_SVD_METHODS}
+            if method in PRUNED_SVD_METHODS and not args.no_before:
                 row["before"] = run_worker(common | {"side": "before", "paths": all_paths, "compare_paths": guide_paths,
                                                      "guide_adapter_dtype": guide["adapter_dtype"],
                                                      "reference": not args.before,
@@ -534,18 +540,22 @@ def print_row(row: dict, n_modules: int) -> None:
           + ("" if row["extrapolated"] else f", peak RSS rise {(g['peak_mb'] - g['baseline_mb']) / max(o['peak_mb'] - o['baseline_mb'], 1):.1f}x"))
     print(f"  ours vs guide, merged delta per module (relative): max {d['max_diff']:.2e}, median "
           f"{d['median_diff']:.2e} over {d['compared']} modules", flush=True)
+    bound = comp.get("max_svd_bound")
+    if row["pruned_svd"]:
+        print(f"  certified bound vs the exact rank-k SVD: max {'- (every SVD exact)' if bound is None else f'{bound:.2e}'}"
+              f" over {o['modules']} modules, {comp.get('svd_fallbacks', 0)} fell back to the exact SVD; solvers used "
+              f"{o['solvers']}")
     if "before" in row:
         b, bd = row["before"], row["before_diff"]
-        bound = comp.get("max_svd_bound")
         print(f"  before ({row['before_label']}) {b['merge_s']:.2f} s -> after {o['merge_s']:.2f} s: "
-              f"{b['merge_s'] / o['merge_s']:.2f}x faster; solvers used {o['solvers']} (before: {b['solvers']})")
-        print(f"  certified bound vs the exact rank-k SVD: max {bound if bound is None else f'{bound:.2e}'} over "
-              f"{o['modules']} modules, {comp.get('svd_fallbacks', 0)} fell back to the exact SVD")
+              f"{b['merge_s'] / o['merge_s']:.2f}x faster (before's solvers: {b['solvers']})")
         print(f"  before vs guide per module: max {bd['max_diff']:.2e}, median {bd['median_diff']:.2e}")
+    if row["pruned_svd"]:
         for p, diff in list(d["per_module_diff"].items()) * (d["compared"] <= 16):
             bnd = o["compared_bounds"].get(p)
-            print(f"    {p}: ours vs guide {diff:.2e} (bound {'exact SVD' if bnd is None else f'{bnd:.2e}'}), "
-                  f"before vs guide {bd['per_module_diff'][p]:.2e}", flush=True)
+            before = f", before vs guide {row['before_diff']['per_module_diff'][p]:.2e}" if "before" in row else ""
+            print(f"    {p}: ours vs guide {diff:.2e} (bound {'exact SVD' if bnd is None else f'{bnd:.2e}'}){before}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,17 @@ def run_measure(script: str, args: list[str], pythonpath: str | None = None) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def touch(tensors) -> None:
+    """One pass over every byte of ``tensors``: what a first use pages in of tensors that are views of
+    a memory-mapped file (diffusers' ``from_pretrained`` and ``lora_state_dict``, safetensors'
+    ``load_file``), where nothing is read until then."""
+    import torch
+
+    for tensor in tensors:
+        if tensor.numel():
+            tensor.detach().reshape(-1).view(torch.uint8).numpy().max()
+
+
 def write_json(path: str | None, figures: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(figures, indent=1, default=str))

@@ -178,3 +178,34 @@ def test_run_ends_without_teardown_but_with_atexit_and_output(tmp_path, value, c
         assert "is above max 5.0" in proc.stderr, "stderr is flushed"
     assert (tmp_path / "atexit_ran").exists(), "atexit handlers (logging's, coverage's, the user's) still run"
     assert not (tmp_path / "teardown_ran").exists(), "the interpreter's teardown is skipped"
+
+
+WAIT_PLUGIN = textwrap.dedent('''
+    import os, sys
+    from loraloom import register_node
+    from loraloom.graph_runtime import Float, node
+
+    @node(category="import-test", inputs=[Float("value", 1.0)], outputs=[], output_node=True)
+    class WaitPolicyProbe:
+        def execute(self, value):
+            with open(os.environ["WAIT_PROBE_FILE"], "w") as f:
+                f.write(os.environ.get("OMP_WAIT_POLICY", "unset"))
+            return {"ui": {"value": [value]}}
+
+    register_node(WaitPolicyProbe)
+''')
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")], ids=["default", "user-set"])
+def test_the_console_script_makes_openmp_wait_passively_unless_told(tmp_path, given, expected):
+    (tmp_path / "wait_probe_nodes.py").write_text(WAIT_PLUGIN)
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": {"class_type": "WaitPolicyProbe", "inputs": {"value": 1.0}}}))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(WAIT_PROBE_FILE=str(tmp_path / "policy"), PYTHONPATH=str(tmp_path) + os.pathsep + env.get("PYTHONPATH", ""))
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    proc = subprocess.run([sys.executable, "-m", "loraloom.cli", "run", str(wf), "--nodes-module", "wait_probe_nodes",
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "policy").read_text() == expected, "torch's OpenMP threads read it when torch is imported"

@@ -3,9 +3,9 @@
 
 It starts with no error of ours in its console and no request beyond this server; each shipped
 UI-format workflow loads through the page with no missing node type, and what the page would queue
-validates and means what our API file means; blend, merge_dare and flux_blend are queued and their images appear
-on the Save Image node. fuse_compile (about two minutes of torch.compile on a CPU) is loaded and
-validated, not run; after a run each node shows the text it reported (our editor extension). Every
+validates and means what our API file means; blend, merge_dare, flux_blend and flux_merge are queued and
+their images appear on the Save Image node. fuse_compile (about two minutes of torch.compile on a CPU)
+is loaded and validated, not run; after a run each node shows the text it reported (our editor extension). Every
 shipped workflow, and every node placed fresh from the node library, round-trips other values in
 every widget: saved, queued, and read back by our converter. With a token, the page works through
 the cookie that ``/?token=`` sets.
@@ -28,7 +28,8 @@ from loraloom.server import STATE, ServerConfig, create_app
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 SHIPPED = sorted(p.stem for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("_api"))  # every UI workflow
-RUN = {"blend": "blend_", "merge_dare": "merge_dare_", "flux_blend": "flux_blend_"}  # workflow -> its SaveImage prefix
+RUN = {"blend": "blend_", "merge_dare": "merge_dare_", "flux_blend": "flux_blend_",
+       "flux_merge": "flux_merge_"}  # workflow -> its SaveImage prefix
 CHROMIUM_PATHS = ["/usr/lib/chromium/chromium", "/usr/bin/chromium"]  # Debian's chromium package
 
 
