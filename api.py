@@ -13,10 +13,9 @@ import warnings
 from pathlib import Path
 
 from . import graph_runtime
-from .nodes import register_node, registry
+from .nodes import ENV_NODE_MODULES, load_node_modules, register_node, registry
 from .nodes.common import remove_stale_saves
 
-ENV_NODE_MODULES = "LORALOOM_NODE_MODULES"
 # transformers 5 warns once per image-processor class it falls back from (e.g. "`CLIPImageProcessor`
 # requires torchvision (not installed); falling back to `CLIPImageProcessorPil`") when a diffusers pipeline
 # that carries one is built. We never process images with them, torchvision is not needed, and the
@@ -41,24 +40,6 @@ def is_shipped_workflow(workflow) -> bool:
         return True
     # Sizes first: a huge file of the same name is not read into memory to be compared.
     return path.stat().st_size == shipped.stat().st_size and path.read_bytes() == shipped.read_bytes()
-
-
-def load_node_modules(names=None) -> list[str]:
-    """Import user modules that register nodes (``register_node``); names from the argument or from
-    ``LORALOOM_NODE_MODULES`` (comma-separated). Returns the modules imported."""
-    if names is None:
-        names = [n.strip() for n in os.environ.get(ENV_NODE_MODULES, "").split(",") if n.strip()]
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            # the module (or a package above it) is not there, or it is and something it imports is not
-            missing = exc.name is not None and (name == exc.name or name.startswith(exc.name + "."))
-            raise graph_runtime.LoomError(f"node module {name!r} could not be imported: {exc}.", key=name, value=name,
-                                          kind="node_module_missing" if missing else "node_module_failed",
-                                          fix="check the name and that it is on PYTHONPATH" if missing
-                                          else "install what it needs") from exc
-    return list(names)
 
 
 class _NoTorchvisionNotice(logging.Filter):
@@ -203,5 +184,5 @@ class Runtime(graph_runtime.Runtime):
         remove_stale_saves(self.folders)  # what a save killed mid-write (kill -9) left in the output folder
 
 
-__all__ = ["Runtime", "hide_torchvision_notice", "is_shipped_workflow", "library_progress_bars_off",
-           "load_node_modules", "register_node"]
+__all__ = ["ENV_NODE_MODULES", "Runtime", "hide_torchvision_notice", "is_shipped_workflow",
+           "library_progress_bars_off", "load_node_modules", "register_node"]
