@@ -3,6 +3,7 @@ once, the model is re-patched only when its state changes, every cell is validat
 is recorded and the rest written, and a re-run resumes."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -156,3 +157,33 @@ def test_an_interrupted_sweep_keeps_its_finished_cells_and_resumes(tmp_path):
     runs = again.executions()
     assert runs["5"] == 1 and "1" not in runs, "cell 0 comes back from the warm cache: only cell 2 samples"
     assert not again.failed and len(again.grids) == 1
+
+
+def test_the_command_line_sweeps_resumes_and_uses_runs_exit_codes(tmp_path, capsys):
+    from loraloom.cli import main
+
+    workflow = tmp_path / "tiny.json"
+    workflow.write_text(json.dumps(tiny_prompt()))
+    common = [str(workflow), "--lora-dir", str(DEMO_LORA_DIR), "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    assert main(["sweep", *common, "--axis", "4.weight=0,1", "--zip", "5.seed=1,2", "5.prompt=[\"a\", \"b\"]"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 of 4 cells (4 run, 0 finished before, 0 failed)" in printed and "grid.png" in printed, printed
+    (folder,) = (tmp_path / "out" / "sweeps").iterdir()
+    assert folder.name.startswith("tiny-") and len(list((folder / "cells").iterdir())) == 4
+    assert main(["sweep", *common, "--axis", "4.weight=0,1", "--zip", "5.seed=1,2", "5.prompt=[\"a\", \"b\"]"]) == 0
+    assert "(0 run, 4 finished before, 0 failed)" in capsys.readouterr().out, "the second run resumes"
+
+    assert main(["sweep", *common, "--axis", "4.weight=abc,0,x"]) == 1, "invalid cells: run's validation code"
+    err = capsys.readouterr().err
+    assert "cell 0 [0] (4.weight=abc)" in err and "cell 2 [2] (4.weight=x)" in err, err
+    assert main(["sweep", *common, "--axis", "9.weight=1"]) == 2, "an axis of a node the workflow lacks: usage"
+    assert "no node 9" in capsys.readouterr().err
+
+
+def test_the_readme_lists_every_manifest_field():
+    from loraloom.sweep.output import MANIFEST_FIELDS, CellRecord
+    from dataclasses import fields
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listed = re.findall(r"^\| `(\w+)` \|", readme.split("## Sweeps", 1)[1].split("\n## ", 1)[0], re.M)
+    assert listed == list(MANIFEST_FIELDS) == [f.name for f in fields(CellRecord)]
