@@ -7,6 +7,7 @@ cell and the manifest written; running the same sweep again skips the finished c
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,9 @@ class SweepResult:
 def default_out(runtime: Runtime, plan: SweepPlan) -> Path:
     """``<output>/sweeps/<workflow stem>-<definition hash>``: the same sweep lands in the same folder,
     which is what lets a second run resume it."""
-    stem = Path(plan.source).stem if plan.source else "workflow"
+    source = Path(plan.source or "")
+    # a file's name; a workflow that came as data (a dict, a queued prompt) has none
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", source.stem) if source.suffix.lower() in (".json", ".png") else "workflow"
     return runtime.folders.output_dir / "sweeps" / f"{stem}-{plan.digest[:10]}"
 
 
