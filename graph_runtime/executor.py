@@ -108,6 +108,12 @@ class Runtime:
         """Ask the current run to stop at the next node, step or layer boundary."""
         self._interrupt.set()
 
+    @property
+    def interrupt_requested(self) -> bool:
+        """Whether ``interrupt()`` was called since the last run started (a run clears it as it starts):
+        a caller running many workflows checks it between them."""
+        return self._interrupt.is_set()
+
     def load(self, workflow, overrides=None) -> Workflow:
         """Read a workflow (path, API dict, UI dict) and apply overrides."""
         wf = load_workflow(workflow, self.registry)

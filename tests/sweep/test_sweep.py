@@ -150,6 +150,14 @@ def test_an_interrupted_sweep_keeps_its_finished_cells_and_resumes(tmp_path):
     lines = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
     assert [line["index"] for line in lines] == [0, 1], "the finished cells are kept"
 
+    def interrupt_between_cells(record, done, total):
+        rt.interrupt()  # after cell 2 finished, before the next starts: the next must not run
+
+    with pytest.raises(Interrupted):
+        rt.sweep(tiny_prompt(), {"4.weight": [0.1, 0.2, 0.3, 0.4]}, on_cell=interrupt_between_cells)
+    (other,) = set((tmp_path / "sweeps").iterdir()) - {out}
+    assert len((other / MANIFEST).read_text().splitlines()) == 1
+
     # a cell whose file no longer matches its recorded hash is not finished: it runs again
     (out / lines[0]["files"][0]["path"]).write_bytes(b"not the png")
     again = rt.sweep(tiny_prompt(), axes)
