@@ -20,7 +20,7 @@ from ..graph_runtime import LoomError, Runtime, ValidationError, WorkflowError
 from ..graph_runtime.graph import ValidPrompt, validate_prompt
 from ..graph_runtime.jsonio import loads_strict
 from ..graph_runtime.workflow import apply_overrides, is_link
-from ..nodes.common import LORA, MODEL
+from ..nodes.common import IMAGE, LORA, MODEL
 from .cell import REPORT_NODES, Cell, image_sources
 
 SEED_AXIS = "seed"
@@ -190,11 +190,14 @@ def _columns(item) -> dict[str, list]:
 
 
 def seed_targets(prompt: dict, registry) -> list[str]:
-    """Every seed input the workflow sets as a value (``NODE_ID.seed`` of each Sample, ...)."""
+    """The seed inputs of the workflow's samplers (nodes with an IMAGE output), set as values: each
+    Sample's ``seed``. Other seeds (a DARE merge's) are the graph's own: an axis names them."""
     out = []
     for nid, node in prompt.items():
         cls = registry.get(node["class_type"])
-        for inp in cls.SCHEMA.widgets if cls is not None else ():
+        if cls is None or all(o.type != IMAGE for o in cls.SCHEMA.outputs):
+            continue
+        for inp in cls.SCHEMA.widgets:
             if inp.seed_named and not is_link(node["inputs"].get(inp.name)):
                 out.append(f"{nid}.{inp.name}")
     return out

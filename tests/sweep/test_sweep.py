@@ -99,6 +99,17 @@ def test_zipped_axes_move_together_and_text_is_typed_by_the_schema(rt):
     assert planned.cells[3].prompt["4"]["inputs"]["weight_2"] == 0.5
 
 
+def test_merge_cells_carry_their_report_and_seeds_are_the_samplers(rt):
+    prompt = json.loads((WORKFLOW.parent / "merge_dare_api.json").read_text())
+    prompt["7"]["inputs"].update(steps=2, width=64, height=64)
+    result = rt.sweep(prompt, {"4.density": [0.3, 0.7]}, seeds=[1, 2])
+    assert result.plan.spec.axes[1].targets == ("7.seed",), "the sampler's seed, not the DARE merge's"
+    assert not result.failed and result.executions()["4"] == 2, "one merge per density, shared by both seeds"
+    for record in result.records.values():
+        assert record.reports["4"].startswith("merge dare_linear: "), "the exactness report, per cell"
+    assert not (rt.folders.output_dir / "loras").exists(), "SaveLoRA is no image source: it did not run"
+
+
 def test_every_cell_is_validated_before_anything_runs(rt):
     with pytest.raises(SweepValidationError) as caught:
         rt.sweep(tiny_prompt(), ["4.weight=0.5,abc,xyz"], out=rt.folders.output_dir / "bad")
