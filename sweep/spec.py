@@ -310,20 +310,28 @@ def _affinity(valid: ValidPrompt, keys: dict[str, str], registry) -> str:
 
 
 def run_order(cells: list[Cell], state: dict[int, set[str]]) -> list[int]:
-    """Cell indices, cells of one affinity next to each other (in row-major order among themselves), and
-    each next group the one sharing the most model-state keys with the group before (ties: the earlier):
+    """Cell indices: cells of one affinity next to each other (in row-major order among themselves), and
+    each next group the one sharing the most model-state keys with the group before, then the most input
+    values (so a weight grid runs as a snake, one value changing at a time; ties: the earlier group):
     what changes from one group to the next is as little as the grid allows."""
     groups: dict[str, list[int]] = {}
     for cell in cells:
         groups.setdefault(cell.affinity, []).append(cell.index)
-    left = list(groups)
+    first = {a: next(c for c in cells if c.index == members[0]) for a, members in groups.items()}
+    position = {a: n for n, a in enumerate(groups)}
+    left = set(groups)
     order: list[int] = []
-    current: set[str] = set()
+    keys: set[str] = set()
+    values: dict = {}
     while left:
-        best = max(left, key=lambda a: (len(state[groups[a][0]] & current), -left.index(a)))
+        def closeness(a):
+            same = sum(1 for k, v in first[a].overrides.items() if k in values and values[k] == v)
+            return len(state.get(groups[a][0], set()) & keys), same, -position[a]
+
+        best = max(left, key=closeness)
         left.remove(best)
         order += groups[best]
-        current = state[groups[best][0]]
+        keys, values = state.get(groups[best][0], set()), first[best].overrides
     return order
 
 

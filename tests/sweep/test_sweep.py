@@ -99,6 +99,16 @@ def test_zipped_axes_move_together_and_text_is_typed_by_the_schema(rt):
     assert planned.cells[3].prompt["4"]["inputs"]["weight_2"] == 0.5
 
 
+def test_the_run_order_changes_one_value_at_a_time(rt):
+    planned = plan(rt, tiny_prompt(), build_spec(tiny_prompt(), rt.registry, ["4.weight=0,0.5,1", "4.weight_2=0,0.5,1"],
+                                                   seeds=[1, 2]))
+    cells = [planned.cells[i] for i in planned.order]
+    for a, b in zip(cells, cells[1:]):
+        weights = [k for k in ("4.weight", "4.weight_2") if a.overrides[k] != b.overrides[k]]
+        assert len(weights) <= 1, f"one weight changes at a time: {a.overrides} -> {b.overrides}"
+        assert (not weights) == (a.affinity == b.affinity), "cells of one model state run together"
+
+
 def test_merge_cells_carry_their_report_and_seeds_are_the_samplers(rt):
     prompt = json.loads((WORKFLOW.parent / "merge_dare_api.json").read_text())
     prompt["7"]["inputs"].update(steps=2, width=64, height=64)
