@@ -183,7 +183,9 @@ def _columns(item) -> dict[str, list]:
     if isinstance(item, str):
         return dict([parse_axis(item)])
     if isinstance(item, Mapping):
-        return {str(k): (list(v) if isinstance(v, (list, tuple)) else parse_axis(f"{k}={v}")[1]) for k, v in item.items()}
+        # a value list, or one value / "V1,V2" text read as the command line reads it
+        return {str(k): list(v) if isinstance(v, (list, tuple)) else parse_axis(f"{k}={v}")[1]
+                for k, v in item.items()}
     if isinstance(item, (list, tuple)) and all(isinstance(i, str) for i in item):
         return dict(parse_axis(i) for i in item)
     raise _axis_error(f"axis {item!r}: expected 'NODE_ID.INPUT=V1,V2' or {{'NODE_ID.INPUT': [values]}}", value=item)
@@ -208,6 +210,12 @@ def build_spec(prompt: dict, registry, axes=(), zip: Iterable = (), seeds=None) 
     list of ``"4.weight=0,0.5"`` strings and dicts, a dict of several keys being one zipped axis), then
     ``zip`` (zipped axes, each a dict or a list of strings), then ``seeds`` (a list, or ``"1,2,3"``):
     one axis setting every seed input of the workflow. Values given as text are typed by the schema."""
+    for what, given in (("axes", axes), ("zip", zip)):
+        if not isinstance(given, (Mapping, list, tuple)) or (what == "zip" and isinstance(given, Mapping)):
+            raise _axis_error(f"{what}: expected a list of axes{' or a dict' if what == 'axes' else ''}, not "
+                              f"{type(given).__name__}", what, given)
+    if seeds is not None and not isinstance(seeds, (str, list, tuple)):
+        raise _axis_error(f"seeds: expected a list or '1,2,3', not {type(seeds).__name__}", SEED_AXIS, seeds)
     items = [{k: v} for k, v in axes.items()] if isinstance(axes, Mapping) else list(axes)
     built = [_axis(prompt, registry, _columns(item)) for item in items]
     built += [_axis(prompt, registry, _columns(item)) for item in zip]
