@@ -109,10 +109,10 @@ class Runtime:
         self._interrupt.set()
 
     @property
-    def interrupt_requested(self) -> bool:
-        """Whether ``interrupt()`` was called since the last run started (a run clears it as it starts):
-        a caller running many workflows checks it between them."""
-        return self._interrupt.is_set()
+    def interrupt_flag(self) -> threading.Event:
+        """The event :meth:`interrupt` sets (each run clears it as it starts): work this runtime hands
+        to other processes (a sweep's Ray workers) watches it to stop too."""
+        return self._interrupt
 
     def load(self, workflow, overrides=None) -> Workflow:
         """Read a workflow (path, API dict, UI dict) and apply overrides."""

@@ -82,7 +82,7 @@ class LocalExecutor:
             # An interrupt asked for after a cell's run started and not seen by it would be cleared by the
             # next cell's run: honour it here. (Before the first cell a set flag is a stale one, of an
             # earlier run: the first run clears it.)
-            if i and self.runtime.interrupt_requested:
+            if i and self.runtime.interrupt_flag.is_set():
                 raise Interrupted()
             yield run_cell(self.runtime, cell, worker=self.name, on_event=self.on_event)
 
