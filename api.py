@@ -13,10 +13,9 @@ import warnings
 from pathlib import Path
 
 from . import graph_runtime
-from .nodes import register_node, registry
+from .nodes import ENV_NODE_MODULES, load_node_modules, register_node, registry
 from .nodes.common import remove_stale_saves
 
-ENV_NODE_MODULES = "LORALOOM_NODE_MODULES"
 # transformers 5 warns once per image-processor class it falls back from (e.g. "`CLIPImageProcessor`
 # requires torchvision (not installed); falling back to `CLIPImageProcessorPil`") when a diffusers pipeline
 # that carries one is built. We never process images with them, torchvision is not needed, and the
@@ -41,24 +40,6 @@ def is_shipped_workflow(workflow) -> bool:
         return True
     # Sizes first: a huge file of the same name is not read into memory to be compared.
     return path.stat().st_size == shipped.stat().st_size and path.read_bytes() == shipped.read_bytes()
-
-
-def load_node_modules(names=None) -> list[str]:
-    """Import user modules that register nodes (``register_node``); names from the argument or from
-    ``LORALOOM_NODE_MODULES`` (comma-separated). Returns the modules imported."""
-    if names is None:
-        names = [n.strip() for n in os.environ.get(ENV_NODE_MODULES, "").split(",") if n.strip()]
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            # the module (or a package above it) is not there, or it is and something it imports is not
-            missing = exc.name is not None and (name == exc.name or name.startswith(exc.name + "."))
-            raise graph_runtime.LoomError(f"node module {name!r} could not be imported: {exc}.", key=name, value=name,
-                                          kind="node_module_missing" if missing else "node_module_failed",
-                                          fix="check the name and that it is on PYTHONPATH" if missing
-                                          else "install what it needs") from exc
-    return list(names)
 
 
 class _NoTorchvisionNotice(logging.Filter):
@@ -203,5 +184,32 @@ class Runtime(graph_runtime.Runtime):
         remove_stale_saves(self.folders)  # what a save killed mid-write (kill -9) left in the output folder
 
 
-__all__ = ["Runtime", "hide_torchvision_notice", "is_shipped_workflow", "library_progress_bars_off",
-           "load_node_modules", "register_node"]
+    def sweep(self, workflow, axes=(), *, zip=(), seeds=None, out=None, executor: str = "local",
+              address: str | None = None, resume: bool = True, node_modules=None, on_event=None, on_cell=None):
+        """Render ``workflow`` over axes of input values (an XY grid) on this runtime's warm cache and model
+        pool, and write the cell images, the labelled grid(s) and the manifest under ``out`` (default
+        ``<output>/sweeps/<workflow>-<hash>``). Returns a :class:`~loraloom.sweep.driver.SweepResult`.
+
+        ``axes``: ``{"4.weight": [0, 0.5, 1]}`` (one axis per key) or a list of ``"4.weight=0,0.5,1"`` /
+        dicts (a dict of several keys moves them together); ``zip``: more such zipped axes; ``seeds``: an axis
+        over every seed input. First axis X, second Y, the rest Z (a grid each). Every cell is validated
+        first (one :class:`~loraloom.sweep.spec.SweepValidationError` names every failing cell). A cell that
+        fails is recorded and the rest run; ``resume`` skips the cells an earlier run finished. ``executor``:
+        ``"local"`` or ``"ray"`` (at ``address``; needs the ``ray`` extra). ``on_event``: this runtime's
+        events (local cells); ``on_cell(record, done, total)``: after each cell.
+
+        >>> rt = Runtime(demo_loras=True)
+        >>> result = rt.sweep("workflows/blend_api.json", {"4.weight": [0, 1], "4.weight_2": [0, 1]})
+        """
+        from .sweep.driver import make_executor, run_sweep
+        from .sweep.executor import SweepJob
+        from .sweep.spec import plan
+
+        planned = plan(self, workflow, axes=axes, zip=zip, seeds=seeds)
+        # the modules that registered nodes here (given, else LORALOOM_NODE_MODULES): a worker imports them too
+        job = SweepJob.from_runtime(self, load_node_modules(node_modules))
+        return run_sweep(self, planned, out, executor=make_executor(executor, self, address, on_event), job=job,
+                         resume=resume, on_cell=on_cell)
+
+__all__ = ["ENV_NODE_MODULES", "Runtime", "hide_torchvision_notice", "is_shipped_workflow",
+           "library_progress_bars_off", "load_node_modules", "register_node"]

@@ -108,6 +108,12 @@ class Runtime:
         """Ask the current run to stop at the next node, step or layer boundary."""
         self._interrupt.set()
 
+    @property
+    def interrupt_flag(self) -> threading.Event:
+        """The event :meth:`interrupt` sets (each run clears it as it starts): work this runtime hands
+        to other processes (a sweep's Ray workers) watches it to stop too."""
+        return self._interrupt
+
     def load(self, workflow, overrides=None) -> Workflow:
         """Read a workflow (path, API dict, UI dict) and apply overrides."""
         wf = load_workflow(workflow, self.registry)
@@ -173,6 +179,13 @@ class Runtime:
                 listener(event)
 
         return emit
+
+    def node_keys(self, valid: ValidPrompt, nodes=None) -> dict[str, str]:
+        """The cache key under which each of ``nodes`` (default: every node) of a validated prompt would
+        be looked up if it ran now, computed as a run computes it (files fingerprinted), running nothing.
+        A sweep plans its order with them: cells whose nodes share keys share results."""
+        with self.context():
+            return self._keys(valid, set(valid.nodes) if nodes is None else {str(n) for n in nodes})[0]
 
     def _keys(self, valid: ValidPrompt, needed: set[str]) -> tuple[dict[str, str], dict[str, dict]]:
         """Cache keys of the needed nodes, in topological order (no recursion), and per node the

@@ -5,14 +5,18 @@ Importing this package is cheap: node modules import torch only inside ``execute
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
 
-from ..graph_runtime import NodeRegistry
+from ..graph_runtime import LoomError, NodeRegistry
 from . import base, blend, checkpoint, fuse, image, lora, merge, pipeline, sample
 
 BUILTIN = (base.LoadBase, lora.LoadLoRA, blend.WeightedBlend, merge.PeftMerge, fuse.Fuse, fuse.Compile, sample.Sample,
            lora.SaveLoRA, pipeline.SavePipeline, checkpoint.SaveCheckpoint, image.SaveImage, image.PreviewImage)
 _REGISTRY = NodeRegistry(BUILTIN)
+
+ENV_NODE_MODULES = "LORALOOM_NODE_MODULES"
 
 WEB_DIRECTORY = "./web"
 """The nodes' editor extension (it shows each node's ``ui`` text on the node), relative to the pack
@@ -28,6 +32,24 @@ def register_node(cls: type) -> type:
 def registry() -> NodeRegistry:
     """The registry of built-in and user-registered nodes."""
     return _REGISTRY
+
+
+def load_node_modules(names=None) -> list[str]:
+    """Import user modules that register nodes (``register_node``); names from the argument or from
+    ``LORALOOM_NODE_MODULES`` (comma-separated). Returns the modules imported."""
+    if names is None:
+        names = [n.strip() for n in os.environ.get(ENV_NODE_MODULES, "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            # the module (or a package above it) is not there, or it is and something it imports is not
+            missing = exc.name is not None and (name == exc.name or name.startswith(exc.name + "."))
+            raise LoomError(f"node module {name!r} could not be imported: {exc}.", key=name, value=name,
+                            kind="node_module_missing" if missing else "node_module_failed",
+                            fix="check the name and that it is on PYTHONPATH" if missing
+                            else "install what it needs") from exc
+    return list(names)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _REGISTRY.comfy_mappings()
