@@ -1,0 +1,148 @@
+"""RayExecutor on a local Ray cluster (2 CPUs, two worker actors): routing by affinity, results
+bit-identical to a local run, an actor killed mid-sweep losing nothing, and files shipped to a worker
+whose folders do not hold them."""
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed here (pip install 'loraloom[ray]'); the Ray "
+                                        "executor's tests need a local Ray cluster")
+
+from loraloom.api import Runtime  # noqa: E402
+from loraloom.graph_runtime import load_workflow  # noqa: E402
+from loraloom.graph_runtime.paths import Folders  # noqa: E402
+from loraloom.sweep.cell import Cell, image_sources  # noqa: E402
+from loraloom.sweep.executor import LocalExecutor, SweepJob  # noqa: E402
+from loraloom.sweep.ray_executor import SHIPPED, RayExecutor  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOW = REPO / "workflows" / "blend_api.json"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray instance for the module: two CPUs, so two one-CPU actors."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory):
+    return Runtime(output_dir=tmp_path_factory.mktemp("out"), demo_loras=True)
+
+
+@pytest.fixture(scope="module")
+def shared(cluster, rt, tmp_path_factory):
+    """Two actors kept across tests (one job: they stay warm); steal=False where a test asks."""
+    ex = RayExecutor(workers=2, threads=1, cache_dir=str(tmp_path_factory.mktemp("worker-cache")))
+    yield ex
+    ex.close()
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The reference: cells run in this process on one runtime, one torch thread (as the actors run)."""
+    ex = LocalExecutor()
+
+    def run(cells, job):
+        ex.runtime = ex.runtime if ex.runtime is not None and ex.runtime.folders == job.folders else None
+        return {r.index: r for r in ex.run(cells, job)}
+
+    return run
+
+
+def grid(rt, weights, affinities):
+    """Cells of blend_api.json (tiny-sdxl, 64 px, 2 steps) over LoRA A's weight, with given affinities."""
+    prompt = load_workflow(WORKFLOW, rt.registry).prompt
+    prompt["5"]["inputs"].update(steps=2, width=64, height=64)
+    cells = []
+    for i, (weight, affinity) in enumerate(zip(weights, affinities)):
+        cell_prompt = {nid: {**node, "inputs": dict(node["inputs"])} for nid, node in prompt.items()}
+        cell_prompt["4"]["inputs"]["weight"] = weight
+        cells.append(Cell(i, (i,), {"4.weight": weight}, cell_prompt, image_sources(cell_prompt), affinity=affinity))
+    return cells
+
+
+def assert_identical(results, reference):
+    assert sorted(results) == sorted(reference), "every cell has one result"
+    for index, result in results.items():
+        assert result.ok, result.error
+        for node, images in reference[index].images.items():
+            assert all(np.array_equal(a, b) for a, b in zip(result.images[node], images, strict=True)), (
+                f"cell {index}: the Ray worker's image differs from the local run's")
+
+
+def test_affinities_stick_to_one_actor_and_results_equal_a_local_run(shared, rt, local):
+    cells = grid(rt, [0.0, 0.5, 1.0, 1.5], ["a", "a", "b", "b"])
+    job = SweepJob.from_runtime(rt)
+    shared.steal = False
+    results = {r.index: r for r in shared.run(cells, job)}
+    by_affinity = {}
+    for cell in cells:
+        by_affinity.setdefault(cell.affinity, set()).add(results[cell.index].worker)
+    assert all(len(workers) == 1 for workers in by_affinity.values()), f"an affinity ran on two actors: {by_affinity}"
+    assert by_affinity["a"] != by_affinity["b"], "two affinities use both actors"
+    assert_identical(results, local(cells, job))
+    assert not list((rt.folders.output_dir).rglob("*.png")), "the workers write no output file"
+
+
+def test_one_affinity_is_shared_when_an_actor_runs_dry(shared, rt):
+    cells = grid(rt, [0.0, 0.25, 0.5, 0.75], ["c"] * 4)
+    shared.steal = True
+    workers = {r.worker for r in shared.run(cells, SweepJob.from_runtime(rt))}
+    assert len(workers) == 2, f"the idle actor took half the queue: {workers}"
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+def test_a_killed_actor_loses_no_cell(shared, rt, local, how):
+    cells = grid(rt, [0.0, 0.2, 0.4, 0.6, 0.8], [how] * 5)
+    job = SweepJob.from_runtime(rt)
+    ex = shared
+    ex.steal = False
+    results, killed = {}, None
+    for result in ex.run(cells, job):
+        assert result.index not in results, "no cell is reported twice"
+        results[result.index] = result
+        if killed is None:
+            killed = result.worker
+            if how == "ray.kill":
+                ray.kill(ex.actor(killed), no_restart=True)
+            else:
+                info = ex.actor(killed).ready.options(concurrency_group="control").remote()
+                os.kill(ray.get(info)["pid"], signal.SIGKILL)
+    after = [r for r in results.values() if r.worker != killed]
+    assert after, f"the cells left when {killed} died ran elsewhere"
+    assert all(r.worker != killed for r in results.values() if r.index > 1), (
+        f"nothing after the cell in flight ran on the dead actor: {[(r.index, r.worker) for r in results.values()]}")
+    assert_identical(results, local(cells, job))
+
+
+def test_files_reach_a_worker_whose_folders_lack_them(shared, local, tmp_path):
+    driver_loras = tmp_path / "driver-loras"
+    driver_loras.mkdir()
+    for name in ("demo-a.safetensors", "demo-b.safetensors"):
+        shutil.copy(REPO / "workflows" / "loras" / name, driver_loras / name)
+    driver = Runtime(lora_dirs=[driver_loras], output_dir=tmp_path / "out")
+    elsewhere = Folders([tmp_path / "worker-loras"], tmp_path / "worker-models", tmp_path / "worker-out")
+    cells = grid(driver, [0.0, 1.0], ["a", "b"])
+    job = SweepJob.from_runtime(driver)
+    shared.close_actors()  # the cluster's two CPUs go to two actors that see other folders
+    ex = RayExecutor(workers=2, threads=1, cache_dir=str(tmp_path / "worker-cache"), worker_folders=elsewhere,
+                     steal=False)
+    try:
+        results = {r.index: r for r in ex.run(cells, job)}
+    finally:
+        ex.close()
+    assert_identical(results, local(cells, job))
+    shipped = sorted(p.name for p in (tmp_path / "worker-cache" / "loras" / SHIPPED).rglob("*.safetensors"))
+    assert shipped == ["demo-a.safetensors", "demo-b.safetensors"], f"one copy per content: {shipped}"
+    assert not (tmp_path / "worker-loras").exists(), "the worker's own folders are left alone"
