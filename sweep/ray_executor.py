@@ -241,6 +241,12 @@ class Worker:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _driver_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _read_part(path: Path, digest: str) -> bytes:
     """The bytes of a regular file, checked against the digest the cell's files were given."""
     with open_regular(path) as (f, _state):
@@ -276,8 +282,9 @@ class RayExecutor:
     starts a local one (``local_cpus`` CPUs, default all) unless Ray is already initialised in this
     process. ``workers``: how many actors (default: one per GPU where the cluster has GPUs, else one
     per ``cpus_per_worker`` CPUs). Each actor reserves ``cpus_per_worker`` CPUs (and one GPU on a GPU
-    cluster) and runs torch with ``threads`` threads (default: its CPUs): results are bit-identical
-    to a local run with the same thread count. ``worker_folders``: the folders workers use where they
+    cluster) and runs torch with ``threads`` threads, by default as many as torch uses in this
+    process: CPU kernels split their sums by thread count, so CPU images are bit-identical to a local
+    run with the same count (pass ``threads=1`` where workers x threads exceed the cores). ``worker_folders``: the folders workers use where they
     differ from the driver's (default: the job's); ``cache_dir``: where workers keep shipped files
     (default: their user cache). ``steal=False`` keeps every affinity on its actor even when another
     actor is idle. ``runtime_env``: Ray's, for the actors (e.g. ``{"py_modules": [...]}``)."""
@@ -344,7 +351,7 @@ class RayExecutor:
             options["num_gpus"] = 1
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
-        threads = self.threads or (None if gpus else max(1, int(self.cpus_per_worker)))
+        threads = self.threads or _driver_threads()
         job = self._job if self.worker_folders is None else self._job.with_folders(self.worker_folders)
         # a second thread for interrupt(): run() calls still go one at a time
         actor_class = ray.remote(concurrency_groups={"control": 1})(Worker)
