@@ -328,7 +328,8 @@ class RayExecutor:
             self._started_ray = True
         return ray
 
-    def _start(self, job: SweepJob) -> None:
+    def start(self, job: SweepJob) -> None:
+        """Start the actors for ``job`` now (``run`` does it on first use, and again for another job)."""
         if self.slots and job == self._job:
             return
         self.close_actors()
@@ -385,7 +386,7 @@ class RayExecutor:
         ray = import_ray()
         from ray.exceptions import RayActorError, RayTaskError
 
-        self._start(job)
+        self.start(job)
         self._interrupted = False
         load_node_modules(list(job.node_modules))
         memo: dict = {}
