@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import socket
@@ -320,8 +321,9 @@ class RayExecutor:
                 # Workers import the very package this driver runs (a checkout on PYTHONPATH included).
                 package_parent = str(Path(__file__).resolve().parents[2])
                 path = os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+                # quiet: Ray's start-up notices are not the sweep's output (its errors still raise)
                 ray.init(num_cpus=self.local_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                         include_dashboard=False, log_to_driver=False,
+                         include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                          runtime_env={"env_vars": {"PYTHONPATH": path}})
             else:
                 ray.init(address=self.address)
