@@ -23,7 +23,7 @@ _ERRORS = {"graph_runtime.errors": ("LoomError", "SchemaError", "WorkflowError",
            "lora.safefile": ("LoRAFileError",), "lora.merge": ("MergeError",), "lora.blocks": ("BlockWeightError",),
            "bases.arch": ("BaseModelError",),
            "server.security": ("ServerConfigError",), "server.userdata": ("Conflict",),
-           "server.store": ("DuplicateId", "StoreError")}
+           "server.store": ("DuplicateId", "StoreError"), "sweep.spec": ("SweepValidationError",)}
 _LAZY.update({name: module for module, names in _ERRORS.items() for name in names})
 
 

@@ -184,5 +184,32 @@ class Runtime(graph_runtime.Runtime):
         remove_stale_saves(self.folders)  # what a save killed mid-write (kill -9) left in the output folder
 
 
+    def sweep(self, workflow, axes=(), *, zip=(), seeds=None, out=None, executor: str = "local",
+              address: str | None = None, resume: bool = True, node_modules=None, on_event=None, on_cell=None):
+        """Render ``workflow`` over axes of input values (an XY grid) on this runtime's warm cache and model
+        pool, and write the cell images, the labelled grid(s) and the manifest under ``out`` (default
+        ``<output>/sweeps/<workflow>-<hash>``). Returns a :class:`~loraloom.sweep.driver.SweepResult`.
+
+        ``axes``: ``{"4.weight": [0, 0.5, 1]}`` (one axis per key) or a list of ``"4.weight=0,0.5,1"`` /
+        dicts (a dict of several keys moves them together); ``zip``: more such zipped axes; ``seeds``: an axis
+        over every seed input. First axis X, second Y, the rest Z (a grid each). Every cell is validated
+        first (one :class:`~loraloom.sweep.spec.SweepValidationError` names every failing cell). A cell that
+        fails is recorded and the rest run; ``resume`` skips the cells an earlier run finished. ``executor``:
+        ``"local"`` or ``"ray"`` (at ``address``; needs the ``ray`` extra). ``on_event``: this runtime's
+        events (local cells); ``on_cell(record, done, total)``: after each cell.
+
+        >>> rt = Runtime(demo_loras=True)
+        >>> result = rt.sweep("workflows/blend_api.json", {"4.weight": [0, 1], "4.weight_2": [0, 1]})
+        """
+        from .sweep.driver import make_executor, run_sweep
+        from .sweep.executor import SweepJob
+        from .sweep.spec import plan
+
+        planned = plan(self, workflow, axes=axes, zip=zip, seeds=seeds)
+        # the modules that registered nodes here (given, else LORALOOM_NODE_MODULES): a worker imports them too
+        job = SweepJob.from_runtime(self, load_node_modules(node_modules))
+        return run_sweep(self, planned, out, executor=make_executor(executor, self, address, on_event), job=job,
+                         resume=resume, on_cell=on_cell)
+
 __all__ = ["ENV_NODE_MODULES", "Runtime", "hide_torchvision_notice", "is_shipped_workflow",
            "library_progress_bars_off", "load_node_modules", "register_node"]

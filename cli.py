@@ -1,4 +1,4 @@
-"""The ``loraloom`` command line: run, validate, nodes, convert, serve, cache.
+"""The ``loraloom`` command line: run, sweep, validate, nodes, convert, serve, cache.
 
 Exit codes: 0 success; 1 validation or execution error (printed); 2 usage error (a flag or argument
 that is malformed or names nothing: ``--set 5width=3``, ``--set 99.width=3`` on a workflow without
@@ -116,6 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
     _limit_args(run)
     _disk_cache_args(run)
 
+    sweep = sub.add_parser("sweep", help="render a workflow over axes of input values: an XY grid",
+                           description="Run a workflow once per cell of a grid of input values on one warm "
+                                       "runtime (loaded LoRAs, merges and patched weights reused), and write each "
+                                       "cell's image, a labelled grid per Z value and a manifest under --out. Every "
+                                       "cell is validated first; a failing cell is recorded and the rest run; "
+                                       "running the same sweep again skips its finished cells.")
+    sweep.add_argument("workflow", help="workflow file (.json or .png)")
+    sweep.add_argument("--axis", dest="axes", action=_AxisAction, type=_axis_arg, metavar="ID.INPUT=V1,V2,...",
+                       help="one axis (repeatable; first X, second Y, the rest Z); values typed by the input "
+                            "(0.5, true, text) or a JSON list: --axis '4.weight=[0, 0.5, 1]'")
+    sweep.add_argument("--zip", dest="axes", action=_AxisAction, type=_axis_arg, nargs="+",
+                       metavar="ID.INPUT=V1,V2,...", help="one axis moving several inputs together (each gets its "
+                                                          "i-th value at position i; repeatable)")
+    sweep.add_argument("--seeds", metavar="S1,S2,...", help="one more axis, last: these values for every seed input")
+    sweep.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE", type=_set_arg,
+                       help="override an input in every cell; VALUE as in `run`")
+    sweep.add_argument("--out", metavar="DIR", help="the sweep's folder (default OUTPUT/sweeps/<workflow>-<hash>)")
+    sweep.add_argument("--no-resume", action="store_true", help="run every cell, also those finished before")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    sweep.add_argument("--cache-bytes", type=_whole(0), metavar="N", help="byte budget of the result cache")
+    _folder_args(sweep)
+    _limit_args(sweep)
+    _disk_cache_args(sweep)
+
     val = sub.add_parser("validate", help="check a workflow without running it")
     val.add_argument("workflow")
     val.add_argument("--set", action="append", default=[], metavar="ID.INPUT=VALUE", type=_set_arg)
@@ -215,11 +239,29 @@ def _set_arg(text: str) -> tuple[str, object]:
     return key, value
 
 
+def _axis_arg(text: str) -> str:
+    """An argparse type: a well-formed ``ID.INPUT=V1,V2`` (typed later, by the workflow's schema)."""
+    from .sweep.spec import parse_axis
+
+    try:
+        parse_axis(text)
+    except WorkflowError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+class _AxisAction(argparse.Action):
+    """``--axis`` and ``--zip`` into one list, in the order given (a zip is a list of several)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
+
+
 def _usage_error(exc: LoomError, args) -> bool:
     """Whether ``exc`` is about the command line itself rather than what a workflow holds: an override of
     a node the workflow lacks, a ``--nodes-module`` that does not exist, a workflow path that cannot be
     opened (missing, or not this user's to read)."""
-    if exc.kind in ("bad_override", "override_unknown_node", "node_module_missing"):
+    if exc.kind in ("bad_override", "override_unknown_node", "node_module_missing", "bad_axis"):
         return True
     workflow = getattr(args, "workflow", None)
     return exc.kind == "unreadable" and workflow is not None and exc.file == str(workflow)
@@ -310,6 +352,22 @@ def _print_jsonl(event: dict) -> None:
     sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def _interrupt_on_sigint(rt):
+    """Within the block a Ctrl-C asks ``rt`` to stop at the next node, step or layer; a second stops at once."""
+
+    def on_sigint(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print("\ninterrupting (Ctrl-C again to stop at once)...", file=sys.stderr)
+        rt.interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_run(args) -> int:
     from .api import library_progress_bars_off
 
@@ -325,24 +383,76 @@ def cmd_run(args) -> int:
         for listener in listeners:
             listener(event)
 
-    def on_sigint(signum, frame):
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        print("\ninterrupting (Ctrl-C again to stop at once)...", file=sys.stderr)
-        rt.interrupt()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        # the libraries' own bars (loading, writing shards) show only where ours do
-        with contextlib.nullcontext() if bars else library_progress_bars_off():
-            result = rt.run(args.workflow, overrides, on_event=on_event)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    # the libraries' own bars (loading, writing shards) show only where ours do
+    with _interrupt_on_sigint(rt), contextlib.nullcontext() if bars else library_progress_bars_off():
+        result = rt.run(args.workflow, overrides, on_event=on_event)
     if args.events != "jsonl":
         disk = f" ({len(result.disk_cached)} from disk)" if result.disk_cached else ""
         print(f"done: {len(result.executed)} executed, {len(result.cached)} cached{disk}")
         for line in describe_outputs(result.outputs, rt.folders):
             print(line)
     return EXIT_OK
+
+
+def _sweep_executor(args) -> tuple[str, str | None]:
+    """The executor a ``sweep`` command asks for, and its address: "local" unless a ``--ray [ADDRESS]``
+    flag (the Ray executor's, where installed) is given."""
+    ray = getattr(args, "ray", None)
+    return ("ray", ray or None) if ray is not None else ("local", None)
+
+
+class _CellBar:
+    """A sweep's progress on stderr: a tqdm bar of cells on a terminal, else a line per cell."""
+
+    def __init__(self, bars: bool):
+        self.bars = bars
+        self.bar = None
+
+    def __call__(self, record, done: int, total: int) -> None:
+        where = ", ".join(f"{k}={json.dumps(v)}" for k, v in record.overrides.items())
+        if not self.bars:
+            state = "done" if record.ok else "FAILED"
+            print(f"[{done}/{total}] cell {record.index} ({where}) {state} in {record.seconds:.1f} s", file=sys.stderr,
+                  flush=True)
+            return
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=done - 1, desc="cells", unit="cell", file=sys.stderr)
+        self.bar.set_postfix_str(where)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_sweep(args) -> int:
+    from .api import library_progress_bars_off
+
+    extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
+    rt = _runtime(args, **extra, **_disk_cache_kwargs(args))
+    workflow = rt.load(args.workflow, dict(args.set))  # --set applies to every cell
+    bars = not args.no_progress and sys.stderr.isatty()
+    progress = _CellBar(bars) if not args.no_progress else None
+    executor, address = _sweep_executor(args)
+    try:
+        with _interrupt_on_sigint(rt), contextlib.nullcontext() if bars else library_progress_bars_off():
+            result = rt.sweep(workflow, args.axes or [], seeds=args.seeds, out=args.out, executor=executor, address=address,
+                              resume=not args.no_resume, node_modules=args.nodes_module or None, on_cell=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    records = result.records
+    print(f"sweep: {len(records)} of {len(result.plan.cells)} cells ({len(result.ran)} run, {len(result.skipped)} "
+          f"finished before, {len(result.failed)} failed) in {result.out}")
+    for grid in result.grids:
+        print(f"  grid: {grid}")
+    for index in result.failed:
+        error = records[index].error or {}
+        message = error.get("exception_message") or error.get("message") or json.dumps(error)
+        print(f"  cell {index} failed: {message}", file=sys.stderr)
+    return EXIT_FAIL if result.failed else EXIT_OK
 
 
 def _is_file_ref(value) -> bool:
@@ -483,14 +593,14 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB ({nbytes} bytes)"
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "convert": cmd_convert,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "nodes": cmd_nodes, "convert": cmd_convert,
             "serve": cmd_serve, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loraloom`` console script. Without ``argv`` (the console script, ``python -m
     loraloom.cli``) a ``run`` ends the process itself when it is done: see `_exit_now`."""
-    if argv is None and sys.argv[1:2] == ["run"]:
+    if argv is None and sys.argv[1:2] in (["run"], ["sweep"]):
         _exit_now(_main(sys.argv[1:]))
     return _main(sys.argv[1:] if argv is None else list(argv))
 

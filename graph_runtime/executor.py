@@ -174,6 +174,13 @@ class Runtime:
 
         return emit
 
+    def node_keys(self, valid: ValidPrompt, nodes=None) -> dict[str, str]:
+        """The cache key under which each of ``nodes`` (default: every node) of a validated prompt would
+        be looked up if it ran now, computed as a run computes it (files fingerprinted), running nothing.
+        A sweep plans its order with them: cells whose nodes share keys share results."""
+        with self.context():
+            return self._keys(valid, set(valid.nodes) if nodes is None else {str(n) for n in nodes})[0]
+
     def _keys(self, valid: ValidPrompt, needed: set[str]) -> tuple[dict[str, str], dict[str, dict]]:
         """Cache keys of the needed nodes, in topological order (no recursion), and per node the
         files its key fingerprints: ``{real path: (state, digest)}``."""

@@ -11,23 +11,43 @@ from ..graph_runtime import TEMP_SUBFOLDER, Link, String, current_context, node
 from .common import CATEGORY, IMAGE, check_prefix, expand_prefix, new_output, output_ref
 
 
-def png_bytes(image, prompt: dict | None, workflow: dict | None) -> bytes:
-    """One [H, W, C] float image in 0..1 as PNG bytes, with the workflow embedded as ComfyUI does
-    (tEXt ``prompt``: the API prompt; tEXt ``workflow``: the editor graph)."""
+def image_uint8(image):
+    """One [H, W, C] float image in 0..1 as the uint8 array a PNG holds (rounded, not truncated): the one
+    place the rounding is, so a sweep cell's pixels are those SaveImage writes."""
     import numpy as np
+
+    return (image.clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
+
+
+def encode_png(image, texts: dict[str, str]) -> bytes:
+    """A uint8 [H, W, C] array (or a PIL image) as PNG bytes carrying ``texts`` as tEXt chunks."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    array = (image.clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
     info = PngInfo()
-    if prompt is not None:
-        info.add_text("prompt", json.dumps(prompt))
-    if workflow is not None:
-        info.add_text("workflow", json.dumps(workflow))
+    for key, text in texts.items():
+        info.add_text(key, text)
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     buf = io.BytesIO()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG", pnginfo=info,
-                                                                           compress_level=4)
+    image.save(buf, format="PNG", pnginfo=info, compress_level=4)
     return buf.getvalue()
+
+
+def workflow_texts(prompt: dict | None, workflow: dict | None) -> dict[str, str]:
+    """The tEXt chunks that embed a workflow as ComfyUI does (``prompt``: the API prompt; ``workflow``:
+    the editor graph), the ones given."""
+    texts = {}
+    if prompt is not None:
+        texts["prompt"] = json.dumps(prompt)
+    if workflow is not None:
+        texts["workflow"] = json.dumps(workflow)
+    return texts
+
+
+def png_bytes(image, prompt: dict | None, workflow: dict | None) -> bytes:
+    """One [H, W, C] float image in 0..1 as PNG bytes, with the workflow embedded (`workflow_texts`)."""
+    return encode_png(image_uint8(image), workflow_texts(prompt, workflow))
 
 
 def save_images(images, prefix: str, kind: str) -> list[dict]:

@@ -27,7 +27,7 @@ from ..nodes import WEB_DIR
 from .security import error_body
 from .store import ERROR, INTERRUPTED, PENDING, RUNNING, SUCCESS, DuplicateId, JobRow, QueueItem
 from .userdata import Conflict
-from .worker import DELETED, INTERRUPTING, UNKNOWN
+from .worker import DELETED, INTERRUPTING, SWEEP_KEY, UNKNOWN
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TEMPLATE_INDEX_RE = re.compile(r"^index(\.[A-Za-z_-]{1,16})?\.json$")
@@ -219,6 +219,7 @@ class Api:
             ("GET", "/jobs/{prompt_id}", self.get_job), ("POST", "/jobs/{prompt_id}/cancel", self.cancel_job),
             ("POST", "/interrupt", self.interrupt), ("POST", "/free", self.free),
             ("GET", "/view", self.view),
+            ("POST", "/loraloom/sweep", self.post_sweep),
         ]
         for method, path, handler in api:
             app.router.add_route(method, "/api" + path, handler)
@@ -369,7 +370,10 @@ class Api:
     async def queue_status(self, request):
         return web.json_response({"exec_info": {"queue_remaining": self.state.store.remaining()}})
 
-    async def post_prompt(self, request):
+    async def _checked(self, request, check):
+        """A ``POST /prompt``-shaped body read, its workflow loaded and ``check(workflow, body)`` run in a
+        thread (validating lists folders): ``(body, pnginfo, workflow, checked)``, or the 400 response
+        saying what is wrong."""
         body = await _read_json(request, locate=functools.partial(locate_in_workflow, registry=self.rt.registry))
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
             return _error(400, "no_prompt", "No prompt provided",
@@ -380,26 +384,24 @@ class Api:
         extra = body.get("extra_data", {})
         pnginfo = extra.get("extra_pnginfo") if isinstance(extra.get("extra_pnginfo"), dict) else None
 
-        def check():  # in a thread: COMBO options list folders
+        def load_and_check():
             extra_data = {"extra_pnginfo": pnginfo} if pnginfo else {}
             workflow = self.rt.load({"prompt": body["prompt"], "extra_data": extra_data})
-            return workflow, self.rt.validate(workflow)
+            return workflow, check(workflow, body)
 
         try:
-            workflow, valid = await asyncio.to_thread(check)
+            workflow, checked = await asyncio.to_thread(load_and_check)
         except ValidationError as exc:
             return web.json_response(exc.to_json(), status=400)
         except LoomError as exc:
             return _error(400, "invalid_prompt", "Invalid prompt", str(exc), node_errors={}, cause=exc)
-        outputs = valid.outputs
-        if body.get("partial_execution_targets"):
-            outputs = [str(t) for t in body["partial_execution_targets"]]
-            unknown = [t for t in outputs if t not in valid.nodes]
-            if unknown:
-                return _error(400, "invalid_prompt", "Invalid prompt",
-                              f"partial_execution_targets {unknown} are not nodes of the prompt", node_errors={})
+        return body, pnginfo, workflow, checked
+
+    def _enqueue(self, body: dict, pnginfo: dict | None, workflow, outputs: list, **extra):
+        """Queue a checked prompt; the ``(prompt_id, number)``, or the 400 response for a duplicate id.
+        ``extra`` joins the stored extra_data."""
         # Only what a run needs is kept: other extra_data (e.g. cloud API keys) never reaches the disk.
-        extra_data = {"client_id": body.get("client_id"), "create_time": int(time.time() * 1000)}
+        extra_data = {"client_id": body.get("client_id"), "create_time": int(time.time() * 1000), **extra}
         if pnginfo:
             extra_data["extra_pnginfo"] = pnginfo
         prompt_id = body.get("prompt_id") or str(uuid.uuid4())
@@ -410,7 +412,49 @@ class Api:
             return _error(400, "duplicate_prompt_id", "Invalid prompt", str(exc), node_errors={}, cause=exc)
         self.state.worker.notify()
         self.state.hub.publish_status()
+        return prompt_id, number
+
+    async def post_prompt(self, request):
+        checked = await self._checked(request, lambda workflow, body: self.rt.validate(workflow))
+        if isinstance(checked, web.Response):
+            return checked
+        body, pnginfo, workflow, valid = checked
+        outputs = valid.outputs
+        if body.get("partial_execution_targets"):
+            outputs = [str(t) for t in body["partial_execution_targets"]]
+            unknown = [t for t in outputs if t not in valid.nodes]
+            if unknown:
+                return _error(400, "invalid_prompt", "Invalid prompt",
+                              f"partial_execution_targets {unknown} are not nodes of the prompt", node_errors={})
+        queued = self._enqueue(body, pnginfo, workflow, outputs)
+        if isinstance(queued, web.Response):
+            return queued
+        prompt_id, number = queued
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
+
+    async def post_sweep(self, request):
+        """Queue a sweep like a prompt: ``{"prompt": API workflow, "axes": [...] or {...}, "zip": [...],
+        "seeds": [...], "client_id", "prompt_id", "extra_data"}`` (axes as `Runtime.sweep` takes them).
+        Every cell is validated now: a failing one answers 400 with every cell's problems (``node_errors``
+        and ``error.extra_info.cells``). The worker runs it in queue order; each finished cell is a
+        ``sweep_cell`` message on the websocket; the history's outputs list the grid(s), the cells'
+        images and the manifest under ``"sweep"``. The folder is always under the output folder."""
+        from ..sweep.spec import plan
+
+        def planned(workflow, body):
+            return plan(self.rt, workflow, axes=body.get("axes") or (), zip=body.get("zip") or (),
+                        seeds=body.get("seeds"))
+
+        checked = await self._checked(request, planned)
+        if isinstance(checked, web.Response):
+            return checked
+        body, pnginfo, workflow, sweep = checked
+        queued = self._enqueue(body, pnginfo, workflow, [], **{SWEEP_KEY: sweep.spec.to_json()})
+        if isinstance(queued, web.Response):
+            return queued
+        prompt_id, number = queued
+        return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {},
+                                  "cells": len(sweep.cells), "shape": list(sweep.spec.shape)})
 
     async def get_queue(self, request):
         def build():

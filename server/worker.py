@@ -20,6 +20,11 @@ from .store import ERROR, INTERRUPTED, SUCCESS, PromptStore, QueueItem
 log = logging.getLogger("loraloom.server")
 
 DELETED, INTERRUPTING, FINISHED, UNKNOWN = "deleted", "interrupting", "finished", "unknown"
+# A queued item whose extra_data holds this key is a sweep: its value is the sweep's definition (SweepSpec JSON).
+SWEEP_KEY = "loraloom_sweep"
+# The runtime events of a sweep's cells passed on to its client: each cell's start, success or failure
+# is the sweep's business (a `sweep_cell` message), not the end of the queued item.
+SWEEP_EVENTS = ("executing", "progress", "execution_cached")
 
 
 def _now_ms() -> int:
@@ -213,9 +218,14 @@ class Worker:
         ui = pnginfo.get("workflow") if isinstance(pnginfo, dict) else None
         workflow = Workflow(item.prompt, ui if isinstance(ui, dict) else None, f"prompt {item.prompt_id}")
         status = ERROR
+        sweep = item.extra_data.get(SWEEP_KEY)
         try:
-            result = self.runtime.run(workflow, prompt_id=item.prompt_id, outputs=item.outputs or None,
-                                      on_event=on_event)
+            if sweep is not None:
+                run.outputs = self._sweep(workflow, sweep, run, on_event)
+                result = None
+            else:
+                result = self.runtime.run(workflow, prompt_id=item.prompt_id, outputs=item.outputs or None,
+                                          on_event=on_event)
         except Interrupted:
             status = INTERRUPTED
             if run.terminal is None:
@@ -232,10 +242,11 @@ class Worker:
         else:
             status = SUCCESS
             # Cached output nodes did not run: send their outputs so the page shows them again.
-            for node_id in result.cached:
+            for node_id in result.cached if result is not None else ():
                 if node_id in result.outputs and node_id not in run.outputs:
                     run.on_event({"event": "executed", "node": node_id, "output": result.outputs[node_id]})
-            run.outputs = dict(result.outputs)
+            if result is not None:
+                run.outputs = dict(result.outputs)
         terminal_type, terminal_data = run.terminal or ("execution_success", {})
         terminal_data = {**terminal_data, "prompt_id": item.prompt_id, "timestamp": _now_ms()}
         with self._lock:
@@ -246,3 +257,41 @@ class Worker:
         self.hub.publish(terminal_type, terminal_data, run.sid)
         self.hub.publish("executing", {"node": None, "display_node": None, "prompt_id": item.prompt_id}, run.sid)
         self.hub.publish_status()
+
+    def _sweep(self, workflow: Workflow, definition: dict, run: _Run, on_event) -> dict:
+        """Run a queued sweep on this runtime (resuming one run before); its outputs for the history:
+        ``{"sweep": {"images": grids, "cells": cell images, "manifest": [...], "failed": [indices]}}``."""
+        from ..sweep.driver import default_out, run_sweep
+        from ..sweep.executor import LocalExecutor
+        from ..sweep.output import MANIFEST
+        from ..sweep.spec import SweepSpec, plan
+
+        def on_cell_event(event: dict) -> None:
+            if event["event"] == "execution_start":
+                if not run.started:
+                    on_event(event)  # the sweep's start, once
+                with self._lock:  # every cell: a cancel between two cells stops the next one
+                    if self._cancel:
+                        self.runtime.interrupt()
+            elif event["event"] in SWEEP_EVENTS:
+                run.on_event(event)
+
+        planned = plan(self.runtime, workflow, SweepSpec.from_json(definition))
+        out = default_out(self.runtime, planned)
+
+        def ref(path) -> dict:
+            rel = path.relative_to(self.runtime.folders.output_dir)
+            return {"filename": rel.name, "subfolder": rel.parent.as_posix(), "type": "output"}
+
+        def on_cell(record, done: int, total: int) -> None:
+            run.send("sweep_cell", {"index": record.index, "done": done, "total": total,
+                                             "status": record.status, "overrides": record.overrides,
+                                             "images": [ref(out / f["path"]) for f in record.files],
+                                             "error": record.error}, record=True)
+
+        result = run_sweep(self.runtime, planned, out, executor=LocalExecutor(self.runtime, on_event=on_cell_event),
+                           on_cell=on_cell)
+        return {"sweep": {"images": [ref(g) for g in result.grids],
+                          "cells": [ref(out / f["path"]) for i in sorted(result.records)
+                                    for f in result.records[i].files],
+                          "manifest": [ref(out / MANIFEST)], "failed": result.failed}}

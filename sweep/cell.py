@@ -13,6 +13,7 @@ from typing import Any
 
 from ..graph_runtime import LoomError
 from ..graph_runtime.workflow import is_link
+from ..nodes.image import image_uint8
 
 # The output nodes whose input image a sweep takes as the cell's image (ComfyUI's and our stand-ins).
 IMAGE_OUTPUTS = {"SaveImage": "images", "PreviewImage": "images"}
@@ -76,9 +77,7 @@ def image_sources(prompt: dict) -> dict[str, tuple[str, int]]:
 def to_uint8(images) -> list:
     """A ComfyUI IMAGE batch (float [B, H, W, C] in 0..1) as uint8 arrays, rounded as our SaveImage
     rounds, so a cell's PNG has the pixels the plain workflow's SaveImage writes."""
-    import numpy as np
-
-    return [(image.clamp(0, 1).numpy() * 255.0).round().astype(np.uint8) for image in images]
+    return [image_uint8(image) for image in images]
 
 
 def _pool_stats(runtime) -> dict:

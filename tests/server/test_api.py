@@ -424,3 +424,44 @@ async def test_history_numbers_beyond_sqlite_are_400(serve, query):
         body = await resp.json()
         assert resp.status == 400 and body["error"]["type"] == "bad_query", body
         assert query.split("=")[0] in body["error"]["message"]
+
+
+# POST /loraloom/sweep: a sweep queued like a prompt, every cell validated at once, a message per cell on
+# the websocket, the grid, cell images and manifest listed in the history and served by /view.
+async def test_a_sweep_is_queued_streams_its_cells_and_lists_its_files(serve, helpers):
+    async with serve() as server:
+        ws = await server.client.ws_connect("/ws?clientId=sweeper")
+        await ws.receive_json()
+        resp = await server.client.post("/api/loraloom/sweep", json={
+            "prompt": helpers.image_prompt(), "axes": ["1.value=1,2,3"], "seeds": None, "client_id": "sweeper"})
+        queued = await resp.json()
+        assert resp.status == 200 and queued["cells"] == 3 and queued["shape"] == [3], queued
+        messages = await receive_run(ws, queued["prompt_id"])
+        cells = [m["data"] for m in messages if m["type"] == "sweep_cell"]
+        assert sorted(c["index"] for c in cells) == [0, 1, 2] and [c["done"] for c in cells] == [1, 2, 3]
+        assert [m["type"] for m in messages].count("execution_start") == 1, "one start for the whole sweep"
+        assert messages[-2]["type"] == "execution_success"
+        history = await server.wait_done(queued["prompt_id"])
+        outputs = history["outputs"]["sweep"]
+        assert len(outputs["cells"]) == 6, "SaveImage's and PreviewImage's image, of each of the 3 cells"
+        assert [g["filename"] for g in outputs["images"]] == ["grid.png"]
+        assert outputs["cells"][0]["subfolder"].startswith("sweeps/workflow-")
+        assert outputs["failed"] == []
+        grid = outputs["images"][0]
+        view = await server.client.get("/api/view", params=grid)
+        assert view.status == 200 and (await view.read()).startswith(b"\x89PNG")
+        assert not list((server.rt.folders.output_dir).glob("test_*.png")), "the workflow's SaveImage did not run"
+        await ws.close()
+
+
+async def test_a_sweep_with_bad_cells_is_refused_naming_each(serve, helpers):
+    async with serve() as server:
+        resp = await server.client.post("/api/loraloom/sweep", json={
+            "prompt": helpers.image_prompt(), "axes": {"1.value": [1, 5000, 6000]}})
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["extra_info"]["cells"] == [1, 2], body
+        details = [e["details"] for e in body["node_errors"]["1"]["errors"]]
+        assert any("cell 1 [1] (1.value=5000)" in d for d in details) and any("cell 2" in d for d in details)
+        resp = await server.client.post("/api/loraloom/sweep", json={"prompt": helpers.image_prompt(),
+                                                                      "axes": ["9.value=1"]})
+        assert resp.status == 400 and "no node 9" in (await resp.json())["error"]["details"]
