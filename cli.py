@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override an input in every cell; VALUE as in `run`")
     sweep.add_argument("--out", metavar="DIR", help="the sweep's folder (default OUTPUT/sweeps/<workflow>-<hash>)")
     sweep.add_argument("--no-resume", action="store_true", help="run every cell, also those finished before")
+    sweep.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run the cells on a Ray cluster: "
+                       "ADDRESS (auto, HOST:6379, ray://HOST:10001), or a local one started here (needs loraloom[ray])")
     sweep.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     sweep.add_argument("--cache-bytes", type=_whole(0), metavar="N", help="byte budget of the result cache")
     _folder_args(sweep)
