@@ -126,6 +126,32 @@ def test_a_killed_actor_loses_no_cell(shared, rt, local, how):
     assert_identical(results, local(cells, job))
 
 
+def test_runtime_sweep_on_ray_writes_the_local_sweeps_files(shared, rt, tmp_path):
+    """Runtime.sweep(executor="ray") end to end: the driver writes the same cell PNGs and grid, byte
+    for byte, as a local sweep, and the manifest names the actors."""
+    shared.close_actors()  # Runtime.sweep starts its own two actors on the cluster's two CPUs
+    workflow = load_workflow(WORKFLOW, rt.registry).prompt
+    workflow["5"]["inputs"].update(steps=2, width=64, height=64)
+    axes = {"4.weight": [0.0, 1.0], "4.weight_2": [0.0, 1.0]}
+    on_ray = rt.sweep(workflow, axes, executor="ray", out=tmp_path / "ray")
+    local = rt.sweep(workflow, axes, out=tmp_path / "local")
+    assert not on_ray.failed and sorted(on_ray.records) == [0, 1, 2, 3]
+    assert {r.worker for r in on_ray.records.values()} <= {"ray-0", "ray-1"}, on_ray.records
+    written = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.png"))
+    assert written and written == sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*.png"))
+    for name in written:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_cli_ray_flag_selects_the_ray_executor():
+    from loraloom.cli import _sweep_executor, build_parser
+
+    parse = build_parser().parse_args
+    assert _sweep_executor(parse(["sweep", "wf.json", "--ray"])) == ("ray", None), "bare --ray: a local instance"
+    assert _sweep_executor(parse(["sweep", "wf.json", "--ray", "auto"])) == ("ray", "auto")
+    assert _sweep_executor(parse(["sweep", "wf.json"])) == ("local", None)
+
+
 def test_files_reach_a_worker_whose_folders_lack_them(shared, local, tmp_path):
     driver_loras = tmp_path / "driver-loras"
     driver_loras.mkdir()
