@@ -413,9 +413,9 @@ def lines_sweep_ray(f: dict) -> list:
         return [(f"skipped: {f['skipped']}", "", "", "", INFO, INFO)]
     grid = f"{f['grid']} weight grid"
     return [
-        (f"{grid}, cold: one process / 2 Ray workers", _fmt(f["ray_cold_s"], "s"), _fmt(f["local_cold_s"], "s"),
+        (f"{grid}, cold: 2 Ray workers vs one process", _fmt(f["ray_cold_s"], "s"), _fmt(f["local_cold_s"], "s"),
          f"{f['cold_ratio']:.2f}x throughput", INFO, INFO),
-        (f"{grid}, warm: one process / 2 Ray workers", _fmt(f["ray_warm_s"], "s"), _fmt(f["local_warm_s"], "s"),
+        (f"{grid}, warm: 2 Ray workers vs one process", _fmt(f["ray_warm_s"], "s"), _fmt(f["local_warm_s"], "s"),
          f"{f['warm_ratio']:.2f}x throughput", INFO, INFO),
         ("a cell's routing + return (cached cell sent alone)", f"{f['route_and_return_ms']:.3g} ms",
          f"the cell locally {f['cached_cell_local_ms']:.3g} ms", f"{f['image_bytes']} B image", INFO, INFO),
