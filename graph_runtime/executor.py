@@ -108,6 +108,12 @@ class Runtime:
         """Ask the current run to stop at the next node, step or layer boundary."""
         self._interrupt.set()
 
+    @property
+    def interrupt_flag(self) -> threading.Event:
+        """The event :meth:`interrupt` sets (each run clears it as it starts): work this runtime hands
+        to other processes (a sweep's Ray workers) watches it to stop too."""
+        return self._interrupt
+
     def load(self, workflow, overrides=None) -> Workflow:
         """Read a workflow (path, API dict, UI dict) and apply overrides."""
         wf = load_workflow(workflow, self.registry)

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -288,13 +289,16 @@ class RayExecutor:
     run with the same count (pass ``threads=1`` where workers x threads exceed the cores). ``worker_folders``: the folders workers use where they
     differ from the driver's (default: the job's); ``cache_dir``: where workers keep shipped files
     (default: their user cache). ``steal=False`` keeps every affinity on its actor even when another
-    actor is idle. ``runtime_env``: Ray's, for the actors (e.g. ``{"py_modules": [...]}``)."""
+    actor is idle. ``runtime_env``: Ray's, for the actors (e.g. ``{"py_modules": [...]}``).
+    ``interrupt_flag``: an event (a runtime's ``interrupt_flag``) that, set during a run, interrupts
+    it as :meth:`interrupt` does."""
 
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int | None = None, *, cpus_per_worker: float = 1,
                  threads: int | None = None, worker_folders: Folders | None = None, cache_dir: str | None = None,
-                 steal: bool = True, runtime_env: dict | None = None, local_cpus: int | None = None):
+                 steal: bool = True, runtime_env: dict | None = None, local_cpus: int | None = None,
+                 interrupt_flag: threading.Event | None = None):
         self.address = address
         self.workers = workers
         self.cpus_per_worker = cpus_per_worker
@@ -304,6 +308,7 @@ class RayExecutor:
         self.steal = steal
         self.runtime_env = runtime_env
         self.local_cpus = local_cpus
+        self.interrupt_flag = interrupt_flag
         self.slots: list[_Slot] = []
         self._job: SweepJob | None = None
         self._started_ray = False
@@ -390,6 +395,8 @@ class RayExecutor:
 
         self.start(job)
         self._interrupted = False
+        if self.interrupt_flag is not None:
+            self.interrupt_flag.clear()  # as a run clears it: only an interrupt asked from now on counts
         load_node_modules(list(job.node_modules))
         memo: dict = {}
         files = {}
@@ -400,6 +407,8 @@ class RayExecutor:
         tries: dict[int, int] = {}
         inflight: dict = {}  # object ref -> (slot, cell, blobs)
         while inflight or any(s.queue for s in self.slots):
+            if self.interrupt_flag is not None and self.interrupt_flag.is_set() and not self._interrupted:
+                self.interrupt()
             if not self._interrupted:
                 for slot in self.slots:
                     if not slot.queue and not slot.inflight and self.steal:
