@@ -61,10 +61,11 @@ def local():
     return run
 
 
-def grid(rt, weights, affinities):
+def grid(rt, weights, affinities, source="tiny-sdxl"):
     """Cells of blend_api.json (tiny-sdxl, 64 px, 2 steps) over LoRA A's weight, with given affinities."""
     prompt = load_workflow(WORKFLOW, rt.registry).prompt
     prompt["5"]["inputs"].update(steps=2, width=64, height=64)
+    prompt["1"]["inputs"]["source"] = source
     cells = []
     for i, (weight, affinity) in enumerate(zip(weights, affinities)):
         cell_prompt = {nid: {**node, "inputs": dict(node["inputs"])} for nid, node in prompt.items()}
@@ -170,13 +171,18 @@ def test_cli_ray_flag_selects_the_ray_executor():
 
 
 def test_files_reach_a_worker_whose_folders_lack_them(shared, local, tmp_path):
-    driver_loras = tmp_path / "driver-loras"
+    """The LoRA files and a base saved as a diffusers folder are only in the driver's folders: the
+    workers get them through the object store, once per content, and render the same images."""
+    from loraloom.bases.presets import build_pipeline
+
+    driver_loras, driver_models = tmp_path / "driver-loras", tmp_path / "driver-models"
     driver_loras.mkdir()
     for name in ("demo-a.safetensors", "demo-b.safetensors"):
         shutil.copy(REPO / "workflows" / "loras" / name, driver_loras / name)
-    driver = Runtime(lora_dirs=[driver_loras], output_dir=tmp_path / "out")
+    build_pipeline("tiny-sdxl", dtype="fp32", device="cpu").save_pretrained(driver_models / "tiny-folder")
+    driver = Runtime(lora_dirs=[driver_loras], models_dir=driver_models, output_dir=tmp_path / "out")
     elsewhere = Folders([tmp_path / "worker-loras"], tmp_path / "worker-models", tmp_path / "worker-out")
-    cells = grid(driver, [0.0, 1.0], ["a", "b"])
+    cells = grid(driver, [0.0, 1.0], ["a", "b"], source="tiny-folder")
     job = SweepJob.from_runtime(driver)
     shared.close_actors()  # the cluster's two CPUs go to two actors that see other folders
     ex = RayExecutor(workers=2, threads=1, cache_dir=str(tmp_path / "worker-cache"), worker_folders=elsewhere,
@@ -186,6 +192,10 @@ def test_files_reach_a_worker_whose_folders_lack_them(shared, local, tmp_path):
     finally:
         ex.close()
     assert_identical(results, local(cells, job))
-    shipped = sorted(p.name for p in (tmp_path / "worker-cache" / "loras" / SHIPPED).rglob("*.safetensors"))
+    cache = tmp_path / "worker-cache"
+    shipped = sorted(p.name for p in (cache / "loras" / SHIPPED).rglob("*.safetensors"))
     assert shipped == ["demo-a.safetensors", "demo-b.safetensors"], f"one copy per content: {shipped}"
-    assert not (tmp_path / "worker-loras").exists(), "the worker's own folders are left alone"
+    (base,) = (cache / "models" / SHIPPED).glob("*/tiny-folder")
+    assert (base / "model_index.json").is_file() and (base / "unet").is_dir(), "the base folder, whole"
+    assert not (tmp_path / "worker-loras").exists() and not (tmp_path / "worker-models").exists(), (
+        "the worker's own folders are left alone")
