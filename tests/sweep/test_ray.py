@@ -26,23 +26,12 @@ WORKFLOW = REPO / "workflows" / "blend_api.json"
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One local Ray instance for the module: two CPUs, so two one-CPU actors."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def rt(tmp_path_factory):
     return Runtime(output_dir=tmp_path_factory.mktemp("out"), demo_loras=True)
 
 
 @pytest.fixture(scope="module")
-def shared(cluster, rt, tmp_path_factory):
+def shared(ray_cluster, rt, tmp_path_factory):
     """Two actors kept across tests (one job: they stay warm); steal=False where a test asks."""
     ex = RayExecutor(workers=2, threads=1, cache_dir=str(tmp_path_factory.mktemp("worker-cache")))
     yield ex
