@@ -50,6 +50,9 @@ DEPTH = 2
 # Tries of one cell whose actor died under it before it is reported failed (a cell that kills every
 # worker it runs on, e.g. out of memory, must not take the whole cluster down in turn).
 MAX_TRIES = 3
+# Seconds a new actor may take to start (its process, imports, runtime) before the cluster is taken
+# to lack room for it: Ray keeps an actor it cannot place pending, and cells sent to it would wait forever.
+START_TIMEOUT = 180.0
 
 
 def import_ray():
@@ -313,7 +316,7 @@ class RayExecutor:
         self._job: SweepJob | None = None
         self._started_ray = False
         self._blobs: dict[str, object] = {}  # part digest -> its bytes in the object store
-        self._affinity: dict[str, int] = {}  # affinity -> slot index
+        self._affinity: dict[str, _Slot] = {}  # affinity -> the worker that has its state
         self._interrupted = False
         self._order: dict[int, int] = {}
 
@@ -349,7 +352,27 @@ class RayExecutor:
         for slot in self.slots:
             self._spawn(slot)
         # a worker that cannot build its runtime (a node module missing there) fails the sweep at once
-        ray.get([slot.actor.ready.remote() for slot in self.slots])
+        started = self._await_ready(self.slots)
+        if len(started) < count:
+            self.close_actors()
+            raise LoomError(f"only {len(started)} of {count} Ray workers started within {START_TIMEOUT:.0f} s; the "
+                            f"cluster offers {resources.get('CPU', 0):g} CPUs and {gpus} GPUs.", value=count,
+                            limit=len(started), kind="ray_workers_pending",
+                            fix="ask for fewer workers, or add machines to the cluster (ray status shows what is free)")
+
+    def _await_ready(self, slots: list[_Slot]) -> list[_Slot]:
+        """The slots whose actor started within START_TIMEOUT; raises what a worker's runtime raised."""
+        ray = import_ray()
+        refs = {slot.actor.ready.options(concurrency_group="control").remote(): slot for slot in slots}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=START_TIMEOUT)
+        ready = []
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                raise (exc.cause if isinstance(exc.cause, BaseException) else exc) from None
+            ready.append(refs[ref])
+        return ready
 
     def _spawn(self, slot: _Slot) -> None:
         ray = import_ray()
@@ -372,11 +395,11 @@ class RayExecutor:
     # -- routing -----------------------------------------------------------------------------------
 
     def _route(self, cell: Cell) -> _Slot:
-        index = self._affinity.get(cell.affinity)
-        if index is None:
-            index = min(self.slots, key=lambda s: (len(s.queue) + s.inflight, s.index)).index
-            self._affinity[cell.affinity] = index
-        return self.slots[index]
+        slot = self._affinity.get(cell.affinity)
+        if slot is None or slot not in self.slots:
+            slot = min(self.slots, key=lambda s: (len(s.queue) + s.inflight, s.index))
+            self._affinity[cell.affinity] = slot
+        return slot
 
     def _steal_for(self, idle: _Slot) -> None:
         victim = max(self.slots, key=lambda s: len(s.queue))
@@ -460,6 +483,18 @@ class RayExecutor:
             import_ray().kill(slot.actor)
         slot.generation += 1
         self._spawn(slot)
+        if not self._await_ready([slot]):  # no room for a replacement (its machine is gone): the others go on
+            with contextlib.suppress(Exception):
+                import_ray().kill(slot.actor)
+            self.slots.remove(slot)
+            if not self.slots:
+                raise LoomError(f"every Ray worker died (last: {gone}) and none could be started again within "
+                                f"{START_TIMEOUT:.0f} s.", kind="ray_workers_lost",
+                                fix="check the cluster (ray status) and the workers' logs")
+            lost += list(slot.queue)
+            lost.sort(key=lambda item: self._order[item[0].index])
+            slot.queue.clear()
+            slot = min(self.slots, key=lambda s: (len(s.queue) + s.inflight, s.index))
         for lost_cell, lost_blobs in reversed(lost):
             tries[lost_cell.index] = tries.get(lost_cell.index, 0) + 1
             if tries[lost_cell.index] >= MAX_TRIES:

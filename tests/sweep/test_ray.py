@@ -188,3 +188,17 @@ def test_files_reach_a_worker_whose_folders_lack_them(shared, local, tmp_path):
     assert (base / "model_index.json").is_file() and (base / "unet").is_dir(), "the base folder, whole"
     assert not (tmp_path / "worker-loras").exists() and not (tmp_path / "worker-models").exists(), (
         "the worker's own folders are left alone")
+
+
+def test_more_workers_than_the_cluster_has_room_for_is_an_error_not_a_hang(shared, rt, monkeypatch):
+    from loraloom.graph_runtime import LoomError
+    from loraloom.sweep import ray_executor
+
+    shared.close_actors()
+    monkeypatch.setattr(ray_executor, "START_TIMEOUT", 5.0)
+    ex = RayExecutor(workers=3, threads=1)  # one CPU each, on a cluster of two
+    with pytest.raises(LoomError) as info:
+        ex.start(SweepJob.from_runtime(rt))
+    # how many of the two that fit started within 5 s depends on the machine's load; the third never can
+    assert info.value.kind == "ray_workers_pending" and "of 3 Ray workers started" in str(info.value), str(info.value)
+    assert not ex.slots, "the workers that did start are ended"
