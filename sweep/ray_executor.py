@@ -11,8 +11,9 @@ Files: the LoRA files and base files/folders a cell names are checked on the wor
 (SHA-256, the runtime's file fingerprint). A worker whose folders hold the same content under the
 same name (a shared disk, or copies) uses them as they are; otherwise it asks for them, and the
 driver sends their bytes through Ray's object store, put there once per content. The worker writes
-them once into a cache folder (``<lora cache>/…/.loraloom-shipped/<digest>/<name>``, renamed into
-place whole, then checked against the digest) and runs the cell with the names rewritten there.
+them once (under its cache folder's ``loras/``, bases under its models folder, in
+``.loraloom-shipped/<digest>/<name>``; written aside, checked against the digest, renamed into place
+whole) and runs the cell with the names rewritten to those copies.
 """
 
 from __future__ import annotations
@@ -172,7 +173,6 @@ class Worker:
             self.cache = Path(cache_dir) if cache_dir else user_cache_root() / "ray-files"
             self.folders = worker_folders(job.folders, self.cache)
             self.runtime = job.with_folders(self.folders).build_runtime()
-            self.names: dict[str, str] = {}  # digest -> the name this worker uses
         except Exception as exc:  # noqa: BLE001 - kept for ready(), which re-raises it in the driver
             self.error = exc
 
@@ -204,20 +204,18 @@ class Worker:
         return self.cache / "loras" if kind == "loras" else self.folders.models_dir
 
     def _local_name(self, ref: FileRef, blobs: dict) -> str | None:
-        if ref.digest in self.names:
-            return self.names[ref.digest]
+        # checked for every cell: a fingerprint is remembered per file state, so this is a stat when
+        # nothing changed, and a file replaced on this machine since is never taken for the driver's
         for name in (ref.name, ref.shipped_name):
             try:
                 path = self.folders.find(ref.kind, name)
             except PathError:
                 continue
             if file_fingerprint(path) == ref.digest:
-                self.names[ref.digest] = name
                 return name
         if not all(digest in blobs for _, digest in ref.parts):
             return None
         self._materialise(ref, blobs)
-        self.names[ref.digest] = ref.shipped_name
         return ref.shipped_name
 
     def _materialise(self, ref: FileRef, blobs: dict) -> None:
@@ -229,8 +227,14 @@ class Worker:
         try:
             for rel, digest in ref.parts:
                 path = target / rel if rel else target
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(ray.get(blobs[digest]))
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(ray.get(blobs[digest]))
+                except OSError as exc:
+                    raise LoomError(f"worker {self.name} cannot write its copy of {ref.kind} {ref.name!r}: "
+                                    f"{exc.strerror or exc}.", file=path, kind="ship_failed",
+                                    fix="free space or grant write access in the worker's cache folder "
+                                        "(RayExecutor's cache_dir)") from None
             if file_fingerprint(target) != ref.digest:
                 raise LoomError(f"the copy of {ref.kind} {ref.name!r} shipped to worker {self.name} does not have "
                                 f"the content the driver hashed ({ref.digest}).", file=ref.name, value=ref.digest,
@@ -463,7 +467,7 @@ class RayExecutor:
                         raise LoomError(f"worker {slot.name} could not take the files of cell {cell.index} it was "
                                         "sent.", value=list(out.digests), kind="ship_failed",
                                         fix="check the worker's cache folder (free space, permissions)")
-                    slot.queue.appendleft((cell, self._ship(files[cell.index], out.digests, blobs)))
+                    self._requeue(slot, [(cell, self._ship(files[cell.index], out.digests, blobs))])
                 else:
                     yield out
         if self._interrupted:
@@ -471,31 +475,36 @@ class RayExecutor:
                 slot.queue.clear()
             raise Interrupted()
 
+    def _requeue(self, slot: _Slot, items: list) -> None:
+        """Put (cell, blobs) items back on ``slot``'s queue, which stays in the planner's order."""
+        slot.queue = deque(sorted([*slot.queue, *items], key=lambda item: self._order[item[0].index]))
+
     def _lost(self, slot: _Slot, cell: Cell, blobs: dict, inflight: dict, tries: dict) -> Iterator[CellResult]:
-        """``slot``'s actor died: a replacement takes its unfinished cells (each up to MAX_TRIES)."""
-        lost = [(cell, blobs)] + [(c, b) for r, (s, c, b) in list(inflight.items()) if s is slot]
+        """``slot``'s actor died: its cells in flight (each up to MAX_TRIES times) and queued go to a
+        replacement, or to the other workers where no replacement can start."""
+        ray = import_ray()
+        died = [(cell, blobs)] + [(c, b) for r, (s, c, b) in inflight.items() if s is slot]
         for ref in [r for r, (s, _, _) in inflight.items() if s is slot]:
             del inflight[ref]
         slot.inflight = 0
-        lost.sort(key=lambda item: self._order[item[0].index])  # the planner's order
         gone = slot.name
         with contextlib.suppress(Exception):  # dead already, or only unreachable: it must not run on
-            import_ray().kill(slot.actor)
+            ray.kill(slot.actor)
         slot.generation += 1
         self._spawn(slot)
+        target = slot
         if not self._await_ready([slot]):  # no room for a replacement (its machine is gone): the others go on
             with contextlib.suppress(Exception):
-                import_ray().kill(slot.actor)
+                ray.kill(slot.actor)
             self.slots.remove(slot)
             if not self.slots:
                 raise LoomError(f"every Ray worker died (last: {gone}) and none could be started again within "
                                 f"{START_TIMEOUT:.0f} s.", kind="ray_workers_lost",
                                 fix="check the cluster (ray status) and the workers' logs")
-            lost += list(slot.queue)
-            lost.sort(key=lambda item: self._order[item[0].index])
-            slot.queue.clear()
-            slot = min(self.slots, key=lambda s: (len(s.queue) + s.inflight, s.index))
-        for lost_cell, lost_blobs in reversed(lost):
+            target = min(self.slots, key=lambda s: (len(s.queue) + s.inflight, s.index))
+            self._requeue(target, list(slot.queue))
+        retry = []
+        for lost_cell, lost_blobs in died:
             tries[lost_cell.index] = tries.get(lost_cell.index, 0) + 1
             if tries[lost_cell.index] >= MAX_TRIES:
                 error = LoomError(f"the Ray worker running this cell died {MAX_TRIES} times (last: {gone}).",
@@ -503,7 +512,8 @@ class RayExecutor:
                                   fix="check the workers' memory and logs (ray logs)")
                 yield CellResult(lost_cell.index, error=error.to_json(), worker=gone)
             else:
-                slot.queue.appendleft((lost_cell, lost_blobs))
+                retry.append((lost_cell, lost_blobs))
+        self._requeue(target, retry)
 
     def _ship(self, refs: list[FileRef], digests: tuple[str, ...], blobs: dict) -> dict:
         """``blobs`` plus the object-store references of every part of the files named by ``digests``."""
