@@ -164,6 +164,7 @@ class Worker:
     def __init__(self, job: SweepJob, name: str, cache_dir: str | None = None, threads: int | None = None):
         self.name = name
         self.error = None
+        self.stopped = -1  # the last of the driver's runs interrupted
         try:
             if threads:
                 import torch
@@ -182,11 +183,15 @@ class Worker:
             raise self.error
         return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid()}
 
-    def interrupt(self) -> None:
-        """Stop the running cell at its next node, step or layer boundary."""
+    def interrupt(self, run: int) -> None:
+        """Stop the driver's ``run``: the running cell at its next node, step or layer boundary, and
+        the cells of that run already sent here before they start."""
+        self.stopped = max(self.stopped, run)
         self.runtime.interrupt()
 
-    def run(self, cell: Cell, files: list[FileRef], blobs: dict) -> CellResult | NeedFiles:
+    def run(self, cell: Cell, files: list[FileRef], blobs: dict, run: int = 0) -> CellResult | NeedFiles:
+        if run <= self.stopped:
+            raise Interrupted()
         renames, missing = {}, []
         for ref in files:
             name = self._local_name(ref, blobs)
@@ -322,6 +327,7 @@ class RayExecutor:
         self._blobs: dict[str, object] = {}  # part digest -> its bytes in the object store
         self._affinity: dict[str, _Slot] = {}  # affinity -> the worker that has its state
         self._interrupted = False
+        self._run = 0
         self._order: dict[int, int] = {}
 
     # -- cluster and actors -------------------------------------------------------------------------
@@ -330,13 +336,11 @@ class RayExecutor:
         ray = import_ray()
         if not ray.is_initialized():
             if self.address is None:
-                # Workers import the very package this driver runs (a checkout on PYTHONPATH included).
-                package_parent = str(Path(__file__).resolve().parents[2])
-                path = os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-                # quiet: Ray's start-up notices are not the sweep's output (its errors still raise)
+                # Its workers inherit this process's environment, PYTHONPATH included, so they import the
+                # package this driver runs (a checkout too). Quiet: Ray's start-up notices are not the
+                # sweep's output (its errors still raise).
                 ray.init(num_cpus=self.local_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                         include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                         runtime_env={"env_vars": {"PYTHONPATH": path}})
+                         include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
             else:
                 ray.init(address=self.address)
             self._started_ray = True
@@ -422,6 +426,7 @@ class RayExecutor:
 
         self.start(job)
         self._interrupted = False
+        self._run += 1  # numbers this run's cells: an interrupt stops those already sent, not later runs'
         if self.interrupt_flag is not None:
             self.interrupt_flag.clear()  # as a run clears it: only an interrupt asked from now on counts
         load_node_modules(list(job.node_modules))
@@ -442,7 +447,7 @@ class RayExecutor:
                         self._steal_for(slot)
                     while slot.queue and slot.inflight < DEPTH:
                         cell, blobs = slot.queue.popleft()
-                        ref = slot.actor.run.remote(cell, files[cell.index], blobs)
+                        ref = slot.actor.run.remote(cell, files[cell.index], blobs, self._run)
                         inflight[ref] = (slot, cell, blobs)
                         slot.inflight += 1
             elif not inflight:
@@ -536,7 +541,7 @@ class RayExecutor:
         ``Interrupted`` after yielding what finished."""
         self._interrupted = True
         for slot in self.slots:
-            slot.actor.interrupt.options(concurrency_group="control").remote()
+            slot.actor.interrupt.options(concurrency_group="control").remote(self._run)
 
     def close_actors(self) -> None:
         """End the actors (their runtimes and model pools go with them)."""

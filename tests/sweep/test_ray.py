@@ -202,3 +202,21 @@ def test_more_workers_than_the_cluster_has_room_for_is_an_error_not_a_hang(share
     # how many of the two that fit started within 5 s depends on the machine's load; the third never can
     assert info.value.kind == "ray_workers_pending" and "of 3 Ray workers started" in str(info.value), str(info.value)
     assert not ex.slots, "the workers that did start are ended"
+
+
+def test_cli_sweep_ray_starts_its_own_local_instance(tmp_path):
+    """`loraloom sweep ... --ray` in a fresh process: it starts a Ray instance (whose workers import this
+    checkout through the inherited environment), writes the sweep and says nothing of Ray."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "loraloom.cli", "sweep", str(WORKFLOW), "--set", "5.steps=2",
+                           "--set", "5.width=64", "--set", "5.height=64", "--axis", "4.weight=0,1", "--ray",
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ray" not in proc.stderr.lower(), f"Ray's own notices reached the user: {proc.stderr}"
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == [0, 1] and {r["worker"][:4] for r in records} == {"ray-"}
