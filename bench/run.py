@@ -7,7 +7,7 @@ reference, target and PASS / MISS.
 Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime, 7 checks,
 8 disk, 9 baseload, 10 first_image, 11 flux_merge,
 12 flux_fuse, 13 flux_loading (the Flux rows: FLUX.1 dev shapes; with --quick the same blocks at a tiny
-width), 15 sweep_ray (skipped without the [ray] extra).
+width), 14 sweep, 15 sweep_ray (skipped without the [ray] extra).
 ``--quick`` (CI, about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods
 svd and cat only, a 64 MiB checkpoint in row 7, the tiny-sdxl preset as a folder in row 9, and skips row 4 (cold torch.compile takes minutes on
 a CPU). It exists to keep the suite working; nothing asserts on timings. Without ``--quick`` the
@@ -69,6 +69,7 @@ ROWS = [
         quick_args=["--quick", "--scales", "flux"]),
     Row(13, "flux_loading", "Flux LoRA reading", "bench_lora_loading.py", full_args=["--arch", "flux", "--rounds", "1"],
         quick_args=["--quick", "--arch", "flux"], threads_flag=False),
+    Row(14, "sweep", "Sweep", "bench_sweep.py"),
     # skipped, with a line saying so, where Ray is not installed (it is the optional extra [ray])
     Row(15, "sweep_ray", "Sweeps on Ray", "bench_sweep_ray.py"),
 ]
@@ -388,6 +389,26 @@ def lines_disk(f: dict) -> list:
     ]
 
 
+def lines_sweep(f: dict) -> list:
+    ours, naive, one = f["sweep"], f["naive"], f["one_process"]
+    grid = f"{f['grid']}x{f['grid']}"
+
+    def runs(part: dict) -> str:
+        return ", ".join(str(part["executions"].get(node, 0)) for node in ("1", "2", "3", "4", "5"))
+
+    return [
+        (f"{grid} weight grid: naive fresh `run`s / one sweep", _fmt(ours["wall_s"], "s"), _fmt(naive["wall_s"], "s"),
+         f"{f['naive_vs_sweep']:.3g}x faster", INFO, INFO),
+        (f"{grid} weight grid: {f['cells']} Runtime.run in one process / sweep", _fmt(ours["wall_s"], "s"),
+         _fmt(one["wall_s"], "s"), _fmt(f["one_process_vs_sweep"], "x"), INFO, INFO),
+        ("runs of LoadBase, LoadLoRA x2, WeightedBlend, Sample", runs(ours), f"naive {runs(naive)}",
+         f"{ours['loads']} base load(s)", "1, 1, 1, cells, cells",
+         PASS if runs(ours) == f"1, 1, 1, {f['cells']}, {f['cells']}" else MISS),
+        ("layers re-patched: sweep / one process", str(ours["patched_layers"]), str(one["patched_layers"]),
+         _fmt(ours["patched_layers"] / one["patched_layers"], "x") if one["patched_layers"] else "n/a", INFO, INFO),
+    ]
+
+
 def lines_first_image(f: dict) -> list:
     out = []
     floor = f"import torch+diffusers+transformers+peft {_fmt(f['floor_s'], 's')}"
@@ -426,7 +447,8 @@ def lines_sweep_ray(f: dict) -> list:
 
 SUMMARIES = {"edit": lines_edit, "merge": lines_merge, "flux_merge": lines_merge, "fuse": lines_fuse, "flux_fuse": lines_fuse, "flux_loading": lines_flux_loading, "compile": lines_compile,
              "loading": lines_loading, "runtime": lines_runtime, "checks": lines_checks, "disk": lines_disk,
-             "baseload": lines_baseload, "first_image": lines_first_image, "sweep_ray": lines_sweep_ray}
+             "baseload": lines_baseload, "first_image": lines_first_image, "sweep": lines_sweep,
+             "sweep_ray": lines_sweep_ray}
 
 
 def table(results: dict, quick: bool = False) -> str:
@@ -462,7 +484,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="small versions of every row, row 4 skipped (CI, ~2 min)")
     parser.add_argument("--only", help="comma-separated rows (numbers or names: edit, merge, fuse, compile, loading, runtime, "
-                        "checks, disk, baseload, first_image, flux_merge, flux_fuse, flux_loading, sweep_ray)")
+                        "checks, disk, baseload, first_image, flux_merge, flux_fuse, flux_loading, sweep, sweep_ray)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every row (default: %(default)s; "
                         "0: torch's own choice)")
     parser.add_argument("--json", help="write every figure, the table and the machine here")

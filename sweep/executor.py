@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol
 
-from ..graph_runtime import Folders, Limits, Runtime
+from ..graph_runtime import Folders, Interrupted, Limits, Runtime
 from ..nodes import load_node_modules, registry
 from .cell import Cell, CellResult, run_cell
 
@@ -78,7 +78,12 @@ class LocalExecutor:
     def run(self, cells: list[Cell], job: SweepJob) -> Iterator[CellResult]:
         if self.runtime is None:
             self.runtime = job.build_runtime()
-        for cell in cells:
+        for i, cell in enumerate(cells):
+            # An interrupt asked for after a cell's run started and not seen by it would be cleared by the
+            # next cell's run: honour it here. (Before the first cell a set flag is a stale one, of an
+            # earlier run: the first run clears it.)
+            if i and self.runtime.interrupt_flag.is_set():
+                raise Interrupted()
             yield run_cell(self.runtime, cell, worker=self.name, on_event=self.on_event)
 
     def interrupt(self) -> None:

@@ -20,7 +20,7 @@ from ..graph_runtime import LoomError, Runtime, ValidationError, WorkflowError
 from ..graph_runtime.graph import ValidPrompt, validate_prompt
 from ..graph_runtime.jsonio import loads_strict
 from ..graph_runtime.workflow import apply_overrides, is_link
-from ..nodes.common import LORA, MODEL
+from ..nodes.common import IMAGE, LORA, MODEL
 from .cell import REPORT_NODES, Cell, image_sources
 
 SEED_AXIS = "seed"
@@ -183,18 +183,23 @@ def _columns(item) -> dict[str, list]:
     if isinstance(item, str):
         return dict([parse_axis(item)])
     if isinstance(item, Mapping):
-        return {str(k): (list(v) if isinstance(v, (list, tuple)) else parse_axis(f"{k}={v}")[1]) for k, v in item.items()}
+        # a value list, or one value / "V1,V2" text read as the command line reads it
+        return {str(k): list(v) if isinstance(v, (list, tuple)) else parse_axis(f"{k}={v}")[1]
+                for k, v in item.items()}
     if isinstance(item, (list, tuple)) and all(isinstance(i, str) for i in item):
         return dict(parse_axis(i) for i in item)
     raise _axis_error(f"axis {item!r}: expected 'NODE_ID.INPUT=V1,V2' or {{'NODE_ID.INPUT': [values]}}", value=item)
 
 
 def seed_targets(prompt: dict, registry) -> list[str]:
-    """Every seed input the workflow sets as a value (``NODE_ID.seed`` of each Sample, ...)."""
+    """The seed inputs of the workflow's samplers (nodes with an IMAGE output), set as values: each
+    Sample's ``seed``. Other seeds (a DARE merge's) are the graph's own: an axis names them."""
     out = []
     for nid, node in prompt.items():
         cls = registry.get(node["class_type"])
-        for inp in cls.SCHEMA.widgets if cls is not None else ():
+        if cls is None or all(o.type != IMAGE for o in cls.SCHEMA.outputs):
+            continue
+        for inp in cls.SCHEMA.widgets:
             if inp.seed_named and not is_link(node["inputs"].get(inp.name)):
                 out.append(f"{nid}.{inp.name}")
     return out
@@ -205,6 +210,12 @@ def build_spec(prompt: dict, registry, axes=(), zip: Iterable = (), seeds=None) 
     list of ``"4.weight=0,0.5"`` strings and dicts, a dict of several keys being one zipped axis), then
     ``zip`` (zipped axes, each a dict or a list of strings), then ``seeds`` (a list, or ``"1,2,3"``):
     one axis setting every seed input of the workflow. Values given as text are typed by the schema."""
+    for what, given in (("axes", axes), ("zip", zip)):
+        if not isinstance(given, (Mapping, list, tuple)) or (what == "zip" and isinstance(given, Mapping)):
+            raise _axis_error(f"{what}: expected a list of axes{' or a dict' if what == 'axes' else ''}, not "
+                              f"{type(given).__name__}", what, given)
+    if seeds is not None and not isinstance(seeds, (str, list, tuple)):
+        raise _axis_error(f"seeds: expected a list or '1,2,3', not {type(seeds).__name__}", SEED_AXIS, seeds)
     items = [{k: v} for k, v in axes.items()] if isinstance(axes, Mapping) else list(axes)
     built = [_axis(prompt, registry, _columns(item)) for item in items]
     built += [_axis(prompt, registry, _columns(item)) for item in zip]
@@ -307,20 +318,28 @@ def _affinity(valid: ValidPrompt, keys: dict[str, str], registry) -> str:
 
 
 def run_order(cells: list[Cell], state: dict[int, set[str]]) -> list[int]:
-    """Cell indices, cells of one affinity next to each other (in row-major order among themselves), and
-    each next group the one sharing the most model-state keys with the group before (ties: the earlier):
+    """Cell indices: cells of one affinity next to each other (in row-major order among themselves), and
+    each next group the one sharing the most model-state keys with the group before, then the most input
+    values (so a weight grid runs as a snake, one value changing at a time; ties: the earlier group):
     what changes from one group to the next is as little as the grid allows."""
     groups: dict[str, list[int]] = {}
     for cell in cells:
         groups.setdefault(cell.affinity, []).append(cell.index)
-    left = list(groups)
+    first = {a: next(c for c in cells if c.index == members[0]) for a, members in groups.items()}
+    position = {a: n for n, a in enumerate(groups)}
+    left = set(groups)
     order: list[int] = []
-    current: set[str] = set()
+    keys: set[str] = set()
+    values: dict = {}
     while left:
-        best = max(left, key=lambda a: (len(state[groups[a][0]] & current), -left.index(a)))
+        def closeness(a):
+            same = sum(1 for k, v in first[a].overrides.items() if k in values and values[k] == v)
+            return len(state.get(groups[a][0], set()) & keys), same, -position[a]
+
+        best = max(left, key=closeness)
         left.remove(best)
         order += groups[best]
-        current = state[groups[best][0]]
+        keys, values = state.get(groups[best][0], set()), first[best].overrides
     return order
 
 

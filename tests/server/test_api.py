@@ -465,3 +465,5 @@ async def test_a_sweep_with_bad_cells_is_refused_naming_each(serve, helpers):
         resp = await server.client.post("/api/loraloom/sweep", json={"prompt": helpers.image_prompt(),
                                                                       "axes": ["9.value=1"]})
         assert resp.status == 400 and "no node 9" in (await resp.json())["error"]["details"]
+        resp = await server.client.post("/api/loraloom/sweep", json={"prompt": helpers.image_prompt(), "axes": 5})
+        assert resp.status == 400 and "expected a list of axes" in (await resp.json())["error"]["details"]

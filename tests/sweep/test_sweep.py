@@ -99,6 +99,27 @@ def test_zipped_axes_move_together_and_text_is_typed_by_the_schema(rt):
     assert planned.cells[3].prompt["4"]["inputs"]["weight_2"] == 0.5
 
 
+def test_the_run_order_changes_one_value_at_a_time(rt):
+    planned = plan(rt, tiny_prompt(), build_spec(tiny_prompt(), rt.registry, ["4.weight=0,0.5,1", "4.weight_2=0,0.5,1"],
+                                                   seeds=[1, 2]))
+    cells = [planned.cells[i] for i in planned.order]
+    for a, b in zip(cells, cells[1:]):
+        weights = [k for k in ("4.weight", "4.weight_2") if a.overrides[k] != b.overrides[k]]
+        assert len(weights) <= 1, f"one weight changes at a time: {a.overrides} -> {b.overrides}"
+        assert (not weights) == (a.affinity == b.affinity), "cells of one model state run together"
+
+
+def test_merge_cells_carry_their_report_and_seeds_are_the_samplers(rt):
+    prompt = json.loads((WORKFLOW.parent / "merge_dare_api.json").read_text())
+    prompt["7"]["inputs"].update(steps=2, width=64, height=64)
+    result = rt.sweep(prompt, {"4.density": [0.3, 0.7]}, seeds=[1, 2])
+    assert result.plan.spec.axes[1].targets == ("7.seed",), "the sampler's seed, not the DARE merge's"
+    assert not result.failed and result.executions()["4"] == 2, "one merge per density, shared by both seeds"
+    for record in result.records.values():
+        assert record.reports["4"].startswith("merge dare_linear: "), "the exactness report, per cell"
+    assert not (rt.folders.output_dir / "loras").exists(), "SaveLoRA is no image source: it did not run"
+
+
 def test_every_cell_is_validated_before_anything_runs(rt):
     with pytest.raises(SweepValidationError) as caught:
         rt.sweep(tiny_prompt(), ["4.weight=0.5,abc,xyz"], out=rt.folders.output_dir / "bad")
@@ -149,6 +170,14 @@ def test_an_interrupted_sweep_keeps_its_finished_cells_and_resumes(tmp_path):
     (out,) = (tmp_path / "sweeps").iterdir()
     lines = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
     assert [line["index"] for line in lines] == [0, 1], "the finished cells are kept"
+
+    def interrupt_between_cells(record, done, total):
+        rt.interrupt()  # after cell 2 finished, before the next starts: the next must not run
+
+    with pytest.raises(Interrupted):
+        rt.sweep(tiny_prompt(), {"4.weight": [0.1, 0.2, 0.3, 0.4]}, on_cell=interrupt_between_cells)
+    (other,) = set((tmp_path / "sweeps").iterdir()) - {out}
+    assert len((other / MANIFEST).read_text().splitlines()) == 1
 
     # a cell whose file no longer matches its recorded hash is not finished: it runs again
     (out / lines[0]["files"][0]["path"]).write_bytes(b"not the png")
