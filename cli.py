@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override an input in every cell; VALUE as in `run`")
     sweep.add_argument("--out", metavar="DIR", help="the sweep's folder (default OUTPUT/sweeps/<workflow>-<hash>)")
     sweep.add_argument("--no-resume", action="store_true", help="run every cell, also those finished before")
+    sweep.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run the cells on a Ray cluster: "
+                       "ADDRESS (auto, HOST:6379, ray://HOST:10001), or a local one started here (needs loraloom[ray])")
     sweep.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     sweep.add_argument("--cache-bytes", type=_whole(0), metavar="N", help="byte budget of the result cache")
     _folder_args(sweep)
@@ -176,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also accept this host name in requests' Host header (repeatable)")
     serve.add_argument("--user-dir", metavar="DIR", help="settings, saved workflows, queue and history (else "
                                                          "LORALOOM_USER_DIR, else ~/.local/share/loraloom)")
+    serve.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run queued sweeps' cells on a Ray "
+                       "cluster: ADDRESS, or a local one started here (needs loraloom[ray])")
     serve.add_argument("--cache-bytes", type=_whole(0), metavar="N", help="byte budget of the result cache")
     serve.add_argument("--max-connections", type=_whole(1), metavar="N",
                        help="open connections at most (the oldest idle one is closed for a new one)")
@@ -558,7 +562,8 @@ def cmd_serve(args) -> int:
                           user_dir=Path(args.user_dir) if args.user_dir else None,
                           limits=Limits(**{name: getattr(args, name) for name in ("header_timeout", "body_timeout",
                                                                                   "max_connections")
-                                           if getattr(args, name) is not None}))
+                                           if getattr(args, name) is not None}),
+                          **({"sweep_executor": "ray", "ray_address": args.ray or None} if args.ray is not None else {}))
     extra = {"cache_bytes": args.cache_bytes} if args.cache_bytes is not None else {}
     extra.update(_disk_cache_kwargs(args))
     try:

@@ -7,7 +7,7 @@ reference, target and PASS / MISS.
 Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime, 7 checks,
 8 disk, 9 baseload, 10 first_image, 11 flux_merge,
 12 flux_fuse, 13 flux_loading (the Flux rows: FLUX.1 dev shapes; with --quick the same blocks at a tiny
-width), 14 sweep.
+width), 14 sweep, 15 sweep_ray (skipped without the [ray] extra).
 ``--quick`` (CI, about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods
 svd and cat only, a 64 MiB checkpoint in row 7, the tiny-sdxl preset as a folder in row 9, and skips row 4 (cold torch.compile takes minutes on
 a CPU). It exists to keep the suite working; nothing asserts on timings. Without ``--quick`` the
@@ -70,6 +70,8 @@ ROWS = [
     Row(13, "flux_loading", "Flux LoRA reading", "bench_lora_loading.py", full_args=["--arch", "flux", "--rounds", "1"],
         quick_args=["--quick", "--arch", "flux"], threads_flag=False),
     Row(14, "sweep", "Sweep", "bench_sweep.py"),
+    # skipped, with a line saying so, where Ray is not installed (it is the optional extra [ray])
+    Row(15, "sweep_ray", "Sweeps on Ray", "bench_sweep_ray.py"),
 ]
 
 PASS, MISS, INFO = "PASS", "MISS", "-"
@@ -435,9 +437,26 @@ def lines_first_image(f: dict) -> list:
     return out
 
 
+def lines_sweep_ray(f: dict) -> list:
+    if "skipped" in f:
+        return [(f"skipped: {f['skipped']}", "", "", "", INFO, INFO)]
+    grid = f"{f['grid']} weight grid"
+    return [
+        (f"{grid}, cold: 2 Ray workers vs one process", _fmt(f["ray_cold_s"], "s"), _fmt(f["local_cold_s"], "s"),
+         f"{f['cold_ratio']:.2f}x throughput", INFO, INFO),
+        (f"{grid}, warm: 2 Ray workers vs one process", _fmt(f["ray_warm_s"], "s"), _fmt(f["local_warm_s"], "s"),
+         f"{f['warm_ratio']:.2f}x throughput", INFO, INFO),
+        ("a cell's routing + return (cached cell sent alone)", f"{f['route_and_return_ms']:.3g} ms",
+         f"the cell locally {f['cached_cell_local_ms']:.3g} ms", f"{f['image_bytes']} B image", INFO, INFO),
+        ("images identical to the local run", str(f["identical_images"]), f"{f['cells']} cells",
+         f"{f['identical_images']}/{f['cells']}", "all", PASS if f["identical_images"] == f["cells"] else MISS),
+    ]
+
+
 SUMMARIES = {"edit": lines_edit, "merge": lines_merge, "flux_merge": lines_merge, "fuse": lines_fuse, "flux_fuse": lines_fuse, "flux_loading": lines_flux_loading, "compile": lines_compile,
              "loading": lines_loading, "runtime": lines_runtime, "checks": lines_checks, "disk": lines_disk,
-             "baseload": lines_baseload, "first_image": lines_first_image, "sweep": lines_sweep}
+             "baseload": lines_baseload, "first_image": lines_first_image, "sweep": lines_sweep,
+             "sweep_ray": lines_sweep_ray}
 
 
 def table(results: dict, quick: bool = False) -> str:
@@ -473,7 +492,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="small versions of every row, row 4 skipped (CI, ~2 min)")
     parser.add_argument("--only", help="comma-separated rows (numbers or names: edit, merge, fuse, compile, loading, runtime, "
-                        "checks, disk, baseload, first_image, flux_merge, flux_fuse, flux_loading, sweep)")
+                        "checks, disk, baseload, first_image, flux_merge, flux_fuse, flux_loading, sweep, sweep_ray)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every row (default: %(default)s; "
                         "0: torch's own choice)")
     parser.add_argument("--json", help="write every figure, the table and the machine here")

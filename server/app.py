@@ -47,6 +47,10 @@ class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     limits: Limits = field(default_factory=Limits)
     argv: Sequence[str] | None = None  # the command line /system_stats reports; None: sys.argv
+    # where queued sweeps run their cells: "local" (this runtime) or "ray" (actors on a Ray cluster at
+    # ray_address; None: a local Ray instance), kept across sweeps so the actors stay warm
+    sweep_executor: str = "local"
+    ray_address: str | None = None
 
 
 @dataclass
@@ -175,7 +179,7 @@ def create_app(runtime, config: ServerConfig | None = None) -> web.Application:
         log.warning("marked %d prompt(s) that were running when the server stopped as interrupted", len(recovered))
     features = {"supports_preview_metadata": False, "max_upload_size": config.max_body_bytes}
     hub = Hub(status=lambda: {"exec_info": {"queue_remaining": store.remaining()}}, features=features)
-    worker = Worker(runtime, store, hub)
+    worker = Worker(runtime, store, hub, sweep_executor=config.sweep_executor, ray_address=config.ray_address)
     state = ServerState(runtime, store, worker, hub, userdata, frontend_dir, user_dir, features, lock,
                         argv=reported_argv(sys.argv if config.argv is None else config.argv, config.token))
 

@@ -105,10 +105,14 @@ class _Run:
 class Worker:
     """Runs prompts from ``store`` one at a time on ``runtime``, in its own thread."""
 
-    def __init__(self, runtime, store: PromptStore, hub: Hub):
+    def __init__(self, runtime, store: PromptStore, hub: Hub, sweep_executor: str = "local",
+                 ray_address: str | None = None):
         self.runtime = runtime
         self.store = store
         self.hub = hub
+        self.sweep_executor = sweep_executor
+        self.ray_address = ray_address
+        self._remote = None  # the sweeps' remote executor (Ray), made once: its workers stay warm
         self._lock = threading.Lock()  # the running id and its cancel flag; claiming; cancelling
         self._current: str | None = None
         self._cancel = False
@@ -133,6 +137,8 @@ class Worker:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._remote is not None:
+            self._remote.close()
 
     def notify(self) -> None:
         """Something was queued (or memory should be freed): wake the worker."""
@@ -258,6 +264,13 @@ class Worker:
         self.hub.publish("executing", {"node": None, "display_node": None, "prompt_id": item.prompt_id}, run.sid)
         self.hub.publish_status()
 
+    def _remote_executor(self):
+        from ..sweep.driver import make_executor
+
+        if self._remote is None:
+            self._remote = make_executor(self.sweep_executor, self.runtime, self.ray_address)
+        return self._remote
+
     def _sweep(self, workflow: Workflow, definition: dict, run: _Run, on_event) -> dict:
         """Run a queued sweep on this runtime (resuming one run before); its outputs for the history:
         ``{"sweep": {"images": grids, "cells": cell images, "manifest": [...], "failed": [indices]}}``."""
@@ -289,9 +302,30 @@ class Worker:
                                              "images": [ref(out / f["path"]) for f in record.files],
                                              "error": record.error}, record=True)
 
-        result = run_sweep(self.runtime, planned, out, executor=LocalExecutor(self.runtime, on_event=on_cell_event),
-                           on_cell=on_cell)
+        if self.sweep_executor == "local":
+            executor = LocalExecutor(self.runtime, on_event=on_cell_event)
+        else:  # the workers send no node events: the sweep's start, once, here
+            on_event({"event": "execution_start"})
+            executor = _KeptOpen(self._remote_executor())
+        result = run_sweep(self.runtime, planned, out, executor=executor, on_cell=on_cell)
         return {"sweep": {"images": [ref(g) for g in result.grids],
                           "cells": [ref(out / f["path"]) for i in sorted(result.records)
                                     for f in result.records[i].files],
                           "manifest": [ref(out / MANIFEST)], "failed": result.failed}}
+
+
+class _KeptOpen:
+    """An executor lent to one sweep: the sweep's ``close()`` leaves it open (the server closes it
+    when it stops), so its workers keep their warm models for the next sweep."""
+
+    def __init__(self, executor):
+        self.executor = executor
+
+    def run(self, cells, job):
+        return self.executor.run(cells, job)
+
+    def interrupt(self) -> None:
+        self.executor.interrupt()
+
+    def close(self) -> None:
+        pass

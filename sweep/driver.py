@@ -64,7 +64,7 @@ def make_executor(name: str, runtime: Runtime, address: str | None = None, on_ev
     if name == "ray":
         from .ray_executor import RayExecutor  # optional: imports ray
 
-        return RayExecutor(address=address)
+        return RayExecutor(address=address, interrupt_flag=runtime.interrupt_flag)  # Ctrl-C reaches the workers
     raise InputError(f"executor {name!r} is not one of {', '.join(EXECUTORS)}.", input="executor", value=name,
                      limit=list(EXECUTORS), kind="bad_executor")
 

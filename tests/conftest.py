@@ -328,3 +328,16 @@ def dit_files(tmp_path_factory, dit_pipelines):
         spec = base_spec(pipe)
         files.update(write_dit_fixtures(out, spec, spec.arch, name))
     return files
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray instance for the tests of the Ray executor, started once: two CPUs, so two one-CPU
+    worker actors; a small object store. Skips where Ray is not installed (the optional extra [ray])."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed here (pip install 'loraloom[ray]')")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
