@@ -93,3 +93,16 @@ def test_an_axis_outside_the_swept_image_is_named(tmp_path):
     with pytest.raises(Exception) as caught:
         Runtime(output_dir=tmp_path, demo_loras=True).run(prompt)
     assert "node 8 does not feed this node's images" in str(caught.value)
+
+
+@pytest.mark.parametrize("inputs,widget,says", [
+    ({"x_axis": ""}, "y_axis", "y_axis given but x_axis is empty"),
+    ({"x_axis": "", "y_axis": ""}, "x_axis", "no axis"),
+])
+def test_axes_in_order_and_at_least_one(inputs, widget, says):
+    prompt = tiny_prompt()
+    prompt["7"]["inputs"].update(inputs)
+    with pytest.raises(ValidationError) as caught:
+        Runtime(demo_loras=True).validate(prompt)
+    (problem,) = caught.value.node_errors["7"]["errors"]
+    assert problem["extra_info"]["input_name"] == widget and says in problem["details"]
