@@ -39,7 +39,37 @@ def upstream_of(prompt: dict, node_id: str) -> set[str]:
     return seen
 
 
-def _stack(paths: list) -> "object":
+def cell_workflow(prompt: dict, node_id: str, images) -> dict:
+    """The workflow each cell runs: the nodes of ``prompt`` that feed the SweepGrid ``node_id``'s
+    ``images`` link, and a PreviewImage in the SweepGrid's place (its id names the cells' files) showing
+    that image, so a sweep takes it as each cell's image."""
+    source, slot = str(images[0]), int(images[1])
+    cells = {nid: copy.deepcopy(prompt[nid]) for nid in upstream_of(prompt, source)}
+    cells[str(node_id)] = {"class_type": "PreviewImage", "inputs": {"images": [source, slot]}}
+    return cells
+
+
+def axes_of(cells: dict, *texts: str) -> list[list[str]]:
+    """The axes the widgets give (each a list of ``NODE_ID.INPUT=...`` lines, zipped when several), each
+    target checked to be a node of the cell workflow ``cells``: one that does not feed the image is an
+    error naming the widget."""
+    axes = []
+    for name, text in zip(AXES, texts):
+        lines = axis_lines(text)
+        for line in lines:
+            target = parse_axis(line)[0]
+            node_id = target.partition(".")[0]
+            if node_id not in cells or cells[node_id]["class_type"] == "PreviewImage":
+                feeding = ", ".join(sorted(nid for nid, n in cells.items() if n["class_type"] != "PreviewImage"))
+                raise InputError(f"{name} {target}: node {node_id} does not feed this node's images (nodes that "
+                                 f"do: {feeding})", input=name, value=target, kind="axis_not_upstream",
+                                 fix="sweep an input of a node upstream of images")
+        if lines:
+            axes.append(lines)
+    return axes
+
+
+def stack_grids(paths: list):
     """The grid PNGs as one IMAGE batch (float, 0..1), each padded with white to the largest size."""
     import numpy as np
     import torch
@@ -86,14 +116,12 @@ class SweepGrid:
                                                 fix="write NODE_ID.INPUT=V1,V2, e.g. 4.weight=0,0.5,1")
                     break
         seeds = constants.get("seeds")
+        # (no axis at all is said when the node runs: the defaults, all empty, must pass a queue check)
         if isinstance(seeds, str) and seeds.strip():
             try:
                 parse_seeds(seeds)
             except LoomError as exc:
                 problems["seeds"] = InputError(f"{exc}", value=seeds, kind="bad_axis")
-        elif isinstance(seeds, str) and not any(given.values()) and len(given) == len(AXES):
-            problems["x_axis"] = InputError("no axis: the sweep needs x_axis (or seeds)", value="",
-                                            kind="no_axis", fix="write an axis, e.g. 4.weight=0,0.5,1")
         for earlier, later in zip(AXES, AXES[1:]):
             if given.get(later) and given.get(earlier) is False:
                 problems.setdefault(later, InputError(f"{later} given but {earlier} is empty", kind="axis_gap",
@@ -106,29 +134,17 @@ class SweepGrid:
         if runtime is None or not hasattr(runtime, "sweep") or ctx.prompt is None:
             raise LoomError("SweepGrid runs in LoRA Loom's runtime (loraloom run / serve, Runtime) or in ComfyUI",
                             kind="sweep_grid_runtime")
-        source, slot = str(images[0]), int(images[1])
-        upstream = upstream_of(ctx.prompt, source)
-        # the cell workflow: what feeds the image, shown by a PreviewImage in this node's place (its id
-        # names the cells' files), so the sweep takes that image as each cell's
-        prompt = {nid: copy.deepcopy(ctx.prompt[nid]) for nid in upstream}
-        prompt[ctx.node_id] = {"class_type": "PreviewImage", "inputs": {"images": [source, slot]}}
-        axes = [axis_lines(text) for text in (x_axis, y_axis, z_axis) if axis_lines(text)]
-        for name, lines in zip(AXES, axes):
-            for line in lines:
-                target = parse_axis(line)[0]
-                if target.partition(".")[0] not in upstream:
-                    raise InputError(f"{name} {target}: node {target.partition('.')[0]} does not feed this node's "
-                                     f"images (upstream: {', '.join(sorted(upstream))})", input=name, value=target,
-                                     kind="axis_not_upstream", fix="sweep an input of a node upstream of images")
+        prompt = cell_workflow(ctx.prompt, ctx.node_id, images)
+        axes = axes_of(prompt, x_axis, y_axis, z_axis)
         result = runtime.sweep(prompt, axes, seeds=seeds.strip() or None,
                                on_cell=lambda record, done, total: ctx.progress(done, total))
         ok = len(result.records) - len(result.failed)
         if not ok:
             first = result.records[result.failed[0]].error or {}
-            raise LoomError(f"every cell of the sweep failed; cell 0: {first.get('message', first)}",
+            raise LoomError(f"every cell of the sweep failed; cell {result.failed[0]}: {first.get('message', first)}",
                             kind="sweep_failed", fix=f"see {result.out}/manifest.jsonl")
         text = [f"{' x '.join(map(str, result.plan.spec.shape))} grid: {ok} of {len(result.records)} cells "
                 f"in {result.out}"]
         text += [f"cell {i} failed: {(result.records[i].error or {}).get('message', '')}" for i in result.failed]
         return {"ui": {"images": [output_ref(path) for path in result.grids], "text": text},
-                "result": (_stack(result.grids),)}
+                "result": (stack_grids(result.grids),)}
