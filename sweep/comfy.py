@@ -7,9 +7,10 @@ grid with the sweep's own drawing (:mod:`.output`) into the same kind of folder.
 a node by its class, inputs and ancestors, not its id, so the copies of a node that no axis changes
 (LoadBase, LoadLoRA) run once.
 
-What differs from our runtime: axis values are typed by LoRA Loom's node schemas (a value for another
-pack's node, or ComfyUI's own, stays text), the ``seeds`` axis sets LoRA Loom's samplers' seeds, and a
-cell that fails fails the prompt (ComfyUI runs one graph).
+What differs from our runtime: the ``seeds`` axis sets LoRA Loom's samplers' seeds (an axis names
+another sampler's seed), and a cell that fails fails the prompt (ComfyUI runs one graph). Axes may set
+inputs of any node, ComfyUI's own included: a value for a node that is not ours is typed as its
+``INPUT_TYPES`` declares the input.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 
-from ..graph_runtime import Output, String, current_context, is_link, node
+from ..graph_runtime import Input, Output, String, current_context, is_link, node
 from ..graph_runtime.workflow import apply_overrides
 from ..nodes import registry
 from ..nodes.common import CATEGORY, IMAGE, output_ref
@@ -25,7 +26,7 @@ from ..nodes.sweep_grid import SweepGrid, axes_of, cell_workflow, stack_grids
 from .cell import Cell, CellResult, image_sources, to_uint8
 from .driver import default_out
 from .output import SweepFolder
-from .spec import SweepPlan, SweepSpec, build_spec
+from .spec import Axis, SweepPlan, SweepSpec, build_spec, typed
 
 CELL_INPUT = "cell_{}"
 
@@ -45,6 +46,7 @@ class ComfySweepGrid(SweepGrid):
         uid = str(unique_id)
         cells = cell_workflow(prompt, uid, images)
         spec = build_spec(cells, registry(), axes_of(cells, x_axis, y_axis, z_axis), seeds=seeds.strip() or None)
+        spec = comfy_typed(spec, cells)
         source, slot = cells[uid]["inputs"]["images"]
         graph, links = {}, {}
         for index, coords in enumerate(spec.coords()):
@@ -58,6 +60,36 @@ class ComfySweepGrid(SweepGrid):
         definition = json.dumps({"spec": spec.to_json(), "prompt": cells}, default=str)
         graph[f"{uid}.grid"] = {"class_type": "SweepGridCells", "inputs": {"definition": definition, **links}}
         return {"expand": graph, "result": ([f"{uid}.grid", 0],)}
+
+
+def _comfy_input(cells: dict, target: str) -> Input | None:
+    """The input ``target`` names on a node that is not LoRA Loom's, as its class's ``INPUT_TYPES`` (in
+    ComfyUI's ``nodes.NODE_CLASS_MAPPINGS``) declares it; None for ours (`build_spec` typed them) or
+    when it is not declared as a widget."""
+    import nodes as comfy_nodes  # ComfyUI's own module: this runs inside ComfyUI only
+
+    node_id, _, name = target.partition(".")
+    class_type = cells[node_id]["class_type"]
+    cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(class_type)
+    if class_type in registry() or cls is None:
+        return None
+    declared = cls.INPUT_TYPES()
+    spec = declared.get("required", {}).get(name) or declared.get("optional", {}).get(name)
+    if not spec:
+        return None
+    if isinstance(spec[0], (list, tuple)):
+        return Input(name, "COMBO", options=tuple(spec[0]))
+    return Input(name, spec[0]) if spec[0] in ("INT", "FLOAT", "BOOLEAN", "STRING") else None
+
+
+def comfy_typed(spec: SweepSpec, cells: dict) -> SweepSpec:
+    """``spec`` with the values of inputs of nodes that are not ours typed as ComfyUI declares them."""
+    axes = []
+    for axis in spec.axes:
+        inputs = [_comfy_input(cells, target) for target in axis.targets]
+        values = tuple(tuple(typed(inp, v) for inp, v in zip(inputs, position)) for position in axis.values)
+        axes.append(Axis(axis.targets, values, axis.name))
+    return SweepSpec(tuple(axes))
 
 
 @node(id="SweepGridCells", category=f"{CATEGORY}/sweep", display_name="Sweep Grid cells (inside ComfyUI)",

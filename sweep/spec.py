@@ -90,7 +90,7 @@ class SweepSpec:
         return cls(tuple(Axis.from_json(a) for a in data["axes"]))
 
 
-def _typed(inp, value: Any) -> Any:
+def typed(inp, value: Any) -> Any:
     """A value given as text typed as the input's widget reads it (``"0.5"`` for a FLOAT is 0.5,
     ``"true"`` for a BOOLEAN is True). Text that does not read as that type stays text: validation then
     reports it with the cell it is in, beside every other cell's problems."""
@@ -141,8 +141,8 @@ def _axis(prompt: dict, registry, columns: Mapping[str, list], name: str = "") -
         raise _axis_error(f"zipped axis {' + '.join(targets)}: its value lists differ in length ({sizes})",
                           " + ".join(targets), sizes, fix="give every zipped input the same number of values")
     inputs = {t: _input_of(prompt, registry, t) for t in targets}
-    typed = {t: [_typed(inputs[t], v) for v in values] for t, values in columns.items()}
-    return Axis(targets, tuple(zip(*(typed[t] for t in targets))), name)
+    read = {t: [typed(inputs[t], v) for v in values] for t, values in columns.items()}
+    return Axis(targets, tuple(zip(*(read[t] for t in targets))), name)
 
 
 def _columns(item) -> dict[str, list]:

@@ -451,3 +451,22 @@ def test_inside_comfyui_a_sweep_grid_expands_into_its_cells_and_draws_our_grid(c
     assert theirs.shape == expected.shape
     differ = theirs.astype(int) - expected
     assert abs(differ).max() <= 1 and (differ != 0).sum() <= 4 * 8, f"{(differ != 0).sum()} values differ"
+
+
+@needs_comfyui
+def test_inside_comfyui_a_sweep_grid_sets_inputs_of_comfyuis_own_nodes_typed(comfyui):
+    """An axis on one of ComfyUI's own nodes (ImageScaleBy's FLOAT scale_by) gets numbers, not text."""
+    import json
+
+    prompt = {"1": _base(), "2": _sample(["1", 0]),
+              "3": {"class_type": "ImageScaleBy", "inputs": {"image": ["2", 0], "upscale_method": "nearest-exact",
+                                                             "scale_by": 1.0}},
+              "4": _full("SweepGrid", images=["3", 0], x_axis="3.scale_by=0.5,1"),
+              "5": _save_image(["4", 0])}
+    done = comfyui.run(prompt)
+    assert done["status"]["status_str"] == "success", done["status"]
+    (grid,) = [image for out in done["outputs"].values() for image in out.get("images", [])
+               if image["subfolder"].startswith("sweeps/")]
+    folder = comfyui.base / "output" / grid["subfolder"]
+    records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert [r["overrides"] for r in records] == [{"3.scale_by": 0.5}, {"3.scale_by": 1.0}]
