@@ -105,3 +105,24 @@ def test_axes_come_in_order(inputs, widget, says):
         Runtime(demo_loras=True).validate(prompt)
     (problem,) = caught.value.node_errors["7"]["errors"]
     assert problem["extra_info"]["input_name"] == widget and says in problem["details"]
+
+
+def test_an_interrupt_stops_the_grid_and_keeps_finished_cells(tmp_path):
+    from loraloom.graph_runtime import Interrupted
+
+    rt = Runtime(output_dir=tmp_path, demo_loras=True)
+
+    def stop_after_two_cells(event):
+        if event["event"] == "progress" and event["node"] == "7" and event["value"] == 2:
+            rt.interrupt()
+
+    with pytest.raises(Interrupted):
+        rt.run(tiny_prompt(), on_event=stop_after_two_cells)
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    assert len((folder / MANIFEST).read_text().splitlines()) == 2, "the finished cells are kept"
+    kept = {p.name: p.stat().st_ino for p in (folder / "cells").iterdir()}
+    again = rt.run(tiny_prompt())
+    assert again.outputs["7"]["images"][0]["subfolder"] == f"sweeps/{folder.name}"
+    assert len((folder / MANIFEST).read_text().splitlines()) == 4
+    assert {name: (folder / "cells" / name).stat().st_ino for name in kept} == kept, \
+        "the finished cells were not written again (each write replaces the file)"
