@@ -6,8 +6,12 @@ cheap: no torch and no model building happen at import time.
 
 from .comfy_integration import add_queue_checks, install_if_in_comfyui
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, WEB_DIRECTORY, register_node
+from .sweep.comfy import comfy_nodes
 
 install_if_in_comfyui()
+# SweepGrid as ComfyUI runs it (it expands into its cells there: see sweep/comfy.py)
+NODE_CLASS_MAPPINGS.update(comfy_nodes()[0])
+NODE_DISPLAY_NAME_MAPPINGS.update(comfy_nodes()[1])
 add_queue_checks(NODE_CLASS_MAPPINGS.values())  # ComfyUI runs our input checks when a prompt is queued
 
 __version__ = "0.1.0"

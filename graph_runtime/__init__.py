@@ -13,7 +13,7 @@ from .files import FileError, FileState, open_regular
 from .limits import Limits
 from .paths import TEMP_SUBFOLDER, Folders, check_relative_name, resolve_under
 from .schema import Boolean, Combo, Float, Input, Int, Link, NodeRegistry, NodeSchema, Output, String, node
-from .workflow import Workflow, load_workflow
+from .workflow import Workflow, is_link, load_workflow, parse_axis, parse_seeds
 
 __all__ = [
     "HASH_CHUNK_BYTES", "TEMP_SUBFOLDER", "Boolean", "CacheStore", "Combo", "ExecutionContext", "ExecutionError",
@@ -21,5 +21,6 @@ __all__ = [
     "KnownFingerprint", "Limits", "Link", "LoomError", "NodeRegistry", "NodeSchema", "Output", "PathError",
     "RunResult", "Runtime", "SchemaError", "String", "ValidationError", "Workflow", "WorkflowError",
     "check_relative_name", "current_context", "estimate_nbytes", "file_fingerprint", "file_hasher", "footprint",
-    "known_fingerprint", "load_workflow", "node", "open_regular", "remember_fingerprint", "resolve_under",
+    "is_link", "known_fingerprint", "load_workflow", "node", "open_regular", "parse_axis", "parse_seeds",
+    "remember_fingerprint", "resolve_under",
 ]

@@ -35,6 +35,9 @@ class ExecutionContext:
     """Strict file mode: readers hash what they read rather than trust a remembered digest."""
     file_reads: dict[str, str] | None = None
     """Set by the runtime for a running node: the digests of the files it read (see :meth:`report_read`)."""
+    runtime: Any = None
+    """The runtime running the node (None outside our runtime, e.g. inside ComfyUI). A node may call its
+    ``run()``: the prompt runs nested, within the current run, on the same cache and model pool."""
 
     def progress(self, value: int, total: int) -> None:
         """Report progress inside the node (e.g. sampling steps) and honour an interrupt."""

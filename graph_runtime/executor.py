@@ -91,6 +91,7 @@ class Runtime:
         self.resources: dict[str, Any] = {}
         self._interrupt = threading.Event()
         self._run_lock = threading.Lock()
+        self._running = threading.local()  # .active: this thread is inside a run (its nodes may nest runs)
         self._listeners: list[Listener] = []
 
     def register(self, cls: type) -> type:
@@ -144,34 +145,46 @@ class Runtime:
     def run(self, workflow, overrides=None, *, on_event: Listener | None = None,
             prompt_id: str | None = None, outputs: list | None = None) -> RunResult:
         """Validate, then execute the dirty nodes that the output nodes (or ``outputs``) need."""
+        if getattr(self._running, "active", False):
+            # Called by a node of the current run (in its thread): a nested prompt, run within this run
+            # (the lock is held by it, an interrupt stops both); only ``on_event`` hears its events.
+            return self._run(workflow, overrides, on_event, prompt_id, outputs, nested=True)
         with self._run_lock:
             self._interrupt.clear()
-            wf = self.load(workflow, overrides)
-            with self.context():
-                valid = validate_prompt(wf.prompt, self.registry, self.folders)
-            result = RunResult(prompt_id or uuid.uuid4().hex)
-            emit = self._emitter(on_event, result.prompt_id)
-            targets = [str(o) for o in outputs] if outputs is not None else valid.outputs
-            unknown = [t for t in targets if t not in valid.nodes]
-            if unknown:
-                raise LoomError(f"outputs {unknown} are not nodes of {wf.source}")
-            emit({"event": "execution_start"})
+            self._running.active = True
             try:
-                with strict_fingerprints() if self.strict_files else contextlib.nullcontext():
-                    self._execute(wf, valid, targets, result, emit)
-            except Interrupted as exc:
-                emit({"event": "execution_interrupted", "node": exc.node_id,
-                      "executed": list(result.executed)})
-                raise
-            except ExecutionError as exc:
-                emit({"event": "execution_error", "node": exc.node_id, "class_type": exc.class_type,
-                      "executed": list(result.executed), **exc.to_json()})
-                raise
-            emit({"event": "execution_success"})
-            return result
+                return self._run(workflow, overrides, on_event, prompt_id, outputs, nested=False)
+            finally:
+                self._running.active = False
 
-    def _emitter(self, on_event: Listener | None, prompt_id: str) -> Callable[[Event], None]:
-        listeners = list(self._listeners) + ([on_event] if on_event else [])
+    def _run(self, workflow, overrides, on_event: Listener | None, prompt_id: str | None, outputs: list | None,
+             nested: bool) -> RunResult:
+        wf = self.load(workflow, overrides)
+        with self.context():
+            valid = validate_prompt(wf.prompt, self.registry, self.folders)
+        result = RunResult(prompt_id or uuid.uuid4().hex)
+        emit = self._emitter(on_event, result.prompt_id, listeners=not nested)
+        targets = [str(o) for o in outputs] if outputs is not None else valid.outputs
+        unknown = [t for t in targets if t not in valid.nodes]
+        if unknown:
+            raise LoomError(f"outputs {unknown} are not nodes of {wf.source}")
+        emit({"event": "execution_start"})
+        try:
+            with strict_fingerprints() if self.strict_files else contextlib.nullcontext():
+                self._execute(wf, valid, targets, result, emit)
+        except Interrupted as exc:
+            emit({"event": "execution_interrupted", "node": exc.node_id,
+                  "executed": list(result.executed)})
+            raise
+        except ExecutionError as exc:
+            emit({"event": "execution_error", "node": exc.node_id, "class_type": exc.class_type,
+                  "executed": list(result.executed), **exc.to_json()})
+            raise
+        emit({"event": "execution_success"})
+        return result
+
+    def _emitter(self, on_event: Listener | None, prompt_id: str, listeners: bool = True) -> Callable[[Event], None]:
+        listeners = (list(self._listeners) if listeners else []) + ([on_event] if on_event else [])
 
         def emit(event: Event) -> None:
             event["prompt_id"] = prompt_id
@@ -267,7 +280,7 @@ class Runtime:
                 hits[nid] = entry
             else:
                 dirty.add(nid)
-                stack.extend(valid.graph.predecessors(nid))
+                stack.extend(self._eager_sources(valid.nodes[nid]))
 
         values: dict[str, tuple] = {}
         for nid, entry in hits.items():
@@ -281,7 +294,8 @@ class Runtime:
 
         order = [n for n in valid.order if n in dirty]
         ctx_base = dict(folders=self.folders, prompt=wf.prompt, workflow=wf.ui, resources=self.resources,
-                        interrupt_flag=self._interrupt, limits=self.limits, strict_files=self.strict_files)
+                        interrupt_flag=self._interrupt, limits=self.limits, strict_files=self.strict_files,
+                        runtime=self)
 
         def on_progress(node_id, value, total):
             emit({"event": "progress", "node": node_id, "class_type": valid.nodes[node_id]["class_type"],
@@ -294,7 +308,9 @@ class Runtime:
             node = valid.nodes[nid]
             class_type = node["class_type"]
             emit({"event": "executing", "node": nid, "class_type": class_type})
-            kwargs = {name: (values[v[0]][v[1]] if is_link(v) else v) for name, v in node["inputs"].items()}
+            lazy = self._lazy_inputs(class_type)
+            kwargs = {name: (values[v[0]][v[1]] if is_link(v) and name not in lazy else v)
+                      for name, v in node["inputs"].items()}
             ctx = ExecutionContext(node_id=nid, class_type=class_type, on_progress=on_progress, file_reads={},
                                    **ctx_base)
             start = time.perf_counter()
@@ -317,6 +333,14 @@ class Runtime:
             emit({"event": "executed", "node": nid, "class_type": class_type, "output": ui,
                   "seconds": result.timings[nid]})
         result.values = values
+
+    def _lazy_inputs(self, class_type: str) -> set[str]:
+        return {inp.name for inp in self.registry.get(class_type).SCHEMA.inputs if inp.lazy}
+
+    def _eager_sources(self, node: dict) -> list[str]:
+        """The nodes whose values a node takes: those linked to its inputs, less its lazy ones."""
+        lazy = self._lazy_inputs(node["class_type"])
+        return [v[0] for name, v in node["inputs"].items() if is_link(v) and name not in lazy]
 
     def _persist(self, class_type: str):
         """The codec of a node kept in the disk cache, or None (not declared, or the cache is off)."""

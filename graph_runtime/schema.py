@@ -62,6 +62,10 @@ class Input:
     optional: bool = False
     file_kind: str | None = None
     control_after_generate: bool | str = False
+    lazy: bool = False
+    """A link whose value the node does not take: the executor runs nothing upstream of it for this
+    node, and passes the link itself (``[node id, slot]``); the node may run that part of the graph
+    itself (a SweepGrid runs it once per cell). Its upstream still joins the node's cache key."""
 
     @property
     def is_widget(self) -> bool:
@@ -99,6 +103,8 @@ class Input:
                 opts[CONTROL_START_KEY] = self.control_after_generate
         if self.tooltip:
             opts["tooltip"] = self.tooltip
+        if self.lazy:
+            opts["lazy"] = True
         if self.type == "COMBO":
             return (self.option_list(), opts)
         return (self.type, opts) if opts else (self.type,)
@@ -140,9 +146,10 @@ def Combo(name: str, options: Iterable | Callable[[], Iterable], default: Any = 
                  tooltip=tooltip, optional=optional, file_kind=file_kind)
 
 
-def Link(name: str, type: str, *, tooltip: str = "", optional: bool = False) -> Input:
-    """An input fed by another node's output of socket type ``type`` (UPPER_SNAKE)."""
-    return Input(name, type, tooltip=tooltip, optional=optional)
+def Link(name: str, type: str, *, tooltip: str = "", optional: bool = False, lazy: bool = False) -> Input:
+    """An input fed by another node's output of socket type ``type`` (UPPER_SNAKE); ``lazy``: see
+    `Input.lazy`."""
+    return Input(name, type, tooltip=tooltip, optional=optional, lazy=lazy)
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,42 @@ def apply_overrides(prompt: dict, overrides, source: str = "workflow") -> dict:
     return prompt
 
 
+SEED_AXIS = "seed"
+
+
+def axis_error(message: str, target: str | None = None, value=None, fix: str | None = None) -> WorkflowError:
+    """A sweep axis that cannot be read or set (kind ``bad_axis``), naming its target."""
+    return WorkflowError(message, key=target, value=value, kind="bad_axis", fix=fix)
+
+
+def parse_axis(text: str) -> tuple[str, list]:
+    """The command line's ``NODE_ID.INPUT=V1,V2,...`` (or ``=[JSON list]``) as ``(target, values)``;
+    values split at commas stay text until `build_spec` types them by the input's schema."""
+    target, sep, raw = text.partition("=")
+    target = target.strip()
+    node_id, dot, name = target.partition(".")
+    if not (sep and dot and node_id and name):
+        raise axis_error(f"axis {text!r}: expected NODE_ID.INPUT=V1,V2,..., e.g. 4.weight=0,0.5,1", value=text)
+    raw = raw.strip()
+    if raw.startswith("["):
+        values = loads_strict(raw, source=f"axis {target}")
+        if not isinstance(values, list):
+            raise axis_error(f"axis {target}: {raw!r} is not a JSON list", target, raw)
+        return target, values
+    return target, [part.strip() for part in raw.split(",")]
+
+
+def parse_seeds(text: str) -> list:
+    """``--seeds 1,2,3`` or a JSON list: the seeds as they came (typed later)."""
+    text = text.strip()
+    if text.startswith("["):
+        values = loads_strict(text, source="--seeds")
+        if not isinstance(values, list):
+            raise axis_error(f"--seeds {text!r} is not a JSON list", SEED_AXIS, text)
+        return values
+    return [part.strip() for part in text.split(",")]
+
+
 def _id_sort(node_id: str):
     return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
 

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 
 from ..graph_runtime import LoomError, NodeRegistry
-from . import base, blend, checkpoint, fuse, image, lora, merge, pipeline, sample
+from . import base, blend, checkpoint, fuse, image, lora, merge, pipeline, sample, sweep_grid
 
 BUILTIN = (base.LoadBase, lora.LoadLoRA, blend.WeightedBlend, merge.PeftMerge, fuse.Fuse, fuse.Compile, sample.Sample,
-           lora.SaveLoRA, pipeline.SavePipeline, checkpoint.SaveCheckpoint, image.SaveImage, image.PreviewImage)
+           lora.SaveLoRA, pipeline.SavePipeline, checkpoint.SaveCheckpoint, image.SaveImage, image.PreviewImage,
+           sweep_grid.SweepGrid)
 _REGISTRY = NodeRegistry(BUILTIN)
 
 ENV_NODE_MODULES = "LORALOOM_NODE_MODULES"

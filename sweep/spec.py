@@ -19,18 +19,14 @@ from typing import Any, Iterable, Mapping
 from ..graph_runtime import LoomError, Runtime, ValidationError, WorkflowError
 from ..graph_runtime.graph import ValidPrompt, validate_prompt
 from ..graph_runtime.jsonio import loads_strict
-from ..graph_runtime.workflow import apply_overrides, is_link
+from ..graph_runtime.workflow import SEED_AXIS, apply_overrides, is_link, parse_axis, parse_seeds
+from ..graph_runtime.workflow import axis_error as _axis_error
 from ..nodes.common import IMAGE, LORA, MODEL
 from .cell import REPORT_NODES, Cell, image_sources
 
-SEED_AXIS = "seed"
 # The wires that carry model state (a base, LoRAs, blends, merges, fuses): the keys of what a sampler
 # takes on them decide what the model pool must patch, so cells equal there share one patched state.
 STATE_TYPES = (MODEL, LORA)
-
-
-def _axis_error(message: str, target: str | None = None, value: Any = None, fix: str | None = None) -> WorkflowError:
-    return WorkflowError(message, key=target, value=value, kind="bad_axis", fix=fix)
 
 
 @dataclass(frozen=True)
@@ -94,35 +90,7 @@ class SweepSpec:
         return cls(tuple(Axis.from_json(a) for a in data["axes"]))
 
 
-def parse_axis(text: str) -> tuple[str, list]:
-    """The command line's ``NODE_ID.INPUT=V1,V2,...`` (or ``=[JSON list]``) as ``(target, values)``;
-    values split at commas stay text until `build_spec` types them by the input's schema."""
-    target, sep, raw = text.partition("=")
-    target = target.strip()
-    node_id, dot, name = target.partition(".")
-    if not (sep and dot and node_id and name):
-        raise _axis_error(f"axis {text!r}: expected NODE_ID.INPUT=V1,V2,..., e.g. 4.weight=0,0.5,1", value=text)
-    raw = raw.strip()
-    if raw.startswith("["):
-        values = loads_strict(raw, source=f"axis {target}")
-        if not isinstance(values, list):
-            raise _axis_error(f"axis {target}: {raw!r} is not a JSON list", target, raw)
-        return target, values
-    return target, [part.strip() for part in raw.split(",")]
-
-
-def parse_seeds(text: str) -> list:
-    """``--seeds 1,2,3`` or a JSON list: the seeds as they came (typed later)."""
-    text = text.strip()
-    if text.startswith("["):
-        values = loads_strict(text, source="--seeds")
-        if not isinstance(values, list):
-            raise _axis_error(f"--seeds {text!r} is not a JSON list", SEED_AXIS, text)
-        return values
-    return [part.strip() for part in text.split(",")]
-
-
-def _typed(inp, value: Any) -> Any:
+def typed(inp, value: Any) -> Any:
     """A value given as text typed as the input's widget reads it (``"0.5"`` for a FLOAT is 0.5,
     ``"true"`` for a BOOLEAN is True). Text that does not read as that type stays text: validation then
     reports it with the cell it is in, beside every other cell's problems."""
@@ -173,8 +141,8 @@ def _axis(prompt: dict, registry, columns: Mapping[str, list], name: str = "") -
         raise _axis_error(f"zipped axis {' + '.join(targets)}: its value lists differ in length ({sizes})",
                           " + ".join(targets), sizes, fix="give every zipped input the same number of values")
     inputs = {t: _input_of(prompt, registry, t) for t in targets}
-    typed = {t: [_typed(inputs[t], v) for v in values] for t, values in columns.items()}
-    return Axis(targets, tuple(zip(*(typed[t] for t in targets))), name)
+    read = {t: [typed(inputs[t], v) for v in values] for t, values in columns.items()}
+    return Axis(targets, tuple(zip(*(read[t] for t in targets))), name)
 
 
 def _columns(item) -> dict[str, list]:

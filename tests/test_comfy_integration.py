@@ -416,3 +416,57 @@ def test_inside_comfyui_a_failing_node_names_our_error_type_not_a_path(comfyui):
     assert errors, done["status"]
     assert errors[0]["exception_type"] == "loraloom.LoRAMatchError", errors[0]["exception_type"]
     assert "Fix: load it on an SDXL base" in errors[0]["exception_message"], errors[0]["exception_message"]
+
+
+@needs_comfyui
+def test_inside_comfyui_a_sweep_grid_expands_into_its_cells_and_draws_our_grid(comfyui, tmp_path):
+    """SweepGrid inside ComfyUI expands into one copy of what feeds its image per cell and a node that
+    draws the grid: the grid is the one our runtime draws for the same workflow. Not bit for bit: a
+    plain ComfyUI run of one cell's workflow already differs from ours by one level in a few values
+    (measured: 1 to 3 of the 12,288 values of a 64x64 tiny-sd15 image, ComfyUI 0.3.64, same torch), the
+    float rounding of another process; the labels, layout and every other value are equal."""
+    import numpy as np
+    from PIL import Image
+
+    from loraloom.api import Runtime
+
+    lora = comfyui.names["tiny-sd15/kohya"]
+    prompt = {"1": _base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
+              "3": _full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
+              "4": _sample(["3", 0]),
+              "5": _full("SweepGrid", images=["4", 0], x_axis="3.weight=0.2,0.8", y_axis="4.seed=1,2"),
+              "6": _save_image(["5", 0])}
+    done = comfyui.run(prompt)
+    assert done["status"]["status_str"] == "success", done["status"]
+    shown = [image for out in done["outputs"].values() for image in out.get("images", [])
+             if image["subfolder"].startswith("sweeps/")]
+    assert [image["filename"] for image in shown] == ["grid.png"], done["outputs"]
+    folder = comfyui.base / "output" / shown[0]["subfolder"]
+    theirs = np.asarray(Image.open(folder / "grid.png").convert("RGB"))
+    assert len((folder / "manifest.jsonl").read_text().splitlines()) == 4
+
+    ours = Runtime(lora_dirs=[comfyui.base / "models" / "loras"], output_dir=tmp_path).run(prompt)
+    ref = ours.outputs["5"]["images"][0]
+    expected = np.asarray(Image.open(tmp_path / ref["subfolder"] / ref["filename"]).convert("RGB"))
+    assert theirs.shape == expected.shape
+    differ = theirs.astype(int) - expected
+    assert abs(differ).max() <= 1 and (differ != 0).sum() <= 4 * 8, f"{(differ != 0).sum()} values differ"
+
+
+@needs_comfyui
+def test_inside_comfyui_a_sweep_grid_sets_inputs_of_comfyuis_own_nodes_typed(comfyui):
+    """An axis on one of ComfyUI's own nodes (ImageScaleBy's FLOAT scale_by) gets numbers, not text."""
+    import json
+
+    prompt = {"1": _base(), "2": _sample(["1", 0]),
+              "3": {"class_type": "ImageScaleBy", "inputs": {"image": ["2", 0], "upscale_method": "nearest-exact",
+                                                             "scale_by": 1.0}},
+              "4": _full("SweepGrid", images=["3", 0], x_axis="3.scale_by=0.5,1"),
+              "5": _save_image(["4", 0])}
+    done = comfyui.run(prompt)
+    assert done["status"]["status_str"] == "success", done["status"]
+    (grid,) = [image for out in done["outputs"].values() for image in out.get("images", [])
+               if image["subfolder"].startswith("sweeps/")]
+    folder = comfyui.base / "output" / grid["subfolder"]
+    records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert [r["overrides"] for r in records] == [{"3.scale_by": 0.5}, {"3.scale_by": 1.0}]

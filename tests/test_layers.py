@@ -24,7 +24,7 @@ ALLOWED = {
     "api": {"graph_runtime", "nodes", "sweep"},
     "server": {"atomic", "graph_runtime", "nodes", "api", "sweep"},
     "cli": {"atomic", "graph_runtime", "nodes", "api", "fixtures", "server", "sweep"},
-    "__init__": {"comfy_integration", "nodes", "api", "graph_runtime", "lora", "bases", "server"},
+    "__init__": {"comfy_integration", "nodes", "api", "graph_runtime", "lora", "bases", "server", "sweep"},
 }
 THIRD_PARTY_BANNED = {"graph_runtime": {"torch", "diffusers", "peft", "transformers", "safetensors"}}
 

@@ -228,3 +228,37 @@ def test_long_chain_runs_without_recursion(stubs, tmp_path):
     result = run(rt, stubs, stubs.chain(3000))
     assert result.outputs["2999"] == {"value": [1]}
     assert run(rt, stubs, stubs.chain(3000)).executed == []
+
+
+def test_a_lazy_link_runs_nothing_upstream_and_a_node_may_run_it_nested(stubs, tmp_path):
+    """A node with a lazy input gets the link, not its value, and nothing upstream runs for it; it may
+    run that part itself with its runtime's run(): nested in the current run (no deadlock on the run
+    lock), on the same cache, its events only for whoever asked."""
+    from loraloom.graph_runtime import Link, Output, current_context, node
+
+    @node(category="test", inputs=[Link("x", "NUMBER", lazy=True)], outputs=[Output("NUMBER")], output_node=True)
+    class Twice:
+        def execute(self, x):
+            ctx = current_context()
+            upstream = {nid: n for nid, n in ctx.prompt.items() if nid in ("1", "2")}
+            upstream["show"] = {"class_type": "Show", "inputs": {"x": list(x)}}  # a prompt has an output
+            seen = []
+            values = [ctx.runtime.run(upstream, {"2.factor": f}, outputs=[x[0]], on_event=seen.append).value(x[0])
+                      for f in (2.0, 3.0)]
+            assert any(e["event"] == "executing" for e in seen)
+            return {"ui": {"link": [list(x)]}, "result": (sum(values),)}
+
+    rt = Runtime(registry=stubs.registry, nodes=[Twice], output_dir=tmp_path)
+    events = []
+    rt.add_listener(events.append)
+    prompt = {"1": {"class_type": "Const", "inputs": {"value": 3}},
+              "2": {"class_type": "Scale", "inputs": {"x": ["1", 0], "factor": 1.0}},
+              "3": {"class_type": "Twice", "inputs": {"x": ["2", 0]}}}
+    stubs.calls.clear()
+    result = rt.run(prompt)
+    assert result.executed == ["3"], "the lazy link's upstream did not run for node 3"
+    assert result.outputs["3"] == {"link": [["2", 0]]} and result.value("3") == 15.0
+    assert stubs.calls.count("1") == 1 and stubs.calls.count("2") == 2, "the nested runs shared the cache"
+    assert [e["node"] for e in events if e["event"] == "executing"] == ["3"], "listeners hear the outer run only"
+    again = rt.run({**prompt, "1": {"class_type": "Const", "inputs": {"value": 4}}})
+    assert "3" in again.executed, "the lazy link's upstream still joins node 3's cache key"

@@ -191,6 +191,16 @@ def test_each_shipped_workflow_loads_with_every_node_type(editor, name):
     assert editor.problems == [], "\n".join(editor.problems)
 
 
+def _last_run(editor):
+    """The history entry of the last prompt, once the queue is empty (the page may show an image first)."""
+    store = editor.server.app[STATE].store
+    for _ in range(500):
+        if store.remaining() == 0:
+            break
+        time.sleep(0.01)
+    return store.history()[-1]
+
+
 @pytest.mark.parametrize("name", sorted(RUN))
 def test_a_queued_workflow_shows_its_image(editor, name):
     editor.load(name)
@@ -203,12 +213,7 @@ def test_a_queued_workflow_shows_its_image(editor, name):
         """prefix => window.app.graph.nodes.some(n => n.type === 'SaveImage' && (n.imgs || []).some(
                img => img.complete && img.naturalWidth === 128 && img.src.includes('filename=' + prefix)))""",
         arg=prefix, timeout=180_000)
-    store = editor.server.app[STATE].store
-    for _ in range(500):
-        if store.remaining() == 0:
-            break
-        time.sleep(0.01)
-    last = store.history()[-1]
+    last = _last_run(editor)
     assert last.status == "success", f"{name}: {last.messages}"
     saved = sorted((editor.runtime.folders.output_dir).glob(f"{prefix}*.png"))
     assert saved, f"{name}: no {prefix}*.png in the output folder"
@@ -223,6 +228,23 @@ def test_a_queued_workflow_shows_its_image(editor, name):
     assert {n["id"]: n.get("widgets_values") for n in after["workflow"]["nodes"]} == shipped, \
         "the text box is neither saved with the workflow nor shifts what is"
     assert not any("loraloom_text" in n["inputs"] for n in after["output"].values()), "nor is it queued"
+    assert editor.problems == [], "\n".join(editor.problems)
+
+
+def test_a_sweep_grid_runs_from_the_editor_and_shows_its_grid(editor):
+    """The shipped sweep_grid, queued from the page: the SweepGrid node shows the grid and its summary."""
+    editor.load("sweep_grid")
+    editor.page.evaluate("window.app.canvas.centerOnNode(window.app.graph.getNodeById(6))")
+    editor.page.evaluate("window.loomTexts = {}")
+    assert editor.page.evaluate("window.app.queuePrompt(0, 1)") is not False, "the page queued the prompt"
+    editor.page.wait_for_function(
+        """() => (window.app.graph.getNodeById(6).imgs || []).some(
+               img => img.complete && img.naturalWidth > 3 * 64 && img.src.includes('filename=grid.png'))""",
+        timeout=300_000)
+    last = _last_run(editor)
+    assert last.status == "success", last.messages
+    texts = editor.page.evaluate("window.loomTexts")
+    assert texts.get("6", [""])[0].startswith("3 x 2 grid: 6 of 6 cells"), texts
     assert editor.problems == [], "\n".join(editor.problems)
 
 

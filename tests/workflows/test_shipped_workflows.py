@@ -41,6 +41,19 @@ def test_blend_runs_headless_and_embeds_the_workflow(tmp_path, monkeypatch, caps
     assert json.loads(text["workflow"])["version"] == 0.4, "a UI workflow is embedded as ComfyUI does"
 
 
+def test_sweep_grid_runs_headless_and_saves_the_grid(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", str(WORKFLOWS / "sweep_grid.json"), "--no-progress", "--set", "5.steps=2"])
+    assert code == 0, capsys.readouterr().err
+    (sweep,) = (tmp_path / "output" / "sweeps").iterdir()
+    assert len(list((sweep / "cells").iterdir())) == 6 and (sweep / "manifest.jsonl").is_file()
+    with Image.open(sweep / "grid.png") as grid, Image.open(tmp_path / "output" / "sweep_grid_00001_.png") as saved:
+        assert grid.size == saved.size and grid.width > 3 * 64, "the saved grid is the sweep's, 3 x 2 cells"
+        assert json.loads(saved.text["prompt"])["6"]["class_type"] == "SweepGrid", "it embeds the sweep workflow"
+
+
 def test_demo_loras_stay_out_of_a_users_lora_list(tmp_path):
     from loraloom.nodes.common import list_loras
 
