@@ -308,7 +308,7 @@ class Runtime:
             node = valid.nodes[nid]
             class_type = node["class_type"]
             emit({"event": "executing", "node": nid, "class_type": class_type})
-            lazy = self._lazy_inputs(class_type)
+            lazy = self.registry.get(class_type).SCHEMA.lazy_inputs
             kwargs = {name: (values[v[0]][v[1]] if is_link(v) and name not in lazy else v)
                       for name, v in node["inputs"].items()}
             ctx = ExecutionContext(node_id=nid, class_type=class_type, on_progress=on_progress, file_reads={},
@@ -334,12 +334,9 @@ class Runtime:
                   "seconds": result.timings[nid]})
         result.values = values
 
-    def _lazy_inputs(self, class_type: str) -> set[str]:
-        return {inp.name for inp in self.registry.get(class_type).SCHEMA.inputs if inp.lazy}
-
     def _eager_sources(self, node: dict) -> list[str]:
         """The nodes whose values a node takes: those linked to its inputs, less its lazy ones."""
-        lazy = self._lazy_inputs(node["class_type"])
+        lazy = self.registry.get(node["class_type"]).SCHEMA.lazy_inputs
         return [v[0] for name, v in node["inputs"].items() if is_link(v) and name not in lazy]
 
     def _persist(self, class_type: str):

@@ -19,6 +19,7 @@ import inspect
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterable
 
 from .errors import LoomError, SchemaError
@@ -179,6 +180,11 @@ class NodeSchema:
     fingerprint: Callable[[dict, Any], str | None] | None = field(default=None, compare=False)
     persist: Any = field(default=None, compare=False)
     """A codec (:class:`.diskcache.Codec`) when the node's results are kept in the disk cache too."""
+
+    @cached_property
+    def lazy_inputs(self) -> frozenset[str]:
+        """The inputs whose links the executor leaves unevaluated for this node (`Input.lazy`)."""
+        return frozenset(inp.name for inp in self.inputs if inp.lazy)
 
     def input(self, name: str) -> Input | None:
         for inp in self.inputs:

@@ -82,6 +82,10 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _line(record: CellRecord) -> str:
+    return json.dumps(asdict(record), default=str)
+
+
 def cell_file(index: int, node: str, batch: int) -> str:
     """A cell image's path in the sweep folder."""
     return f"{CELLS}/cell{index:04d}_node{node}_{batch}.png"
@@ -94,6 +98,7 @@ class SweepFolder:
         self.root = Path(root)
         self.plan = plan
         self.records: dict[int, CellRecord] = {}
+        self._lines: dict[int, str] = {}  # each record's manifest line, serialised once
 
     def definition(self) -> dict:
         return {"version": 1, "source": self.plan.source, "digest": self.plan.digest, "shape": list(self.plan.spec.shape),
@@ -103,6 +108,7 @@ class SweepFolder:
         """Write ``sweep.json``; with ``resume``, keep the records of the cells an earlier run of the same
         sweep finished whose files are intact, and return their indices (the rest run again)."""
         self.records = self._intact() if resume else {}
+        self._lines = {i: _line(record) for i, record in self.records.items()}
         atomic_write_bytes(self.root / DEFINITION, json.dumps(self.definition(), indent=1, default=str).encode())
         self._write_manifest()
         return set(self.records)
@@ -146,12 +152,13 @@ class SweepFolder:
                             {k: round(v, 4) for k, v in result.timings.items()}, result.patched_layers, result.loads,
                             result.compiles, result.reports, result.error, result.worker, cell.affinity)
         self.records[cell.index] = record
+        self._lines[cell.index] = _line(record)
         self._write_manifest()
         return record
 
     def _write_manifest(self) -> None:
-        lines = [json.dumps(asdict(self.records[i]), default=str) for i in sorted(self.records)]
-        atomic_write_bytes(self.root / MANIFEST, "".join(line + "\n" for line in lines).encode())
+        # the whole file each time (atomic: a reader never sees half a line), from lines serialised once
+        atomic_write_bytes(self.root / MANIFEST, "".join(self._lines[i] + "\n" for i in sorted(self._lines)).encode())
 
     def write_grids(self) -> list[Path]:
         """One labelled grid per combination of Z positions (one in all for one or two axes)."""
