@@ -1,0 +1,110 @@
+"""Our pack inside real ComfyUI: queue-time checks, runs, errors, the sweep grid (see conftest.py)."""
+
+def test_inside_comfyui_bad_values_are_refused_when_queued_with_our_messages(comfyui, prompts):
+    lora = comfyui.names["tiny-sd15/kohya"]
+    prompt = {
+        "1": prompts.base(), "2": prompts.sample(["1", 0], width=130), "3": prompts.save_image(["2", 0]),
+        "4": prompts.sample(["1", 0], scheduler="pndm", steps=2), "5": prompts.save_image(["4", 0]),
+        "6": prompts.base(config="diffusers/sd15"), "7": prompts.sample(["6", 0]), "8": prompts.save_image(["7", 0]),
+        "9": prompts.base("checkpoints/model.safetensors"), "10": prompts.sample(["9", 0]), "11": prompts.save_image(["10", 0]),
+        "12": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
+        "13": prompts.full("SaveLoRA", lora=["12", 0], filename_prefix="../escape"),
+        "14": {"class_type": "LoadLoRA", "inputs": {"lora_name": "../" + lora}},
+        "15": prompts.full("SaveLoRA", lora=["14", 0]),
+        "16": prompts.sample(["1", 0], prompt="x" * 20_001), "17": prompts.save_image(["16", 0]),
+    }
+    status, body = comfyui.call("POST", "/prompt", {"prompt": prompt})
+    assert status == 400, body
+    errors = {nid: " | ".join(e["details"] for e in entry["errors"]) for nid, entry in body["node_errors"].items()}
+    expected = {"2": "input 'width': 130 is not a multiple of 8", "4": "the fewest steps the pndm scheduler can take",
+                "6": "preset 'tiny-sd15' needs no config", "9": "needs a config folder",
+                "13": "output name '../escape' contains a '..' part", "14": "contains a '..' part",
+                "16": "20001 characters is above the limit 20000"}
+    for nid, text in expected.items():
+        assert text in errors.get(nid, ""), f"node {nid}: {errors.get(nid)}"
+    assert "Fix: give a name relative to ComfyUI/output" in errors["13"], errors["13"]
+    assert "LORALOOM_MAX_TEXT_CHARS=N" in errors["16"] and "--max" not in errors["16"], errors["16"]
+    assert set(errors) == set(expected), f"only the bad nodes are refused: {errors}"
+
+
+def test_inside_comfyui_a_good_prompt_runs_and_a_saved_lora_loads_next_time(comfyui, prompts):
+    lora = comfyui.names["tiny-sd15/kohya"]
+    prompt = {"1": prompts.base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
+              "3": prompts.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
+              "4": prompts.sample(["3", 0]), "5": prompts.save_image(["4", 0]),
+              "6": prompts.full("SaveLoRA", lora=["2", 0], filename_prefix="loras/again", dtype="fp32")}
+    done = comfyui.run(prompt)
+    assert done["status"]["status_str"] == "success", done["status"]
+    image = done["outputs"]["5"]["images"][0]
+    assert (comfyui.base / "output" / image["subfolder"] / image["filename"]).is_file()
+
+    saved = "loras/again_00001_.safetensors [output]"
+    offered = comfyui.call("GET", "/object_info/LoadLoRA")[1]["LoadLoRA"]["input"]["required"]["lora_name"][0]
+    assert saved in offered and lora in offered, offered
+    prompt["2"]["inputs"]["lora_name"] = saved
+    prompt["4"]["inputs"]["seed"] = 2
+    again = comfyui.run(prompt)
+    assert again["status"]["status_str"] == "success", again["status"]
+
+
+def test_inside_comfyui_a_failing_node_names_our_error_type_not_a_path(comfyui, prompts):
+    prompt = {"1": prompts.base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": comfyui.names["tiny-sdxl/kohya"]}},
+              "3": prompts.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
+              "4": prompts.sample(["3", 0]), "5": prompts.save_image(["4", 0])}
+    done = comfyui.run(prompt)
+    errors = [data for kind, data in done["status"]["messages"] if kind == "execution_error"]
+    assert errors, done["status"]
+    assert errors[0]["exception_type"] == "loraloom.LoRAMatchError", errors[0]["exception_type"]
+    assert "Fix: load it on an SDXL base" in errors[0]["exception_message"], errors[0]["exception_message"]
+
+
+def test_inside_comfyui_a_sweep_grid_expands_into_its_cells_and_draws_our_grid(comfyui, prompts, tmp_path):
+    """SweepGrid inside ComfyUI expands into one copy of what feeds its image per cell and a node that
+    draws the grid: the grid is the one our runtime draws for the same workflow. Not bit for bit: a
+    plain ComfyUI run of one cell's workflow already differs from ours by one level in a few values
+    (measured: 1 to 3 of the 12,288 values of a 64x64 tiny-sd15 image, ComfyUI 0.3.64, same torch), the
+    float rounding of another process; the labels, layout and every other value are equal."""
+    import numpy as np
+    from PIL import Image
+
+    from loraloom.api import Runtime
+
+    lora = comfyui.names["tiny-sd15/kohya"]
+    prompt = {"1": prompts.base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
+              "3": prompts.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
+              "4": prompts.sample(["3", 0]),
+              "5": prompts.full("SweepGrid", images=["4", 0], x_axis="3.weight=0.2,0.8", y_axis="4.seed=1,2"),
+              "6": prompts.save_image(["5", 0])}
+    done = comfyui.run(prompt)
+    assert done["status"]["status_str"] == "success", done["status"]
+    shown = [image for out in done["outputs"].values() for image in out.get("images", [])
+             if image["subfolder"].startswith("sweeps/")]
+    assert [image["filename"] for image in shown] == ["grid.png"], done["outputs"]
+    folder = comfyui.base / "output" / shown[0]["subfolder"]
+    theirs = np.asarray(Image.open(folder / "grid.png").convert("RGB"))
+    assert len((folder / "manifest.jsonl").read_text().splitlines()) == 4
+
+    ours = Runtime(lora_dirs=[comfyui.base / "models" / "loras"], output_dir=tmp_path).run(prompt)
+    ref = ours.outputs["5"]["images"][0]
+    expected = np.asarray(Image.open(tmp_path / ref["subfolder"] / ref["filename"]).convert("RGB"))
+    assert theirs.shape == expected.shape
+    differ = theirs.astype(int) - expected
+    assert abs(differ).max() <= 1 and (differ != 0).sum() <= 4 * 8, f"{(differ != 0).sum()} values differ"
+
+
+def test_inside_comfyui_a_sweep_grid_sets_inputs_of_comfyuis_own_nodes_typed(comfyui, prompts):
+    """An axis on one of ComfyUI's own nodes (ImageScaleBy's FLOAT scale_by) gets numbers, not text."""
+    import json
+
+    prompt = {"1": prompts.base(), "2": prompts.sample(["1", 0]),
+              "3": {"class_type": "ImageScaleBy", "inputs": {"image": ["2", 0], "upscale_method": "nearest-exact",
+                                                             "scale_by": 1.0}},
+              "4": prompts.full("SweepGrid", images=["3", 0], x_axis="3.scale_by=0.5,1"),
+              "5": prompts.save_image(["4", 0])}
+    done = comfyui.run(prompt)
+    assert done["status"]["status_str"] == "success", done["status"]
+    (grid,) = [image for out in done["outputs"].values() for image in out.get("images", [])
+               if image["subfolder"].startswith("sweeps/")]
+    folder = comfyui.base / "output" / grid["subfolder"]
+    records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert [r["overrides"] for r in records] == [{"3.scale_by": 0.5}, {"3.scale_by": 1.0}]
