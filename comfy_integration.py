@@ -110,7 +110,9 @@ def queue_check(cls: type, values: dict, node_id: str | None = None) -> bool | s
             inputs[inp.name] = [UPSTREAM, slot[inp.name]]
         elif inp.name in values:
             inputs[inp.name] = value
-    prompt = {UPSTREAM: {"class_type": UPSTREAM, "inputs": {}}, node_id: {"class_type": schema.id, "inputs": inputs}}
+    # Under the id the node was placed with (an alias's class says which), as `loraloom validate` names it.
+    class_type = getattr(cls, "ALIAS", schema.id)
+    prompt = {UPSTREAM: {"class_type": UPSTREAM, "inputs": {}}, node_id: {"class_type": class_type, "inputs": inputs}}
     try:
         validate_prompt(prompt, _registry_with_upstream(cls), current_context().folders)
     except ValidationError as exc:

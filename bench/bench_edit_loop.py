@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, DEMO_LORAS, add_common_args, bytes_read, machine, median, setup_threads, timed, write_json  # noqa: E402
 
 WORKFLOW = REPO / "workflows" / "blend_api.json"
-LOADERS = ("LoadBase", "LoadLoRA")
+LOADERS = ("LoraLoomLoadBase", "LoraLoomLoadLoRA")
 
 
 class FileOpens:
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     def node_s(kind, class_type):
         return median([sum(t for n, t in e["timings"].items() if n.endswith(":" + class_type)) for e in edits[kind]])
 
-    breakdown = {"sample_node_s": node_s("prompt", "Sample"), "save_node_s": node_s("prompt", "SaveImage")}
+    breakdown = {"sample_node_s": node_s("prompt", "LoraLoomSample"), "save_node_s": node_s("prompt", "SaveImage")}
     breakdown["runtime_s"] = prompt_s - breakdown["sample_node_s"] - breakdown["save_node_s"]
     figures = {
         "row": "edit_loop", "mode": "quick" if args.quick else "full", "machine": machine(threads), "rounds": rounds,

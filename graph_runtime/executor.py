@@ -225,7 +225,8 @@ class Runtime:
         except LoomError as exc:  # an unreadable or hostile file input: name the node, not a traceback
             raise ExecutionError(nid, node["class_type"], str(exc), exception_type=type(exc).__name__,
                                  cause=exc) from exc
-        return node_key(node["class_type"], schema.version, constants, links, fingerprint,
+        # The id, not the prompt's class_type: a node placed under an alias (older id) shares its results.
+        return node_key(schema.id, schema.version, constants, links, fingerprint,
                         volatile=schema.not_idempotent, node_id=nid)
 
     def _settled_key(self, nid: str, valid: ValidPrompt, keys: dict[str, str], first_keys: dict[str, str],

@@ -3,18 +3,22 @@ ComfyUI's ``/object_info`` JSON.
 
 A node is a class with an ``execute`` method, decorated with :func:`node`::
 
-    @node(category="loraloom/lora", display_name="Load LoRA",
+    @node(id="LoraLoomLoadLoRA", aliases=("LoadLoRA",), category="loraloom/lora",
+          display_name="Loom Load LoRA",
           inputs=[Combo("lora_name", options=list_loras, file_kind="loras")],
           outputs=[Output("LORA_WEIGHTS", "lora")])
     class LoadLoRA:
         def execute(self, lora_name): ...
 
 The decorator checks the declaration against ``execute`` at import time and fails with a message
-saying what and where.
+saying what and where. ``aliases`` are older ids of the same node: a workflow saved with one still
+loads and runs as the node itself (same validation, same cache key); ComfyUI and ``/object_info`` list
+each as a deprecated node, so the editor opens such workflows but offers only the id.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -176,6 +180,8 @@ class NodeSchema:
     not_idempotent: bool = False
     comfy_export: bool = True
     version: int = 1
+    aliases: tuple[str, ...] = ()
+    """Older ids of this node, still accepted wherever an id is (see :func:`node`)."""
     python_module: str = "custom_nodes.loraloom"
     fingerprint: Callable[[dict, Any], str | None] | None = field(default=None, compare=False)
     persist: Any = field(default=None, compare=False)
@@ -230,12 +236,23 @@ class NodeSchema:
             "output_node": self.output_node,
         }
 
+    def alias_display_name(self, alias: str) -> str:
+        """What the editor shows for a node placed under the older id ``alias``."""
+        return f"{self.display_name} [old id {alias}]"
+
 
 def _check_schema(schema: NodeSchema, execute: Callable, where: str) -> None:
     """Raise SchemaError for a declaration that contradicts itself or its execute function."""
     problems = []
     if not _ID_RE.match(schema.id):
         problems.append(f"node id {schema.id!r} is not PascalCase")
+    for alias in schema.aliases:
+        if not isinstance(alias, str) or not _ID_RE.match(alias):
+            problems.append(f"alias {alias!r} is not a PascalCase id")
+        elif alias == schema.id:
+            problems.append(f"alias {alias!r} is the node's own id")
+    if len(set(schema.aliases)) != len(schema.aliases):
+        problems.append(f"aliases {list(schema.aliases)} name one id twice")
     seen = set()
     for inp in schema.inputs:
         if inp.name in seen:
@@ -317,9 +334,11 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
          display_name: str | None = None, description: str | None = None, id: str | None = None,
          output_node: bool = False, not_idempotent: bool = False, version: int = 1,
          fingerprint: Callable[[dict, Any], str | None] | None = None, comfy_export: bool = True,
-         persist=None):
+         persist=None, aliases: Iterable[str] = ()):
     """Class decorator declaring a node. Checks the declaration and adds ComfyUI's V1 attributes.
 
+    ``aliases``: older ids of this node (e.g. the id it had before it was renamed), accepted wherever
+    the id is, with the same cache key; listed as deprecated in ComfyUI and ``/object_info``.
     ``version`` joins the cache key: bump it when the node's results change for the same inputs.
     ``fingerprint(inputs, folders)`` may return a string that joins the cache key (content the
     inputs refer to); inputs with ``file_kind`` are fingerprinted without it.
@@ -344,6 +363,9 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
         where = f"{cls.__module__}.{cls.__qualname__}"
         if not callable(execute):
             raise SchemaError(f"node class {where} has no execute() method")
+        if isinstance(aliases, str):
+            raise SchemaError(f"node class {where}: aliases={aliases!r} is one string, not a tuple of ids.",
+                              value=aliases, kind="alias_string", fix=f"write aliases=({aliases!r},)")
         schema = NodeSchema(
             id=id or cls.__name__,
             display_name=display_name or cls.__name__,
@@ -354,6 +376,7 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
             output_node=output_node,
             not_idempotent=not_idempotent,
             version=version,
+            aliases=tuple(aliases),
             python_module=_comfy_module(cls.__module__),
             fingerprint=fingerprint,
             comfy_export=comfy_export,
@@ -411,30 +434,56 @@ def _comfy_module(module: str) -> str:
 
 
 class NodeRegistry:
-    """Node classes by id. The runtime asks it; users add their own classes with :meth:`register`."""
+    """Node classes by id. The runtime asks it; users add their own classes with :meth:`register`.
+
+    A node's aliases (older ids) resolve to its class everywhere an id is asked for (:meth:`get`,
+    ``in``); iteration gives the ids only."""
 
     def __init__(self, classes: Iterable[type] = ()):
         self._classes: dict[str, type] = {}
+        self._aliases: dict[str, str] = {}
         for cls in classes:
             self.register(cls)
 
     def register(self, cls: type, *, replace: bool = False) -> type:
-        """Add a node class declared with :func:`node`. Usable as a decorator."""
+        """Add a node class declared with :func:`node`. Usable as a decorator.
+
+        An id or alias already taken by another class is a SchemaError naming both (``replace=True``
+        lets a class take the place of the one registered under its id)."""
         schema = getattr(cls, "SCHEMA", None)
         if not isinstance(schema, NodeSchema):
             raise SchemaError(f"{cls!r} is not a node class: decorate it with @node(...) first")
-        if schema.id in self._classes and self._classes[schema.id] is not cls and not replace:
+        old = self._classes.get(schema.id)
+        if old is not None and old is not cls and not replace:
             raise SchemaError(f"node id {schema.id!r} is already registered by "
-                              f"{self._classes[schema.id].__module__}; pick another id or pass replace=True")
+                              f"{old.__module__}; pick another id or pass replace=True")
+        for name in (schema.id, *schema.aliases):
+            owner = self.canonical(name)
+            if owner is not None and owner != schema.id:
+                what = "id" if name == schema.id else "alias"
+                taken = "the id" if owner == name else "an alias"
+                raise SchemaError(f"node {schema.id} ({cls.__module__}): its {what} {name!r} is already {taken} of "
+                                  f"node {owner} ({self._classes[owner].__module__}).", key=name, value=name,
+                                  kind="node_id_taken", fix=f"pick another {what}")
+        if old is not None:
+            self._aliases = {a: cid for a, cid in self._aliases.items() if cid != schema.id}
         self._classes[schema.id] = cls
+        self._aliases.update(dict.fromkeys(schema.aliases, schema.id))
         return cls
 
+    def canonical(self, class_type: str) -> str | None:
+        """The id ``class_type`` names (itself, or the id it is an alias of); None when unknown."""
+        if not isinstance(class_type, str):  # a workflow from a stranger may hold any JSON value here
+            return None
+        return class_type if class_type in self._classes else self._aliases.get(class_type)
+
     def get(self, class_type: str) -> type | None:
-        # A workflow from a stranger may hold any JSON value where a node id belongs.
-        return self._classes.get(class_type) if isinstance(class_type, str) else None
+        """The class of the node ``class_type`` names (an id or an alias); None when unknown."""
+        cid = self.canonical(class_type)
+        return None if cid is None else self._classes[cid]
 
     def __contains__(self, class_type: str) -> bool:
-        return isinstance(class_type, str) and class_type in self._classes
+        return self.canonical(class_type) is not None
 
     def __iter__(self):
         return iter(sorted(self._classes))
@@ -442,17 +491,53 @@ class NodeRegistry:
     def __len__(self) -> int:
         return len(self._classes)
 
+    def aliases(self) -> dict[str, str]:
+        """Every alias and the id it names."""
+        return dict(sorted(self._aliases.items()))
+
     def copy(self) -> "NodeRegistry":
         new = NodeRegistry()
         new._classes = dict(self._classes)
+        new._aliases = dict(self._aliases)
         return new
 
     def object_info(self) -> dict:
-        """All nodes, as ComfyUI's ``GET /object_info`` answers."""
-        return {cid: self._classes[cid].SCHEMA.object_info() for cid in self}
+        """All nodes, as ComfyUI's ``GET /object_info`` answers; each alias as a deprecated node."""
+        info = {cid: self._classes[cid].SCHEMA.object_info() for cid in self}
+        # ComfyUI's "deprecated": its frontend loads such a node in a saved workflow but leaves it out of
+        # the node search (unless the user's "show deprecated" setting is on).
+        info.update({alias: {**info[cid], "name": alias, "deprecated": True,
+                             "display_name": self._classes[cid].SCHEMA.alias_display_name(alias)}
+                     for alias, cid in self.aliases().items()})
+        return dict(sorted(info.items()))
 
     def comfy_mappings(self) -> tuple[dict, dict]:
-        """``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` for ComfyUI."""
-        classes = {cid: self._classes[cid] for cid in self if self._classes[cid].SCHEMA.comfy_export}
-        names = {cid: cls.SCHEMA.display_name for cid, cls in classes.items()}
-        return classes, names
+        """``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` for ComfyUI, aliases included as
+        deprecated classes (:func:`comfy_classes`)."""
+        classes = {}
+        for cid in self:
+            if self._classes[cid].SCHEMA.comfy_export:
+                classes.update(comfy_classes(self._classes[cid]))
+        return classes, comfy_display_names(classes)
+
+
+def comfy_classes(cls: type) -> dict[str, type]:
+    """ComfyUI's V1 mapping entries of node class ``cls``: its id, and each alias as a deprecated
+    subclass (ComfyUI's ``DEPRECATED``: workflows saved with the old id open and run; the node search
+    leaves it out) whose ``ALIAS`` names the id it is placed under."""
+    schema = cls.SCHEMA
+    return {schema.id: cls, **{alias: _deprecated_class(cls, alias) for alias in schema.aliases}}
+
+
+def comfy_display_names(classes: dict[str, type]) -> dict[str, str]:
+    """``NODE_DISPLAY_NAME_MAPPINGS`` for the mapping entries ``classes`` (from :func:`comfy_classes`)."""
+    return {name: cls.SCHEMA.display_name if name == cls.SCHEMA.id else cls.SCHEMA.alias_display_name(name)
+            for name, cls in classes.items()}
+
+
+@functools.cache
+def _deprecated_class(cls: type, alias: str) -> type:
+    # One class per (class, alias): ComfyUI's caches and our queue checks key on the class object.
+    return type(f"{alias}Deprecated", (cls,), {
+        "DEPRECATED": True, "ALIAS": alias, "__module__": cls.__module__,
+        "__doc__": f"{cls.SCHEMA.id} under its old id {alias} (deprecated): {cls.__doc__ or ''}".strip()})

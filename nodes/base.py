@@ -24,7 +24,7 @@ def _base_fingerprint(inputs: dict, f) -> str | None:
     return "|".join(parts) or None
 
 
-@node(category=f"{CATEGORY}/model", display_name="Load Base Model",
+@node(id="LoraLoomLoadBase", aliases=("LoadBase",), category=f"{CATEGORY}/model", display_name="Loom Load Base Model",
       inputs=[Combo("source", list_bases, "tiny-sdxl", tooltip="a built-in preset, a diffusers folder or a "
                     ".safetensors checkpoint under the models folder"),
               Combo("config", list_config_folders, "auto", tooltip="single-file checkpoints only: the diffusers "

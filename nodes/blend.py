@@ -11,7 +11,8 @@ from .common import CATEGORY, LORA, MODEL, model_pool, same_base, weight_input
 EXTRA = (2, 3, 4)
 
 
-@node(category=f"{CATEGORY}/lora", display_name="Weighted Blend (set_adapters)",
+@node(id="LoraLoomWeightedBlend", aliases=("WeightedBlend",), category=f"{CATEGORY}/lora",
+      display_name="Loom Weighted Blend (set_adapters)",
       inputs=[Link("model", MODEL), Link("lora", LORA),
               weight_input("weight", "the LoRA's weight on the UNet or transformer (negative works)"),
               weight_input("text_encoder_weight", "the LoRA's weight on the text encoder(s)"),

@@ -8,7 +8,8 @@ from .pipeline import save_fused
 
 
 # Not "CheckpointSave": that id is ComfyUI core's, and ComfyUI drops pack nodes whose id core has.
-@node(category=f"{CATEGORY}/model", display_name="Save Single-File Checkpoint", output_node=True,
+@node(id="LoraLoomSaveCheckpoint", aliases=("SaveCheckpoint",), category=f"{CATEGORY}/model",
+      display_name="Loom Save Single-File Checkpoint", output_node=True,
       inputs=[Link("model", MODEL), String("filename_prefix", "checkpoints/loraloom")], outputs=[])
 class SaveCheckpoint:
     """The model with every LoRA of the recipe fused in, as one .safetensors checkpoint with the

@@ -8,7 +8,7 @@ from ..graph_runtime import Boolean, Combo, InputError, Link, Output, String, no
 from .common import CATEGORY, MODEL, same_base, weight_input
 
 
-@node(category=f"{CATEGORY}/model", display_name="Fuse LoRAs",
+@node(id="LoraLoomFuse", aliases=("Fuse",), category=f"{CATEGORY}/model", display_name="Loom Fuse LoRAs",
       inputs=[Link("model", MODEL),
               weight_input("lora_scale",
                            tooltip="multiplies the LoRAs being fused (only those: unlike diffusers, the others keep "
@@ -38,7 +38,8 @@ class Fuse:
         return {"ui": {"text": [recipe.describe()]}, "result": (recipe,)}
 
 
-@node(category=f"{CATEGORY}/model", display_name="Compile (torch.compile)",
+@node(id="LoraLoomCompile", aliases=("Compile",), category=f"{CATEGORY}/model",
+      display_name="Loom Compile (torch.compile)",
       inputs=[Link("model", MODEL),
               Combo("mode", ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], "default"),
               Boolean("fullgraph", False), Boolean("dynamic", False),

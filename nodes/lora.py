@@ -10,7 +10,7 @@ from .common import CATEGORY, LORA, check_prefix, expand_prefix, folders, list_l
 SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
-@node(category=f"{CATEGORY}/lora", display_name="Load LoRA",
+@node(id="LoraLoomLoadLoRA", aliases=("LoadLoRA",), category=f"{CATEGORY}/lora", display_name="Loom Load LoRA",
       inputs=[Combo("lora_name", list_loras, tooltip="a .safetensors LoRA in the LoRA folders (kohya, diffusers, "
                     "peft, LyCORIS LoHa/LoKr), or one saved into the output folder's loras/ ('... [output]')",
                     file_kind="loras")],
@@ -69,7 +69,8 @@ def cast_lora(lora, dtype):
     return lora.replace(components=components)
 
 
-@node(category=f"{CATEGORY}/lora", display_name="Save LoRA", output_node=True,
+@node(id="LoraLoomSaveLoRA", aliases=("SaveLoRA",), category=f"{CATEGORY}/lora", display_name="Loom Save LoRA",
+      output_node=True,
       inputs=[Link("lora", LORA), String("filename_prefix", "loras/loraloom"),
               Combo("format", ["kohya", "diffusers"], "kohya", tooltip="kohya: what A1111 and ComfyUI load; "
                     "diffusers: what pipe.load_lora_weights loads"),

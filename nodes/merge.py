@@ -49,7 +49,8 @@ def _inputs():
     return inputs
 
 
-@node(category=f"{CATEGORY}/lora", display_name="Merge LoRAs (add_weighted_adapter)",
+@node(id="LoraLoomPeftMerge", aliases=("PeftMerge",), category=f"{CATEGORY}/lora",
+      display_name="Loom Merge LoRAs (add_weighted_adapter)",
       inputs=_inputs(), outputs=[Output(LORA, "lora")],
       # A merge takes seconds to minutes at real sizes and is pure: kept on disk for the next process.
       persist=LoRAResults(__file__))

@@ -6,7 +6,8 @@ from ..graph_runtime import Link, String, current_context, node
 from .common import CATEGORY, MODEL, check_prefix, expand_prefix, model_pool, new_output, output_ref
 
 
-@node(category=f"{CATEGORY}/model", display_name="Save Pipeline", output_node=True,
+@node(id="LoraLoomSavePipeline", aliases=("SavePipeline",), category=f"{CATEGORY}/model",
+      display_name="Loom Save Pipeline", output_node=True,
       inputs=[Link("model", MODEL), String("filename_prefix", "pipelines/loraloom")], outputs=[])
 class SavePipeline:
     """save_pretrained of the model with every LoRA of the recipe fused in, as a new folder under the

@@ -153,7 +153,7 @@ def sampling_problems(arch: str, inputs: dict) -> dict[str, InputError]:
     return problems
 
 
-@node(category=f"{CATEGORY}/sampling", display_name="Sample",
+@node(id="LoraLoomSample", aliases=("Sample",), category=f"{CATEGORY}/sampling", display_name="Loom Sample",
       inputs=[Link("model", MODEL),
               String("prompt", "a photo of a cat", multiline=True),
               String("negative_prompt", "", multiline=True),

@@ -86,7 +86,8 @@ def stack_grids(paths: list):
     return torch.from_numpy(batch.astype(np.float32) / 255.0)
 
 
-@node(id="SweepGrid", category=f"{CATEGORY}/sweep", display_name="Sweep Grid", output_node=True,
+@node(id="LoraLoomSweepGrid", aliases=("SweepGrid",), category=f"{CATEGORY}/sweep", display_name="Loom Sweep Grid",
+      output_node=True,
       inputs=[Link("images", IMAGE, lazy=True, tooltip="the image each cell renders: the nodes upstream of it "
                    "run once per cell, with that cell's values set"),
               String("x_axis", "", multiline=True, tooltip="the grid's columns: " + _AXIS_TIP),

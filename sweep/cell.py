@@ -17,8 +17,9 @@ from ..nodes.image import image_uint8
 
 # The output nodes whose input image a sweep takes as the cell's image (ComfyUI's and our stand-ins).
 IMAGE_OUTPUTS = {"SaveImage": "images", "PreviewImage": "images"}
-# Nodes whose UI output (their report) the manifest keeps for each cell.
-REPORT_NODES = {"PeftMerge"}
+# Nodes whose UI output (their report) the manifest keeps for each cell (ids: compare a prompt's
+# class_type through the registry, which resolves an older id to its node's).
+REPORT_NODES = {"LoraLoomPeftMerge"}
 
 
 @dataclass(frozen=True)

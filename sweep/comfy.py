@@ -19,6 +19,7 @@ import copy
 import json
 
 from ..graph_runtime import Input, Output, String, current_context, is_link, node
+from ..graph_runtime.schema import comfy_classes, comfy_display_names
 from ..graph_runtime.workflow import apply_overrides
 from ..nodes import registry
 from ..nodes.common import CATEGORY, IMAGE, output_ref
@@ -58,7 +59,7 @@ class ComfySweepGrid(SweepGrid):
                         k: [prefix + str(v[0]), v[1]] if is_link(v) else v for k, v in entry["inputs"].items()}}
             links[CELL_INPUT.format(index)] = [prefix + source, slot]
         definition = json.dumps({"spec": spec.to_json(), "prompt": cells}, default=str)
-        graph[f"{uid}.grid"] = {"class_type": "SweepGridCells", "inputs": {"definition": definition, **links}}
+        graph[f"{uid}.grid"] = {"class_type": SweepGridCells.SCHEMA.id, "inputs": {"definition": definition, **links}}
         return {"expand": graph, "result": ([f"{uid}.grid", 0],)}
 
 
@@ -92,7 +93,8 @@ def comfy_typed(spec: SweepSpec, cells: dict) -> SweepSpec:
     return SweepSpec(tuple(axes))
 
 
-@node(id="SweepGridCells", category=f"{CATEGORY}/sweep", display_name="Sweep Grid cells (inside ComfyUI)",
+@node(id="LoraLoomSweepGridCells", aliases=("SweepGridCells",), category=f"{CATEGORY}/sweep",
+      display_name="Loom Sweep Grid cells (inside ComfyUI)",
       inputs=[String("definition", multiline=True, tooltip="the sweep (axes and the cells' workflow) as JSON")],
       outputs=[Output(IMAGE, "grid")])
 class SweepGridCells:
@@ -118,6 +120,7 @@ class SweepGridCells:
 
 
 def comfy_nodes() -> tuple[dict, dict]:
-    """The classes ComfyUI takes for SweepGrid and its cells node, and their display names."""
-    classes = {"SweepGrid": ComfySweepGrid, "SweepGridCells": SweepGridCells}
-    return classes, {k: cls.SCHEMA.display_name for k, cls in classes.items()}
+    """The classes ComfyUI takes for SweepGrid and its cells node (old ids as deprecated classes), and
+    their display names."""
+    classes = {**comfy_classes(ComfySweepGrid), **comfy_classes(SweepGridCells)}
+    return classes, comfy_display_names(classes)

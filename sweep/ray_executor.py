@@ -41,7 +41,7 @@ from .executor import SweepJob
 
 # Inputs that name a file or folder under the models folder but may also hold a value that names
 # none (LoadBase's built-in presets, config "auto"): shipped when the driver finds them there.
-MODEL_FILE_INPUTS = {"LoadBase": ("source", "config")}
+MODEL_FILE_INPUTS = {"LoraLoomLoadBase": ("source", "config")}
 SHIPPED = ".loraloom-shipped"
 # A local cluster this executor starts: a small object store (Ray spills what does not fit to disk;
 # its default, 30% of RAM, is far more than images and LoRA files need).
@@ -100,7 +100,8 @@ def _file_inputs(prompt: dict, registry) -> Iterator[tuple[str, str, str, str]]:
         cls = registry.get(node.get("class_type"))
         inputs = node.get("inputs", {})
         named = {inp.name: inp.file_kind for inp in cls.SCHEMA.inputs if inp.file_kind} if cls else {}
-        named.update({name: "models" for name in MODEL_FILE_INPUTS.get(node.get("class_type"), ())})
+        model_inputs = MODEL_FILE_INPUTS.get(registry.canonical(node.get("class_type")), ())
+        named.update({name: "models" for name in model_inputs})
         for name, kind in named.items():
             value = inputs.get(name)
             if isinstance(value, str) and value and not is_link(value):

@@ -324,7 +324,7 @@ def plan(runtime: Runtime, workflow, spec: SweepSpec | None = None, **axes) -> S
         raise WorkflowError(f"{wf.source}: no SaveImage or PreviewImage fed by an image: a sweep has nothing to "
                             "draw", file=wf.source, kind="sweep_no_image",
                             fix="add a SaveImage after the sampler")
-    reports = tuple(nid for nid, node in wf.prompt.items() if node["class_type"] in REPORT_NODES)
+    reports = tuple(nid for nid, node in wf.prompt.items() if runtime.registry.canonical(node["class_type"]) in REPORT_NODES)
     cells, failures, state = [], [], {}
     for index, coords in enumerate(spec.coords()):
         overrides = spec.overrides(coords)

@@ -214,7 +214,7 @@ def test_queue_check_passes_good_values_and_skips_linked_ones(comfy_like_folders
 
     for node_id, cls in loraloom.NODE_CLASS_MAPPINGS.items():
         values = _widget_defaults(cls)
-        if node_id == "LoadLoRA":
+        if cls.SCHEMA.id == "LoraLoomLoadLoRA":
             values["lora_name"] = comfy_like_folders["tiny-sd15/kohya"]
         assert cls.VALIDATE_INPUTS(**values) is True, f"{node_id} with its defaults: {cls.VALIDATE_INPUTS(**values)}"
     sample = loraloom.NODE_CLASS_MAPPINGS["Sample"]

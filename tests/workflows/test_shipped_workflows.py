@@ -37,7 +37,7 @@ def test_blend_runs_headless_and_embeds_the_workflow(tmp_path, monkeypatch, caps
     png = tmp_path / "output" / "blend_00001_.png"
     assert png.is_file(), "the default output folder is ./output"
     text = Image.open(png).text
-    assert json.loads(text["prompt"])["4"]["class_type"] == "WeightedBlend"
+    assert json.loads(text["prompt"])["4"]["class_type"] == "LoraLoomWeightedBlend"
     assert json.loads(text["workflow"])["version"] == 0.4, "a UI workflow is embedded as ComfyUI does"
 
 
@@ -51,7 +51,7 @@ def test_sweep_grid_runs_headless_and_saves_the_grid(tmp_path, monkeypatch, caps
     assert len(list((sweep / "cells").iterdir())) == 6 and (sweep / "manifest.jsonl").is_file()
     with Image.open(sweep / "grid.png") as grid, Image.open(tmp_path / "output" / "sweep_grid_00001_.png") as saved:
         assert grid.size == saved.size and grid.width > 3 * 64, "the saved grid is the sweep's, 3 x 2 cells"
-        assert json.loads(saved.text["prompt"])["6"]["class_type"] == "SweepGrid", "it embeds the sweep workflow"
+        assert json.loads(saved.text["prompt"])["6"]["class_type"] == "LoraLoomSweepGrid", "it embeds the sweep workflow"
 
 
 def test_demo_loras_stay_out_of_a_users_lora_list(tmp_path):
