@@ -32,8 +32,9 @@ def test_import_is_cheap_and_torch_free():
 def test_mappings_under_another_package_name():
     pack = load_as_comfyui_does()
     mappings = pack.NODE_CLASS_MAPPINGS
-    for node_id in ("LoadBase", "LoadLoRA", "WeightedBlend", "PeftMerge", "Fuse", "Compile", "Sample", "SaveLoRA",
-                    "SavePipeline", "SaveCheckpoint"):
+    old_ids = ("LoadBase", "LoadLoRA", "WeightedBlend", "PeftMerge", "Fuse", "Compile", "Sample", "SaveLoRA",
+               "SavePipeline", "SaveCheckpoint")
+    for node_id in old_ids + tuple("LoraLoom" + old for old in old_ids):  # old ids: deprecated aliases
         assert node_id in mappings, f"{node_id} missing from NODE_CLASS_MAPPINGS"
         cls = mappings[node_id]
         assert cls.CATEGORY.startswith("LoRA Loom"), cls.CATEGORY

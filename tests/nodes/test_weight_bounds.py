@@ -7,10 +7,10 @@ from loraloom.nodes import registry
 from loraloom.nodes.common import MAX_WEIGHT
 
 WEIGHTS = {
-    "WeightedBlend": ("weight", "text_encoder_weight", "weight_2", "weight_3", "weight_4"),
-    "PeftMerge": ("weight_a", "weight_b", "weight_c", "weight_d"),
-    "Fuse": ("lora_scale",),
-    "Sample": ("lora_scale",),
+    "LoraLoomWeightedBlend": ("weight", "text_encoder_weight", "weight_2", "weight_3", "weight_4"),
+    "LoraLoomPeftMerge": ("weight_a", "weight_b", "weight_c", "weight_d"),
+    "LoraLoomFuse": ("lora_scale",),
+    "LoraLoomSample": ("lora_scale",),
 }
 
 

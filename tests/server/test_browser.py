@@ -110,8 +110,8 @@ class Editor:
         page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url} {r.failure}")
                 if ours(r.url) else None)
 
-    def load(self, name: str) -> None:
-        workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    def load(self, name: str, folder: Path = WORKFLOWS) -> None:
+        workflow = json.loads((folder / f"{name}.json").read_text())
         self.page.evaluate("async wf => { await window.app.loadGraphData(wf) }", workflow)
 
     def missing_node_types(self) -> list[str]:
@@ -175,8 +175,9 @@ def editor(browser, tmp_path_factory):
 def test_the_editor_starts_with_no_error_of_ours(editor):
     assert editor.page.title(), "the page has loaded"
     registered = editor.page.evaluate("Object.keys(window.LiteGraph.registered_node_types)")
-    assert {"LoadBase", "LoadLoRA", "WeightedBlend", "PeftMerge", "Fuse", "Compile", "Sample", "SaveImage"} \
-        <= set(registered), "our nodes come from /object_info"
+    old = {"LoadBase", "LoadLoRA", "WeightedBlend", "PeftMerge", "Fuse", "Compile", "Sample"}
+    assert {"LoraLoom" + i for i in old} | {"SaveImage"} <= set(registered), "our nodes come from /object_info"
+    assert old <= set(registered), "the old ids too, so workflows saved with them open"
     assert editor.problems == [], "the page reported errors:\n" + "\n".join(editor.problems)
     assert editor.foreign == [], f"the page asked beyond this server: {editor.foreign}"
 
@@ -188,6 +189,22 @@ def test_each_shipped_workflow_loads_with_every_node_type(editor, name):
     page = editor.runtime.validate({"prompt": editor.page_prompt()})
     shipped = editor.runtime.validate(WORKFLOWS / f"{name}_api.json")
     assert page.nodes == shipped.nodes, f"{name}: what the editor queues must mean what the API file means"
+    assert editor.problems == [], "\n".join(editor.problems)
+
+
+def test_a_workflow_saved_with_the_old_ids_opens_and_its_nodes_are_deprecated(editor):
+    old_ids = Path(__file__).resolve().parents[1] / "workflows" / "old_ids"
+    editor.load("blend", old_ids)
+    assert editor.missing_node_types() == [], "the old ids are node types the editor knows"
+    prompt = editor.page_prompt()
+    assert prompt["5"]["class_type"] == "Sample", "the editor keeps the id the file has"
+    assert editor.runtime.validate({"prompt": prompt}).nodes == editor.runtime.validate(old_ids / "blend_api.json").nodes
+    # the frontend's node search leaves out a node type whose definition says deprecated
+    deprecated = editor.page.evaluate("""names => names.map(n => [n,
+        window.LiteGraph.registered_node_types[n]?.nodeData?.deprecated === true])""",
+                                      ["Sample", "LoadLoRA", "LoraLoomSample", "LoraLoomLoadLoRA"])
+    assert deprecated == [["Sample", True], ["LoadLoRA", True], ["LoraLoomSample", False],
+                          ["LoraLoomLoadLoRA", False]]
     assert editor.problems == [], "\n".join(editor.problems)
 
 

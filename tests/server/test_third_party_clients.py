@@ -73,10 +73,10 @@ def test_queue_wait_on_the_websocket_and_fetch_the_images(server_url, name, size
 
     api = ComfyApiWrapper(server_url)
     workflow = ComfyWorkflowWrapper(str(WORKFLOWS / f"{name}_api.json"))
-    assert {"Load Base Model", "Sample", "Save Image"} <= set(workflow.list_nodes()), "every node has a title"
-    workflow.set_node_param("Sample", "steps", 2)
-    workflow.set_node_param("Sample", "width", size[0])
-    workflow.set_node_param("Sample", "height", size[1])
+    assert {"Loom Load Base Model", "Loom Sample", "Save Image"} <= set(workflow.list_nodes()), "every node has a title"
+    workflow.set_node_param("Loom Sample", "steps", 2)
+    workflow.set_node_param("Loom Sample", "width", size[0])
+    workflow.set_node_param("Loom Sample", "height", size[1])
     workflow.set_node_param("Save Image", "filename_prefix", f"client/{name}")
 
     images = api.queue_and_wait_images(workflow, "Save Image")  # POST /prompt, /ws, /history, /view
@@ -86,7 +86,7 @@ def test_queue_wait_on_the_websocket_and_fetch_the_images(server_url, name, size
     assert filename.startswith(f"{name}_") and filename.endswith(".png"), filename
     image = Image.open(io.BytesIO(data))
     assert (image.format, image.size) == ("PNG", size)
-    (sample,) = [n for n in json.loads(image.text["prompt"]).values() if n["class_type"] == "Sample"]
+    (sample,) = [n for n in json.loads(image.text["prompt"]).values() if n["class_type"] == "LoraLoomSample"]
     assert (sample["inputs"]["steps"], sample["inputs"]["width"], sample["inputs"]["height"]) == (2, *size), \
         "the values the client set by title are the ones that ran"
 
@@ -104,7 +104,7 @@ def test_the_other_calls_of_comfy_api_simplified(server_url):
     assert api.get_embeddings() == []
     api.interrupt()  # a POST without a body or a Content-Type
     workflow = ComfyWorkflowWrapper(str(WORKFLOWS / "blend_api.json"))
-    workflow.set_node_param("Sample", "width", 130)  # not a multiple of 8: refused when queued
+    workflow.set_node_param("Loom Sample", "width", 130)  # not a multiple of 8: refused when queued
     with pytest.raises(ComfyApiError, match="400"):
         api.queue_prompt(workflow)
 
@@ -115,7 +115,7 @@ def test_comfy_toolkit_tracks_a_run_over_a_websocket_that_sends_an_origin(server
 
     client = comfy_toolkit.ComfyClient(server_url)
     workflow = client.load_workflow(WORKFLOWS / "blend_api.json")
-    (sample,) = comfy_toolkit.find_nodes_by_title(workflow, "Sample")
+    (sample,) = comfy_toolkit.find_nodes_by_title(workflow, "Loom Sample")
     workflow[sample]["inputs"].update(steps=2, width=64, height=64)
     comfy_toolkit.set_filename_prefix(workflow, "toolkit/blend")
 

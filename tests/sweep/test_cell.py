@@ -38,7 +38,7 @@ def test_cell_returns_the_image_the_workflow_saves_and_writes_nothing(rt):
 
 def test_a_failing_cell_is_a_result_naming_the_node(rt):
     prompt = load_workflow(WORKFLOW, rt.registry).prompt
-    lora = next(nid for nid, n in prompt.items() if n["class_type"] == "LoadLoRA")
+    lora = next(nid for nid, n in prompt.items() if n["class_type"] == "LoraLoomLoadLoRA")
     prompt[lora]["inputs"]["lora_name"] = "no-such.safetensors"
     result = run_cell(rt, Cell(3, (1,), {}, prompt, image_sources(prompt)))
     assert not result.ok and result.index == 3
