@@ -426,8 +426,8 @@ def lines_first_image(f: dict) -> list:
                     f"{w['wall_s'] / f['floor_s']:.3g}x the floor", f"< {f['target_s']:.0f} s",
                     PASS if w["wall_s"] < f["target_s"] else MISS))
     w, one = f["workflows"]["blend"], f["workflows"]["blend_1_thread"]
-    sample = next((s for node, s in w["nodes_s"].items() if node.endswith(" Sample")), math.nan)
-    base = next((s for node, s in w["nodes_s"].items() if node.endswith(" LoadBase")), math.nan)
+    sample = next((s for node, s in w["nodes_s"].items() if node.endswith((" Sample", " LoraLoomSample"))), math.nan)
+    base = next((s for node, s in w["nodes_s"].items() if node.endswith((" LoadBase", " LoraLoomLoadBase"))), math.nan)
     out += [("blend: to the first node / LoadBase / Sample / exit",
              " / ".join(_fmt(x, "s") for x in (w["to_start_s"], base, sample, w["exit_s"])), "", "", INFO, INFO),
             ("blend with OMP_NUM_THREADS=1", _fmt(one["wall_s"], "s"), f"torch's threads {_fmt(w['wall_s'], 's')}",

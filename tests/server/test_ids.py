@@ -27,10 +27,11 @@ async def test_object_info_lists_old_ids_as_deprecated_and_prompt_runs_them(serv
         assert one["Sample"]["deprecated"] is True and one["Sample"]["input"] == info["LoraLoomSample"]["input"]
 
         first = await server.submit(prompt("LoadBase", "Sample"))
-        history = await server.wait_done(first["prompt_id"], timeout=120)
-        assert history["status"]["status_str"] == "success", history["status"]
+        done = await server.wait_done(first["prompt_id"], timeout=120)
+        assert done["status"]["status_str"] == "success", done["status"]
         assert ran[first["prompt_id"]] == ["1", "2", "3"], "the old ids ran"
         again = await server.submit(prompt())
-        history = await server.wait_done(again["prompt_id"], timeout=120)
-        assert history["status"]["status_str"] == "success", history["status"]
-        assert ran.get(again["prompt_id"], []) == ["3"], "the new ids find the old ids' results cached"
+        cached = await server.wait_done(again["prompt_id"], timeout=120)
+        assert cached["status"]["status_str"] == "success", cached["status"]
+        assert ran.get(again["prompt_id"], []) == [], "the new ids find every result of the old ids cached"
+        assert cached["outputs"] == done["outputs"] and done["outputs"]["3"]["images"]
