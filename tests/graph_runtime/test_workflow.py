@@ -90,13 +90,6 @@ def test_dict_widgets_values_and_dangling_link(stubs):
         load_workflow(ui, stubs.registry)
 
 
-def test_subgraphs_are_refused_with_a_fix(stubs):
-    ui = editor_ui()
-    ui["definitions"] = {"subgraphs": [{"id": "abc"}]}
-    with pytest.raises(WorkflowError, match="Unpack Subgraph"):
-        load_workflow(ui, stubs.registry)
-
-
 @pytest.mark.parametrize("bad,fragment", [
     ([1, 2], "not list"),
     ({"1": 5}, "expected an object with 'class_type'"),
