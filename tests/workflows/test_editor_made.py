@@ -1,0 +1,84 @@
+"""Workflows made in the shipped editor (tests/workflows/editor/, re-made by tests/server/test_browser.py):
+a nested subgraph with a promoted widget, a bypassed node and native reroutes; one subgraph used twice
+with its promoted widget set differently, a bypassed subgraph node, a legacy Reroute and PrimitiveNode and a
+muted node. Each is stored as the editor's Save writes it (a 0.4 root, 1.0 subgraph definitions) and in the
+1.0 schema, with the prompt the editor queued for it: our conversion must give exactly that prompt, and it
+runs headless from the CLI and from Python."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraloom import Runtime
+from loraloom.cli import main
+from loraloom.graph_runtime.workflow import load_workflow, ui_to_api
+
+EDITOR = Path(__file__).resolve().parent / "editor"
+DEMO_LORAS = Path(__file__).resolve().parents[2] / "workflows" / "loras"  # demo-a and demo-b
+NAMES = sorted(p.stem.removesuffix("_prompt") for p in EDITOR.glob("*_prompt.json"))
+FORMS = {"saved": "", "1.0": "_v1"}
+SMALL = {"5.steps": 2, "5.width": 64, "5.height": 64}  # Sample is node 5 at the root of each
+
+
+def _prompt(name: str) -> dict:
+    return json.loads((EDITOR / f"{name}_prompt.json").read_text())
+
+
+def test_the_editor_made_files_cover_what_they_should():
+    assert NAMES == ["subgraph_nested", "subgraph_twice"], NAMES
+    nested = json.loads((EDITOR / "subgraph_nested_v1.json").read_text())
+    assert nested["version"] == 1 and isinstance(nested["links"][0], dict) and nested["reroutes"], \
+        "the 1.0 schema: object links and native reroutes at the root"
+    assert any(link.get("parentId") for link in nested["links"]), "a link runs through a native reroute"
+    assert len(nested["definitions"]["subgraphs"]) == 2, "one subgraph nested in another"
+    saved = json.loads((EDITOR / "subgraph_nested.json").read_text())
+    assert saved["version"] == 0.4 and saved["extra"]["reroutes"] and saved["extra"]["linkExtensions"], \
+        "the editor's Save: a 0.4 root keeps native reroutes in extra"
+    assert {"8:4", "8:9:2", "8:9:3"} <= set(_prompt("subgraph_nested")), "ids of nodes inside (nested) subgraphs"
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+def test_our_conversion_is_the_prompt_the_editor_queued(name, form):
+    rt = Runtime(demo_loras=True)
+    ui = json.loads((EDITOR / f"{name}{FORMS[form]}.json").read_text())
+    assert ui_to_api(ui, rt.registry) == _prompt(name), f"{name} ({form})"
+    assert load_workflow(EDITOR / f"{name}{FORMS[form]}.json", rt.registry).prompt == _prompt(name)
+
+
+def test_what_the_editor_resolved_in_the_files():
+    """The facts the captured prompts hold, stated: a promoted widget's value is the subgraph node's, a
+    widget that is not promoted keeps the inner node's, a bypassed node and a bypassed subgraph node pass
+    their input on, each instance of a subgraph gets its own ids and values, a PrimitiveNode's value
+    arrives through its link, a legacy Reroute is followed and a muted node is left out."""
+    nested, twice = _prompt("subgraph_nested"), _prompt("subgraph_twice")
+    blend = nested["8:4"]["inputs"]
+    assert (blend["weight"], blend["text_encoder_weight"]) == (0.5, 0.7)
+    assert nested["5"]["inputs"]["model"] == ["8:4", 0], "the bypassed Fuse inside the subgraph is passed through"
+    assert (blend["lora"], blend["lora_2"]) == (["8:9:2", 0], ["8:9:3", 0])
+    assert blend["model"] == ["1", 0], "a link into the subgraph through a native reroute"
+    assert {k: v["inputs"]["lora_name"] for k, v in twice.items() if v["class_type"] == "LoadLoRA"} == \
+        {"7:2": "demo-a.safetensors", "8:2": "demo-b.safetensors"}
+    assert twice["4"]["inputs"]["model"] == ["1", 0], "the bypassed subgraph node passes the base through"
+    assert twice["5"]["inputs"]["seed"] == 7 and twice["6"]["inputs"]["images"] == ["5", 0]
+    assert not any(v["class_type"] in ("PreviewImage", "Fuse") for v in twice.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_editor_made_workflows_run_headless(name, tmp_path, monkeypatch, capsys):
+    """The 1.0 file through the CLI (validate, run), then the captured prompt and the editor's saved file
+    from Python in one Runtime: they are one graph, so the second run is a cache hit."""
+    monkeypatch.chdir(tmp_path)
+    path = EDITOR / f"{name}_v1.json"
+    loras = ["--lora-dir", str(DEMO_LORAS)]
+    assert main(["validate", str(path), *loras]) == 0, capsys.readouterr().err
+    sets = [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
+    assert main(["run", str(path), "--no-progress", *loras, *sets]) == 0, capsys.readouterr().err
+    assert list((tmp_path / "output").glob("blend_*.png")), "the SaveImage of the 1.0 file wrote its image"
+    rt = Runtime(demo_loras=True, output_dir=tmp_path / "py")
+    first = rt.run({"prompt": _prompt(name)}, SMALL)
+    assert "5" in first.executed and any(":" in node for node in first.executed), first.executed
+    again = rt.run(EDITOR / f"{name}.json", SMALL)
+    assert again.executed == [] and again.cached == ["6"], \
+        "the editor's saved file is the same graph as the prompt it queued: its output is a cache hit"
