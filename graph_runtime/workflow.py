@@ -10,9 +10,11 @@ value the editor stores after some widgets is skipped (files with and without it
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import struct
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -784,8 +786,9 @@ def _inflate(data: bytes, path: Path, key: str) -> bytearray:
 
 
 def api_to_ui(prompt: dict, registry: NodeRegistry) -> dict:
-    """An editor (UI-format, version 0.4) graph for an API-format prompt, laid out in columns by depth,
-    so API workflows open in ComfyUI's editor. ``ui_to_api`` of the result gives the prompt back."""
+    """An editor graph in the 1.0 schema (object links, ``state``; the shipped editor loads it) for an
+    API-format prompt, laid out in columns by depth, so API workflows open in ComfyUI's editor.
+    ``ui_to_api`` of the result gives the prompt back."""
     prompt = check_api(prompt)
     ids = {nid: (int(nid) if nid.isdigit() else None) for nid in prompt}
     next_id = max([i for i in ids.values() if i is not None] + [0]) + 1
@@ -815,7 +818,8 @@ def api_to_ui(prompt: dict, registry: NodeRegistry) -> dict:
             if is_link(value):
                 link_id = len(links) + 1
                 src = str(value[0])
-                links.append([link_id, ids.get(src, src), value[1], ids[nid], len(inputs), inp.type])
+                links.append({"id": link_id, "origin_id": ids.get(src, src), "origin_slot": value[1],
+                              "target_id": ids[nid], "target_slot": len(inputs), "type": inp.type})
                 out_links.setdefault((src, value[1]), []).append(link_id)
                 socket = {"name": inp.name, "type": inp.type, "link": link_id}
                 if inp.is_widget:
@@ -839,6 +843,11 @@ def api_to_ui(prompt: dict, registry: NodeRegistry) -> dict:
         outs = cls.SCHEMA.outputs if cls else []
         node["outputs"] = [{"name": o.name or o.type, "type": o.type, "links": out_links.get((nid, i)) or None,
                             "slot_index": i} for i, o in enumerate(outs)]
-    return {"last_node_id": max(ids.values(), default=0), "last_link_id": len(links),
-            "nodes": [n for _, n, _ in nodes], "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+    # A graph id the editor keeps (it makes one up for a file without): derived from the prompt, so
+    # converting the same prompt twice writes the same file.
+    graph_id = uuid.uuid5(uuid.NAMESPACE_URL, "loraloom:" + json.dumps(prompt, sort_keys=True, default=str))
+    return {"id": str(graph_id), "revision": 0, "version": 1,
+            "state": {"lastNodeId": max(ids.values(), default=0), "lastLinkId": len(links), "lastGroupId": 0,
+                      "lastRerouteId": 0},
+            "nodes": [n for _, n, _ in nodes], "links": links, "groups": [], "reroutes": [], "config": {},
+            "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}}

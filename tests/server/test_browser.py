@@ -522,6 +522,43 @@ def test_the_editor_made_workflows_are_remade_as_stored(editor, name):
     assert editor.problems == [], "\n".join(editor.problems)
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_converted_api_workflow_opens_in_the_editor_in_the_1_0_schema(editor, name):
+    """`loraloom convert --to ui` writes the 1.0 schema: the page loads it with no error and no missing
+    node, and queues exactly the prompt our converter reads from the file, which means the API file."""
+    from loraloom.graph_runtime.workflow import api_to_ui, ui_to_api
+
+    registry = editor.runtime.registry
+    api = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    ui = api_to_ui(api, registry)
+    assert ui["version"] == 1
+    queued = load_and_queue(editor, ui)
+    assert queued == ui_to_api(ui, registry), f"{name}: the page and our converter read the 1.0 file alike"
+    assert editor.runtime.validate({"prompt": queued}).nodes == editor.runtime.validate(api).nodes, name
+    assert editor.problems == [], "\n".join(editor.problems)
+
+
+def test_an_editor_made_subgraph_workflow_runs_on_our_server(editor):
+    """Queued from the page for real: our server validates and runs the ids it gets ("7:2", "8:2")."""
+    editor.page.evaluate("window.app.rootGraph.clear()")
+    workflow = json.loads((EDITOR_MADE / "subgraph_twice.json").read_text())
+    for node in workflow["nodes"]:  # small, so it runs in seconds
+        if node["type"] == "Sample":
+            node["widgets_values"][4:8] = [2, 5.0, 64, 64]
+    editor.page.evaluate("async wf => { await window.app.loadGraphData(wf) }", workflow)
+    store = editor.server.app[STATE].store
+    before = len(store.history())
+    assert editor.page.evaluate("window.app.queuePrompt(0, 1)") is not False, "the page queued the prompt"
+    for _ in range(12_000):  # a minute at most
+        if len(store.history()) > before:
+            break
+        time.sleep(0.005)
+    last = store.history()[-1]
+    assert last.status == "success", last.messages
+    assert {"7:2", "8:2"} <= set(last.prompt), "the nodes inside the two subgraph instances ran under their ids"
+    assert editor.problems == [], "\n".join(editor.problems)
+
+
 def _remake() -> None:
     """Write tests/workflows/editor/ from the editor (run this file as a script)."""
     import tempfile
