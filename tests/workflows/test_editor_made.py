@@ -82,3 +82,16 @@ def test_the_editor_made_workflows_run_headless(name, tmp_path, monkeypatch, cap
     again = rt.run(EDITOR / f"{name}.json", SMALL)
     assert again.executed == [] and again.cached == ["6"], \
         "the editor's saved file is the same graph as the prompt it queued: its output is a cache hit"
+
+
+def test_a_sweep_on_the_editor_made_file_targets_nodes_inside_subgraphs(tmp_path, capsys):
+    """`loraloom sweep` on the saved UI file: an axis names a node inside a nested subgraph by the id the
+    editor gives it ("8:4", the WeightedBlend in the outer subgraph)."""
+    path = EDITOR / "subgraph_nested.json"
+    sets = [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
+    common = [str(path), "--lora-dir", str(DEMO_LORAS), "--output-dir", str(tmp_path / "out"), "--no-progress", *sets]
+    assert main(["sweep", *common, "--axis", "8:4.weight=0,1"]) == 0, capsys.readouterr().err
+    assert "2 of 2 cells (2 run, 0 finished before, 0 failed)" in capsys.readouterr().out
+    (folder,) = (tmp_path / "out" / "sweeps").iterdir()
+    records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert sorted((r["overrides"]["8:4.weight"], r["status"]) for r in records) == [(0, "ok"), (1, "ok")], records
