@@ -91,6 +91,14 @@ def locate_in_workflow(data, path: list, registry: NodeRegistry) -> dict | None:
         data, path = data["prompt"], path[1:]
     if not isinstance(data, dict) or len(path) < 2:
         return None
+    if path[:2] == ["definitions", "subgraphs"] and len(path) >= 5 and path[3] == "nodes":
+        # A node of a subgraph definition: its id there and its class (each instance gives it another
+        # prompt id, so the input is left to the JSON path, which names the subgraph too).
+        try:
+            node = data["definitions"]["subgraphs"][path[2]]["nodes"][path[4]]
+        except (KeyError, IndexError, TypeError):
+            return None
+        return {"node": str(node.get("id")), "class_type": node.get("type")} if isinstance(node, dict) else None
     if "nodes" in data and path[0] == "nodes" and isinstance(data["nodes"], list):
         node = data["nodes"][path[1]] if isinstance(path[1], int) else None
         if not isinstance(node, dict):

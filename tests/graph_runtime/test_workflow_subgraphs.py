@@ -2,6 +2,7 @@
 (the editor-made files and the prompts it queued for them are in tests/workflows/test_editor_made.py)."""
 
 import copy
+import json
 
 import pytest
 
@@ -176,3 +177,14 @@ def test_subgraphs_that_unfold_past_the_node_limit_are_refused(stubs, monkeypatc
     ui["nodes"].append({"id": 9, "type": below, "mode": 0})
     with pytest.raises(WorkflowError, match="unfold into more than 50 nodes"):
         load_workflow(copy.deepcopy(ui), stubs.registry)
+
+
+def test_a_non_finite_number_inside_a_subgraph_definition_is_located(stubs, tmp_path):
+    ui = v1_workflow()
+    ui["definitions"]["subgraphs"][0]["nodes"][0]["widgets_values"] = ["NAN_HERE"]
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(ui).replace('"NAN_HERE"', "NaN"))
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(path, stubs.registry)
+    assert (info.value.node, info.value.class_type) == ("10", "Scale")
+    assert "definitions.subgraphs[0].nodes[0].widgets_values[0]" in str(info.value), str(info.value)
