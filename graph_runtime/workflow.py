@@ -323,6 +323,7 @@ class _Flattener:
 
     def _entry(self, scope: _Scope, node: dict, linked: list) -> dict:
         inputs = _widget_inputs(node, self.registry, self.source)
+        inputs.update(self._proxied(scope).get(str(node["id"]), {}))
         for k, inp in enumerate(node.get("inputs") or []):
             if not isinstance(inp, dict) or inp.get("link") is None:
                 continue
@@ -346,6 +347,29 @@ class _Flattener:
         if meta:
             entry["_meta"] = meta
         return entry
+
+    def _proxied(self, scope: _Scope) -> dict:
+        """Widgets promoted the older way (frontends before subgraph-input promotion): the subgraph
+        node's ``properties.proxyWidgets`` lists ``[inner node id, widget name]`` (a list or its JSON
+        text), and its ``widgets_values`` holds their values in that order. The shipped editor turns
+        them into subgraph inputs on load, a value the list lacks leaving the inner widget's own:
+        ``{inner node id: {widget: value}}``."""
+        host = scope.host
+        props = host.get("properties") if host is not None else None
+        entries = props.get("proxyWidgets") if isinstance(props, dict) else None
+        if isinstance(entries, str):
+            try:
+                entries = json.loads(entries)
+            except ValueError:
+                return {}  # the editor warns and ignores it
+        values = host.get("widgets_values") if host is not None else None
+        if not isinstance(entries, list) or not isinstance(values, list):
+            return {}
+        out: dict = {}
+        for entry, value in zip(entries, values):
+            if isinstance(entry, list) and len(entry) >= 2 and all(isinstance(e, (str, int)) for e in entry[:2]):
+                out.setdefault(str(entry[0]), {})[str(entry[1])] = value
+        return out
 
     def _definition(self, scope: _Scope, node: dict) -> _Graph | None:
         """The subgraph a node is an instance of (its type is the definition's id), else None."""

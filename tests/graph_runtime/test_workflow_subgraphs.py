@@ -188,3 +188,18 @@ def test_a_non_finite_number_inside_a_subgraph_definition_is_located(stubs, tmp_
         load_workflow(path, stubs.registry)
     assert (info.value.node, info.value.class_type) == ("10", "Scale")
     assert "definitions.subgraphs[0].nodes[0].widgets_values[0]" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("proxy", [[["10", "factor"]], '[["10", "factor"]]', [["10", "factor", "10"]]])
+def test_widgets_promoted_the_older_way_take_the_subgraph_nodes_values(stubs, proxy):
+    """properties.proxyWidgets (a list or its JSON text; a third item is ignored) names the inner widgets
+    the subgraph node shows; its widgets_values are their values in that order, as the editor reads them."""
+    ui = v1_workflow()
+    sub = ui["definitions"]["subgraphs"][0]
+    del sub["inputs"][1], sub["links"][1]
+    sub["nodes"][0]["inputs"][1]["link"] = None
+    ui["nodes"][1]["properties"] = {"proxyWidgets": proxy}
+    ui["nodes"][1]["widgets_values"] = [4.0]
+    assert load_workflow(ui, stubs.registry).prompt["2:10"]["inputs"]["factor"] == 4.0
+    ui["nodes"][1]["widgets_values"] = []
+    assert load_workflow(ui, stubs.registry).prompt["2:10"]["inputs"]["factor"] == 1.0, "no value: the inner one"

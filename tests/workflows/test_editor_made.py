@@ -26,7 +26,7 @@ def _prompt(name: str) -> dict:
 
 
 def test_the_editor_made_files_cover_what_they_should():
-    assert NAMES == ["subgraph_nested", "subgraph_twice"], NAMES
+    assert NAMES == ["subgraph_nested", "subgraph_proxy_widgets", "subgraph_twice"], NAMES
     nested = json.loads((EDITOR / "subgraph_nested_v1.json").read_text())
     assert nested["version"] == 1 and isinstance(nested["links"][0], dict) and nested["reroutes"], \
         "the 1.0 schema: object links and native reroutes at the root"
@@ -42,6 +42,9 @@ def test_the_editor_made_files_cover_what_they_should():
 @pytest.mark.parametrize("name", NAMES)
 def test_our_conversion_is_the_prompt_the_editor_queued(name, form):
     rt = Runtime(demo_loras=True)
+    if not (EDITOR / f"{name}{FORMS[form]}.json").is_file():
+        assert (name, form) == ("subgraph_proxy_widgets", "1.0"), "the older form has no 1.0 file of its own"
+        return
     ui = json.loads((EDITOR / f"{name}{FORMS[form]}.json").read_text())
     assert ui_to_api(ui, rt.registry) == _prompt(name), f"{name} ({form})"
     assert load_workflow(EDITOR / f"{name}{FORMS[form]}.json", rt.registry).prompt == _prompt(name)
@@ -63,14 +66,17 @@ def test_what_the_editor_resolved_in_the_files():
     assert twice["4"]["inputs"]["model"] == ["1", 0], "the bypassed subgraph node passes the base through"
     assert twice["5"]["inputs"]["seed"] == 7 and twice["6"]["inputs"]["images"] == ["5", 0]
     assert not any(v["class_type"] in ("PreviewImage", "Fuse") for v in twice.values())
+    proxied = _prompt("subgraph_proxy_widgets")
+    assert (proxied["7:4"]["inputs"]["weight"], proxied["7:3"]["inputs"]["lora_name"]) == \
+        (0.25, "demo-a.safetensors"), "widgets promoted the older way (proxyWidgets) take the subgraph node's values"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_editor_made_workflows_run_headless(name, tmp_path, monkeypatch, capsys):
-    """The 1.0 file through the CLI (validate, run), then the captured prompt and the editor's saved file
+    """The 1.0 file (the saved one for the older form) through the CLI (validate, run), then the captured prompt and the editor's saved file
     from Python in one Runtime: they are one graph, so the second run is a cache hit."""
     monkeypatch.chdir(tmp_path)
-    path = EDITOR / f"{name}_v1.json"
+    path = EDITOR / f"{name}_v1.json" if name != "subgraph_proxy_widgets" else EDITOR / f"{name}.json"
     loras = ["--lora-dir", str(DEMO_LORAS)]
     assert main(["validate", str(path), *loras]) == 0, capsys.readouterr().err
     sets = [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
