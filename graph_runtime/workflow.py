@@ -407,7 +407,10 @@ class _Flattener:
     def _resolve(self, scope: _Scope, node: dict, slot: int):
         """Where input ``slot`` of ``node`` gets its value: ``("link", prompt id, output slot)``,
         ``("value", v)`` (a PrimitiveNode's or a promoted widget's) or None (nothing: muted, unlinked)."""
-        op, want, seen = "in", None, set()
+        # A PrimitiveNode's value reaches an input only straight or through legacy Reroutes: the editor
+        # writes it into the widget of the node its links end at (its applyToGraph) and resolves the
+        # link itself to nothing, so behind a bypassed node or a subgraph boundary it is not used.
+        op, want, seen, direct = "in", None, set(), True
         for _ in range(4 * MAX_NODES):
             key = (scope.path, str(node["id"]), op, slot)
             if key in seen:
@@ -443,7 +446,7 @@ class _Flattener:
                                             node=_exec_id(scope.parent, scope.host), kind="dangling_link")
                     if host_inputs[origin_slot].get("link") is None:
                         return self._promoted(scope, origin_slot)
-                    scope, node, slot, want = scope.parent, scope.host, origin_slot, None
+                    scope, node, slot, want, direct = scope.parent, scope.host, origin_slot, None, False
                     continue
                 src = scope.graph.nodes.get(origin)
                 if src is None:
@@ -457,7 +460,7 @@ class _Flattener:
             if mode == MODE_MUTED:
                 return None
             if mode == MODE_BYPASS:
-                slot, op, want = self._bypass_slot(node, slot, want), "in", None
+                slot, op, want, direct = self._bypass_slot(node, slot, want), "in", None, False
                 if slot < 0:
                     return None
                 continue
@@ -472,6 +475,7 @@ class _Flattener:
                     raise WorkflowError(f"{self.source}: {sub.label}: output {slot} uses link {ids[0]}, which is "
                                         "missing from its 'links'", value=ids[0], kind="dangling_link",
                                         node=_exec_id(scope, node))
+                direct = False
                 if link[0] == SUBGRAPH_INPUT:  # an input wired straight to an output
                     slot, op = link[1], "in"
                     continue
@@ -488,7 +492,7 @@ class _Flattener:
                 continue
             if node["type"] == "PrimitiveNode":
                 values = node.get("widgets_values")
-                return ("value", values[0]) if isinstance(values, list) and values else None
+                return ("value", values[0]) if direct and isinstance(values, list) and values else None
             if node["type"] in FRONTEND_ONLY:
                 return None
             return ("link", _exec_id(scope, node), slot)

@@ -415,7 +415,7 @@ def test_every_node_placed_fresh_round_trips_other_values_through_the_editor(edi
 # "promote widget" does, native reroutes, bypass, mute), exactly what a user's clicks call. The page
 # saves the result (what its Save writes: a 0.4 root with 1.0 subgraph definitions, and the 1.0 schema
 # its graph serialises to), loads each saved file again and queues it; the POST /prompt body it sends
-# is the prompt our converter must produce. `python tests/server/test_browser.py` re-makes the files.
+# is the prompt our converter must produce. `python tests/server/test_browser.py [NAME ...]` re-makes the files.
 
 EDITOR_MADE = Path(__file__).resolve().parents[1] / "workflows" / "editor"
 PROMOTE_JS = """(host, inner, name) => {  // what the editor's 'Promote widget' does: a subgraph input on the widget
@@ -471,6 +471,17 @@ BUILDERS = {
         saved.widgets_values = [0.25, "demo-a.safetensors"];
         delete saved.widgets_values_named;
         return wf }""",
+    # A PrimitiveNode on a subgraph node's promoted input (weight): the editor writes its value into
+    # the subgraph node's widget, then resolves the linked input past it to the inner widget's own value
+    # (0.7: neither 0.33 nor the promoted 0.5).
+    "subgraph_primitive": """async () => {
+        const LG = window.LiteGraph, g = window.app.graph, n = id => g.getNodeById(id), promote = PROMOTE;
+        const host = g.convertToSubgraph(new Set([n(4)])).node;
+        promote(host, host.subgraph.nodes[0], "weight").value = 0.5;
+        const primitive = LG.createNode("PrimitiveNode"); primitive.pos = [100, 900]; g.add(primitive);
+        primitive.connect(0, host, host.inputs.findIndex(i => i.name === "weight"));
+        primitive.widgets[0].value = 0.33; primitive.widgets[1].value = "fixed";
+        return host.id }""",
 }
 LEGACY = {"subgraph_proxy_widgets"}  # stored as the builder writes it, with no 1.0 form
 
@@ -576,8 +587,9 @@ def test_an_editor_made_subgraph_workflow_runs_on_our_server(editor):
     assert editor.problems == [], "\n".join(editor.problems)
 
 
-def _remake() -> None:
-    """Write tests/workflows/editor/ from the editor (run this file as a script)."""
+def _remake(names: list[str]) -> None:
+    """Write tests/workflows/editor/ from the editor (run this file as a script, naming the workflows to
+    re-make, or none for all)."""
     import tempfile
 
     from playwright.sync_api import sync_playwright
@@ -586,7 +598,7 @@ def _remake() -> None:
     with sync_playwright() as pw, tempfile.TemporaryDirectory() as root:
         browser = pw.chromium.launch(executable_path=_chromium(), headless=True)
         with open_editor(browser, Path(root)) as ed:
-            for name in sorted(BUILDERS):
+            for name in names or sorted(BUILDERS):
                 made = make_in_editor(ed, name)
                 for form, path in editor_made_files(name).items():
                     path.write_text(json.dumps(made[form], indent=2) + "\n")
@@ -596,4 +608,6 @@ def _remake() -> None:
 
 
 if __name__ == "__main__":
-    _remake()
+    import sys
+
+    _remake(sys.argv[1:])

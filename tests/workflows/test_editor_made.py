@@ -1,9 +1,10 @@
 """Workflows made in the shipped editor (tests/workflows/editor/, re-made by tests/server/test_browser.py):
 a nested subgraph with a promoted widget, a bypassed node and native reroutes; one subgraph used twice
 with its promoted widget set differently, a bypassed subgraph node, a legacy Reroute and PrimitiveNode and a
-muted node. Each is stored as the editor's Save writes it (a 0.4 root, 1.0 subgraph definitions) and in the
-1.0 schema, with the prompt the editor queued for it: our conversion must give exactly that prompt, and it
-runs headless from the CLI and from Python."""
+muted node; a PrimitiveNode on a promoted input; a subgraph node saved the older way (proxyWidgets). Each
+is stored as the editor's Save writes it (a 0.4 root, 1.0 subgraph definitions) and, but the older one, in
+the 1.0 schema, with the prompt the editor queued for it: our conversion must give exactly that prompt,
+and it runs headless from the CLI and from Python."""
 
 import json
 from pathlib import Path
@@ -26,7 +27,7 @@ def _prompt(name: str) -> dict:
 
 
 def test_the_editor_made_files_cover_what_they_should():
-    assert NAMES == ["subgraph_nested", "subgraph_proxy_widgets", "subgraph_twice"], NAMES
+    assert NAMES == ["subgraph_nested", "subgraph_primitive", "subgraph_proxy_widgets", "subgraph_twice"], NAMES
     nested = json.loads((EDITOR / "subgraph_nested_v1.json").read_text())
     assert nested["version"] == 1 and isinstance(nested["links"][0], dict) and nested["reroutes"], \
         "the 1.0 schema: object links and native reroutes at the root"
@@ -69,6 +70,8 @@ def test_what_the_editor_resolved_in_the_files():
     proxied = _prompt("subgraph_proxy_widgets")
     assert (proxied["7:4"]["inputs"]["weight"], proxied["7:3"]["inputs"]["lora_name"]) == \
         (0.25, "demo-a.safetensors"), "widgets promoted the older way (proxyWidgets) take the subgraph node's values"
+    assert _prompt("subgraph_primitive")["7:4"]["inputs"]["weight"] == 0.7, \
+        "a PrimitiveNode on a promoted input: the editor queues the inner widget's value, not its 0.33"
 
 
 @pytest.mark.parametrize("name", NAMES)
