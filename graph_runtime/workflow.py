@@ -1,10 +1,12 @@
 """Workflow JSON in both formats ComfyUI writes, converted to one API-format prompt.
 
 API format: ``{"<id>": {"class_type": ..., "inputs": {name: value | ["<src id>", slot]}}}``.
-UI format (version 0.4): ``nodes`` and ``links``; widget values are mapped to input names through
-the node schema's widget order. Muted (mode 2) nodes are dropped, bypassed (mode 4) nodes pass
-their matching input through, Reroute and PrimitiveNode are resolved, the ``control_after_generate``
-value the editor stores after some widgets is skipped (files with and without it are read).
+UI format (version 0.4, links as lists, and the 1.0 schema, links as objects): ``nodes`` and
+``links``; widget values are mapped to input names through the node schema's widget order (the
+``control_after_generate`` value the editor stores after some widgets is skipped; files with and
+without it are read). Subgraphs (``definitions.subgraphs``) are unfolded into the prompt the shipped
+editor queues: muted nodes dropped, bypassed nodes passing on an input, Reroute and PrimitiveNode
+resolved, links followed through subgraph boundaries (see `_Flattener`). `api_to_ui` writes 1.0.
 """
 
 from __future__ import annotations

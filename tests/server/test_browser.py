@@ -418,6 +418,9 @@ def test_every_node_placed_fresh_round_trips_other_values_through_the_editor(edi
 # is the prompt our converter must produce. `python tests/server/test_browser.py [NAME ...]` re-makes the files.
 
 EDITOR_MADE = Path(__file__).resolve().parents[1] / "workflows" / "editor"
+# Our node ids with or without the "LoraLoom" prefix (the old ids stay loadable as aliases): the builders
+# place the canonical one.
+OURS_JS = """name => ("LoraLoom" + name) in window.LiteGraph.registered_node_types ? "LoraLoom" + name : name"""
 PROMOTE_JS = """(host, inner, name) => {  // what the editor's 'Promote widget' does: a subgraph input on the widget
     const slot = inner.getSlotFromWidget(inner.widgets.find(w => w.name === name));
     host.subgraph.addInput(name, String(slot.type)).connect(slot, inner);
@@ -426,8 +429,8 @@ BUILDERS = {
     # LoRAs A and B in a subgraph nested in one holding WeightedBlend (its weight promoted, set to 0.5;
     # text_encoder_weight not promoted) and a bypassed Fuse; native reroutes on a root link and an inner one.
     "subgraph_nested": """async () => {
-        const LG = window.LiteGraph, g = window.app.graph, n = id => g.getNodeById(id), promote = PROMOTE;
-        const fuse = LG.createNode("Fuse"); fuse.pos = [900, 400]; g.add(fuse);
+        const LG = window.LiteGraph, g = window.app.graph, n = id => g.getNodeById(id), promote = PROMOTE, ours = OURS;
+        const fuse = LG.createNode(ours("Fuse")); fuse.pos = [900, 400]; g.add(fuse);
         n(4).connect(0, fuse, 0); fuse.connect(0, n(5), 0); fuse.mode = 4;
         const outer = g.convertToSubgraph(new Set([n(2), n(3), n(4), fuse])).node;
         const sub = outer.subgraph;
@@ -441,13 +444,13 @@ BUILDERS = {
     # node (a Fuse inside) on the model link; a legacy Reroute node, a PrimitiveNode on Sample's seed and
     # a muted PreviewImage.
     "subgraph_twice": """async () => {
-        const LG = window.LiteGraph, g = window.app.graph, n = id => g.getNodeById(id), promote = PROMOTE;
+        const LG = window.LiteGraph, g = window.app.graph, n = id => g.getNodeById(id), promote = PROMOTE, ours = OURS;
         const first = g.convertToSubgraph(new Set([n(2)])).node;
         promote(first, first.subgraph.nodes[0], "lora_name").value = "demo-a.safetensors";
         const second = LG.createNode(first.subgraph.id); second.pos = [50, 650]; g.add(second);
         second.connect(0, n(4), 2); g.remove(n(3));
         second.widgets.find(w => w.name === "lora_name").value = "demo-b.safetensors";
-        const fuse = LG.createNode("Fuse"); fuse.pos = [300, 50]; g.add(fuse);
+        const fuse = LG.createNode(ours("Fuse")); fuse.pos = [300, 50]; g.add(fuse);
         n(1).connect(0, fuse, 0); fuse.connect(0, n(4), 0);
         g.convertToSubgraph(new Set([fuse])).node.mode = 4;
         const reroute = LG.createNode("Reroute"); reroute.pos = [900, 600]; g.add(reroute);
@@ -475,7 +478,7 @@ BUILDERS = {
     # the subgraph node's widget, then resolves the linked input past it to the inner widget's own value
     # (0.7: neither 0.33 nor the promoted 0.5).
     "subgraph_primitive": """async () => {
-        const LG = window.LiteGraph, g = window.app.graph, n = id => g.getNodeById(id), promote = PROMOTE;
+        const LG = window.LiteGraph, g = window.app.graph, n = id => g.getNodeById(id), promote = PROMOTE, ours = OURS;
         const host = g.convertToSubgraph(new Set([n(4)])).node;
         promote(host, host.subgraph.nodes[0], "weight").value = 0.5;
         const primitive = LG.createNode("PrimitiveNode"); primitive.pos = [100, 900]; g.add(primitive);
@@ -519,7 +522,7 @@ def make_in_editor(editor, name: str) -> dict:
     """Build workflow ``name`` in the page: ``{"saved": ..., "v1": ..., "prompt": ...}``, the prompt being
     what the page queues for each saved form loaded again (they must agree)."""
     editor.load("blend")
-    built = editor.page.evaluate(BUILDERS[name].replace("PROMOTE", PROMOTE_JS))
+    built = editor.page.evaluate(BUILDERS[name].replace("PROMOTE", PROMOTE_JS).replace("OURS", OURS_JS))
     if name in LEGACY:
         return {"saved": built, "prompt": load_and_queue(editor, built)}
     # As JSON text, as the editor's Save writes it: a value left undefined is left out, not null.
