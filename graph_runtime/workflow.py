@@ -319,7 +319,7 @@ class _Flattener:
                 node_id = _exec_id(scope, node)
                 out[node_id] = self._entry(scope, node, linked)
         for inputs, name in linked:  # the editor drops a link to a node that is not in the prompt
-            if inputs[name][0] not in out:
+            if is_link(inputs.get(name)) and inputs[name][0] not in out:
                 del inputs[name]
         return out
 
