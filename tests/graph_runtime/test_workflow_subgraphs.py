@@ -203,3 +203,22 @@ def test_widgets_promoted_the_older_way_take_the_subgraph_nodes_values(stubs, pr
     assert load_workflow(ui, stubs.registry).prompt["2:10"]["inputs"]["factor"] == 4.0
     ui["nodes"][1]["widgets_values"] = []
     assert load_workflow(ui, stubs.registry).prompt["2:10"]["inputs"]["factor"] == 1.0, "no value: the inner one"
+
+
+@pytest.mark.parametrize("break_it,fragment", [
+    (lambda ui: ui["definitions"]["subgraphs"][0]["links"][0].update(origin_slot="x"),
+     r"subgraph 'Scaler' \(.*\): links\[0\] has a malformed id, node or slot"),
+    (lambda ui: ui["definitions"]["subgraphs"][0].pop("nodes"),
+     r"subgraph 'Scaler' \(.*\): a UI workflow needs 'nodes' and 'links' lists"),
+    (lambda ui: ui["definitions"]["subgraphs"][0].update(id=7),
+     r"definitions.subgraphs\[0\] needs a string 'id'"),
+    (lambda ui: ui["definitions"]["subgraphs"].append(scale_subgraph()),
+     r"subgraph 'Scaler' \(.*\) is defined twice"),
+    (lambda ui: ui["definitions"]["subgraphs"][0]["outputs"].append(5),
+     r"subgraph 'Scaler' \(.*\): each of its inputs and outputs must be an object"),
+])
+def test_a_malformed_definition_is_named(stubs, break_it, fragment):
+    ui = v1_workflow()
+    break_it(ui)
+    with pytest.raises(WorkflowError, match=fragment):
+        load_workflow(ui, stubs.registry)
