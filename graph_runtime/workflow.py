@@ -332,8 +332,7 @@ class _Flattener:
             widget = inp.get("widget")
             name = widget.get("name") if isinstance(widget, dict) and widget.get("name") else inp.get("name")
             if not isinstance(name, str):
-                raise WorkflowError(f"{self._where(scope, node)} has an input without a name",
-                                    node=_exec_id(scope, node), class_type=node["type"])
+                raise self._error(scope, node, "an input has no name")
             resolved = self._resolve(scope, node, k)
             if resolved is None:
                 continue  # a widget keeps its own value, as in the editor
@@ -377,19 +376,18 @@ class _Flattener:
         """The subgraph a node is an instance of (its type is the definition's id), else None."""
         sub = self.defs.get(node["type"])
         if sub is None and _UUID.match(node["type"]) and self.registry.get(node["type"]) is None:
-            raise WorkflowError(f"{self._where(scope, node)} is an instance of subgraph {node['type']}, which "
-                                f"is not in definitions.subgraphs (defined: {', '.join(self.defs) or 'none'})",
-                                node=_exec_id(scope, node), class_type=node["type"], kind="subgraph",
-                                fix="open the file in the editor from where the subgraph was made and save it again")
+            raise self._error(scope, node, f"it is an instance of subgraph {node['type']}, which is not in "
+                                           f"definitions.subgraphs (defined: {', '.join(self.defs) or 'none'})",
+                              kind="subgraph",
+                              fix="open the file in the editor from where the subgraph was made and save it again")
         return sub
 
     def _child(self, scope: _Scope, node: dict, sub: _Graph) -> _Scope:
         sub_id = node["type"]
         if sub_id in scope.chain:
             names = " -> ".join(self.defs[s].label for s in scope.chain + (sub_id,))
-            raise WorkflowError(f"{self._where(scope, node)}: {sub.label} contains itself: {names}",
-                                node=_exec_id(scope, node), class_type=sub_id, kind="subgraph_cycle",
-                                fix="a subgraph cannot hold an instance of itself, directly or nested")
+            raise self._error(scope, node, f"{sub.label} contains itself: {names}", kind="subgraph_cycle",
+                              fix="a subgraph cannot hold an instance of itself, directly or nested")
         return _Scope(sub, scope.path + (str(node["id"]),), node, scope, scope.chain + (sub_id,))
 
     def _inputs(self, scope: _Scope, node: dict) -> list:
@@ -416,46 +414,40 @@ class _Flattener:
         for _ in range(4 * MAX_NODES):
             key = (scope.path, str(node["id"]), op, slot)
             if key in seen:
-                raise WorkflowError(f"{self._where(scope, node)}: its links loop back to it (through reroutes, "
-                                    "bypassed nodes or subgraph boundaries)", node=_exec_id(scope, node),
-                                    class_type=node["type"], kind="link_cycle")
+                raise self._error(scope, node, "its links loop back to it (through reroutes, bypassed nodes or "
+                                               "subgraph boundaries)", kind="link_cycle")
             seen.add(key)
             if op == "in":
                 inputs = self._inputs(scope, node)
                 if slot >= len(inputs):
-                    raise WorkflowError(f"{self._where(scope, node)} has no input slot {slot}",
-                                        node=_exec_id(scope, node), class_type=node["type"], value=slot)
+                    raise self._error(scope, node, f"it has no input slot {slot}", value=slot)
                 link_id = inputs[slot].get("link")
                 if link_id is None:
                     return None
                 link = scope.graph.links.get(link_id)
                 if link is None:
-                    raise WorkflowError(f"{self._where(scope, node)} input {inputs[slot].get('name')!r}: link "
-                                        f"{link_id} is used by a node but missing from 'links'",
-                                        node=_exec_id(scope, node), class_type=node["type"],
-                                        input=inputs[slot].get("name"), value=link_id, kind="dangling_link")
+                    raise self._error(scope, node, f"link {link_id} is used by a node but missing from 'links'",
+                                      input=inputs[slot].get("name"), value=link_id, kind="dangling_link")
                 origin, origin_slot = link[0], link[1]
                 want = want or inputs[slot].get("type")
                 if origin == SUBGRAPH_INPUT:
                     if scope.host is None:
-                        raise WorkflowError(f"{self._where(scope, node)}: link {link_id} comes from a subgraph "
-                                            "input, but the node is not inside a subgraph",
-                                            node=_exec_id(scope, node), value=link_id, kind="dangling_link")
+                        raise self._error(scope, node, f"link {link_id} comes from a subgraph input, but the node "
+                                                       "is not inside a subgraph", value=link_id, kind="dangling_link")
                     host_inputs = self._inputs(scope.parent, scope.host)
                     if origin_slot >= len(host_inputs):
-                        raise WorkflowError(f"{self.source}: {scope.graph.label}: link {link_id} comes from "
-                                            f"input {origin_slot}, which it does not have", value=link_id,
-                                            node=_exec_id(scope.parent, scope.host), kind="dangling_link")
+                        raise self._error(scope, node, f"link {link_id} comes from subgraph input {origin_slot}, "
+                                                       "which the subgraph does not have", value=link_id,
+                                          kind="dangling_link")
                     if host_inputs[origin_slot].get("link") is None:
                         return self._promoted(scope, origin_slot)
                     scope, node, slot, want, direct = scope.parent, scope.host, origin_slot, None, False
                     continue
                 src = scope.graph.nodes.get(origin)
                 if src is None:
-                    raise WorkflowError(f"{self._where(scope, node)} input {inputs[slot].get('name')!r}: link "
-                                        f"{link_id} comes from node {origin}, which is not in the graph",
-                                        node=_exec_id(scope, node), class_type=node["type"],
-                                        input=inputs[slot].get("name"), value=origin, kind="dangling_link")
+                    raise self._error(scope, node, f"link {link_id} comes from node {origin}, which is not in "
+                                                   "the graph", input=inputs[slot].get("name"), value=origin,
+                                      kind="dangling_link")
                 node, slot, op = src, origin_slot, "out"
                 continue
             mode = node.get("mode", 0)
@@ -474,9 +466,8 @@ class _Flattener:
                     return None
                 link = sub.links.get(ids[0])
                 if link is None:
-                    raise WorkflowError(f"{self.source}: {sub.label}: output {slot} uses link {ids[0]}, which is "
-                                        "missing from its 'links'", value=ids[0], kind="dangling_link",
-                                        node=_exec_id(scope, node))
+                    raise self._error(scope, node, f"output {slot} of {sub.label} uses link {ids[0]}, which is "
+                                                   "missing from its 'links'", value=ids[0], kind="dangling_link")
                 direct = False
                 if link[0] == SUBGRAPH_INPUT:  # an input wired straight to an output
                     slot, op = link[1], "in"
@@ -484,9 +475,9 @@ class _Flattener:
                 child = self._child(scope, node, sub)
                 src = sub.nodes.get(link[0])
                 if src is None:
-                    raise WorkflowError(f"{self.source}: {sub.label}: output {slot} comes from node {link[0]}, "
-                                        "which is not in the subgraph", value=link[0], kind="dangling_link",
-                                        node=_exec_id(scope, node))
+                    raise self._error(scope, node, f"output {slot} of {sub.label} comes from node {link[0]}, "
+                                                   "which is not in the subgraph", value=link[0],
+                                      kind="dangling_link")
                 scope, node, slot = child, src, link[1]
                 continue
             if node["type"] == "Reroute":
@@ -498,7 +489,7 @@ class _Flattener:
             if node["type"] in FRONTEND_ONLY:
                 return None
             return ("link", _exec_id(scope, node), slot)
-        raise WorkflowError(f"{self._where(scope, node)}: its links are too long to follow", limit=4 * MAX_NODES)
+        raise self._error(scope, node, "its links are too long to follow", limit=4 * MAX_NODES)
 
     def _promoted(self, scope: _Scope, slot: int):
         """The value a subgraph node holds for its input ``slot`` when that input is a promoted widget
@@ -546,9 +537,11 @@ class _Flattener:
         sub = self.defs.get(node["type"])
         return [i.get("type") if isinstance(i, dict) else None for i in (sub.inputs if sub else node.get("inputs") or [])]
 
-    def _where(self, scope: _Scope, node: dict) -> str:
-        inside = f" in {scope.graph.label}" if scope.graph.label else ""
-        return f"{self.source}: node {_exec_id(scope, node)} ({node['type']}){inside}"
+    def _error(self, scope: _Scope, node: dict, message: str, **fields) -> WorkflowError:
+        """An error at ``node`` (its prompt id and type), naming the subgraph it is in."""
+        inside = f" (in {scope.graph.label})" if scope.graph.label else ""
+        return WorkflowError(message + inside, file=None if self.source == "workflow" else self.source,
+                             node=_exec_id(scope, node), class_type=node["type"], **fields)
 
 
 def _exec_id(scope: _Scope, node: dict) -> str:

@@ -119,8 +119,8 @@ def test_a_bypassed_node_passes_the_input_of_the_wanted_type():
 def test_a_missing_definition_names_the_node_and_the_id(stubs):
     ui = v1_workflow()
     ui["definitions"]["subgraphs"] = []
-    with pytest.raises(WorkflowError, match=f"node 2 \\({SCALE}\\) is an instance of subgraph {SCALE}, which is "
-                                            "not in definitions.subgraphs") as info:
+    with pytest.raises(WorkflowError, match=f"^node 2 \\({SCALE}\\): it is an instance of subgraph {SCALE}, which "
+                                            "is not in definitions.subgraphs") as info:
         load_workflow(ui, stubs.registry)
     assert (info.value.node, info.value.kind) == ("2", "subgraph")
 
@@ -131,19 +131,19 @@ def test_a_subgraph_inside_itself_is_refused_naming_the_chain(stubs):
              "nodes": [{"id": 4, "type": OUTER, "mode": 0}]}
     ui["definitions"]["subgraphs"].append(outer)
     ui["nodes"].append({"id": 9, "type": OUTER, "mode": 0})
-    with pytest.raises(WorkflowError, match=r"node 9:4 \(.*\) in subgraph 'Loop' .*: subgraph 'Loop' .* contains "
-                                            r"itself: subgraph 'Loop' .* -> subgraph 'Loop'") as info:
+    with pytest.raises(WorkflowError, match=r"^node 9:4 \(.*\): subgraph 'Loop' .* contains itself: subgraph "
+                                            r"'Loop' .* -> subgraph 'Loop' .* \(in subgraph 'Loop' .*\)") as info:
         load_workflow(ui, stubs.registry)
     assert info.value.kind == "subgraph_cycle"
 
 
 @pytest.mark.parametrize("break_it,fragment", [
     (lambda ui: ui["definitions"]["subgraphs"][0]["nodes"][0]["inputs"][0].update(link=99),
-     r"node 2:10 \(Scale\) in subgraph 'Scaler' .* input 'x': link 99 is used by a node but missing from 'links'"),
+     r"^node 2:10 \(Scale\) input 'x': link 99 is used by a node but missing from 'links' \(in subgraph 'Scaler' "),
     (lambda ui: ui["links"][0].update(origin_id=42),
      r"node 2 \(.*\) input 'x': link 1 comes from node 42, which is not in the graph"),
     (lambda ui: ui["definitions"]["subgraphs"][0]["outputs"][0].update(linkIds=[77]),
-     r"subgraph 'Scaler' .*: output 0 uses link 77, which is missing from its 'links'"),
+     r"^node 2 \(.*\): output 0 of subgraph 'Scaler' .* uses link 77, which is missing from its 'links'"),
 ])
 def test_dangling_links_name_the_node_link_and_subgraph(stubs, break_it, fragment):
     ui = v1_workflow()
