@@ -396,7 +396,8 @@ class _Flattener:
         sub = self.defs.get(node["type"])
         if sub is None:
             return [i if isinstance(i, dict) else {} for i in node.get("inputs") or []]
-        saved = {i.get("name"): i for i in node.get("inputs") or [] if isinstance(i, dict)}
+        saved = {i["name"]: i for i in node.get("inputs") or []
+                 if isinstance(i, dict) and isinstance(i.get("name"), str)}
         return [{**s, "link": (saved.get(s.get("name")) or {}).get("link")} for s in sub.inputs]
 
     def _outputs(self, node: dict) -> list:
@@ -424,6 +425,9 @@ class _Flattener:
                 link_id = inputs[slot].get("link")
                 if link_id is None:
                     return None
+                if not _is_id(link_id):
+                    raise self._error(scope, node, f"input slot {slot} has link {link_id!r}, not a link id number",
+                                      value=link_id, kind="bad_link")
                 link = scope.graph.links.get(link_id)
                 if link is None:
                     raise self._error(scope, node, f"link {link_id} is used by a node but missing from 'links'",
@@ -464,6 +468,9 @@ class _Flattener:
                 ids = (outs[slot].get("linkIds") if slot < len(outs) else None) or []
                 if not ids:
                     return None
+                if not isinstance(ids, list) or not _is_id(ids[0]):
+                    raise self._error(scope, node, f"output {slot} of {sub.label} has linkIds {ids!r}, not a list "
+                                                   "of link id numbers", value=ids, kind="bad_link")
                 link = sub.links.get(ids[0])
                 if link is None:
                     raise self._error(scope, node, f"output {slot} of {sub.label} uses link {ids[0]}, which is "
@@ -501,6 +508,8 @@ class _Flattener:
         name = sub.inputs[slot].get("name")
         named = host.get("widgets_values_named")
         values = host.get("widgets_values")
+        if not isinstance(name, str):
+            return None
         if isinstance(named, dict) and name in named:
             return ("value", named[name])
         if isinstance(values, dict) and name in values:
@@ -510,8 +519,9 @@ class _Flattener:
         return None
 
     def _is_widget_input(self, sub: _Graph, sub_input: dict) -> bool:
-        for link_id in sub_input.get("linkIds") or []:
-            link = sub.links.get(link_id)
+        ids = sub_input.get("linkIds")
+        for link_id in ids if isinstance(ids, list) else []:
+            link = sub.links.get(link_id) if _is_id(link_id) else None
             target = sub.nodes.get(link[3]) if link else None
             for inp in (target or {}).get("inputs") or []:
                 if isinstance(inp, dict) and inp.get("link") == link_id and inp.get("widget"):
@@ -535,13 +545,19 @@ class _Flattener:
 
     def _inputs_types(self, node: dict) -> list:
         sub = self.defs.get(node["type"])
-        return [i.get("type") if isinstance(i, dict) else None for i in (sub.inputs if sub else node.get("inputs") or [])]
+        sockets = sub.inputs if sub is not None else node.get("inputs") or []
+        return [i.get("type") if isinstance(i, dict) else None for i in sockets]
 
     def _error(self, scope: _Scope, node: dict, message: str, **fields) -> WorkflowError:
         """An error at ``node`` (its prompt id and type), naming the subgraph it is in."""
         inside = f" (in {scope.graph.label})" if scope.graph.label else ""
         return WorkflowError(message + inside, file=None if self.source == "workflow" else self.source,
                              node=_exec_id(scope, node), class_type=node["type"], **fields)
+
+
+def _is_id(value) -> bool:
+    """A link id or slot as the editor writes them: an integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _exec_id(scope: _Scope, node: dict) -> str:
@@ -572,7 +588,7 @@ def _links(links: list, where: str) -> dict:
         else:
             raise WorkflowError(f"{where}: links[{i}] must be [id, from_node, from_slot, to_node, to_slot, type] "
                                 "or an object with id, origin_id, origin_slot, target_id, target_slot")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (link_id, origin_slot)) \
+        if not (_is_id(link_id) and _is_id(origin_slot) and origin_slot >= 0) \
                 or any(isinstance(v, bool) or not isinstance(v, (int, str)) for v in (origin, target)):
             raise WorkflowError(f"{where}: links[{i}] has a malformed id, node or slot: {link!r}", kind="bad_link")
         out[link_id] = (str(origin), origin_slot, link_type, str(target), target_slot)

@@ -222,3 +222,20 @@ def test_a_malformed_definition_is_named(stubs, break_it, fragment):
     break_it(ui)
     with pytest.raises(WorkflowError, match=fragment):
         load_workflow(ui, stubs.registry)
+
+
+@pytest.mark.parametrize("break_it", [
+    lambda ui: ui["nodes"][2]["inputs"][0].update(link=[1, 2]),
+    lambda ui: ui["definitions"]["subgraphs"][0]["outputs"][0].update(linkIds=[[3]]),
+    lambda ui: ui["definitions"]["subgraphs"][0]["inputs"][1].update(linkIds=[{"a": 1}]),
+    lambda ui: ui["nodes"][1]["inputs"][0].update(name=["x"]),
+    lambda ui: ui["links"][0].update(origin_slot=-1),
+])
+def test_odd_values_in_a_subgraph_workflow_raise_nothing_but_our_error(stubs, break_it):
+    """Unhashable or negative ids where the editor writes numbers: read, or a WorkflowError; never a TypeError."""
+    ui = v1_workflow()
+    break_it(ui)
+    try:
+        load_workflow(ui, stubs.registry)
+    except WorkflowError:
+        pass

@@ -81,8 +81,9 @@ def test_what_the_editor_resolved_in_the_files():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_editor_made_workflows_run_headless(name, tmp_path, monkeypatch, capsys):
-    """The 1.0 file (the saved one for the older form) through the CLI (validate, run), then the captured prompt and the editor's saved file
-    from Python in one Runtime: they are one graph, so the second run is a cache hit."""
+    """The 1.0 file (the saved one for the older form) through the CLI (validate, run), then the captured
+    prompt and the editor's saved file from Python in one Runtime: they are one graph, so the second run
+    is a cache hit."""
     monkeypatch.chdir(tmp_path)
     path = EDITOR / f"{name}_v1.json" if name != "subgraph_proxy_widgets" else EDITOR / f"{name}.json"
     loras = ["--lora-dir", str(DEMO_LORAS)]
