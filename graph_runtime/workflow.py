@@ -398,7 +398,8 @@ class _Flattener:
             return [i if isinstance(i, dict) else {} for i in node.get("inputs") or []]
         saved = {i["name"]: i for i in node.get("inputs") or []
                  if isinstance(i, dict) and isinstance(i.get("name"), str)}
-        return [{**s, "link": (saved.get(s.get("name")) or {}).get("link")} for s in sub.inputs]
+        return [{**s, "link": saved.get(s["name"], {}).get("link") if isinstance(s.get("name"), str) else None}
+                for s in sub.inputs]
 
     def _outputs(self, node: dict) -> list:
         sub = self.defs.get(node["type"])

@@ -5,8 +5,10 @@ import copy
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from loraloom.graph_runtime import Runtime, WorkflowError, load_workflow
+from loraloom.graph_runtime import LoomError, Runtime, WorkflowError, load_workflow
 from loraloom.graph_runtime import workflow as wf_module
 
 SCALE = "5f0b4a3e-0000-4000-8000-00000000000a"  # a subgraph id is a UUID, and the type of its nodes
@@ -239,3 +241,39 @@ def test_odd_values_in_a_subgraph_workflow_raise_nothing_but_our_error(stubs, br
         load_workflow(ui, stubs.registry)
     except WorkflowError:
         pass
+
+
+def _paths(value, path=()):
+    """Every place in a JSON document, as a path of keys and indices."""
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield from _paths(child, path + (key,))
+
+
+ODD = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.text(max_size=4), st.lists(st.integers(-1, 3),
+                max_size=2), st.sampled_from([SCALE, OUTER, -10, -20, "Reroute", "PrimitiveNode", {"name": "x"}]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_subgraph_workflow_with_any_value_changed_raises_nothing_but_our_errors(stubs, data):
+    """Up to three places of a working subgraph workflow (with a nested instance) set to odd values:
+    it runs, or fails with one of our errors."""
+    ui = v1_workflow()
+    ui["definitions"]["subgraphs"].append({"id": OUTER, "name": "Twice", "inputs": scale_subgraph()["inputs"][:1],
+                                          "outputs": scale_subgraph()["outputs"], "links": [
+                                              link(1, -10, 0, 1, 0, "NUMBER"), link(3, 1, 0, -20, 0, "NUMBER")],
+                                          "nodes": [instance(1, SCALE, 1, [3], widgets=[2.0])]})
+    ui["nodes"][1]["type"] = OUTER
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = [p for p in _paths(ui) if p]
+        path = data.draw(st.sampled_from(paths))
+        parent = ui
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = data.draw(ODD)
+    try:
+        Runtime(registry=stubs.registry).run(ui)
+    except LoomError as exc:
+        assert str(exc), "errors carry a message"
