@@ -224,8 +224,7 @@ def ui_to_api(ui: dict, registry: NodeRegistry, source: str = "workflow") -> dic
 # a real node's output by walking back through reroutes, bypassed nodes (the input chosen by type, as
 # the editor chooses it) and subgraph boundaries; an input whose source resolves to nothing keeps its
 # widget value, if it has one, and is dropped otherwise.
-SUBGRAPH_INPUT = "-10"  # the origin id of a link from a subgraph's input node, as the editor saves it
-SUBGRAPH_OUTPUT = "-20"
+SUBGRAPH_INPUT = "-10"  # the origin id of a link from a subgraph's input node (-20: to its output node)
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 
 
