@@ -1,17 +1,22 @@
 """Workflow JSON in both formats ComfyUI writes, converted to one API-format prompt.
 
 API format: ``{"<id>": {"class_type": ..., "inputs": {name: value | ["<src id>", slot]}}}``.
-UI format (version 0.4): ``nodes`` and ``links``; widget values are mapped to input names through
-the node schema's widget order. Muted (mode 2) nodes are dropped, bypassed (mode 4) nodes pass
-their matching input through, Reroute and PrimitiveNode are resolved, the ``control_after_generate``
-value the editor stores after some widgets is skipped (files with and without it are read).
+UI format (version 0.4, links as lists, and the 1.0 schema, links as objects): ``nodes`` and
+``links``; widget values are mapped to input names through the node schema's widget order (the
+``control_after_generate`` value the editor stores after some widgets is skipped; files with and
+without it are read). Subgraphs (``definitions.subgraphs``) are unfolded into the prompt the shipped
+editor queues: muted nodes dropped, bypassed nodes passing on an input, Reroute and PrimitiveNode
+resolved, links followed through subgraph boundaries (see `_Flattener`). `api_to_ui` writes 1.0.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 import struct
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +93,14 @@ def locate_in_workflow(data, path: list, registry: NodeRegistry) -> dict | None:
         data, path = data["prompt"], path[1:]
     if not isinstance(data, dict) or len(path) < 2:
         return None
+    if path[:2] == ["definitions", "subgraphs"] and len(path) >= 5 and path[3] == "nodes":
+        # A node of a subgraph definition: its id there and its class (each instance gives it another
+        # prompt id, so the input is left to the JSON path, which names the subgraph too).
+        try:
+            node = data["definitions"]["subgraphs"][path[2]]["nodes"][path[4]]
+        except (KeyError, IndexError, TypeError):
+            return None
+        return {"node": str(node.get("id")), "class_type": node.get("type")} if isinstance(node, dict) else None
     if "nodes" in data and path[0] == "nodes" and isinstance(data["nodes"], list):
         node = data["nodes"][path[1]] if isinstance(path[1], int) else None
         if not isinstance(node, dict):
@@ -198,51 +211,388 @@ def _id_sort(node_id: str):
 
 
 def ui_to_api(ui: dict, registry: NodeRegistry, source: str = "workflow") -> dict:
-    """Convert the editor's UI-format graph into an API-format prompt."""
-    nodes = ui.get("nodes")
-    links = ui.get("links")
-    if not isinstance(nodes, list) or not isinstance(links, list):
-        raise WorkflowError(f"{source}: UI workflow needs 'nodes' and 'links' lists")
-    if len(nodes) > MAX_NODES:
-        raise WorkflowError(f"{source}: {len(nodes)} nodes is above the limit of {MAX_NODES}")
-    definitions = ui.get("definitions")
-    if isinstance(definitions, dict) and definitions.get("subgraphs"):
-        raise WorkflowError(f"{source}: subgraphs are not supported yet.", kind="subgraph",
-                            fix="in the editor, right-click the subgraph node and choose 'Unpack Subgraph', then save")
-    by_id: dict[str, dict] = {}
-    for i, node in enumerate(nodes):
-        if not isinstance(node, dict) or not isinstance(node.get("type"), str) \
-                or isinstance(node.get("id"), bool) or not isinstance(node.get("id"), (int, str)):
-            raise WorkflowError(f"{source}: nodes[{i}] needs an integer 'id' and a string 'type'")
-        by_id[str(node["id"])] = node
-    link_map = _link_map(links, source)
+    """Convert the editor's UI-format graph (version 0.4 or 1.0, subgraphs included) into the API-format
+    prompt the shipped editor queues for it (its ``graphToPrompt``): a node inside a subgraph gets the
+    id path of the subgraph nodes above it and its own id joined by ``:`` ("5:3", "5:8:2")."""
+    return with_titles(_Flattener(ui, registry, source).prompt(), registry)
 
-    api: dict[str, dict] = {}
-    for node_id, node in by_id.items():
-        mode = node.get("mode", 0)
-        if node["type"] in FRONTEND_ONLY or mode in (MODE_MUTED, MODE_BYPASS):
-            continue
-        inputs = _widget_inputs(node, registry, source)
-        for inp in _list(node.get("inputs"), f"{source}: node {node_id} 'inputs'"):
+
+# How the editor (frontend 1.58, its graphToPrompt and ExecutableNodeDTO) turns a saved graph into a
+# prompt, restated: every node that is not muted, bypassed or virtual (Reroute, PrimitiveNode, Note,
+# a subgraph node) becomes one prompt node; a subgraph node (mode 0) is replaced by the nodes of its
+# definition, each with the id path of the subgraph nodes above it; each linked input is resolved to
+# a real node's output by walking back through reroutes, bypassed nodes (the input chosen by type, as
+# the editor chooses it) and subgraph boundaries; an input whose source resolves to nothing keeps its
+# widget value, if it has one, and is dropped otherwise.
+SUBGRAPH_INPUT = "-10"  # the origin id of a link from a subgraph's input node (-20: to its output node)
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+
+
+@dataclass
+class _Graph:
+    """One graph of a UI file, the root or a subgraph definition: its nodes by id, its links by id
+    as ``(origin id, origin slot, type, target id, target slot)``; for a definition its inputs and outputs."""
+
+    label: str  # "" for the root; "subgraph 'Name' (id)" for a definition
+    nodes: dict
+    links: dict
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """Where a node is: the graph, the ids of the subgraph nodes above it, the subgraph node it is
+    inside (in the parent scope), and the definitions on the way down (to refuse a subgraph inside itself)."""
+
+    graph: _Graph
+    path: tuple = ()
+    host: dict | None = None
+    parent: "_Scope | None" = None
+    chain: tuple = ()
+
+
+class _Flattener:
+    """A UI-format graph (0.4 or 1.0, with subgraph definitions) read into the prompt the editor queues."""
+
+    def __init__(self, ui: dict, registry: NodeRegistry, source: str):
+        self.registry = registry
+        self.source = source
+        self.root = self._graph(ui, "", root=True)
+        self.defs: dict[str, _Graph] = {}
+        definitions = ui.get("definitions")
+        if definitions is not None and not isinstance(definitions, dict):
+            raise WorkflowError(f"{source}: 'definitions' must be an object, got {type(definitions).__name__}")
+        for i, sub in enumerate(_list((definitions or {}).get("subgraphs"), f"{source}: definitions.subgraphs")):
+            if not isinstance(sub, dict) or not isinstance(sub.get("id"), str) or not sub["id"]:
+                raise WorkflowError(f"{source}: definitions.subgraphs[{i}] needs a string 'id'", kind="subgraph")
+            label = f"subgraph {sub.get('name')!r} ({sub['id']})"
+            if sub["id"] in self.defs:
+                raise WorkflowError(f"{source}: {label} is defined twice in definitions.subgraphs", kind="subgraph")
+            self.defs[sub["id"]] = self._graph(sub, label)
+        if len(self.root.nodes) + sum(len(d.nodes) for d in self.defs.values()) > MAX_NODES:
+            raise WorkflowError(f"{source}: more than {MAX_NODES} nodes", limit=MAX_NODES)
+
+    def _graph(self, data: dict, label: str, root: bool = False) -> _Graph:
+        where = f"{self.source}: {label}" if label else self.source
+        nodes, links = data.get("nodes"), data.get("links")
+        if not isinstance(nodes, list) or not isinstance(links, list):
+            raise WorkflowError(f"{where}: a UI workflow needs 'nodes' and 'links' lists",
+                                kind="subgraph" if label else None)
+        if len(nodes) > MAX_NODES:
+            raise WorkflowError(f"{where}: {len(nodes)} nodes is above the limit of {MAX_NODES}", limit=MAX_NODES)
+        by_id = {}
+        for i, node in enumerate(nodes):
+            if not isinstance(node, dict) or not isinstance(node.get("type"), str) \
+                    or isinstance(node.get("id"), bool) or not isinstance(node.get("id"), (int, str)):
+                raise WorkflowError(f"{where}: nodes[{i}] needs an integer 'id' and a string 'type'")
+            _list(node.get("inputs"), f"{where}: node {node['id']} 'inputs'")
+            by_id[str(node["id"])] = node
+        graph = _Graph(label, by_id, _links(links, where))
+        if not root:
+            graph.inputs = _list(data.get("inputs"), f"{where}: 'inputs'")
+            graph.outputs = _list(data.get("outputs"), f"{where}: 'outputs'")
+            if not all(isinstance(s, dict) for s in graph.inputs + graph.outputs):
+                raise WorkflowError(f"{where}: each of its inputs and outputs must be an object", kind="subgraph")
+        return graph
+
+    def prompt(self) -> dict:
+        """The API-format prompt, in the order the nodes are met (a subgraph's nodes after its node)."""
+        out: dict[str, dict] = {}
+        linked: list[tuple[dict, str]] = []  # inputs set to a link, checked once every node is known
+        visited = 0
+        stack = [(_Scope(self.root), n) for n in reversed(list(self.root.nodes.values()))]
+        while stack:
+            scope, node = stack.pop()
+            visited += 1
+            if visited > MAX_NODES:
+                raise WorkflowError(f"{self.source}: its subgraphs unfold into more than {MAX_NODES} nodes",
+                                    limit=MAX_NODES, kind="subgraph")
+            if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASS):
+                continue
+            sub = self._definition(scope, node)
+            if sub is not None:
+                child = self._child(scope, node, sub)
+                stack.extend((child, n) for n in reversed(list(sub.nodes.values())))
+            elif node["type"] not in FRONTEND_ONLY:
+                node_id = _exec_id(scope, node)
+                out[node_id] = self._entry(scope, node, linked)
+        for inputs, name in linked:  # the editor drops a link to a node that is not in the prompt
+            if is_link(inputs.get(name)) and inputs[name][0] not in out:
+                del inputs[name]
+        return out
+
+    def _entry(self, scope: _Scope, node: dict, linked: list) -> dict:
+        inputs = _widget_inputs(node, self.registry, self.source)
+        inputs.update(self._proxied(scope).get(str(node["id"]), {}))
+        for k, inp in enumerate(node.get("inputs") or []):
             if not isinstance(inp, dict) or inp.get("link") is None:
                 continue
             widget = inp.get("widget")
             name = widget.get("name") if isinstance(widget, dict) and widget.get("name") else inp.get("name")
             if not isinstance(name, str):
-                raise WorkflowError(f"{source}: node {node_id} has an input without a name")
-            resolved = _resolve_link(inp["link"], by_id, link_map, source)
+                raise self._error(scope, node, "an input has no name")
+            resolved = self._resolve(scope, node, k)
             if resolved is None:
-                inputs.pop(name, None)
-            elif resolved[0] == "value":
+                continue  # a widget keeps its own value, as in the editor
+            if resolved[0] == "value":
                 inputs[name] = resolved[1]
             else:
                 inputs[name] = [resolved[1], resolved[2]]
-        title = node.get("title")
+                linked.append((inputs, name))
         entry = {"class_type": node["type"], "inputs": inputs}
-        if isinstance(title, str):
-            entry["_meta"] = {"title": title}
-        api[node_id] = entry
-    return with_titles(api, registry)
+        meta = {"title": node["title"]} if isinstance(node.get("title"), str) else {}
+        props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        meta.update({k: props[k] for k in ("cnr_id", "aux_id", "ver") if isinstance(props.get(k), str)})
+        if meta:
+            entry["_meta"] = meta
+        return entry
+
+    def _proxied(self, scope: _Scope) -> dict:
+        """Widgets promoted the older way (frontends before subgraph-input promotion): the subgraph
+        node's ``properties.proxyWidgets`` lists ``[inner node id, widget name]`` (a list or its JSON
+        text), and its ``widgets_values`` holds their values in that order. The shipped editor turns
+        them into subgraph inputs on load, a value the list lacks leaving the inner widget's own:
+        ``{inner node id: {widget: value}}``."""
+        host = scope.host
+        props = host.get("properties") if host is not None else None
+        entries = props.get("proxyWidgets") if isinstance(props, dict) else None
+        if isinstance(entries, str):
+            try:
+                entries = json.loads(entries)
+            except ValueError:
+                return {}  # the editor warns and ignores it
+        values = host.get("widgets_values") if host is not None else None
+        if not isinstance(entries, list) or not isinstance(values, list):
+            return {}
+        out: dict = {}
+        for entry, value in zip(entries, values):
+            if isinstance(entry, list) and len(entry) >= 2 and all(isinstance(e, (str, int)) for e in entry[:2]):
+                out.setdefault(str(entry[0]), {})[str(entry[1])] = value
+        return out
+
+    def _definition(self, scope: _Scope, node: dict) -> _Graph | None:
+        """The subgraph a node is an instance of (its type is the definition's id), else None."""
+        sub = self.defs.get(node["type"])
+        if sub is None and _UUID.match(node["type"]) and self.registry.get(node["type"]) is None:
+            raise self._error(scope, node, f"it is an instance of subgraph {node['type']}, which is not in "
+                                           f"definitions.subgraphs (defined: {', '.join(self.defs) or 'none'})",
+                              kind="subgraph",
+                              fix="open the file in the editor from where the subgraph was made and save it again")
+        return sub
+
+    def _child(self, scope: _Scope, node: dict, sub: _Graph) -> _Scope:
+        sub_id = node["type"]
+        if sub_id in scope.chain:
+            names = " -> ".join(self.defs[s].label for s in scope.chain + (sub_id,))
+            raise self._error(scope, node, f"{sub.label} contains itself: {names}", kind="subgraph_cycle",
+                              fix="a subgraph cannot hold an instance of itself, directly or nested")
+        return _Scope(sub, scope.path + (str(node["id"]),), node, scope, scope.chain + (sub_id,))
+
+    def _inputs(self, scope: _Scope, node: dict) -> list:
+        """A node's input sockets as the editor holds them: a subgraph node's are its definition's
+        inputs, each linked as the instance's input of that name is."""
+        sub = self.defs.get(node["type"])
+        if sub is None:
+            return [i if isinstance(i, dict) else {} for i in node.get("inputs") or []]
+        saved = {i["name"]: i for i in node.get("inputs") or []
+                 if isinstance(i, dict) and isinstance(i.get("name"), str)}
+        return [{**s, "link": saved.get(s["name"], {}).get("link") if isinstance(s.get("name"), str) else None}
+                for s in sub.inputs]
+
+    def _outputs(self, node: dict) -> list:
+        sub = self.defs.get(node["type"])
+        outs = sub.outputs if sub is not None else node.get("outputs") or []
+        return [o if isinstance(o, dict) else {} for o in outs]
+
+    def _resolve(self, scope: _Scope, node: dict, slot: int):
+        """Where input ``slot`` of ``node`` gets its value: ``("link", prompt id, output slot)``,
+        ``("value", v)`` (a PrimitiveNode's or a promoted widget's) or None (nothing: muted, unlinked)."""
+        # A PrimitiveNode's value reaches an input only straight or through legacy Reroutes: the editor
+        # writes it into the widget of the node its links end at (its applyToGraph) and resolves the
+        # link itself to nothing, so behind a bypassed node or a subgraph boundary it is not used.
+        op, want, seen, direct = "in", None, set(), True
+        for _ in range(4 * MAX_NODES):
+            key = (scope.path, str(node["id"]), op, slot)
+            if key in seen:
+                raise self._error(scope, node, "its links loop back to it (through reroutes, bypassed nodes or "
+                                               "subgraph boundaries)", kind="link_cycle")
+            seen.add(key)
+            if op == "in":
+                inputs = self._inputs(scope, node)
+                if slot >= len(inputs):
+                    raise self._error(scope, node, f"it has no input slot {slot}", value=slot)
+                link_id = inputs[slot].get("link")
+                if link_id is None:
+                    return None
+                if not _is_id(link_id):
+                    raise self._error(scope, node, f"input slot {slot} has link {link_id!r}, not a link id number",
+                                      value=link_id, kind="bad_link")
+                link = scope.graph.links.get(link_id)
+                if link is None:
+                    raise self._error(scope, node, f"link {link_id} is used by a node but missing from 'links'",
+                                      input=inputs[slot].get("name"), value=link_id, kind="dangling_link")
+                origin, origin_slot = link[0], link[1]
+                want = want or inputs[slot].get("type")
+                if origin == SUBGRAPH_INPUT:
+                    if scope.host is None:
+                        raise self._error(scope, node, f"link {link_id} comes from a subgraph input, but the node "
+                                                       "is not inside a subgraph", value=link_id, kind="dangling_link")
+                    host_inputs = self._inputs(scope.parent, scope.host)
+                    if origin_slot >= len(host_inputs):
+                        raise self._error(scope, node, f"link {link_id} comes from subgraph input {origin_slot}, "
+                                                       "which the subgraph does not have", value=link_id,
+                                          kind="dangling_link")
+                    if host_inputs[origin_slot].get("link") is None:
+                        return self._promoted(scope, origin_slot)
+                    scope, node, slot, want, direct = scope.parent, scope.host, origin_slot, None, False
+                    continue
+                src = scope.graph.nodes.get(origin)
+                if src is None:
+                    raise self._error(scope, node, f"link {link_id} comes from node {origin}, which is not in "
+                                                   "the graph", input=inputs[slot].get("name"), value=origin,
+                                      kind="dangling_link")
+                node, slot, op = src, origin_slot, "out"
+                continue
+            mode = node.get("mode", 0)
+            if mode == MODE_MUTED:
+                return None
+            if mode == MODE_BYPASS:
+                slot, op, want, direct = self._bypass_slot(node, slot, want), "in", None, False
+                if slot < 0:
+                    return None
+                continue
+            sub = self.defs.get(node["type"])
+            if sub is not None:
+                outs = sub.outputs
+                ids = (outs[slot].get("linkIds") if slot < len(outs) else None) or []
+                if not ids:
+                    return None
+                if not isinstance(ids, list) or not _is_id(ids[0]):
+                    raise self._error(scope, node, f"output {slot} of {sub.label} has linkIds {ids!r}, not a list "
+                                                   "of link id numbers", value=ids, kind="bad_link")
+                link = sub.links.get(ids[0])
+                if link is None:
+                    raise self._error(scope, node, f"output {slot} of {sub.label} uses link {ids[0]}, which is "
+                                                   "missing from its 'links'", value=ids[0], kind="dangling_link")
+                direct = False
+                if link[0] == SUBGRAPH_INPUT:  # an input wired straight to an output
+                    slot, op = link[1], "in"
+                    continue
+                child = self._child(scope, node, sub)
+                src = sub.nodes.get(link[0])
+                if src is None:
+                    raise self._error(scope, node, f"output {slot} of {sub.label} comes from node {link[0]}, "
+                                                   "which is not in the subgraph", value=link[0],
+                                      kind="dangling_link")
+                scope, node, slot = child, src, link[1]
+                continue
+            if node["type"] == "Reroute":
+                slot, op = 0, "in"
+                continue
+            if node["type"] == "PrimitiveNode":
+                values = node.get("widgets_values")
+                return ("value", values[0]) if direct and isinstance(values, list) and values else None
+            if node["type"] in FRONTEND_ONLY:
+                return None
+            return ("link", _exec_id(scope, node), slot)
+        raise self._error(scope, node, "its links are too long to follow", limit=4 * MAX_NODES)
+
+    def _promoted(self, scope: _Scope, slot: int):
+        """The value a subgraph node holds for its input ``slot`` when that input is a promoted widget
+        (linked inside to a widget) and unlinked outside: named, else by position among the promoted."""
+        sub, host = scope.graph, scope.host
+        promoted = [i for i, s in enumerate(sub.inputs) if self._is_widget_input(sub, s)]
+        if slot not in promoted:
+            return None
+        name = sub.inputs[slot].get("name")
+        named = host.get("widgets_values_named")
+        values = host.get("widgets_values")
+        if not isinstance(name, str):
+            return None
+        if isinstance(named, dict) and name in named:
+            return ("value", named[name])
+        if isinstance(values, dict) and name in values:
+            return ("value", values[name])
+        if isinstance(values, list) and promoted.index(slot) < len(values):
+            return ("value", values[promoted.index(slot)])
+        return None
+
+    def _is_widget_input(self, sub: _Graph, sub_input: dict) -> bool:
+        ids = sub_input.get("linkIds")
+        for link_id in ids if isinstance(ids, list) else []:
+            link = sub.links.get(link_id) if _is_id(link_id) else None
+            target = sub.nodes.get(link[3]) if link else None
+            for inp in (target or {}).get("inputs") or []:
+                if isinstance(inp, dict) and inp.get("link") == link_id and inp.get("widget"):
+                    return True
+        return False
+
+    def _bypass_slot(self, node: dict, slot: int, want) -> int:
+        """The input a bypassed node passes to output ``slot``, chosen as the editor chooses it: the
+        same slot when its type fits both ends, else the first input of the wanted type, else the first
+        that fits both; -1 when none does."""
+        inputs = self._inputs_types(node)
+        outs = self._outputs(node)
+        out_type = outs[slot].get("type") if slot < len(outs) else None
+        if want in ("*", ""):
+            return slot if len(inputs) > slot else 0
+        if slot < len(inputs) and _fits_type(inputs[slot], out_type) and _fits_type(inputs[slot], want):
+            return slot
+        if want in inputs:
+            return inputs.index(want)
+        return next((i for i, t in enumerate(inputs) if _fits_type(t, out_type) and _fits_type(t, want)), -1)
+
+    def _inputs_types(self, node: dict) -> list:
+        sub = self.defs.get(node["type"])
+        sockets = sub.inputs if sub is not None else node.get("inputs") or []
+        return [i.get("type") if isinstance(i, dict) else None for i in sockets]
+
+    def _error(self, scope: _Scope, node: dict, message: str, **fields) -> WorkflowError:
+        """An error at ``node`` (its prompt id and type), naming the subgraph it is in."""
+        inside = f" (in {scope.graph.label})" if scope.graph.label else ""
+        return WorkflowError(message + inside, file=None if self.source == "workflow" else self.source,
+                             node=_exec_id(scope, node), class_type=node["type"], **fields)
+
+
+def _is_id(value) -> bool:
+    """A link id or slot as the editor writes them: an integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _exec_id(scope: _Scope, node: dict) -> str:
+    return ":".join(scope.path + (str(node["id"]),))
+
+
+def _fits_type(a, b) -> bool:
+    """LiteGraph's isValidConnection: "*", "" and no type fit anything; "A,B" fits A and B."""
+    a = None if a in ("*", "", 0) else a
+    b = None if b in ("*", "", 0) else b
+    if not a or not b or a == b:
+        return True
+    a, b = str(a).lower().split(","), str(b).lower().split(",")
+    return bool(set(a) & set(b))
+
+
+def _links(links: list, where: str) -> dict:
+    """link id -> (origin id, origin slot, type, target id, target slot), from the 0.4 list form
+    ``[id, origin, slot, target, slot, type]`` or the 1.0 object form."""
+    out = {}
+    for i, link in enumerate(links):
+        if isinstance(link, list) and len(link) >= 5:
+            link_id, origin, origin_slot, target, target_slot = link[:5]
+            link_type = link[5] if len(link) > 5 else None
+        elif isinstance(link, dict):
+            link_id, origin, origin_slot = link.get("id"), link.get("origin_id"), link.get("origin_slot")
+            target, target_slot, link_type = link.get("target_id"), link.get("target_slot"), link.get("type")
+        else:
+            raise WorkflowError(f"{where}: links[{i}] must be [id, from_node, from_slot, to_node, to_slot, type] "
+                                "or an object with id, origin_id, origin_slot, target_id, target_slot")
+        if not (_is_id(link_id) and _is_id(origin_slot) and origin_slot >= 0) \
+                or any(isinstance(v, bool) or not isinstance(v, (int, str)) for v in (origin, target)):
+            raise WorkflowError(f"{where}: links[{i}] has a malformed id, node or slot: {link!r}", kind="bad_link")
+        out[link_id] = (str(origin), origin_slot, link_type, str(target), target_slot)
+    return out
 
 
 def with_titles(prompt: dict, registry: NodeRegistry) -> dict:
@@ -265,25 +615,6 @@ def _list(value, where: str) -> list:
     if not isinstance(value, list):
         raise WorkflowError(f"{where} must be a list, got {type(value).__name__}")
     return value
-
-
-def _link_map(links: list, source: str) -> dict:
-    """link id -> (from node id, from slot, output type); accepts list and object forms."""
-    out = {}
-    for i, link in enumerate(links):
-        if isinstance(link, list) and len(link) >= 5:
-            link_id, from_id, from_slot, _to, _to_slot = link[:5]
-            link_type = link[5] if len(link) > 5 else None
-        elif isinstance(link, dict):
-            link_id, from_id, from_slot = link.get("id"), link.get("origin_id"), link.get("origin_slot")
-            link_type = link.get("type")
-        else:
-            raise WorkflowError(f"{source}: links[{i}] must be [id, from_node, from_slot, to_node, to_slot, type]")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (link_id, from_slot)) \
-                or isinstance(from_id, bool) or not isinstance(from_id, (int, str)):
-            raise WorkflowError(f"{source}: links[{i}] has a malformed id, node or slot: {link!r}")
-        out[link_id] = (str(from_id), from_slot, link_type)
-    return out
 
 
 def _widget_inputs(node: dict, registry: NodeRegistry, source: str) -> dict:
@@ -387,50 +718,6 @@ def _fits(widget: Input, value) -> bool:
     if callable(widget.options):  # a folder's files: listing them here would read the disk
         return isinstance(value, str)
     return value in widget.option_list()
-
-
-def _resolve_link(link_id, by_id: dict, link_map: dict, source: str):
-    """Follow a link through Reroutes and bypassed nodes to a real output or a PrimitiveNode value.
-    Returns ("link", node_id, slot), ("value", v), or None when the source is muted or dangling."""
-    for _ in range(len(by_id) + 1):
-        if link_id not in link_map:
-            raise WorkflowError(f"{source}: link {link_id} is used by a node but missing from 'links'")
-        from_id, from_slot, link_type = link_map[link_id]
-        src = by_id.get(from_id)
-        if src is None:
-            return ("link", from_id, from_slot)
-        ins = [i for i in (src.get("inputs") or []) if isinstance(i, dict)]
-        if src["type"] == "Reroute":
-            if not ins or ins[0].get("link") is None:
-                return None
-            link_id = ins[0]["link"]
-            continue
-        if src["type"] == "PrimitiveNode":
-            values = src.get("widgets_values")
-            return ("value", values[0]) if isinstance(values, list) and values else None
-        mode = src.get("mode", 0)
-        if mode == MODE_MUTED:
-            return None
-        if mode == MODE_BYPASS:
-            out_type = link_type or _output_type(src, from_slot)
-            same_slot = ins[from_slot] if from_slot < len(ins) else None
-            if same_slot is not None and same_slot.get("type") == out_type and same_slot.get("link") is not None:
-                link_id = same_slot["link"]
-                continue
-            match = [i for i in ins if i.get("type") == out_type and i.get("link") is not None]
-            if not match:
-                return None
-            link_id = match[0]["link"]
-            continue
-        return ("link", from_id, from_slot)
-    raise WorkflowError(f"{source}: link {link_id} loops through Reroute or bypassed nodes")
-
-
-def _output_type(node: dict, slot: int):
-    outs = node.get("outputs") or []
-    if slot < len(outs) and isinstance(outs[slot], dict):
-        return outs[slot].get("type")
-    return None
 
 
 def _png_workflow(path: Path, locate=None) -> dict:
@@ -546,8 +833,9 @@ def _inflate(data: bytes, path: Path, key: str) -> bytearray:
 
 
 def api_to_ui(prompt: dict, registry: NodeRegistry) -> dict:
-    """An editor (UI-format, version 0.4) graph for an API-format prompt, laid out in columns by depth,
-    so API workflows open in ComfyUI's editor. ``ui_to_api`` of the result gives the prompt back."""
+    """An editor graph in the 1.0 schema (object links, ``state``; the shipped editor loads it) for an
+    API-format prompt, laid out in columns by depth, so API workflows open in ComfyUI's editor.
+    ``ui_to_api`` of the result gives the prompt back."""
     prompt = check_api(prompt)
     ids = {nid: (int(nid) if nid.isdigit() else None) for nid in prompt}
     next_id = max([i for i in ids.values() if i is not None] + [0]) + 1
@@ -577,7 +865,8 @@ def api_to_ui(prompt: dict, registry: NodeRegistry) -> dict:
             if is_link(value):
                 link_id = len(links) + 1
                 src = str(value[0])
-                links.append([link_id, ids.get(src, src), value[1], ids[nid], len(inputs), inp.type])
+                links.append({"id": link_id, "origin_id": ids.get(src, src), "origin_slot": value[1],
+                              "target_id": ids[nid], "target_slot": len(inputs), "type": inp.type})
                 out_links.setdefault((src, value[1]), []).append(link_id)
                 socket = {"name": inp.name, "type": inp.type, "link": link_id}
                 if inp.is_widget:
@@ -601,6 +890,11 @@ def api_to_ui(prompt: dict, registry: NodeRegistry) -> dict:
         outs = cls.SCHEMA.outputs if cls else []
         node["outputs"] = [{"name": o.name or o.type, "type": o.type, "links": out_links.get((nid, i)) or None,
                             "slot_index": i} for i, o in enumerate(outs)]
-    return {"last_node_id": max(ids.values(), default=0), "last_link_id": len(links),
-            "nodes": [n for _, n, _ in nodes], "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+    # A graph id the editor keeps (it makes one up for a file without): derived from the prompt, so
+    # converting the same prompt twice writes the same file.
+    graph_id = uuid.uuid5(uuid.NAMESPACE_URL, "loraloom:" + json.dumps(prompt, sort_keys=True, default=str))
+    return {"id": str(graph_id), "revision": 0, "version": 1,
+            "state": {"lastNodeId": max(ids.values(), default=0), "lastLinkId": len(links), "lastGroupId": 0,
+                      "lastRerouteId": 0},
+            "nodes": [n for _, n, _ in nodes], "links": links, "groups": [], "reroutes": [], "config": {},
+            "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}}

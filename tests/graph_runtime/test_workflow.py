@@ -90,13 +90,6 @@ def test_dict_widgets_values_and_dangling_link(stubs):
         load_workflow(ui, stubs.registry)
 
 
-def test_subgraphs_are_refused_with_a_fix(stubs):
-    ui = editor_ui()
-    ui["definitions"] = {"subgraphs": [{"id": "abc"}]}
-    with pytest.raises(WorkflowError, match="Unpack Subgraph"):
-        load_workflow(ui, stubs.registry)
-
-
 @pytest.mark.parametrize("bad,fragment", [
     ([1, 2], "not list"),
     ({"1": 5}, "expected an object with 'class_type'"),
@@ -149,7 +142,11 @@ def test_api_to_ui_round_trip(stubs):
            "4": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["3", 0]}},
            "5": {"class_type": "Show", "inputs": {"x": ["4", 0]}, "_meta": {"title": "Out"}}}
     ui = api_to_ui(api, stubs.registry)
-    assert ui["version"] == 0.4 and len(ui["links"]) == 4
+    assert ui["version"] == 1 and len(ui["links"]) == 4, "the 1.0 schema, which the shipped editor loads"
+    assert ui["links"][0] == {"id": 1, "origin_id": 1, "origin_slot": 0, "target_id": 2, "target_slot": 0,
+                              "type": "NUMBER"}, "links are objects"
+    assert ui["state"] == {"lastNodeId": 5, "lastLinkId": 4, "lastGroupId": 0, "lastRerouteId": 0}
+    assert api_to_ui(api, stubs.registry)["id"] == ui["id"], "the same prompt converts to the same file"
     seeded = [n for n in ui["nodes"] if n["type"] == "Seeded"][0]
     assert seeded["widgets_values"] == ["mul", 7, "fixed", 3], "seed widgets carry the editor's control value"
     xs = {n["id"]: n["pos"][0] for n in ui["nodes"]}

@@ -425,3 +425,209 @@ def test_every_node_placed_fresh_round_trips_other_values_through_the_editor(edi
     assert {i: {w["name"]: w["value"] for w in n["widgets"]} for i, n in reloaded.items()} == chosen, \
         "a saved workflow loads with the values it was saved with, control modes included"
     assert editor.problems == [], "\n".join(editor.problems)
+
+
+# Workflows made in the editor: each builder below works on the shipped blend workflow in the page
+# through the editor's own graph API (convert to subgraph, add a subgraph input for a widget as its
+# "promote widget" does, native reroutes, bypass, mute), exactly what a user's clicks call. The page
+# saves the result (what its Save writes: a 0.4 root with 1.0 subgraph definitions, and the 1.0 schema
+# its graph serialises to), loads each saved file again and queues it; the POST /prompt body it sends
+# is the prompt our converter must produce. `python tests/server/test_browser.py [NAME ...]` re-makes the files.
+
+EDITOR_MADE = Path(__file__).resolve().parents[1] / "workflows" / "editor"
+# Our node ids with or without the "LoraLoom" prefix (the old ids stay loadable as aliases): the builders
+# place the canonical one.
+OURS_JS = """name => ("LoraLoom" + name) in window.LiteGraph.registered_node_types ? "LoraLoom" + name : name"""
+PROMOTE_JS = """(host, inner, name) => {  // what the editor's 'Promote widget' does: a subgraph input on the widget
+    const slot = inner.getSlotFromWidget(inner.widgets.find(w => w.name === name));
+    host.subgraph.addInput(name, String(slot.type)).connect(slot, inner);
+    return host.widgets.find(w => w.name === name) }"""
+BUILDERS = {
+    # LoRAs A and B in a subgraph nested in one holding WeightedBlend (its weight promoted, set to 0.5;
+    # text_encoder_weight not promoted) and a bypassed Fuse; native reroutes on a root link and an inner one.
+    "subgraph_nested": """async () => {
+        const LG = window.LiteGraph, g = window.app.graph, n = id => g.getNodeById(id), promote = PROMOTE, ours = OURS;
+        const fuse = LG.createNode(ours("Fuse")); fuse.pos = [900, 400]; g.add(fuse);
+        n(4).connect(0, fuse, 0); fuse.connect(0, n(5), 0); fuse.mode = 4;
+        const outer = g.convertToSubgraph(new Set([n(2), n(3), n(4), fuse])).node;
+        const sub = outer.subgraph;
+        const inner = sub.convertToSubgraph(new Set([sub.getNodeById(2), sub.getNodeById(3)])).node;
+        promote(outer, sub.getNodeById(4), "weight").value = 0.5;
+        g.createReroute([300, 300], g.links.get(outer.inputs[0].link));
+        const blend = sub.getNodeById(4);
+        sub.createReroute([300, 500], sub.links.get(blend.inputs[1].link));
+        return [outer.id, inner.id] }""",
+    # One subgraph (a LoadLoRA, lora_name promoted) used twice with demo-a and demo-b; a bypassed subgraph
+    # node (a Fuse inside) on the model link; a legacy Reroute node, a PrimitiveNode on Sample's seed and
+    # a muted PreviewImage.
+    "subgraph_twice": """async () => {
+        const LG = window.LiteGraph, g = window.app.graph, n = id => g.getNodeById(id), promote = PROMOTE, ours = OURS;
+        const first = g.convertToSubgraph(new Set([n(2)])).node;
+        promote(first, first.subgraph.nodes[0], "lora_name").value = "demo-a.safetensors";
+        const second = LG.createNode(first.subgraph.id); second.pos = [50, 650]; g.add(second);
+        second.connect(0, n(4), 2); g.remove(n(3));
+        second.widgets.find(w => w.name === "lora_name").value = "demo-b.safetensors";
+        const fuse = LG.createNode(ours("Fuse")); fuse.pos = [300, 50]; g.add(fuse);
+        n(1).connect(0, fuse, 0); fuse.connect(0, n(4), 0);
+        g.convertToSubgraph(new Set([fuse])).node.mode = 4;
+        const reroute = LG.createNode("Reroute"); reroute.pos = [900, 600]; g.add(reroute);
+        n(5).connect(0, reroute, 0); reroute.connect(0, n(6), 0);
+        const primitive = LG.createNode("PrimitiveNode"); primitive.pos = [400, 700]; g.add(primitive);
+        primitive.connect(0, n(5), n(5).inputs.findIndex(i => i.name === "seed"));
+        primitive.widgets[0].value = 7; primitive.widgets[1].value = "fixed";
+        const preview = LG.createNode("PreviewImage"); preview.pos = [900, 800]; g.add(preview);
+        n(5).connect(0, preview, 0); preview.mode = 2;
+        return [first.id, second.id] }""",
+    # A subgraph node as frontends before subgraph-input promotion saved it: the widgets it shows listed
+    # in properties.proxyWidgets (WeightedBlend's weight, LoRA B's name), their values in widgets_values in
+    # that order. The page saves the file its way, the builder rewrites the subgraph node the old way
+    # and returns that file; the page loads it (turning the list into subgraph inputs) and queues.
+    "subgraph_proxy_widgets": """async () => {
+        const g = window.app.graph, n = id => g.getNodeById(id);
+        const host = g.convertToSubgraph(new Set([n(2), n(3), n(4)])).node;
+        const wf = JSON.parse(JSON.stringify((await window.app.graphToPrompt()).workflow));
+        const saved = wf.nodes.find(node => node.id == host.id);
+        saved.properties.proxyWidgets = [["4", "weight"], ["3", "lora_name"]];
+        saved.widgets_values = [0.25, "demo-a.safetensors"];
+        delete saved.widgets_values_named;
+        return wf }""",
+    # A PrimitiveNode on a subgraph node's promoted input (weight): the editor writes its value into
+    # the subgraph node's widget, then resolves the linked input past it to the inner widget's own value
+    # (0.7: neither 0.33 nor the promoted 0.5).
+    "subgraph_primitive": """async () => {
+        const LG = window.LiteGraph, g = window.app.graph, n = id => g.getNodeById(id), promote = PROMOTE, ours = OURS;
+        const host = g.convertToSubgraph(new Set([n(4)])).node;
+        promote(host, host.subgraph.nodes[0], "weight").value = 0.5;
+        const primitive = LG.createNode("PrimitiveNode"); primitive.pos = [100, 900]; g.add(primitive);
+        primitive.connect(0, host, host.inputs.findIndex(i => i.name === "weight"));
+        primitive.widgets[0].value = 0.33; primitive.widgets[1].value = "fixed";
+        return host.id }""",
+}
+LEGACY = {"subgraph_proxy_widgets"}  # stored as the builder writes it, with no 1.0 form
+
+
+def queued_prompt(editor) -> dict:
+    """The prompt of the POST /prompt body the page sends when queued (answered here, not run)."""
+    posted = []
+
+    def answer(route):
+        if route.request.method != "POST":
+            return route.continue_()
+        posted.append(json.loads(route.request.post_data))
+        return route.fulfill(json={"prompt_id": f"made-{len(posted)}", "number": 0, "node_errors": {}})
+
+    editor.page.route("**/prompt", answer)
+    try:
+        assert editor.page.evaluate("window.app.queuePrompt(0, 1)") is not False, "the page queued the prompt"
+    finally:
+        editor.page.unroute("**/prompt", answer)
+    assert len(posted) == 1, "one POST /prompt"
+    return posted[0]["prompt"]
+
+
+def load_and_queue(editor, workflow: dict) -> dict:
+    """Load a saved workflow into a cleared page and queue it: the prompt it sends."""
+    editor.page.evaluate("window.app.rootGraph.clear()")
+    editor.page.evaluate("async wf => { await window.app.loadGraphData(wf) }", workflow)
+    assert editor.problems == [], "the page loads the file with no error:\n" + "\n".join(editor.problems)
+    assert editor.missing_node_types() == [], "every node type is known, subgraph nodes included"
+    assert editor.page.evaluate("window.app.rootGraph.nodes.length") > 0, "the file loaded"
+    return queued_prompt(editor)
+
+
+def make_in_editor(editor, name: str) -> dict:
+    """Build workflow ``name`` in the page: ``{"saved": ..., "v1": ..., "prompt": ...}``, the prompt being
+    what the page queues for each saved form loaded again (they must agree)."""
+    editor.load("blend")
+    built = editor.page.evaluate(BUILDERS[name].replace("PROMOTE", PROMOTE_JS).replace("OURS", OURS_JS))
+    if name in LEGACY:
+        return {"saved": built, "prompt": load_and_queue(editor, built)}
+    # As JSON text, as the editor's Save writes it: a value left undefined is left out, not null.
+    saved = json.loads(editor.page.evaluate("async () => JSON.stringify((await window.app.graphToPrompt()).workflow)"))
+    v1 = json.loads(editor.page.evaluate("JSON.stringify(window.app.rootGraph.asSerialisable())"))
+    assert v1["version"] == 1 and isinstance(v1["links"][0], dict), "the 1.0 schema: links are objects"
+    prompt = load_and_queue(editor, saved)
+    assert load_and_queue(editor, v1) == prompt, f"{name}: both saved forms queue the same prompt"
+    return {"saved": saved, "v1": v1, "prompt": prompt}
+
+
+def editor_made_files(name: str) -> dict:
+    forms = (("saved", ""), ("prompt", "_prompt")) + ((("v1", "_v1"),) if name not in LEGACY else ())
+    return {form: EDITOR_MADE / f"{name}{suffix}.json" for form, suffix in forms}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_the_editor_made_workflows_are_remade_as_stored(editor, name):
+    """The stored test data is what the shipped editor makes today: remade, the page queues the stored
+    prompt, and each stored file loaded into the page queues it too."""
+    made = make_in_editor(editor, name)
+    files = editor_made_files(name)
+    stored = json.loads(files["prompt"].read_text())
+    assert made["prompt"] == stored, f"{name}: re-make it with `python tests/server/test_browser.py`"
+    for form in ("saved", "v1"):
+        if form in files:
+            assert load_and_queue(editor, json.loads(files[form].read_text())) == stored, f"{name} ({form})"
+    assert editor.problems == [], "\n".join(editor.problems)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_converted_api_workflow_opens_in_the_editor_in_the_1_0_schema(editor, name):
+    """`loraloom convert --to ui` writes the 1.0 schema: the page loads it with no error and no missing
+    node, and queues exactly the prompt our converter reads from the file, which means the API file."""
+    from loraloom.graph_runtime.workflow import api_to_ui, ui_to_api
+
+    registry = editor.runtime.registry
+    api = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    ui = api_to_ui(api, registry)
+    assert ui["version"] == 1
+    queued = load_and_queue(editor, ui)
+    assert queued == ui_to_api(ui, registry), f"{name}: the page and our converter read the 1.0 file alike"
+    assert editor.runtime.validate({"prompt": queued}).nodes == editor.runtime.validate(api).nodes, name
+    assert editor.problems == [], "\n".join(editor.problems)
+
+
+def test_an_editor_made_subgraph_workflow_runs_on_our_server(editor):
+    """Queued from the page for real: our server validates and runs the ids it gets ("7:2", "8:2")."""
+    editor.page.evaluate("window.app.rootGraph.clear()")
+    workflow = json.loads((EDITOR_MADE / "subgraph_twice.json").read_text())
+    for node in workflow["nodes"]:  # small, so it runs in seconds
+        if node["type"].removeprefix("LoraLoom") == "Sample":
+            node["widgets_values"][4:8] = [2, 5.0, 64, 64]
+    editor.page.evaluate("async wf => { await window.app.loadGraphData(wf) }", workflow)
+    store = editor.server.app[STATE].store
+    before = len(store.history())
+    assert editor.page.evaluate("window.app.queuePrompt(0, 1)") is not False, "the page queued the prompt"
+    for _ in range(12_000):  # a minute at most
+        if len(store.history()) > before:
+            break
+        time.sleep(0.005)
+    last = store.history()[-1]
+    assert last.status == "success", last.messages
+    assert {"7:2", "8:2"} <= set(last.prompt), "the nodes inside the two subgraph instances ran under their ids"
+    assert editor.problems == [], "\n".join(editor.problems)
+
+
+def _remake(names: list[str]) -> None:
+    """Write tests/workflows/editor/ from the editor (run this file as a script, naming the workflows to
+    re-make, or none for all)."""
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    EDITOR_MADE.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as root:
+        browser = pw.chromium.launch(executable_path=_chromium(), headless=True)
+        with open_editor(browser, Path(root)) as ed:
+            for name in names or sorted(BUILDERS):
+                made = make_in_editor(ed, name)
+                for form, path in editor_made_files(name).items():
+                    path.write_text(json.dumps(made[form], indent=2) + "\n")
+                print(f"wrote {name}: {', '.join(p.name for p in editor_made_files(name).values())}")
+            assert ed.problems == [], "\n".join(ed.problems)
+        browser.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _remake(sys.argv[1:])
