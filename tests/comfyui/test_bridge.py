@@ -1,0 +1,228 @@
+"""The bridge node (LoraLoomApplyLoRA) inside real ComfyUI: our LoRA values, merged with block
+weights, on ComfyUI's own checkpoint, CLIP and KSampler (see conftest.py for when these run).
+
+The checkpoint is `fixtures.write_comfy_checkpoint`'s SD1.5 (ComfyUI's core CheckpointLoaderSimple
+loads it; LoadBase loads the same file with its config folder)."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from .conftest import COMFYUI, ROOT, comfyui_base, comfyui_python, start_comfyui
+
+CHECKPOINT = "tinysd15.safetensors"
+BLOCKS = '{"BASE": 0.5, "IN01": 0.25, "M00": 0, "OUT01": 1.5}'
+METHODS = ("linear", "svd", "ties_svd", "cat")
+
+
+@pytest.fixture(scope="module")
+def bridge_comfy(tmp_path_factory):
+    """ComfyUI with our pack, the SD1.5 checkpoint, its LoRAs and the tiny presets' LoRA fixtures."""
+    from loraloom.fixtures import write_comfy_checkpoint, write_comfy_loras
+
+    base = tmp_path_factory.mktemp("comfyui-bridge")
+    names = comfyui_base(base)
+    models = base / "models"
+    checkpoint, config = write_comfy_checkpoint(models / "checkpoints" / CHECKPOINT)
+    names.update({k: p.name for k, p in write_comfy_loras(models / "loras").items()})
+    server = start_comfyui(base, names)
+    running = next(server)
+    running.checkpoint, running.config = checkpoint, config
+    yield running
+    next(server, None)
+
+
+def sampler(model, clip, prefix: str, at: int = 20, seed: int = 3) -> dict:
+    """Core text encode, KSampler, VAE decode and SaveImage on ``model`` / ``clip`` (links), as nodes
+    ``at`` .. ``at + 5`` (SaveImage last); the VAE is the checkpoint loader's (node "1")."""
+    n = [str(at + i) for i in range(6)]
+    return {
+        n[0]: {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a photo of a cat"}},
+        n[1]: {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
+        n[2]: {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        n[3]: {"class_type": "KSampler", "inputs": {"model": model, "positive": [n[0], 0], "negative": [n[1], 0],
+                                                    "latent_image": [n[2], 0], "seed": seed, "steps": 3, "cfg": 5.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        n[4]: {"class_type": "VAEDecode", "inputs": {"samples": [n[3], 0], "vae": ["1", 2]}},
+        n[5]: {"class_type": "SaveImage", "inputs": {"images": [n[4], 0], "filename_prefix": prefix}},
+    }
+
+
+def graph(lora_chain: dict, model, clip, prefix: str = "bridge") -> dict:
+    """A core checkpoint loader as node "1", ``lora_chain`` (prompt entries), and `sampler` on
+    ``model`` / ``clip`` (its image from node "25")."""
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+            **lora_chain, **sampler(model, clip, prefix)}
+
+
+def merge(prompts, method: str) -> dict:
+    """Our LoadLoRA x2 -> PeftMerge entries (nodes 2, 3, 4)."""
+    return {"2": {"class_type": "LoadLoRA", "inputs": {"lora_name": "comfy-a.safetensors"}},
+            "3": {"class_type": "LoadLoRA", "inputs": {"lora_name": "comfy-b.safetensors"}},
+            "4": prompts.full("PeftMerge", lora_a=["2", 0], lora_b=["3", 0], weight_a=0.7, weight_b=0.5,
+                              method=method, svd_rank=8)}
+
+
+def bridge(prompts, lora, strength_model=0.8, strength_clip=0.6, block_weights="") -> dict:
+    return {"5": prompts.full("LoraLoomApplyLoRA", model=["1", 0], clip=["1", 1], lora=lora,
+                              strength_model=strength_model, strength_clip=strength_clip,
+                              block_weights=block_weights)}
+
+
+def image(server, done: dict, node: str = "25") -> np.ndarray:
+    assert done["status"]["status_str"] == "success", done["status"]
+    ref = done["outputs"][node]["images"][0]
+    return np.asarray(Image.open(server.base / "output" / ref["subfolder"] / ref["filename"]))
+
+
+def run_image(server, prompt: dict, node: str = "25") -> np.ndarray:
+    return image(server, server.run(prompt), node)
+
+
+def test_bridge_is_listed_inside_comfyui_with_comfyui_sockets(bridge_comfy):
+    info = bridge_comfy.call("GET", "/object_info/LoraLoomApplyLoRA")[1]["LoraLoomApplyLoRA"]
+    assert info["input"]["required"]["model"] == ["MODEL"] and info["input"]["optional"]["clip"] == ["CLIP"], info
+    assert info["input"]["required"]["lora"] == ["LORA_WEIGHTS"], info
+    assert info["output"] == ["MODEL", "CLIP"] and info["display_name"].startswith("Loom "), info
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_merge_through_the_bridge_samples_as_core_loraloader_does_with_the_saved_merge(bridge_comfy, prompts, method):
+    server = bridge_comfy
+    plain = run_image(server, graph({}, ["1", 0], ["1", 1], prefix="plain"))
+    prefix = f"loras/merged-{method}"
+    chain = {**merge(prompts, method), **bridge(prompts, ["4", 0]),
+             "6": prompts.full("SaveLoRA", lora=["4", 0], filename_prefix=prefix, format="kohya", dtype="fp32")}
+    done = server.run(graph(chain, ["5", 0], ["5", 1]))
+    ours = image(server, done)
+    report = done["outputs"]["5"]["text"][0]
+    assert "unet: " in report and "text_encoder: 24 modules patched" in report, report
+
+    # what the user would do next: put the saved merge where core's LoraLoader lists it, load it there
+    saved = server.base / "output" / f"{prefix}_00001_.safetensors"
+    shutil.copy(saved, server.base / "models" / "loras" / f"merged-{method}.safetensors")
+    core = {"5": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                         "lora_name": f"merged-{method}.safetensors",
+                                                         "strength_model": 0.8, "strength_clip": 0.6}}}
+    theirs = run_image(server, graph(core, ["5", 0], ["5", 1], prefix="core"))
+    assert np.array_equal(ours, theirs), f"{method}: max pixel difference {np.abs(ours.astype(int) - theirs).max()}"
+    assert np.abs(ours.astype(int) - plain).max() > 8, f"{method}: the LoRA should change the image"
+
+    blocks = run_image(server, graph({**merge(prompts, method), **bridge(prompts, ["4", 0], block_weights=BLOCKS)},
+                                     ["5", 0], ["5", 1], prefix="blocks"))
+    assert not np.array_equal(blocks, ours), f"{method}: block weights should change the image"
+
+
+def test_strength_zero_is_no_lora_and_the_inputs_stay_unpatched(bridge_comfy, prompts):
+    server = bridge_comfy
+    plain = run_image(server, graph({}, ["1", 0], ["1", 1], prefix="plain"))
+    chain = {"2": {"class_type": "LoadLoRA", "inputs": {"lora_name": "comfy-locon.safetensors"}},
+             **bridge(prompts, ["2", 0], strength_model=0.0, strength_clip=0.0)}
+    assert np.array_equal(run_image(server, graph(chain, ["5", 0], ["5", 1], prefix="zero")), plain)
+
+    # the bridge patches clones: a KSampler on the loader's own model and CLIP, in the same prompt as
+    # one on the patched ones, samples the plain model
+    chain = {"2": {"class_type": "LoadLoRA", "inputs": {"lora_name": "comfy-locon.safetensors"}},
+             **bridge(prompts, ["2", 0], strength_model=1.0, strength_clip=1.0),
+             **sampler(["5", 0], ["5", 1], "patched", at=30)}
+    done = server.run(graph(chain, ["1", 0], ["1", 1], prefix="beside"))
+    assert np.array_equal(image(server, done), plain), "the bridge's input model was patched"
+    assert not np.array_equal(image(server, done, "35"), plain), "the LoCon should change the image"
+
+
+@pytest.mark.parametrize("lora, expect", [
+    ("tiny-sdxl/kohya", "The LoRA looks like sdxl"),
+    ("tiny-sd15/kohya", "shape [32, 32]"),
+])
+def test_a_lora_that_does_not_fit_the_model_is_refused_naming_its_modules(bridge_comfy, prompts, lora, expect):
+    server = bridge_comfy
+    name = server.names[lora]
+    chain = {"2": {"class_type": "LoadLoRA", "inputs": {"lora_name": name}}, **bridge(prompts, ["2", 0])}
+    done = server.run(graph(chain, ["5", 0], ["5", 1]))
+    errors = [data for kind, data in done["status"]["messages"] if kind == "execution_error"]
+    assert errors and errors[0]["node_type"] == "LoraLoomApplyLoRA", done["status"]
+    message = errors[0]["exception_message"]
+    assert errors[0]["exception_type"] == "loraloom.LoRAMatchError", errors[0]
+    assert "node LoraLoomApplyLoRA" in message and "fit no weight of this SD15 model" in message, message
+    assert expect in message and "Fix: use a LoRA made for this model's architecture" in message, message
+    assert "lora key not loaded" not in server.log.read_text(), "nothing reaches ComfyUI's own silent skip"
+
+
+@pytest.mark.parametrize("strength_model, strength_clip, block_weights", [(0.8, 0.6, BLOCKS), (1.0, 1.0, "")])
+def test_comfyui_weights_change_exactly_as_our_model_pool_changes_the_diffusers_model(
+        bridge_comfy, tmp_path, strength_model, strength_clip, block_weights):
+    """ComfyUI's patched weights minus its base, layer by layer, against the deltas our pool applies
+    to the diffusers model of the same file (LoadBase with the config folder), and both denoisers'
+    outputs on one input."""
+    from safetensors.torch import load_file, save_file
+
+    from loraloom.bases.pool import Application, ModelPool, ModelRecipe
+    from loraloom.lora.blocks import block_scales
+    from loraloom.lora.combine import merge_lora_values
+    from loraloom.lora.readers import read_lora
+    from loraloom.lora.writers import write_kohya
+
+    server = bridge_comfy
+    loras = [read_lora(server.base / "models" / "loras" / f"comfy-{n}.safetensors") for n in ("a", "locon")]
+    merged, _ = merge_lora_values(loras, "svd", [0.7, 0.5])
+    write_kohya(merged, tmp_path / "merged.safetensors")
+    lora = read_lora(tmp_path / "merged.safetensors")  # the file both sides read
+    gen = torch.Generator().manual_seed(5)
+    inputs = {"x": torch.randn(1, 4, 8, 8, generator=gen), "t": torch.tensor([500.0]),
+              "context": torch.randn(1, 77, 768, generator=gen)}
+    save_file(inputs, tmp_path / "inputs.safetensors")
+
+    args = {"checkpoint": str(server.checkpoint), "lora": str(tmp_path / "merged.safetensors"),
+            "strength_model": strength_model, "strength_clip": strength_clip, "block_weights": block_weights,
+            "inputs": str(tmp_path / "inputs.safetensors"), "out": str(tmp_path / "comfy.safetensors")}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    (tmp_path / "path").mkdir()
+    (tmp_path / "path" / "loraloom").symlink_to(ROOT, target_is_directory=True)
+    folder = os.path.abspath(COMFYUI)
+    probe = subprocess.run([comfyui_python(__import__("pathlib").Path(folder)), str(ROOT / "tests" / "comfyui" / "bridge_probe.py"),
+                            str(tmp_path / "args.json")], cwd=folder, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "path")})
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    facts = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert facts["unpatched_after"] and facts["input_patches"] == 0 and facts["input_clip_patches"] == 0, facts
+    comfy = load_file(tmp_path / "comfy.safetensors")
+
+    pool = ModelPool()
+    base = pool.load(str(server.checkpoint), dtype="fp32", device="cpu", config=str(server.config))
+    plain_pipe = pool.plain(base)
+    plain = {f"unet.{k}": v.clone() for k, v in plain_pipe.unet.state_dict().items()}
+    plain.update({f"text_encoder.{k}": v.clone() for k, v in plain_pipe.text_encoder.state_dict().items()})
+    with torch.no_grad():
+        ours_base = plain_pipe.unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["context"]).sample
+    scales = block_scales(block_weights, "sd15", lora.components) if block_weights else {}
+    pipe = pool.pipeline(ModelRecipe(base, adapters=(Application(lora, "merged", strength_model, strength_clip,
+                                                                 scales),)))
+    patched = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items()}
+    patched.update({f"text_encoder.{k}": v for k, v in pipe.text_encoder.state_dict().items()})
+    ours = {k: patched[k] - plain[k] for k in plain if not torch.equal(patched[k], plain[k])}
+
+    theirs = {k: v for k, v in comfy.items() if not k.startswith("denoiser_") and v.abs().max() > 0}
+    assert set(ours) == set(theirs), f"layers only ours: {sorted(set(ours) - set(theirs))[:5]}, only ComfyUI's: " \
+                                     f"{sorted(set(theirs) - set(ours))[:5]}"
+    worst = 0.0
+    for key, delta in ours.items():
+        # fp32 rounding: one ulp of the weight each side, where W0 + delta is rounded once
+        ulp = plain[key].abs().max().item() * 2 ** -23
+        err = (delta - theirs[key].reshape(delta.shape)).abs().max().item()
+        worst = max(worst, err / ulp)
+        assert err <= 4 * ulp, f"{key}: deltas differ by {err:.3g} ({err / ulp:.1f} ulp of the weight)"
+    print(f"\nlayers {len(ours)}: worst delta difference {worst:.2f} ulp of the weight")
+
+    with torch.no_grad():
+        ours_lora = pipe.unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["context"]).sample
+    effect = (ours_lora - ours_base).abs().max().item()
+    gap = (ours_lora - comfy["denoiser_lora"]).abs().max().item()
+    base_gap = (ours_base - comfy["denoiser_base"]).abs().max().item()
+    print(f"denoiser: LoRA effect {effect:.3g}, ours vs ComfyUI with LoRA {gap:.3g}, without {base_gap:.3g}")
+    assert effect > 1e-2 and gap < 1e-3 * effect + 1e-4 and base_gap < 1e-4, (effect, gap, base_gap)
