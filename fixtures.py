@@ -460,7 +460,10 @@ def comfy_checkpoint_pipeline(arch: str = "sd15", seed: int = COMFY_CHECKPOINT_S
 
     ComfyUI detects SD1.5 from the UNet's weights (model_channels 320, cross-attention width 768:
     `comfy.supported_models.SD15`) and builds the rest of the UNet from what the file holds, so the
-    UNet here has one level of 320 channels and one layer per block. Its CLIP-L text encoder and VAE
+    UNet here has two levels of 320 channels and one layer per block, laid out as SD1.5's first and
+    last levels (cross-attention down, plain down; plain up, cross-attention up), so every module
+    lies in SD1.5's block of the same name and block weights mean on it what they mean on SD1.5.
+    Its CLIP-L text encoder and VAE
     have fixed sizes (ComfyUI's own configs), and ComfyUI does not initialise layers a file leaves
     out, so both are full size. Float16 halves the file (about 0.4 GB); both ComfyUI and LoadBase
     load it as float32 on a CPU, from the same values."""
@@ -472,8 +475,8 @@ def comfy_checkpoint_pipeline(arch: str = "sd15", seed: int = COMFY_CHECKPOINT_S
     from transformers import CLIPTextConfig, CLIPTextModel
 
     configs = preset_configs("tiny-sd15")
-    unet = {**configs["unet"], "block_out_channels": [320], "down_block_types": ["CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D"], "layers_per_block": 1, "norm_num_groups": 32,
+    unet = {**configs["unet"], "block_out_channels": [320, 320], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1, "norm_num_groups": 32,
             "cross_attention_dim": 768, "attention_head_dim": 8}
     vae = {**configs["vae"], "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32, "sample_size": 512}
     # CLIP ViT-L/14's shape; our tokenizer's ids fit in its vocabulary (ComfyUI tokenizes with its own)
