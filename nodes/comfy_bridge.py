@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..graph_runtime import Link, Output, node
+from ..lora.arches import DENOISERS
 from .common import CATEGORY, LORA, block_weights_input, lora_source_name, weight_input
 
 NODE_ID = "LoraLoomApplyLoRA"
 COMFY_MODEL, COMFY_CLIP = "MODEL", "CLIP"
-DENOISERS = ("unet", "transformer")
 COMFY_ARCHES = {"SD15": "sd15", "SDXL": "sdxl", "Flux": "flux", "FluxSchnell": "flux", "SD3": "sd3"}
 """ComfyUI's model classes (`comfy.supported_models`) whose block layout is one of ours, by exact
 class: a subclass may change the layout (SSD-1B drops SDXL blocks), so it gets no block weights."""
