@@ -127,3 +127,21 @@ def test_the_bridge_is_comfy_only_and_its_module_imports_no_torch():
     code = "import sys, loraloom.nodes.comfy_bridge; print('torch' in sys.modules, 'comfy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"], out
+
+
+def test_module_tensors_are_what_comfyuis_loader_reads_and_a_lokr_part_goes_as_its_delta():
+    from loraloom.lora.canonical import LoKrModule, delta
+    from loraloom.nodes.comfy_bridge import _state_dict
+
+    pair = LoRAModule(torch.arange(8.0).reshape(2, 4), torch.ones(4, 2), 3.0)
+    whole = LoKrModule(alpha=1.0, w1=torch.tensor([[1.0, 2.0], [3.0, 4.0]]), w2=torch.ones(2, 2))
+    part = LoKrModule(alpha=1.0, w1=whole.w1, w2=whole.w2, rows=((1, 3),))
+    lora = LoRA({"transformer": {"proj_out": pair, "single_transformer_blocks.0.attn.to_q": part,
+                                 "single_transformer_blocks.0.proj_mlp": whole}}, "derived")
+    names = {comfy_key_name(c, p) for c, p, _ in lora.modules()} - {"transformer.single_transformer_blocks.0.proj_mlp"}
+    out = _state_dict(lora, names)
+    assert set(out) == {"transformer.proj_out.lora_down.weight", "transformer.proj_out.lora_up.weight",
+                        "transformer.proj_out.alpha", "transformer.single_transformer_blocks.0.attn.to_q.diff"}
+    assert out["transformer.proj_out.lora_down.weight"] is pair.down and out["transformer.proj_out.alpha"].item() == 3.0
+    rows = out["transformer.single_transformer_blocks.0.attn.to_q.diff"]
+    assert torch.equal(rows, delta(whole)[1:3]) and rows.shape == (2, 4), rows
