@@ -467,10 +467,12 @@ def comfy_checkpoint_pipeline(arch: str = "sd15", seed: int = COMFY_CHECKPOINT_S
     have fixed sizes (ComfyUI's own configs), and ComfyUI does not initialise layers a file leaves
     out, so both are full size. Float16 halves the file (about 0.4 GB); both ComfyUI and LoadBase
     load it as float32 on a CPU, from the same values."""
+    from .bases.arch import BaseModelError
     from .bases.presets import build_tokenizer, preset_configs
 
     if arch != "sd15":
-        raise ValueError(f"write_comfy_checkpoint writes arch 'sd15' only, not {arch!r}")
+        raise BaseModelError(f"write_comfy_checkpoint writes arch 'sd15' only, not {arch!r}", value=arch, limit="sd15",
+                             kind="unsupported_arch")
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
