@@ -5,10 +5,12 @@ cheap: no torch and no model building happen at import time.
 """
 
 from .comfy_integration import add_queue_checks, install_if_in_comfyui
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, WEB_DIRECTORY, register_node
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, WEB_DIRECTORY, comfy_only_mappings, register_node
 from .sweep.comfy import comfy_nodes
 
-install_if_in_comfyui()
+if install_if_in_comfyui():  # the nodes on ComfyUI's own MODEL / CLIP exist only there
+    NODE_CLASS_MAPPINGS.update(comfy_only_mappings()[0])
+    NODE_DISPLAY_NAME_MAPPINGS.update(comfy_only_mappings()[1])
 # SweepGrid as ComfyUI runs it (it expands into its cells there: see sweep/comfy.py)
 NODE_CLASS_MAPPINGS.update(comfy_nodes()[0])
 NODE_DISPLAY_NAME_MAPPINGS.update(comfy_nodes()[1])

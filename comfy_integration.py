@@ -133,8 +133,11 @@ def _registry_with_upstream(cls: type) -> NodeRegistry:
             return ()
 
     outputs = [Output(inp.type, inp.name) for inp in cls.SCHEMA.inputs]
-    upstream = node(category="", id=UPSTREAM, outputs=outputs, output_node=True, comfy_export=False)(Upstream)
-    return NodeRegistry([cls, upstream])
+    # a comfy-only node's links carry ComfyUI's own types (MODEL, CLIP), so its stand-in's outputs do too
+    comfy_only = cls.SCHEMA.comfy_only
+    upstream = node(category="", id=UPSTREAM, outputs=outputs, output_node=True, comfy_export=False,
+                    comfy_only=comfy_only)(Upstream)
+    return NodeRegistry([cls, upstream], comfy=True)
 
 
 def add_queue_checks(classes: Iterable[type]) -> None:

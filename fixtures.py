@@ -451,6 +451,75 @@ def write_flux_demo_loras(out_dir: str | Path) -> dict[str, Path]:
     return written
 
 
+COMFY_CHECKPOINT_SEED = 1600
+
+
+def comfy_checkpoint_pipeline(arch: str = "sd15", seed: int = COMFY_CHECKPOINT_SEED):
+    """The diffusers pipeline `write_comfy_checkpoint` writes: SD1.5 as small as ComfyUI's
+    CheckpointLoaderSimple allows, random from `seed`, float16.
+
+    ComfyUI detects SD1.5 from the UNet's weights (model_channels 320, cross-attention width 768:
+    `comfy.supported_models.SD15`) and builds the rest of the UNet from what the file holds, so the
+    UNet here has two levels of 320 channels and one layer per block, laid out as SD1.5's first and
+    last levels (cross-attention down, plain down; plain up, cross-attention up), so every module
+    lies in SD1.5's block of the same name and block weights mean on it what they mean on SD1.5.
+    Its CLIP-L text encoder and VAE
+    have fixed sizes (ComfyUI's own configs), and ComfyUI does not initialise layers a file leaves
+    out, so both are full size. Float16 halves the file (about 0.4 GB); both ComfyUI and LoadBase
+    load it as float32 on a CPU, from the same values."""
+    from .bases.arch import BaseModelError
+    from .bases.presets import build_tokenizer, preset_configs
+
+    if arch != "sd15":
+        raise BaseModelError(f"write_comfy_checkpoint writes arch 'sd15' only, not {arch!r}", value=arch, limit="sd15",
+                             kind="unsupported_arch")
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = preset_configs("tiny-sd15")
+    unet = {**configs["unet"], "block_out_channels": [320, 320], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1, "norm_num_groups": 32,
+            "cross_attention_dim": 768, "attention_head_dim": 8}
+    vae = {**configs["vae"], "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32, "sample_size": 512}
+    # CLIP ViT-L/14's shape; our tokenizer's ids fit in its vocabulary (ComfyUI tokenizes with its own)
+    text = {**configs["text_encoder"], "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+            "num_attention_heads": 12, "projection_dim": 768}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL(**vae), text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=build_tokenizer(),
+            unet=UNet2DConditionModel(**unet), scheduler=EulerDiscreteScheduler(**configs["scheduler"]),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipe.to(torch.float16)
+
+
+def write_comfy_checkpoint(path: str | Path, arch: str = "sd15", config: str | Path | None = None,
+                           seed: int = COMFY_CHECKPOINT_SEED) -> tuple[Path, Path]:
+    """Write a single-file SD1.5 checkpoint in the original (LDM) layout that ComfyUI's core
+    CheckpointLoaderSimple detects and loads (see `comfy_checkpoint_pipeline`), and the config folder
+    our LoadBase loads the same file with (default: ``<name>-config`` beside it). Deterministic for
+    `seed`. Returns (checkpoint, config folder)."""
+    from .bases.export import save_single_file_with_config
+
+    path = Path(path)
+    config = Path(config) if config is not None else path.with_name(path.stem + "-config")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_single_file_with_config(comfy_checkpoint_pipeline(arch, seed), path, config)
+
+
+def write_comfy_loras(out_dir: str | Path, checkpoint_pipe=None, seed: int = 0) -> dict[str, Path]:
+    """LoRAs for the `write_comfy_checkpoint` model, as kohya files: ``comfy-a`` and ``comfy-b`` (rank 4
+    and 8 modules on every attention, feed-forward and proj layer of the UNet and on four CLIP-L
+    layers) and ``comfy-locon`` (the same plus the resnet convs). Deterministic."""
+    out_dir = _out_dir(out_dir)
+    spec = base_spec(checkpoint_pipe if checkpoint_pipe is not None else comfy_checkpoint_pipeline())
+    attn = _select(spec, [_ATTN, _PROJ], te=True)
+    conv = attn + _select(spec, [_CONV], te=False)
+    return {name: write_kohya(_make(spec, chosen, seed * 100 + 8000 + i, _lora_module, name),
+                              out_dir / f"{name}.safetensors", arch="sd15", unet_names="diffusers")
+            for i, (name, chosen) in enumerate((("comfy-a", attn), ("comfy-b", attn), ("comfy-locon", conv)))}
+
+
 def _kohya_dict(lora: LoRA) -> dict[str, torch.Tensor]:
     return to_kohya_state_dict(lora, unet_names="diffusers")
 

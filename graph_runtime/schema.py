@@ -41,6 +41,9 @@ SEED_NAMES = ("seed", "noise_seed")
 # there and starts every control widget at "randomize"; the pack's editor extension (web/) reads
 # this key and sets the mode on each node placed fresh (a loaded workflow keeps its saved mode).
 CONTROL_START_KEY = "loraloom_control_after_generate"
+COMFY_SOCKETS = ("MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "CLIP_VISION", "CONTROL_NET")
+"""ComfyUI's own value types: our runtime never makes or takes such values, so only a comfy-only node
+(`NodeSchema.comfy_only`) may have sockets of these types."""
 _MISSING = object()
 
 
@@ -179,6 +182,9 @@ class NodeSchema:
     output_node: bool = False
     not_idempotent: bool = False
     comfy_export: bool = True
+    comfy_only: bool = False
+    """A node that runs only inside ComfyUI (it takes or makes ComfyUI's own values, `COMFY_SOCKETS`):
+    listed in ComfyUI's mappings, never in the headless registry (runtime, CLI, server)."""
     version: int = 1
     aliases: tuple[str, ...] = ()
     """Older ids of this node, still accepted wherever an id is (see :func:`node`)."""
@@ -267,6 +273,10 @@ def _check_schema(schema: NodeSchema, execute: Callable, where: str) -> None:
     for i, out in enumerate(schema.outputs):
         if not _SOCKET_RE.match(out.type):
             problems.append(f"output {i} type {out.type!r} is not an UPPER_SNAKE socket type")
+    comfy_types = sorted({s.type for s in (*schema.inputs, *schema.outputs) if s.type in COMFY_SOCKETS})
+    if comfy_types and not schema.comfy_only:
+        problems.append(f"socket type(s) {', '.join(comfy_types)} are ComfyUI's own values, which only a node "
+                        "declared with comfy_only=True may take or make")
     if not schema.outputs and not schema.output_node:
         problems.append("a node with no outputs must be an output node (output_node=True)")
     if schema.persist is not None and (schema.not_idempotent or not schema.outputs):
@@ -334,7 +344,7 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
          display_name: str | None = None, description: str | None = None, id: str | None = None,
          output_node: bool = False, not_idempotent: bool = False, version: int = 1,
          fingerprint: Callable[[dict, Any], str | None] | None = None, comfy_export: bool = True,
-         persist=None, aliases: Iterable[str] = ()):
+         comfy_only: bool = False, persist=None, aliases: Iterable[str] = ()):
     """Class decorator declaring a node. Checks the declaration and adds ComfyUI's V1 attributes.
 
     ``aliases``: older ids of this node (e.g. the id it had before it was renamed), accepted wherever
@@ -344,6 +354,8 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
     inputs refer to); inputs with ``file_kind`` are fingerprinted without it.
     ``comfy_export=False`` keeps a node out of ComfyUI's mappings (e.g. our stand-ins for ComfyUI's
     own SaveImage/PreviewImage, which ComfyUI would drop anyway).
+    ``comfy_only=True``: the node runs only inside ComfyUI, on ComfyUI's own values (its sockets may
+    have the types in `COMFY_SOCKETS`): the headless registry refuses it, ComfyUI's mappings list it.
     ``persist``: a codec (:class:`.diskcache.Codec`) that writes the node's outputs to a file and reads
     them back: its results are then also kept in the disk cache, across processes. Only for pure,
     expensive nodes (a merge), whose outputs the codec stores exactly.
@@ -380,6 +392,7 @@ def node(*, inputs: Iterable[Input] = (), outputs: Iterable[Output] = (), catego
             python_module=_comfy_module(cls.__module__),
             fingerprint=fingerprint,
             comfy_export=comfy_export,
+            comfy_only=comfy_only,
             persist=persist,
         )
         _check_schema(schema, execute, where)
@@ -439,9 +452,10 @@ class NodeRegistry:
     A node's aliases (older ids) resolve to its class everywhere an id is asked for (:meth:`get`,
     ``in``); iteration gives the ids only."""
 
-    def __init__(self, classes: Iterable[type] = ()):
+    def __init__(self, classes: Iterable[type] = (), *, comfy: bool = False):
         self._classes: dict[str, type] = {}
         self._aliases: dict[str, str] = {}
+        self.comfy = comfy
         for cls in classes:
             self.register(cls)
 
@@ -449,10 +463,15 @@ class NodeRegistry:
         """Add a node class declared with :func:`node`. Usable as a decorator.
 
         An id or alias already taken by another class is a SchemaError naming both (``replace=True``
-        lets a class take the place of the one registered under its id)."""
+        lets a class take the place of the one registered under its id). A comfy-only node
+        (`NodeSchema.comfy_only`) only joins a registry made with ``comfy=True`` (one that checks
+        prompts inside ComfyUI): our runtime cannot make the ComfyUI values it takes."""
         schema = getattr(cls, "SCHEMA", None)
         if not isinstance(schema, NodeSchema):
             raise SchemaError(f"{cls!r} is not a node class: decorate it with @node(...) first")
+        if schema.comfy_only and not self.comfy:
+            raise SchemaError(f"node {schema.id} is comfy_only: it runs only inside ComfyUI, on ComfyUI's own "
+                              "values, so the headless runtime cannot hold it; ComfyUI lists it from the pack")
         old = self._classes.get(schema.id)
         if old is not None and old is not cls and not replace:
             raise SchemaError(f"node id {schema.id!r} is already registered by "
@@ -496,7 +515,7 @@ class NodeRegistry:
         return dict(sorted(self._aliases.items()))
 
     def copy(self) -> "NodeRegistry":
-        new = NodeRegistry()
+        new = NodeRegistry(comfy=self.comfy)
         new._classes = dict(self._classes)
         new._aliases = dict(self._aliases)
         return new

@@ -146,11 +146,15 @@ def to_kohya_state_dict(
     te_prefix = "lora_te1_" if arch == "sdxl" else "lora_te_"
     out: dict[str, torch.Tensor] = {}
     for component, path, module in lora.modules():
-        _put_kohya(out, kohya_module_name(component, path, te_prefix=te_prefix, sgm_layout=sgm_layout), module)
+        put_module(out, kohya_module_name(component, path, te_prefix=te_prefix, sgm_layout=sgm_layout), module)
     return out
 
 
-def _put_kohya(out: dict[str, torch.Tensor], name: str, module: Module, naming: str = "kohya") -> None:
+def put_module(out: dict[str, torch.Tensor], name: str, module: Module, naming: str = "kohya") -> None:
+    """Put `module`'s tensors into state dict `out` under module name `name`, as kohya files hold
+    them (``.lora_down.weight`` / ``.lora_up.weight``, or ``lora_A`` / ``lora_B`` with `naming`
+    "comfyui"; LyCORIS' ``hada_`` / ``lokr_`` keys) with a float32 ``.alpha``: what ComfyUI's LoRA
+    loader reads. The tensors are shared, not copied."""
     if getattr(module, "rows", None) is not None:
         # its factors are a whole fused module's: written as they are, they would change every row
         raise LoRAFormatError(
@@ -234,7 +238,7 @@ def to_original_state_dict(
             fused = fuse_modules(parts, key)
             if isinstance(fused, LoRAModule) and not any(m is not None and fused.down is m.down for _, m in parts):
                 record[key] = [[m.rank, m.alpha] if m is not None else [0, 0.0] for _, m in parts]
-        _put_kohya(out, key, fused, naming)
+        put_module(out, key, fused, naming)
     for component, path, module in lora.modules():
         if component == "transformer":
             continue
@@ -245,7 +249,7 @@ def to_original_state_dict(
             name = kohya_module_name(component, path, te_prefix="lora_te1_")
         else:
             name = f"text_encoders.{_COMFY_TE[arch][component]}.transformer.{te_model_path(path, True)}"
-        _put_kohya(out, name, module, naming)
+        put_module(out, name, module, naming)
     return out, record
 
 

@@ -10,12 +10,14 @@ import os
 from pathlib import Path
 
 from ..graph_runtime import LoomError, NodeRegistry
-from . import base, blend, checkpoint, fuse, image, lora, merge, pipeline, sample, sweep_grid
+from . import base, blend, checkpoint, comfy_bridge, fuse, image, lora, merge, pipeline, sample, sweep_grid
 
 BUILTIN = (base.LoadBase, lora.LoadLoRA, blend.WeightedBlend, merge.PeftMerge, fuse.Fuse, fuse.Compile, sample.Sample,
            lora.SaveLoRA, pipeline.SavePipeline, checkpoint.SaveCheckpoint, image.SaveImage, image.PreviewImage,
            sweep_grid.SweepGrid)
 _REGISTRY = NodeRegistry(BUILTIN)
+COMFY_ONLY = (comfy_bridge.ApplyLoRA,)
+"""Nodes on ComfyUI's own values (MODEL, CLIP): listed in ComfyUI's mappings only (see `comfy_only_mappings`)."""
 
 ENV_NODE_MODULES = "LORALOOM_NODE_MODULES"
 
@@ -51,6 +53,12 @@ def load_node_modules(names=None) -> list[str]:
                             fix="check the name and that it is on PYTHONPATH" if missing
                             else "install what it needs") from exc
     return list(names)
+
+
+def comfy_only_mappings() -> tuple[dict, dict]:
+    """``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` entries of the comfy-only nodes, which
+    the pack adds when it is loaded by ComfyUI (never outside: nothing there makes a MODEL or CLIP)."""
+    return NodeRegistry(COMFY_ONLY, comfy=True).comfy_mappings()
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _REGISTRY.comfy_mappings()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..graph_runtime import Link, Output, String, node
-from .common import CATEGORY, LORA, MODEL, model_pool, same_base, weight_input
+from ..graph_runtime import Link, Output, node
+from .common import CATEGORY, LORA, MODEL, block_weights_input, model_pool, same_base, weight_input
 
 EXTRA = (2, 3, 4)
 
@@ -16,12 +16,7 @@ EXTRA = (2, 3, 4)
       inputs=[Link("model", MODEL), Link("lora", LORA),
               weight_input("weight", "the LoRA's weight on the UNet or transformer (negative works)"),
               weight_input("text_encoder_weight", "the LoRA's weight on the text encoder(s)"),
-              String("block_weights", "", tooltip="per-block weights: an A1111 lora-block-weight string "
-                     "(e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1 on SD1.5; on Flux base + 19 double + 38 single = 58 "
-                     "values, on SD3.5 base + 38 joint = 39) or preset (e.g. OUTALL on SD1.5, SDXL-OUTALL "
-                     "on SDXL, FLUX-DBL-ALL on Flux, SD3-FRONT on SD3.5), or a diffusers dict as JSON "
-                     "({\"unet\": {\"down\": 0, \"up\": 1}}, or on a DiT {\"transformer\": "
-                     "{\"single_transformer_blocks\": 0}}); applies to every layer of a block, resnets included"),
+              block_weights_input(),
               *[x for i in EXTRA for x in (Link(f"lora_{i}", LORA, optional=True),
                                            weight_input(f"weight_{i}", f"weight of lora_{i} (UNet and text encoders)",
                                                    optional=True))]],

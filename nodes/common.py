@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from ..atomic import NewOutput, atomic_new, remove_stale_temps
-from ..graph_runtime import Float, PathError, check_relative_name, current_context
+from ..graph_runtime import Float, PathError, String, check_relative_name, current_context
 
 # Our own socket types (never ComfyUI's MODEL, CLIP or LORA: their values are other objects).
 MODEL = "MODEL_RECIPE"
@@ -36,6 +36,17 @@ def same_base(cls, constants: dict, upstream: dict) -> dict | None:
 def weight_input(name: str, tooltip: str = "", optional: bool = False):
     """A LoRA weight or scale widget: default 1.0, within +-MAX_WEIGHT, negative allowed."""
     return Float(name, 1.0, min=-MAX_WEIGHT, max=MAX_WEIGHT, step=0.05, tooltip=tooltip, optional=optional)
+
+
+def block_weights_input():
+    """The ``block_weights`` widget of every node that applies a LoRA (WeightedBlend, ApplyLoRA): one
+    notation, read by `lora.blocks`."""
+    return String("block_weights", "", tooltip="per-block weights: an A1111 lora-block-weight string "
+                  "(e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1 on SD1.5; on Flux base + 19 double + 38 single = 58 "
+                  "values, on SD3.5 base + 38 joint = 39) or preset (e.g. OUTALL on SD1.5, SDXL-OUTALL "
+                  "on SDXL, FLUX-DBL-ALL on Flux, SD3-FRONT on SD3.5), or a diffusers dict as JSON "
+                  "({\"unet\": {\"down\": 0, \"up\": 1}}, or on a DiT {\"transformer\": "
+                  "{\"single_transformer_blocks\": 0}}); applies to every layer of a block, resnets included")
 
 
 def model_pool():
