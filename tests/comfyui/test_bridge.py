@@ -275,7 +275,7 @@ def test_the_shipped_comfyui_workflow_opens_as_the_api_form_and_runs_in_comfyui(
     server = bridge_comfy
     api = json.loads(WORKFLOW.with_name(WORKFLOW.name + "_api.json").read_text())
     ui = json.loads(WORKFLOW.with_suffix(".json").read_text())
-    core = {e["class_type"] for e in api.values()} - {"LoadLoRA", "PeftMerge", "LoraLoomApplyLoRA"}
+    core = {e["class_type"] for e in api.values()} - {"LoraLoomLoadLoRA", "LoraLoomPeftMerge", "LoraLoomApplyLoRA"}
     object_info = {name: server.call("GET", f"/object_info/{name}")[1][name] for name in sorted(core)}
     # what the editor queues for the UI file, read with ComfyUI's own node definitions, is the API file
     converted = ui_to_api(ui, comfy_registry(object_info))
