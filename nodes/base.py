@@ -17,7 +17,7 @@ def _base_fingerprint(inputs: dict, f) -> str | None:
         if PRESETS[source].weights:
             parts.append(PRESETS[source].fingerprint)
     elif isinstance(source, str):
-        parts.append(file_fingerprint(find_base(source)))
+        parts.append(file_fingerprint(find_base(source, f)))
     config = inputs.get("config")
     if isinstance(config, str) and config != "auto":
         parts.append(file_fingerprint(f.find("models", config)))

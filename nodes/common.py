@@ -84,11 +84,12 @@ def list_bases() -> list[str]:
     return list(PRESETS) + [n for n in _diffusers_folders() if not n.lower().endswith(CHECKPOINT_SUFFIXES)] + singles
 
 
-def find_base(source: str) -> Path:
+def find_base(source: str, f=None) -> Path:
     """The file or folder of a LoadBase ``source`` that is not a preset (see `list_bases`): a
     checkpoint name in ComfyUI's checkpoints folders (the first that holds it, as ComfyUI resolves
-    it), else a path under the models folder. Never outside those roots."""
-    f = folders()
+    it), else a path under the models folder. Never outside those roots. ``f``: the Folders (default:
+    the running context's)."""
+    f = f or folders()
     if f.checkpoint_dirs and isinstance(source, str) and source.lower().endswith(CHECKPOINT_SUFFIXES):
         return f.find("checkpoints", source)
     return f.find("models", source)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from loraloom.bases import auto_config, export, ldm_keys, presets
 from loraloom.bases.arch import BaseModelError, OPEN_CLIP_PREFIX, TEXT_PREFIXES
@@ -130,50 +129,6 @@ def test_our_single_file_loads_with_auto_as_with_its_config_folder(name, tiny_mo
     assert "+tokenizers:" in auto.fingerprint and auto.fingerprint != given.fingerprint
 
 
-def _standard_pipeline(arch: str):
-    """A small pipeline whose every value shapes cannot tell is its family's (heads, groups,
-    activations, token ids, scheduler): what config "auto" derives for a file without our metadata."""
-    import diffusers
-    import transformers
-
-    text = {"vocab_size": len(presets._VOCAB), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 1, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-            "projection_dim": 64, **auto_config.CLIP_TOKEN_IDS}
-    vae = diffusers.AutoencoderKL(block_out_channels=[32, 32, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4,
-                                  up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32, layers_per_block=1,
-                                  sample_size=auto_config.FAMILY[arch]["vae_sample_size"],
-                                  scaling_factor=auto_config.FAMILY[arch]["scaling_factor"])
-    scheduler = diffusers.EulerDiscreteScheduler.from_config(auto_config.SCHEDULER)
-    if arch == "sd15":
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=64, block_out_channels=[32, 32, 64, 64], layers_per_block=1, cross_attention_dim=64,
-            attention_head_dim=8, norm_num_groups=32)
-        return diffusers.StableDiffusionPipeline(
-            vae=vae, text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text)),
-            tokenizer=presets.build_tokenizer(), unet=unet, scheduler=scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-    text_2 = {**text, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "hidden_act": "gelu",
-              "projection_dim": 64}
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=128, block_out_channels=[64, 64, 128], layers_per_block=1, cross_attention_dim=192,
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[1, 1, 2],
-        transformer_layers_per_block=[1, 1, 2], use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 64, norm_num_groups=32,
-        upcast_attention=None)
-    return diffusers.StableDiffusionXLPipeline(
-        vae=vae, text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text)),
-        text_encoder_2=transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**text_2)),
-        tokenizer=presets.build_tokenizer(), tokenizer_2=presets.build_tokenizer("!"), unet=unet, scheduler=scheduler)
-
-
-def _foreign_file(pipe, arch: str, path):
-    """``pipe`` as a single file another program wrote: the original layout, no configs recorded."""
-    tensors = ldm_keys.pipeline_to_original(pipe, arch)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return path
-
-
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory):
     """A folder with CLIP tokenizer files (the tiny vocabulary, as tokenizer.json)."""
@@ -183,13 +138,9 @@ def tokenizer_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-def test_a_foreign_file_of_the_standard_family_loads_with_configs_from_its_shapes(arch, tmp_path, tokenizer_folder):
-    torch.manual_seed(0)
-    pipe = _standard_pipeline(arch).to(torch.float32)
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    path = _foreign_file(pipe, arch, tmp_path / "foreign.safetensors")
+def test_a_foreign_file_of_the_standard_family_loads_with_configs_from_its_shapes(arch, tmp_path, tokenizer_folder,
+                                                                                  standard_checkpoint):
+    pipe, path = standard_checkpoint(arch, tmp_path / "foreign.safetensors")
     loaded = load_base(path, dtype="fp32", device="cpu", tokenizer_dirs=[tmp_path / "empty", tokenizer_folder])
     components = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
     _same_weights(loaded.pipeline, pipe, components)
@@ -198,7 +149,6 @@ def test_a_foreign_file_of_the_standard_family_loads_with_configs_from_its_shape
     assert loaded.pipeline.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
     if arch == "sdxl":
         assert loaded.pipeline.tokenizer_2.pad_token == "!", "OpenCLIP bigG pads with '!'"
-    pipe.set_progress_bar_config(disable=True)
     assert torch.equal(_sample(loaded.pipeline), _sample(pipe)), "the derived pipeline samples as the original"
 
 
@@ -225,11 +175,11 @@ def test_tokenizers_are_searched_in_order_then_the_hugging_face_cache(tmp_path, 
     assert auto_config.find_clip_tokenizer([tokenizer_folder, empty], "x") == tokenizer_folder, "folders come first"
 
 
-def test_a_foreign_file_without_a_tokenizer_says_where_it_looked(tmp_path, monkeypatch):
+def test_a_foreign_file_without_a_tokenizer_says_where_it_looked(tmp_path, monkeypatch, standard_checkpoint):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    path = _foreign_file(_standard_pipeline("sd15"), "sd15", tmp_path / "foreign.safetensors")
+    _, path = standard_checkpoint("sd15", tmp_path / "foreign.safetensors")
     with pytest.raises(BaseModelError, match=r"needs the CLIP tokenizer .* looked in .*nowhere-1.*Fix: put the files"):
         load_base(path, dtype="fp32", device="cpu", tokenizer_dirs=[tmp_path / "nowhere-1"])
 
