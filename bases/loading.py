@@ -354,8 +354,14 @@ def _tokenizers(identity: BaseIdentity) -> dict[str, Any]:
     for name, folder, pad in identity.tokenizers:
         if folder is None:
             built[name] = presets.build_tokenizer(pad_token=pad)
-        else:
-            built[name] = CLIPTokenizer.from_pretrained(folder, pad_token=pad, local_files_only=True)
+            continue
+        # The pipelines pad every prompt to the tokenizer's model_max_length, which must be the text
+        # encoder's context; tokenizer files may say otherwise (ComfyUI's sd1_tokenizer says 8192: it
+        # cuts prompts into 77-token chunks itself).
+        encoder = "text_encoder_2" if name == "tokenizer_2" else "text_encoder"
+        context = arch_mod.read_config(identity.config / encoder / "config.json", "the text encoder's config")
+        built[name] = CLIPTokenizer.from_pretrained(folder, pad_token=pad, local_files_only=True,
+                                                    model_max_length=context["max_position_embeddings"])
     return built
 
 

@@ -131,9 +131,12 @@ def test_our_single_file_loads_with_auto_as_with_its_config_folder(name, tiny_mo
 
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory):
-    """A folder with CLIP tokenizer files (the tiny vocabulary, as tokenizer.json)."""
+    """A folder with CLIP tokenizer files (the tiny vocabulary, as tokenizer.json) whose config says
+    model_max_length 8192, as ComfyUI's sd1_tokenizer does."""
     folder = tmp_path_factory.mktemp("tokenizer")
     presets.build_tokenizer().save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 8192}))
     return folder
 
 
@@ -147,6 +150,7 @@ def test_a_foreign_file_of_the_standard_family_loads_with_configs_from_its_shape
     for c in components:
         assert _model_config(getattr(loaded.pipeline, c)) == _model_config(getattr(pipe, c)), c
     assert loaded.pipeline.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+    assert loaded.pipeline.tokenizer.model_max_length == 77, "the text encoder's context, whatever the files say"
     if arch == "sdxl":
         assert loaded.pipeline.tokenizer_2.pad_token == "!", "OpenCLIP bigG pads with '!'"
     assert torch.equal(_sample(loaded.pipeline), _sample(pipe)), "the derived pipeline samples as the original"
