@@ -105,7 +105,7 @@ def auto_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str]
     Hugging Face cache. Raises BaseModelError saying what is missing, with the Fix."""
     if ARCHES[arch].denoiser == "transformer":
         raise BaseModelError(
-            f"{where} holds a {ARCHES[arch].label} transformer alone: its text encoders, tokenizers and VAE are "
+            f"holds a {ARCHES[arch].label} transformer alone: its text encoders, tokenizers and VAE are "
             "not in the file, so config 'auto' cannot build the pipeline (it derives the whole SD1.5 / SDXL "
             "pipeline from a checkpoint's own tensors).", file=where, value="auto", kind="config_needed",
             fix=f"choose a config folder: a diffusers folder of a {ARCHES[arch].label} pipeline "
@@ -171,7 +171,7 @@ class _Shapes:
     def __call__(self, key: str) -> tuple[int, ...]:
         full = self.prefix + key
         if full not in self.shapes:
-            raise BaseModelError(f"{self.where}: the {self.what} lacks {full!r}, so its config cannot be derived "
+            raise BaseModelError(f"the {self.what} lacks {full!r}, so its config cannot be derived "
                                  "(not a complete SD1.5 / SDXL checkpoint?).", file=self.where, key=full,
                                  kind="config_underivable", fix=_FIX_CONFIG)
         return tuple(self.shapes[full])
@@ -188,7 +188,7 @@ class _Shapes:
 def _divisible(value: int, by: int, what: str, where: str) -> int:
     if value % by:
         raise BaseModelError(
-            f"{where}: {what} is {value}, not a multiple of {by}, the value SD1.5 / SDXL use where shapes cannot "
+            f"{what} is {value}, not a multiple of {by}, the value SD1.5 / SDXL use where shapes cannot "
             "tell: this model is not of the standard family, so its config cannot be derived.", file=where,
             value=value, limit=f"a multiple of {by}", kind="config_underivable", fix=_FIX_CONFIG)
     return value // by
@@ -209,7 +209,7 @@ def _unet_config(s: _Shapes, arch: str, where: str) -> dict[str, Any]:
         if resnets == 0:
             break
         if layers not in (None, resnets):
-            raise BaseModelError(f"{where}: UNet level {level} has {resnets} resnets, level 0 has {layers}.",
+            raise BaseModelError(f"UNet level {level} has {resnets} resnets, level 0 has {layers}.",
                                  file=where, value=resnets, limit=layers, kind="config_underivable", fix=_FIX_CONFIG)
         layers = resnets
         levels.append(level)
@@ -253,7 +253,7 @@ def _unet_config(s: _Shapes, arch: str, where: str) -> dict[str, Any]:
         pooled = tuple(s.shapes[OPEN_CLIP_PREFIX + "text_projection"])[1] \
             if OPEN_CLIP_PREFIX + "text_projection" in s.shapes else None
         if pooled is None:
-            raise BaseModelError(f"{where}: no {OPEN_CLIP_PREFIX}text_projection, the pooled projection SDXL's "
+            raise BaseModelError(f"no {OPEN_CLIP_PREFIX}text_projection, the pooled projection SDXL's "
                                  "UNet is conditioned on.", file=where, key=OPEN_CLIP_PREFIX + "text_projection",
                                  kind="config_underivable", fix=_FIX_CONFIG)
         config.update({"addition_embed_type": "text_time",
@@ -382,7 +382,7 @@ def find_clip_tokenizer(tokenizer_dirs: Sequence[Path], where: str) -> Path:
     places = ", ".join(str(p) for p in searched) or "no folder"
     repos = ", ".join(repo for repo, _ in HF_TOKENIZERS)
     raise BaseModelError(
-        f"{where}: config 'auto' needs the CLIP tokenizer (vocab.json + merges.txt, or tokenizer.json) and found it "
+        f"config 'auto' needs the CLIP tokenizer (vocab.json + merges.txt, or tokenizer.json) and found it "
         f"nowhere: looked in {places}, then the Hugging Face cache ({repos}).", file=where, value="auto",
         limit=places, kind="tokenizer_missing",
         fix=f"put the files of openai/clip-vit-large-patch14's tokenizer into <models>/{TOKENIZER_FOLDER}/ "

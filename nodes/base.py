@@ -70,7 +70,7 @@ class LoadBase:
             auto_config({k: info.shape for k, info in header.tensors.items()}, header.metadata, arch, source,
                         tokenizer_dirs())
         except LoomError as exc:
-            return {"config": InputError(exc.message, value="auto", limit=exc.limit, kind=exc.kind or "config_needed",
+            return {"config": InputError(f"{source}: {exc.message}", value="auto", limit=exc.limit, kind=exc.kind or "config_needed",
                                          fix=exc.fix)}
         return {}
 
