@@ -81,7 +81,7 @@ def test_auto_is_refused_at_queue_time_where_it_cannot_work(comfyui_extra, promp
     status, body = comfyui_extra.call("POST", "/prompt", {"prompt": prompt})
     assert status == 400, body
     errors = {nid: " | ".join(e["details"] for e in entry["errors"]) for nid, entry in body["node_errors"].items()}
-    assert "input 'config': the file is empty" in errors.get("1", ""), errors  # no header to derive configs from
+    assert "input 'config': model.safetensors: the file is empty" in errors.get("1", ""), errors  # no header to derive configs from
     assert "is not one of" in errors.get("4", ""), errors  # a path in the models folder is not ComfyUI's name
 
 

@@ -17,7 +17,7 @@ def test_inside_comfyui_bad_values_are_refused_when_queued_with_our_messages(com
     assert status == 400, body
     errors = {nid: " | ".join(e["details"] for e in entry["errors"]) for nid, entry in body["node_errors"].items()}
     expected = {"2": "input 'width': 130 is not a multiple of 8", "4": "the fewest steps the pndm scheduler can take",
-                "6": "preset 'tiny-sd15' needs no config", "9": "input 'config': the file is empty",
+                "6": "preset 'tiny-sd15' needs no config", "9": "input 'config': model.safetensors: the file is empty",
                 "13": "output name '../escape' contains a '..' part", "14": "contains a '..' part",
                 "16": "20001 characters is above the limit 20000"}
     for nid, text in expected.items():
