@@ -22,13 +22,17 @@ COMFY_ADVICE = FolderAdvice(
     outside={"loras": "give a path relative to the folder, or add the folder under 'loras:' in ComfyUI's "
                       "extra_model_paths.yaml",
              "models": "give a path relative to ComfyUI/models",
-             "output": "give a name relative to ComfyUI/output (ComfyUI's --output-directory)"},
+             "output": "give a name relative to ComfyUI/output (ComfyUI's --output-directory)",
+             "checkpoints": "give a name as ComfyUI's checkpoint loader lists it (relative to its checkpoints "
+                            "folder)"},
     missing={
         "loras": "put it in ComfyUI/models/loras, or add its folder under 'loras:' in ComfyUI's "
                  "extra_model_paths.yaml and restart ComfyUI",
         "models": "put it under ComfyUI/models (single-file checkpoints in ComfyUI/models/checkpoints, "
                   "diffusers folders anywhere below ComfyUI/models)",
         "output": "give a name inside ComfyUI/output",
+        "checkpoints": "put it in ComfyUI/models/checkpoints, or add its folder under 'checkpoints:' in ComfyUI's "
+                       "extra_model_paths.yaml and restart ComfyUI",
     },
 )
 
@@ -59,11 +63,21 @@ class ComfyContext(ExecutionContext):
 
 
 def comfy_folders() -> Folders:
-    """ComfyUI's own folders: its ``loras`` paths, its models folder, its output folder."""
+    """ComfyUI's own folders: its ``loras`` and ``checkpoints`` paths (extra_model_paths.yaml's
+    included: ComfyUI reads that file before it imports any custom node), its models folder, its
+    output folder; SaveLoRA writes into its first ``loras`` folder (the one ComfyUI's own downloads
+    go to), so its LoraLoader and ours list a saved LoRA; a checkpoint's config "auto" may read the
+    CLIP tokenizer files ComfyUI ships (comfy/sd1_tokenizer, used where it is installed)."""
+    import comfy
     import folder_paths
 
-    return Folders([Path(p) for p in folder_paths.get_folder_paths("loras")], Path(folder_paths.models_dir),
-                   Path(folder_paths.get_output_directory()), advice=COMFY_ADVICE)
+    loras = [Path(p) for p in folder_paths.get_folder_paths("loras")]
+    # comfy is a namespace package (no __init__.py, so no __file__): its folder is its __path__
+    return Folders(loras, Path(folder_paths.models_dir), Path(folder_paths.get_output_directory()),
+                   advice=COMFY_ADVICE,
+                   checkpoint_dirs=[Path(p) for p in folder_paths.get_folder_paths("checkpoints")],
+                   tokenizer_dirs=[Path(p) / "sd1_tokenizer" for p in getattr(comfy, "__path__", [])],
+                   lora_save_dir=loras[0] if loras else None)
 
 
 def install_if_in_comfyui() -> bool:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -20,7 +22,8 @@ from ..graph_runtime import file_fingerprint
 from ..lora.arches import ARCHES
 from . import arch as arch_mod
 from .arch import BaseModelError
-from . import checks, devices, presets
+from ..atomic import atomic_dir
+from . import auto_config, checks, devices, presets
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ class BaseIdentity:
     device: torch.device
     fingerprint: str
     config: Path | None = None
+    tokenizers: tuple[tuple[str, str | None, str], ...] = ()
+    """config "auto": (tokenizer component, folder of its files or None for the built-in one, pad token)."""
 
     @property
     def dtype_name(self) -> str:
@@ -192,9 +197,11 @@ def _config_check(config: Path, arch: str) -> checks.CheckedFolder:
     return _check_folder(config, file_fingerprint(config), weights=False)
 
 
-def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path]:
-    """The architecture of a single-file checkpoint and its checked config folder. Only the header
-    is read here; load_base checks every value before diffusers opens the file."""
+def _check_single_file(path: Path, config: str | Path | None, tokenizer_dirs: Sequence[Path] = ()
+                       ) -> tuple[str, Path, auto_config.AutoConfig | None]:
+    """The architecture of a single-file checkpoint, its checked config folder and, for config None
+    ("auto"), what bases.auto_config found (the folder is then written from it). Only the header is
+    read here; load_base checks every value before diffusers opens the file."""
     if path.suffix.lower() != ".safetensors":
         raise BaseModelError(
             f"{path}: only .safetensors checkpoints are loaded ({path.suffix or 'no suffix'} files may "
@@ -203,21 +210,11 @@ def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path
         )
     header = checks.weights_header(path)
     arch = arch_mod.detect_checkpoint_arch(header.tensors, str(path))
+    auto = None
     if config is None:
-        if _is_dit(arch):
-            raise BaseModelError(
-                f"single-file checkpoint {path} holds a {ARCHES[arch].label} transformer alone; it needs a config "
-                "folder with the transformer's config and the text encoders, tokenizers and VAE (loading is "
-                "offline, so they cannot come from the Hugging Face hub).",
-                fix=f"pass config=<folder>: a diffusers folder of a {ARCHES[arch].label} pipeline "
-                    f"({ARCHES[arch].pipeline_class}.save_pretrained writes one; its transformer weights may be absent)")
-        raise BaseModelError(
-            f"single-file checkpoint {path} needs a config folder: its configs and tokenizers would "
-            f"otherwise come from the Hugging Face hub, and loading is offline.",
-            fix=f"pass config=<folder> holding model_index.json, the component configs and tokenizers of an "
-                f"{arch} pipeline — a diffusers folder of the same architecture, or a skeleton written by "
-                "bases.export.save_config_skeleton"
-        )
+        auto = auto_config.auto_config({k: info.shape for k, info in header.tensors.items()}, header.metadata, arch,
+                                       str(path), tokenizer_dirs)
+        config = _auto_folder(auto)
     config = Path(config)
     if not config.is_dir():
         raise BaseModelError(f"config folder {config} for {path}: no such folder.", value=str(config), kind="not_found",
@@ -231,7 +228,25 @@ def _check_single_file(path: Path, config: str | Path | None) -> tuple[str, Path
     shapes = _config_check(config, arch).shapes
     checks.check_budget(config, f"the {'transformer' if _is_dit(arch) else 'pipeline'}", shapes,
                         header.tensors.values(), path)
-    return arch, config
+    return arch, config, auto
+
+
+_auto_root: tempfile.TemporaryDirectory | None = None
+_auto_lock = threading.Lock()
+
+
+def _auto_folder(auto: auto_config.AutoConfig) -> Path:
+    """The config folder written from ``auto``, once per content for this process (in a temporary
+    folder removed when the process ends: it is a few kB of JSON, derived again in microseconds)."""
+    global _auto_root
+    with _auto_lock:
+        if _auto_root is None:
+            _auto_root = tempfile.TemporaryDirectory(prefix="loraloom-auto-config-")
+        folder = Path(_auto_root.name) / auto.fingerprint
+        if not folder.is_dir():
+            with atomic_dir(folder) as stage:
+                auto.write(stage)
+        return folder
 
 
 def _check_weights_of(folder: Path, config_only: tuple[str, ...] = ()) -> None:
@@ -251,11 +266,13 @@ def identify_base(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     config: str | Path | None = None,
+    tokenizer_dirs: Sequence[str | Path] = (),
 ) -> BaseIdentity:
     """Check a base's arguments and say what it is, reading configs and hashing files (memoised)
     but building nothing. Every config and weights header is checked here, and every weights value,
     on the read that hashes the file (see bases.checks). Arguments as for load_base; it raises the
     same errors."""
+    config = None if config == "auto" else config
     torch_dtype, torch_device = devices.resolve(dtype, device)
     name = str(source)
     if isinstance(source, str) and source in presets.PRESETS:
@@ -277,10 +294,17 @@ def identify_base(
         _check_folder(path, digest)
         return BaseIdentity(name, "folder", arch, torch_dtype, torch_device, f"folder:sha256:{digest}")
     if path.is_file():
-        arch, config = _check_single_file(path, config)
+        arch, config, auto = _check_single_file(path, config, [Path(d) for d in tokenizer_dirs])
         checks.check_weights(path)  # hashes as it checks: file_fingerprint(path) reads nothing again
         digest = f"single-file:sha256:{file_fingerprint(path)}+config:sha256:{file_fingerprint(config)}"
-        return BaseIdentity(name, "single-file", arch, torch_dtype, torch_device, digest, config)
+        tokenizers = ()
+        if auto is not None:
+            tokenizers = tuple((name, None if folder is None else str(folder), pad)
+                               for name, (folder, pad) in sorted(auto.tokenizers.items()))
+            digest += "+tokenizers:" + ",".join(
+                f"{pad}:" + ("builtin" if folder is None else "|".join(
+                    file_fingerprint(f) for f in auto_config.tokenizer_files(Path(folder)))) for _, folder, pad in tokenizers)
+        return BaseIdentity(name, "single-file", arch, torch_dtype, torch_device, digest, config, tokenizers)
     raise BaseModelError(
         f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder.",
         value=name, limit=list(presets.PRESETS), kind="not_found",
@@ -322,11 +346,31 @@ def _transformer_from_file(header, identity: BaseIdentity) -> torch.nn.Module:
     return model.eval()
 
 
+def _tokenizers(identity: BaseIdentity) -> dict[str, Any]:
+    """The tokenizer objects config "auto" found (none: the config folder brings its own)."""
+    from transformers import CLIPTokenizer
+
+    built = {}
+    for name, folder, pad in identity.tokenizers:
+        if folder is None:
+            built[name] = presets.build_tokenizer(pad_token=pad)
+            continue
+        # The pipelines pad every prompt to the tokenizer's model_max_length, which must be the text
+        # encoder's context; tokenizer files may say otherwise (ComfyUI's sd1_tokenizer says 8192: it
+        # cuts prompts into 77-token chunks itself).
+        encoder = "text_encoder_2" if name == "tokenizer_2" else "text_encoder"
+        context = arch_mod.read_config(identity.config / encoder / "config.json", "the text encoder's config")
+        built[name] = CLIPTokenizer.from_pretrained(folder, pad_token=pad, local_files_only=True,
+                                                    model_max_length=context["max_position_embeddings"])
+    return built
+
+
 def load_base(
     source: str | Path,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     config: str | Path | None = None,
+    tokenizer_dirs: Sequence[str | Path] = (),
 ) -> LoadedBase:
     """Load a base model, offline.
 
@@ -336,11 +380,14 @@ def load_base(
         (MMDiT names) transformers alone.
     config: for a single file only, the local folder with model_index.json, component configs and
         tokenizers (a diffusers folder of the same architecture, or a config skeleton); for a Flux /
-        SD3.5 transformer file it must hold the text encoders' and VAE's weights too.
+        SD3.5 transformer file it must hold the text encoders' and VAE's weights too. None or
+        "auto": an SD1.5 / SDXL file's configs come from the file itself (bases.auto_config: the
+        exact ones our SaveCheckpoint recorded, else derived from its shapes), its CLIP tokenizer
+        from ``tokenizer_dirs`` (searched in order), then the Hugging Face cache (offline).
     dtype: "auto" | "fp32" | "fp16" | "bf16"; device: "auto" | "cpu" | "cuda" | "cuda:N".
         "auto" means cuda + fp16 when CUDA is available, else cpu + fp32.
     """
-    identity = identify_base(source, dtype, device, config)
+    identity = identify_base(source, dtype, device, config, tokenizer_dirs)
     if identity.kind == "preset":
         pipe = presets.build_pipeline(identity.source, dtype=identity.dtype, device=identity.device)
         return LoadedBase(pipe, identity.arch, identity.dtype, identity.device, identity.fingerprint, identity.source)
@@ -364,7 +411,8 @@ def load_base(
             own = _transformer_from_file(scanned[0], identity)
             pipe = cls.from_pretrained(identity.config, transformer=own, use_safetensors=True, **common)
         else:
-            pipe = cls.from_single_file(identity.source, config=str(identity.config), **common)
+            pipe = cls.from_single_file(identity.source, config=str(identity.config), **_tokenizers(identity),
+                                        **common)
     except BaseModelError:
         raise
     except Exception as exc:  # what the checks above could not foresee: the library's own words, as ours

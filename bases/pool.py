@@ -75,6 +75,8 @@ class BaseModel:
     device: str
     fingerprint: str
     config: str | None = None
+    tokenizer_dirs: tuple[str, ...] = ()
+    """Where a single file's config "auto" looks for its tokenizer (see bases.auto_config)."""
 
     @property
     def key(self) -> tuple:
@@ -325,14 +327,17 @@ class ModelPool:
         self._lock = threading.RLock()
         self.stats = {"loads": 0, "patched_layers": 0, "restored_layers": 0, "compiles": 0, "deltas": 0}
 
-    def load(self, source: str, dtype: str = "auto", device: str = "auto", config: str | None = None) -> BaseModel:
+    def load(self, source: str, dtype: str = "auto", device: str = "auto", config: str | None = None,
+             tokenizer_dirs: tuple[str, ...] = ()) -> BaseModel:
         """Load a base (preset name, diffusers folder or single file) and return its handle. The key
-        (fingerprint, resolved dtype and device) comes first: a base the pool holds is not built again."""
+        (fingerprint, resolved dtype and device) comes first: a base the pool holds is not built again.
+        ``tokenizer_dirs``: see load_base (only a single file with config "auto" reads them)."""
+        dirs = {"tokenizer_dirs": tuple(map(str, tokenizer_dirs))} if tokenizer_dirs else {}
         with self._lock:
-            identity = self._identify(source, dtype=dtype, device=device, config=config)
+            identity = self._identify(source, dtype=dtype, device=device, config=config, **dirs)
             handle = BaseModel(source=str(source), arch=identity.arch, dtype=identity.dtype_name,
                                device=str(identity.device), fingerprint=identity.fingerprint,
-                               config=str(config) if config else None)
+                               config=str(config) if config else None, **dirs)
             self._get(handle)
             return handle
 
@@ -342,7 +347,8 @@ class ModelPool:
             # make room first, so the pool never holds more than max_bases pipelines at once
             while len(self._live) >= self.max_bases:
                 self._live.popitem(last=False)
-            loaded = self._loader(base.source, dtype=base.dtype, device=base.device, config=base.config)
+            dirs = {"tokenizer_dirs": base.tokenizer_dirs} if base.tokenizer_dirs else {}
+            loaded = self._loader(base.source, dtype=base.dtype, device=base.device, config=base.config, **dirs)
             if loaded.fingerprint != base.fingerprint:
                 raise BaseModelError(
                     f"base {base.source}: its files changed since it was identified", file=base.source,

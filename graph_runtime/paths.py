@@ -68,8 +68,10 @@ _RELATIVE = "give a path relative to the folder"
 CLI_ADVICE = FolderAdvice(
     outside={"loras": f"{_RELATIVE}, or add the folder with --lora-dir",
              "models": f"{_RELATIVE}, or set the models folder with --models-dir",
-             "output": "give a name relative to the output folder (set with --output-dir)"},
-    missing={"loras": _ADD_WITH_FLAGS, "models": _ADD_WITH_FLAGS, "output": _ADD_WITH_FLAGS},
+             "output": "give a name relative to the output folder (set with --output-dir)",
+             "checkpoints": f"{_RELATIVE}"},
+    missing={"loras": _ADD_WITH_FLAGS, "models": _ADD_WITH_FLAGS, "output": _ADD_WITH_FLAGS,
+             "checkpoints": _ADD_WITH_FLAGS},
 )
 
 
@@ -149,13 +151,24 @@ def _not_a_folder(root: Path) -> str:
 
 @dataclass
 class Folders:
-    """The configured roots. ``kind`` is ``"loras"``, ``"models"`` or ``"output"``. ``advice`` is the
-    ``Fix:`` its path errors give (how to add a file or folder where this runtime runs)."""
+    """The configured roots. ``kind`` is ``"loras"``, ``"models"``, ``"output"`` or ``"checkpoints"``.
+    ``advice`` is the ``Fix:`` its path errors give (how to add a file or folder where this runtime runs).
+
+    Inside ComfyUI (see ``comfy_integration``) three more are set from ComfyUI's own folders:
+    ``checkpoint_dirs`` (its ``checkpoints`` folders: LoadBase then lists single files by their name
+    in these, as ComfyUI's checkpoint loader does), ``tokenizer_dirs`` (folders holding tokenizer
+    files that a checkpoint's config "auto" may use) and ``lora_save_dir`` (where SaveLoRA writes, so
+    that every LoRA loader lists the file). Elsewhere they stay empty / None: single files are named
+    by their path in the models folder and SaveLoRA writes into the output folder.
+    """
 
     lora_dirs: list[Path] = field(default_factory=list)
     models_dir: Path = Path("models")
     output_dir: Path = Path("output")
     advice: FolderAdvice = CLI_ADVICE
+    checkpoint_dirs: list[Path] = field(default_factory=list)
+    tokenizer_dirs: list[Path] = field(default_factory=list)
+    lora_save_dir: Path | None = None
 
     @classmethod
     def configure(cls, lora_dirs=None, models_dir=None, output_dir=None, env=None) -> "Folders":
@@ -178,8 +191,10 @@ class Folders:
             return [self.models_dir]
         if kind == "output":
             return [self.output_dir]
-        raise PathError(f"unknown folder kind {kind!r}; expected one of 'loras', 'models', 'output'",
-                        value=kind, limit=["loras", "models", "output"], kind="unknown_kind")
+        if kind == "checkpoints":
+            return list(self.checkpoint_dirs)
+        raise PathError(f"unknown folder kind {kind!r}; expected one of 'loras', 'models', 'output', 'checkpoints'",
+                        value=kind, limit=["loras", "models", "output", "checkpoints"], kind="unknown_kind")
 
     def find(self, kind: str, name: str) -> Path:
         """The first existing ``name`` under the roots of ``kind``; an error lists the roots searched.
@@ -245,9 +260,10 @@ class Folders:
         root = self.output_dir.resolve()
         return root / TEMP_SUBFOLDER if kind == "temp" else root
 
-    def output_path(self, name: str) -> Path:
-        """Where an output named ``name`` is written (inside the output folder, created on demand)."""
-        path = resolve_under(self.output_dir.absolute(), name, what="output", must_exist=False,
+    def output_path(self, name: str, root: Path | None = None) -> Path:
+        """Where an output named ``name`` is written: inside ``root`` (default: the output folder; its
+        parent folder is created on demand)."""
+        path = resolve_under((root or self.output_dir).absolute(), name, what="output", must_exist=False,
                              fix=self.advice.outside["output"])
         path.parent.mkdir(parents=True, exist_ok=True)
         return path

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..graph_runtime import Combo, InputError, Output, file_fingerprint, node
-from .common import CATEGORY, MODEL, folders, list_bases, list_config_folders, model_pool
+from .common import CATEGORY, MODEL, find_base, folders, list_bases, list_config_folders, model_pool, tokenizer_dirs
 
 
 def _base_fingerprint(inputs: dict, f) -> str | None:
@@ -17,7 +17,7 @@ def _base_fingerprint(inputs: dict, f) -> str | None:
         if PRESETS[source].weights:
             parts.append(PRESETS[source].fingerprint)
     elif isinstance(source, str):
-        parts.append(file_fingerprint(f.find("models", source)))
+        parts.append(file_fingerprint(find_base(source, f)))
     config = inputs.get("config")
     if isinstance(config, str) and config != "auto":
         parts.append(file_fingerprint(f.find("models", config)))
@@ -26,10 +26,11 @@ def _base_fingerprint(inputs: dict, f) -> str | None:
 
 @node(id="LoraLoomLoadBase", aliases=("LoadBase",), category=f"{CATEGORY}/model", display_name="Loom Load Base Model",
       inputs=[Combo("source", list_bases, "tiny-sdxl", tooltip="a built-in preset, a diffusers folder or a "
-                    ".safetensors checkpoint under the models folder"),
-              Combo("config", list_config_folders, "auto", tooltip="single-file checkpoints only: the diffusers "
-                    "folder (or config skeleton) whose configs and tokenizers to use; for a Flux / SD3.5 "
-                    "transformer file, a diffusers folder that brings the text encoders and VAE"),
+                    ".safetensors checkpoint (inside ComfyUI: those its checkpoint loader lists)"),
+              Combo("config", list_config_folders, "auto", tooltip="single-file checkpoints only. auto: SD1.5 / "
+                    "SDXL configs from the file itself, offline; or the diffusers folder (or config skeleton) whose "
+                    "configs and tokenizers to use; for a Flux / SD3.5 transformer file, a diffusers folder that "
+                    "brings the text encoders and VAE"),
               Combo("dtype", ["auto", "fp32", "fp16", "bf16"], "auto", tooltip="auto: fp16 on a GPU, fp32 on CPU"),
               Combo("device", ["auto", "cpu", "cuda"], "auto")],
       outputs=[Output(MODEL, "model")], fingerprint=_base_fingerprint)
@@ -46,11 +47,31 @@ class LoadBase:
         if source in PRESETS and config not in (None, "auto"):
             return {"config": InputError(f"{config!r} given, but preset {source!r} needs no config; set it to 'auto'",
                                          value=config, limit="auto", kind="config_not_needed")}
-        if isinstance(source, str) and source.endswith(".safetensors") and config == "auto":
-            return {"config": InputError(f"single-file checkpoint {source!r} needs a config folder (its "
-                                         "model_index.json, configs and tokenizers).", value=config,
-                                         kind="config_needed",
-                                         fix="choose the diffusers folder of the same architecture")}
+        if isinstance(source, str) and source.lower().endswith(".safetensors") and config == "auto":
+            return cls._check_auto(source)
+        return {}
+
+    @staticmethod
+    def _check_auto(source: str) -> dict:
+        """Whether config "auto" will work for this checkpoint: its configs derivable from its header
+        and its tokenizer found (small reads, no torch). A missing file is the list check's to name."""
+        from ..bases.arch import detect_checkpoint_arch
+        from ..bases.auto_config import auto_config
+        from ..bases.checks import weights_header
+        from ..graph_runtime import LoomError
+
+        try:
+            path = find_base(source)
+        except LoomError:
+            return {}
+        try:
+            header = weights_header(path)
+            arch = detect_checkpoint_arch(header.tensors, source)
+            auto_config({k: info.shape for k, info in header.tensors.items()}, header.metadata, arch, source,
+                        tokenizer_dirs())
+        except LoomError as exc:
+            return {"config": InputError(f"{source}: {exc.message}", value="auto", limit=exc.limit, kind=exc.kind or "config_needed",
+                                         fix=exc.fix)}
         return {}
 
     @classmethod
@@ -66,7 +87,7 @@ class LoadBase:
             return None
         if source in PRESETS:
             return {"arch": PRESETS[source].arch}
-        path = folders().find("models", source)
+        path = find_base(source)
         return {"arch": detect_file_arch(path) if path.is_file() else detect_folder_arch(path)}
 
     def execute(self, source, config, dtype, device):
@@ -74,7 +95,8 @@ class LoadBase:
         from ..bases.presets import PRESETS
 
         f = folders()
-        path = source if source in PRESETS else str(f.find("models", source))
+        path = source if source in PRESETS else str(find_base(source))
         config_path = None if config == "auto" else str(f.find("models", config))
-        handle = model_pool().load(path, dtype=dtype, device=device, config=config_path)
+        dirs = tuple(map(str, tokenizer_dirs())) if config_path is None and source not in PRESETS else ()
+        handle = model_pool().load(path, dtype=dtype, device=device, config=config_path, tokenizer_dirs=dirs)
         return (ModelRecipe(handle),)

@@ -16,9 +16,10 @@ class SaveCheckpoint:
     original key names (LDM for SD1.5, SGM for SDXL: what A1111, ComfyUI's checkpoint loader and
     diffusers' from_single_file read; for Flux and SD3.5 the transformer alone with Black Forest
     Labs' / Stability's names, as flux1-dev.safetensors ships and ComfyUI's diffusion-model loader
-    reads), under the output folder. Weights keep the model's dtype. To load it offline with
-    LoadBase, give it a config: the diffusers folder of the same architecture (a SavePipeline folder
-    will do; for Flux and SD3.5 it brings the text encoders and VAE)."""
+    reads), under the output folder. Weights keep the model's dtype. An SD1.5 / SDXL file records
+    its configs, so LoadBase loads it back exactly with config auto; for Flux and SD3.5 give LoadBase
+    a config: the diffusers folder of the same architecture (a SavePipeline folder will do; it brings
+    the text encoders and VAE)."""
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:

@@ -75,13 +75,44 @@ def lora_source_name(lora) -> str | None:
     return folders().lora_name(lora.path) or Path(lora.path).name
 
 
+CHECKPOINT_SUFFIXES = (".safetensors",)  # pickles (.ckpt, .pt) can run code: never offered
+
+
 def list_bases() -> list[str]:
-    """Built-in presets, then diffusers folders (anywhere under the models folder) and single-file
-    checkpoints (under its ``checkpoints/`` subfolder, ComfyUI's layout)."""
+    """Built-in presets, then diffusers folders (anywhere under the models folder), then single-file
+    checkpoints: inside ComfyUI those of its ``checkpoints`` folders (extra_model_paths.yaml's too),
+    named as its own checkpoint loader lists them (relative to their folder); elsewhere those under
+    the models folder's ``checkpoints/`` subfolder (ComfyUI's layout), named by their path there.
+    The three never share a name: presets have no suffix, folders named like a checkpoint file are
+    not offered, and file names end in ".safetensors"."""
     from ..bases.presets import PRESETS
 
-    singles = [n for n in folders().list("models", (".safetensors",)) if n.startswith("checkpoints/")]
-    return list(PRESETS) + _diffusers_folders() + singles
+    f = folders()
+    if f.checkpoint_dirs:
+        singles = f.list("checkpoints", CHECKPOINT_SUFFIXES)
+    else:
+        singles = [n for n in f.list("models", CHECKPOINT_SUFFIXES) if n.startswith("checkpoints/")]
+    return list(PRESETS) + [n for n in _diffusers_folders() if not n.lower().endswith(CHECKPOINT_SUFFIXES)] + singles
+
+
+def find_base(source: str, f=None) -> Path:
+    """The file or folder of a LoadBase ``source`` that is not a preset (see `list_bases`): a
+    checkpoint name in ComfyUI's checkpoints folders (the first that holds it, as ComfyUI resolves
+    it), else a path under the models folder. Never outside those roots. ``f``: the Folders (default:
+    the running context's)."""
+    f = f or folders()
+    if f.checkpoint_dirs and isinstance(source, str) and source.lower().endswith(CHECKPOINT_SUFFIXES):
+        return f.find("checkpoints", source)
+    return f.find("models", source)
+
+
+def tokenizer_dirs() -> list[Path]:
+    """Where a checkpoint's config "auto" looks for the CLIP tokenizer files, in order: the models
+    folder's ``tokenizers/clip/``, then the runtime's own (ComfyUI's, inside ComfyUI)."""
+    from ..bases.auto_config import TOKENIZER_FOLDER
+
+    f = folders()
+    return [f.models_dir / TOKENIZER_FOLDER, *f.tokenizer_dirs]
 
 
 def _diffusers_folders() -> list[str]:
@@ -106,16 +137,18 @@ def check_prefix(constants: dict, name: str = "filename_prefix") -> dict:
 
 
 @contextlib.contextmanager
-def new_output(prefix: str, suffix: str = "", *, folder: bool = False) -> Iterator[NewOutput]:
+def new_output(prefix: str, suffix: str = "", *, folder: bool = False, root: Path | None = None
+               ) -> Iterator[NewOutput]:
     """``with new_output(prefix, ".png") as new: write(new.stage)``; then ``new.path`` is the saved
     ``<prefix>_00001_<suffix>`` (a file) or ``<prefix>_00001`` (``folder=True``, no suffix) under the
     output folder, ComfyUI's numbering. The name is taken only when the output is complete, in one
     step that never replaces anything: concurrent saves into one folder each get their own number
     (see `atomic.atomic_new`). ``prefix`` is checked again here, after `expand_prefix`: never
-    outside the output root. Every node that writes an output saves it here."""
+    outside the output root (or ``root``, where one is given). Every node that writes an output
+    saves it here."""
     f = folders()
     first = check_relative_name(_numbered(prefix, 1, suffix), "output", fix=f.advice.outside["output"])
-    parent = f.output_path(str(first.parent))
+    parent = f.output_path(str(first.parent), root)
 
     def name_for(n: int) -> Path:
         return parent / PurePosixPath(_numbered(prefix, n, suffix)).name

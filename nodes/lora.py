@@ -8,6 +8,8 @@ from ..graph_runtime import Combo, Link, Output, String, node
 from .common import CATEGORY, LORA, check_prefix, expand_prefix, folders, list_loras, new_output, output_ref
 
 SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+SAVE_PREFIX = "loras/loraloom"  # its folder says "a LoRA": inside ComfyUI, where the file goes is the loras folder
+LORAS_FOLDER = SAVE_PREFIX.split("/")[0] + "/"
 
 
 @node(id="LoraLoomLoadLoRA", aliases=("LoadLoRA",), category=f"{CATEGORY}/lora", display_name="Loom Load LoRA",
@@ -71,14 +73,17 @@ def cast_lora(lora, dtype):
 
 @node(id="LoraLoomSaveLoRA", aliases=("SaveLoRA",), category=f"{CATEGORY}/lora", display_name="Loom Save LoRA",
       output_node=True,
-      inputs=[Link("lora", LORA), String("filename_prefix", "loras/loraloom"),
+      inputs=[Link("lora", LORA), String("filename_prefix", SAVE_PREFIX),
               Combo("format", ["kohya", "diffusers"], "kohya", tooltip="kohya: what A1111 and ComfyUI load; "
                     "diffusers: what pipe.load_lora_weights loads"),
               Combo("dtype", list(SAVE_DTYPES), "fp16")],
       outputs=[])
 class SaveLoRA:
-    """Write a LoRA file atomically under the output folder, with provenance in its metadata. Saved
-    under ``loras/`` (the default prefix), LoadLoRA offers it as ``loras/<name> [output]``."""
+    """Write a LoRA file atomically, with provenance in its metadata, where the LoRA loaders list it.
+    Headless: under the output folder; saved under ``loras/`` (the default prefix), LoadLoRA offers
+    it as ``loras/<name> [output]``. Inside ComfyUI: in ComfyUI's first loras folder, so that its
+    LoraLoader and our LoadLoRA list it by its plain name in the next run; the prefix names the file
+    there, a leading ``loras/`` (the default, which says where it goes) dropped."""
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:
@@ -96,8 +101,13 @@ class SaveLoRA:
             provenance.update({k.removeprefix("loraloom."): v for k, v in lora.metadata.items()
                                if k.startswith("loraloom.")})
         write = write_kohya if format == "kohya" else write_diffusers
-        with new_output(expand_prefix(filename_prefix), ".safetensors") as new:
+        prefix, root = expand_prefix(filename_prefix), folders().lora_save_dir
+        if root is not None:
+            prefix = prefix.removeprefix(LORAS_FOLDER)
+        with new_output(prefix, ".safetensors", root=root) as new:
             write(out, new.stage, provenance=provenance)
+        described = f"({format}, {dtype}): {out.describe()}"
+        if root is not None:  # not in the output folder, so no /view reference: the name the loaders list
+            return {"ui": {"text": [f"saved {folders().lora_name(new.path.resolve())} {described}"]}}
         ref = output_ref(new.path)
-        return {"ui": {"loras": [ref], "text": [f"saved {ref['subfolder']}/{ref['filename']} ({format}, {dtype}): "
-                                                f"{out.describe()}"]}}
+        return {"ui": {"loras": [ref], "text": [f"saved {ref['subfolder']}/{ref['filename']} {described}"]}}

@@ -341,3 +341,67 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+def _standard_pipeline(arch: str, vocab_size: int):
+    """A small pipeline whose every value shapes cannot tell is its family's (heads, groups,
+    activations, token ids, scheduler): what config "auto" derives for a file without our metadata."""
+    import diffusers
+    import transformers
+
+    from loraloom.bases import auto_config
+
+    text = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 1, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+            "projection_dim": 64, **auto_config.CLIP_TOKEN_IDS}
+    vae = diffusers.AutoencoderKL(block_out_channels=[32, 32, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4,
+                                  up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32, layers_per_block=1,
+                                  sample_size=auto_config.FAMILY[arch]["vae_sample_size"],
+                                  scaling_factor=auto_config.FAMILY[arch]["scaling_factor"])
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(auto_config.SCHEDULER)
+    if arch == "sd15":
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=64, block_out_channels=[32, 32, 64, 64], layers_per_block=1, cross_attention_dim=64,
+            attention_head_dim=8, norm_num_groups=32)
+        return diffusers.StableDiffusionPipeline(
+            vae=vae, text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text)),
+            tokenizer=presets.build_tokenizer(), unet=unet, scheduler=scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    text_2 = {**text, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "hidden_act": "gelu",
+              "projection_dim": 64}
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=128, block_out_channels=[64, 64, 128], layers_per_block=1, cross_attention_dim=192,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[1, 1, 2],
+        transformer_layers_per_block=[1, 1, 2], use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 64, norm_num_groups=32,
+        upcast_attention=None)
+    return diffusers.StableDiffusionXLPipeline(
+        vae=vae, text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text)),
+        text_encoder_2=transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**text_2)),
+        tokenizer=presets.build_tokenizer(), tokenizer_2=presets.build_tokenizer("!"), unet=unet, scheduler=scheduler)
+
+
+@pytest.fixture(scope="session")
+def standard_checkpoint():
+    """Function: ``standard_checkpoint(arch, path, vocab_size=<the tiny vocabulary>)`` -> (pipeline,
+    path): a small SD1.5 / SDXL pipeline (seeded) whose every value that shapes cannot tell is its
+    family's (heads, GroupNorm groups, activations, token ids, scheduler), written to ``path`` as
+    another program would write it: the original layout, no configs recorded (what config "auto"
+    derives from shapes). ``vocab_size`` 49408 fits the real CLIP tokenizer."""
+    from safetensors.torch import save_file
+
+    from loraloom.bases import ldm_keys
+
+    def write(arch: str, path, vocab_size: int = len(presets._VOCAB)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            pipe = _standard_pipeline(arch, vocab_size)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+        pipe.set_progress_bar_config(disable=True)
+        save_file(ldm_keys.pipeline_to_original(pipe, arch), str(path), metadata={"format": "pt"})
+        return pipe, path
+
+    return write

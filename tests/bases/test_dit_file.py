@@ -181,7 +181,8 @@ def test_damaged_flux_file_is_refused_naming_what(damage, tiny_model_files, tmp_
 def test_flux_file_needs_a_config_with_text_encoders(tiny_model_files):
     files = tiny_model_files("tiny-flux")
     err = _refused(files["single_file"])
-    assert "holds a Flux transformer alone" in str(err) and "Fix: pass config=" in str(err), str(err)
+    assert "holds a Flux transformer alone" in str(err) and "Fix: choose a config folder" in str(err), str(err)
+    assert str(err).count(str(files["single_file"])) == 1, str(err)
     err = _refused(files["single_file"], config=files["config"])  # a skeleton: no text encoder weights
     assert err.kind == "not_found" and "no weights" in str(err), err.fields()
 

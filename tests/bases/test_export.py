@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from loraloom.bases import export, presets
+from loraloom.bases import auto_config, export, presets
 
 
 @pytest.mark.parametrize("name", list(presets.PRESETS))
@@ -34,7 +34,11 @@ def test_single_file_needs_a_safetensors_name(tiny_sd15, tmp_path):
 def test_single_file_says_who_wrote_it_and_for_which_arch(name, tiny_model_files):
     with safe_open(str(tiny_model_files(name)["single_file"]), framework="pt") as handle:
         metadata = handle.metadata()
+    configs = json.loads(metadata.pop(auto_config.CONFIGS_KEY))
+    pads = json.loads(metadata.pop(auto_config.TOKENIZERS_KEY))
     assert metadata == {"format": "pt", "writer": export.SINGLE_FILE_FORMAT, "arch": presets.PRESETS[name].arch}
+    assert configs["unet/config.json"]["block_out_channels"] == presets.PRESETS[name].configs["unet"]["block_out_channels"]
+    assert pads["tokenizer"] == "<|endoftext|>" and pads.get("tokenizer_2", "!") == "!", pads
 
 
 def test_config_skeleton_names_the_pipeline_class(tiny_model_files):

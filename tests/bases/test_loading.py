@@ -61,12 +61,6 @@ def test_fingerprints_follow_content(tiny_model_files, tmp_path):
     assert single.fingerprint.startswith("single-file:sha256:") and "+config:sha256:" in single.fingerprint
 
 
-def test_single_file_without_config_says_how_to_fix(tiny_model_files):
-    path = tiny_model_files("tiny-sdxl")["single_file"]
-    with pytest.raises(ValueError, match=rf"single-file checkpoint {path} needs a config folder.*Fix: pass config="):
-        load_base(path, dtype="fp32", device="cpu")
-
-
 def test_single_file_with_config_of_other_arch_is_refused(tiny_model_files):
     path = tiny_model_files("tiny-sd15")["single_file"]
     with pytest.raises(ValueError, match="is sd15, but config folder .* describes sdxl"):

@@ -6,7 +6,6 @@ loads it; LoadBase loads the same file with its config folder)."""
 
 import json
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -105,11 +104,12 @@ def test_a_merge_through_the_bridge_samples_as_core_loraloader_does_with_the_sav
     report = done["outputs"]["5"]["text"][0]
     assert "unet: " in report and "text_encoder: 24 modules patched" in report, report
 
-    # what the user would do next: put the saved merge where core's LoraLoader lists it, load it there
-    saved = server.base / "output" / f"{prefix}_00001_.safetensors"
-    shutil.copy(saved, server.base / "models" / "loras" / f"merged-{method}.safetensors")
+    # what the user would do next: load the saved merge with core's LoraLoader (SaveLoRA wrote it into
+    # ComfyUI's loras folder, where that loader lists it)
+    saved = f"merged-{method}_00001_.safetensors"
+    assert saved in server.call("GET", "/object_info/LoraLoader")[1]["LoraLoader"]["input"]["required"]["lora_name"][0]
     core = {"5": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                         "lora_name": f"merged-{method}.safetensors",
+                                                         "lora_name": saved,
                                                          "strength_model": 0.8, "strength_clip": 0.6}}}
     theirs = run_image(server, graph(core, ["5", 0], ["5", 1], prefix="core"))
     assert np.array_equal(ours, theirs), f"{method}: max pixel difference {np.abs(ours.astype(int) - theirs).max()}"

@@ -6,7 +6,7 @@ def test_inside_comfyui_bad_values_are_refused_when_queued_with_our_messages(com
         "1": prompts.base(), "2": prompts.sample(["1", 0], width=130), "3": prompts.save_image(["2", 0]),
         "4": prompts.sample(["1", 0], scheduler="pndm", steps=2), "5": prompts.save_image(["4", 0]),
         "6": prompts.base(config="diffusers/sd15"), "7": prompts.sample(["6", 0]), "8": prompts.save_image(["7", 0]),
-        "9": prompts.base("checkpoints/model.safetensors"), "10": prompts.sample(["9", 0]), "11": prompts.save_image(["10", 0]),
+        "9": prompts.base("model.safetensors"), "10": prompts.sample(["9", 0]), "11": prompts.save_image(["10", 0]),
         "12": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
         "13": prompts.full("SaveLoRA", lora=["12", 0], filename_prefix="../escape"),
         "14": {"class_type": "LoadLoRA", "inputs": {"lora_name": "../" + lora}},
@@ -17,7 +17,7 @@ def test_inside_comfyui_bad_values_are_refused_when_queued_with_our_messages(com
     assert status == 400, body
     errors = {nid: " | ".join(e["details"] for e in entry["errors"]) for nid, entry in body["node_errors"].items()}
     expected = {"2": "input 'width': 130 is not a multiple of 8", "4": "the fewest steps the pndm scheduler can take",
-                "6": "preset 'tiny-sd15' needs no config", "9": "needs a config folder",
+                "6": "preset 'tiny-sd15' needs no config", "9": "input 'config': model.safetensors: the file is empty",
                 "13": "output name '../escape' contains a '..' part", "14": "contains a '..' part",
                 "16": "20001 characters is above the limit 20000"}
     for nid, text in expected.items():
@@ -38,7 +38,7 @@ def test_inside_comfyui_a_good_prompt_runs_and_a_saved_lora_loads_next_time(comf
     image = done["outputs"]["5"]["images"][0]
     assert (comfyui.base / "output" / image["subfolder"] / image["filename"]).is_file()
 
-    saved = "loras/again_00001_.safetensors [output]"
+    saved = "again_00001_.safetensors"  # in ComfyUI's loras folder, where every LoRA loader looks
     offered = comfyui.call("GET", "/object_info/LoadLoRA")[1]["LoadLoRA"]["input"]["required"]["lora_name"][0]
     assert saved in offered and lora in offered, offered
     prompt["2"]["inputs"]["lora_name"] = saved

@@ -1,0 +1,109 @@
+"""ComfyUI's own model folders in real ComfyUI: LoadBase lists the checkpoints its checkpoint loader
+lists (an extra_model_paths.yaml folder too) and runs them with config "auto" (our own files from
+their recorded configs; a foreign file from its shapes, with ComfyUI's own CLIP tokenizer); SaveLoRA
+writes where core's LoraLoader and our LoadLoRA list the file, loadable in the next prompt."""
+
+import shutil
+
+import pytest
+import torch
+
+from tests.comfyui.conftest import comfyui_base, start_comfyui
+
+EXTRA = "extra"  # the extra_model_paths.yaml base folder, inside the ComfyUI base folder
+
+
+@pytest.fixture(scope="module")
+def comfyui_extra(tmp_path_factory, tiny_model_files, standard_checkpoint):
+    """ComfyUI whose extra_model_paths.yaml adds a checkpoints folder and a loras folder; our tiny
+    presets' SaveCheckpoint files in both checkpoints folders; a foreign SD1.5 file (no recorded
+    configs, the real CLIP vocabulary size) whose tokenizer only ComfyUI has. The Hugging Face cache is
+    pointed at an empty folder, so the tokenizer can come from nowhere else."""
+    base = tmp_path_factory.mktemp("comfyui-checkpoints")
+    names = comfyui_base(base)
+    extra = base / EXTRA
+    (extra / "ckpts" / "sub").mkdir(parents=True)
+    (extra / "more-loras").mkdir()
+    shutil.copy(tiny_model_files("tiny-sd15")["single_file"], extra / "ckpts" / "sub" / "sd15.safetensors")
+    shutil.copy(tiny_model_files("tiny-sdxl")["single_file"], base / "models" / "checkpoints" / "sdxl.safetensors")
+    standard_checkpoint("sd15", extra / "ckpts" / "foreign.safetensors", vocab_size=49408)
+    config = base / "extra_model_paths.yaml"
+    config.write_text(f"loom_test:\n    base_path: {extra}\n    checkpoints: ckpts\n    loras: more-loras\n")
+    server = start_comfyui(base, names, ("--extra-model-paths-config", str(config)),
+                           env={"HF_HUB_CACHE": str(base / "no-hub"), "HF_HUB_OFFLINE": "1"})
+    running = next(server)
+    yield running
+    next(server, None)
+
+
+def _options(comfyui, node, name):
+    info = comfyui.call("GET", f"/object_info/{node}")[1][node]["input"]["required"][name]
+    return info[1]["options"] if info[0] == "COMBO" else info[0]
+
+
+def _image(comfyui, done, node):
+    import numpy as np
+    from PIL import Image
+
+    ref = done["outputs"][node]["images"][0]
+    return np.asarray(Image.open(comfyui.base / "output" / ref["subfolder"] / ref["filename"]))
+
+
+def test_load_base_lists_comfyuis_checkpoints_and_runs_one_from_the_extra_folder_with_auto(comfyui_extra, prompts):
+    import numpy as np
+
+    sources = _options(comfyui_extra, "LoadBase", "source")
+    for name in ["sub/sd15.safetensors", "sdxl.safetensors", "foreign.safetensors", "model.safetensors"]:
+        assert name in sources, sources
+    assert not [s for s in sources if s.startswith("checkpoints/")], sources
+    core = _options(comfyui_extra, "CheckpointLoaderSimple", "ckpt_name")
+    assert {"sub/sd15.safetensors", "sdxl.safetensors"} <= set(core), f"the names ComfyUI's loader shows: {core}"
+
+    prompt = {"1": prompts.base("sub/sd15.safetensors"), "2": prompts.sample(["1", 0]), "3": prompts.save_image(["2", 0]),
+              "4": prompts.base("tiny-sd15"), "5": prompts.sample(["4", 0]), "6": prompts.save_image(["5", 0])}
+    done = comfyui_extra.run(prompt)
+    assert done["status"]["status_str"] == "success", done["status"]
+    assert np.array_equal(_image(comfyui_extra, done, "3"), _image(comfyui_extra, done, "6")), \
+        "the checkpoint written from tiny-sd15 samples as tiny-sd15"
+
+
+def test_a_foreign_checkpoint_runs_with_comfyuis_own_tokenizer(comfyui_extra, prompts):
+    prompt = {"1": prompts.base("foreign.safetensors"), "2": prompts.sample(["1", 0]), "3": prompts.save_image(["2", 0])}
+    done = comfyui_extra.run(prompt)
+    assert done["status"]["status_str"] == "success", done["status"]["messages"][-1][1].get("exception_message")
+    assert _image(comfyui_extra, done, "3").shape == (64, 64, 3)
+
+
+def test_auto_is_refused_at_queue_time_where_it_cannot_work(comfyui_extra, prompts):
+    prompt = {"1": prompts.base("model.safetensors"), "2": prompts.sample(["1", 0]), "3": prompts.save_image(["2", 0]),
+              "4": prompts.base("checkpoints/sdxl.safetensors"), "5": prompts.sample(["4", 0]),
+              "6": prompts.save_image(["5", 0])}
+    status, body = comfyui_extra.call("POST", "/prompt", {"prompt": prompt})
+    assert status == 400, body
+    errors = {nid: " | ".join(e["details"] for e in entry["errors"]) for nid, entry in body["node_errors"].items()}
+    assert "input 'config': model.safetensors: the file is empty" in errors.get("1", ""), errors  # no header to derive configs from
+    assert "is not one of" in errors.get("4", ""), errors  # a path in the models folder is not ComfyUI's name
+
+
+def test_a_saved_lora_is_listed_by_core_and_ours_and_loads_in_the_next_prompt(comfyui_extra, prompts):
+    lora = comfyui_extra.names["tiny-sd15/kohya"]
+    save = {"1": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
+            "2": prompts.full("SaveLoRA", lora=["1", 0], filename_prefix="loras/merged", dtype="fp32")}
+    done = comfyui_extra.run(save)
+    assert done["status"]["status_str"] == "success", done["status"]
+    name = "merged_00001_.safetensors"
+    assert (comfyui_extra.base / "models" / "loras" / name).is_file()
+    assert name in _options(comfyui_extra, "LoraLoader", "lora_name"), "core's LoraLoader lists it"
+    assert name in _options(comfyui_extra, "LoadLoRA", "lora_name"), "our LoadLoRA lists it"
+
+    from safetensors.torch import load_file
+
+    prompt = {"1": prompts.base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": name}},
+              "3": prompts.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
+              "4": prompts.sample(["3", 0]), "5": prompts.save_image(["4", 0])}
+    again = comfyui_extra.run(prompt)
+    assert again["status"]["status_str"] == "success", again["status"]
+    saved = load_file(str(comfyui_extra.base / "models" / "loras" / name))
+    original = load_file(str(comfyui_extra.base / "models" / "loras" / lora))
+    common = set(saved) & set(original)
+    assert common and all(torch.equal(saved[k].float(), original[k].float()) for k in common if k.endswith("weight"))
