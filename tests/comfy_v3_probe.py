@@ -75,6 +75,7 @@ def v3_facts(ours: dict, pack, scratch: Path) -> dict:
                       **{k: v for k, v in prompt["5"]["inputs"].items()})
     facts["sweep"] = {"result": grid.args, "expand": {k: v["class_type"] for k, v in (grid.expand or {}).items()},
                       "enable_expand": ours["SweepGrid"].GET_SCHEMA().enable_expand,
+                      "cells_node": ours["SweepGridCells"].LOOM_NODE.SCHEMA.id,
                       "seeds": sorted(v["inputs"]["seed"] for v in grid.expand.values() if "seed" in v["inputs"])}
 
     # COMBO lists are read when ComfyUI asks (object_info, validation), as V1 reads them

@@ -101,7 +101,7 @@ def test_v3_sweep_grid_expands_into_its_cells_with_its_hidden_inputs(v3):
     assert sweep["enable_expand"] is True
     assert sweep["result"] == [["5.grid", 0]], "the grid node's output is the SweepGrid's"
     assert sweep["expand"] == {"5.0.1": "LoadBase", "5.0.2": "Sample", "5.1.1": "LoadBase", "5.1.2": "Sample",
-                               "5.grid": "SweepGridCells"}, "one copy of the image's upstream per cell, from the prompt"
+                               "5.grid": sweep["cells_node"]}, "one copy of the image's upstream per cell, and the grid"
     assert sweep["seeds"] == [1, 2]
 
 
