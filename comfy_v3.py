@@ -47,7 +47,9 @@ def v3_nodes(classes: dict[str, type], names: dict[str, str]) -> list[type]:
             continue  # an old id listed among the V1 classes: made below, from its node
         nodes.append(v3_node(cls, node_id, names.get(node_id) or cls.SCHEMA.display_name))
         for alias in getattr(cls.SCHEMA, "aliases", ()):
-            nodes.append(v3_node(cls, alias, names.get(alias) or cls.SCHEMA.display_name, deprecated=True))
+            # the V1 class listed under the old id where there is one (it may say which id it was placed under)
+            nodes.append(v3_node(classes.get(alias, cls), alias, names.get(alias) or cls.SCHEMA.display_name,
+                                 deprecated=True))
     return nodes
 
 

@@ -112,12 +112,16 @@ def v3_facts(ours: dict, pack, scratch: Path) -> dict:
 
     Probe.SCHEMA = Aliased(**{f.name: getattr(Probe.SCHEMA, f.name) for f in fields(NodeSchema)},
                            aliases=("ProbeOld",))
-    made = comfy_v3.v3_nodes({"LoraLoomProbe": Probe}, {"LoraLoomProbe": "Loom Probe"})
+    # a V1 mapping lists an old id as a deprecated subclass (V1's DEPRECATED), which the V3 node then runs
+    old_v1 = type("ProbeOldDeprecated", (Probe,), {"DEPRECATED": True})
+    made = comfy_v3.v3_nodes({"LoraLoomProbe": Probe, "ProbeOld": old_v1},
+                             {"LoraLoomProbe": "Loom Probe", "ProbeOld": "Loom Probe [old id ProbeOld]"})
     facts["aliases"] = []
     for cls in made:
         schema, info = cls.GET_SCHEMA(), cls.GET_NODE_INFO_V1()
         facts["aliases"].append({
             "id": schema.node_id, "deprecated": info["deprecated"], "display_name": info["display_name"],
+            "runs": cls.LOOM_NODE.__name__,
             "inputs": {i.id: type(i).__qualname__ for i in schema.inputs},
             "core_types": [isinstance(schema.inputs[0], io.Model.Input), isinstance(schema.inputs[1], io.Clip.Input)],
             "outputs": info["output"], "ran": list(comfy_call(cls, "execute", model="m", clip="c", strength=0.5).args)})

@@ -110,12 +110,13 @@ def test_v3_combo_lists_are_read_when_comfyui_asks(v3):
 
 
 def test_v3_makes_a_deprecated_node_per_old_id_and_uses_comfyuis_own_socket_types(v3):
-    new, old = v3["aliases"]
+    new, old = v3["aliases"]  # the old id, listed among the V1 classes too, is made once, as deprecated
     assert (new["id"], new["deprecated"], old["id"], old["deprecated"]) == ("LoraLoomProbe", False, "ProbeOld", True)
+    assert (new["display_name"], old["display_name"]) == ("Loom Probe", "Loom Probe [old id ProbeOld]")
+    assert (new["runs"], old["runs"]) == ("Probe", "ProbeOldDeprecated"), "each runs its V1 class"
     for made in (new, old):
         assert made["core_types"] == [True, True], "MODEL and CLIP are ComfyUI's io.Model and io.Clip"
         assert made["outputs"] == ["MODEL", "CLIP", "LORA_WEIGHTS"] and made["ran"] == ["m", "c", 0.5], made
-        assert made["display_name"] == "Loom Probe"
 
 
 @pytest.mark.parametrize("forced, expected", [("v1", "v1"), ("v2", None)])

@@ -91,7 +91,23 @@ def without_hidden(entry: dict) -> dict:
     return entry
 
 
+def same_files(*servers) -> None:
+    """Give each server's models and saved LoRAs the files the others have (the COMBO lists read them;
+    tests before this one may have added some to one server)."""
+    for kind in ("models", "output/loras"):
+        for source in servers:
+            for path in sorted((source.base / kind).rglob("*")):
+                for target in servers:
+                    copy_to = target.base / kind / path.relative_to(source.base / kind)
+                    if path.is_dir():
+                        copy_to.mkdir(parents=True, exist_ok=True)
+                    elif not copy_to.exists():
+                        copy_to.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(path, copy_to)
+
+
 def test_v3_registers_the_same_nodes_widgets_and_outputs_as_v1(v3, v1):
+    same_files(v3, v1)
     theirs_v3, theirs_v1 = ours(v3), ours(v1)
     assert theirs_v3["LoadLoRA"]["input"]["required"]["lora_name"][0] == "COMBO", \
         "the session's ComfyUI took the pack through V3 (V3 COMBOs are typed COMBO)"
