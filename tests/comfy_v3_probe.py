@@ -110,7 +110,7 @@ def v3_facts(ours: dict, pack, scratch: Path) -> dict:
     class Aliased(NodeSchema):
         aliases: tuple = ()
 
-    Probe.SCHEMA = Aliased(**{f.name: getattr(Probe.SCHEMA, f.name) for f in fields(NodeSchema)},
+    Probe.SCHEMA = Aliased(**{f.name: getattr(Probe.SCHEMA, f.name) for f in fields(NodeSchema) if f.name != "aliases"},
                            aliases=("ProbeOld",))
     # a V1 mapping lists an old id as a deprecated subclass (V1's DEPRECATED), which the V3 node then runs
     old_v1 = type("ProbeOldDeprecated", (Probe,), {"DEPRECATED": True})
