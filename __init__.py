@@ -4,7 +4,7 @@ This folder is both the Python package ``loraloom`` and a ComfyUI custom node pa
 cheap: no torch and no model building happen at import time.
 """
 
-from .comfy_integration import add_queue_checks, install_if_in_comfyui
+from .comfy_integration import add_queue_checks, comfy_node_api, install_if_in_comfyui
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, WEB_DIRECTORY, comfy_only_mappings, register_node
 from .sweep.comfy import comfy_nodes
 
@@ -15,6 +15,15 @@ if install_if_in_comfyui():  # the nodes on ComfyUI's own MODEL / CLIP exist onl
 NODE_CLASS_MAPPINGS.update(comfy_nodes()[0])
 NODE_DISPLAY_NAME_MAPPINGS.update(comfy_nodes()[1])
 add_queue_checks(NODE_CLASS_MAPPINGS.values())  # ComfyUI runs our input checks when a prompt is queued
+
+# Inside a ComfyUI with the V3 node API, the nodes go to it through comfy_entrypoint (made from the
+# classes above: comfy_v3.py). ComfyUI takes NODE_CLASS_MAPPINGS first when it is not None, so then
+# the V1 names are None here (LORALOOM_COMFY_NODES=v1|v3 forces one API). Outside ComfyUI they stay V1's.
+if comfy_node_api() == "v3":
+    from .comfy_v3 import comfy_entrypoint_for
+
+    comfy_entrypoint = comfy_entrypoint_for(dict(NODE_CLASS_MAPPINGS), dict(NODE_DISPLAY_NAME_MAPPINGS))
+    NODE_CLASS_MAPPINGS = NODE_DISPLAY_NAME_MAPPINGS = None
 
 __version__ = "0.1.0"
 _LAZY = {"Runtime": "api", "load_node_modules": "api", "RunResult": "graph_runtime", "node": "graph_runtime",

@@ -1,16 +1,18 @@
 """Inside ComfyUI: folders from ComfyUI's folder_paths, progress to ComfyUI's progress bar,
-ComfyUI's interrupt button, and our input checks when a prompt is queued (``VALIDATE_INPUTS``).
-Outside ComfyUI this module does nothing."""
+ComfyUI's interrupt button, our input checks when a prompt is queued (``VALIDATE_INPUTS``), and what
+ComfyUI's two node APIs (V1 class attributes, V3 ``io.ComfyNode``: see comfy_v3.py) both take from a
+node's schema, derived here once. Outside ComfyUI this module does nothing."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
 from pathlib import Path
 from typing import Iterable
 
 from .graph_runtime.context import ExecutionContext, current_context, set_default_context
-from .graph_runtime.errors import ValidationError
+from .graph_runtime.errors import LoomError, ValidationError
 from .graph_runtime.graph import validate_prompt
 from .graph_runtime.limits import Limits, env_name
 from .graph_runtime.paths import FolderAdvice, Folders
@@ -80,16 +82,88 @@ def comfy_folders() -> Folders:
                    lora_save_dir=loras[0] if loras else None)
 
 
-def install_if_in_comfyui() -> bool:
-    """Use ComfyUI's folders, progress and interrupt when running inside ComfyUI."""
-    try:  # only ComfyUI has folder_paths; it is imported before any custom node loads
+def in_comfyui() -> bool:
+    """Whether this process is ComfyUI (its own modules importable; it imports them before any pack)."""
+    try:  # only ComfyUI has folder_paths
         import comfy.model_management  # noqa: F401
         import comfy.utils  # noqa: F401
         import folder_paths  # noqa: F401
     except ImportError:
         return False
+    return True
+
+
+def install_if_in_comfyui() -> bool:
+    """Use ComfyUI's folders, progress and interrupt when running inside ComfyUI."""
+    if not in_comfyui():
+        return False
     set_default_context(ComfyContext(folders=comfy_folders(), limits=ComfyLimits.configure()))
     return True
+
+
+# --- which of ComfyUI's node APIs the pack uses ---
+
+ENV_COMFY_NODES = "LORALOOM_COMFY_NODES"
+NODE_APIS = ("v1", "v3")
+
+
+def comfy_node_api() -> str | None:
+    """``"v3"`` when ComfyUI's V3 node API (``comfy_api.latest``) is importable, else ``"v1"``; the
+    environment variable LORALOOM_COMFY_NODES (v1 or v3) forces one. None outside ComfyUI, whatever
+    the variable says: there the pack is the Python API, whose ``NODE_CLASS_MAPPINGS`` is V1's."""
+    if not in_comfyui():
+        return None
+    forced = os.environ.get(ENV_COMFY_NODES, "").strip().lower()
+    if forced and forced not in NODE_APIS:
+        raise LoomError(f"{ENV_COMFY_NODES}={forced!r} is not one of {list(NODE_APIS)}", key=ENV_COMFY_NODES,
+                        value=forced, kind="bad_comfy_nodes", fix=f"set {ENV_COMFY_NODES} to v1 or v3, or unset it")
+    if forced == "v1":
+        return "v1"
+    try:
+        from comfy_api.latest import ComfyExtension, io  # noqa: F401
+    except ImportError as exc:
+        if forced == "v3":
+            raise LoomError(f"{ENV_COMFY_NODES}=v3 but this ComfyUI has no V3 node API ({exc})", key=ENV_COMFY_NODES,
+                            value=forced, kind="no_comfy_v3",
+                            fix=f"update ComfyUI (0.3.64 has it), or unset {ENV_COMFY_NODES}") from None
+        return "v1"
+    return "v3"
+
+
+# --- what V1 and V3 both declare, derived from the schema here once ---
+#
+# A lazy input of ours (Input.lazy) reaches the node as the link itself: ComfyUI's "lazy" (nothing
+# upstream runs for it) with "rawLink" (get_input_data then passes [node id, slot], not a value). A
+# class may take some of ComfyUI's hidden inputs (COMFY_HIDDEN: parameter name -> ComfyUI's kind,
+# "PROMPT", "UNIQUE_ID", ...): V1 passes them as arguments, V3 through ``cls.hidden``, which
+# comfy_v3 turns back into the same arguments.
+
+RAW_LINK = "rawLink"
+
+
+def comfy_hidden(cls: type) -> dict[str, str]:
+    """The hidden inputs node class ``cls`` takes: its parameter name -> ComfyUI's hidden kind."""
+    return dict(getattr(cls, "COMFY_HIDDEN", {}))
+
+
+def comfy_input_types(cls: type) -> dict:
+    """Node class ``cls``'s ``INPUT_TYPES()`` as ComfyUI takes it (V1 directly, V3 through
+    comfy_v3): the schema's, its lazy links raw, and its hidden inputs."""
+    types = cls.SCHEMA.input_types()
+    for inp in cls.SCHEMA.inputs:
+        if inp.lazy:
+            group = types["optional" if inp.optional else "required"]
+            kind, *options = group[inp.name]
+            group[inp.name] = (kind, {**(options[0] if options else {}), RAW_LINK: True})
+    if comfy_hidden(cls):
+        types["hidden"] = comfy_hidden(cls)
+    return types
+
+
+def comfy_fingerprint(cls: type, values: dict):
+    """ComfyUI's change check of node class ``cls`` (V1 IS_CHANGED, V3 fingerprint_inputs): the
+    schema's rule, given the constants ComfyUI passes (None for a link)."""
+    return cls.IS_CHANGED(**values)
 
 
 # --- our checks when ComfyUI queues a prompt ---
@@ -157,22 +231,28 @@ def _registry_with_upstream(cls: type) -> NodeRegistry:
 def add_queue_checks(classes: Iterable[type]) -> None:
     """Give each node class a ``VALIDATE_INPUTS`` running :func:`queue_check` on its widget values."""
     for cls in classes:
-        widgets = [inp.name for inp in cls.SCHEMA.widgets]
-        if not widgets:
-            continue  # nothing constant to check; ComfyUI checks the links' types itself
-        cls.VALIDATE_INPUTS = classmethod(_validate_inputs_function(widgets))
+        check = queue_check_function(cls)
+        if check is not None:
+            cls.VALIDATE_INPUTS = classmethod(check)
 
 
-def _validate_inputs_function(names: list[str]):
-    def VALIDATE_INPUTS(cls, **values):
-        return queue_check(cls, values, _comfy_node_id())
+def queue_check_function(node_class: type):
+    """The queue-time check of ``node_class`` as ComfyUI calls it (V1 ``VALIDATE_INPUTS``, V3
+    ``validate_inputs``: a function of the class and the widgets' values, to wrap in a classmethod);
+    None when the node has no widget (nothing constant to check; ComfyUI checks the links' types)."""
+    names = [inp.name for inp in node_class.SCHEMA.widgets]
+    if not names:
+        return None
+
+    def check(cls, **values):  # cls: the class ComfyUI calls it on, the V1 class or a V3 class made from it
+        return queue_check(node_class, values, _comfy_node_id())
 
     # ComfyUI picks the arguments by the names getfullargspec reports: give it ours, each with a
     # default (an optional input the prompt leaves out is not passed).
     params = [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
-    VALIDATE_INPUTS.__signature__ = inspect.Signature(params)
-    return VALIDATE_INPUTS
+    check.__signature__ = inspect.Signature(params)
+    return check
 
 
 def _comfy_node_id() -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 
+from ..comfy_integration import comfy_input_types
 from ..graph_runtime import Input, Output, String, current_context, is_link, node
 from ..graph_runtime.schema import comfy_classes, comfy_display_names
 from ..graph_runtime.workflow import apply_overrides
@@ -33,15 +34,11 @@ CELL_INPUT = "cell_{}"
 
 
 class ComfySweepGrid(SweepGrid):
-    """SweepGrid as ComfyUI runs it: it expands into the cells and a `SweepGridCells` node."""
+    """SweepGrid as ComfyUI runs it: it expands into the cells and a `SweepGridCells` node. The same
+    class serves ComfyUI's V1 and V3 node APIs (comfy_v3 makes its V3 form)."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        types = cls.SCHEMA.input_types()
-        kind, options = types["required"]["images"]
-        types["required"]["images"] = (kind, {**options, "rawLink": True})
-        types["hidden"] = {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}
-        return types
+    COMFY_HIDDEN = {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}
+    INPUT_TYPES = classmethod(comfy_input_types)  # the lazy `images` arrives as its link (rawLink)
 
     def execute(self, images, x_axis, y_axis, z_axis, seeds, prompt=None, unique_id=None):
         uid = str(unique_id)

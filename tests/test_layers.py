@@ -20,11 +20,12 @@ ALLOWED = {
     "nodes": {"atomic", "graph_runtime", "lora", "bases"},
     "fixtures": {"atomic", "lora", "bases"},
     "comfy_integration": {"graph_runtime"},
-    "sweep": {"atomic", "graph_runtime", "nodes"},
+    "comfy_v3": {"comfy_integration", "graph_runtime"},
+    "sweep": {"atomic", "comfy_integration", "graph_runtime", "nodes"},
     "api": {"graph_runtime", "nodes", "sweep"},
     "server": {"atomic", "graph_runtime", "nodes", "api", "sweep"},
     "cli": {"atomic", "graph_runtime", "nodes", "api", "fixtures", "server", "sweep"},
-    "__init__": {"comfy_integration", "nodes", "api", "graph_runtime", "lora", "bases", "server", "sweep"},
+    "__init__": {"comfy_integration", "comfy_v3", "nodes", "api", "graph_runtime", "lora", "bases", "server", "sweep"},
 }
 THIRD_PARTY_BANNED = {"graph_runtime": {"torch", "diffusers", "peft", "transformers", "safetensors"}}
 

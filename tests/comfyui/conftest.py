@@ -62,6 +62,13 @@ class ComfyUI:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
 
+    def combo_options(self, node_id: str, name: str) -> list:
+        """The choices /object_info offers for COMBO input ``name`` of ``node_id``: V1 lists them as
+        ``[[choices...], {...}]``, V3 (how ComfyUI 0.3.64 takes the pack) as ``["COMBO", {"options": [...]}]``."""
+        info = self.call("GET", f"/object_info/{node_id}")[1][node_id]["input"]
+        spec = {**info.get("required", {}), **info.get("optional", {})}[name]
+        return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+
     def run(self, prompt: dict, timeout: float = 300) -> dict:
         """Queue ``prompt``, wait for it, return its history entry."""
         status, queued = self.call("POST", "/prompt", {"prompt": prompt})

@@ -36,11 +36,6 @@ def comfyui_extra(tmp_path_factory, tiny_model_files, standard_checkpoint):
     next(server, None)
 
 
-def _options(comfyui, node, name):
-    info = comfyui.call("GET", f"/object_info/{node}")[1][node]["input"]["required"][name]
-    return info[1]["options"] if info[0] == "COMBO" else info[0]
-
-
 def _image(comfyui, done, node):
     import numpy as np
     from PIL import Image
@@ -52,11 +47,11 @@ def _image(comfyui, done, node):
 def test_load_base_lists_comfyuis_checkpoints_and_runs_one_from_the_extra_folder_with_auto(comfyui_extra, prompts):
     import numpy as np
 
-    sources = _options(comfyui_extra, "LoadBase", "source")
+    sources = comfyui_extra.combo_options("LoadBase", "source")
     for name in ["sub/sd15.safetensors", "sdxl.safetensors", "foreign.safetensors", "model.safetensors"]:
         assert name in sources, sources
     assert not [s for s in sources if s.startswith("checkpoints/")], sources
-    core = _options(comfyui_extra, "CheckpointLoaderSimple", "ckpt_name")
+    core = comfyui_extra.combo_options("CheckpointLoaderSimple", "ckpt_name")
     assert {"sub/sd15.safetensors", "sdxl.safetensors"} <= set(core), f"the names ComfyUI's loader shows: {core}"
 
     prompt = {"1": prompts.base("sub/sd15.safetensors"), "2": prompts.sample(["1", 0]), "3": prompts.save_image(["2", 0]),
@@ -93,8 +88,8 @@ def test_a_saved_lora_is_listed_by_core_and_ours_and_loads_in_the_next_prompt(co
     assert done["status"]["status_str"] == "success", done["status"]
     name = "merged_00001_.safetensors"
     assert (comfyui_extra.base / "models" / "loras" / name).is_file()
-    assert name in _options(comfyui_extra, "LoraLoader", "lora_name"), "core's LoraLoader lists it"
-    assert name in _options(comfyui_extra, "LoadLoRA", "lora_name"), "our LoadLoRA lists it"
+    assert name in comfyui_extra.combo_options("LoraLoader", "lora_name"), "core's LoraLoader lists it"
+    assert name in comfyui_extra.combo_options("LoadLoRA", "lora_name"), "our LoadLoRA lists it"
 
     from safetensors.torch import load_file
 

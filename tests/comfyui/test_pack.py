@@ -39,7 +39,7 @@ def test_inside_comfyui_a_good_prompt_runs_and_a_saved_lora_loads_next_time(comf
     assert (comfyui.base / "output" / image["subfolder"] / image["filename"]).is_file()
 
     saved = "again_00001_.safetensors"  # in ComfyUI's loras folder, where every LoRA loader looks
-    offered = comfyui.call("GET", "/object_info/LoadLoRA")[1]["LoadLoRA"]["input"]["required"]["lora_name"][0]
+    offered = comfyui.combo_options("LoadLoRA", "lora_name")
     assert saved in offered and lora in offered, offered
     prompt["2"]["inputs"]["lora_name"] = saved
     prompt["4"]["inputs"]["seed"] = 2
