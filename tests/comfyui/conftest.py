@@ -89,11 +89,19 @@ def start_comfyui(base: Path, names: dict, args: tuple = (), env: dict | None = 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = base / "comfyui.log"
+    # ComfyUI's torch gets this process's intra-op thread count (tests/conftest.py sets 1; torch's default
+    # is one per core): how a convolution or matmul splits its sums over threads sets the last bits of
+    # its floats, so with another count an image compared with our Runtime's differs by one level in a
+    # few values (measured: 8 of the 4 x 12,288 values of a 2x2 tiny-sd15 sweep grid, 2 threads vs 1).
+    import torch
+
+    threads = str(torch.get_num_threads())
     with open(log, "wb") as out:
         process = subprocess.Popen([comfyui_python(folder), str(folder / "main.py"), "--cpu", "--listen", "127.0.0.1",
                                     "--port", str(port), "--base-directory", str(base), "--disable-auto-launch",
                                     *args], cwd=base, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
+                                   env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                                        **(env or {})})
     server = ComfyUI(f"http://127.0.0.1:{port}", log, base, names)
     try:
         deadline = time.monotonic() + 240

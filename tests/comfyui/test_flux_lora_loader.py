@@ -1,8 +1,8 @@
 """Our kohya-layout Flux files through ComfyUI's own LoRA loader (comfy.lora in the real ComfyUI 0.3.64):
 every key loads and each fused weight gets exactly our delta (LoKr on linear1 with Kronecker blocks
 straddling q / k / v / mlp included), or, for q / k / v parts whose scales are not powers of two
-apart, our delta within fp32 rounding. Opt-in: needs the ComfyUI environment
-that /work/shared/comfyui/setup.sh makes (set LORALOOM_COMFYUI to its DEST); skipped without it."""
+apart, our delta within fp32 rounding. Runs in ComfyUI's Python, in-process, with no server (see
+conftest.py for when it runs)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 from loraloom.fixtures import _loha_module, _lokr_module
@@ -18,8 +17,7 @@ from loraloom.lora.canonical import LoRA, LoRAModule, delta
 from loraloom.lora.dit_keys import original_name_table, split_module, targets_for
 from loraloom.lora.writers import write_kohya
 
-COMFY = os.environ.get("LORALOOM_COMFYUI")
-pytestmark = pytest.mark.skipif(not COMFY, reason="set LORALOOM_COMFYUI to a ComfyUI made by setup.sh")
+from .conftest import COMFYUI, comfyui_python
 
 # Runs in ComfyUI's environment: a tiny comfy Flux model (real block counts), its weight shapes, and
 # the delta comfy.lora gives each weight for each file (from zero weights: comfy leaves weights
@@ -55,8 +53,9 @@ print("done", flush=True)
 
 
 def test_comfyui_loader_reads_our_flux_files_exactly(tmp_path):
-    proc = subprocess.Popen([str(Path(COMFY) / "venv/bin/python"), "-c", _COMFY_SCRIPT], cwd=Path(COMFY) / "comfyui",
-                            env={**os.environ, "PYTHONPATH": str(Path(COMFY) / "comfyui")}, stdin=subprocess.PIPE,
+    folder = Path(COMFYUI).resolve()
+    proc = subprocess.Popen([comfyui_python(folder), "-c", _COMFY_SCRIPT], cwd=folder,
+                            env={**os.environ, "PYTHONPATH": str(folder)}, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     proc.stdin.write(f"{tmp_path}\n")
     proc.stdin.flush()
