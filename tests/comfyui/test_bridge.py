@@ -17,7 +17,9 @@ from .conftest import COMFYUI, ROOT, comfyui_base, comfyui_python, start_comfyui
 
 CHECKPOINT = "tinysd15.safetensors"
 BLOCKS = '{"BASE": 0.5, "IN01": 0.25, "M00": 0, "OUT03": 1.5}'
-METHODS = ("svd", "ties_svd", "cat")
+# The bridge takes a LoRA value, whatever made it: one merge method here (PeftMerge's methods are tested
+# against peft's add_weighted_adapter in tests/lora); each case costs a minute of CPU sampling.
+METHODS = ("ties_svd",)
 
 
 @pytest.fixture(scope="module")
