@@ -10,7 +10,6 @@ import inspect
 import json
 import logging
 import sys
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -96,22 +95,16 @@ def v3_facts(ours: dict, pack, scratch: Path) -> dict:
     facts["fingerprint"] = prints
 
     # what a schema may say that no node says yet: old ids, ComfyUI's own socket types
-    Float, Link, NodeSchema, Output, node = (graph_runtime.Float, graph_runtime.Link, graph_runtime.NodeSchema,
-                                             graph_runtime.Output, graph_runtime.node)
+    Float, Link, Output, node = graph_runtime.Float, graph_runtime.Link, graph_runtime.Output, graph_runtime.node
 
-    @node(id="LoraLoomProbe", category="LoRA Loom/probe", display_name="Loom Probe",
+    @node(id="LoraLoomProbe", aliases=("ProbeOld",), comfy_only=True, category="LoRA Loom/probe",
+          display_name="Loom Probe",
           inputs=[Link("model", "MODEL"), Link("clip", "CLIP"), Float("strength", 1.0, min=-4.0, max=4.0)],
           outputs=[Output("MODEL", "model"), Output("CLIP", "clip"), Output("LORA_WEIGHTS", "lora")])
     class Probe:
         def execute(self, model, clip, strength):
             return model, clip, strength
 
-    @dataclass(frozen=True)
-    class Aliased(NodeSchema):
-        aliases: tuple = ()
-
-    Probe.SCHEMA = Aliased(**{f.name: getattr(Probe.SCHEMA, f.name) for f in fields(NodeSchema) if f.name != "aliases"},
-                           aliases=("ProbeOld",))
     # a V1 mapping lists an old id as a deprecated subclass (V1's DEPRECATED), which the V3 node then runs
     old_v1 = type("ProbeOldDeprecated", (Probe,), {"DEPRECATED": True})
     made = comfy_v3.v3_nodes({"LoraLoomProbe": Probe, "ProbeOld": old_v1},
