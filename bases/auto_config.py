@@ -162,19 +162,22 @@ def _builtin_tokenizers(metadata: Mapping[str, str], arch: str) -> dict[str, tup
 # ------------------------------------------------------------------------------ from shapes
 
 
-class _Shapes:
-    """The tensors' shapes under one prefix, with errors that name the file and the missing key."""
+class HeaderShapes:
+    """The tensors' shapes under one prefix, with errors that name the file and the missing key
+    (``family``: what a complete file is, said in that error; ``fix``: its Fix)."""
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], prefix: str, where: str, what: str):
+    def __init__(self, shapes: Mapping[str, Sequence[int]], prefix: str, where: str, what: str,
+                 family: str = "SD1.5 / SDXL checkpoint", fix: str = _FIX_CONFIG):
         self.shapes, self.prefix, self.where, self.what = shapes, prefix, where, what
+        self.family, self.fix = family, fix
 
     def __call__(self, key: str) -> tuple[int, ...]:
         full = self.prefix + key
         if full not in self.shapes:
             raise BaseModelError(f"the {self.what} lacks {full!r}, so its config cannot be derived "
-                                 "(not a complete SD1.5 / SDXL checkpoint?).", file=self.where, key=full,
-                                 kind="config_underivable", fix=_FIX_CONFIG)
-        return tuple(self.shapes[full])
+                                 f"(not a complete {self.family}?).", file=self.where, key=full,
+                                 kind="config_underivable", fix=self.fix)
+        return tuple(int(n) for n in self.shapes[full])
 
     def has(self, key: str) -> bool:
         return self.prefix + key in self.shapes
@@ -194,7 +197,7 @@ def _divisible(value: int, by: int, what: str, where: str) -> int:
     return value // by
 
 
-def _unet_config(s: _Shapes, arch: str, where: str) -> dict[str, Any]:
+def _unet_config(s: HeaderShapes, arch: str, where: str) -> dict[str, Any]:
     conv_in = s("input_blocks.0.0.weight")
     levels, channels, attention, depth, layers = [], [], [], [], None
     block = 1
@@ -262,7 +265,7 @@ def _unet_config(s: _Shapes, arch: str, where: str) -> dict[str, Any]:
     return config
 
 
-def _vae_config(s: _Shapes, arch: str, where: str) -> dict[str, Any]:
+def _vae_config(s: HeaderShapes, arch: str, where: str) -> dict[str, Any]:
     levels = s.indices(r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight")
     channels = [s(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels]
     for c in channels:
@@ -288,7 +291,7 @@ def _vae_config(s: _Shapes, arch: str, where: str) -> dict[str, Any]:
     return config
 
 
-def _clip_config(s: _Shapes, where: str) -> dict[str, Any]:
+def _clip_config(s: HeaderShapes, where: str) -> dict[str, Any]:
     """CLIP-L in the HF layout (SD1.5's encoder, SDXL's first)."""
     vocab, hidden = s("embeddings.token_embedding.weight")
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": vocab,
@@ -299,7 +302,7 @@ def _clip_config(s: _Shapes, where: str) -> dict[str, Any]:
             "hidden_act": "quick_gelu", "projection_dim": hidden, **CLIP_TOKEN_IDS}
 
 
-def _open_clip_config(s: _Shapes, where: str) -> dict[str, Any]:
+def _open_clip_config(s: HeaderShapes, where: str) -> dict[str, Any]:
     """OpenCLIP bigG (SDXL's second encoder); its projection is stored transposed."""
     vocab, hidden = s("token_embedding.weight")
     return {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
@@ -316,16 +319,16 @@ def derive_configs(shapes: Mapping[str, Sequence[int]], arch: str, where: str) -
     original LDM / SGM names) and the family values of ``FAMILY`` and the constants above."""
     text = TEXT_PREFIXES[(arch, "text_encoder")]
     files = {
-        "unet/config.json": _unet_config(_Shapes(shapes, UNET_PREFIX, where, "UNet"), arch, where),
-        "vae/config.json": _vae_config(_Shapes(shapes, VAE_PREFIX, where, "VAE"), arch, where),
-        "text_encoder/config.json": _clip_config(_Shapes(shapes, text, where, "text encoder"), where),
+        "unet/config.json": _unet_config(HeaderShapes(shapes, UNET_PREFIX, where, "UNet"), arch, where),
+        "vae/config.json": _vae_config(HeaderShapes(shapes, VAE_PREFIX, where, "VAE"), arch, where),
+        "text_encoder/config.json": _clip_config(HeaderShapes(shapes, text, where, "text encoder"), where),
         "scheduler/scheduler_config.json": dict(SCHEDULER),
     }
     index = {"_class_name": FAMILY[arch]["pipeline"], "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", SCHEDULER["_class_name"]]}
     if arch == "sdxl":
-        files["text_encoder_2/config.json"] = _open_clip_config(_Shapes(shapes, OPEN_CLIP_PREFIX, where,
+        files["text_encoder_2/config.json"] = _open_clip_config(HeaderShapes(shapes, OPEN_CLIP_PREFIX, where,
                                                                         "second text encoder"), where)
         index.update({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                       "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True})

@@ -1,0 +1,119 @@
+"""The diffusers config of a Flux or SD3.5 transformer found in its single file's header: the first
+half of config="auto" for the DiT bases (the text encoders, VAE and tokenizers are in other files).
+
+Read from the tensors' shapes and key names alone (original layout: Black Forest Labs'
+``double_blocks`` / ``single_blocks``, Stability's MMDiT ``joint_blocks``; bare or under ComfyUI's
+``model.diffusion_model.``, where an all-in-one file keeps its VAE and text encoders under other
+prefixes, which are ignored here). What the shapes tell:
+
+- Flux: width and input channels (``img_in``), T5 width (``txt_in``), pooled CLIP width
+  (``vector_in.in_layer``), head width (``double_blocks.0.img_attn.norm.query_norm.scale``), block
+  counts, guidance embedding (dev has ``guidance_in``, schnell none), output channels (``final_layer``);
+- SD3.5: width, input channels and patch size (``x_embedder.proj``), positional table size
+  (``pos_embed``), T5 width (``context_embedder``), pooled width (``y_embedder.mlp.0``), head width
+  (the RMS q/k norm ``ln_q``), block count, MMDiT-X dual-attention blocks (``x_block.attn2``).
+
+What no shape tells is taken from the family (the published diffusers configs of FLUX.1-dev /
+schnell and SD3.5 Large / Medium): Flux's rope axes (16, 56, 56), which only fit heads of 128, and
+SD3's default latent size 128 and, without q/k norms, heads of 64. A model whose shapes do not fit
+those values is refused (kind "config_underivable") rather than guessed. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+from .arch import UNET_PREFIX, BaseModelError, arch_from_transformer_config
+from .auto_config import HeaderShapes
+
+FLUX_ROPE_AXES = {128: [16, 56, 56]}  # head width -> rope axes of the published Flux models
+SD3_SAMPLE_SIZE = 128  # SD3.5 Large and Medium: 1024 px images, 8x VAE
+SD3_HEAD_WIDTH = 64  # every published MMDiT (SD3 Medium, SD3.5 Large / Medium)
+CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
+_BLOCK_KEY = {"flux": "double_blocks.", "sd3": "joint_blocks."}
+_FIX = "choose a config folder: the diffusers folder of the same model (its transformer weights may be absent)"
+
+
+def _prefix(shapes: Mapping[str, Sequence[int]], arch: str) -> str:
+    """"model.diffusion_model." when the transformer is under ComfyUI's prefix, else "" (bare BFL / MMDiT)."""
+    block = _BLOCK_KEY[arch]
+    return UNET_PREFIX if any(k.startswith(UNET_PREFIX + block) for k in shapes) else ""
+
+
+
+def _underivable(what: str, value: Any, limit: Any, where: str) -> BaseModelError:
+    return BaseModelError(f"{what} is {value!r}; the config value that no shape tells is known only for {limit!r} "
+                          "(the published models), so this config cannot be derived.", file=where, value=value,
+                          limit=limit, kind="config_underivable", fix=_FIX)
+
+
+def _flux(h: HeaderShapes) -> dict[str, Any]:
+    inner, in_channels = h("img_in.weight")
+    head = h("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    if inner % head:
+        raise _underivable("the width / head width", f"{inner} / {head}", "a whole number of heads", h.where)
+    if head not in FLUX_ROPE_AXES:
+        raise _underivable("the head width", head, sorted(FLUX_ROPE_AXES), h.where)
+    config = {
+        "_class_name": CLASSES["flux"],
+        "patch_size": 1,  # BFL packs 2x2 latent patches outside the model: img_in takes them flat
+        "in_channels": in_channels,
+        "num_layers": len(h.indices(r"double_blocks\.(\d+)\.")),
+        "num_single_layers": len(h.indices(r"single_blocks\.(\d+)\.")),
+        "attention_head_dim": head,
+        "num_attention_heads": inner // head,
+        "joint_attention_dim": h("txt_in.weight")[1],
+        "pooled_projection_dim": h("vector_in.in_layer.weight")[1],
+        "guidance_embeds": h.has("guidance_in.in_layer.weight"),
+        "axes_dims_rope": list(FLUX_ROPE_AXES[head]),
+    }
+    out_channels = h("final_layer.linear.weight")[0]
+    if out_channels != in_channels:  # the published configs leave it unset (= in_channels)
+        config["out_channels"] = out_channels
+    return config
+
+
+def _sd3(h: HeaderShapes) -> dict[str, Any]:
+    inner, in_channels, patch, _ = h("x_embedder.proj.weight")
+    positions = h("pos_embed")[1]
+    side = math.isqrt(positions)
+    if side * side != positions:
+        raise _underivable("the positional table's length", positions, "a square number", h.where)
+    qk_norm = h.has("joint_blocks.0.x_block.attn.ln_q.weight")
+    head = h("joint_blocks.0.x_block.attn.ln_q.weight")[0] if qk_norm else SD3_HEAD_WIDTH
+    if inner % head:
+        raise _underivable("the width / head width", f"{inner} / {head}", "a whole number of heads", h.where)
+    final = h("final_layer.linear.weight")[0]
+    if final % (patch * patch):
+        raise _underivable("the final layer's rows", final, f"a multiple of patch size {patch} squared", h.where)
+    return {
+        "_class_name": CLASSES["sd3"],
+        "sample_size": SD3_SAMPLE_SIZE,
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "out_channels": final // (patch * patch),
+        "num_layers": len(h.indices(r"joint_blocks\.(\d+)\.")),
+        "attention_head_dim": head,
+        "num_attention_heads": inner // head,
+        "joint_attention_dim": h("context_embedder.weight")[1],
+        "caption_projection_dim": h("context_embedder.weight")[0],
+        "pooled_projection_dim": h("y_embedder.mlp.0.weight")[1],
+        "pos_embed_max_size": side,
+        "qk_norm": "rms_norm" if qk_norm else None,
+        "dual_attention_layers": h.indices(r"joint_blocks\.(\d+)\.x_block\.attn2\."),
+    }
+
+
+def transformer_config(shapes: Mapping[str, Sequence[int]], arch: str, where: str) -> dict[str, Any]:
+    """The diffusers ``transformer/config.json`` of the ``arch`` ("flux" or "sd3") transformer whose
+    tensors' ``shapes`` (original key -> shape) a single file ``where`` holds. Raises BaseModelError
+    (kind "config_underivable", naming the key or value) where the shapes do not give a config, and
+    "unsupported_arch" for Flux Fill / Depth / Canny and other variants with extra input channels."""
+    if arch not in CLASSES:
+        raise BaseModelError(f"{arch!r} is not a transformer architecture.", file=where, value=arch,
+                             limit=tuple(CLASSES), kind="unsupported_arch")
+    header = HeaderShapes(shapes, _prefix(shapes, arch), where, f"{arch} transformer",
+                          family="Flux / SD3.5 transformer", fix=_FIX)
+    config = _flux(header) if arch == "flux" else _sd3(header)
+    arch_from_transformer_config(config["_class_name"], config, where)  # refuses Fill / Depth and the like
+    return config

@@ -1,0 +1,120 @@
+"""The transformer config of a Flux / SD3.5 single file, derived from its header (bases/dit_config.py):
+equal to the published diffusers configs for real-size headers (built on the meta device, renamed to
+the original layout by bases/dit_file), bare or under ComfyUI's prefix with other parts beside it;
+equal to our tiny presets' configs for the files SaveCheckpoint writes, where shapes tell; refused
+with the key or value where they do not."""
+import json
+
+import pytest
+import torch
+
+from loraloom.bases import dit_config, dit_file, presets
+from loraloom.bases.arch import UNET_PREFIX, BaseModelError
+from loraloom.bases.checks import weights_header
+
+# The transformer/config.json files of the published models (Hugging Face: black-forest-labs/FLUX.1-dev
+# and FLUX.1-schnell, stabilityai/stable-diffusion-3.5-large and -medium), as diffusers reads them.
+FLUX_DEV = {"_class_name": "FluxTransformer2DModel", "attention_head_dim": 128, "guidance_embeds": True,
+            "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19,
+            "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768}
+FLUX_SCHNELL = {**FLUX_DEV, "guidance_embeds": False}
+SD35_LARGE = {"_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "caption_projection_dim": 2432,
+              "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 38, "num_layers": 38,
+              "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
+              "qk_norm": "rms_norm", "sample_size": 128}
+SD35_MEDIUM = {**SD35_LARGE, "caption_projection_dim": 1536, "num_attention_heads": 24, "num_layers": 24,
+               "pos_embed_max_size": 384, "dual_attention_layers": list(range(13))}
+PUBLISHED = {"flux-dev": ("flux", FLUX_DEV), "flux-schnell": ("flux", FLUX_SCHNELL),
+             "sd3.5-large": ("sd3", SD35_LARGE), "sd3.5-medium": ("sd3", SD35_MEDIUM)}
+
+
+def _meta_model(config: dict):
+    """The transformer this config describes, on the meta device (no memory)."""
+    import diffusers
+
+    with torch.device("meta"):
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def _model_config(model) -> dict:
+    return json.loads(json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}))
+
+
+def _original_shapes(model, arch: str) -> dict[str, tuple]:
+    """The key names and shapes of this model's single file (bases.dit_file's renaming)."""
+    return {k: tuple(t.shape) for k, t in dit_file.to_original(model.state_dict(), arch).items()}
+
+
+@pytest.fixture(scope="module")
+def real_headers():
+    """name -> (arch, the published model on meta, its single file's shapes)."""
+    out = {}
+    for name, (arch, config) in PUBLISHED.items():
+        model = _meta_model(config)
+        out[name] = (arch, model, _original_shapes(model, arch))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_configs_derived_from_real_size_headers_equal_the_published_ones(name, real_headers):
+    arch, published, shapes = real_headers[name]
+    derived = _meta_model(dit_config.transformer_config(shapes, arch, f"real-size {name} header"))
+    want, got = _model_config(published), _model_config(derived)
+    assert got == want, {k: (got.get(k), want.get(k)) for k in set(want) | set(got) if got.get(k) != want.get(k)}
+    assert {k: tuple(t.shape) for k, t in derived.state_dict().items()} == \
+        {k: tuple(t.shape) for k, t in published.state_dict().items()}, name
+
+
+@pytest.mark.parametrize("name", ["flux-dev", "sd3.5-medium"])
+def test_comfyui_prefix_and_an_all_in_one_files_other_parts_give_the_same_config(name, real_headers):
+    arch, _, shapes = real_headers[name]
+    bare = dit_config.transformer_config(shapes, arch, name)
+    all_in_one = {UNET_PREFIX + k: v for k, v in shapes.items()}
+    all_in_one.update({"first_stage_model.decoder.conv_in.weight": (512, 16, 3, 3),
+                       "text_encoders.t5xxl.transformer.shared.weight": (32128, 4096)})
+    assert dit_config.transformer_config(all_in_one, arch, name) == bare
+
+
+@pytest.mark.parametrize("name", presets.preset_names("transformer"))
+def test_tiny_presets_single_files_give_their_configs(name, tiny_model_files, monkeypatch):
+    arch = name.removeprefix("tiny-")
+    header = weights_header(tiny_model_files(name)["single_file"])
+    shapes = {k: info.shape for k, info in header.tensors.items()}
+    preset = json.loads(presets.build_pipeline(name, dtype="fp32", device="cpu").transformer.to_json_string())
+    if arch == "flux":
+        # heads of 16: Flux's rope axes are known for heads of 128 only, so refused, naming the value
+        with pytest.raises(BaseModelError) as info:
+            dit_config.transformer_config(shapes, arch, name)
+        assert info.value.kind == "config_underivable" and info.value.value == 16, info.value.render()
+        monkeypatch.setattr(dit_config, "FLUX_ROPE_AXES", {16: preset["axes_dims_rope"]})
+    else:
+        monkeypatch.setattr(dit_config, "SD3_SAMPLE_SIZE", preset["sample_size"])
+    # with the values no shape tells set to the preset's, everything else comes from the shapes
+    got = _model_config(_meta_model(dit_config.transformer_config(shapes, arch, name)))
+    want = _model_config(_meta_model(preset))
+    assert got == want, {k: (got.get(k), want.get(k)) for k in set(want) | set(got) if got.get(k) != want.get(k)}
+
+
+def test_a_missing_key_is_named(real_headers):
+    _, _, shapes = real_headers["flux-dev"]
+    shapes = {k: v for k, v in shapes.items() if not k.startswith("txt_in.")}
+    with pytest.raises(BaseModelError) as info:
+        dit_config.transformer_config(shapes, "flux", "cut.safetensors")
+    err = info.value
+    assert err.kind == "config_underivable" and err.key == "txt_in.weight" and str(err.file) == "cut.safetensors", \
+        err.render()
+
+
+def test_flux_fill_is_refused_by_its_input_channels(real_headers):
+    _, _, shapes = real_headers["flux-dev"]
+    fill = {**shapes, "img_in.weight": (3072, 384)}
+    with pytest.raises(BaseModelError) as info:
+        dit_config.transformer_config(fill, "flux", "flux1-fill-dev.safetensors")
+    assert info.value.kind == "unsupported_arch" and info.value.value == 384, info.value.render()
+
+
+def test_sd3_without_qk_norm_takes_heads_of_64(real_headers):
+    _, _, shapes = real_headers["sd3.5-large"]
+    plain = {k: v for k, v in shapes.items() if ".ln_q." not in k and ".ln_k." not in k}
+    config = dit_config.transformer_config(plain, "sd3", "sd3-medium.safetensors")
+    assert (config["qk_norm"], config["attention_head_dim"], config["num_attention_heads"]) == (None, 64, 38), config
