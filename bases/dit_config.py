@@ -117,3 +117,30 @@ def transformer_config(shapes: Mapping[str, Sequence[int]], arch: str, where: st
     config = _flux(header) if arch == "flux" else _sd3(header)
     arch_from_transformer_config(config["_class_name"], config, where)  # refuses Fill / Depth and the like
     return config
+
+
+# T5 v1.1 as Flux and SD3.5 ship it (google/t5-v1_1-xxl): what no shape of its encoder tells.
+T5_FAMILY = {"feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6, "relative_attention_max_distance": 128,
+             "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "")  # an all-in-one file's, then a t5xxl file's (HF names)
+
+
+def t5_config(shapes: Mapping[str, Sequence[int]], where: str) -> dict[str, Any]:
+    """The transformers ``T5EncoderModel`` config.json of the T5 encoder whose tensors' ``shapes`` a
+    file ``where`` holds (HF names, as ComfyUI's t5xxl_*.safetensors ship them; under
+    ``text_encoders.t5xxl.transformer.`` in an all-in-one file). Raises BaseModelError naming the
+    missing key, and for a non-gated (T5 v1.0) feed-forward, which no Flux / SD3.5 uses."""
+    prefix = next((p for p in T5_PREFIXES if p + "shared.weight" in shapes), "")
+    h = HeaderShapes(shapes, prefix, where, "T5 encoder", family="T5 encoder file", fix=_FIX)
+    vocab, width = h("shared.weight")
+    buckets, heads = h("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    inner = h("encoder.block.0.layer.0.SelfAttention.q.weight")[0]
+    if not h.has("encoder.block.0.layer.1.DenseReluDense.wi_0.weight"):
+        raise _underivable("the feed-forward", "not gated (no wi_0)", "gated-gelu (T5 v1.1)", where)
+    if inner % heads:
+        raise _underivable("the attention width / heads", f"{inner} / {heads}", "a whole head width", where)
+    layers = len(h.indices(r"encoder\.block\.(\d+)\."))
+    return {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": vocab, "d_model": width,
+            "d_kv": inner // heads, "d_ff": h("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0],
+            "num_layers": layers, "num_decoder_layers": layers, "num_heads": heads,
+            "relative_attention_num_buckets": buckets, **T5_FAMILY}

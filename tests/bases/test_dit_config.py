@@ -118,3 +118,53 @@ def test_sd3_without_qk_norm_takes_heads_of_64(real_headers):
     plain = {k: v for k, v in shapes.items() if ".ln_q." not in k and ".ln_k." not in k}
     config = dit_config.transformer_config(plain, "sd3", "sd3-medium.safetensors")
     assert (config["qk_norm"], config["attention_head_dim"], config["num_attention_heads"]) == (None, 64, 38), config
+
+
+# google/t5-v1_1-xxl's config.json: the text_encoder_2 of FLUX.1-dev / schnell, text_encoder_3 of SD3.5
+T5_XXL = {"d_ff": 10240, "d_kv": 64, "d_model": 4096, "num_heads": 64, "num_layers": 24, "num_decoder_layers": 24,
+          "vocab_size": 32128, "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6,
+          "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+          "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+
+
+def _meta_t5(config: dict):
+    import transformers
+
+    with torch.device("meta"):
+        return transformers.T5EncoderModel(transformers.T5Config(**{k: v for k, v in config.items()
+                                                                      if k not in ("architectures", "model_type")}))
+
+
+def _t5_config(model) -> dict:
+    kept = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in (
+        "transformers_version", "dtype", "torch_dtype", "architectures", "output_hidden_states", "return_dict",
+        "output_attentions")}
+    return json.loads(json.dumps(kept))
+
+
+@pytest.mark.parametrize("prefix", ["", "text_encoders.t5xxl.transformer."])
+def test_t5_config_from_a_real_size_header_equals_the_published_one(prefix):
+    published = _meta_t5(T5_XXL)
+    shapes = {prefix + k: tuple(t.shape) for k, t in published.state_dict().items()}
+    if prefix:  # an all-in-one file: the transformer and the VAE beside the encoder
+        shapes.update({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (7296, 2432),
+                       "first_stage_model.decoder.conv_in.weight": (512, 16, 3, 3)})
+    derived = _meta_t5(dit_config.t5_config(shapes, "t5xxl_fp16.safetensors"))
+    want, got = _t5_config(published), _t5_config(derived)
+    assert got == want, {k: (got.get(k), want.get(k)) for k in set(want) | set(got) if got.get(k) != want.get(k)}
+
+
+@pytest.mark.parametrize("name", presets.preset_names("transformer"))
+def test_t5_config_of_the_tiny_presets_encoder(name):
+    pipe = presets.build_pipeline(name, dtype="fp32", device="cpu")
+    t5 = pipe.text_encoder_2 if name == "tiny-flux" else pipe.text_encoder_3
+    shapes = {k: tuple(v.shape) for k, v in t5.state_dict().items()}
+    got = _t5_config(_meta_t5(dit_config.t5_config(shapes, name)))
+    assert got == _t5_config(t5), {k: (got.get(k), v) for k, v in _t5_config(t5).items() if got.get(k) != v}
+
+
+def test_a_t5_file_without_the_gated_feed_forward_is_refused():
+    shapes = {k: tuple(t.shape) for k, t in _meta_t5({**T5_XXL, "feed_forward_proj": "relu"}).state_dict().items()}
+    with pytest.raises(BaseModelError) as info:
+        dit_config.t5_config(shapes, "t5-v1_0.safetensors")
+    assert info.value.kind == "config_underivable" and "gated" in info.value.message, info.value.render()
