@@ -291,8 +291,8 @@ def _vae_config(s: HeaderShapes, arch: str, where: str) -> dict[str, Any]:
     return config
 
 
-def _clip_config(s: HeaderShapes, where: str) -> dict[str, Any]:
-    """CLIP-L in the HF layout (SD1.5's encoder, SDXL's first)."""
+def clip_text_config(s: HeaderShapes, where: str) -> dict[str, Any]:
+    """CLIP-L in the HF layout (SD1.5's encoder, SDXL's first; ``s`` reads under ``text_model.``)."""
     vocab, hidden = s("embeddings.token_embedding.weight")
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": vocab,
             "hidden_size": hidden, "intermediate_size": s("encoder.layers.0.mlp.fc1.weight")[0],
@@ -321,7 +321,7 @@ def derive_configs(shapes: Mapping[str, Sequence[int]], arch: str, where: str) -
     files = {
         "unet/config.json": _unet_config(HeaderShapes(shapes, UNET_PREFIX, where, "UNet"), arch, where),
         "vae/config.json": _vae_config(HeaderShapes(shapes, VAE_PREFIX, where, "VAE"), arch, where),
-        "text_encoder/config.json": _clip_config(HeaderShapes(shapes, text, where, "text encoder"), where),
+        "text_encoder/config.json": clip_text_config(HeaderShapes(shapes, text, where, "text encoder"), where),
         "scheduler/scheduler_config.json": dict(SCHEDULER),
     }
     index = {"_class_name": FAMILY[arch]["pipeline"], "unet": ["diffusers", "UNet2DConditionModel"],

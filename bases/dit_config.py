@@ -24,7 +24,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from .arch import UNET_PREFIX, BaseModelError, arch_from_transformer_config
-from .auto_config import HeaderShapes
+from .auto_config import HeaderShapes, clip_text_config
 
 FLUX_ROPE_AXES = {128: [16, 56, 56]}  # head width -> rope axes of the published Flux models
 SD3_SAMPLE_SIZE = 128  # SD3.5 Large and Medium: 1024 px images, 8x VAE
@@ -144,3 +144,28 @@ def t5_config(shapes: Mapping[str, Sequence[int]], where: str) -> dict[str, Any]
             "d_kv": inner // heads, "d_ff": h("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0],
             "num_layers": layers, "num_decoder_layers": layers, "num_heads": heads,
             "relative_attention_num_buckets": buckets, **T5_FAMILY}
+
+
+# The CLIP encoders' files (ComfyUI's text_encoders folder: HF names under "text_model."; an
+# all-in-one SD3.5 file keeps them under "text_encoders.<name>.transformer.") and what no shape tells:
+# CLIP-L's quick_gelu, OpenCLIP bigG's gelu.
+CLIP_ACTIVATIONS = {"clip_l": "quick_gelu", "clip_g": "gelu"}
+
+
+def clip_config(shapes: Mapping[str, Sequence[int]], which: str, where: str) -> dict[str, Any]:
+    """The transformers CLIP text config.json of the ``which`` ("clip_l" or "clip_g") encoder whose
+    tensors' ``shapes`` a file ``where`` holds: ``CLIPTextModelWithProjection`` when the file has
+    ``text_projection.weight`` (SD3.5's encoders; its rows are the projection width), else
+    ``CLIPTextModel`` (Flux's CLIP-L). Raises BaseModelError naming a missing key."""
+    if which not in CLIP_ACTIVATIONS:
+        raise BaseModelError(f"{which!r} is not a CLIP encoder of Flux / SD3.5.", file=where, value=which,
+                             limit=tuple(CLIP_ACTIVATIONS), kind="unsupported_arch")
+    outer = next((p for p in (f"text_encoders.{which}.transformer.", "")
+                  if p + "text_model.embeddings.token_embedding.weight" in shapes), "")
+    h = HeaderShapes(shapes, outer + "text_model.", where, f"{which} text encoder", family="CLIP text encoder file",
+                     fix=_FIX)
+    config = {**clip_text_config(h, where), "hidden_act": CLIP_ACTIVATIONS[which]}
+    if outer + "text_projection.weight" in shapes:
+        config.update(architectures=["CLIPTextModelWithProjection"],
+                      projection_dim=int(shapes[outer + "text_projection.weight"][0]))
+    return config

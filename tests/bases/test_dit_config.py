@@ -168,3 +168,59 @@ def test_a_t5_file_without_the_gated_feed_forward_is_refused():
     with pytest.raises(BaseModelError) as info:
         dit_config.t5_config(shapes, "t5-v1_0.safetensors")
     assert info.value.kind == "config_underivable" and "gated" in info.value.message, info.value.render()
+
+
+# The HF text-encoder configs of CLIP-L (openai/clip-vit-large-patch14, SD3.5's with its 768 projection)
+# and OpenCLIP bigG (SD3.5's text_encoder_2), as ComfyUI's clip_l / clip_g files hold them.
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+          "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu", "projection_dim": 768,
+          "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+CLIP_G = {**CLIP_L, "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+          "num_hidden_layers": 32, "hidden_act": "gelu", "projection_dim": 1280}
+
+
+def _meta_clip(config: dict, projection: bool):
+    import transformers
+
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    with torch.device("meta"):
+        return cls(transformers.CLIPTextConfig(**{k: v for k, v in config.items()
+                                                 if k not in ("architectures", "model_type")}))
+
+
+def _clip_file_shapes(model) -> dict[str, tuple]:
+    """Key -> shape as a CLIP text encoder's file holds it: under "text_model." (transformers 5's
+    CLIPTextModel state dict leaves that level out; its loader maps the files' names)."""
+    return {k if k.startswith("text_model.") or k == "text_projection.weight" else "text_model." + k: tuple(t.shape)
+            for k, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("which,published,projection,prefix", [
+    ("clip_l", CLIP_L, False, ""),  # Flux's clip_l.safetensors
+    ("clip_l", CLIP_L, True, "text_encoders.clip_l.transformer."),  # SD3.5 all-in-one
+    ("clip_g", CLIP_G, True, ""),
+    ("clip_g", CLIP_G, True, "text_encoders.clip_g.transformer."),
+])
+def test_clip_configs_from_real_size_headers_equal_the_published_ones(which, published, projection, prefix):
+    model = _meta_clip(published, projection)
+    shapes = {prefix + k: v for k, v in _clip_file_shapes(model).items()}
+    if prefix:  # the other encoder of an all-in-one file must not be read instead
+        other = "clip_g" if which == "clip_l" else "clip_l"
+        shapes[f"text_encoders.{other}.transformer.text_model.embeddings.token_embedding.weight"] = (49408, 4)
+    config = dit_config.clip_config(shapes, which, "clip.safetensors")
+    assert config["architectures"] == [type(model).__name__], config
+    got, want = _t5_config(_meta_clip(config, projection)), _t5_config(model)
+    assert got == want, {k: (got.get(k), want.get(k)) for k in set(want) | set(got) if got.get(k) != want.get(k)}
+
+
+@pytest.mark.parametrize("name,component,which", [("tiny-flux", "text_encoder", "clip_l"),
+                                                  ("tiny-sd3", "text_encoder", "clip_l"),
+                                                  ("tiny-sd3", "text_encoder_2", "clip_g")])
+def test_the_tiny_presets_clip_encoders_are_refused_naming_their_width(name, component, which):
+    # heads of 64 are what no shape tells; the presets' encoders (32 and 48 wide) are not of that
+    # family, so a file of one alone has no derivable config (our own files carry their configs)
+    encoder = getattr(presets.build_pipeline(name, dtype="fp32", device="cpu"), component)
+    with pytest.raises(BaseModelError) as info:
+        dit_config.clip_config(_clip_file_shapes(encoder), which, name)
+    err = info.value
+    assert err.kind == "config_underivable" and err.value == encoder.config.hidden_size, err.render()
