@@ -265,7 +265,9 @@ def _unet_config(s: HeaderShapes, arch: str, where: str) -> dict[str, Any]:
     return config
 
 
-def _vae_config(s: HeaderShapes, arch: str, where: str) -> dict[str, Any]:
+def vae_config(s: HeaderShapes, family: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """An AutoencoderKL config from its LDM-named tensors (``s``) and the ``family`` values no shape
+    tells (a ``FAMILY`` entry, or the DiT bases' in bases.dit_config; "shift_factor" where it has one)."""
     levels = s.indices(r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight")
     channels = [s(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels]
     for c in channels:
@@ -280,14 +282,16 @@ def _vae_config(s: HeaderShapes, arch: str, where: str) -> dict[str, Any]:
         "block_out_channels": channels,
         "layers_per_block": len(s.indices(r"encoder\.down\.0\.block\.(\d+)\.conv1\.weight")),
         "norm_num_groups": NORM_GROUPS,
-        "sample_size": FAMILY[arch]["vae_sample_size"],
-        "scaling_factor": FAMILY[arch]["scaling_factor"],
+        "sample_size": family["vae_sample_size"],
+        "scaling_factor": family["scaling_factor"],
         "use_quant_conv": s.has("quant_conv.weight"),
         "use_post_quant_conv": s.has("post_quant_conv.weight"),
         "mid_block_add_attention": s.has("encoder.mid.attn_1.q.weight"),
     }
-    if FAMILY[arch]["force_upcast"] is not None:
-        config["force_upcast"] = FAMILY[arch]["force_upcast"]
+    if family["force_upcast"] is not None:
+        config["force_upcast"] = family["force_upcast"]
+    if "shift_factor" in family:
+        config["shift_factor"] = family["shift_factor"]
     return config
 
 
@@ -320,7 +324,7 @@ def derive_configs(shapes: Mapping[str, Sequence[int]], arch: str, where: str) -
     text = TEXT_PREFIXES[(arch, "text_encoder")]
     files = {
         "unet/config.json": _unet_config(HeaderShapes(shapes, UNET_PREFIX, where, "UNet"), arch, where),
-        "vae/config.json": _vae_config(HeaderShapes(shapes, VAE_PREFIX, where, "VAE"), arch, where),
+        "vae/config.json": vae_config(HeaderShapes(shapes, VAE_PREFIX, where, "VAE"), FAMILY[arch], where),
         "text_encoder/config.json": clip_text_config(HeaderShapes(shapes, text, where, "text encoder"), where),
         "scheduler/scheduler_config.json": dict(SCHEDULER),
     }

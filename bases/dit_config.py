@@ -24,7 +24,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from .arch import UNET_PREFIX, BaseModelError, arch_from_transformer_config
-from .auto_config import HeaderShapes, clip_text_config
+from .auto_config import VAE_PREFIX, HeaderShapes, clip_text_config, vae_config
 
 FLUX_ROPE_AXES = {128: [16, 56, 56]}  # head width -> rope axes of the published Flux models
 SD3_SAMPLE_SIZE = 128  # SD3.5 Large and Medium: 1024 px images, 8x VAE
@@ -169,3 +169,21 @@ def clip_config(shapes: Mapping[str, Sequence[int]], which: str, where: str) -> 
         config.update(architectures=["CLIPTextModelWithProjection"],
                       projection_dim=int(shapes[outer + "text_projection.weight"][0]))
     return config
+
+
+# The Flux / SD3.5 VAE (16 latent channels, no quant convs: the shapes tell) and what no shape tells,
+# from the published vae/config.json of FLUX.1-dev and SD3.5 Large.
+VAE_FAMILY = {"flux": {"vae_sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159, "force_upcast": True},
+              "sd3": {"vae_sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609, "force_upcast": True}}
+
+
+def dit_vae_config(shapes: Mapping[str, Sequence[int]], arch: str, where: str) -> dict[str, Any]:
+    """The diffusers AutoencoderKL config.json of the ``arch`` ("flux" or "sd3") VAE whose tensors'
+    ``shapes`` a file ``where`` holds: LDM names, bare (Flux's ae.safetensors) or under
+    ``first_stage_model.`` (an all-in-one file). Raises BaseModelError naming a missing key."""
+    if arch not in VAE_FAMILY:
+        raise BaseModelError(f"{arch!r} is not a transformer architecture.", file=where, value=arch,
+                             limit=tuple(VAE_FAMILY), kind="unsupported_arch")
+    prefix = VAE_PREFIX if VAE_PREFIX + "decoder.conv_in.weight" in shapes else ""
+    return vae_config(HeaderShapes(shapes, prefix, where, f"{arch} VAE", family="VAE file", fix=_FIX),
+                      VAE_FAMILY[arch], where)

@@ -224,3 +224,43 @@ def test_the_tiny_presets_clip_encoders_are_refused_naming_their_width(name, com
         dit_config.clip_config(_clip_file_shapes(encoder), which, name)
     err = info.value
     assert err.kind == "config_underivable" and err.value == encoder.config.hidden_size, err.render()
+
+
+# vae/config.json of FLUX.1-dev and of SD3.5 Large (Medium's is the same)
+_DIT_VAE = {"act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3, "out_channels": 3,
+            "latent_channels": 16, "layers_per_block": 2, "mid_block_add_attention": True, "norm_num_groups": 32,
+            "sample_size": 1024, "use_quant_conv": False, "use_post_quant_conv": False}
+PUBLISHED_VAES = {"flux": {**_DIT_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+                  "sd3": {**_DIT_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}}
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLISHED_VAES))
+@pytest.mark.parametrize("all_in_one", [False, True])
+def test_vae_configs_from_real_size_headers_equal_the_published_ones(arch, all_in_one):
+    import diffusers
+
+    from loraloom.bases import ldm_keys
+
+    with torch.device("meta"):
+        published = diffusers.AutoencoderKL.from_config(PUBLISHED_VAES[arch])
+    original = ldm_keys.vae_to_original(published.state_dict(), published.config)  # "first_stage_model.*"
+    shapes = {k if all_in_one else k.removeprefix("first_stage_model."): tuple(t.shape) for k, t in original.items()}
+    config = dit_config.dit_vae_config(shapes, arch, "ae.safetensors")
+    with torch.device("meta"):
+        derived = diffusers.AutoencoderKL.from_config(config)
+    want, got = _model_config(published), _model_config(derived)
+    assert got == want, {k: (got.get(k), want.get(k)) for k in set(want) | set(got) if got.get(k) != want.get(k)}
+
+
+@pytest.mark.parametrize("name", presets.preset_names("transformer"))
+def test_the_tiny_presets_vae_is_refused_naming_its_channels(name):
+    from loraloom.bases import ldm_keys
+
+    # 32 GroupNorm groups is what no shape tells; the presets' VAE starts at 8 channels
+    vae = presets.build_pipeline(name, dtype="fp32", device="cpu").vae
+    shapes = {k: tuple(t.shape) for k, t in ldm_keys.vae_to_original(vae.state_dict(), vae.config).items()}
+    with pytest.raises(BaseModelError) as info:
+        dit_config.dit_vae_config(shapes, name.removeprefix("tiny-"), name)
+    err = info.value
+    assert err.kind == "config_underivable" and err.value == vae.config.block_out_channels[0] == 8, err.render()
