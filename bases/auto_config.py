@@ -43,6 +43,8 @@ WRITER = "loraloom-single-file"  # the "writer" metadata bases.export puts on ev
 VAE_PREFIX = "first_stage_model."
 TOKENIZER_FOLDER = "tokenizers/clip"
 """Where LoadBase looks first for the CLIP tokenizer files, under the models folder."""
+T5_TOKENIZER_FOLDER = "tokenizers/t5"
+"""Where LoadBase is to look first for the T5 tokenizer files (Flux, SD3.5), under the models folder."""
 # The Hugging Face cache entries (repo, subfolder) that hold the CLIP tokenizer of SD1.5 / SDXL.
 HF_TOKENIZERS = (("openai/clip-vit-large-patch14", ""),
                  ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
@@ -346,12 +348,43 @@ def derive_configs(shapes: Mapping[str, Sequence[int]], arch: str, where: str) -
 # -------------------------------------------------------------------------------- tokenizers
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
 
 
-def _tokenizer_files(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
-                                                     and (folder / "merges.txt").is_file())
+@dataclass(frozen=True)
+class TokenizerKind:
+    """Where config "auto" finds one kind of tokenizer: ``file_sets`` (any one complete set makes a
+    folder a tokenizer folder), the Hugging Face cache entries (repo, subfolder) holding it, the
+    folder under the models folder looked at first, and the Fix when it is found nowhere."""
+
+    label: str
+    file_sets: tuple[tuple[str, ...], ...]
+    hf: tuple[tuple[str, str], ...]
+    fix: str
+
+    def holds(self, folder: Path) -> bool:
+        """Whether ``folder`` holds one complete set of this tokenizer's files."""
+        return any(all((folder / name).is_file() for name in names) for names in self.file_sets)
+
+    def describe(self) -> str:
+        return ", or ".join(" + ".join(names) for names in self.file_sets)
+
+
+TOKENIZER_KINDS = {
+    "clip": TokenizerKind(
+        "CLIP", (("vocab.json", "merges.txt"), ("tokenizer.json",)), HF_TOKENIZERS,
+        f"put the files of openai/clip-vit-large-patch14's tokenizer into <models>/{TOKENIZER_FOLDER}/ "
+        "(inside ComfyUI, its own comfy/sd1_tokenizer is used), or choose a config folder"),
+    # Flux's tokenizer_2 and SD3.5's tokenizer_3 are google/t5-v1_1-xxl's (ComfyUI ships its
+    # tokenizer.json as comfy/text_encoders/t5_tokenizer)
+    "t5": TokenizerKind(
+        "T5", (("tokenizer.json",), ("spiece.model",)),
+        (("google/t5-v1_1-xxl", ""), ("black-forest-labs/FLUX.1-dev", "tokenizer_2"),
+         ("stabilityai/stable-diffusion-3.5-large", "tokenizer_3")),
+        f"put the files of google/t5-v1_1-xxl's tokenizer into <models>/{T5_TOKENIZER_FOLDER}/ "
+        "(inside ComfyUI, its own comfy/text_encoders/t5_tokenizer is used), or choose a config folder"),
+}
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
@@ -360,37 +393,42 @@ def tokenizer_files(folder: Path) -> list[Path]:
     return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
 
 
-def hf_cache_tokenizers() -> list[Path]:
-    """The CLIP tokenizer folders the Hugging Face cache holds (looked up offline, never downloaded)."""
+def hf_cache_tokenizers(kind: str = "clip") -> list[Path]:
+    """The tokenizer folders of ``kind`` ("clip" or "t5") the Hugging Face cache holds (looked up
+    offline, never downloaded)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return []
-    found = []
-    for repo, sub in HF_TOKENIZERS:
-        for name in ("vocab.json", "tokenizer.json"):
-            hit = try_to_load_from_cache(repo, f"{sub}/{name}" if sub else name)
-            if isinstance(hit, str) and _tokenizer_files(Path(hit).parent):
+    tokenizer, found = TOKENIZER_KINDS[kind], []
+    for repo, sub in tokenizer.hf:
+        for names in tokenizer.file_sets:
+            hit = try_to_load_from_cache(repo, f"{sub}/{names[0]}" if sub else names[0])
+            if isinstance(hit, str) and tokenizer.holds(Path(hit).parent):
                 found.append(Path(hit).parent)
                 break
     return found
 
 
-def find_clip_tokenizer(tokenizer_dirs: Sequence[Path], where: str) -> Path:
-    """The first folder of ``tokenizer_dirs``, then of the Hugging Face cache, holding CLIP tokenizer files
-    (vocab.json + merges.txt, or tokenizer.json); else an error listing every place looked at."""
+def find_tokenizer(kind: str, tokenizer_dirs: Sequence[Path], where: str) -> Path:
+    """The first folder of ``tokenizer_dirs``, then of the Hugging Face cache, holding the files of a
+    ``kind`` ("clip" or "t5") tokenizer; else an error listing every place looked at."""
+    tokenizer = TOKENIZER_KINDS[kind]
     searched = [Path(d) for d in tokenizer_dirs]
     for folder in searched:
-        if _tokenizer_files(folder):
+        if tokenizer.holds(folder):
             return folder
-    cached = hf_cache_tokenizers()
+    cached = hf_cache_tokenizers(kind)
     if cached:
         return cached[0]
     places = ", ".join(str(p) for p in searched) or "no folder"
-    repos = ", ".join(repo for repo, _ in HF_TOKENIZERS)
+    repos = ", ".join(repo for repo, _ in tokenizer.hf)
     raise BaseModelError(
-        f"config 'auto' needs the CLIP tokenizer (vocab.json + merges.txt, or tokenizer.json) and found it "
+        f"config 'auto' needs the {tokenizer.label} tokenizer ({tokenizer.describe()}) and found it "
         f"nowhere: looked in {places}, then the Hugging Face cache ({repos}).", file=where, value="auto",
-        limit=places, kind="tokenizer_missing",
-        fix=f"put the files of openai/clip-vit-large-patch14's tokenizer into <models>/{TOKENIZER_FOLDER}/ "
-            "(inside ComfyUI, its own comfy/sd1_tokenizer is used), or choose a config folder")
+        limit=places, kind="tokenizer_missing", fix=tokenizer.fix)
+
+
+def find_clip_tokenizer(tokenizer_dirs: Sequence[Path], where: str) -> Path:
+    """The CLIP tokenizer's folder (``find_tokenizer("clip", ...)``): SD1.5's and SDXL's."""
+    return find_tokenizer("clip", tokenizer_dirs, where)
