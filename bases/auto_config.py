@@ -43,6 +43,8 @@ WRITER = "loraloom-single-file"  # the "writer" metadata bases.export puts on ev
 VAE_PREFIX = "first_stage_model."
 TOKENIZER_FOLDER = "tokenizers/clip"
 """Where LoadBase looks first for the CLIP tokenizer files, under the models folder."""
+T5_TOKENIZER_FOLDER = "tokenizers/t5"
+"""Where LoadBase is to look first for the T5 tokenizer files (Flux, SD3.5), under the models folder."""
 # The Hugging Face cache entries (repo, subfolder) that hold the CLIP tokenizer of SD1.5 / SDXL.
 HF_TOKENIZERS = (("openai/clip-vit-large-patch14", ""),
                  ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
@@ -162,19 +164,22 @@ def _builtin_tokenizers(metadata: Mapping[str, str], arch: str) -> dict[str, tup
 # ------------------------------------------------------------------------------ from shapes
 
 
-class _Shapes:
-    """The tensors' shapes under one prefix, with errors that name the file and the missing key."""
+class HeaderShapes:
+    """The tensors' shapes under one prefix, with errors that name the file and the missing key
+    (``family``: what a complete file is, said in that error; ``fix``: its Fix)."""
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], prefix: str, where: str, what: str):
+    def __init__(self, shapes: Mapping[str, Sequence[int]], prefix: str, where: str, what: str,
+                 family: str = "SD1.5 / SDXL checkpoint", fix: str = _FIX_CONFIG):
         self.shapes, self.prefix, self.where, self.what = shapes, prefix, where, what
+        self.family, self.fix = family, fix
 
     def __call__(self, key: str) -> tuple[int, ...]:
         full = self.prefix + key
         if full not in self.shapes:
             raise BaseModelError(f"the {self.what} lacks {full!r}, so its config cannot be derived "
-                                 "(not a complete SD1.5 / SDXL checkpoint?).", file=self.where, key=full,
-                                 kind="config_underivable", fix=_FIX_CONFIG)
-        return tuple(self.shapes[full])
+                                 f"(not a complete {self.family}?).", file=self.where, key=full,
+                                 kind="config_underivable", fix=self.fix)
+        return tuple(int(n) for n in self.shapes[full])
 
     def has(self, key: str) -> bool:
         return self.prefix + key in self.shapes
@@ -194,7 +199,7 @@ def _divisible(value: int, by: int, what: str, where: str) -> int:
     return value // by
 
 
-def _unet_config(s: _Shapes, arch: str, where: str) -> dict[str, Any]:
+def _unet_config(s: HeaderShapes, arch: str, where: str) -> dict[str, Any]:
     conv_in = s("input_blocks.0.0.weight")
     levels, channels, attention, depth, layers = [], [], [], [], None
     block = 1
@@ -262,7 +267,9 @@ def _unet_config(s: _Shapes, arch: str, where: str) -> dict[str, Any]:
     return config
 
 
-def _vae_config(s: _Shapes, arch: str, where: str) -> dict[str, Any]:
+def vae_config(s: HeaderShapes, family: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """An AutoencoderKL config from its LDM-named tensors (``s``) and the ``family`` values no shape
+    tells (a ``FAMILY`` entry, or the DiT bases' in bases.dit_config; "shift_factor" where it has one)."""
     levels = s.indices(r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight")
     channels = [s(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels]
     for c in channels:
@@ -277,19 +284,21 @@ def _vae_config(s: _Shapes, arch: str, where: str) -> dict[str, Any]:
         "block_out_channels": channels,
         "layers_per_block": len(s.indices(r"encoder\.down\.0\.block\.(\d+)\.conv1\.weight")),
         "norm_num_groups": NORM_GROUPS,
-        "sample_size": FAMILY[arch]["vae_sample_size"],
-        "scaling_factor": FAMILY[arch]["scaling_factor"],
+        "sample_size": family["vae_sample_size"],
+        "scaling_factor": family["scaling_factor"],
         "use_quant_conv": s.has("quant_conv.weight"),
         "use_post_quant_conv": s.has("post_quant_conv.weight"),
         "mid_block_add_attention": s.has("encoder.mid.attn_1.q.weight"),
     }
-    if FAMILY[arch]["force_upcast"] is not None:
-        config["force_upcast"] = FAMILY[arch]["force_upcast"]
+    if family["force_upcast"] is not None:
+        config["force_upcast"] = family["force_upcast"]
+    if "shift_factor" in family:
+        config["shift_factor"] = family["shift_factor"]
     return config
 
 
-def _clip_config(s: _Shapes, where: str) -> dict[str, Any]:
-    """CLIP-L in the HF layout (SD1.5's encoder, SDXL's first)."""
+def clip_text_config(s: HeaderShapes, where: str) -> dict[str, Any]:
+    """CLIP-L in the HF layout (SD1.5's encoder, SDXL's first; ``s`` reads under ``text_model.``)."""
     vocab, hidden = s("embeddings.token_embedding.weight")
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": vocab,
             "hidden_size": hidden, "intermediate_size": s("encoder.layers.0.mlp.fc1.weight")[0],
@@ -299,7 +308,7 @@ def _clip_config(s: _Shapes, where: str) -> dict[str, Any]:
             "hidden_act": "quick_gelu", "projection_dim": hidden, **CLIP_TOKEN_IDS}
 
 
-def _open_clip_config(s: _Shapes, where: str) -> dict[str, Any]:
+def _open_clip_config(s: HeaderShapes, where: str) -> dict[str, Any]:
     """OpenCLIP bigG (SDXL's second encoder); its projection is stored transposed."""
     vocab, hidden = s("token_embedding.weight")
     return {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
@@ -316,16 +325,16 @@ def derive_configs(shapes: Mapping[str, Sequence[int]], arch: str, where: str) -
     original LDM / SGM names) and the family values of ``FAMILY`` and the constants above."""
     text = TEXT_PREFIXES[(arch, "text_encoder")]
     files = {
-        "unet/config.json": _unet_config(_Shapes(shapes, UNET_PREFIX, where, "UNet"), arch, where),
-        "vae/config.json": _vae_config(_Shapes(shapes, VAE_PREFIX, where, "VAE"), arch, where),
-        "text_encoder/config.json": _clip_config(_Shapes(shapes, text, where, "text encoder"), where),
+        "unet/config.json": _unet_config(HeaderShapes(shapes, UNET_PREFIX, where, "UNet"), arch, where),
+        "vae/config.json": vae_config(HeaderShapes(shapes, VAE_PREFIX, where, "VAE"), FAMILY[arch], where),
+        "text_encoder/config.json": clip_text_config(HeaderShapes(shapes, text, where, "text encoder"), where),
         "scheduler/scheduler_config.json": dict(SCHEDULER),
     }
     index = {"_class_name": FAMILY[arch]["pipeline"], "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", SCHEDULER["_class_name"]]}
     if arch == "sdxl":
-        files["text_encoder_2/config.json"] = _open_clip_config(_Shapes(shapes, OPEN_CLIP_PREFIX, where,
+        files["text_encoder_2/config.json"] = _open_clip_config(HeaderShapes(shapes, OPEN_CLIP_PREFIX, where,
                                                                         "second text encoder"), where)
         index.update({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                       "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True})
@@ -339,12 +348,43 @@ def derive_configs(shapes: Mapping[str, Sequence[int]], arch: str, where: str) -
 # -------------------------------------------------------------------------------- tokenizers
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
 
 
-def _tokenizer_files(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
-                                                     and (folder / "merges.txt").is_file())
+@dataclass(frozen=True)
+class TokenizerKind:
+    """Where config "auto" finds one kind of tokenizer: ``file_sets`` (any one complete set makes a
+    folder a tokenizer folder), the Hugging Face cache entries (repo, subfolder) holding it, the
+    folder under the models folder looked at first, and the Fix when it is found nowhere."""
+
+    label: str
+    file_sets: tuple[tuple[str, ...], ...]
+    hf: tuple[tuple[str, str], ...]
+    fix: str
+
+    def holds(self, folder: Path) -> bool:
+        """Whether ``folder`` holds one complete set of this tokenizer's files."""
+        return any(all((folder / name).is_file() for name in names) for names in self.file_sets)
+
+    def describe(self) -> str:
+        return ", or ".join(" + ".join(names) for names in self.file_sets)
+
+
+TOKENIZER_KINDS = {
+    "clip": TokenizerKind(
+        "CLIP", (("vocab.json", "merges.txt"), ("tokenizer.json",)), HF_TOKENIZERS,
+        f"put the files of openai/clip-vit-large-patch14's tokenizer into <models>/{TOKENIZER_FOLDER}/ "
+        "(inside ComfyUI, its own comfy/sd1_tokenizer is used), or choose a config folder"),
+    # Flux's tokenizer_2 and SD3.5's tokenizer_3 are google/t5-v1_1-xxl's (ComfyUI ships its
+    # tokenizer.json as comfy/text_encoders/t5_tokenizer)
+    "t5": TokenizerKind(
+        "T5", (("tokenizer.json",), ("spiece.model",)),
+        (("google/t5-v1_1-xxl", ""), ("black-forest-labs/FLUX.1-dev", "tokenizer_2"),
+         ("stabilityai/stable-diffusion-3.5-large", "tokenizer_3")),
+        f"put the files of google/t5-v1_1-xxl's tokenizer into <models>/{T5_TOKENIZER_FOLDER}/ "
+        "(inside ComfyUI, its own comfy/text_encoders/t5_tokenizer is used), or choose a config folder"),
+}
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
@@ -353,37 +393,42 @@ def tokenizer_files(folder: Path) -> list[Path]:
     return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
 
 
-def hf_cache_tokenizers() -> list[Path]:
-    """The CLIP tokenizer folders the Hugging Face cache holds (looked up offline, never downloaded)."""
+def hf_cache_tokenizers(kind: str = "clip") -> list[Path]:
+    """The tokenizer folders of ``kind`` ("clip" or "t5") the Hugging Face cache holds (looked up
+    offline, never downloaded)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return []
-    found = []
-    for repo, sub in HF_TOKENIZERS:
-        for name in ("vocab.json", "tokenizer.json"):
-            hit = try_to_load_from_cache(repo, f"{sub}/{name}" if sub else name)
-            if isinstance(hit, str) and _tokenizer_files(Path(hit).parent):
+    tokenizer, found = TOKENIZER_KINDS[kind], []
+    for repo, sub in tokenizer.hf:
+        for names in tokenizer.file_sets:
+            hit = try_to_load_from_cache(repo, f"{sub}/{names[0]}" if sub else names[0])
+            if isinstance(hit, str) and tokenizer.holds(Path(hit).parent):
                 found.append(Path(hit).parent)
                 break
     return found
 
 
-def find_clip_tokenizer(tokenizer_dirs: Sequence[Path], where: str) -> Path:
-    """The first folder of ``tokenizer_dirs``, then of the Hugging Face cache, holding CLIP tokenizer files
-    (vocab.json + merges.txt, or tokenizer.json); else an error listing every place looked at."""
+def find_tokenizer(kind: str, tokenizer_dirs: Sequence[Path], where: str) -> Path:
+    """The first folder of ``tokenizer_dirs``, then of the Hugging Face cache, holding the files of a
+    ``kind`` ("clip" or "t5") tokenizer; else an error listing every place looked at."""
+    tokenizer = TOKENIZER_KINDS[kind]
     searched = [Path(d) for d in tokenizer_dirs]
     for folder in searched:
-        if _tokenizer_files(folder):
+        if tokenizer.holds(folder):
             return folder
-    cached = hf_cache_tokenizers()
+    cached = hf_cache_tokenizers(kind)
     if cached:
         return cached[0]
     places = ", ".join(str(p) for p in searched) or "no folder"
-    repos = ", ".join(repo for repo, _ in HF_TOKENIZERS)
+    repos = ", ".join(repo for repo, _ in tokenizer.hf)
     raise BaseModelError(
-        f"config 'auto' needs the CLIP tokenizer (vocab.json + merges.txt, or tokenizer.json) and found it "
+        f"config 'auto' needs the {tokenizer.label} tokenizer ({tokenizer.describe()}) and found it "
         f"nowhere: looked in {places}, then the Hugging Face cache ({repos}).", file=where, value="auto",
-        limit=places, kind="tokenizer_missing",
-        fix=f"put the files of openai/clip-vit-large-patch14's tokenizer into <models>/{TOKENIZER_FOLDER}/ "
-            "(inside ComfyUI, its own comfy/sd1_tokenizer is used), or choose a config folder")
+        limit=places, kind="tokenizer_missing", fix=tokenizer.fix)
+
+
+def find_clip_tokenizer(tokenizer_dirs: Sequence[Path], where: str) -> Path:
+    """The CLIP tokenizer's folder (``find_tokenizer("clip", ...)``): SD1.5's and SDXL's."""
+    return find_tokenizer("clip", tokenizer_dirs, where)

@@ -217,3 +217,28 @@ def test_recorded_configs_must_be_of_the_files_architecture(tiny_model_files):
     bad = {"writer": auto_config.WRITER, auto_config.CONFIGS_KEY: json.dumps({"../../etc/x.json": {}})}
     with pytest.raises(BaseModelError, match="not a map of config files"):
         auto_config.auto_config({}, bad, "sd15", "x.safetensors")
+
+
+def test_the_t5_tokenizer_is_searched_in_order_then_the_hugging_face_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    clip_only, t5 = tmp_path / "clip", tmp_path / "t5"
+    presets.build_tokenizer().save_pretrained(clip_only)  # a CLIP folder (vocab.json + merges.txt) is not T5's
+    (clip_only / "tokenizer.json").unlink(missing_ok=True)
+    t5.mkdir()
+    (t5 / "spiece.model").write_bytes(b"sentencepiece")
+    assert auto_config.find_tokenizer("t5", [clip_only, t5], "x") == t5
+    with pytest.raises(BaseModelError) as info:
+        auto_config.find_tokenizer("t5", [clip_only], "flux1-dev.safetensors")
+    err = info.value
+    assert err.kind == "tokenizer_missing" and "T5 tokenizer" in err.message and str(clip_only) in err.message, \
+        err.render()
+    assert "google/t5-v1_1-xxl" in err.message and "tokenizers/t5" in err.fix, err.render()
+    # FLUX.1-dev's tokenizer_2 in the Hugging Face cache's own layout is found offline
+    repo = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev"
+    (repo / "snapshots" / "abc" / "tokenizer_2").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "tokenizer_2" / "tokenizer.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    assert auto_config.find_tokenizer("t5", [clip_only], "x") == repo / "snapshots" / "abc" / "tokenizer_2"
