@@ -65,20 +65,28 @@ class ComfyContext(ExecutionContext):
 
 
 def comfy_folders() -> Folders:
-    """ComfyUI's own folders: its ``loras`` and ``checkpoints`` paths (extra_model_paths.yaml's
-    included: ComfyUI reads that file before it imports any custom node), its models folder, its
-    output folder; SaveLoRA writes into its first ``loras`` folder (the one ComfyUI's own downloads
-    go to), so its LoraLoader and ours list a saved LoRA; a checkpoint's config "auto" may read the
-    CLIP tokenizer files ComfyUI ships (comfy/sd1_tokenizer, used where it is installed)."""
+    """ComfyUI's own folders: its ``loras``, ``checkpoints`` and ``diffusion_models`` paths
+    (extra_model_paths.yaml's included: ComfyUI reads that file before it imports any custom node),
+    its models folder, its output folder; SaveLoRA writes into its first ``loras`` folder (the one
+    ComfyUI's own downloads go to), so its LoraLoader and ours list a saved LoRA; a checkpoint's
+    config "auto" may read the CLIP and T5 tokenizer files ComfyUI ships (comfy/sd1_tokenizer,
+    comfy/text_encoders/t5_tokenizer, used where it is installed) and finds a Flux / SD3.5
+    transformer's text encoders and VAE in its ``text_encoders`` and ``vae`` folders."""
     import comfy
     import folder_paths
 
-    loras = [Path(p) for p in folder_paths.get_folder_paths("loras")]
+    def paths(kind: str) -> list[Path]:
+        return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+
+    loras = paths("loras")
     # comfy is a namespace package (no __init__.py, so no __file__): its folder is its __path__
+    comfy_dirs = [Path(p) for p in getattr(comfy, "__path__", [])]
     return Folders(loras, Path(folder_paths.models_dir), Path(folder_paths.get_output_directory()),
                    advice=COMFY_ADVICE,
-                   checkpoint_dirs=[Path(p) for p in folder_paths.get_folder_paths("checkpoints")],
-                   tokenizer_dirs=[Path(p) / "sd1_tokenizer" for p in getattr(comfy, "__path__", [])],
+                   checkpoint_dirs=paths("checkpoints") + paths("diffusion_models"),
+                   tokenizer_dirs=[p / "sd1_tokenizer" for p in comfy_dirs],
+                   part_dirs={"text_encoders": paths("text_encoders"), "vae": paths("vae"),
+                              "t5_tokenizer": [p / "text_encoders" / "t5_tokenizer" for p in comfy_dirs]},
                    lora_save_dir=loras[0] if loras else None)
 
 

@@ -19,15 +19,16 @@ tokenizer.json) from, in order, the folders the caller names (LoadBase: ``<model
 then ComfyUI's own ``comfy/sd1_tokenizer`` when running inside ComfyUI), then the Hugging Face cache
 (offline, no download). Nothing here imports torch: validation runs it when a prompt is queued.
 
-Flux and SD3.5 files hold the transformer alone: their text encoders and VAE are in no header, so
-they are refused with what is missing and the Fix (a config folder).
+Flux and SD3.5 files hold the transformer alone (or, all-in-one, some of the other parts too):
+``bases.dit_parts`` finds the text encoders and VAE in the file or by name in ComfyUI-style folders
+and derives every config from the headers (``bases.dit_config``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -67,6 +68,8 @@ CLIP_TOKEN_IDS = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2}
 SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
              "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
              "timestep_spacing": "leading", "steps_offset": 1}
+CLIP_PAD = "<|endoftext|>"  # CLIP-L's tokenizer pads with its end token
+OPEN_CLIP_PAD = "!"  # OpenCLIP bigG's (SDXL's and SD3.5's second tokenizer) pads with "!" (id 0), as trained
 _FIX_CONFIG = "choose a config folder: the diffusers folder of the same model (or a SavePipeline folder)"
 
 
@@ -75,22 +78,42 @@ class AutoConfig:
     """What config="auto" found for one checkpoint.
 
     files: the config folder's JSON files by relative path ("model_index.json", "unet/config.json" ...).
-    tokenizers: tokenizer component -> (folder of its files, or None for the built-in one; pad token).
+    tokenizers: tokenizer component -> (folder of its files, or None for the built-in one; pad token,
+        or None for the tokenizer's own).
     source: "metadata" (the file's own exact configs) or "shapes" (derived).
+    parts: for a Flux / SD3.5 transformer file, pipeline component -> (the file holding its weights,
+        the prefix of its keys there): the text encoders and the VAE (see bases.dit_parts).
     """
 
     arch: str
     files: dict[str, dict[str, Any]]
-    tokenizers: dict[str, tuple[Path | None, str]]
+    tokenizers: dict[str, tuple[Path | None, str | None]]
     source: str
+    parts: dict[str, tuple[Path, str]] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
         """Content hash of the configs and the tokenizers' identity (their files' names and sizes are
         enough here: the caller hashes the folders it found with file_fingerprint)."""
         body = json.dumps({"files": self.files, "tokenizers": {k: [str(p) if p else None, pad] for k, (p, pad)
-                                                               in sorted(self.tokenizers.items())}}, sort_keys=True)
+                                                               in sorted(self.tokenizers.items())},
+                           "parts": {k: [str(p), prefix] for k, (p, prefix) in sorted(self.parts.items())}},
+                          sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
+
+    def part_files(self, checkpoint: Path) -> list[Path]:
+        """The files holding parts of the pipeline besides ``checkpoint`` itself, each once."""
+        return sorted({Path(file) for file, _ in self.parts.values()} - {Path(checkpoint)})
+
+    def files_fingerprint(self, checkpoint: Path) -> str:
+        """The content of every other file the pipeline is built from (parts, tokenizers), for the
+        base's fingerprint: a changed encoder or tokenizer file makes it a different base."""
+        from ..graph_runtime import file_fingerprint
+
+        text = "".join(f"+part:sha256:{file_fingerprint(file)}" for file in self.part_files(checkpoint))
+        return text + "+tokenizers:" + ",".join(
+            f"{pad}:" + ("builtin" if folder is None else "|".join(file_fingerprint(f) for f in tokenizer_files(folder)))
+            for _, (folder, pad) in sorted(self.tokenizers.items()))
 
     def write(self, folder: Path) -> None:
         """Write the config files into ``folder`` (which exists and is empty)."""
@@ -101,30 +124,30 @@ class AutoConfig:
 
 
 def auto_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str], arch: str, where: str,
-                tokenizer_dirs: Sequence[Path] = ()) -> AutoConfig:
+                tokenizer_dirs: Sequence[Path] = (), part_dirs: Mapping[str, Sequence[Path]] | None = None
+                ) -> AutoConfig:
     """The configs and tokenizers of the ``arch`` single file ``where`` (its tensors' ``shapes`` by key,
     its header ``metadata``); ``tokenizer_dirs``: folders searched for the CLIP tokenizer before the
-    Hugging Face cache. Raises BaseModelError saying what is missing, with the Fix."""
+    Hugging Face cache. For a Flux / SD3.5 transformer file, ``part_dirs`` (folder kind ->
+    folders: "text_encoders", "vae", "t5_tokenizer") is where its other parts are looked for (see
+    bases.dit_parts). Raises BaseModelError saying what is missing, with the Fix."""
     if ARCHES[arch].denoiser == "transformer":
-        raise BaseModelError(
-            f"holds a {ARCHES[arch].label} transformer alone: its text encoders, tokenizers and VAE are "
-            "not in the file, so config 'auto' cannot build the pipeline (it derives the whole SD1.5 / SDXL "
-            "pipeline from a checkpoint's own tensors).", file=where, value="auto", kind="config_needed",
-            fix=f"choose a config folder: a diffusers folder of a {ARCHES[arch].label} pipeline "
-                f"({ARCHES[arch].pipeline_class}.save_pretrained writes one; its transformer weights may be absent)")
-    files, source = _from_metadata(metadata, arch, where), "metadata"
+        from .dit_parts import dit_auto_config
+
+        return dit_auto_config(Path(where), shapes, metadata, arch, part_dirs or {}, tokenizer_dirs)
+    files, source = recorded_configs(metadata, arch, where), "metadata"
     if files is None:
         files, source = derive_configs(shapes, arch, where), "shapes"
     tokenizers = _builtin_tokenizers(metadata, arch)
     if tokenizers is None:
         folder = find_clip_tokenizer(tokenizer_dirs, where)
-        tokenizers = {"tokenizer": (folder, "<|endoftext|>")}
-        if arch == "sdxl":  # OpenCLIP bigG pads with "!" (id 0), as SDXL was trained
-            tokenizers["tokenizer_2"] = (folder, "!")
+        tokenizers = {"tokenizer": (folder, CLIP_PAD)}
+        if arch == "sdxl":
+            tokenizers["tokenizer_2"] = (folder, OPEN_CLIP_PAD)
     return AutoConfig(arch, files, tokenizers, source)
 
 
-def _from_metadata(metadata: Mapping[str, str], arch: str, where: str) -> dict[str, dict] | None:
+def recorded_configs(metadata: Mapping[str, str], arch: str, where: str) -> dict[str, dict] | None:
     """The exact configs our SaveCheckpoint recorded, or None (another writer, or none recorded).
     What they say is checked like any config folder's before a model is built from them."""
     if metadata.get("writer") != WRITER or CONFIGS_KEY not in metadata:
@@ -141,9 +164,9 @@ def _from_metadata(metadata: Mapping[str, str], arch: str, where: str) -> dict[s
         raise BaseModelError(f"its {CONFIGS_KEY} metadata is not a map of config files to JSON objects.", file=where,
                              key=CONFIGS_KEY, kind="bad_metadata", fix=_FIX_CONFIG)
     pipeline = files.get("model_index.json", {}).get("_class_name")
-    if pipeline != FAMILY[arch]["pipeline"]:
+    if pipeline != ARCHES[arch].pipeline_class:
         raise BaseModelError(f"its {CONFIGS_KEY} metadata describes a {pipeline!r} pipeline, but the weights are "
-                             f"{arch}.", file=where, key=CONFIGS_KEY, value=pipeline, limit=FAMILY[arch]["pipeline"],
+                             f"{arch}.", file=where, key=CONFIGS_KEY, value=pipeline, limit=ARCHES[arch].pipeline_class,
                              kind="config_mismatch", fix=_FIX_CONFIG)
     return files
 
@@ -193,8 +216,8 @@ class HeaderShapes:
 def _divisible(value: int, by: int, what: str, where: str) -> int:
     if value % by:
         raise BaseModelError(
-            f"{what} is {value}, not a multiple of {by}, the value SD1.5 / SDXL use where shapes cannot "
-            "tell: this model is not of the standard family, so its config cannot be derived.", file=where,
+            f"{what} is {value}, not a multiple of {by}, the value the published models use where shapes "
+            "cannot tell: this model is not of the standard family, so its config cannot be derived.", file=where,
             value=value, limit=f"a multiple of {by}", kind="config_underivable", fix=_FIX_CONFIG)
     return value // by
 

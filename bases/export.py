@@ -87,8 +87,9 @@ def save_single_file(pipe, path: str | Path) -> Path:
     flux1-dev.safetensors ships and ComfyUI's diffusion-model loader reads). Weights keep their
     dtype. Returns the path. An SD1.5 / SDXL file records its pipeline's configs (and, for the
     tiny presets, that its tokenizers are the built-in ones) in its metadata, so `load_base(path)`
-    (config "auto") rebuilds it exactly; a Flux / SD3.5 file needs `config=` a diffusers folder,
-    which brings the text encoders and VAE."""
+    (config "auto") rebuilds it exactly; a Flux / SD3.5 file records them too, but its text encoders
+    and VAE come from their own files (config "auto" finds them: bases.dit_parts) or from `config=`
+    a diffusers folder."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise BaseModelError("single-file checkpoints are written as .safetensors.", file=path, value=path.suffix,
@@ -97,13 +98,14 @@ def save_single_file(pipe, path: str | Path) -> Path:
         raise TargetExistsError("already exists.", file=path, value="a file" if path.is_file() else "a folder",
                                 limit="a new name", fix="choose a new path or remove it first")
     arch = arch_mod.detect_pipeline_arch(pipe)
-    metadata = {"format": "pt", "writer": SINGLE_FILE_FORMAT, "arch": arch}
+    # the exact configs, so config="auto" rebuilds this very pipeline (see bases.auto_config); a Flux /
+    # SD3.5 file uses its transformer's and scheduler's (the other parts come from their own files)
+    metadata = {"format": "pt", "writer": SINGLE_FILE_FORMAT, "arch": arch,
+                auto_config.CONFIGS_KEY: json.dumps(config_files(pipe), sort_keys=True)}
     if ARCHES[arch].denoiser == "transformer":
         tensors = dit_file.to_original(pipe.transformer.state_dict(), arch)
     else:
         tensors = ldm_keys.pipeline_to_original(pipe, arch)
-        # the exact configs, so config="auto" rebuilds this very pipeline (see bases.auto_config)
-        metadata[auto_config.CONFIGS_KEY] = json.dumps(config_files(pipe), sort_keys=True)
         pads = builtin_tokenizer_pads(pipe)
         if pads is not None:
             metadata[auto_config.TOKENIZERS_KEY] = json.dumps(pads, sort_keys=True)

@@ -14,7 +14,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -64,7 +64,7 @@ def _extra_kwargs(arch: str) -> dict[str, Any]:
     return {"safety_checker": None, "requires_safety_checker": False} if arch == "sd15" else {}
 
 
-def _own_memory(pipe, checked: list, skip: torch.nn.Module | None = None) -> None:
+def _own_memory(pipe, checked: list, skip=()) -> None:
     """Give every CPU weight memory the process owns, each byte read once and held once.
 
     safetensors loads leave CPU tensors as views into the memory-mapped file: a later rewrite of
@@ -78,13 +78,13 @@ def _own_memory(pipe, checked: list, skip: torch.nn.Module | None = None) -> Non
     which bytes is read from the process's own memory map (Linux's /proc/self/maps: the file's
     device and inode, and the offset in it), never guessed from names. Anything else is copied on
     its own, as are the weights of a file the pipeline views less than 90% of (its buffer would hold
-    the rest for nothing). On other devices `.to()` already copied them. ``skip``: a component whose
-    weights are already in owned memory (a transformer read from a single file).
+    the rest for nothing). On other devices `.to()` already copied them. ``skip``: components whose
+    weights are already in owned memory (read from single files by load_base).
     """
     from ..lora.safefile import read_checked_file
 
     tensors = {id(t): t for component in pipe.components.values()
-               if isinstance(component, torch.nn.Module) and component is not skip
+               if isinstance(component, torch.nn.Module) and all(component is not m for m in skip)
                for t in itertools.chain(component.parameters(), component.buffers()) if t.device.type == "cpu"}
     for header, placed in _file_views(list(tensors.values()), checked):
         owned = read_checked_file(header, checks.CHECKPOINT)
@@ -162,8 +162,11 @@ class BaseIdentity:
     device: torch.device
     fingerprint: str
     config: Path | None = None
-    tokenizers: tuple[tuple[str, str | None, str], ...] = ()
-    """config "auto": (tokenizer component, folder of its files or None for the built-in one, pad token)."""
+    tokenizers: tuple[tuple[str, str | None, str | None], ...] = ()
+    """config "auto": (tokenizer component, folder of its files or None for the built-in one, pad token
+    or None for the tokenizer's own)."""
+    parts: tuple[tuple[str, str, str], ...] = ()
+    """config "auto" on a Flux / SD3.5 transformer file: (component, file holding its weights, key prefix there)."""
 
     @property
     def dtype_name(self) -> str:
@@ -197,11 +200,12 @@ def _config_check(config: Path, arch: str) -> checks.CheckedFolder:
     return _check_folder(config, file_fingerprint(config), weights=False)
 
 
-def _check_single_file(path: Path, config: str | Path | None, tokenizer_dirs: Sequence[Path] = ()
+def _check_single_file(path: Path, config: str | Path | None, tokenizer_dirs: Sequence[Path] = (),
+                       part_dirs: Mapping[str, Sequence[Path]] | None = None
                        ) -> tuple[str, Path, auto_config.AutoConfig | None]:
     """The architecture of a single-file checkpoint, its checked config folder and, for config None
-    ("auto"), what bases.auto_config found (the folder is then written from it). Only the header is
-    read here; load_base checks every value before diffusers opens the file."""
+    ("auto"), what bases.auto_config found (the folder is then written from it). Only headers are
+    read here; load_base checks every value before diffusers opens a file."""
     if path.suffix.lower() != ".safetensors":
         raise BaseModelError(
             f"{path}: only .safetensors checkpoints are loaded ({path.suffix or 'no suffix'} files may "
@@ -213,7 +217,7 @@ def _check_single_file(path: Path, config: str | Path | None, tokenizer_dirs: Se
     auto = None
     if config is None:
         auto = auto_config.auto_config({k: info.shape for k, info in header.tensors.items()}, header.metadata, arch,
-                                       str(path), tokenizer_dirs)
+                                       str(path), tokenizer_dirs, part_dirs)
         config = _auto_folder(auto)
     config = Path(config)
     if not config.is_dir():
@@ -225,6 +229,11 @@ def _check_single_file(path: Path, config: str | Path | None, tokenizer_dirs: Se
             f"single-file checkpoint {path} is {arch}, but config folder {config} describes {config_arch}.",
             value=config_arch, limit=arch, fix=f"pass a config folder of an {arch} pipeline"
         )
+    if auto is not None and auto.parts:
+        # every part's config was derived from the header of the file holding it, and each model is
+        # compared key by key and shape by shape with its file before it is allocated (_parts_from_files)
+        _check_folder(config, file_fingerprint(config), weights=False)
+        return arch, config, auto
     shapes = _config_check(config, arch).shapes
     checks.check_budget(config, f"the {'transformer' if _is_dit(arch) else 'pipeline'}", shapes,
                         header.tensors.values(), path)
@@ -267,6 +276,7 @@ def identify_base(
     device: str | torch.device = "auto",
     config: str | Path | None = None,
     tokenizer_dirs: Sequence[str | Path] = (),
+    part_dirs: Mapping[str, Sequence[str | Path]] | Sequence[tuple[str, Sequence[str | Path]]] | None = None,
 ) -> BaseIdentity:
     """Check a base's arguments and say what it is, reading configs and hashing files (memoised)
     but building nothing. Every config and weights header is checked here, and every weights value,
@@ -294,17 +304,20 @@ def identify_base(
         _check_folder(path, digest)
         return BaseIdentity(name, "folder", arch, torch_dtype, torch_device, f"folder:sha256:{digest}")
     if path.is_file():
-        arch, config, auto = _check_single_file(path, config, [Path(d) for d in tokenizer_dirs])
+        arch, config, auto = _check_single_file(
+            path, config, [Path(d) for d in tokenizer_dirs],
+            {kind: [Path(d) for d in dirs] for kind, dirs in dict(part_dirs or {}).items()})
         checks.check_weights(path)  # hashes as it checks: file_fingerprint(path) reads nothing again
         digest = f"single-file:sha256:{file_fingerprint(path)}+config:sha256:{file_fingerprint(config)}"
-        tokenizers = ()
+        tokenizers, parts = (), ()
         if auto is not None:
+            parts = tuple((component, str(file), prefix) for component, (file, prefix) in sorted(auto.parts.items()))
+            for file in auto.part_files(path):
+                checks.check_weights(file)  # hashes as it checks, as above
             tokenizers = tuple((name, None if folder is None else str(folder), pad)
                                for name, (folder, pad) in sorted(auto.tokenizers.items()))
-            digest += "+tokenizers:" + ",".join(
-                f"{pad}:" + ("builtin" if folder is None else "|".join(
-                    file_fingerprint(f) for f in auto_config.tokenizer_files(Path(folder)))) for _, folder, pad in tokenizers)
-        return BaseIdentity(name, "single-file", arch, torch_dtype, torch_device, digest, config, tokenizers)
+            digest += auto.files_fingerprint(path)
+        return BaseIdentity(name, "single-file", arch, torch_dtype, torch_device, digest, config, tokenizers, parts)
     raise BaseModelError(
         f"{name!r} is neither a preset ({', '.join(presets.PRESETS)}) nor an existing file or folder.",
         value=name, limit=list(presets.PRESETS), kind="not_found",
@@ -312,19 +325,18 @@ def identify_base(
     )
 
 
-def _transformer_from_file(header, identity: BaseIdentity) -> torch.nn.Module:
-    """The Flux / SD3.5 transformer of an original-layout single file (checked header ``header``):
-    the checked bytes read into owned memory, renamed and split to diffusers' keys (bases.dit_file),
+def _transformer_from_file(tensors: Mapping[str, torch.Tensor], identity: BaseIdentity) -> torch.nn.Module:
+    """The Flux / SD3.5 transformer of an original-layout single file (``tensors``: its checked bytes
+    read into owned memory; an all-in-one file's other parts left out), renamed and split to diffusers' keys (bases.dit_file),
     every key and shape compared with the model the config folder describes, then placed into that
     model (built on the meta device, so nothing is allocated twice). diffusers' own single-file
     loader is not used: its Flux converter assumes the real model's width (see bases.dit_file)."""
     import diffusers
 
-    from ..lora.safefile import read_checked_file
     from . import dit_file
 
     path = Path(identity.source)
-    state = dit_file.to_diffusers(read_checked_file(header, checks.CHECKPOINT), identity.arch, str(path))
+    state = dit_file.to_diffusers(tensors, identity.arch, str(path))
     cls = getattr(diffusers, ARCHES[identity.arch].denoiser_class)
     with torch.device("meta"):
         model = cls.from_config(cls.load_config(identity.config / "transformer", local_files_only=True))
@@ -348,20 +360,87 @@ def _transformer_from_file(header, identity: BaseIdentity) -> torch.nn.Module:
 
 def _tokenizers(identity: BaseIdentity) -> dict[str, Any]:
     """The tokenizer objects config "auto" found (none: the config folder brings its own)."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
     built = {}
     for name, folder, pad in identity.tokenizers:
-        if folder is None:
+        encoder = name.replace("tokenizer", "text_encoder")
+        config = arch_mod.read_config(identity.config / encoder / "config.json", "the text encoder's config")
+        if config.get("model_type") == "t5":
+            # the pipelines pad T5 prompts to their own max_sequence_length, not the tokenizer's
+            length = ARCHES[identity.arch].sampling.max_sequence_length
+            built[name] = presets.build_t5_tokenizer(length) if folder is None else \
+                T5TokenizerFast.from_pretrained(folder, local_files_only=True, model_max_length=length)
+        elif folder is None:
             built[name] = presets.build_tokenizer(pad_token=pad)
-            continue
-        # The pipelines pad every prompt to the tokenizer's model_max_length, which must be the text
-        # encoder's context; tokenizer files may say otherwise (ComfyUI's sd1_tokenizer says 8192: it
-        # cuts prompts into 77-token chunks itself).
-        encoder = "text_encoder_2" if name == "tokenizer_2" else "text_encoder"
-        context = arch_mod.read_config(identity.config / encoder / "config.json", "the text encoder's config")
-        built[name] = CLIPTokenizer.from_pretrained(folder, pad_token=pad, local_files_only=True,
-                                                    model_max_length=context["max_position_embeddings"])
+        else:
+            # The pipelines pad every prompt to the tokenizer's model_max_length, which must be the
+            # text encoder's context; tokenizer files may say otherwise (ComfyUI's sd1_tokenizer says
+            # 8192: it cuts prompts into 77-token chunks itself).
+            built[name] = CLIPTokenizer.from_pretrained(folder, pad_token=pad, local_files_only=True,
+                                                        model_max_length=config["max_position_embeddings"])
+    return built
+
+
+# Keys a text encoder file may hold that the model has no weight for: buffers transformers rebuilds
+# (position ids), CLIP's contrastive temperature, and a projection a pipeline does not use (Flux
+# pools CLIP-L's hidden state). Anything else unmatched is refused: nothing is dropped silently.
+_SPARE_KEYS = ("embeddings.position_ids", "logit_scale", "text_projection.weight")
+
+
+def _place(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, file: Path, what: str,
+           spare: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Load ``state`` into ``model`` (built on the meta device) after comparing every key and shape,
+    so a file that is not of this model is named, never half-loaded; tied weights (T5's embedding)
+    may be absent. Each value is cast to ``dtype``."""
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    tied = {key for key in expected if key.endswith("embed_tokens.weight")} if "shared.weight" in expected else set()
+    extra = sorted(k for k in set(state) - set(expected) if not k.endswith(spare))
+    missing = sorted(set(expected) - set(state) - tied)
+    for key in extra[:1] + missing[:1]:
+        where = "has, and the model has no," if key in state else "lacks"
+        raise BaseModelError(f"{file}: the {what} file {where} weight {key!r} ({len(state)} weights in the file, "
+                             f"{len(expected)} in the model its config describes).", file=file, key=key,
+                             value=len(state), limit=len(expected), kind="part_mismatch",
+                             fix=f"use the {what} file of this model (or a config folder)")
+    for key, shape in expected.items():
+        if key in state and tuple(state[key].shape) != shape:
+            raise BaseModelError(f"{file}: {what} weight {key!r} has shape {list(state[key].shape)}; the model needs "
+                                 f"{list(shape)}.", file=file, key=key, value=list(state[key].shape), limit=list(shape),
+                                 kind="part_mismatch", fix=f"use the {what} file of this model (or a config folder)")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items() if k in expected}, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def _parts_from_files(read: Mapping[Path, dict[str, torch.Tensor]], identity: BaseIdentity) -> dict[str, Any]:
+    """The text encoders and VAE of a Flux / SD3.5 pipeline from the files config "auto" found
+    (``read``: each file's checked tensors, read into owned memory), each built on the meta device
+    from its derived config, its keys renamed where the file's layout is not diffusers'/transformers'
+    (the VAE's LDM names, through diffusers' own converter), compared and placed."""
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    built = {}
+    for component, file, prefix in identity.parts:
+        state = {k.removeprefix(prefix): v for k, v in read[Path(file)].items() if k.startswith(prefix)}
+        config = arch_mod.read_config(identity.config / component / "config.json", f"the {component}'s config")
+        if component == "vae":
+            with torch.device("meta"):
+                model = diffusers.AutoencoderKL.from_config(config)
+            state = convert_ldm_vae_checkpoint(state, config)
+            what = "VAE"
+        else:
+            cls = getattr(transformers, config["architectures"][0])
+            config_cls = transformers.T5Config if config.get("model_type") == "t5" else transformers.CLIPTextConfig
+            with torch.device("meta"):
+                model = cls(config_cls(**{k: v for k, v in config.items() if k != "architectures"}))
+            if config.get("model_type") != "t5":  # transformers 5's CLIP text models have no text_model level
+                state = {k.removeprefix("text_model."): v for k, v in state.items()}
+            what = "T5 encoder" if config.get("model_type") == "t5" else "CLIP text encoder"
+        built[component] = _place(model, state, identity.dtype, Path(file), what, _SPARE_KEYS)
     return built
 
 
@@ -371,23 +450,28 @@ def load_base(
     device: str | torch.device = "auto",
     config: str | Path | None = None,
     tokenizer_dirs: Sequence[str | Path] = (),
+    part_dirs: Mapping[str, Sequence[str | Path]] | Sequence[tuple[str, Sequence[str | Path]]] | None = None,
 ) -> LoadedBase:
     """Load a base model, offline.
 
     source: a preset name (see presets.PRESETS), a diffusers folder (model_index.json inside), or a
         single-file .safetensors checkpoint in the original layout: SD1.5 (LDM) / SDXL (SGM) whole
         pipelines; Flux (BFL names, bare or under ComfyUI's "model.diffusion_model.") / SD3.5
-        (MMDiT names) transformers alone.
+        (MMDiT names) transformers, alone or all-in-one with some or all of their other parts.
     config: for a single file only, the local folder with model_index.json, component configs and
         tokenizers (a diffusers folder of the same architecture, or a config skeleton); for a Flux /
         SD3.5 transformer file it must hold the text encoders' and VAE's weights too. None or
         "auto": an SD1.5 / SDXL file's configs come from the file itself (bases.auto_config: the
         exact ones our SaveCheckpoint recorded, else derived from its shapes), its CLIP tokenizer
-        from ``tokenizer_dirs`` (searched in order), then the Hugging Face cache (offline).
+        from ``tokenizer_dirs`` (searched in order), then the Hugging Face cache (offline). A Flux /
+        SD3.5 file's other parts (CLIP-L, CLIP-G, T5-XXL, VAE) come from the file itself or, by their
+        usual names (clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors ...), from
+        ``part_dirs`` {"text_encoders": [...], "vae": [...]}, its T5 tokenizer from
+        ``part_dirs["t5_tokenizer"]`` (bases.dit_parts), every config derived from a header.
     dtype: "auto" | "fp32" | "fp16" | "bf16"; device: "auto" | "cpu" | "cuda" | "cuda:N".
         "auto" means cuda + fp16 when CUDA is available, else cpu + fp32.
     """
-    identity = identify_base(source, dtype, device, config, tokenizer_dirs)
+    identity = identify_base(source, dtype, device, config, tokenizer_dirs, part_dirs)
     if identity.kind == "preset":
         pipe = presets.build_pipeline(identity.source, dtype=identity.dtype, device=identity.device)
         return LoadedBase(pipe, identity.arch, identity.dtype, identity.device, identity.fingerprint, identity.source)
@@ -400,16 +484,26 @@ def load_base(
         weights = [header.path for header in checked.headers]
     else:
         weights = [Path(identity.source)]
-        if _is_dit(identity.arch):
+        if identity.parts:
+            weights += sorted({Path(file) for _, file, _ in identity.parts} - {Path(identity.source)})
+        elif _is_dit(identity.arch):
             weights += [header.path for header in _config_check(identity.config, identity.arch).headers]
     scanned = [checks.check_weights(path) for path in weights]
-    own = None
+    own: dict[str, torch.nn.Module] = {}
     try:
         if identity.kind == "folder":
             pipe = cls.from_pretrained(identity.source, use_safetensors=True, **common)
         elif _is_dit(identity.arch):
-            own = _transformer_from_file(scanned[0], identity)
-            pipe = cls.from_pretrained(identity.config, transformer=own, use_safetensors=True, **common)
+            from ..lora.safefile import read_checked_file
+
+            # each file read once into owned memory; an all-in-one file's other parts go to their models
+            read = {Path(h.path): read_checked_file(h, checks.CHECKPOINT)
+                    for h in (scanned if identity.parts else scanned[:1])}
+            prefixes = tuple(prefix for _, file, prefix in identity.parts if prefix and Path(file) == weights[0])
+            own = _parts_from_files(read, identity) if identity.parts else {}
+            own["transformer"] = _transformer_from_file(
+                {k: v for k, v in read[weights[0]].items() if not (prefixes and k.startswith(prefixes))}, identity)
+            pipe = cls.from_pretrained(identity.config, **own, **_tokenizers(identity), use_safetensors=True, **common)
         else:
             pipe = cls.from_single_file(identity.source, config=str(identity.config), **_tokenizers(identity),
                                         **common)
@@ -425,6 +519,6 @@ def load_base(
         raise BaseModelError(f"{identity.source}: files describe {identity.arch} but diffusers built a {loaded_arch} "
                              "pipeline", value=loaded_arch, limit=identity.arch)
     pipe = pipe.to(identity.device)
-    _own_memory(pipe, scanned, skip=own)
+    _own_memory(pipe, scanned, skip=own.values())
     pipe.set_progress_bar_config(disable=True)  # progress goes through the runtime's events
     return LoadedBase(pipe, identity.arch, identity.dtype, identity.device, identity.fingerprint, identity.source)

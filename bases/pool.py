@@ -36,7 +36,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -65,6 +65,13 @@ CHUNK_BYTES = 1 << 20
 BF16_MIN_NUMEL = 1 << 16
 
 
+def _search(tokenizer_dirs, part_dirs) -> dict:
+    """load_base's ``tokenizer_dirs`` / ``part_dirs`` keywords as hashable tuples of strings, those given only."""
+    found = {"tokenizer_dirs": tuple(map(str, tokenizer_dirs)),
+             "part_dirs": tuple((kind, tuple(map(str, dirs))) for kind, dirs in sorted(dict(part_dirs or {}).items()))}
+    return {k: v for k, v in found.items() if v}
+
+
 @dataclass(frozen=True)
 class BaseModel:
     """A handle on a base model: what it is, never the live pipeline (the pool owns that)."""
@@ -77,6 +84,12 @@ class BaseModel:
     config: str | None = None
     tokenizer_dirs: tuple[str, ...] = ()
     """Where a single file's config "auto" looks for its tokenizer (see bases.auto_config)."""
+    part_dirs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Where a Flux / SD3.5 file's config "auto" looks for its other parts, by folder kind (see bases.dit_parts)."""
+
+    def search(self) -> dict:
+        """The load_base keywords that say where config "auto" looks (none given: none passed)."""
+        return _search(self.tokenizer_dirs, self.part_dirs)
 
     @property
     def key(self) -> tuple:
@@ -328,16 +341,16 @@ class ModelPool:
         self.stats = {"loads": 0, "patched_layers": 0, "restored_layers": 0, "compiles": 0, "deltas": 0}
 
     def load(self, source: str, dtype: str = "auto", device: str = "auto", config: str | None = None,
-             tokenizer_dirs: tuple[str, ...] = ()) -> BaseModel:
+             tokenizer_dirs: tuple[str, ...] = (), part_dirs: Mapping[str, Sequence[str]] | None = None) -> BaseModel:
         """Load a base (preset name, diffusers folder or single file) and return its handle. The key
         (fingerprint, resolved dtype and device) comes first: a base the pool holds is not built again.
-        ``tokenizer_dirs``: see load_base (only a single file with config "auto" reads them)."""
-        dirs = {"tokenizer_dirs": tuple(map(str, tokenizer_dirs))} if tokenizer_dirs else {}
+        ``tokenizer_dirs``, ``part_dirs``: see load_base (only a single file with config "auto" reads them)."""
+        where = _search(tokenizer_dirs, part_dirs)
         with self._lock:
-            identity = self._identify(source, dtype=dtype, device=device, config=config, **dirs)
+            identity = self._identify(source, dtype=dtype, device=device, config=config, **where)
             handle = BaseModel(source=str(source), arch=identity.arch, dtype=identity.dtype_name,
                                device=str(identity.device), fingerprint=identity.fingerprint,
-                               config=str(config) if config else None, **dirs)
+                               config=str(config) if config else None, **where)
             self._get(handle)
             return handle
 
@@ -347,8 +360,8 @@ class ModelPool:
             # make room first, so the pool never holds more than max_bases pipelines at once
             while len(self._live) >= self.max_bases:
                 self._live.popitem(last=False)
-            dirs = {"tokenizer_dirs": base.tokenizer_dirs} if base.tokenizer_dirs else {}
-            loaded = self._loader(base.source, dtype=base.dtype, device=base.device, config=base.config, **dirs)
+            loaded = self._loader(base.source, dtype=base.dtype, device=base.device, config=base.config,
+                                  **base.search())
             if loaded.fingerprint != base.fingerprint:
                 raise BaseModelError(
                     f"base {base.source}: its files changed since it was identified", file=base.source,

@@ -154,10 +154,12 @@ class Folders:
     """The configured roots. ``kind`` is ``"loras"``, ``"models"``, ``"output"`` or ``"checkpoints"``.
     ``advice`` is the ``Fix:`` its path errors give (how to add a file or folder where this runtime runs).
 
-    Inside ComfyUI (see ``comfy_integration``) three more are set from ComfyUI's own folders:
-    ``checkpoint_dirs`` (its ``checkpoints`` folders: LoadBase then lists single files by their name
-    in these, as ComfyUI's checkpoint loader does), ``tokenizer_dirs`` (folders holding tokenizer
-    files that a checkpoint's config "auto" may use) and ``lora_save_dir`` (where SaveLoRA writes, so
+    Inside ComfyUI (see ``comfy_integration``) four more are set from ComfyUI's own folders:
+    ``checkpoint_dirs`` (its ``checkpoints`` and ``diffusion_models`` folders: LoadBase then lists
+    single files by their name in these, as ComfyUI's checkpoint and diffusion-model loaders do),
+    ``tokenizer_dirs`` (folders holding tokenizer files that a checkpoint's config "auto" may use),
+    ``part_dirs`` (folder kind -> folders where config "auto" finds a Flux / SD3.5 transformer's other
+    parts: "text_encoders", "vae", "t5_tokenizer") and ``lora_save_dir`` (where SaveLoRA writes, so
     that every LoRA loader lists the file). Elsewhere they stay empty / None: single files are named
     by their path in the models folder and SaveLoRA writes into the output folder.
     """
@@ -168,6 +170,7 @@ class Folders:
     advice: FolderAdvice = CLI_ADVICE
     checkpoint_dirs: list[Path] = field(default_factory=list)
     tokenizer_dirs: list[Path] = field(default_factory=list)
+    part_dirs: dict[str, list[Path]] = field(default_factory=dict)
     lora_save_dir: Path | None = None
 
     @classmethod

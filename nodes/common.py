@@ -115,6 +115,26 @@ def tokenizer_dirs() -> list[Path]:
     return [f.models_dir / TOKENIZER_FOLDER, *f.tokenizer_dirs]
 
 
+PART_FOLDERS = {"text_encoders": ("text_encoders", "clip"), "vae": ("vae",)}
+"""Under the models folder, where config "auto" looks for a Flux / SD3.5 file's other parts by kind
+(ComfyUI's layout: models/clip is the older name of models/text_encoders)."""
+
+
+def part_dirs() -> dict[str, list[Path]]:
+    """Where a Flux / SD3.5 file's config "auto" looks for its text encoders, VAE and T5 tokenizer
+    (bases.dit_parts), by kind, in order: the models folder's (see ``PART_FOLDERS``, and
+    ``tokenizers/t5``), then the runtime's own (ComfyUI's folders, inside ComfyUI)."""
+    from ..bases.auto_config import T5_TOKENIZER_FOLDER
+    from ..bases.dit_parts import T5_TOKENIZER
+
+    f = folders()
+    found = {kind: [f.models_dir / name for name in names] for kind, names in PART_FOLDERS.items()}
+    found[T5_TOKENIZER] = [f.models_dir / T5_TOKENIZER_FOLDER]
+    for kind, dirs in f.part_dirs.items():
+        found.setdefault(kind, []).extend(d for d in dirs if d not in found[kind])
+    return found
+
+
 def _diffusers_folders() -> list[str]:
     f = folders()
     return [n for n in f.list("models", dirs=True) if (f.models_dir / n / "model_index.json").is_file()]

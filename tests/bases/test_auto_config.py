@@ -188,13 +188,17 @@ def test_a_foreign_file_without_a_tokenizer_says_where_it_looked(tmp_path, monke
         load_base(path, dtype="fp32", device="cpu", tokenizer_dirs=[tmp_path / "nowhere-1"])
 
 
-def test_a_transformer_file_with_auto_names_what_is_missing(tiny_model_files):
-    path = tiny_model_files("tiny-flux")["single_file"]
+@pytest.mark.parametrize("name, parts", [("tiny-flux", ["clip_l", "t5xxl", "vae"]),
+                                         ("tiny-sd3", ["clip_l", "clip_g", "t5xxl", "vae"])])
+def test_a_transformer_file_with_auto_names_every_missing_part(name, parts, tiny_model_files, tmp_path):
+    # its transformer config is the one it recorded (the tiny presets' heads of 16 derive from no shape)
+    path = tiny_model_files(name)["single_file"]
     with pytest.raises(BaseModelError) as info:
-        load_base(path, dtype="fp32", device="cpu")
+        load_base(path, dtype="fp32", device="cpu", part_dirs={"text_encoders": [tmp_path], "vae": [tmp_path]})
     err = info.value
-    assert err.kind == "config_needed" and "text encoders, tokenizers and VAE" in err.message, err.render()
-    assert "FluxPipeline" in err.fix, err.fix
+    assert err.kind == "parts_missing" and err.value == parts, err.render()
+    assert str(tmp_path) in err.message and "t5xxl_fp16.safetensors" in err.message, err.message
+    assert "models/text_encoders" in err.fix, err.fix
 
 
 def test_a_file_missing_a_key_or_of_another_family_is_refused_with_the_key(tmp_path):

@@ -82,11 +82,12 @@ def test_names_that_leave_the_folders_or_are_not_listed_are_refused(comfy_like, 
         assert ("source", "value_not_in_list") in _errors(info), (name, _errors(info))
 
 
-def test_auto_on_a_transformer_file_is_refused_when_queued(comfy_like):
+def test_auto_on_a_transformer_file_without_its_parts_is_refused_when_queued(comfy_like):
     with pytest.raises(ValidationError) as info:
         comfy_like.validate(_base_wf("flux.safetensors"))
-    details = _errors(info)[("config", "config_needed")]
-    assert "text encoders, tokenizers and VAE" in details and "Fix:" in details, details
+    details = _errors(info)[("config", "parts_missing")]
+    assert "clip_l" in details and "t5xxl" in details and "ae.safetensors" in details, details
+    assert str(comfy_like.folders.models_dir / "text_encoders") in details and "Fix:" in details, details
 
 
 def test_auto_on_a_foreign_file_needs_a_tokenizer_and_finds_it_in_the_models_folder(comfy_like, standard_checkpoint):
