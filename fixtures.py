@@ -520,6 +520,116 @@ def write_comfy_loras(out_dir: str | Path, checkpoint_pipe=None, seed: int = 0) 
             for i, (name, chosen) in enumerate((("comfy-a", attn), ("comfy-b", attn), ("comfy-locon", conv)))}
 
 
+DIT_PARTS_SEED = 1700
+_PARTS_T5_WIDTH = 128  # SD3.5 pads CLIP-L's and CLIP-G's hidden states (64 + 64 here) to T5's width
+
+
+def dit_parts_pipeline(arch: str, seed: int = DIT_PARTS_SEED):
+    """A small Flux or SD3.5 pipeline whose every config follows from its weights' shapes and the
+    published models' family values (heads of 128 for Flux, 64 for SD3.5 and CLIP; GroupNorms of 32;
+    CLIP-L quick_gelu, CLIP-G gelu; T5 v1.1), so that config "auto" can derive it from the files
+    `write_dit_parts` writes, as it does for the real models. One or two blocks each, random from
+    ``seed``, float32, in eval mode (T5's dropout off, as a loaded model's). (The tiny presets cannot be
+    derived: their widths are below those values.)"""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from .bases.auto_config import CLIP_TOKEN_IDS
+    from .bases.dit_config import T5_FAMILY, VAE_FAMILY
+    from .bases.presets import SCHEDULER_FLUX, SCHEDULER_SD3, _T5_VOCAB, build_t5_tokenizer, build_tokenizer
+
+    def clip(act: str, with_projection: bool):
+        config = CLIPTextConfig(vocab_size=len(build_tokenizer().get_vocab()), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=77,
+                                hidden_act=act, projection_dim=64, **CLIP_TOKEN_IDS)
+        return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+    family = VAE_FAMILY[arch]
+    t5 = T5Config(vocab_size=len(_T5_VOCAB), d_model=_PARTS_T5_WIDTH, d_kv=32, d_ff=256, num_layers=1,
+                  num_decoder_layers=1, num_heads=4, relative_attention_num_buckets=32, **T5_FAMILY)
+    from .lora.arches import ARCHES
+
+    length = ARCHES[arch].sampling.max_sequence_length
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[32] * 4,
+                            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            layers_per_block=1, norm_num_groups=32, sample_size=family["vae_sample_size"],
+                            scaling_factor=family["scaling_factor"], shift_factor=family["shift_factor"],
+                            force_upcast=family["force_upcast"], use_quant_conv=False, use_post_quant_conv=False)
+        if arch == "flux":
+            transformer = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                num_attention_heads=1, joint_attention_dim=_PARTS_T5_WIDTH, pooled_projection_dim=64,
+                guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+            return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_FLUX), vae=vae,
+                                text_encoder=clip("quick_gelu", False), tokenizer=build_tokenizer(),
+                                text_encoder_2=T5EncoderModel(t5).eval(), tokenizer_2=build_t5_tokenizer(length),
+                                transformer=transformer)
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=64,
+            num_attention_heads=2, joint_attention_dim=_PARTS_T5_WIDTH, caption_projection_dim=128,
+            pooled_projection_dim=128, pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=())
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_SD3), vae=vae,
+            text_encoder=clip("quick_gelu", True), tokenizer=build_tokenizer(),
+            text_encoder_2=clip("gelu", True), tokenizer_2=build_tokenizer(pad_token="!"),
+            text_encoder_3=T5EncoderModel(t5).eval(), tokenizer_3=build_t5_tokenizer(length))
+
+
+def write_dit_parts(models_dir: str | Path, arch: str, pipe=None, name: str | None = None,
+                    all_in_one: bool = False) -> dict[str, Path]:
+    """Write ``pipe`` (default: `dit_parts_pipeline(arch)`) as the files a ComfyUI user keeps for a
+    Flux / SD3.5 model, under ``models_dir`` in ComfyUI's layout: the transformer in its original
+    layout (``checkpoints/<name>.safetensors``, default name ``<arch>-parts``; no metadata of ours, as
+    a file from elsewhere), ``text_encoders/clip_l.safetensors`` (and ``clip_g`` for SD3.5; HF names
+    under ``text_model.``), ``text_encoders/t5xxl_fp32.safetensors``, ``vae/ae.safetensors`` (LDM
+    names), and the tokenizers under ``tokenizers/clip`` and ``tokenizers/t5``. ``all_in_one``: the
+    text encoders and VAE go into the checkpoint instead, under ComfyUI's all-in-one prefixes.
+    Returns {part: path}."""
+    from .bases import dit_file, ldm_keys
+    from .bases.arch import UNET_PREFIX
+    from .bases.dit_parts import PARTS
+    from .lora.writers import atomic_save
+
+    pipe = pipe if pipe is not None else dit_parts_pipeline(arch)
+    models_dir = Path(models_dir)
+    transformer = dit_file.to_original(pipe.transformer.state_dict(), arch)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for part in PARTS[arch]:
+        state = getattr(pipe, part.component).state_dict()
+        if part.name == "vae":
+            parts[part.name] = {k.removeprefix(ldm_keys.VAE_PREFIX): v  # bare, as BFL's ae.safetensors
+                                for k, v in ldm_keys.vae_to_original(state, pipe.vae.config).items()}
+        elif part.name.startswith("clip"):
+            parts[part.name] = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+                                for k, v in state.items()}
+        else:  # T5: the tied input embedding is saved once, as "shared.weight"
+            parts[part.name] = {k: v for k, v in state.items() if k != "encoder.embed_tokens.weight"}
+    written = {}
+    checkpoint = models_dir / "checkpoints" / f"{name or arch + '-parts'}.safetensors"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    if all_in_one:
+        tensors = {UNET_PREFIX + k: v for k, v in transformer.items()}
+        for part in PARTS[arch]:
+            tensors.update({part.prefix + k: v for k, v in parts[part.name].items()})
+        written["checkpoint"] = atomic_save(tensors, checkpoint, {"format": "pt"})
+    else:
+        written["checkpoint"] = atomic_save(transformer, checkpoint, {"format": "pt"})
+        for part in PARTS[arch]:
+            folder = models_dir / part.folder
+            folder.mkdir(parents=True, exist_ok=True)
+            file_name = "t5xxl_fp32.safetensors" if part.name == "t5xxl" else part.file_names[0]
+            written[part.name] = atomic_save(parts[part.name], folder / file_name, {"format": "pt"})
+    for kind, tokenizer in (("clip", pipe.tokenizer), ("t5", getattr(pipe, "tokenizer_3", None) or pipe.tokenizer_2)):
+        folder = models_dir / "tokenizers" / kind
+        if not folder.is_dir():
+            tokenizer.save_pretrained(folder)
+        written[f"tokenizer_{kind}"] = folder
+    return written
+
+
 def _kohya_dict(lora: LoRA) -> dict[str, torch.Tensor]:
     return to_kohya_state_dict(lora, unet_names="diffusers")
 

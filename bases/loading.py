@@ -411,6 +411,14 @@ def _place(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.
     model.load_state_dict({k: v.to(dtype) for k, v in state.items() if k in expected}, strict=False, assign=True)
     if tied:
         model.tie_weights()
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:  # buffers no file holds: CLIP's position ids, rebuilt as transformers builds them
+            if not name.endswith("position_ids"):
+                raise BaseModelError(f"{file}: the {what}'s buffer {name!r} is in no file and cannot be rebuilt.",
+                                     file=file, key=name, kind="part_mismatch", fix="use a config folder")
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(
+                attr, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
     return model.eval()
 
 
@@ -437,7 +445,8 @@ def _parts_from_files(read: Mapping[Path, dict[str, torch.Tensor]], identity: Ba
             config_cls = transformers.T5Config if config.get("model_type") == "t5" else transformers.CLIPTextConfig
             with torch.device("meta"):
                 model = cls(config_cls(**{k: v for k, v in config.items() if k != "architectures"}))
-            if config.get("model_type") != "t5":  # transformers 5's CLIP text models have no text_model level
+            if not any(k.startswith("text_model.") for k in model.state_dict()):
+                # files keep CLIP's text_model. level; transformers 5's CLIPTextModel has none
                 state = {k.removeprefix("text_model."): v for k, v in state.items()}
             what = "T5 encoder" if config.get("model_type") == "t5" else "CLIP text encoder"
         built[component] = _place(model, state, identity.dtype, Path(file), what, _SPARE_KEYS)
