@@ -7,8 +7,9 @@ from .common import (CATEGORY, CHECKPOINT_SUFFIXES, MODEL, find_base, folders, l
                      model_pool, part_dirs, tokenizer_dirs)
 
 
-def _auto(path):
-    """The bases.auto_config.AutoConfig: what config "auto" finds for the checkpoint at ``path`` where this runtime looks (header reads only)."""
+def _auto(path, f=None):
+    """The bases.auto_config.AutoConfig: what config "auto" finds for the checkpoint at ``path`` where
+    this runtime (``f``: its Folders, default the running context's) looks (header reads only)."""
     from ..bases.arch import detect_checkpoint_arch
     from ..bases.auto_config import auto_config
     from ..bases.checks import weights_header
@@ -16,7 +17,7 @@ def _auto(path):
     header = weights_header(path)
     arch = detect_checkpoint_arch(header.tensors, str(path))
     return auto_config({k: info.shape for k, info in header.tensors.items()}, header.metadata, arch, str(path),
-                       tokenizer_dirs(), part_dirs())
+                       tokenizer_dirs(f), part_dirs(f))
 
 
 def _base_fingerprint(inputs: dict, f) -> str | None:
@@ -36,7 +37,7 @@ def _base_fingerprint(inputs: dict, f) -> str | None:
         parts.append(file_fingerprint(path))
         if inputs.get("config") == "auto" and path.is_file():
             try:
-                parts.append(_auto(path).files_fingerprint(path))
+                parts.append(_auto(path, f).files_fingerprint(path))
             except LoomError:
                 pass  # refused: execute says why, with the same error
     config = inputs.get("config")

@@ -106,12 +106,13 @@ def find_base(source: str, f=None) -> Path:
     return f.find("models", source)
 
 
-def tokenizer_dirs() -> list[Path]:
+def tokenizer_dirs(f=None) -> list[Path]:
     """Where a checkpoint's config "auto" looks for the CLIP tokenizer files, in order: the models
-    folder's ``tokenizers/clip/``, then the runtime's own (ComfyUI's, inside ComfyUI)."""
+    folder's ``tokenizers/clip/``, then the runtime's own (ComfyUI's, inside ComfyUI). ``f``: the
+    Folders (default: the running context's)."""
     from ..bases.auto_config import TOKENIZER_FOLDER
 
-    f = folders()
+    f = f or folders()
     return [f.models_dir / TOKENIZER_FOLDER, *f.tokenizer_dirs]
 
 
@@ -120,14 +121,15 @@ PART_FOLDERS = {"text_encoders": ("text_encoders", "clip"), "vae": ("vae",)}
 (ComfyUI's layout: models/clip is the older name of models/text_encoders)."""
 
 
-def part_dirs() -> dict[str, list[Path]]:
+def part_dirs(f=None) -> dict[str, list[Path]]:
     """Where a Flux / SD3.5 file's config "auto" looks for its text encoders, VAE and T5 tokenizer
     (bases.dit_parts), by kind, in order: the models folder's (see ``PART_FOLDERS``, and
-    ``tokenizers/t5``), then the runtime's own (ComfyUI's folders, inside ComfyUI)."""
+    ``tokenizers/t5``), then the runtime's own (ComfyUI's folders, inside ComfyUI). ``f``: the
+    Folders (default: the running context's)."""
     from ..bases.auto_config import T5_TOKENIZER_FOLDER
     from ..bases.dit_parts import T5_TOKENIZER
 
-    f = folders()
+    f = f or folders()
     found = {kind: [f.models_dir / name for name in names] for kind, names in PART_FOLDERS.items()}
     found[T5_TOKENIZER] = [f.models_dir / T5_TOKENIZER_FOLDER]
     for kind, dirs in f.part_dirs.items():
