@@ -521,6 +521,9 @@ def write_comfy_loras(out_dir: str | Path, checkpoint_pipe=None, seed: int = 0) 
 
 
 DIT_PARTS_SEED = 1700
+# The real vocabularies' sizes (CLIP's 49408, T5 v1.1's 32128), so that the real tokenizers (ComfyUI's
+# own, say) can drive these encoders as well as the tiny built-in ones, whose ids are fewer.
+CLIP_VOCAB, T5_VOCAB = 49408, 32128
 _PARTS_T5_WIDTH = 128  # SD3.5 pads CLIP-L's and CLIP-G's hidden states (64 + 64 here) to T5's width
 
 
@@ -537,16 +540,16 @@ def dit_parts_pipeline(arch: str, seed: int = DIT_PARTS_SEED):
 
     from .bases.auto_config import CLIP_TOKEN_IDS
     from .bases.dit_config import T5_FAMILY, VAE_FAMILY
-    from .bases.presets import SCHEDULER_FLUX, SCHEDULER_SD3, _T5_VOCAB, build_t5_tokenizer, build_tokenizer
+    from .bases.presets import SCHEDULER_FLUX, SCHEDULER_SD3, build_t5_tokenizer, build_tokenizer
 
     def clip(act: str, with_projection: bool):
-        config = CLIPTextConfig(vocab_size=len(build_tokenizer().get_vocab()), hidden_size=64, intermediate_size=128,
+        config = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=77,
                                 hidden_act=act, projection_dim=64, **CLIP_TOKEN_IDS)
         return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
     family = VAE_FAMILY[arch]
-    t5 = T5Config(vocab_size=len(_T5_VOCAB), d_model=_PARTS_T5_WIDTH, d_kv=32, d_ff=256, num_layers=1,
+    t5 = T5Config(vocab_size=T5_VOCAB, d_model=_PARTS_T5_WIDTH, d_kv=32, d_ff=256, num_layers=1,
                   num_decoder_layers=1, num_heads=4, relative_attention_num_buckets=32, **T5_FAMILY)
     from .lora.arches import ARCHES
 
@@ -579,15 +582,15 @@ def dit_parts_pipeline(arch: str, seed: int = DIT_PARTS_SEED):
 
 
 def write_dit_parts(models_dir: str | Path, arch: str, pipe=None, name: str | None = None,
-                    all_in_one: bool = False) -> dict[str, Path]:
+                    all_in_one: bool = False, tokenizers: bool = True) -> dict[str, Path]:
     """Write ``pipe`` (default: `dit_parts_pipeline(arch)`) as the files a ComfyUI user keeps for a
     Flux / SD3.5 model, under ``models_dir`` in ComfyUI's layout: the transformer in its original
     layout (``checkpoints/<name>.safetensors``, default name ``<arch>-parts``; no metadata of ours, as
     a file from elsewhere), ``text_encoders/clip_l.safetensors`` (and ``clip_g`` for SD3.5; HF names
     under ``text_model.``), ``text_encoders/t5xxl_fp32.safetensors``, ``vae/ae.safetensors`` (LDM
-    names), and the tokenizers under ``tokenizers/clip`` and ``tokenizers/t5``. ``all_in_one``: the
-    text encoders and VAE go into the checkpoint instead, under ComfyUI's all-in-one prefixes.
-    Returns {part: path}."""
+    names), and (``tokenizers``) the pipeline's tokenizers under ``tokenizers/clip`` and
+    ``tokenizers/t5``. ``all_in_one``: the text encoders and VAE go into the checkpoint instead, under
+    ComfyUI's all-in-one prefixes. Returns {part: path}."""
     from .bases import dit_file, ldm_keys
     from .bases.arch import UNET_PREFIX
     from .bases.dit_parts import PARTS
@@ -624,6 +627,8 @@ def write_dit_parts(models_dir: str | Path, arch: str, pipe=None, name: str | No
             written[part.name] = atomic_save(parts[part.name], folder / file_name, {"format": "pt"})
     for kind, tokenizer in (("clip", pipe.tokenizer), ("t5", getattr(pipe, "tokenizer_3", None) or pipe.tokenizer_2)):
         folder = models_dir / "tokenizers" / kind
+        if not tokenizers:
+            break
         if not folder.is_dir():
             tokenizer.save_pretrained(folder)
         written[f"tokenizer_{kind}"] = folder

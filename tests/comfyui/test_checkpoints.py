@@ -1,6 +1,7 @@
 """ComfyUI's own model folders in real ComfyUI: LoadBase lists the checkpoints its checkpoint loader
 lists (an extra_model_paths.yaml folder too) and runs them with config "auto" (our own files from
-their recorded configs; a foreign file from its shapes, with ComfyUI's own CLIP tokenizer); SaveLoRA
+their recorded configs; a foreign file from its shapes, with ComfyUI's own CLIP tokenizer; a Flux
+transformer from diffusion_models with its text encoders and VAE from ComfyUI's folders); SaveLoRA
 writes where core's LoraLoader and our LoadLoRA list the file, loadable in the next prompt."""
 
 import shutil
@@ -27,6 +28,16 @@ def comfyui_extra(tmp_path_factory, tiny_model_files, standard_checkpoint):
     shutil.copy(tiny_model_files("tiny-sd15")["single_file"], extra / "ckpts" / "sub" / "sd15.safetensors")
     shutil.copy(tiny_model_files("tiny-sdxl")["single_file"], base / "models" / "checkpoints" / "sdxl.safetensors")
     standard_checkpoint("sd15", extra / "ckpts" / "foreign.safetensors", vocab_size=49408)
+    # a small Flux kept as ComfyUI users keep Flux: the transformer in diffusion_models, its text
+    # encoders in text_encoders, its VAE in vae; and the same weights as one all-in-one checkpoint.
+    # Its tokenizers are ComfyUI's own (the encoders have the real vocabularies' sizes).
+    from loraloom import fixtures
+
+    flux = fixtures.dit_parts_pipeline("flux")
+    written = fixtures.write_dit_parts(base / "models", "flux", flux, tokenizers=False)
+    (base / "models" / "diffusion_models").mkdir(exist_ok=True)
+    written["checkpoint"].rename(base / "models" / "diffusion_models" / "flux-parts.safetensors")
+    fixtures.write_dit_parts(base / "models", "flux", flux, name="flux-aio", all_in_one=True, tokenizers=False)
     config = base / "extra_model_paths.yaml"
     config.write_text(f"loom_test:\n    base_path: {extra}\n    checkpoints: ckpts\n    loras: more-loras\n")
     server = start_comfyui(base, names, ("--extra-model-paths-config", str(config)),
@@ -67,6 +78,23 @@ def test_a_foreign_checkpoint_runs_with_comfyuis_own_tokenizer(comfyui_extra, pr
     done = comfyui_extra.run(prompt)
     assert done["status"]["status_str"] == "success", done["status"]["messages"][-1][1].get("exception_message")
     assert _image(comfyui_extra, done, "3").shape == (64, 64, 3)
+
+
+def test_a_flux_transformer_in_diffusion_models_runs_with_its_parts_from_comfyuis_folders(comfyui_extra, prompts):
+    import numpy as np
+
+    sources = comfyui_extra.combo_options("LoadBase", "source")
+    assert {"flux-parts.safetensors", "flux-aio.safetensors"} <= set(sources), sources
+    sample = {"guidance": 3.5, "scheduler": "default"}
+    prompt = {"1": prompts.base("flux-parts.safetensors"), "2": prompts.sample(["1", 0], **sample),
+              "3": prompts.save_image(["2", 0]),
+              "4": prompts.base("flux-aio.safetensors"), "5": prompts.sample(["4", 0], **sample),
+              "6": prompts.save_image(["5", 0])}
+    done = comfyui_extra.run(prompt)
+    assert done["status"]["status_str"] == "success", done["status"]["messages"][-1][1].get("exception_message")
+    separate, aio = _image(comfyui_extra, done, "3"), _image(comfyui_extra, done, "6")
+    assert np.array_equal(separate, aio), "the same weights, found in ComfyUI's folders or inside one file"
+    assert separate.std() > 1, "a picture, not a flat image"
 
 
 def test_auto_is_refused_at_queue_time_where_it_cannot_work(comfyui_extra, prompts):
