@@ -164,3 +164,21 @@ def test_load_base_finds_the_parts_in_the_models_folder_and_reruns_when_one_chan
     (models / "text_encoders" / "clip_l.safetensors").unlink()
     with pytest.raises(ValidationError, match=r"parts_missing|clip_l"):
         rt.validate(workflow)
+
+
+def test_an_fp8_t5_file_is_found_and_upcast_as_it_loads(written, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pipe, root = written["flux"]
+    copy = tmp_path / "models"
+    shutil.copytree(root, copy)
+    fp32 = copy / "text_encoders" / "t5xxl_fp32.safetensors"
+    tensors = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in load_file(fp32).items()}
+    save_file(tensors, copy / "text_encoders" / "t5xxl_fp8_e4m3fn.safetensors", {"format": "pt"})
+    fp32.unlink()
+    loaded = load_base(copy / "checkpoints" / "flux-parts.safetensors", dtype="fp32", device="cpu", **_dirs(copy))
+    ours = loaded.pipeline.text_encoder_2.state_dict()
+    for key, value in tensors.items():
+        assert ours[key].dtype == torch.float32 and torch.equal(ours[key], value.float()), key
+    assert not torch.equal(ours["shared.weight"], pipe.text_encoder_2.state_dict()["shared.weight"]), \
+        "the fp8 file's (rounded) values, not the fp32 ones"
