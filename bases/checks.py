@@ -255,7 +255,7 @@ def _check_numbers(path: Path, key: str, value: Any, limit: int, max_items: int)
 
 def model_shapes(path: Path, component: str, library: str, class_name: str, config: dict) -> dict[str, tuple]:
     """The tensors (name -> shape) of the model ``config`` describes, built on the meta device: the
-    library's own constructor, with no memory allocated."""
+    library's own constructor, with no memory allocated; a tensor tied under two names once."""
     import torch
 
     try:
@@ -276,7 +276,14 @@ def model_shapes(path: Path, component: str, library: str, class_name: str, conf
     except Exception as exc:  # a wrong type or value anywhere in the config: the constructor says which
         raise _refuse(path, f"this config does not describe a {class_name}: {type(exc).__name__}: "
                             f"{str(exc)[:300]}", value=type(exc).__name__, kind="bad_config") from None
-    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    # A tied weight (T5's input embedding, shared with ``shared``) is one tensor under two names, and
+    # saved once: count it once, or a valid folder of a model whose embedding is most of it is refused.
+    shapes, seen = {}, set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            shapes[key] = tuple(tensor.shape)
+    return shapes
 
 
 def check_budget(config: Path, what: str, shapes: dict[str, tuple], held: Iterable[TensorInfo],

@@ -90,7 +90,7 @@ def find_parts(arch: str, checkpoint: Path, checkpoint_keys: Iterable[str],
         found[part.component] = Found(path, "")
     if missing:
         raise BaseModelError(
-            f"holds the {arch} transformer; config 'auto' needs the other parts of the pipeline too and did "
+            f"holds the {ARCHES[arch].label} transformer; config 'auto' needs the other parts of the pipeline too and did "
             f"not find: {'; '.join(f'{name} ({where})' for name, where in missing.items())}.", file=checkpoint,
             value=list(missing),
             kind="parts_missing", fix=_FIX)
@@ -106,9 +106,10 @@ _TOKENIZER_CLASS = {"clip_l": "CLIPTokenizer", "clip_g": "CLIPTokenizer", "t5xxl
 
 
 def _mismatch(found: Found, key: str, what: str, value, limit, arch: str) -> BaseModelError:
-    return BaseModelError(f"{what} is {value}, but the {arch} transformer needs {limit}: this file is of another "
+    label = ARCHES[arch].label
+    return BaseModelError(f"{what} is {value}, but the {label} transformer needs {limit}: this file is of another "
                           "model.", file=found.path, key=found.prefix + key, value=value, limit=limit,
-                          kind="part_mismatch", fix=f"use the files of the same {arch} model (or a config folder)")
+                          kind="part_mismatch", fix=f"use the files of the same {label} model (or a config folder)")
 
 
 def _fit(arch: str, transformer: Mapping, configs: Mapping[str, dict], found: Mapping[str, Found]) -> None:

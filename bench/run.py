@@ -7,7 +7,8 @@ reference, target and PASS / MISS.
 Rows (number or name): 1 edit, 2 merge, 3 fuse, 4 compile, 5 loading, 6 runtime, 7 checks,
 8 disk, 9 baseload, 10 first_image, 11 flux_merge,
 12 flux_fuse, 13 flux_loading (the Flux rows: FLUX.1 dev shapes; with --quick the same blocks at a tiny
-width), 14 sweep, 15 sweep_ray (skipped without the [ray] extra).
+width), 14 sweep, 15 sweep_ray (skipped without the [ray] extra), 16 flux_parts (a Flux of real widths
+loaded from the files ComfyUI users keep, config "auto"; --quick: a small one).
 ``--quick`` (CI, about 2 minutes) runs the small versions: tiny models, fewer repeats, merge methods
 svd and cat only, a 64 MiB checkpoint in row 7, the tiny-sdxl preset as a folder in row 9, and skips row 4 (cold torch.compile takes minutes on
 a CPU). It exists to keep the suite working; nothing asserts on timings. Without ``--quick`` the
@@ -72,6 +73,7 @@ ROWS = [
     Row(14, "sweep", "Sweep", "bench_sweep.py"),
     # skipped, with a line saying so, where Ray is not installed (it is the optional extra [ray])
     Row(15, "sweep_ray", "Sweeps on Ray", "bench_sweep_ray.py"),
+    Row(16, "flux_parts", "Flux from its parts", "bench_dit_auto.py"),
 ]
 
 PASS, MISS, INFO = "PASS", "MISS", "-"
@@ -375,6 +377,20 @@ def lines_baseload(f: dict) -> list:
     return out
 
 
+def lines_flux_parts(f: dict) -> list:
+    t = f["tasks"]
+    auto, gib = t["auto"], f["weights_bytes"] / 2**30
+    out = []
+    for task, what in (("folder", "load_base of the diffusers folder"), ("diffusers-touched", "from_pretrained + read")):
+        ref = t[task]
+        out.append((f"config auto from the parts vs {what}, Flux {gib:.1f} GiB fp16: time, peak RSS",
+                    f"{auto['seconds']:.3g} s, {auto['peak_rss_mib'] / 1024:.3g} GiB",
+                    f"{ref['seconds']:.3g} s, {ref['peak_rss_mib'] / 1024:.3g} GiB",
+                    f"time {auto['seconds'] / ref['seconds']:.3g}x, "
+                    f"RSS {auto['peak_rss_mib'] / max(ref['peak_rss_mib'], 1e-9):.3g}x", INFO, INFO))
+    return out
+
+
 def lines_checks(f: dict) -> list:
     gib, peak = f["file_bytes"] / 2**30, f["peak_rss_mib"]
     return [
@@ -456,7 +472,7 @@ def lines_sweep_ray(f: dict) -> list:
 SUMMARIES = {"edit": lines_edit, "merge": lines_merge, "flux_merge": lines_merge, "fuse": lines_fuse, "flux_fuse": lines_fuse, "flux_loading": lines_flux_loading, "compile": lines_compile,
              "loading": lines_loading, "runtime": lines_runtime, "checks": lines_checks, "disk": lines_disk,
              "baseload": lines_baseload, "first_image": lines_first_image, "sweep": lines_sweep,
-             "sweep_ray": lines_sweep_ray}
+             "sweep_ray": lines_sweep_ray, "flux_parts": lines_flux_parts}
 
 
 def table(results: dict, quick: bool = False) -> str:
@@ -492,7 +508,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="small versions of every row, row 4 skipped (CI, ~2 min)")
     parser.add_argument("--only", help="comma-separated rows (numbers or names: edit, merge, fuse, compile, loading, runtime, "
-                        "checks, disk, baseload, first_image, flux_merge, flux_fuse, flux_loading, sweep, sweep_ray)")
+                        "checks, disk, baseload, first_image, flux_merge, flux_fuse, flux_loading, sweep, sweep_ray, flux_parts)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every row (default: %(default)s; "
                         "0: torch's own choice)")
     parser.add_argument("--json", help="write every figure, the table and the machine here")

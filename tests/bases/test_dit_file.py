@@ -178,10 +178,11 @@ def test_damaged_flux_file_is_refused_naming_what(damage, tiny_model_files, tmp_
         assert err.key == "transformer_blocks.0.ff.net.0.proj.weight" and err.value == [7, 32], err.fields()
 
 
-def test_flux_file_needs_a_config_with_text_encoders(tiny_model_files):
+def test_flux_file_needs_its_text_encoders_from_files_or_a_config_folder(tiny_model_files):
     files = tiny_model_files("tiny-flux")
-    err = _refused(files["single_file"])
-    assert "holds a Flux transformer alone" in str(err) and "Fix: choose a config folder" in str(err), str(err)
+    err = _refused(files["single_file"])  # config "auto", and no part in any folder
+    assert err.kind == "parts_missing" and "holds the Flux transformer" in str(err), str(err)
+    assert "or choose a config folder" in err.fix, err.fix
     assert str(err).count(str(files["single_file"])) == 1, str(err)
     err = _refused(files["single_file"], config=files["config"])  # a skeleton: no text encoder weights
     assert err.kind == "not_found" and "no weights" in str(err), err.fields()
