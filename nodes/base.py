@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..graph_runtime import Combo, InputError, Output, file_fingerprint, node
-from .common import CATEGORY, MODEL, find_base, folders, list_bases, list_config_folders, model_pool, tokenizer_dirs
+from .common import CATEGORY, CHECKPOINT_SUFFIXES, MODEL, find_base, folders, list_bases, list_config_folders, model_pool, tokenizer_dirs
 
 
 def _base_fingerprint(inputs: dict, f) -> str | None:
@@ -47,7 +47,7 @@ class LoadBase:
         if source in PRESETS and config not in (None, "auto"):
             return {"config": InputError(f"{config!r} given, but preset {source!r} needs no config; set it to 'auto'",
                                          value=config, limit="auto", kind="config_not_needed")}
-        if isinstance(source, str) and source.lower().endswith(".safetensors") and config == "auto":
+        if isinstance(source, str) and source.lower().endswith(CHECKPOINT_SUFFIXES) and config == "auto":
             return cls._check_auto(source)
         return {}
 

@@ -170,6 +170,35 @@ class Prompts:
     def save_image(images):  # ComfyUI's own SaveImage: our IMAGE is its IMAGE
         return {"class_type": "SaveImage", "inputs": {"images": images, "filename_prefix": "loom"}}
 
+    @staticmethod
+    def lora(name: str) -> dict:
+        return {"class_type": "LoadLoRA", "inputs": {"lora_name": name}}
+
+    def blend(self, lora: str, weight: float, **sample) -> dict:
+        """A whole prompt: LoRA file ``lora`` blended into tiny-sd15 at ``weight`` (node 3), sampled
+        (node 4, ``sample`` its inputs), the image saved by ComfyUI's SaveImage (node 5)."""
+        return {"1": self.base(), "2": self.lora(lora),
+                "3": self.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=weight),
+                "4": self.sample(["3", 0], **sample), "5": self.save_image(["4", 0])}
+
+    def sweep_grid(self, lora: str, weights: tuple, seeds: tuple, **sample) -> dict:
+        """:meth:`blend` (weight 0.8) with a SweepGrid (node 5) over the blend's ``weights`` (x) and the
+        sample's ``seeds`` (y) between the sample and the SaveImage (node 6)."""
+        prompt = self.blend(lora, 0.8, **sample)
+        prompt["5"] = self.full("SweepGrid", images=["4", 0], x_axis="3.weight=" + ",".join(map(str, weights)),
+                                y_axis="4.seed=" + ",".join(map(str, seeds)))
+        prompt["6"] = self.save_image(["5", 0])
+        return prompt
+
+
+def sweep_folder(server: ComfyUI, done: dict) -> Path:
+    """The folder of the one sweep grid a finished run (its history entry ``done``) shows."""
+    assert done["status"]["status_str"] == "success", done["status"]
+    shown = [image for out in done["outputs"].values() for image in out.get("images", [])
+             if image["subfolder"].startswith("sweeps/")]
+    assert [image["filename"] for image in shown] == ["grid.png"], done["outputs"]
+    return server.base / "output" / shown[0]["subfolder"]
+
 
 @pytest.fixture
 def prompts():
