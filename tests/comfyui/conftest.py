@@ -69,17 +69,25 @@ class ComfyUI:
         spec = {**info.get("required", {}), **info.get("optional", {})}[name]
         return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
 
-    def run(self, prompt: dict, timeout: float = 300) -> dict:
-        """Queue ``prompt``, wait for it, return its history entry."""
+    def queue(self, prompt: dict) -> str:
+        """Queue ``prompt`` (it must be accepted); its prompt id."""
         status, queued = self.call("POST", "/prompt", {"prompt": prompt})
         assert status == 200 and not queued["node_errors"], f"refused: {queued}"
+        return queued["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        """The history entry of queued prompt ``prompt_id``, once it is done."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            _, history = self.call("GET", f"/history/{queued['prompt_id']}")
-            if history and history[queued["prompt_id"]]["status"].get("completed") is not None:
-                return history[queued["prompt_id"]]
-            time.sleep(0.5)
+            _, history = self.call("GET", f"/history/{prompt_id}")
+            if history and history[prompt_id]["status"].get("completed") is not None:
+                return history[prompt_id]
+            time.sleep(0.2)
         raise AssertionError(f"not done in {timeout} s; log:\n{self.log.read_text()[-3000:]}")
+
+    def run(self, prompt: dict, timeout: float = 300) -> dict:
+        """Queue ``prompt``, wait for it, return its history entry."""
+        return self.wait(self.queue(prompt), timeout)
 
 
 def start_comfyui(base: Path, names: dict, args: tuple = (), env: dict | None = None):
