@@ -163,15 +163,10 @@ def comfy_input_types(cls: type) -> dict:
             group = types["optional" if inp.optional else "required"]
             kind, *options = group[inp.name]
             group[inp.name] = (kind, {**(options[0] if options else {}), RAW_LINK: True})
-    if comfy_hidden(cls):
-        types["hidden"] = comfy_hidden(cls)
+    hidden = comfy_hidden(cls)
+    if hidden:
+        types["hidden"] = hidden
     return types
-
-
-def comfy_fingerprint(cls: type, values: dict):
-    """ComfyUI's change check of node class ``cls`` (V1 IS_CHANGED, V3 fingerprint_inputs): the
-    schema's rule, given the constants ComfyUI passes (None for a link)."""
-    return cls.IS_CHANGED(**values)
 
 
 # --- our checks when ComfyUI queues a prompt ---

@@ -6,7 +6,7 @@ node's schema each time ComfyUI asks (COMBO lists are read then, as V1's ``INPUT
 with every widget's options as V1 declares them; ``execute`` calls the node's own ``execute`` and hands
 back what it returns (outputs, ``ui``, ``expand``) as an ``io.NodeOutput``; ``fingerprint_inputs`` and
 ``validate_inputs`` are V1's ``IS_CHANGED`` and ``VALIDATE_INPUTS`` (comfy_integration). Each old id of
-a node (its schema's ``aliases``) is one more, deprecated, V3 node running the same class.
+a node (its schema's ``aliases``, a V1 class with ``ALIAS``) is one more, deprecated, V3 node.
 
 Imported only inside a ComfyUI that has the V3 API (``comfy_api.latest``): the pack's ``__init__`` picks.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 
-from .comfy_integration import comfy_fingerprint, comfy_hidden, comfy_input_types, queue_check_function
+from .comfy_integration import comfy_hidden, comfy_input_types, queue_check_function
 
 
 def comfy_entrypoint_for(classes: dict[str, type], names: dict[str, str]):
@@ -39,18 +39,10 @@ def comfy_entrypoint_for(classes: dict[str, type], names: dict[str, str]):
 
 
 def v3_nodes(classes: dict[str, type], names: dict[str, str]) -> list[type]:
-    """The V3 node classes for the V1 ``classes``: one per node, and a deprecated one per old id."""
-    aliases = {alias for cls in classes.values() for alias in getattr(cls.SCHEMA, "aliases", ())}
-    nodes = []
-    for node_id, cls in classes.items():
-        if node_id in aliases:
-            continue  # an old id listed among the V1 classes: made below, from its node
-        nodes.append(v3_node(cls, node_id, names.get(node_id) or cls.SCHEMA.display_name))
-        for alias in getattr(cls.SCHEMA, "aliases", ()):
-            # the V1 class listed under the old id where there is one (it may say which id it was placed under)
-            nodes.append(v3_node(classes.get(alias, cls), alias, names.get(alias) or cls.SCHEMA.display_name,
-                                 deprecated=True))
-    return nodes
+    """The V3 node classes for the V1 ``classes``: one per entry, deprecated where the entry is an old
+    id's class (its ``ALIAS``: graph_runtime.schema.comfy_classes)."""
+    return [v3_node(cls, node_id, names.get(node_id) or cls.SCHEMA.display_name, deprecated=hasattr(cls, "ALIAS"))
+            for node_id, cls in classes.items()]
 
 
 def v3_node(node_class: type, node_id: str, display_name: str, deprecated: bool = False) -> type:
@@ -78,8 +70,8 @@ def v3_node(node_class: type, node_id: str, display_name: str, deprecated: bool 
         given = {name: getattr(cls.hidden, io.Hidden(kind).name) for name, kind in hidden.items()}
         return node_output(node_class().execute(**inputs, **given))
 
-    def fingerprint_inputs(cls, **values):
-        return comfy_fingerprint(node_class, values)
+    def fingerprint_inputs(cls, **values):  # V1's change check, given the constants (None for a link)
+        return node_class.IS_CHANGED(**values)
 
     attrs = {"__doc__": node_class.__doc__, "__module__": __name__, "LOOM_NODE": node_class,
              "define_schema": classmethod(define_schema), "execute": classmethod(execute),

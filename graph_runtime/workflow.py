@@ -308,13 +308,18 @@ class _Flattener:
             if visited > MAX_NODES:
                 raise WorkflowError(f"{self.source}: its subgraphs unfold into more than {MAX_NODES} nodes",
                                     limit=MAX_NODES, kind="subgraph")
-            if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASS):
+            off = node.get("mode", 0) in (MODE_MUTED, MODE_BYPASS)
+            if off and not scope.path:
                 continue
             sub = self._definition(scope, node)
             if sub is not None:
+                # The editor leaves out the nodes of a muted or bypassed subgraph node only at the top
+                # level: inside a subgraph it unfolds one whatever its mode (its graphToPrompt checks
+                # the mode of the root's nodes, then of each node unfolded), so each inner node's own
+                # mode decides; links to the subgraph node's outputs still see it muted or bypassed.
                 child = self._child(scope, node, sub)
                 stack.extend((child, n) for n in reversed(list(sub.nodes.values())))
-            elif node["type"] not in FRONTEND_ONLY:
+            elif not off and node["type"] not in FRONTEND_ONLY:
                 node_id = _exec_id(scope, node)
                 out[node_id] = self._entry(scope, node, linked)
         for inputs, name in linked:  # the editor drops a link to a node that is not in the prompt

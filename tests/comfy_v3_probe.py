@@ -106,9 +106,8 @@ def v3_facts(ours: dict, pack, scratch: Path) -> dict:
             return model, clip, strength
 
     # a V1 mapping lists an old id as a deprecated subclass (V1's DEPRECATED), which the V3 node then runs
-    old_v1 = type("ProbeOldDeprecated", (Probe,), {"DEPRECATED": True})
-    made = comfy_v3.v3_nodes({"LoraLoomProbe": Probe, "ProbeOld": old_v1},
-                             {"LoraLoomProbe": "Loom Probe", "ProbeOld": "Loom Probe [old id ProbeOld]"})
+    v1 = graph_runtime.schema.comfy_classes(Probe)
+    made = comfy_v3.v3_nodes(v1, graph_runtime.schema.comfy_display_names(v1))
     facts["aliases"] = []
     for cls in made:
         schema, info = cls.GET_SCHEMA(), cls.GET_NODE_INFO_V1()

@@ -69,17 +69,25 @@ class ComfyUI:
         spec = {**info.get("required", {}), **info.get("optional", {})}[name]
         return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
 
-    def run(self, prompt: dict, timeout: float = 300) -> dict:
-        """Queue ``prompt``, wait for it, return its history entry."""
+    def queue(self, prompt: dict) -> str:
+        """Queue ``prompt`` (it must be accepted); its prompt id."""
         status, queued = self.call("POST", "/prompt", {"prompt": prompt})
         assert status == 200 and not queued["node_errors"], f"refused: {queued}"
+        return queued["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        """The history entry of queued prompt ``prompt_id``, once it is done."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            _, history = self.call("GET", f"/history/{queued['prompt_id']}")
-            if history and history[queued["prompt_id"]]["status"].get("completed") is not None:
-                return history[queued["prompt_id"]]
-            time.sleep(0.5)
+            _, history = self.call("GET", f"/history/{prompt_id}")
+            if history and history[prompt_id]["status"].get("completed") is not None:
+                return history[prompt_id]
+            time.sleep(0.2)
         raise AssertionError(f"not done in {timeout} s; log:\n{self.log.read_text()[-3000:]}")
+
+    def run(self, prompt: dict, timeout: float = 300) -> dict:
+        """Queue ``prompt``, wait for it, return its history entry."""
+        return self.wait(self.queue(prompt), timeout)
 
 
 def start_comfyui(base: Path, names: dict, args: tuple = (), env: dict | None = None):
@@ -169,6 +177,35 @@ class Prompts:
     @staticmethod
     def save_image(images):  # ComfyUI's own SaveImage: our IMAGE is its IMAGE
         return {"class_type": "SaveImage", "inputs": {"images": images, "filename_prefix": "loom"}}
+
+    @staticmethod
+    def lora(name: str) -> dict:
+        return {"class_type": "LoadLoRA", "inputs": {"lora_name": name}}
+
+    def blend(self, lora: str, weight: float, **sample) -> dict:
+        """A whole prompt: LoRA file ``lora`` blended into tiny-sd15 at ``weight`` (node 3), sampled
+        (node 4, ``sample`` its inputs), the image saved by ComfyUI's SaveImage (node 5)."""
+        return {"1": self.base(), "2": self.lora(lora),
+                "3": self.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=weight),
+                "4": self.sample(["3", 0], **sample), "5": self.save_image(["4", 0])}
+
+    def sweep_grid(self, lora: str, weights: tuple, seeds: tuple, **sample) -> dict:
+        """:meth:`blend` (weight 0.8) with a SweepGrid (node 5) over the blend's ``weights`` (x) and the
+        sample's ``seeds`` (y) between the sample and the SaveImage (node 6)."""
+        prompt = self.blend(lora, 0.8, **sample)
+        prompt["5"] = self.full("SweepGrid", images=["4", 0], x_axis="3.weight=" + ",".join(map(str, weights)),
+                                y_axis="4.seed=" + ",".join(map(str, seeds)))
+        prompt["6"] = self.save_image(["5", 0])
+        return prompt
+
+
+def sweep_folder(server: ComfyUI, done: dict) -> Path:
+    """The folder of the one sweep grid a finished run (its history entry ``done``) shows."""
+    assert done["status"]["status_str"] == "success", done["status"]
+    shown = [image for out in done["outputs"].values() for image in out.get("images", [])
+             if image["subfolder"].startswith("sweeps/")]
+    assert [image["filename"] for image in shown] == ["grid.png"], done["outputs"]
+    return server.base / "output" / shown[0]["subfolder"]
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ transformer from diffusion_models with its text encoders and VAE from ComfyUI's 
 writes where core's LoraLoader and our LoadLoRA list the file, loadable in the next prompt."""
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -130,3 +131,82 @@ def test_a_saved_lora_is_listed_by_core_and_ours_and_loads_in_the_next_prompt(co
     original = load_file(str(comfyui_extra.base / "models" / "loras" / lora))
     common = set(saved) & set(original)
     assert common and all(torch.equal(saved[k].float(), original[k].float()) for k in common if k.endswith("weight"))
+
+
+def _reweighted(src, dst, factor: float) -> None:
+    """``src`` written again with its UNet tensors times ``factor``: for factors 1 and another, two
+    files of one layout and size, whose images differ."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        tensors = {k: f.get_tensor(k) * (factor if k.startswith("model.diffusion_model.") else 1.0) for k in f.keys()}
+        metadata = f.metadata()
+    save_file(tensors, str(dst), metadata)
+
+
+def _started_at(done: dict) -> float:
+    """When ComfyUI started running a prompt (seconds since the epoch), from its history entry."""
+    (ms,) = [data["timestamp"] for kind, data in done["status"]["messages"] if kind == "execution_start"]
+    return ms / 1000
+
+
+def test_a_checkpoint_changed_after_queueing_is_read_anew_and_a_truncated_one_fails_clearly(
+        comfyui_extra, prompts, tiny_model_files, tmp_path):
+    """A checkpoint in ComfyUI's folder overwritten in place (same inode, same size) after its prompt was
+    queued, and validated, against the old content: the run loads the new content (not ComfyUI's cache,
+    not our model pool's). Cut short instead: the run fails naming the file, and the next one works."""
+    import numpy as np
+
+    folder = comfyui_extra.base / "models" / "checkpoints"
+    old, changed = tmp_path / "old.safetensors", folder / "changed-new.safetensors"
+    _reweighted(tiny_model_files("tiny-sd15")["single_file"], old, 1.0)
+    _reweighted(tiny_model_files("tiny-sd15")["single_file"], changed, 1.05)
+    assert old.stat().st_size == changed.stat().st_size
+    target = folder / "changed.safetensors"
+    shutil.copy(old, target)
+
+    def prompt(source: str, seed: int = 1) -> dict:
+        return {"1": prompts.base(source), "2": prompts.sample(["1", 0], seed=seed), "3": prompts.save_image(["2", 0])}
+
+    def behind_a_slower_prompt(change) -> dict:
+        """Queue the prompt on ``target`` behind a slower one that holds it too (so ComfyUI's cache holds
+        its nodes, run on the old content), ``change`` the file, then run them."""
+        slow = comfyui_extra.queue({**prompt("changed.safetensors", seed=3), "11": prompts.base(),
+                                    "12": prompts.sample(["11", 0], steps=30, width=128, height=128),
+                                    "13": prompts.save_image(["12", 0])})
+        queued = comfyui_extra.queue(prompt("changed.safetensors", seed=3))
+        change()
+        changed_at = time.time()
+        comfyui_extra.wait(slow)
+        done = comfyui_extra.wait(queued)
+        assert _started_at(done) > changed_at, "the prompt ran after the change (else the slower prompt was too fast)"
+        cached = {n for kind, data in done["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]}
+        assert "1" not in cached, "ComfyUI's cache did not answer for the changed file"
+        return done
+
+    before = comfyui_extra.run(prompt("changed.safetensors", seed=3))
+    new = comfyui_extra.run(prompt("changed-new.safetensors", seed=3))
+    assert before["status"]["status_str"] == new["status"]["status_str"] == "success"
+    assert not np.array_equal(_image(comfyui_extra, before, "3"), _image(comfyui_extra, new, "3"))
+
+    def overwrite():
+        with open(target, "r+b") as f:
+            f.write(changed.read_bytes())
+
+    done = behind_a_slower_prompt(overwrite)
+    assert done["status"]["status_str"] == "success", done["status"]
+    assert np.array_equal(_image(comfyui_extra, done, "3"), _image(comfyui_extra, new, "3")), \
+        "the run used the new content"
+
+    data = changed.read_bytes()
+    failed = behind_a_slower_prompt(lambda: target.write_bytes(data[: len(data) // 2]))
+    (error,) = [d for kind, d in failed["status"]["messages"] if kind == "execution_error"]
+    assert (error["node_id"], error["exception_type"]) == ("1", "loraloom.BaseModelError"), error
+    assert "changed.safetensors" in error["exception_message"] and "truncated" in error["exception_message"], \
+        error["exception_message"]
+    shutil.copy(changed, target)
+    again = comfyui_extra.run(prompt("changed.safetensors", seed=4))
+    reference = comfyui_extra.run(prompt("changed-new.safetensors", seed=4))
+    assert again["status"]["status_str"] == "success", again["status"]
+    assert np.array_equal(_image(comfyui_extra, again, "3"), _image(comfyui_extra, reference, "3"))

@@ -1,5 +1,8 @@
 """Our pack inside real ComfyUI: queue-time checks, runs, errors, the sweep grid (see conftest.py)."""
 
+from .conftest import sweep_folder
+
+
 def test_inside_comfyui_bad_values_are_refused_when_queued_with_our_messages(comfyui, prompts):
     lora = comfyui.names["tiny-sd15/kohya"]
     prompt = {
@@ -29,10 +32,8 @@ def test_inside_comfyui_bad_values_are_refused_when_queued_with_our_messages(com
 
 def test_inside_comfyui_a_good_prompt_runs_and_a_saved_lora_loads_next_time(comfyui, prompts):
     lora = comfyui.names["tiny-sd15/kohya"]
-    prompt = {"1": prompts.base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
-              "3": prompts.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
-              "4": prompts.sample(["3", 0]), "5": prompts.save_image(["4", 0]),
-              "6": prompts.full("SaveLoRA", lora=["2", 0], filename_prefix="loras/again", dtype="fp32")}
+    prompt = prompts.blend(lora, 0.8)
+    prompt["6"] = prompts.full("SaveLoRA", lora=["2", 0], filename_prefix="loras/again", dtype="fp32")
     done = comfyui.run(prompt)
     assert done["status"]["status_str"] == "success", done["status"]
     image = done["outputs"]["5"]["images"][0]
@@ -48,9 +49,7 @@ def test_inside_comfyui_a_good_prompt_runs_and_a_saved_lora_loads_next_time(comf
 
 
 def test_inside_comfyui_a_failing_node_names_our_error_type_not_a_path(comfyui, prompts):
-    prompt = {"1": prompts.base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": comfyui.names["tiny-sdxl/kohya"]}},
-              "3": prompts.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
-              "4": prompts.sample(["3", 0]), "5": prompts.save_image(["4", 0])}
+    prompt = prompts.blend(comfyui.names["tiny-sdxl/kohya"], 0.8)
     done = comfyui.run(prompt)
     errors = [data for kind, data in done["status"]["messages"] if kind == "execution_error"]
     assert errors, done["status"]
@@ -68,18 +67,8 @@ def test_inside_comfyui_a_sweep_grid_expands_into_its_cells_and_draws_our_grid(c
 
     from loraloom.api import Runtime
 
-    lora = comfyui.names["tiny-sd15/kohya"]
-    prompt = {"1": prompts.base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
-              "3": prompts.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
-              "4": prompts.sample(["3", 0]),
-              "5": prompts.full("SweepGrid", images=["4", 0], x_axis="3.weight=0.2,0.8", y_axis="4.seed=1,2"),
-              "6": prompts.save_image(["5", 0])}
-    done = comfyui.run(prompt)
-    assert done["status"]["status_str"] == "success", done["status"]
-    shown = [image for out in done["outputs"].values() for image in out.get("images", [])
-             if image["subfolder"].startswith("sweeps/")]
-    assert [image["filename"] for image in shown] == ["grid.png"], done["outputs"]
-    folder = comfyui.base / "output" / shown[0]["subfolder"]
+    prompt = prompts.sweep_grid(comfyui.names["tiny-sd15/kohya"], weights=(0.2, 0.8), seeds=(1, 2))
+    folder = sweep_folder(comfyui, comfyui.run(prompt))
     theirs = np.asarray(Image.open(folder / "grid.png").convert("RGB"))
     assert len((folder / "manifest.jsonl").read_text().splitlines()) == 4
 

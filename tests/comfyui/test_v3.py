@@ -3,7 +3,6 @@ registration (NODE_CLASS_MAPPINGS) in a second ComfyUI started with LORALOOM_COM
 same nodes, widgets and outputs in /object_info, the same runs, refusals, text and caching."""
 
 import copy
-import importlib.util
 import json
 import re
 import shutil
@@ -13,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from .conftest import comfyui_base, start_comfyui, sweep_folder
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 # Every shipped workflow runs through V3 in test_workflows.py (the session's ComfyUI takes the pack through
@@ -20,14 +21,6 @@ ROOT = HERE.parents[1]
 # compare: running all of them twice would add minutes (a cold torch.compile per server) and no new path.
 WORKFLOWS = [ROOT / "workflows" / name for name in ("blend_api.json", "merge_dare_api.json")]
 CATEGORY = "LoRA Loom"
-
-
-def _harness():
-    """conftest.py's helpers (pytest imports conftest itself under a name of its own)."""
-    spec = importlib.util.spec_from_file_location("loraloom_comfyui_harness", HERE / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def add_demo_loras(base: Path) -> None:
@@ -48,9 +41,8 @@ def v3(comfyui):
 @pytest.fixture(scope="module")
 def v1(tmp_path_factory):
     """A second ComfyUI with the pack forced onto the V1 API."""
-    harness = _harness()
     base = tmp_path_factory.mktemp("comfyui-v1")
-    server = harness.start_comfyui(base, harness.comfyui_base(base), env={"LORALOOM_COMFY_NODES": "v1"})
+    server = start_comfyui(base, comfyui_base(base), env={"LORALOOM_COMFY_NODES": "v1"})
     running = next(server)
     add_demo_loras(base)
     yield running
@@ -218,10 +210,7 @@ def cached_nodes(done: dict) -> set:
 
 
 def test_v3_caches_a_second_identical_prompt_and_reruns_only_what_a_change_reaches(v3, prompts):
-    lora = v3.names["tiny-sd15/kohya"]
-    prompt = {"1": prompts.base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
-              "3": prompts.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.3),
-              "4": prompts.sample(["3", 0], steps=1, seed=11), "5": prompts.save_image(["4", 0])}
+    prompt = prompts.blend(v3.names["tiny-sd15/kohya"], 0.3, steps=1, seed=11)
     first = v3.run(prompt)
     assert first["status"]["status_str"] == "success", first["status"]
     again = v3.run(prompt)
@@ -234,18 +223,8 @@ def test_v3_caches_a_second_identical_prompt_and_reruns_only_what_a_change_reach
 
 
 def test_a_sweep_grid_expands_through_v3(v3, prompts):
-    lora = v3.names["tiny-sd15/kohya"]
-    prompt = {"1": prompts.base(), "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": lora}},
-              "3": prompts.full("WeightedBlend", model=["1", 0], lora=["2", 0], weight=0.8),
-              "4": prompts.sample(["3", 0], steps=1),
-              "5": prompts.full("SweepGrid", images=["4", 0], x_axis="3.weight=0.1,0.9", y_axis="4.seed=3,4"),
-              "6": prompts.save_image(["5", 0])}
-    done = v3.run(prompt)
-    assert done["status"]["status_str"] == "success", done["status"]
-    shown = [image for out in done["outputs"].values() for image in out.get("images", [])
-             if image["subfolder"].startswith("sweeps/")]
-    assert [image["filename"] for image in shown] == ["grid.png"], done["outputs"]
-    folder = v3.base / "output" / shown[0]["subfolder"]
+    done = v3.run(prompts.sweep_grid(v3.names["tiny-sd15/kohya"], weights=(0.1, 0.9), seeds=(3, 4), steps=1))
+    folder = sweep_folder(v3, done)
     records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
     assert [r["overrides"] for r in records] == [{"3.weight": 0.1, "4.seed": 3}, {"3.weight": 0.9, "4.seed": 3},
                                                  {"3.weight": 0.1, "4.seed": 4}, {"3.weight": 0.9, "4.seed": 4}], records

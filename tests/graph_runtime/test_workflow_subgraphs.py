@@ -78,16 +78,23 @@ def test_promoted_values_named_first_then_by_position_and_unpromoted_widgets_kee
         "a widget that is not promoted keeps the inner node's value"
 
 
-def test_a_subgraph_used_twice_inside_another_gets_ids_per_instance(stubs):
-    """Outer holds two Scaler instances in a chain (factors 2 and -1); the root uses Outer once."""
+def twice_workflow(first_mode: int = 0) -> dict:
+    """Outer holds two Scaler instances in a chain (factors 2 and -1, the first in ``first_mode``); the
+    root uses Outer once."""
     outer = {"id": OUTER, "name": "Twice", "version": 1,
              "inputs": [{"id": "o-x", "name": "x", "type": "NUMBER", "linkIds": [5]}],
              "outputs": [{"id": "o-y", "name": "y", "type": "NUMBER", "linkIds": [7]}],
-             "nodes": [instance(1, SCALE, 5, [6], widgets=[2.0]), instance(2, SCALE, 6, [7], widgets=[-1.0])],
+             "nodes": [instance(1, SCALE, 5, [6], widgets=[2.0], mode=first_mode),
+                       instance(2, SCALE, 6, [7], widgets=[-1.0])],
              "links": [link(5, -10, 0, 1, 0, "NUMBER"), link(6, 1, 0, 2, 0, "NUMBER"), link(7, 2, 0, -20, 0, "NUMBER")]}
     ui = v1_workflow()
     ui["nodes"][1] = instance(2, OUTER, 1, [2])
     ui["definitions"]["subgraphs"].append(outer)
+    return ui
+
+
+def test_a_subgraph_used_twice_inside_another_gets_ids_per_instance(stubs):
+    ui = twice_workflow()
     prompt = load_workflow(ui, stubs.registry).prompt
     assert {k: v["inputs"] for k, v in prompt.items()} == {
         "1": {"value": 3}, "2:1:10": {"x": ["1", 0], "factor": 2.0}, "2:2:10": {"x": ["2:1:10", 0], "factor": -1.0},
@@ -103,6 +110,16 @@ def test_a_bypassed_or_muted_subgraph_node(stubs):
     ui["nodes"][1]["mode"] = 2
     prompt = load_workflow(ui, stubs.registry).prompt
     assert set(prompt) == {"1", "3"} and prompt["3"]["inputs"] == {}, "muted: neither it nor its inner nodes"
+
+
+@pytest.mark.parametrize("mode, second", [(2, {"factor": -1.0}), (4, {"x": ["1", 0], "factor": -1.0})])
+def test_a_muted_or_bypassed_subgraph_node_inside_a_subgraph_is_unfolded_as_the_editor_does(stubs, mode, second):
+    """The shipped editor (frontend 1.58's graphToPrompt, checked in the page) skips a muted or bypassed
+    subgraph node only at the top level: inside a subgraph its inner nodes are queued all the same,
+    while the link from its output sees it muted (nothing) or bypassed (its input passed on)."""
+    prompt = load_workflow(twice_workflow(first_mode=mode), stubs.registry).prompt
+    assert {k: v["inputs"] for k, v in prompt.items()} == {
+        "1": {"value": 3}, "2:1:10": {"x": ["1", 0], "factor": 2.0}, "2:2:10": second, "3": {"x": ["2:2:10", 0]}}
 
 
 def test_a_bypassed_node_passes_the_input_of_the_wanted_type():
