@@ -27,14 +27,15 @@ DEMO_LORA_DIR = SHIPPED_WORKFLOWS / "loras"
 
 
 def is_shipped_workflow(workflow) -> bool:
-    """Whether ``workflow`` is a path to one of the example workflows shipped in ``workflows/``
-    (the ones whose demo LoRAs live in ``workflows/loras/``): the file itself, or a byte-identical
+    """Whether ``workflow`` is a path to one of the example workflows shipped in ``workflows/`` (the
+    editor's format) or ``workflows/api/`` (the API format), whose demo LoRAs live in ``workflows/loras/``: the file itself, or a byte-identical
     copy of the same name (a clone's ``workflows/`` while the package is installed elsewhere)."""
     if not isinstance(workflow, (str, os.PathLike)):
         return False
     path = Path(workflow)
-    shipped = SHIPPED_WORKFLOWS / path.name
-    if not (path.is_file() and shipped.is_file()):
+    shipped = next((d / path.name for d in (SHIPPED_WORKFLOWS, SHIPPED_WORKFLOWS / "api") if (d / path.name).is_file()),
+                   None)
+    if shipped is None or not path.is_file():
         return False
     if path.resolve() == shipped:
         return True
@@ -199,7 +200,7 @@ class Runtime(graph_runtime.Runtime):
         events (local cells); ``on_cell(record, done, total)``: after each cell.
 
         >>> rt = Runtime(demo_loras=True)
-        >>> result = rt.sweep("workflows/blend_api.json", {"4.weight": [0, 1], "4.weight_2": [0, 1]})
+        >>> result = rt.sweep("workflows/api/blend_api.json", {"4.weight": [0, 1], "4.weight_2": [0, 1]})
         """
         from .sweep.driver import make_executor, run_sweep
         from .sweep.executor import SweepJob

@@ -45,7 +45,7 @@ from common import REPO, DEMO_LORAS, add_common_args, machine, setup_threads, ti
 
 PATHS = ("ours", "diffusers", "diffusers-fused")
 FIRST = ("ours-cold", "ours-warm")  # our first sample in two processes sharing an empty inductor cache
-WORKFLOW = REPO / "workflows" / "fuse_compile_api.json"
+WORKFLOW = REPO / "workflows" / "api" / "fuse_compile_api.json"
 CACHE = Path.home() / ".cache" / "loraloom" / "bench-inductor"
 SAMPLE = {"steps": 4, "width": 64, "height": 64}
 

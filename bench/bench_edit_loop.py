@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, DEMO_LORAS, add_common_args, bytes_read, machine, median, setup_threads, timed, write_json  # noqa: E402
 
-WORKFLOW = REPO / "workflows" / "blend_api.json"
+WORKFLOW = REPO / "workflows" / "api" / "blend_api.json"
 LOADERS = ("LoraLoomLoadBase", "LoraLoomLoadLoRA")
 
 

@@ -1,4 +1,4 @@
-"""Sweep: a 5x5 LoRA-weight grid (``4.weight`` x ``4.weight_2`` of workflows/blend_api.json on tiny-sdxl)
+"""Sweep: a 5x5 LoRA-weight grid (``4.weight`` x ``4.weight_2`` of workflows/api/blend_api.json on tiny-sdxl)
 three ways, each in a fresh process, wall time from spawn to exit:
 
 - ours: one ``loraloom sweep`` (cell images, grid, manifest written);
@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW = "workflows/blend_api.json"
+WORKFLOW = "workflows/api/blend_api.json"
 SIZE = 64
 
 
@@ -90,7 +90,7 @@ rt = Runtime(output_dir=out, demo_loras=True, disk_cache_bytes=0)
 executions = Counter()
 for b in values:
     for a in values:
-        result = rt.run("workflows/blend_api.json", {"5.steps": steps, "5.width": size, "5.height": size,
+        result = rt.run("workflows/api/blend_api.json", {"5.steps": steps, "5.width": size, "5.height": size,
                                                      "4.weight": a, "4.weight_2": b})
         executions.update(result.executed)
 stats = rt.resources["model_pool"].stats

@@ -1,4 +1,4 @@
-"""Sweeps on Ray: a 5x5 LoRA-weight grid (workflows/blend_api.json on tiny-sdxl, LoRA A's weight x
+"""Sweeps on Ray: a 5x5 LoRA-weight grid (workflows/api/blend_api.json on tiny-sdxl, LoRA A's weight x
 LoRA B's) run by the Ray executor on a local cluster of two one-CPU workers, against the same cells
 run by the local executor in this one process (one torch thread each, so the images are
 bit-identical and the comparison is two processes against one). Each round starts from cold
@@ -30,7 +30,7 @@ def grid_cells(rt, n: int, steps: int, size: int, shift: float = 0.0) -> list:
     from loraloom.graph_runtime import load_workflow
     from loraloom.sweep.cell import Cell, image_sources
 
-    prompt = load_workflow(REPO / "workflows" / "blend_api.json", rt.registry).prompt
+    prompt = load_workflow(REPO / "workflows" / "api" / "blend_api.json", rt.registry).prompt
     prompt["5"]["inputs"].update(steps=steps, width=size, height=size)
     weights = [round(shift + i / (n - 1), 3) for i in range(n)]
     cells = []

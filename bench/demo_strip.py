@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOW = REPO / "workflows" / "shapes_blend_api.json"
+WORKFLOW = REPO / "workflows" / "api" / "shapes_blend_api.json"
 SCALE = 2  # 64 px tiles, enlarged (nearest neighbour) to be seen
 
 

@@ -78,7 +78,7 @@ def _run_shapes_blend(tmp_path, name: str, **weights) -> Image.Image:
     rt = Runtime(lora_dirs=[], output_dir=tmp_path / name, demo_loras=True)
     overrides = {"4.weight": weights.get("red", 0.0), "4.text_encoder_weight": 0.0,
                  "4.weight_2": weights.get("stripes", 0.0), "6.filename_prefix": name}
-    rt.run(WORKFLOWS / "shapes_blend_api.json", overrides=overrides)
+    rt.run(WORKFLOWS / "api" / "shapes_blend_api.json", overrides=overrides)
     (png,) = (tmp_path / name).glob("*.png")
     return Image.open(png).convert("RGB")
 

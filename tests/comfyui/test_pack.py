@@ -1,5 +1,7 @@
 """Our pack inside real ComfyUI: queue-time checks, runs, errors, the sweep grid (see conftest.py)."""
 
+import json
+
 from .conftest import sweep_folder
 
 
@@ -95,3 +97,20 @@ def test_inside_comfyui_a_sweep_grid_sets_inputs_of_comfyuis_own_nodes_typed(com
     folder = comfyui.base / "output" / grid["subfolder"]
     records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
     assert [r["overrides"] for r in records] == [{"3.scale_by": 0.5}, {"3.scale_by": 1.0}]
+
+
+def test_comfyuis_template_browser_offers_our_editor_workflows_and_each_opens(comfyui):
+    # ComfyUI lists every .json at the top of a pack's workflows/ folder as a template, and its
+    # browser opens only the editor's format: the API files live in workflows/api/ for that reason
+    import urllib.request
+    from pathlib import Path
+
+    status, listed = comfyui.call("GET", "/api/workflow_templates")
+    assert status == 200, listed
+    names = sorted(listed.get("loraloom", []))
+    shipped = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+    assert names == shipped and "blend" in names, (names, shipped)
+    for name in names:
+        with urllib.request.urlopen(f"{comfyui.url}/api/workflow_templates/loraloom/{name}.json", timeout=30) as r:
+            workflow = json.loads(r.read())
+        assert isinstance(workflow.get("nodes"), list) and workflow["nodes"], f"{name}: not an editor workflow"

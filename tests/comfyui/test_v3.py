@@ -19,7 +19,7 @@ ROOT = HERE.parents[1]
 # Every shipped workflow runs through V3 in test_workflows.py (the session's ComfyUI takes the pack through
 # V3); here two of them (a blend with its recipe text, a merge with its report) also run through V1, to
 # compare: running all of them twice would add minutes (a cold torch.compile per server) and no new path.
-WORKFLOWS = [ROOT / "workflows" / name for name in ("blend_api.json", "merge_dare_api.json")]
+WORKFLOWS = [ROOT / "workflows" / "api" / name for name in ("blend_api.json", "merge_dare_api.json")]
 CATEGORY = "LoRA Loom"
 
 

@@ -440,7 +440,7 @@ def test_missing_node_type_has_its_fix_as_a_field(tmp_path):
 def test_validate_json_carries_the_fields(tmp_path, capsys):
     from loraloom.cli import main
 
-    workflow = ROOT / "workflows" / "merge_dare_api.json"
+    workflow = ROOT / "workflows" / "api" / "merge_dare_api.json"
     assert main(["validate", str(workflow), "--set", "4.density=0", "--json", "--output-dir", str(tmp_path)]) != 0
     out = json.loads(capsys.readouterr().out)
     (error,) = out["node_errors"]["4"]["errors"]

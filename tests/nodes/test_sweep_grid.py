@@ -14,7 +14,7 @@ from loraloom.graph_runtime import ValidationError
 from loraloom.nodes.image import image_uint8
 from loraloom.sweep.output import MANIFEST
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "blend_api.json"
+WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "blend_api.json"
 AXES = ["4.weight=0.3,0.9", "4.weight_2=0.5,1.0"]
 
 

@@ -187,7 +187,7 @@ def test_each_shipped_workflow_loads_with_every_node_type(editor, name):
     editor.load(name)
     assert editor.missing_node_types() == [], f"{name}: node types the editor does not know"
     page = editor.runtime.validate({"prompt": editor.page_prompt()})
-    shipped = editor.runtime.validate(WORKFLOWS / f"{name}_api.json")
+    shipped = editor.runtime.validate(WORKFLOWS / "api" / f"{name}_api.json")
     assert page.nodes == shipped.nodes, f"{name}: what the editor queues must mean what the API file means"
     assert editor.problems == [], "\n".join(editor.problems)
 
@@ -577,7 +577,7 @@ def test_a_converted_api_workflow_opens_in_the_editor_in_the_1_0_schema(editor, 
     from loraloom.graph_runtime.workflow import api_to_ui, ui_to_api
 
     registry = editor.runtime.registry
-    api = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text())
     ui = api_to_ui(api, registry)
     assert ui["version"] == 1
     queued = load_and_queue(editor, ui)

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed here (pip install 
 from loraloom.api import Runtime  # noqa: E402
 from loraloom.graph_runtime import load_workflow  # noqa: E402
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "blend_api.json"
+WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "blend_api.json"
 
 
 async def test_queued_sweeps_run_on_warm_ray_actors(ray_cluster, serve, tmp_path):

@@ -72,7 +72,7 @@ def test_queue_wait_on_the_websocket_and_fetch_the_images(server_url, name, size
     from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper
 
     api = ComfyApiWrapper(server_url)
-    workflow = ComfyWorkflowWrapper(str(WORKFLOWS / f"{name}_api.json"))
+    workflow = ComfyWorkflowWrapper(str(WORKFLOWS / "api" / f"{name}_api.json"))
     assert {"Loom Load Base Model", "Loom Sample", "Save Image"} <= set(workflow.list_nodes()), "every node has a title"
     workflow.set_node_param("Loom Sample", "steps", 2)
     workflow.set_node_param("Loom Sample", "width", size[0])
@@ -103,7 +103,7 @@ def test_the_other_calls_of_comfy_api_simplified(server_url):
     assert api.get_queue() == {"queue_running": [], "queue_pending": []}
     assert api.get_embeddings() == []
     api.interrupt()  # a POST without a body or a Content-Type
-    workflow = ComfyWorkflowWrapper(str(WORKFLOWS / "blend_api.json"))
+    workflow = ComfyWorkflowWrapper(str(WORKFLOWS / "api" / "blend_api.json"))
     workflow.set_node_param("Loom Sample", "width", 130)  # not a multiple of 8: refused when queued
     with pytest.raises(ComfyApiError, match="400"):
         api.queue_prompt(workflow)
@@ -114,7 +114,7 @@ def test_comfy_toolkit_tracks_a_run_over_a_websocket_that_sends_an_origin(server
     import comfy_toolkit
 
     client = comfy_toolkit.ComfyClient(server_url)
-    workflow = client.load_workflow(WORKFLOWS / "blend_api.json")
+    workflow = client.load_workflow(WORKFLOWS / "api" / "blend_api.json")
     (sample,) = comfy_toolkit.find_nodes_by_title(workflow, "Loom Sample")
     workflow[sample]["inputs"].update(steps=2, width=64, height=64)
     comfy_toolkit.set_filename_prefix(workflow, "toolkit/blend")

@@ -10,7 +10,7 @@ from loraloom.api import Runtime
 from loraloom.graph_runtime import load_workflow
 from loraloom.sweep.cell import Cell, image_sources, run_cell
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "blend_api.json"
+WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "blend_api.json"
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from loraloom.sweep.executor import LocalExecutor, SweepJob  # noqa: E402
 from loraloom.sweep.ray_executor import SHIPPED, RayExecutor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOW = REPO / "workflows" / "blend_api.json"
+WORKFLOW = REPO / "workflows" / "api" / "blend_api.json"
 
 
 @pytest.fixture(scope="module")

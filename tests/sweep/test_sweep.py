@@ -17,7 +17,7 @@ from loraloom.graph_runtime.workflow import apply_overrides
 from loraloom.sweep.output import MANIFEST, SWEEP_TEXT
 from loraloom.sweep.spec import SweepValidationError, build_spec, plan
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "blend_api.json"
+WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "blend_api.json"
 
 
 def tiny_prompt() -> dict:

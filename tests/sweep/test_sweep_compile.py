@@ -8,7 +8,7 @@ import torch
 
 from loraloom.api import Runtime
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "fuse_compile_api.json"
+WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "fuse_compile_api.json"
 
 
 def test_a_sweep_on_a_compiled_model_compiles_once(tmp_path):

@@ -41,16 +41,16 @@ def test_convert_titles_every_node_as_the_editor_exports(name, rt, tmp_path, cap
 
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_api_files_are_what_convert_writes_for_their_ui_twins(name, rt):
-    shipped = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    shipped = json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text())
     converted = with_titles(load_workflow(WORKFLOWS / f"{name}.json", rt.registry).prompt, rt.registry)
-    assert shipped == converted, (f"workflows/{name}_api.json is stale: regenerate it with "
-                                  f"`loraloom convert workflows/{name}.json -o workflows/{name}_api.json`")
+    assert shipped == converted, (f"workflows/api/{name}_api.json is stale: regenerate it with "
+                                  f"`loraloom convert workflows/{name}.json -o workflows/api/{name}_api.json`")
     assert all(isinstance(entry["_meta"]["title"], str) for entry in shipped.values())
 
 
 def test_an_api_workflow_without_titles_gets_them_and_they_survive_the_round_trip(rt, tmp_path, capsys):
     bare = {nid: {"class_type": e["class_type"], "inputs": e["inputs"]}
-            for nid, e in json.loads((WORKFLOWS / "blend_api.json").read_text()).items()}
+            for nid, e in json.loads((WORKFLOWS / "api" / "blend_api.json").read_text()).items()}
     bare["5"]["_meta"] = {"title": "My sampler", "extra": 1}  # a renamed node; other _meta keys kept
     (tmp_path / "bare.json").write_text(json.dumps(bare))
     assert main(["convert", str(tmp_path / "bare.json"), "--to", "api", "-o", str(tmp_path / "api.json")]) == 0

@@ -18,7 +18,7 @@ SMALL = {"5.steps": 2, "5.width": 64, "5.height": 64}
 
 
 def test_the_old_file_is_the_shipped_file_under_the_old_ids():
-    old, new = (json.loads((d / "blend_api.json").read_text()) for d in (OLD, WORKFLOWS))
+    old, new = (json.loads(p.read_text()) for p in (OLD / "blend_api.json", WORKFLOWS / "api" / "blend_api.json"))
     assert {e["class_type"] for e in old.values()} == {"LoadBase", "LoadLoRA", "WeightedBlend", "Sample", "SaveImage"}
     renamed = {nid: {"class_type": registry().canonical(e["class_type"]), "inputs": e["inputs"]} for nid, e in old.items()}
     assert renamed == {nid: {"class_type": e["class_type"], "inputs": e["inputs"]} for nid, e in new.items()}, \
@@ -26,10 +26,10 @@ def test_the_old_file_is_the_shipped_file_under_the_old_ids():
     assert all(e["class_type"].startswith("LoraLoom") for e in new.values() if e["class_type"] != "SaveImage")
 
 
-@pytest.mark.parametrize("name", ["blend.json", "blend_api.json"])
-def test_old_ids_validate_as_the_renamed_file_with_the_same_cache_keys(name, tmp_path):
+@pytest.mark.parametrize("name, shipped", [("blend.json", "blend.json"), ("blend_api.json", "api/blend_api.json")])
+def test_old_ids_validate_as_the_renamed_file_with_the_same_cache_keys(name, shipped, tmp_path):
     rt = Runtime(output_dir=tmp_path, demo_loras=True)
-    old, new = rt.validate(OLD / name), rt.validate(WORKFLOWS / name)
+    old, new = rt.validate(OLD / name), rt.validate(WORKFLOWS / shipped)
     assert old.outputs == new.outputs and set(old.nodes) == set(new.nodes)
     assert [old.nodes[n]["inputs"] for n in sorted(old.nodes)] == [new.nodes[n]["inputs"] for n in sorted(new.nodes)]
     assert rt.node_keys(old) == rt.node_keys(new), "an old id keys its node as the new id does"
@@ -41,10 +41,10 @@ def test_old_ids_run_headless_and_the_renamed_file_finds_their_results(tmp_path)
     rt = Runtime(output_dir=tmp_path, demo_loras=True)
     old = rt.run(OLD / "blend_api.json", overrides=SMALL)
     assert sorted(old.executed) == ["1", "2", "3", "4", "5", "6"]
-    new = rt.run(WORKFLOWS / "blend_api.json", overrides=SMALL)
+    new = rt.run(WORKFLOWS / "api" / "blend_api.json", overrides=SMALL)
     assert new.executed == [], "nothing runs again: every node, the save too, is the old run's"
     assert new.outputs == old.outputs
-    fresh = Runtime(output_dir=tmp_path / "fresh", demo_loras=True).run(WORKFLOWS / "blend_api.json", overrides=SMALL)
+    fresh = Runtime(output_dir=tmp_path / "fresh", demo_loras=True).run(WORKFLOWS / "api" / "blend_api.json", overrides=SMALL)
     assert torch.equal(old.value("5"), fresh.value("5")), "the old ids give the image the new ids give"
 
 

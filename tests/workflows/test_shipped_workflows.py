@@ -15,14 +15,14 @@ NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("
 def test_every_workflow_ships_in_both_formats():
     assert {"blend", "merge_dare", "fuse_compile", "flux_blend", "flux_merge"} <= set(NAMES), NAMES
     for name in NAMES:
-        assert (WORKFLOWS / f"{name}_api.json").is_file(), f"{name}: API format missing"
+        assert (WORKFLOWS / "api" / f"{name}_api.json").is_file(), f"{name}: API format missing"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_and_api_formats_agree_and_validate(name, tmp_path):
     rt = Runtime(lora_dirs=[tmp_path], output_dir=tmp_path / "out", demo_loras=True)
     ui = rt.validate(WORKFLOWS / f"{name}.json")
-    api = rt.validate(WORKFLOWS / f"{name}_api.json")
+    api = rt.validate(WORKFLOWS / "api" / f"{name}_api.json")
     assert ui.nodes == api.nodes, f"{name}: the UI file must mean exactly what the API file means"
     assert ui.outputs, f"{name}: must have an output node"
 
@@ -83,12 +83,12 @@ def test_demo_loras_never_change_the_callers_folders(tmp_path):
 
 def test_cli_finds_demo_loras_for_shipped_workflows_only(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["validate", str(WORKFLOWS / "blend_api.json")]) == 0, capsys.readouterr().err
+    assert main(["validate", str(WORKFLOWS / "api" / "blend_api.json")]) == 0, capsys.readouterr().err
     same = tmp_path / "blend_api.json"
-    same.write_bytes((WORKFLOWS / "blend_api.json").read_bytes())
+    same.write_bytes((WORKFLOWS / "api" / "blend_api.json").read_bytes())
     assert main(["validate", str(same)]) == 0, "an unchanged copy (a clone beside an installed package) is shipped"
     copy = tmp_path / "my_blend.json"
-    copy.write_text((WORKFLOWS / "blend_api.json").read_text())
+    copy.write_text((WORKFLOWS / "api" / "blend_api.json").read_text())
     assert main(["validate", str(copy)]) == 1, "a user's own workflow sees only the user's LoRA folders"
     assert "demo-a.safetensors" in capsys.readouterr().err
     assert main(["validate", str(copy), "--lora-dir", str(WORKFLOWS / "loras")]) == 0, capsys.readouterr().err
