@@ -19,6 +19,7 @@ import uuid
 
 from aiohttp import web
 
+from ..api import SHIPPED_WORKFLOWS
 from ..graph_runtime.errors import LoomError, PathError, ValidationError, WorkflowError
 from ..graph_runtime.jsonio import loads_strict
 from ..graph_runtime.paths import TEMP_SUBFOLDER, resolve_under
@@ -31,6 +32,8 @@ from .worker import DELETED, INTERRUPTING, SWEEP_KEY, UNKNOWN
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TEMPLATE_INDEX_RE = re.compile(r"^index(\.[A-Za-z_-]{1,16})?\.json$")
+TEMPLATE_MODULE = "loraloom"  # the shipped workflows' section in the editor's template browser
+_TEMPLATE_FILE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\.(json|jpg)")
 # Served inline; anything else under /view is a download (``attachment``). No SVG: it can hold script.
 INLINE_IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
                  ".gif": "image/gif"}
@@ -204,7 +207,8 @@ class Api:
             ("DELETE", "/userdata/{file}", self.delete_userdata),
             ("POST", "/userdata/{file}/move/{dest}", self.move_userdata),
             ("GET", "/extensions", self.extensions), ("GET", "/embeddings", self.empty_list),
-            ("GET", "/i18n", self.empty_dict), ("GET", "/workflow_templates", self.empty_dict),
+            ("GET", "/i18n", self.empty_dict), ("GET", "/workflow_templates", self.workflow_templates),
+            ("GET", "/workflow_templates/" + TEMPLATE_MODULE + "/{name}", self.workflow_template),
             ("GET", "/global_subgraphs", self.empty_dict),
             ("GET", "/experiment/models", self.empty_list), ("GET", "/experiment/models/{folder}", self.empty_list),
             ("GET", "/models", self.model_folders), ("GET", "/models/{folder}", self.model_files),
@@ -254,6 +258,21 @@ class Api:
         if _TEMPLATE_INDEX_RE.match(name):
             return web.json_response([])
         return _error(404, "not_found", f"no template {name!r}")
+
+    async def workflow_templates(self, request):
+        """The shipped editor workflows, as ComfyUI lists a node pack's example workflows (every
+        ``.json`` at the top of its ``workflows/`` folder) for its template browser."""
+        names = sorted(p.stem for p in SHIPPED_WORKFLOWS.glob("*.json") if p.is_file())
+        return web.json_response({TEMPLATE_MODULE: names} if names else {})
+
+    async def workflow_template(self, request):
+        """One shipped workflow or its thumbnail (``<name>.json`` / ``<name>.jpg``), as ComfyUI serves
+        a pack's example workflows folder; nothing else of that folder."""
+        name = request.match_info["name"]
+        path = SHIPPED_WORKFLOWS / name
+        if not _TEMPLATE_FILE_RE.fullmatch(name) or not path.is_file():
+            return _error(404, "not_found", f"no workflow template {name!r}")
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
     async def extensions(self, request):
         """The pack's editor extensions, as ComfyUI lists a node pack's ``WEB_DIRECTORY`` (the page

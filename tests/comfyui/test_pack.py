@@ -114,3 +114,5 @@ def test_comfyuis_template_browser_offers_our_editor_workflows_and_each_opens(co
         with urllib.request.urlopen(f"{comfyui.url}/api/workflow_templates/loraloom/{name}.json", timeout=30) as r:
             workflow = json.loads(r.read())
         assert isinstance(workflow.get("nodes"), list) and workflow["nodes"], f"{name}: not an editor workflow"
+        with urllib.request.urlopen(f"{comfyui.url}/api/workflow_templates/loraloom/{name}.jpg", timeout=30) as r:
+            assert r.headers["Content-Type"] == "image/jpeg", f"{name}: the browser's thumbnail"

@@ -57,6 +57,23 @@ async def test_page_static_files_and_defaults(serve, frontend):
 
 
 @pytest.mark.parametrize("prefix", ["/api", ""])
+async def test_the_shipped_workflows_are_the_template_browsers_with_their_thumbnails(serve, prefix):
+    from loraloom.api import SHIPPED_WORKFLOWS
+
+    async with serve() as server:
+        listed = await (await server.client.get(prefix + "/workflow_templates")).json()
+        assert listed == {"loraloom": sorted(p.stem for p in SHIPPED_WORKFLOWS.glob("*.json"))}, listed
+        for name in listed["loraloom"]:
+            resp = await server.client.get(f"{prefix}/workflow_templates/loraloom/{name}.json")
+            assert resp.status == 200 and (await resp.json())["nodes"], name
+            resp = await server.client.get(f"{prefix}/workflow_templates/loraloom/{name}.jpg")
+            assert resp.status == 200 and resp.content_type == "image/jpeg", name
+        for name in ("blend_api.json", "api/blend_api.json", "..%2Fapi.py", "loras", "blend.png", ".json"):
+            resp = await server.client.get(f"{prefix}/workflow_templates/loraloom/{name}")
+            assert resp.status == 404, f"{name}: only the folder's own workflows and thumbnails are served"
+
+
+@pytest.mark.parametrize("prefix", ["/api", ""])
 async def test_the_packs_editor_extension_is_listed_and_served_as_comfyui_does(serve, prefix):
     """ComfyUI lists a node pack's WEB_DIRECTORY files as /extensions/<pack>/<file> and serves them there."""
     import loraloom

@@ -182,6 +182,22 @@ def test_the_editor_starts_with_no_error_of_ours(editor):
     assert editor.foreign == [], f"the page asked beyond this server: {editor.foreign}"
 
 
+def test_a_new_user_sees_the_shipped_workflows_as_templates_and_one_opens(browser, tmp_path):
+    # a fresh user folder: the page opens its template browser, which lists what /workflow_templates
+    # offers (ComfyUI: every pack's example workflows), each with its thumbnail
+    with open_editor(browser, tmp_path) as ed:
+        ed.page.get_by_text(f"Showing {len(SHIPPED)} of {len(SHIPPED)} templates").wait_for()
+        ed.page.wait_for_load_state("networkidle")
+        cards = ed.page.evaluate("""() => Array.from(document.querySelectorAll('img'))
+            .filter(i => i.complete && i.naturalWidth === 256).length""")
+        assert cards == len(SHIPPED), f"{cards} thumbnails shown, {len(SHIPPED)} workflows shipped"
+        ed.page.get_by_text("shapes_blend", exact=True).click()
+        ed.page.wait_for_function("window.app.graph.nodes.some(n => n.type === 'LoraLoomSample')")
+        page = ed.runtime.validate({"prompt": ed.page_prompt()})
+        assert page.nodes == ed.runtime.validate(WORKFLOWS / "api" / "shapes_blend_api.json").nodes
+        assert ed.problems == [], "\n".join(ed.problems)
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_each_shipped_workflow_loads_with_every_node_type(editor, name):
     editor.load(name)
