@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora_loading import CLIP_BIG_G, CLIP_L, UNET_SDXL  # noqa: E402  (one copy of the SDXL shapes)
-from common import run_measure, status_kb, touch  # noqa: E402
+from common import load_task_figures, status_kb, touch  # noqa: E402
 
 VAE_SDXL = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 1024, "scaling_factor": 0.13025,
@@ -153,23 +152,9 @@ def main(argv=None) -> int:
         tasks += [("ours-before", args.before)] if args.before else []
         print(f"folder: {folder} ({'tiny-sdxl' if args.quick else 'SDXL, full size'}, fp16), "
               f"{sizes['weights_bytes'] / 2**30:.2f} GiB of weights; {rounds} interleaved rounds, medians")
-        runs: dict[str, list[dict]] = {task: [] for task, _ in tasks}
-        for _ in range(rounds):
-            for task, pythonpath in tasks:
-                runs[task].append(run_measure(__file__, [task, str(folder), "--threads", str(args.threads)], pythonpath))
-    figures = {"weights_bytes": sizes["weights_bytes"], "rounds": rounds, "tasks": {}}
-    for task, results in runs.items():
-        seconds = statistics.median(r["seconds"] for r in results)
-        peak = statistics.median(r["peak_rss_mib"] for r in results)
-        figures["tasks"][task] = {"seconds": seconds, "peak_rss_mib": peak,
-                                  "rounds_s": [round(r["seconds"], 2) for r in results]}
-        each = ", ".join(f"{r['seconds']:.2f}" for r in results)
-        print(f"  {task:<12} {seconds:7.2f} s  peak RSS +{peak:8.0f} MiB  (rounds: {each} s)")
-    ours = figures["tasks"]["ours"]
-    for ref_task in ("diffusers", "diffusers-touched"):
-        ref = figures["tasks"][ref_task]
-        print(f"  ratio load_base / {ref_task}: time {ours['seconds'] / ref['seconds']:.2f}x, "
-              f"peak RSS {ours['peak_rss_mib'] / max(ref['peak_rss_mib'], 1e-9):.2f}x")
+        figures = {"weights_bytes": sizes["weights_bytes"], "rounds": rounds,
+                   "tasks": load_task_figures(__file__, tasks, folder, args.threads, rounds, "ours",
+                                              ("diffusers", "diffusers-touched"), width=12)}
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
     return 0

@@ -27,7 +27,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_base_loading import _fill  # noqa: E402  (one copy of the tiled random fill)
 from bench_lora_loading import CLIP_L  # noqa: E402
-from common import FLUX_DEV, run_measure, status_kb, touch  # noqa: E402
+from common import FLUX_DEV, load_task_figures, status_kb, touch  # noqa: E402
 
 DEFAULT_FOLDER = Path.home() / ".cache" / "loraloom" / "bench-flux-parts-fp16"
 BLOCKS = {"num_layers": 1, "num_single_layers": 2}
@@ -149,23 +148,9 @@ def main(argv=None) -> int:
         rounds = 1 if args.quick else args.rounds
         print(f"files: {folder} ({'small derivable Flux' if args.quick else 'Flux, real widths, 1 + 2 blocks'}, "
               f"fp16), {weights / 2**30:.2f} GiB of weights; {rounds} interleaved rounds, medians")
-        runs: dict[str, list[dict]] = {task: [] for task in tasks}
-        for _ in range(rounds):
-            for task in tasks:
-                runs[task].append(run_measure(__file__, [task, str(folder), "--threads", str(args.threads)]))
-    figures = {"weights_bytes": weights, "rounds": rounds, "tasks": {}}
-    for task, results in runs.items():
-        seconds = statistics.median(r["seconds"] for r in results)
-        peak = statistics.median(r["peak_rss_mib"] for r in results)
-        figures["tasks"][task] = {"seconds": seconds, "peak_rss_mib": peak,
-                                  "rounds_s": [round(r["seconds"], 2) for r in results]}
-        each = ", ".join(f"{r['seconds']:.2f}" for r in results)
-        print(f"  {task:<18} {seconds:7.2f} s  peak RSS +{peak:8.0f} MiB  (rounds: {each} s)")
-    auto = figures["tasks"]["auto"]
-    for ref_task in ("folder", "diffusers-touched"):
-        ref = figures["tasks"][ref_task]
-        print(f"  ratio auto / {ref_task}: time {auto['seconds'] / ref['seconds']:.2f}x, "
-              f"peak RSS {auto['peak_rss_mib'] / max(ref['peak_rss_mib'], 1e-9):.2f}x")
+        figures = {"weights_bytes": weights, "rounds": rounds,
+                   "tasks": load_task_figures(__file__, [(task, None) for task in tasks], folder, args.threads, rounds,
+                                              "auto", ("folder", "diffusers-touched"), width=18)}
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
     return 0

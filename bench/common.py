@@ -151,6 +151,30 @@ def run_measure(script: str, args: list[str], pythonpath: str | None = None) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def load_task_figures(script: str, tasks: list[tuple[str, str | None]], folder: Path, threads: int, rounds: int,
+                      ours: str, references: tuple[str, ...], width: int = 12) -> dict:
+    """Run a base-loading bench's ``tasks`` ((task, PYTHONPATH or None), each ``script --measure TASK
+    FOLDER`` in a fresh process: seconds and peak_rss_mib) in ``rounds`` interleaved rounds; print
+    the medians, a line per task, then ``ours`` against each reference as ratios. Returns
+    {task: {seconds, peak_rss_mib, rounds_s}}."""
+    runs: dict[str, list[dict]] = {task: [] for task, _ in tasks}
+    for _ in range(rounds):
+        for task, pythonpath in tasks:
+            runs[task].append(run_measure(script, [task, str(folder), "--threads", str(threads)], pythonpath))
+    figures = {}
+    for task, results in runs.items():
+        seconds = statistics.median(r["seconds"] for r in results)
+        peak = statistics.median(r["peak_rss_mib"] for r in results)
+        figures[task] = {"seconds": seconds, "peak_rss_mib": peak, "rounds_s": [round(r["seconds"], 2) for r in results]}
+        each = ", ".join(f"{r['seconds']:.2f}" for r in results)
+        print(f"  {task:<{width}} {seconds:7.2f} s  peak RSS +{peak:8.0f} MiB  (rounds: {each} s)")
+    for ref_task in references:
+        ref = figures[ref_task]
+        print(f"  ratio {ours} / {ref_task}: time {figures[ours]['seconds'] / ref['seconds']:.2f}x, "
+              f"peak RSS {figures[ours]['peak_rss_mib'] / max(ref['peak_rss_mib'], 1e-9):.2f}x")
+    return figures
+
+
 def touch(tensors) -> None:
     """One pass over every byte of ``tensors``: what a first use pages in of tensors that are views of
     a memory-mapped file (diffusers' ``from_pretrained`` and ``lora_state_dict``, safetensors'

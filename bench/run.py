@@ -359,18 +359,22 @@ def lines_runtime(f: dict) -> list:
     ]
 
 
-def lines_baseload(f: dict) -> list:
+def _load_lines(f: dict, ours: str, what: str, references: tuple[tuple[str, str], ...]) -> list:
+    """One line per reference load task of a base-loading row: time and peak RSS, ours against it."""
     t = f["tasks"]
-    ours, gib = t["ours"], f["weights_bytes"] / 2**30
-    out = []
-    for task, what in (("diffusers", "from_pretrained (lazy)"), ("diffusers-touched", "from_pretrained + read")):
-        ref = t[task]
-        out.append((f"load_base vs {what}, SDXL {gib:.1f} GiB fp16: time, peak RSS",
-                    f"{ours['seconds']:.3g} s, {ours['peak_rss_mib'] / 1024:.3g} GiB",
-                    f"{ref['seconds']:.3g} s, {ref['peak_rss_mib'] / 1024:.3g} GiB",
-                    f"time {ours['seconds'] / ref['seconds']:.3g}x, "
-                    f"RSS {ours['peak_rss_mib'] / max(ref['peak_rss_mib'], 1e-9):.3g}x", INFO, INFO))
-    before = t.get("ours-before")
+    mine, gib = t[ours], f["weights_bytes"] / 2**30
+    return [(f"{what} vs {label}, {gib:.1f} GiB fp16: time, peak RSS",
+             f"{mine['seconds']:.3g} s, {mine['peak_rss_mib'] / 1024:.3g} GiB",
+             f"{t[task]['seconds']:.3g} s, {t[task]['peak_rss_mib'] / 1024:.3g} GiB",
+             f"time {mine['seconds'] / t[task]['seconds']:.3g}x, "
+             f"RSS {mine['peak_rss_mib'] / max(t[task]['peak_rss_mib'], 1e-9):.3g}x", INFO, INFO)
+            for task, label in references]
+
+
+def lines_baseload(f: dict) -> list:
+    out = _load_lines(f, "ours", "load_base, SDXL", (("diffusers", "from_pretrained (lazy)"),
+                                                     ("diffusers-touched", "from_pretrained + read")))
+    ours, before = f["tasks"]["ours"], f["tasks"].get("ours-before")
     if before:
         out.append(("load_base before -> after this change", f"{ours['seconds']:.3g} s",
                     f"before {before['seconds']:.3g} s", _fmt(ours["seconds"] / before["seconds"], "x"), INFO, INFO))
@@ -378,17 +382,8 @@ def lines_baseload(f: dict) -> list:
 
 
 def lines_flux_parts(f: dict) -> list:
-    t = f["tasks"]
-    auto, gib = t["auto"], f["weights_bytes"] / 2**30
-    out = []
-    for task, what in (("folder", "load_base of the diffusers folder"), ("diffusers-touched", "from_pretrained + read")):
-        ref = t[task]
-        out.append((f"config auto from the parts vs {what}, Flux {gib:.1f} GiB fp16: time, peak RSS",
-                    f"{auto['seconds']:.3g} s, {auto['peak_rss_mib'] / 1024:.3g} GiB",
-                    f"{ref['seconds']:.3g} s, {ref['peak_rss_mib'] / 1024:.3g} GiB",
-                    f"time {auto['seconds'] / ref['seconds']:.3g}x, "
-                    f"RSS {auto['peak_rss_mib'] / max(ref['peak_rss_mib'], 1e-9):.3g}x", INFO, INFO))
-    return out
+    return _load_lines(f, "auto", "config auto from the parts, Flux", (("folder", "load_base of the diffusers folder"),
+                                                                       ("diffusers-touched", "from_pretrained + read")))
 
 
 def lines_checks(f: dict) -> list:
