@@ -108,7 +108,7 @@ _TOKENIZER_CLASS = {"clip_l": "CLIPTokenizer", "clip_g": "CLIPTokenizer", "t5xxl
 def _mismatch(found: Found, key: str, what: str, value, limit, arch: str) -> BaseModelError:
     label = ARCHES[arch].label
     return BaseModelError(f"{what} is {value}, but the {label} transformer needs {limit}: this file is of another "
-                          "model.", file=found.path, key=found.prefix + key, value=value, limit=limit,
+                          "model.", file=found.path, key=found.prefix + key, key_label="tensor", value=value, limit=limit,
                           kind="part_mismatch", fix=f"use the files of the same {label} model (or a config folder)")
 
 

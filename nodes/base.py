@@ -87,8 +87,11 @@ class LoadBase:
         try:
             _auto(path)
         except LoomError as exc:
-            return {"config": InputError(f"{source}: {exc.message}", value="auto", limit=exc.limit, kind=exc.kind or "config_needed",
-                                         fix=exc.fix)}
+            # the checkpoint is named by its listed name; another file (a Flux / SD3.5 part) and the
+            # key keep their place in the text
+            where = exc.where().removeprefix(f"{path}: ")
+            return {"config": InputError(f"{source}: {where}{exc.message}", value="auto", limit=exc.limit,
+                                         kind=exc.kind or "config_needed", fix=exc.fix)}
         return {}
 
     @classmethod

@@ -122,6 +122,7 @@ def test_a_part_that_does_not_fit_the_transformer_is_named_not_loaded(arch, file
     err = info.value
     assert err.kind == "part_mismatch" and said in err.message, err.render()
     assert err.file == str(copy / file) and err.key == key, (err.file, err.key)
+    assert str(err).startswith(f"{copy / file}: tensor '{key}': "), str(err)
 
 
 def test_a_part_file_of_other_keys_is_refused_naming_the_key(written, tmp_path):
@@ -161,6 +162,12 @@ def test_load_base_finds_the_parts_in_the_models_folder_and_reruns_when_one_chan
     changed = rt.run(workflow)
     assert sorted(changed.executed) == ["1", "2", "3"], "a changed VAE file re-runs LoadBase and what follows"
     assert not torch.equal(changed.value("2"), first.value("2")), "and its new weights are used"
+    _rewrite(models / "vae" / "ae.safetensors", **{"decoder.conv_in.weight": (32, 8, 3, 3)})
+    with pytest.raises(ValidationError) as info:
+        rt.validate(workflow)  # refused when queued, naming the part's file and tensor, not only the checkpoint
+    assert (f"input 'config': checkpoints/flux-parts.safetensors: {models / 'vae' / 'ae.safetensors'}: tensor "
+            "'decoder.conv_in.weight': the VAE's latent channels x 4 (Flux's 2x2 packing) is 32") in str(info.value), \
+        str(info.value)
     (models / "text_encoders" / "clip_l.safetensors").unlink()
     with pytest.raises(ValidationError, match=r"parts_missing|clip_l"):
         rt.validate(workflow)
