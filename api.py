@@ -28,8 +28,9 @@ DEMO_LORA_DIR = SHIPPED_WORKFLOWS / "loras"
 
 def is_shipped_workflow(workflow) -> bool:
     """Whether ``workflow`` is a path to one of the example workflows shipped in ``workflows/`` (the
-    editor's format) or ``workflows/api/`` (the API format), whose demo LoRAs live in ``workflows/loras/``: the file itself, or a byte-identical
-    copy of the same name (a clone's ``workflows/`` while the package is installed elsewhere)."""
+    editor's format) or ``workflows/api/`` (the API format), whose demo LoRAs live in
+    ``workflows/loras/``: the file itself, or a byte-identical copy of the same name (a clone's
+    ``workflows/`` while the package is installed elsewhere)."""
     if not isinstance(workflow, (str, os.PathLike)):
         return False
     path = Path(workflow)

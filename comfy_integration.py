@@ -33,7 +33,8 @@ COMFY_ADVICE = FolderAdvice(
         "models": "put it under ComfyUI/models (single-file checkpoints in ComfyUI/models/checkpoints, "
                   "diffusers folders anywhere below ComfyUI/models)",
         "output": "give a name inside ComfyUI/output",
-        "checkpoints": "put it in ComfyUI/models/checkpoints, or add its folder under 'checkpoints:' in ComfyUI's "
+        "checkpoints": "put it in ComfyUI/models/checkpoints (a Flux / SD3.5 transformer also in "
+                       "ComfyUI/models/diffusion_models), or add its folder under 'checkpoints:' in ComfyUI's "
                        "extra_model_paths.yaml and restart ComfyUI",
     },
 )

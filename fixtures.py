@@ -592,7 +592,7 @@ def write_dit_parts(models_dir: str | Path, arch: str, pipe=None, name: str | No
     ``tokenizers/t5``. ``all_in_one``: the text encoders and VAE go into the checkpoint instead, under
     ComfyUI's all-in-one prefixes. Returns {part: path}."""
     from .bases import dit_file, ldm_keys
-    from .bases.arch import UNET_PREFIX
+    from .bases.arch import UNET_PREFIX, VAE_PREFIX
     from .bases.dit_parts import PARTS
     from .lora.writers import atomic_save
 
@@ -603,7 +603,7 @@ def write_dit_parts(models_dir: str | Path, arch: str, pipe=None, name: str | No
     for part in PARTS[arch]:
         state = getattr(pipe, part.component).state_dict()
         if part.name == "vae":
-            parts[part.name] = {k.removeprefix(ldm_keys.VAE_PREFIX): v  # bare, as BFL's ae.safetensors
+            parts[part.name] = {k.removeprefix(VAE_PREFIX): v  # bare, as BFL's ae.safetensors
                                 for k, v in ldm_keys.vae_to_original(state, pipe.vae.config).items()}
         elif part.name.startswith("clip"):
             parts[part.name] = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v

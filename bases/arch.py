@@ -27,6 +27,7 @@ _TRANSFORMER_IN_CHANNELS = {"flux": 64, "sd3": 16}
 
 # Where the original single-file layouts keep each part (read by detection here, written by ldm_keys).
 UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."  # a single file's VAE, under LDM names
 TEXT_PREFIXES = {
     # HF CLIP layout kept as is under these prefixes (convert_ldm_clip_checkpoint strips them)
     ("sd15", "text_encoder"): "cond_stage_model.transformer.text_model.",

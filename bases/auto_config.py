@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..lora.arches import ARCHES
-from .arch import OPEN_CLIP_PREFIX, TEXT_PREFIXES, UNET_PREFIX, BaseModelError
+from .arch import OPEN_CLIP_PREFIX, TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, BaseModelError
 
 CONFIGS_KEY = "loraloom.configs"
 """Metadata key of a single file we wrote: JSON {relative path in a config folder: that JSON file}."""
@@ -41,7 +41,6 @@ TOKENIZERS_KEY = "loraloom.tokenizers"
 """Metadata key: JSON {tokenizer component: its pad token} when the file's pipeline used the tiny
 presets' built-in tokenizer (its vocabulary is in no file)."""
 WRITER = "loraloom-single-file"  # the "writer" metadata bases.export puts on every single file
-VAE_PREFIX = "first_stage_model."
 TOKENIZER_FOLDER = "tokenizers/clip"
 """Where LoadBase looks first for the CLIP tokenizer files, under the models folder."""
 T5_TOKENIZER_FOLDER = "tokenizers/t5"

@@ -276,14 +276,20 @@ def model_shapes(path: Path, component: str, library: str, class_name: str, conf
     except Exception as exc:  # a wrong type or value anywhere in the config: the constructor says which
         raise _refuse(path, f"this config does not describe a {class_name}: {type(exc).__name__}: "
                             f"{str(exc)[:300]}", value=type(exc).__name__, kind="bad_config") from None
-    # A tied weight (T5's input embedding, shared with ``shared``) is one tensor under two names, and
-    # saved once: count it once, or a valid folder of a model whose embedding is most of it is refused.
-    shapes, seen = {}, set()
+    # counted once, or a valid folder of a model whose embedding is most of it is refused
+    return {key: tuple(tensor.shape) for key, tensor in distinct_tensors(model).items()}
+
+
+def distinct_tensors(model) -> dict:
+    """``model``'s state-dict tensors under their first names only: a tied weight (T5's input
+    embedding, ``shared`` and ``encoder.embed_tokens``) is one tensor under two names, which files
+    save once."""
+    found, seen = {}, set()
     for key, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in seen:
             seen.add(id(tensor))
-            shapes[key] = tuple(tensor.shape)
-    return shapes
+            found[key] = tensor
+    return found
 
 
 def check_budget(config: Path, what: str, shapes: dict[str, tuple], held: Iterable[TensorInfo],

@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from .arch import UNET_PREFIX, BaseModelError, arch_from_transformer_config
-from .auto_config import VAE_PREFIX, HeaderShapes, clip_text_config, vae_config
+from .arch import UNET_PREFIX, VAE_PREFIX, BaseModelError, arch_from_transformer_config
+from .auto_config import HeaderShapes, clip_text_config, vae_config
 
 FLUX_ROPE_AXES = {128: [16, 56, 56]}  # head width -> rope axes of the published Flux models
 SD3_SAMPLE_SIZE = 128  # SD3.5 Large and Medium: 1024 px images, 8x VAE

@@ -18,7 +18,7 @@ from typing import Mapping
 import torch
 
 from ..lora import dit_keys
-from .arch import UNET_PREFIX, BaseModelError
+from .arch import UNET_PREFIX, VAE_PREFIX, BaseModelError
 
 # Parameters that are not weights of a (possibly fused) linear: the q/k RMS norms and SD3's
 # positional table, original inner name -> diffusers inner name, per block list ("" = top level).
@@ -81,7 +81,7 @@ def _segment_rows(target: dit_keys.Target, unit: int, height: int) -> list[tuple
 
 
 # Where all-in-one files (ComfyUI's flux1-dev-fp8, SD3 files with clips / VAE) keep the other parts.
-_OTHER_PARTS = {"first_stage_model.": "VAE", "vae.": "VAE", "text_encoders.": "text encoder",
+_OTHER_PARTS = {VAE_PREFIX: "VAE", "vae.": "VAE", "text_encoders.": "text encoder",
                 "cond_stage_model.": "text encoder", "conditioner.": "text encoder"}
 
 

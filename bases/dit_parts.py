@@ -12,12 +12,12 @@ loaded. Everything missing is reported at once, with every place looked at. Noth
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ..lora.arches import ARCHES
-from .arch import BaseModelError
+from .arch import VAE_PREFIX, BaseModelError
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ _CLIP_G = Part("text_encoder_2", "clip_g", "text_encoders", ("clip_g.safetensors
 # fp8 copies are read too (upcast to the pipeline's dtype as they load: what ComfyUI computes with too)
 _T5 = ("t5xxl", "text_encoders", ("t5xxl_fp16.safetensors", "t5xxl_fp32.safetensors", "t5xxl_fp8_e4m3fn.safetensors"),
        "text_encoders.t5xxl.transformer.", "shared.weight")
-_VAE = ("first_stage_model.", "decoder.conv_in.weight")
+_VAE = (VAE_PREFIX, "decoder.conv_in.weight")
 PARTS: dict[str, tuple[Part, ...]] = {
     # FluxPipeline: CLIP-L pooled, T5-XXL sequence, the 16-channel VAE (BFL's ae.safetensors)
     "flux": (_CLIP_L, Part("text_encoder_2", *_T5), Part("vae", "vae", "vae", ("ae.safetensors",), *_VAE)),
@@ -55,10 +55,12 @@ _FIX = ("put the missing files into ComfyUI's models/text_encoders (or models/cl
 
 @dataclass(frozen=True)
 class Found:
-    """Where one part's weights are: the file and the prefix of its keys there ("" for its own file)."""
+    """Where one part's weights are: the file and the prefix of its keys there ("" for its own file);
+    for a file of its own, its tensors' shapes by key as its header (read once, to find it) says."""
 
     path: Path
     prefix: str
+    shapes: Mapping[str, Sequence[int]] | None = field(default=None, compare=False, repr=False)
 
 
 def find_parts(arch: str, checkpoint: Path, checkpoint_keys: Iterable[str],
@@ -83,11 +85,12 @@ def find_parts(arch: str, checkpoint: Path, checkpoint_keys: Iterable[str],
             looked = ", ".join(str(d) for d in places) or f"no {part.folder} folder"
             missing[part.name] = f"{' or '.join(part.file_names)}; looked in {checkpoint.name}, {looked}"
             continue
-        if part.marker not in weights_header(path).tensors:
+        tensors = weights_header(path).tensors
+        if part.marker not in tensors:
             raise BaseModelError(f"is not a {part.name} file: it lacks {part.marker!r}, which every {part.name} "
                                  "file holds.", file=path, key=part.marker, value=part.name, kind="part_mismatch",
                                  fix=f"put the {part.name} file of the {arch} model there under this name")
-        found[part.component] = Found(path, "")
+        found[part.component] = Found(path, "", {key: info.shape for key, info in tensors.items()})
     if missing:
         raise BaseModelError(
             f"holds the {ARCHES[arch].label} transformer; config 'auto' needs the other parts of the pipeline too and did "
@@ -155,8 +158,7 @@ def dit_auto_config(checkpoint: Path, shapes: Mapping[str, Sequence[int]], metad
     ``folders`` with its config derived from the header of the file holding it and checked to fit,
     the scheduler of the family, and the tokenizers: CLIP from ``tokenizer_dirs``, T5 from
     ``folders["t5_tokenizer"]``, then the Hugging Face cache (offline)."""
-    from .auto_config import (CLIP_PAD, OPEN_CLIP_PAD, AutoConfig, find_tokenizer, recorded_configs)
-    from .checks import weights_header
+    from .auto_config import CLIP_PAD, OPEN_CLIP_PAD, AutoConfig, find_tokenizer, recorded_configs
     from .dit_config import clip_config, dit_vae_config, t5_config, transformer_config
     from .presets import SCHEDULER_FLUX, SCHEDULER_SD3
 
@@ -167,8 +169,7 @@ def dit_auto_config(checkpoint: Path, shapes: Mapping[str, Sequence[int]], metad
     configs: dict[str, dict] = {}
     for part in PARTS[arch]:
         at = found[part.component]
-        part_shapes = shapes if at.path == checkpoint else {
-            k: info.shape for k, info in weights_header(at.path).tensors.items()}
+        part_shapes = shapes if at.shapes is None else at.shapes
         if part.name == "t5xxl":
             configs[part.component] = t5_config(part_shapes, str(at.path))
         elif part.name == "vae":

@@ -16,9 +16,8 @@ import torch
 
 from ..lora.errors import LoRAFormatError
 from ..lora.keymap import UNetLayout, diffusers_to_sgm
-from .arch import OPEN_CLIP_PREFIX, SINGLE_FILE_ARCHES, TEXT_PREFIXES, UNET_PREFIX, BaseModelError
+from .arch import OPEN_CLIP_PREFIX, SINGLE_FILE_ARCHES, TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, BaseModelError
 
-VAE_PREFIX = "first_stage_model."
 _DIFFUSERS_INSTEAD = "save this pipeline as a diffusers folder instead"
 
 

@@ -327,8 +327,9 @@ def identify_base(
 
 def _transformer_from_file(tensors: Mapping[str, torch.Tensor], identity: BaseIdentity) -> torch.nn.Module:
     """The Flux / SD3.5 transformer of an original-layout single file (``tensors``: its checked bytes
-    read into owned memory; an all-in-one file's other parts left out), renamed and split to diffusers' keys (bases.dit_file),
-    every key and shape compared with the model the config folder describes, then placed into that
+    read into owned memory; an all-in-one file's other parts left out), renamed and split to
+    diffusers' keys (bases.dit_file), every key and shape compared with the model the config folder
+    describes, then placed into that
     model (built on the meta device, so nothing is allocated twice). diffusers' own single-file
     loader is not used: its Flux converter assumes the real model's width (see bases.dit_file)."""
     import diffusers
@@ -394,7 +395,7 @@ def _place(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.
     so a file that is not of this model is named, never half-loaded; tied weights (T5's embedding)
     may be absent. Each value is cast to ``dtype``."""
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    tied = {key for key in expected if key.endswith("embed_tokens.weight")} if "shared.weight" in expected else set()
+    tied = set(expected) - set(checks.distinct_tensors(model))
     extra = sorted(k for k in set(state) - set(expected) if not k.endswith(spare))
     missing = sorted(set(expected) - set(state) - tied)
     for key in extra[:1] + missing[:1]:

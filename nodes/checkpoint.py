@@ -17,9 +17,10 @@ class SaveCheckpoint:
     diffusers' from_single_file read; for Flux and SD3.5 the transformer alone with Black Forest
     Labs' / Stability's names, as flux1-dev.safetensors ships and ComfyUI's diffusion-model loader
     reads), under the output folder. Weights keep the model's dtype. An SD1.5 / SDXL file records
-    its configs, so LoadBase loads it back exactly with config auto; for Flux and SD3.5 give LoadBase
-    a config: the diffusers folder of the same architecture (a SavePipeline folder will do; it brings
-    the text encoders and VAE)."""
+    its configs, so LoadBase loads it back exactly with config auto. A Flux / SD3.5 file records its
+    transformer's: with config auto LoadBase takes the text encoders and VAE from their own files
+    (the text_encoders and vae folders), or give it a config: the diffusers folder of the same
+    architecture (a SavePipeline folder will do)."""
 
     @classmethod
     def check_inputs(cls, constants: dict) -> dict:

@@ -198,6 +198,31 @@ class Prompts:
         prompt["6"] = self.save_image(["5", 0])
         return prompt
 
+    def bad_values(self, lora: str, bad_base: dict) -> dict:
+        """A prompt of good and bad nodes for the queue-time checks (V1 and V3 alike): the bad ones are
+        those of ``BAD_VALUES`` and node 9, ``bad_base`` (a LoadBase refused for the caller's reason);
+        ``lora``: a LoRA name the loras folder holds."""
+        return {
+            "1": self.base(), "2": self.sample(["1", 0], width=130), "3": self.save_image(["2", 0]),
+            "4": self.sample(["1", 0], scheduler="pndm", steps=2), "5": self.save_image(["4", 0]),
+            "6": self.base(config="diffusers/sd15"), "7": self.sample(["6", 0]), "8": self.save_image(["7", 0]),
+            "9": bad_base, "10": self.sample(["9", 0]), "11": self.save_image(["10", 0]),
+            "12": self.lora(lora), "13": self.full("SaveLoRA", lora=["12", 0], filename_prefix="../escape"),
+            "14": self.lora("../" + lora), "15": self.full("SaveLoRA", lora=["14", 0]),
+            "16": self.sample(["1", 0], prompt="x" * 20_001), "17": self.save_image(["16", 0]),
+        }
+
+
+# What the queue-time checks say of the bad nodes of Prompts.bad_values (node 9 is the caller's).
+BAD_VALUES = {"2": "input 'width': 130 is not a multiple of 8", "4": "the fewest steps the pndm scheduler can take",
+              "6": "preset 'tiny-sd15' needs no config", "13": "output name '../escape' contains a '..' part",
+              "14": "contains a '..' part", "16": "20001 characters is above the limit 20000"}
+
+
+def node_errors(body: dict) -> dict:
+    """{node id: its errors' details joined} of a refused prompt's answer."""
+    return {nid: " | ".join(e["details"] for e in entry["errors"]) for nid, entry in body["node_errors"].items()}
+
 
 def sweep_folder(server: ComfyUI, done: dict) -> Path:
     """The folder of the one sweep grid a finished run (its history entry ``done``) shows."""
